@@ -1,0 +1,104 @@
+"""Turn an :class:`AdapterConfig` into strategy objects for one target module.
+
+This is the only place where config fields become constructor arguments; layer and strategy
+classes take flat, typed arguments and never see a config object.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from leanlora.base.dense import DenseBase, linear_shape
+from leanlora.config import AdapterConfig
+from leanlora.factors.dense import DenseFactors
+from leanlora.identity import weight_probe
+from leanlora.layer import AdaptedLinear
+from leanlora.precision.full import FullPrecision
+from leanlora.ranks.fixed import FixedRanks
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def adapter_dtype(config: AdapterConfig) -> torch.dtype:
+    return _DTYPES[config.adapter_dtype]
+
+
+class Shared(nn.Module):
+    """Model-wide adapter state, registered once on the model as ``leanlora_shared``.
+
+    Holds what every adapted layer shares (the VB-LoRA bank, the nested-rank sampler) so that
+    ``model.to(...)`` moves it and the optimizer sees each shared parameter once.
+    """
+
+    def __init__(self, config: AdapterConfig) -> None:
+        super().__init__()
+        self.config = config
+
+
+def build_shared(config: AdapterConfig, device: torch.device | None) -> Shared:
+    shared = Shared(config)
+    if config.factors == "bank":
+        from leanlora.factors.bank import VectorBank
+
+        b = config.bank
+        shared.bank = VectorBank(b.num_vectors, b.vector_length, b.bank_init_range,
+                                 dtype=adapter_dtype(config), device=device)
+    if config.ranks == "nested":
+        from leanlora.ranks.nested import RankSampler
+
+        n = config.nested
+        shared.rank_sampler = RankSampler(n.r_min, config.r, n.distribution)
+    return shared
+
+
+def build_layer(module: nn.Module, name: str, config: AdapterConfig, shared: Shared) -> AdaptedLinear:
+    """Wrap one supported linear module; its weight is not copied or changed."""
+    in_f, out_f = linear_shape(module)
+    device = module.weight.device
+    dtype = adapter_dtype(config)
+    r = config.r
+
+    if config.factors == "dense":
+        factors: nn.Module = DenseFactors(in_f, out_f, r, dtype=dtype, device=device)
+    else:
+        from leanlora.factors.bank import BankFactors
+
+        bk = config.bank
+        factors = BankFactors(shared.bank, in_f, out_f, r, bk.topk, bk.logits_init_std,
+                              name=name, dtype=dtype, device=device)
+
+    if config.ranks == "fixed":
+        ranks: nn.Module = FixedRanks(r, config.alpha, config.rslora)
+    elif config.ranks == "nested":
+        from leanlora.ranks.nested import NestedRanks
+
+        n = config.nested
+        ranks = NestedRanks(r, config.alpha, shared.rank_sampler, frozen=n.frozen,
+                            eval_rank=n.eval_rank, rslora=config.rslora)
+    else:
+        from leanlora.ranks.gated import GatedRanks
+
+        g = config.gated
+        ranks = GatedRanks(r, config.alpha, diag=g.diag, init_log_alpha=g.init_log_alpha,
+                           threshold=g.threshold, nested=g.nested, prior=g.prior,
+                           rslora=config.rslora, dtype=dtype, device=device)
+
+    quant_a, quant_b = (_build_quantizer(config, dtype) for _ in range(2))
+    base = DenseBase(module)
+    layer = AdaptedLinear(base, factors, ranks, quant_a, quant_b, dropout=config.dropout, name=name)
+    layer.base_probe = weight_probe(base.dense_weight())  # checked when the adapter is loaded again
+    return layer
+
+
+def _build_quantizer(config: AdapterConfig, dtype: torch.dtype) -> nn.Module:
+    if config.precision == "float":
+        return FullPrecision(torch.finfo(dtype).bits)
+    q = config.quant
+    if config.precision == "fixed":
+        from leanlora.precision.fixed import FixedBits
+
+        return FixedBits(q.bits)
+    from leanlora.precision.learned import LearnedBits
+
+    return LearnedBits(q.bit_set, init_log_alpha=q.init_log_alpha, threshold=q.threshold)

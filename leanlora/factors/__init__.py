@@ -1,0 +1,5 @@
+"""Factor strategies: where A (r, in) and B (out, r) come from."""
+
+from leanlora.factors.dense import DenseFactors
+
+__all__ = ["DenseFactors"]

@@ -1,0 +1,236 @@
+"""Find target modules in any ``transformers`` (or plain torch) model and wrap them.
+
+Patterns (``target_modules``, ``exclude_modules``, ``modules_to_save``):
+  * ``"q_proj"`` or ``"attn.q_proj"`` — the module's name or a dotted suffix of it;
+  * ``"*.mlp.*_proj"`` — a glob, matched against the full name and the leaf name;
+  * ``"re:.*layers\\.[0-3]\\..*proj"`` — a regular expression matched against the full name.
+A plain name that matches a module of an unsupported type is an error; a glob or regex simply
+skips modules that are not linear layers (they are how one says "all the projections").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import fnmatch
+import re
+from typing import Callable, Iterator
+
+from torch import nn
+
+from leanlora.base.dense import linear_shape, supported_linear
+from leanlora.build import Shared, build_layer, build_shared
+from leanlora.config import AdapterConfig, ConfigError
+from leanlora.layer import AdaptedLinear
+
+SHARED_ATTR = "leanlora_shared"
+
+FilterFn = Callable[[nn.Module, str], bool]
+
+
+class InjectError(ValueError):
+    """The model cannot be adapted as asked; the message names the module and the reason."""
+
+
+def _is_pattern(p: str) -> bool:
+    return p.startswith("re:") or any(c in p for c in "*?[")
+
+
+def name_matches(pattern: str, name: str) -> bool:
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    if _is_pattern(pattern):
+        return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name.rsplit(".", 1)[-1], pattern)
+    return name == pattern or name.endswith("." + pattern)
+
+
+def _near_misses(pattern: str, names: list[str]) -> list[str]:
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in names if n})
+    core = pattern[3:] if pattern.startswith("re:") else pattern
+    return difflib.get_close_matches(core.rsplit(".", 1)[-1].strip("*"), leaves, n=5, cutoff=0.5)
+
+
+def find_targets(model: nn.Module, config: AdapterConfig, filter_fn: FilterFn | None = None) -> list[str]:
+    """Names of the modules the config adapts, in model order; raises InjectError with reasons."""
+    named = [(n, m) for n, m in model.named_modules() if n]
+    names = [n for n, _ in named]
+    for pattern in config.target_modules:
+        if pattern.startswith("re:"):
+            try:
+                re.compile(pattern[3:])
+            except re.error as err:
+                raise InjectError(f"target_modules pattern {pattern!r} is not a valid regex: {err}") from None
+        if not any(name_matches(pattern, n) for n in names):
+            hint = _near_misses(pattern, names)
+            raise InjectError(
+                f"target_modules pattern {pattern!r} matches no module of {type(model).__name__}"
+                + (f"; did you mean one of {hint}?" if hint else "")
+                + f" (linear layer names present: {sorted({n.rsplit('.', 1)[-1] for n, m in named if supported_linear(m)})[:20]})"
+            )
+    targets: list[str] = []
+    linear_hits = {p: 0 for p in config.target_modules}
+    for name, module in named:
+        hits = [p for p in config.target_modules if name_matches(p, name)]
+        if not hits or any(name_matches(p, name) for p in config.exclude_modules):
+            continue
+        if any(name_matches(p, name) for p in config.modules_to_save):
+            continue
+        if not supported_linear(module):
+            plain = [p for p in hits if not _is_pattern(p)]
+            if plain:
+                raise InjectError(
+                    f"module {name!r} ({type(module).__name__}) matched target pattern {plain[0]!r} but is not "
+                    "a supported layer type; leanlora adapts torch.nn.Linear and transformers Conv1D")
+            continue
+        if filter_fn is not None and not filter_fn(module, name):
+            continue
+        for p in hits:
+            linear_hits[p] += 1
+        targets.append(name)
+    for p, n in linear_hits.items():
+        if n == 0 and _is_pattern(p):
+            raise InjectError(f"target_modules pattern {p!r} matches modules, but none of them is a linear layer "
+                              "left after exclude_modules / filter_fn")
+    if not targets:
+        raise InjectError("no module left to adapt after exclude_modules / modules_to_save / filter_fn")
+    return targets
+
+
+def _check_shape(name: str, module: nn.Module, config: AdapterConfig) -> None:
+    in_f, out_f = linear_shape(module)
+    if config.r > min(in_f, out_f):
+        raise ConfigError(f"r={config.r} is invalid for module {name!r} ({in_f}->{out_f}): "
+                          f"r must be <= min(in, out) = {min(in_f, out_f)}")
+    if config.factors == "bank":
+        vl = config.bank.vector_length
+        for dim_name, dim in (("in_features", in_f), ("out_features", out_f)):
+            if dim % vl:
+                divisors = [d for d in range(1, 1025) if in_f % d == 0 and out_f % d == 0][-6:]
+                raise ConfigError(
+                    f"bank.vector_length={vl} does not divide {dim_name}={dim} of module {name!r}; "
+                    f"vector lengths that divide every dimension of this module include {divisors}")
+
+
+def inject(model: nn.Module, config: AdapterConfig, *, filter_fn: FilterFn | None = None,
+           quantize_base: bool = True) -> nn.Module:
+    """Wrap the target linear layers of ``model`` in place, freeze everything else, return ``model``.
+
+    ``filter_fn(module, name)`` can veto a match. ``quantize_base=False`` defers an NF4 base
+    (used by :func:`leanlora.load` so that a failed load leaves the model untouched).
+    """
+    if not isinstance(config, AdapterConfig):
+        raise TypeError(f"config must be a leanlora.AdapterConfig, got {type(config).__name__}")
+    if hasattr(model, SHARED_ATTR):
+        raise InjectError(f"{type(model).__name__} already holds leanlora adapters; call leanlora.unload(model) first")
+    targets = find_targets(model, config, filter_fn)
+    modules = dict(model.named_modules())
+    for name in targets:
+        _check_shape(name, modules[name], config)
+    save_names = _modules_to_save(model, config)
+
+    # Remember every flag we change so that unload can hand back the model as it was.
+    original_flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    device = next((p.device for p in model.parameters()), None)
+    shared = build_shared(config, device)
+    shared.original_requires_grad = original_flags
+    shared.modules_to_save_names = save_names
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in targets:
+        layer = build_layer(modules[name], name, config, shared)
+        _set_submodule(model, name, layer)
+    model.add_module(SHARED_ATTR, shared)
+    for name in save_names:
+        for p in modules[name].parameters():
+            p.requires_grad_(True)
+    if quantize_base and config.base == "nf4":
+        from leanlora.base.nf4 import quantize_bases
+
+        quantize_bases(model, config.nf4)
+    return model
+
+
+def _modules_to_save(model: nn.Module, config: AdapterConfig) -> list[str]:
+    names = [n for n, _ in model.named_modules() if n]
+    found: list[str] = []
+    for pattern in config.modules_to_save:
+        hits = [n for n in names if name_matches(pattern, n)]
+        if not hits:
+            hint = _near_misses(pattern, names)
+            raise InjectError(f"modules_to_save pattern {pattern!r} matches no module"
+                              + (f"; did you mean one of {hint}?" if hint else ""))
+        # keep only outermost matches: saving "classifier" already saves "classifier.dense"
+        found.extend(h for h in hits if not any(h.startswith(f + ".") for f in hits if f != h))
+    return sorted(set(found))
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, leaf = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, leaf, new)
+
+
+def shared_state(model: nn.Module) -> Shared:
+    shared = getattr(model, SHARED_ATTR, None)
+    if shared is None:
+        raise InjectError(f"{type(model).__name__} holds no leanlora adapter; call leanlora.inject(model, config) first")
+    return shared
+
+
+def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLinear]]:
+    for name, module in model.named_modules():
+        if isinstance(module, AdaptedLinear):
+            yield name, module
+
+
+def trainable_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    return ((n, p) for n, p in model.named_parameters() if p.requires_grad)
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Remove every adapter (unmerging first) and return the model as it was before inject."""
+    shared = shared_state(model)
+    for name, layer in list(adapted_layers(model)):
+        layer.unmerge()
+        _set_submodule(model, name, layer.base.as_module())
+    delattr(model, SHARED_ATTR)
+    flags = shared.original_requires_grad
+    for n, p in model.named_parameters():
+        if n in flags:
+            p.requires_grad_(flags[n])
+    return model
+
+
+def merge(model: nn.Module, keep_unmerge_copy: bool = True) -> dict[str, dict[str, float]]:
+    """Merge every adapter into its base; returns per-module storage error (NF4 bases)."""
+    shared_state(model)
+    return {name: layer.merge(keep_unmerge_copy) for name, layer in adapted_layers(model)}
+
+
+def unmerge(model: nn.Module) -> None:
+    for _, layer in adapted_layers(model):
+        layer.unmerge()
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight and return a plain model with no leanlora modules."""
+    shared_state(model)
+    for _, layer in adapted_layers(model):
+        layer.merge(keep_unmerge_copy=False)
+        layer._unmerge_copy = None
+        layer.merged = False  # so unload does not subtract the update again
+    return unload(model)
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module):
+    """Run the base model alone inside the block (the adapters stay in place)."""
+    layers = [layer for _, layer in adapted_layers(model)]
+    flags = [layer.enabled for layer in layers]
+    for layer in layers:
+        layer.enabled = False
+    try:
+        yield model
+    finally:
+        for layer, flag in zip(layers, flags):
+            layer.enabled = flag

@@ -1,0 +1,245 @@
+"""Save and load adapters: ``adapter_config.json`` + ``adapter.safetensors``, never pickle.
+
+A load is checked before anything is changed: the JSON parses and has a known format version,
+the tensor file opens and holds every tensor the adapter needs with the right shape, and the
+base model is the one the adapter was trained on (architecture, shapes and a weight probe).
+Only then is the model injected; any later failure unloads it again, so a failed load leaves
+the model as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from leanlora.base.dense import linear_shape
+from leanlora.config import AdapterConfig, ConfigError
+from leanlora.identity import probes_match, weight_probe
+from leanlora.inject import SHARED_ATTR, adapted_layers, inject, shared_state, unload
+
+FORMAT = "leanlora-adapter"
+FORMAT_VERSION = 1
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter.safetensors"
+
+
+class AdapterLoadError(RuntimeError):
+    """The adapter files cannot be loaded onto this model; the message says which file and why."""
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+# --- what an adapter consists of ------------------------------------------------------------
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor of the adapter: adapted layers (base excluded), shared state, modules_to_save."""
+    shared = shared_state(model)
+    state: dict[str, torch.Tensor] = {}
+    for name, layer in adapted_layers(model):
+        for key, value in layer.state_dict(prefix=f"{name}.").items():
+            if not key.startswith(f"{name}.base."):
+                state[key] = value
+    for key, value in shared.state_dict(prefix=f"{SHARED_ATTR}.").items():
+        state[key] = value
+    modules = dict(model.named_modules())
+    for name in shared.modules_to_save_names:
+        state.update(modules[name].state_dict(prefix=f"{name}."))
+    return state
+
+
+def base_identity(model: nn.Module) -> dict[str, Any]:
+    config = getattr(model, "config", None)
+    archs = getattr(config, "architectures", None) or [type(model).__name__]
+    return {
+        "architecture": archs[0],
+        "model_type": getattr(config, "model_type", None),
+        "name_or_path": getattr(config, "_name_or_path", None) or None,
+    }
+
+
+def save(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Write the adapter of ``model`` to ``directory`` atomically and return the folder."""
+    directory = Path(directory)
+    shared = shared_state(model)
+    modules: dict[str, Any] = {}
+    for name, layer in adapted_layers(model):
+        modules[name] = {
+            "in_features": layer.in_features,
+            "out_features": layer.out_features,
+            "rank": layer.factors.rank,
+            "probe": layer.base_probe,
+        }
+    meta = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "adapter": shared.config.to_dict(),
+        "base_model": base_identity(model),
+        "modules": modules,
+        "modules_to_save": list(shared.modules_to_save_names),
+    }
+    atomic_save_tensors(adapter_state_dict(model), directory / WEIGHTS_NAME, metadata={"format": FORMAT})
+    atomic_write_bytes(directory / CONFIG_NAME, json.dumps(meta, indent=2).encode())
+    return directory
+
+
+def read_adapter_config(directory: str | os.PathLike) -> tuple[AdapterConfig, dict[str, Any]]:
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise AdapterLoadError(f"{path}: not found (an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME})")
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AdapterLoadError(f"{path}: not valid JSON ({err}); the file is truncated or corrupted") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise AdapterLoadError(f"{path}: not a leanlora adapter config (format={meta.get('format')!r} "
+                               f"where {FORMAT!r} was expected)" if isinstance(meta, dict) else f"{path}: not a mapping")
+    if meta.get("version") != FORMAT_VERSION:
+        raise AdapterLoadError(f"{path}: format version {meta.get('version')!r} is not supported by this leanlora "
+                               f"(supports {FORMAT_VERSION})")
+    try:
+        config = AdapterConfig.from_dict(meta["adapter"])
+    except (ConfigError, KeyError, TypeError) as err:
+        raise AdapterLoadError(f"{path}: invalid adapter section: {err}") from None
+    return config, meta
+
+
+def read_adapter_tensors(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+    path = Path(directory) / WEIGHTS_NAME
+    if not path.is_file():
+        raise AdapterLoadError(f"{path}: not found")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise AdapterLoadError(f"{path}: cannot be read ({err}); the file is truncated or corrupted") from None
+
+
+def verify_base(model: nn.Module, meta: dict[str, Any], directory: Path) -> None:
+    """Refuse a base model other than the one the adapter was trained on."""
+    want = meta.get("base_model", {}).get("architecture")
+    have = base_identity(model)["architecture"]
+    if want and want != have:
+        raise AdapterLoadError(f"{directory}: adapter was trained on a {want}, this model is a {have} "
+                               "(pass check_base=False to load anyway)")
+    modules = dict(model.named_modules())
+    for name, info in meta.get("modules", {}).items():
+        module = modules.get(name)
+        if module is None:
+            raise AdapterLoadError(f"{directory}: adapted module {name!r} does not exist in this {have}")
+        try:
+            shape = linear_shape(module)
+        except AttributeError:
+            raise AdapterLoadError(f"{directory}: module {name!r} is a {type(module).__name__}, not a linear layer") from None
+        if shape != (info["in_features"], info["out_features"]):
+            raise AdapterLoadError(f"{directory}: module {name!r} is {shape[0]}->{shape[1]} here but "
+                                   f"{info['in_features']}->{info['out_features']} in the adapter")
+        probe = info.get("probe")
+        if probe is not None and not probes_match(probe, weight_probe(_dense_weight(module))):
+            raise AdapterLoadError(f"{directory}: the weights of {name!r} differ from the base the adapter was "
+                                   "trained on (a different checkpoint?); pass check_base=False to load anyway")
+
+
+def _dense_weight(module: nn.Module) -> torch.Tensor:
+    from leanlora.base.dense import is_conv1d
+
+    return module.weight.T if is_conv1d(module) else module.weight
+
+
+def load(model: nn.Module, directory: str | os.PathLike, *, check_base: bool = True,
+         trainable: bool = False) -> nn.Module:
+    """Inject the adapter saved in ``directory`` into ``model`` and load its tensors.
+
+    Raises :class:`AdapterLoadError` naming the file and problem; the model is unchanged then.
+    ``trainable=False`` leaves every parameter frozen (inference).
+    """
+    directory = Path(directory)
+    if hasattr(model, SHARED_ATTR):
+        raise AdapterLoadError(f"{type(model).__name__} already holds a leanlora adapter; unload it first")
+    config, meta = read_adapter_config(directory)
+    tensors = read_adapter_tensors(directory)
+    if check_base:
+        verify_base(model, meta, directory)
+    targets = sorted(meta.get("modules", {}))
+    inject(model, config, filter_fn=lambda _m, name: name in set(targets), quantize_base=False)
+    try:
+        _restore_tensors(model, meta, tensors, directory)
+    except BaseException:
+        unload(model)
+        raise
+    if config.base == "nf4":
+        from leanlora.base.nf4 import quantize_bases
+
+        quantize_bases(model, config.nf4)
+    if not trainable:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    return model
+
+
+def _restore_tensors(model: nn.Module, meta: dict[str, Any], tensors: dict[str, torch.Tensor],
+                     directory: Path) -> None:
+    layers = dict(adapted_layers(model))
+    missing_modules = sorted(set(meta["modules"]) - set(layers))
+    if missing_modules:
+        raise AdapterLoadError(f"{directory}: modules {missing_modules} could not be adapted in this model")
+    for name, info in meta["modules"].items():
+        layer = layers[name]
+        if info["rank"] != layer.factors.rank:
+            layer.prune_(info["rank"])
+    expected = adapter_state_dict(model)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing:
+        raise AdapterLoadError(f"{directory / WEIGHTS_NAME}: missing tensor(s) {missing[:8]}"
+                               + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
+    if unexpected:
+        raise AdapterLoadError(f"{directory / WEIGHTS_NAME}: unexpected tensor(s) {unexpected[:8]} "
+                               "(saved with a different adapter configuration?)")
+    for key, want in expected.items():
+        got = tensors[key]
+        if tuple(got.shape) != tuple(want.shape):
+            raise AdapterLoadError(f"{directory / WEIGHTS_NAME}: tensor {key!r} has shape {tuple(got.shape)}, "
+                                   f"the model expects {tuple(want.shape)}")
+    with torch.no_grad():
+        for key, want in expected.items():
+            want.copy_(tensors[key].to(want.dtype))

@@ -1,0 +1,145 @@
+"""The adapted linear layer: one class, four composed strategies.
+
+    y = base(x) + scale · B~ · diag(d) · A~ · dropout(x)
+
+The layer knows nothing about LoRA, VB-LoRA, DyLoRA or B-LoRA by name; the strategies it holds
+decide where A and B come from, which components are on and at what precision they live.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class MergeError(RuntimeError):
+    """A merge would write NaN/inf into the base weight, or the layer state forbids it."""
+
+
+class AdaptedLinear(nn.Module):
+    def __init__(
+        self,
+        base: nn.Module,
+        factors: nn.Module,
+        ranks: nn.Module,
+        quant_a: nn.Module,
+        quant_b: nn.Module,
+        dropout: float = 0.0,
+        name: str = "",
+    ) -> None:
+        super().__init__()
+        self.base = base
+        self.factors = factors
+        self.ranks = ranks
+        self.quant_a = quant_a
+        self.quant_b = quant_b
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.name = name  # fully qualified name in the model, for messages
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.enabled = True
+        self.merged = False
+        self._unmerge_copy: object | None = None
+
+    # --- forward -------------------------------------------------------------------------------
+
+    def lowrank(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float | torch.Tensor]:
+        """The update's pieces in their current mode: A~ (b, in), B~ (out, b), d (b,) or None, scale."""
+        a, b = self.factors()                       # (r, in), (out, r)
+        a, b = self.quant_a(a), self.quant_b(b)     # fake-quantized, straight-through grads
+        return self.ranks.select(a, b)              # (b, in), (out, b), (b,) | None, scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)                                      # (..., out)
+        if self.merged or not self.enabled:
+            return y
+        a, b, d, scale = self.lowrank()
+        h = F.linear(self.dropout(x.to(a.dtype)), a)          # (..., b)
+        if d is not None:
+            h = h * d
+        return y + (F.linear(h, b) * scale).to(y.dtype)       # (..., out)
+
+    # --- the update as a matrix ----------------------------------------------------------------
+
+    def delta_weight(self) -> torch.Tensor:
+        """scale · B~ diag(d) A~ as an (out, in) fp32 matrix, with eval-mode (deterministic) strategies."""
+        with _eval_mode(self):
+            a, b, d, scale = self.lowrank()
+            b = b.float() if d is None else b.float() * d.float()
+            return (b @ a.float()) * scale
+
+    def export_factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(A (b, in), B (out, b), scale) with diag and quantization folded in, eval semantics.
+
+        B·A·scale equals :meth:`delta_weight`; these are what a plain LoRA runtime needs.
+        """
+        with torch.no_grad(), _eval_mode(self):
+            a, b, d, scale = self.lowrank()
+            b = b.float() if d is None else b.float() * d.float()
+            return a.float().clone(), b.clone(), float(scale)
+
+    @torch.no_grad()
+    def merge(self, keep_unmerge_copy: bool = True) -> dict[str, float]:
+        """W0 += ΔW. Idempotent. Refuses NaN/inf. Returns the storage error the base added (NF4).
+
+        ``keep_unmerge_copy`` keeps W0 aside so that :meth:`unmerge` restores it bit-exactly;
+        ``merge_and_unload`` passes False because nothing will be unmerged.
+        """
+        if self.merged:
+            return {}
+        delta = self.delta_weight()
+        if not torch.isfinite(delta).all():
+            raise MergeError(f"{self.name}: the adapter update holds NaN/inf; refusing to merge it into the base")
+        if keep_unmerge_copy:
+            self._unmerge_copy = self.base.snapshot()
+        report = self.base.add_delta_(delta)
+        self.merged = True
+        return report
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo :meth:`merge`; exact when the copy was kept, else W0 -= ΔW (dtype rounding)."""
+        if not self.merged:
+            return
+        if self._unmerge_copy is not None:
+            self.base.restore_(self._unmerge_copy)
+            self._unmerge_copy = None
+        else:
+            self.base.add_delta_(-self.delta_weight())
+        self.merged = False
+
+    @torch.no_grad()
+    def prune_(self, keep: int) -> None:
+        """Drop components keep..r-1 for good; the update of the kept ones is unchanged."""
+        if not 1 <= keep <= self.factors.rank:
+            raise ValueError(f"{self.name}: cannot prune to rank {keep}; allowed 1..{self.factors.rank}")
+        self.factors.prune_(keep)
+        self.ranks.prune_(keep)
+
+    # --- bookkeeping ---------------------------------------------------------------------------
+
+    def adapter_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """Trainable parameters of the adapter path (the frozen base excluded)."""
+        for part in ("factors", "ranks", "quant_a", "quant_b"):
+            for name, p in getattr(self, part).named_parameters(prefix=part):
+                yield name, p
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, rank={self.ranks.active_rank()}/"
+                f"{self.factors.rank}, bits(A,B)=({self.quant_a.bits()},{self.quant_b.bits()})"
+                f"{', merged' if self.merged else ''}{'' if self.enabled else ', disabled'}")
+
+
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module):
+    """Run with every submodule in eval mode, then restore each one's own flag."""
+    flags = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag

@@ -1,0 +1,34 @@
+"""Fixed ranks (LoRA): every component is on; scale alpha / r (alpha / sqrt(r) with rsLoRA)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def lora_scale(alpha: float, rank: int, rslora: bool) -> float:
+    """alpha / r, or alpha / sqrt(r) (rsLoRA, Kalajdzievski 2023)."""
+    return alpha / (rank ** 0.5 if rslora else rank)
+
+
+class FixedRanks(nn.Module):
+    def __init__(self, rank: int, alpha: float, rslora: bool = False) -> None:
+        super().__init__()
+        self.rank, self.alpha, self.rslora = rank, alpha, rslora
+
+    def select(self, a: torch.Tensor, b: torch.Tensor):
+        return a, b, None, lora_scale(self.alpha, self.rank, self.rslora)
+
+    def active_rank(self) -> int:
+        return self.rank
+
+    def expected_rank(self) -> float:
+        return float(self.rank)
+
+    def prune_(self, keep: int) -> None:
+        # Keeping alpha/r unchanged after pruning would rescale the update; fold it into alpha.
+        self.alpha = self.alpha * lora_scale(1.0, self.rank, self.rslora) / lora_scale(1.0, keep, self.rslora)
+        self.rank = keep
+
+    def extra_repr(self) -> str:
+        return f"r={self.rank}, alpha={self.alpha:g}{', rslora' if self.rslora else ''}"
