@@ -23,6 +23,7 @@ from leanlora.inject import (
 )
 from leanlora.io import AdapterLoadError, load, save
 from leanlora.layer import AdaptedLinear, MergeError
+from leanlora.schedule import advance, regularizer
 
 __version__ = "0.1.0"
 
@@ -39,12 +40,14 @@ __all__ = [
     "NestedConfig",
     "QuantConfig",
     "adapted_layers",
+    "advance",
     "disable_adapters",
     "export_peft",
     "inject",
     "load",
     "merge",
     "merge_and_unload",
+    "regularizer",
     "save",
     "trainable_parameters",
     "unload",
