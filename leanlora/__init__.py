@@ -23,7 +23,9 @@ from leanlora.inject import (
 )
 from leanlora.io import AdapterLoadError, load, save
 from leanlora.layer import AdaptedLinear, MergeError
+from leanlora.optim import param_groups
 from leanlora.schedule import advance, regularizer
+from leanlora.summary import gate_summary
 
 __version__ = "0.1.0"
 
@@ -43,10 +45,12 @@ __all__ = [
     "advance",
     "disable_adapters",
     "export_peft",
+    "gate_summary",
     "inject",
     "load",
     "merge",
     "merge_and_unload",
+    "param_groups",
     "regularizer",
     "save",
     "trainable_parameters",

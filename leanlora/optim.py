@@ -1,0 +1,70 @@
+"""Optimizer parameter groups by role, for our loop and for HF ``Trainer`` alike.
+
+A strategy module declares the role of each of its parameters in a class attribute
+``PARAM_ROLES = {"attr_name": "role"}``; parameters it does not name are plain "adapter"
+weights, and trainable parameters outside adapted layers (``modules_to_save``) are "head".
+Roles and their defaults (learning rate, weight decay):
+
+    adapter  lr,               weight_decay     LoRA factors, B-LoRA's E
+    head     lr,               weight_decay     a classifier trained in full
+    bank     bank.bank_lr,     0                VB-LoRA vector bank (paper: 1e-3, no decay)
+    logits   bank.logits_lr,   0                VB-LoRA top-k logits (paper: 1e-2, no decay)
+    gates    gated.gate_lr,    0                hard-concrete rank / bit gates
+    scales   lr,               0                learned quantizer ranges
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from leanlora.inject import shared_state
+
+NO_DECAY_ROLES = ("bank", "logits", "gates", "scales")
+
+
+def parameter_roles(model: nn.Module) -> dict[int, str]:
+    """id(parameter) -> role, for every parameter declared by a strategy's PARAM_ROLES."""
+    roles: dict[int, str] = {}
+    for module in model.modules():
+        declared = getattr(type(module), "PARAM_ROLES", None)
+        if not declared:
+            continue
+        for attr, role in declared.items():
+            for p in _params_of(module, attr):
+                roles[id(p)] = role
+    return roles
+
+
+def _params_of(module: nn.Module, attr: str):
+    value = getattr(module, attr, None)
+    if isinstance(value, nn.Parameter):
+        yield value
+    elif isinstance(value, nn.Module):
+        yield from value.parameters()
+
+
+def param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0,
+                 role_lr: dict[str, float] | None = None) -> list[dict[str, Any]]:
+    """AdamW-ready groups; each group carries ``role`` so schedulers and logs can tell them apart."""
+    from leanlora.layer import AdaptedLinear
+
+    config = shared_state(model).config
+    lrs = {"adapter": lr, "head": lr, "scales": lr, "bank": config.bank.bank_lr,
+           "logits": config.bank.logits_lr, "gates": config.gated.gate_lr}
+    lrs.update(role_lr or {})
+    roles = parameter_roles(model)
+    adapter_ids = {id(p) for m in model.modules() if isinstance(m, AdaptedLinear)
+                   for _, p in m.adapter_parameters()}
+    grouped: dict[str, list[nn.Parameter]] = {}
+    seen: set[int] = set()
+    for _, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        role = roles.get(id(p)) or ("adapter" if id(p) in adapter_ids else "head")
+        grouped.setdefault(role, []).append(p)
+    return [{"params": params, "lr": lrs.get(role, lr), "role": role,
+             "weight_decay": 0.0 if role in NO_DECAY_ROLES else weight_decay}
+            for role, params in grouped.items()]
