@@ -35,6 +35,10 @@ class Shared(nn.Module):
         super().__init__()
         self.config = config
 
+    def forward(self, x):
+        # A holder, not a layer; identity so that a plain nn.Sequential root still computes the same.
+        return x
+
 
 def build_shared(config: AdapterConfig, device: torch.device | None) -> Shared:
     shared = Shared(config)
