@@ -1,0 +1,85 @@
+"""Every point of the design space works, not only the papers' points.
+
+factors {dense, bank} × ranks {fixed, nested, gated} × precision {float, fixed, learned}
+× base {dense, nf4}: inject, train a step, eval, merge == unmerged, save/load, PEFT export,
+finalize — on a tiny Llama.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import leanlora
+from conftest import tiny_llama, token_batch
+
+peft = pytest.importorskip("peft")
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+GRID = list(itertools.product(("dense", "bank"), ("fixed", "nested", "gated"),
+                              ("float", "fixed", "learned"), ("dense", "nf4")))
+
+
+def _config(factors, ranks, precision, base):
+    return leanlora.AdapterConfig(
+        target_modules=TARGETS, r=4, alpha=8, factors=factors, ranks=ranks, precision=precision, base=base,
+        bank=leanlora.BankConfig(num_vectors=16, vector_length=16, topk=2),
+        nf4=leanlora.NF4Config(block_size=32, scaler_block_size=32),
+    )
+
+
+def _train_a_few_steps(model, steps=3):
+    model.train()
+    opt = torch.optim.AdamW(leanlora.param_groups(model, lr=1e-2), lr=1e-2)
+    x = token_batch()
+    for step in range(steps):
+        leanlora.advance(model, step)
+        loss = model(x, labels=x).loss + leanlora.regularizer(model)
+        assert torch.isfinite(loss)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+
+
+@pytest.mark.parametrize("factors, ranks, precision, base", GRID, ids=["-".join(c) for c in GRID])
+def test_combination(factors, ranks, precision, base, tmp_path):
+    if base == "nf4":
+        pytest.importorskip("torchao")
+    model = tiny_llama()
+    leanlora.inject(model, _config(factors, ranks, precision, base))
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    _train_a_few_steps(model)
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert p.grad is None and torch.equal(p, frozen[n]), f"frozen {n} changed"
+
+    x = token_batch(seed=7)
+    with torch.no_grad():
+        out = model(x).logits
+    assert torch.isfinite(out).all()
+
+    # the saved adapter reloads to the same outputs
+    leanlora.save(model, tmp_path / "ad")
+    reloaded = leanlora.load(tiny_llama(), tmp_path / "ad")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x).logits, out, rtol=1e-4, atol=1e-4)
+
+    # a plain PEFT LoRA serves the same function (NF4 bases: PEFT sees the dense original base)
+    leanlora.export_peft(model, tmp_path / "peft")
+    served = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "peft").eval()
+    if base == "dense":
+        with torch.no_grad():
+            torch.testing.assert_close(served(x).logits, out, rtol=1e-4, atol=1e-4)
+
+    # finalize keeps eval outputs (pruned ranks, packed bits), and merging keeps them too
+    leanlora.finalize(model)
+    with torch.no_grad():
+        final = model(x).logits
+        torch.testing.assert_close(final, out, rtol=1e-4, atol=1e-4)
+        leanlora.merge(model)
+        merged = model(x).logits
+    tol = 5e-2 if base == "nf4" else 1e-4  # merging into NF4 requantizes the weight
+    torch.testing.assert_close(merged, final, rtol=tol, atol=tol)
