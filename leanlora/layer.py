@@ -57,10 +57,15 @@ class AdaptedLinear(nn.Module):
         if self.merged or not self.enabled:
             return y
         a, b, d, scale = self.lowrank()
-        h = F.linear(self.dropout(x.to(a.dtype)), a)          # (..., b)
-        if d is not None:
-            h = h * d
-        return y + (F.linear(h, b) * scale).to(y.dtype)       # (..., out)
+        # Run the adapter path in the activations' dtype when they are low precision: casting
+        # the small factors costs r·(in+out) values, casting x would cost tokens·in.
+        dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else a.dtype
+        h = F.linear(self.dropout(x.to(dtype)), a.to(dtype))  # (..., b)
+        h = h * (scale if d is None else d.to(dtype) * scale)  # scale the narrow tensor, not the wide one
+        if y.dtype != dtype:  # e.g. bf16 adapters on an fp32 base: never round the base output
+            return y + F.linear(h, b.to(dtype)).to(y.dtype)
+        out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), b.to(dtype).T)
+        return out.view(y.shape)                              # (..., out), add fused into the GEMM
 
     # --- the update as a matrix ----------------------------------------------------------------
 
