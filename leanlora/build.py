@@ -9,12 +9,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from leanlora.base.bnb4 import Bnb4Base, is_linear4bit
 from leanlora.base.dense import DenseBase, linear_shape
 from leanlora.config import AdapterConfig
 from leanlora.factors.dense import DenseFactors
 from leanlora.identity import weight_probe
 from leanlora.layer import AdaptedLinear
 from leanlora.precision.full import FullPrecision
+from leanlora.precision.learned import PriorScale
 from leanlora.ranks.fixed import FixedRanks
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -34,6 +36,11 @@ class Shared(nn.Module):
     def __init__(self, config: AdapterConfig) -> None:
         super().__init__()
         self.config = config
+        # set by leanlora.finalize: gates thresholded, ranks pruned, factors packed (io.save records it)
+        self.finalized = False
+        # largest full-rank adapter MACs/token over the layers, raised by build_layer as it goes:
+        # the normaliser of the BOP-aware gate priors (quant.reg_type="bop")
+        self.prior_scale = PriorScale()
 
     def forward(self, x):
         # A holder, not a layer; identity so that a plain nn.Sequential root still computes the same.
@@ -52,7 +59,7 @@ def build_shared(config: AdapterConfig, device: torch.device | None) -> Shared:
         from leanlora.ranks.nested import RankSampler
 
         n = config.nested
-        shared.rank_sampler = RankSampler(n.r_min, config.r, n.distribution)
+        shared.rank_sampler = RankSampler(n.r_min, config.r, n.distribution, decay=n.decay, seed=n.seed)
     return shared
 
 
@@ -62,6 +69,9 @@ def build_layer(module: nn.Module, name: str, config: AdapterConfig, shared: Sha
     device = module.weight.device
     dtype = adapter_dtype(config)
     r = config.r
+    # VB-LoRA's update is plain B·A: alpha = r gives alpha/r = 1 at the full rank (factors/bank.py).
+    unscaled = config.factors == "bank" and not config.bank.scaled
+    alpha, rslora = (float(r), False) if unscaled else (config.alpha, config.rslora)
 
     if config.factors == "dense":
         factors: nn.Module = DenseFactors(in_f, out_f, r, dtype=dtype, device=device)
@@ -73,29 +83,38 @@ def build_layer(module: nn.Module, name: str, config: AdapterConfig, shared: Sha
                               name=name, dtype=dtype, device=device)
 
     if config.ranks == "fixed":
-        ranks: nn.Module = FixedRanks(r, config.alpha, config.rslora)
+        ranks: nn.Module = FixedRanks(r, alpha, rslora)
     elif config.ranks == "nested":
         from leanlora.ranks.nested import NestedRanks
 
         n = config.nested
-        ranks = NestedRanks(r, config.alpha, shared.rank_sampler, frozen=n.frozen,
-                            eval_rank=n.eval_rank, rslora=config.rslora)
+        ranks = NestedRanks(r, alpha, shared.rank_sampler, frozen=n.frozen,
+                            eval_rank=n.eval_rank, rslora=rslora, name=name)
     else:
         from leanlora.ranks.gated import GatedRanks
 
         g = config.gated
-        ranks = GatedRanks(r, config.alpha, diag=g.diag, init_log_alpha=g.init_log_alpha,
+        # E (r,) is consumed by r MACs/token; a component costs in + out + 1 MACs/token
+        quant_e = _build_quantizer(config, dtype, r, shared.prior_scale, device) if g.diag else None
+        ranks = GatedRanks(r, alpha, diag=g.diag, init_log_alpha=g.init_log_alpha,
                            threshold=g.threshold, nested=g.nested, prior=g.prior,
-                           rslora=config.rslora, dtype=dtype, device=device)
+                           rslora=rslora, quant_e=quant_e, reg_type=config.quant.reg_type,
+                           component_macs=in_f + out_f + 1, prior_scale=shared.prior_scale,
+                           dtype=dtype, device=device)
 
-    quant_a, quant_b = (_build_quantizer(config, dtype) for _ in range(2))
-    base = DenseBase(module)
+    shared.prior_scale.update((in_f + out_f) * r)
+    # MACs/token that consume A (in·r) and B (r·out): the weights of the "bop" bit prior
+    quant_a = _build_quantizer(config, dtype, in_f * r, shared.prior_scale, device)
+    quant_b = _build_quantizer(config, dtype, out_f * r, shared.prior_scale, device)
+    base = Bnb4Base(module, name) if is_linear4bit(module) else DenseBase(module)
     layer = AdaptedLinear(base, factors, ranks, quant_a, quant_b, dropout=config.dropout, name=name)
     layer.base_probe = weight_probe(base.dense_weight())  # checked when the adapter is loaded again
+    layer.train(module.training)  # a model in eval mode stays in eval mode (dropout, sampled ranks)
     return layer
 
 
-def _build_quantizer(config: AdapterConfig, dtype: torch.dtype) -> nn.Module:
+def _build_quantizer(config: AdapterConfig, dtype: torch.dtype, macs: int, prior_scale: PriorScale,
+                     device: torch.device | None) -> nn.Module:
     if config.precision == "float":
         return FullPrecision(torch.finfo(dtype).bits)
     q = config.quant
@@ -105,4 +124,5 @@ def _build_quantizer(config: AdapterConfig, dtype: torch.dtype) -> nn.Module:
         return FixedBits(q.bits)
     from leanlora.precision.learned import LearnedBits
 
-    return LearnedBits(q.bit_set, init_log_alpha=q.init_log_alpha, threshold=q.threshold)
+    return LearnedBits(q.bit_set, init_log_alpha=q.init_log_alpha, threshold=q.threshold,
+                       reg_type=q.reg_type, macs=macs, prior_scale=prior_scale, device=device)

@@ -48,6 +48,9 @@ class BankConfig:
     """learning rate of the bank parameter group (paper: 1e-3, no weight decay)."""
     logits_lr: float = 1e-2
     """learning rate of the logits parameter group (paper: 1e-2, no weight decay)."""
+    scaled: bool = False
+    """apply the LoRA scale alpha / r (alpha / sqrt(r) with rslora) to the bank update; False
+    (VB-LoRA) makes the full-rank update plain B·A, see :mod:`leanlora.factors.bank`."""
 
     def __post_init__(self) -> None:
         _require(self.num_vectors >= 1, "bank.num_vectors", self.num_vectors, "must be >= 1")
@@ -72,6 +75,10 @@ class NestedConfig:
     """DyLoRA "frozen" mode: only component b learns in a step (the released DyLoRA callback)."""
     eval_rank: int | None = None
     """rank used in eval mode; None means the full rank r."""
+    decay: float = 0.8
+    """geometric only: p(b) ∝ decay^(b - r_min), so rank r_min is drawn most often."""
+    seed: int = 0
+    """seed of the rank draws: b at step t depends only on (seed, t), the same in every process."""
 
     def __post_init__(self) -> None:
         _require(self.r_min >= 1, "nested.r_min", self.r_min, "must be >= 1")
@@ -79,6 +86,7 @@ class NestedConfig:
                  self.distribution, "allowed: 'uniform', 'geometric'")
         _require(self.eval_rank is None or self.eval_rank >= 1, "nested.eval_rank", self.eval_rank,
                  "must be None or >= 1")
+        _require(0.0 < self.decay < 1.0, "nested.decay", self.decay, "must be in (0, 1)")
 
 
 @dataclass(frozen=True)
@@ -206,6 +214,9 @@ class AdapterConfig:
         _require(self.base in ("dense", "nf4"), "base", self.base, "allowed: 'dense', 'nf4'")
         _require(self.adapter_dtype in ("float32", "bfloat16", "float16"), "adapter_dtype",
                  self.adapter_dtype, "allowed: 'float32', 'bfloat16', 'float16'")
+        if self.factors == "bank" and not self.bank.scaled:
+            _require(not self.rslora, "rslora", self.rslora,
+                     "has no effect with factors='bank' unless bank.scaled=True (VB-LoRA has no alpha/r scale)")
         if self.ranks == "nested":
             _require(self.nested.r_min <= self.r, "nested.r_min", self.nested.r_min,
                      f"must be <= r={self.r}")
@@ -214,7 +225,9 @@ class AdapterConfig:
 
     @property
     def scaling(self) -> float:
-        """alpha / r, or alpha / sqrt(r) with rslora (at the full rank r)."""
+        """alpha / r, or alpha / sqrt(r) with rslora (at the full rank r); 1 for an unscaled bank."""
+        if self.factors == "bank" and not self.bank.scaled:
+            return 1.0
         return self.alpha / (self.r ** 0.5 if self.rslora else self.r)
 
     def to_dict(self) -> dict[str, Any]:

@@ -109,6 +109,12 @@ def _check_shape(name: str, module: nn.Module, config: AdapterConfig) -> None:
                 raise ConfigError(
                     f"bank.vector_length={vl} does not divide {dim_name}={dim} of module {name!r}; "
                     f"vector lengths that divide every dimension of this module include {divisors}")
+    if config.base == "nf4":
+        from leanlora.base.bnb4 import is_linear4bit
+        from leanlora.base.nf4 import check_nf4_shape
+
+        if not is_linear4bit(module):  # a bitsandbytes 4-bit layer is kept as it is
+            check_nf4_shape(name, in_f, out_f, config.nf4)
 
 
 def inject(model: nn.Module, config: AdapterConfig, *, filter_fn: FilterFn | None = None,

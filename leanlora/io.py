@@ -98,10 +98,20 @@ def base_identity(model: nn.Module) -> dict[str, Any]:
     }
 
 
-def save(model: nn.Module, directory: str | os.PathLike) -> Path:
-    """Write the adapter of ``model`` to ``directory`` atomically and return the folder."""
+def save(model: nn.Module, directory: str | os.PathLike, *, topk_only: bool = False) -> Path:
+    """Write the adapter of ``model`` to ``directory`` atomically and return the folder.
+
+    ``topk_only`` (VB-LoRA only) stores the bank plus top-k indices and k-1 weights per sub-vector
+    instead of the logits (:mod:`leanlora.factors.bank_storage`); such an adapter reloads with the
+    same outputs, for inference, or for training with ``load(..., trainable=True)``.
+    """
     directory = Path(directory)
     shared = shared_state(model)
+    state = adapter_state_dict(model)
+    if topk_only:
+        from leanlora.factors.bank_storage import pack_state
+
+        state = pack_state(model, state)
     modules: dict[str, Any] = {}
     for name, layer in adapted_layers(model):
         modules[name] = {
@@ -110,6 +120,10 @@ def save(model: nn.Module, directory: str | os.PathLike) -> Path:
             "rank": layer.factors.rank,
             "probe": layer.base_probe,
         }
+        if shared.finalized:  # packed layout and bits of each factor, to rebuild it on load
+            from leanlora.finalize import layer_spec
+
+            modules[name]["finalized"] = layer_spec(layer)
     meta = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
@@ -117,8 +131,11 @@ def save(model: nn.Module, directory: str | os.PathLike) -> Path:
         "base_model": base_identity(model),
         "modules": modules,
         "modules_to_save": list(shared.modules_to_save_names),
+        "finalized": bool(shared.finalized),
     }
-    atomic_save_tensors(adapter_state_dict(model), directory / WEIGHTS_NAME, metadata={"format": FORMAT})
+    if shared.config.factors == "bank":
+        meta["bank_storage"] = "topk" if topk_only else "logits"
+    atomic_save_tensors(state, directory / WEIGHTS_NAME, metadata={"format": FORMAT})
     atomic_write_bytes(directory / CONFIG_NAME, json.dumps(meta, indent=2).encode())
     return directory
 
@@ -180,17 +197,21 @@ def verify_base(model: nn.Module, meta: dict[str, Any], directory: Path) -> None
 
 
 def _dense_weight(module: nn.Module) -> torch.Tensor:
+    from leanlora.base.bnb4 import Bnb4Base, is_linear4bit
     from leanlora.base.dense import is_conv1d
 
+    if is_linear4bit(module):  # packed 4-bit codes: compare the dequantized weight
+        return Bnb4Base(module).dense_weight()
     return module.weight.T if is_conv1d(module) else module.weight
 
 
 def load(model: nn.Module, directory: str | os.PathLike, *, check_base: bool = True,
-         trainable: bool = False) -> nn.Module:
+         trainable: bool = False, quantize_base: bool = True) -> nn.Module:
     """Inject the adapter saved in ``directory`` into ``model`` and load its tensors.
 
     Raises :class:`AdapterLoadError` naming the file and problem; the model is unchanged then.
-    ``trainable=False`` leaves every parameter frozen (inference).
+    ``trainable=False`` leaves every parameter frozen (inference). ``quantize_base=False`` keeps
+    the base dense even for an NF4 adapter (the cost report loads onto a weightless skeleton).
     """
     directory = Path(directory)
     if hasattr(model, SHARED_ATTR):
@@ -202,11 +223,13 @@ def load(model: nn.Module, directory: str | os.PathLike, *, check_base: bool = T
     targets = sorted(meta.get("modules", {}))
     inject(model, config, filter_fn=lambda _m, name: name in set(targets), quantize_base=False)
     try:
+        tensors = _unpack_bank(model, meta, tensors, directory, trainable)
         _restore_tensors(model, meta, tensors, directory)
+        shared_state(model).finalized = bool(meta.get("finalized", False))
     except BaseException:
         unload(model)
         raise
-    if config.base == "nf4":
+    if config.base == "nf4" and quantize_base:
         from leanlora.base.nf4 import quantize_bases
 
         quantize_bases(model, config.nf4)
@@ -214,6 +237,23 @@ def load(model: nn.Module, directory: str | os.PathLike, *, check_base: bool = T
         for p in model.parameters():
             p.requires_grad_(False)
     return model
+
+
+def _unpack_bank(model: nn.Module, meta: dict[str, Any], tensors: dict[str, torch.Tensor],
+                 directory: Path, trainable: bool) -> dict[str, torch.Tensor]:
+    """Rebuild VB-LoRA logits from a top-k-only save (``"bank_storage": "topk"``)."""
+    layout = meta.get("bank_storage", "logits")
+    if layout not in ("logits", "topk"):
+        raise AdapterLoadError(f"{directory / CONFIG_NAME}: bank_storage={layout!r} is not supported "
+                               "(allowed: 'logits', 'topk')")
+    if layout == "logits":
+        return tensors
+    from leanlora.factors.bank_storage import unpack_state
+
+    try:
+        return unpack_state(model, tensors, trainable=trainable)
+    except ValueError as err:
+        raise AdapterLoadError(f"{directory / WEIGHTS_NAME}: {err}") from None
 
 
 def _restore_tensors(model: nn.Module, meta: dict[str, Any], tensors: dict[str, torch.Tensor],
@@ -224,7 +264,11 @@ def _restore_tensors(model: nn.Module, meta: dict[str, Any], tensors: dict[str, 
         raise AdapterLoadError(f"{directory}: modules {missing_modules} could not be adapted in this model")
     for name, info in meta["modules"].items():
         layer = layers[name]
-        if info["rank"] != layer.factors.rank:
+        if "finalized" in info:  # packed codes and frozen quantizers: lay out that structure first
+            from leanlora.finalize import rebuild_finalized_
+
+            rebuild_finalized_(layer, info["finalized"])
+        elif info["rank"] != layer.factors.rank:
             layer.prune_(info["rank"])
     expected = adapter_state_dict(model)
     missing = sorted(set(expected) - set(tensors))

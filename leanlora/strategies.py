@@ -69,6 +69,14 @@ class Quantizer(Protocol):
 
     def expected_bits(self) -> float: ...
 
+    def quantized(self) -> bool:
+        """True when finalize stores the factor as packed integer codes + an fp32 scale."""
+        ...
+
+    def encode(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(int32 codes, fp32 scale) with scale·codes = the eval-mode output; None if stored as float."""
+        ...
+
 
 @runtime_checkable
 class BaseWeight(Protocol):

@@ -79,7 +79,17 @@ def test_combination(factors, ranks, precision, base, tmp_path):
     with torch.no_grad():
         final = model(x).logits
         torch.testing.assert_close(final, out, rtol=1e-4, atol=1e-4)
-        leanlora.merge(model)
+        report = leanlora.merge(model)
         merged = model(x).logits
-    tol = 5e-2 if base == "nf4" else 1e-4  # merging into NF4 requantizes the weight
-    torch.testing.assert_close(merged, final, rtol=tol, atol=tol)
+    if base == "dense":
+        torch.testing.assert_close(merged, final, rtol=1e-4, atol=1e-4)
+    else:
+        # merging into NF4 requantizes W0 + ΔW: the error is reported per module, never silent,
+        # and it stays one 4-bit rounding's worth: no larger than what quantizing the base cost
+        assert all(r["max_abs"] > 0 and r["mean_abs"] < r["max_abs"] for r in report.values())
+        dense_model = tiny_llama()
+        with torch.no_grad():
+            dense_logits = dense_model(x).logits
+            nf4_logits = leanlora.inject(dense_model, _config("dense", "fixed", "float", "nf4"))(x).logits
+        one_rounding = float((nf4_logits - dense_logits).norm() / dense_logits.norm())
+        assert float((merged - final).norm() / final.norm()) < 2 * one_rounding

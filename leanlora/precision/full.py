@@ -20,5 +20,13 @@ class FullPrecision(nn.Module):
     def expected_bits(self) -> float:
         return float(self.dtype_bits)
 
+    def quantized(self) -> bool:
+        """False: the factor is stored as float values, not integer codes (see leanlora.packing)."""
+        return False
+
+    def encode(self, w: torch.Tensor) -> None:
+        """No integer codes: finalize stores a float factor as it is."""
+        return None
+
     def extra_repr(self) -> str:
         return f"bits={self.dtype_bits}"

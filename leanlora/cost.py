@@ -1,0 +1,223 @@
+"""Cost accounting of an adapter: effective ranks, bits, MACs, BOPs, stored bytes, parameters.
+
+Per adapted layer, for the adapter path only (the frozen base is the same for every method):
+
+* ``rank``: components in use in eval (open gates, the chosen nested rank, or r);
+  ``stored_rank``: components the finalized artifact keeps (= rank, except non-nested gates over
+  bank factors, which keep a prefix with closed components masked).
+* ``bits_a``, ``bits_b``, ``bits_e``: eval bit-width of A, B and E (32 = float; E only with diag).
+* ``macs``: multiply-adds per token, ``in·k + k (E) + k·out`` at k = stored_rank.
+* ``bops``: Σ MACs × weight bits × activation bits, activations at ``ACT_BITS`` = 16 (nothing in
+  leanlora quantizes activations): ``16·(in·k·b_A + k·b_E + k·out·b_B)`` (METHODS.md §1.6).
+* ``stored_bytes``: the tensor payload of the finalized artifact. Dense factors: packed codes,
+  ceil(n·b/8) bytes + a 4-byte fp32 scale per quantized tensor, or n · element size for float
+  ones (:func:`leanlora.packing.stored_nbytes`); E likewise; a mask of 4-byte floats if any. Bank
+  factors: their top-k form (k-1 weights and k indices per sub-vector, what
+  ``save(..., topk_only=True)`` writes) plus a 4-byte scale per quantized factor; the bank itself
+  is counted once in ``shared_bytes``. ``modules_to_save`` tensors count in ``head_bytes``.
+  For a finalized model this equals the bytes of ``adapter.safetensors`` minus its header
+  (bank factors: saved with ``topk_only=True``; tested); before finalize it is the prediction.
+* ``params``: parameters the adapter trains now (0 once finalized: it holds buffers).
+
+Beside them, the same layer as a plain LoRA of the same r: ``lora_*`` with 16-bit weights and
+activations (the usual bf16 deployment), and ``fp32_*`` at 32-bit weights and activations (Bayesian
+Bits' baseline, Σ MACs × 32 × 32).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from leanlora.build import adapter_dtype
+from leanlora.factors.dense import DenseFactors
+from leanlora.inject import adapted_layers, shared_state
+from leanlora.layer import AdaptedLinear
+from leanlora.packing import SCALE_BYTES, PackedFactors, stored_nbytes
+
+ACT_BITS = 16
+
+
+@dataclass
+class LayerCost:
+    name: str
+    module: str
+    in_features: int
+    out_features: int
+    r: int
+    rank: int
+    stored_rank: int
+    bits_a: int
+    bits_b: int
+    bits_e: int | None
+    expected_rank: float
+    expected_bits_a: float
+    expected_bits_b: float
+    macs: int
+    bops: int
+    stored_bytes: int
+    params: int
+    lora_macs: int
+    lora_bops: int
+    lora_bytes: int
+    lora_params: int
+    fp32_bops: int
+    fp32_bytes: int
+
+
+@dataclass
+class CostReport:
+    layers: list[LayerCost]
+    shared_bytes: int = 0
+    head_bytes: int = 0
+    shared_params: int = 0
+    total: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: {"layers": [...], "total": {...}, "act_bits": 16}."""
+        return {"layers": [dataclasses.asdict(r) for r in self.layers], "total": dict(self.total),
+                "shared_bytes": self.shared_bytes, "head_bytes": self.head_bytes, "act_bits": ACT_BITS}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def format_table(self) -> str:
+        head = (f"{'module':<40} {'rank':>7} {'bits A/B/E':>11} {'MACs/tok':>9} {'BOPs':>12} "
+                f"{'bytes':>10} {'params':>8} | {'LoRA16 BOPs':>12} {'LoRA16 B':>10}")
+        lines = [head, "-" * len(head)]
+        for r in self.layers:
+            bits = f"{r.bits_a}/{r.bits_b}/{'-' if r.bits_e is None else r.bits_e}"
+            lines.append(f"{r.name[-40:]:<40} {f'{r.rank}/{r.r}':>7} {bits:>11} {r.macs:>9,} {r.bops:>12,} "
+                         f"{r.stored_bytes:>10,} {r.params:>8,} | {r.lora_bops:>12,} {r.lora_bytes:>10,}")
+        t = self.total
+        lines.append("-" * len(head))
+        if self.shared_bytes or self.head_bytes:
+            lines.append(f"{'shared (bank) / modules_to_save bytes':<40} {self.shared_bytes:,} / {self.head_bytes:,}")
+        ranks = f"{t['rank']}/{t['r']}"
+        lines.append(f"{'total':<40} {ranks:>7} {'':>11} {t['macs']:>9,} {t['bops']:>12,} "
+                     f"{t['stored_bytes']:>10,} {t['params']:>8,} | {t['lora_bops']:>12,} {t['lora_bytes']:>10,}")
+        lines.append(f"BOPs: {t['bops_vs_lora']:.1%} of LoRA-16 (r={t['r_max']}), {t['bops_vs_fp32']:.1%} of "
+                     f"LoRA-fp32 ({t['fp32_bops']:,}); bytes: {t['bytes_vs_lora']:.1%} of LoRA-16, "
+                     f"{t['bytes_vs_fp32']:.1%} of LoRA-fp32 ({t['fp32_bytes']:,}); "
+                     f"mean rank {t['mean_rank']:.2f}, mean bits A/B {t['mean_bits_a']:.1f}/{t['mean_bits_b']:.1f}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.format_table()
+
+
+def _stored_components(layer: AdaptedLinear) -> tuple[int, int, bool]:
+    """(effective rank, stored rank, masked) as finalize keeps them."""
+    from leanlora.finalize import kept_components
+    from leanlora.ranks.gated import GatedRanks
+
+    ranks = layer.ranks
+    if isinstance(ranks, GatedRanks) and ranks.finalized:
+        return ranks.active_rank(), ranks.rank, ranks.keep_mask is not None
+    keep = kept_components(layer)
+    k = int(keep.numel())
+    if _packs_rows(layer) or bool(torch.equal(keep, torch.arange(k))):
+        return k, k, False
+    return k, int(keep.max()) + 1, True
+
+
+def _packs_rows(layer: AdaptedLinear) -> bool:
+    """Factors stored as the matrices themselves (dense, or already packed)."""
+    return isinstance(layer.factors, (DenseFactors, PackedFactors))
+
+
+def _bank_layer_bytes(factors: nn.Module, rank: int, elem: int) -> int:
+    from leanlora.factors.bank_storage import index_dtype
+
+    bank = factors.bank
+    n_sub = rank * (factors.in_features + factors.out_features) // bank.vector_length
+    idx = torch.empty((), dtype=index_dtype(bank.num_vectors)).element_size()
+    return n_sub * (factors.topk - 1) * elem + n_sub * factors.topk * idx
+
+
+def _factor_bytes(layer: AdaptedLinear, k: int, elem: int) -> int:
+    qa, qb = layer.quant_a, layer.quant_b
+    if _packs_rows(layer):
+        return (stored_nbytes(k * layer.in_features, qa.bits(), qa.quantized(), elem)
+                + stored_nbytes(layer.out_features * k, qb.bits(), qb.quantized(), elem))
+    scales = SCALE_BYTES * (int(qa.quantized()) + int(qb.quantized()))
+    from leanlora.factors.bank import BankFactors
+
+    if isinstance(layer.factors, BankFactors):
+        return _bank_layer_bytes(layer.factors, k, elem) + scales
+    # unknown factor source: what its state dict holds now, scaled to the kept components
+    held = sum(t.numel() * t.element_size() for t in layer.factors.state_dict().values())
+    return held * k // max(layer.factors.rank, 1) + scales
+
+
+def layer_cost(name: str, layer: AdaptedLinear, r: int, elem: int) -> LayerCost:
+    from leanlora.ranks.gated import GatedRanks
+
+    ranks = layer.ranks
+    rank, k, masked = _stored_components(layer)
+    in_f, out_f = layer.in_features, layer.out_features
+    qa, qb = layer.quant_a, layer.quant_b
+    qe = ranks.diag_quantizer() if isinstance(ranks, GatedRanks) else None
+    bits_a, bits_b = qa.bits(), qb.bits()
+    bits_e = qe.bits() if qe is not None else None
+    macs = in_f * k + k * out_f + (k if qe is not None else 0)
+    bops = ACT_BITS * (in_f * k * bits_a + k * out_f * bits_b + (k * bits_e if qe is not None else 0))
+    stored = _factor_bytes(layer, k, elem)
+    if qe is not None:
+        stored += stored_nbytes(k, bits_e, qe.quantized(), elem)
+    if masked:
+        stored += 4 * k
+    lora_macs = (in_f + out_f) * r
+    return LayerCost(
+        name=name, module=name.rsplit(".", 1)[-1], in_features=in_f, out_features=out_f, r=r,
+        rank=rank, stored_rank=k, bits_a=bits_a, bits_b=bits_b, bits_e=bits_e,
+        expected_rank=float(ranks.expected_rank()), expected_bits_a=float(qa.expected_bits()),
+        expected_bits_b=float(qb.expected_bits()), macs=macs, bops=bops, stored_bytes=stored,
+        params=sum(p.numel() for _, p in layer.adapter_parameters()),
+        lora_macs=lora_macs, lora_bops=lora_macs * 16 * 16, lora_bytes=lora_macs * 2,
+        lora_params=lora_macs, fp32_bops=lora_macs * 32 * 32, fp32_bytes=lora_macs * 4)
+
+
+def cost_report(model: nn.Module) -> CostReport:
+    """Per-layer and total cost of ``model``'s adapter; see the module docstring for what is counted."""
+    shared = shared_state(model)
+    config = shared.config
+    elem = torch.empty((), dtype=adapter_dtype(config)).element_size()
+    rows = [layer_cost(name, layer, config.r, elem) for name, layer in adapted_layers(model)]
+    shared_bytes = sum(t.numel() * t.element_size() for t in shared.state_dict().values())
+    shared_params = sum(p.numel() for p in shared.parameters())
+    modules = dict(model.named_modules())
+    head = [t for n in shared.modules_to_save_names for t in modules[n].state_dict().values()]
+    head_bytes = sum(t.numel() * t.element_size() for t in head)
+    report = CostReport(rows, shared_bytes=shared_bytes, head_bytes=head_bytes, shared_params=shared_params)
+    report.total = _totals(rows, shared_bytes, head_bytes, shared_params, config.r)
+    return report
+
+
+def _totals(rows: list[LayerCost], shared_bytes: int, head_bytes: int, shared_params: int, r: int) -> dict[str, Any]:
+    def s(key: str) -> int:
+        return sum(getattr(row, key) for row in rows)
+
+    n = max(len(rows), 1)
+    t: dict[str, Any] = {k: s(k) for k in ("rank", "stored_rank", "macs", "bops", "params", "lora_macs",
+                                            "lora_bops", "lora_bytes", "lora_params", "fp32_bops", "fp32_bytes")}
+    t["r"] = r * len(rows)
+    t["r_max"] = r
+    t["layers"] = len(rows)
+    t["stored_bytes"] = s("stored_bytes") + shared_bytes + head_bytes
+    t["adapter_bytes"] = s("stored_bytes") + shared_bytes
+    t["params"] += shared_params
+    t["mean_rank"] = t["rank"] / n
+    t["mean_expected_rank"] = s("expected_rank") / n
+    t["mean_bits_a"] = s("bits_a") / n
+    t["mean_bits_b"] = s("bits_b") / n
+    t["bops_vs_lora"] = t["bops"] / max(t["lora_bops"], 1)
+    t["bops_vs_fp32"] = t["bops"] / max(t["fp32_bops"], 1)
+    t["bytes_vs_lora"] = t["adapter_bytes"] / max(t["lora_bytes"], 1)
+    t["bytes_vs_fp32"] = t["adapter_bytes"] / max(t["fp32_bytes"], 1)
+    return t

@@ -1,0 +1,155 @@
+"""Finalize: threshold the gates, prune closed rank components for real, pack the factors.
+
+For every adapted layer, with all strategies in eval mode:
+
+1. The kept components are the eval-open ones: the surviving gates of :class:`GatedRanks` (a
+   prefix when nested), the chosen rank of nested ranks, all r of fixed ranks.
+2. Each quantizer is frozen at its eval bit-width. The grid's scale is taken from the *full*
+   r-row factor, exactly as the eval-mode model quantized it, so pruning rows moves nothing.
+3. Dense factors are replaced by :class:`~leanlora.packing.PackedFactors`: the integer codes of
+   the kept rows of A and columns of B, bit-packed, plus one fp32 scale each (float factors are
+   kept as float). Factors composed at run time (the VB-LoRA bank) keep their own compact form;
+   they are pruned to the kept prefix and their quantizers become fixed-scale fake-quantizers.
+4. Gated ranks drop their gates; E keeps its kept entries, packed at its own bit-width.
+
+The finalized model computes what the eval-mode model computed (up to float rounding of
+``scale·code`` against the nested residual sum), and :func:`leanlora.save` writes the packed
+tensors; :func:`layer_spec` is what ``adapter_config.json`` records so that
+:func:`rebuild_finalized_` can lay out the same empty structure before loading them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from leanlora.factors.dense import DenseFactors
+from leanlora.inject import adapted_layers, shared_state
+from leanlora.layer import AdaptedLinear, MergeError, _eval_mode
+from leanlora.packing import PackedFactors, StoredTensor
+from leanlora.precision.fixed import FrozenBits
+from leanlora.ranks.gated import GatedRanks
+
+
+def kept_components(layer: AdaptedLinear) -> torch.Tensor:
+    """Indices (long, ascending) of the components the eval-mode layer uses."""
+    if isinstance(layer.ranks, GatedRanks):
+        return layer.ranks.keep_indices()
+    return torch.arange(layer.ranks.active_rank())
+
+
+def finalize(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Finalize every adapted layer of ``model`` in place; returns :func:`layer_spec` per module.
+
+    Idempotent. Refuses a merged adapter (unmerge first). Training further is not possible
+    afterwards: the gates are gone and the factors are buffers.
+    """
+    shared = shared_state(model)
+    specs: dict[str, dict[str, Any]] = {}
+    for name, layer in adapted_layers(model):
+        if not shared.finalized:
+            if layer.merged:
+                raise MergeError(f"{name}: finalize needs the unmerged adapter; call leanlora.unmerge(model) first")
+            finalize_layer_(layer)
+        specs[name] = layer_spec(layer)
+    shared.finalized = True
+    return specs
+
+
+def _store(w: torch.Tensor, encoded, bits: int, index: torch.Tensor, dim: int) -> StoredTensor:
+    index = index.to(w.device)
+    if encoded is None:
+        return StoredTensor.from_float(w.index_select(dim, index), bits)
+    codes, scale = encoded
+    return StoredTensor.from_codes(codes.index_select(dim, index), scale, bits, w.dtype)
+
+
+@torch.no_grad()
+def finalize_layer_(layer: AdaptedLinear) -> None:
+    with _eval_mode(layer):
+        a, b = layer.factors()                               # (r, in), (out, r)
+        keep = kept_components(layer)                        # (k,)
+        enc_a, enc_b = layer.quant_a.encode(a), layer.quant_b.encode(b)
+        bits_a, bits_b = layer.quant_a.bits(), layer.quant_b.bits()
+        ranks = layer.ranks
+        e_args = None
+        if isinstance(ranks, GatedRanks) and ranks.diag:
+            e, qe = ranks.E, ranks.quant_e
+            e_args = (e.detach(), qe.encode(e), qe.bits())
+    dense = isinstance(layer.factors, DenseFactors)
+    k = int(keep.numel())
+    contiguous = bool(torch.equal(keep, torch.arange(k)))
+    # Dense factors can keep any subset of rows; others only a prefix, with closed ones masked.
+    stored = keep if (dense or contiguous) else torch.arange(int(keep.max()) + 1)
+    mask = None if (dense or contiguous) else torch.isin(stored, keep).float()
+    if dense:
+        layer.factors = PackedFactors(_store(a, enc_a, bits_a, stored, 0), _store(b, enc_b, bits_b, stored, 1))
+        layer.quant_a = FrozenBits(bits_a, None, quantized=enc_a is not None)
+        layer.quant_b = FrozenBits(bits_b, None, quantized=enc_b is not None)
+    else:
+        if int(stored.numel()) < layer.factors.rank:
+            layer.factors.prune_(int(stored.numel()))
+        layer.quant_a = FrozenBits(bits_a, None if enc_a is None else enc_a[1], quantized=enc_a is not None)
+        layer.quant_b = FrozenBits(bits_b, None if enc_b is None else enc_b[1], quantized=enc_b is not None)
+    if isinstance(ranks, GatedRanks):
+        e_store, e_bits, e_quant = None, 32, False
+        if e_args is not None:
+            e, enc_e, e_bits = e_args
+            e_store, e_quant = _store(e, enc_e, e_bits, stored, 0), enc_e is not None
+        ranks.finalize_(int(stored.numel()), e_store, e_bits, e_quant, mask)
+    elif k < ranks.rank:
+        ranks.prune_(k)
+
+
+def _quant_spec(q: nn.Module) -> dict[str, Any]:
+    return {"bits": q.bits(), "quantized": bool(q.quantized()), "scale": getattr(q, "scale", None) is not None}
+
+
+def layer_spec(layer: AdaptedLinear) -> dict[str, Any]:
+    """The finalized layout of one layer, as recorded in adapter_config.json."""
+    ranks = layer.ranks
+    e = None
+    if isinstance(ranks, GatedRanks) and ranks.diag:
+        e = {"bits": ranks.e_store.bits, "quantized": ranks.e_store.quantized}
+    return {
+        "rank": int(layer.factors.rank),
+        "effective_rank": int(ranks.active_rank()),
+        "factors": "packed" if isinstance(layer.factors, PackedFactors) else "own",
+        "a": _quant_spec(layer.quant_a),
+        "b": _quant_spec(layer.quant_b),
+        "e": e,
+        "mask": isinstance(ranks, GatedRanks) and ranks.keep_mask is not None,
+    }
+
+
+@torch.no_grad()
+def rebuild_finalized_(layer: AdaptedLinear, spec: dict[str, Any]) -> None:
+    """Give a freshly injected layer the empty finalized structure of ``spec`` (for load)."""
+    k = int(spec["rank"])
+    ref = next(layer.factors.parameters(), None)
+    dtype = ref.dtype if ref is not None else torch.float32
+    device = ref.device if ref is not None else None
+    sa, sb = spec["a"], spec["b"]
+
+    def frozen(s):
+        scale = torch.ones((), device=device) if s["scale"] else None
+        return FrozenBits(int(s["bits"]), scale, quantized=bool(s["quantized"]))
+
+    if spec["factors"] == "packed":
+        in_f, out_f = layer.in_features, layer.out_features
+        layer.factors = PackedFactors(
+            StoredTensor((k, in_f), int(sa["bits"]), bool(sa["quantized"]), dtype, device),
+            StoredTensor((out_f, k), int(sb["bits"]), bool(sb["quantized"]), dtype, device))
+    elif k < layer.factors.rank:
+        layer.factors.prune_(k)
+    layer.quant_a, layer.quant_b = frozen(sa), frozen(sb)
+    ranks = layer.ranks
+    if isinstance(ranks, GatedRanks):
+        se = spec.get("e")
+        e_store = None if se is None else StoredTensor((k,), int(se["bits"]), bool(se["quantized"]), dtype, device)
+        mask = torch.ones(k, device=device) if spec.get("mask") else None
+        ranks.finalize_(k, e_store, 32 if se is None else int(se["bits"]), bool(se and se["quantized"]), mask)
+    elif k < ranks.rank:
+        ranks.prune_(k)

@@ -1,0 +1,69 @@
+"""Hard-concrete (L0) gates, Louizos, Welling & Kingma 2018, as Bayesian Bits and B-LoRA use them.
+
+A gate has one learnable location ``log_alpha``. With the stretch (gamma, zeta) = (-0.1, 1.1) and
+temperature beta = 2/3 (the constants of both papers and of the B-LoRA code):
+
+    training:  u ~ U(0, 1),  s = sigmoid((log u - log(1 - u) + log_alpha) / beta),
+               z = clamp(s (zeta - gamma) + gamma, 0, 1)                      (sample)
+    P(z != 0) = sigmoid(log_alpha - beta log(-gamma / zeta))                  (prob_open)
+    P(z == 1) = sigmoid(log_alpha - beta log((1 - gamma) / (zeta - 1)))       (prob_one)
+    eval:      z = 1[P(z == 0) < threshold]                                   (deterministic)
+
+The eval rule is Bayesian Bits' (threshold 0.34): a gate is kept when the probability that its
+sample is exactly zero is below the threshold. All functions are elementwise over any shape and
+free of host synchronisation, so they trace under ``torch.compile``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+BETA = 2.0 / 3.0
+GAMMA = -0.1
+ZETA = 1.1
+THRESHOLD = 0.34
+# beta·log(-gamma/zeta): the log-alpha at which P(z != 0) = 1/2 is minus this (about -1.60).
+_OPEN_SHIFT = BETA * math.log(-GAMMA / ZETA)
+_ONE_SHIFT = BETA * math.log((1.0 - GAMMA) / (ZETA - 1.0))
+_EPS = 1e-6  # keeps log u and log(1 - u) finite
+
+
+def sample(log_alpha: torch.Tensor, u: torch.Tensor | None = None) -> torch.Tensor:
+    """One hard-concrete draw per gate: z in [0, 1], same shape as ``log_alpha``.
+
+    ``u`` (uniform in (0, 1), same shape) may be given for reproducible tests.
+    """
+    if u is None:
+        u = torch.rand_like(log_alpha)
+    u = u.clamp(_EPS, 1.0 - _EPS)
+    s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / BETA)
+    return (s * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
+
+
+def prob_open(log_alpha: torch.Tensor) -> torch.Tensor:
+    """q = P(z != 0), the probability that a gate lets anything through (differentiable)."""
+    return torch.sigmoid(log_alpha - _OPEN_SHIFT)
+
+
+def prob_one(log_alpha: torch.Tensor) -> torch.Tensor:
+    """P(z == 1), the probability of a fully open sample (closed form, used by tests)."""
+    return torch.sigmoid(log_alpha - _ONE_SHIFT)
+
+
+def deterministic(log_alpha: torch.Tensor, threshold: float = THRESHOLD) -> torch.Tensor:
+    """Eval gate in {0, 1}: open when P(z == 0) = 1 - q < threshold; float, same shape."""
+    return ((1.0 - prob_open(log_alpha)) < threshold).to(log_alpha.dtype)
+
+
+def log_alpha_for(q: float) -> float:
+    """The location whose open probability P(z != 0) is ``q`` (inverse of :func:`prob_open`)."""
+    if not 0.0 < q < 1.0:
+        raise ValueError(f"q={q!r} is invalid: must be in (0, 1)")
+    return math.log(q / (1.0 - q)) + _OPEN_SHIFT
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """round(x) forward, identity backward (straight-through estimator)."""
+    return x + (torch.round(x) - x).detach()

@@ -1,0 +1,123 @@
+"""Fixed bit-width: symmetric per-tensor fake-quantization with straight-through gradients.
+
+    s = max|w| / (2^(b-1) - 1),   w~ = s · clamp(round(w / s), -(2^(b-1) - 1), 2^(b-1) - 1)
+
+The grid is symmetric (no zero point) with 2^b - 1 levels, so the integer codes fit a signed b-bit
+integer and 0 is exact. The scale follows the tensor (no state, nothing to calibrate), which keeps
+the forward free of first-use branches under ``torch.compile``. 32 bits means float: identity.
+
+Also here: :class:`FrozenBits`, what a quantizer becomes after :func:`leanlora.finalize` — one
+bit-width and a scale frozen from the full-rank tensor, so that pruning rows does not move the grid.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from leanlora.hardconcrete import round_ste
+
+FLOAT_BITS = 32
+_TINY = 1e-12  # an all-zero tensor (LoRA's B at init) gets a tiny positive scale, not 0/0
+
+
+def qmax(bits: int) -> int:
+    """Largest code of the symmetric b-bit grid: 2^(b-1) - 1 (1 for 2 bits, 127 for 8)."""
+    return 2 ** (bits - 1) - 1
+
+
+def absmax_scale(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """Per-tensor scale max|w| / qmax(bits), a detached fp32 scalar."""
+    return w.detach().abs().amax().float().clamp_min(_TINY) / qmax(bits)
+
+
+def fake_quant(w: torch.Tensor, scale: torch.Tensor, bits: int, round_fn=round_ste) -> torch.Tensor:
+    """scale · clamp(round(w / scale), ±qmax(bits)), rounding straight-through; dtype of ``w``."""
+    n = qmax(bits)
+    codes = round_fn(w.float() / scale).clamp(-n, n)
+    return (codes * scale).to(w.dtype)
+
+
+def quant_codes(w: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """The integer codes of :func:`fake_quant` (int32, same shape as ``w``)."""
+    n = qmax(bits)
+    return torch.round(w.detach().float() / scale).clamp(-n, n).to(torch.int32)
+
+
+class FixedBits(nn.Module):
+    """Fake-quantizer at one bit-width in {2, 4, 8, 16, 32}; 32 is float (identity)."""
+
+    def __init__(self, bits: int) -> None:
+        super().__init__()
+        if bits not in (2, 4, 8, 16, 32):
+            raise ValueError(f"FixedBits: bits={bits!r} is invalid: allowed (2, 4, 8, 16, 32)")
+        self.nbits = bits
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if self.nbits == FLOAT_BITS:
+            return w
+        round_fn = round_ste if self.training else torch.round
+        return fake_quant(w, absmax_scale(w, self.nbits), self.nbits, round_fn)
+
+    def bits(self) -> int:
+        return self.nbits
+
+    def expected_bits(self) -> float:
+        return float(self.nbits)
+
+    def quantized(self) -> bool:
+        """True when the stored form is integer codes plus a scale (not float)."""
+        return self.nbits < FLOAT_BITS
+
+    @torch.no_grad()
+    def encode(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(int32 codes, fp32 scale) with forward(w) = scale · codes; None at 32 bits (float)."""
+        if not self.quantized():
+            return None
+        scale = absmax_scale(w, self.nbits)
+        return quant_codes(w, scale, self.nbits), scale
+
+    def extra_repr(self) -> str:
+        return f"bits={self.nbits}"
+
+
+class FrozenBits(nn.Module):
+    """A finalized quantizer: fixed bits and, when the factor is not stored packed, a frozen scale.
+
+    ``scale=None`` makes it an identity that only reports its width (the factor it follows is
+    already stored as dequantized codes). With a scale it fake-quantizes on the fixed grid, which
+    is what factors composed at run time (the VB-LoRA bank) need.
+    """
+
+    def __init__(self, bits: int, scale: torch.Tensor | None = None, quantized: bool | None = None) -> None:
+        super().__init__()
+        self.nbits = bits
+        self._quantized = bits < FLOAT_BITS if quantized is None else quantized
+        if scale is not None:
+            self.register_buffer("scale", scale.detach().float().reshape(()).clone())
+        else:
+            self.scale = None
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if self.scale is None:
+            return w
+        n = qmax(self.nbits)
+        return ((w.float() / self.scale).round().clamp(-n, n) * self.scale).to(w.dtype)
+
+    def bits(self) -> int:
+        return self.nbits
+
+    def expected_bits(self) -> float:
+        return float(self.nbits)
+
+    def quantized(self) -> bool:
+        return self._quantized
+
+    @torch.no_grad()
+    def encode(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self.scale is None or not self._quantized:
+            return None
+        return quant_codes(w, self.scale, self.nbits), self.scale.clone()
+
+    def extra_repr(self) -> str:
+        return f"bits={self.nbits}, frozen{'' if self.scale is None else ', scale'}"

@@ -1,0 +1,192 @@
+"""Learned bit-width: the Bayesian Bits nested residual quantizer (van Baalen et al. 2020), as B-LoRA.
+
+For a bit set b_0 = 2 < b_1 < ... (a subset of {2, 4, 8, 16, 32}; 32 means float) and a range
+x_max, the grids s_b = 2 x_max / (2^b - 1) nest (2^a - 1 divides 2^b - 1 when a divides b), so a
+b_k-bit value is the b_{k-1}-bit value plus a rounded residual:
+
+    x_c = clip(w, ±x_max (1 - 1e-7))                     (PACT clip; 1e-7 keeps 1.5 from rounding up)
+    r_0 = s_{b_0} ⌊x_c / s_{b_0}⌉,   r_k = s_{b_k} ⌊(x_c - r_0 - ... - r_{k-1}) / s_{b_k}⌉
+    r_float = w - (r_0 + ... + r_K)                      (the float residual, of the unclipped w)
+    w~ = r_0 + z_1 (r_1 + z_2 (r_2 + ...))                (Bayesian Bits eq. for x_q)
+
+with one hard-concrete gate z_k per step above 2 bits (:mod:`leanlora.hardconcrete`), stochastic in
+training and thresholded in eval; ⌊·⌉ is straight-through in training. The width in use is b_k
+for the last open gate in the chain, and the codes at width b fit a signed b-bit integer
+(|code| <= 2^(b-1) - 1), which is what :mod:`leanlora.packing` stores.
+
+**Range (fixes the B-LoRA port's gap).** The port fixes x_max from the tensor's max at its first
+forward, with no clipping and no learned scale. Here x_max = exp(log_scale) · max|w| with the
+max taken from the tensor at every call (detached) and ``log_scale`` learned (role "scales",
+init 0: no clipping at the start). A first-use snapshot cannot work for LoRA's B, which is
+exactly zero at initialisation; a range that follows the tensor needs no first-use state, so the
+training forward has no data-dependent branch, no ``.item()`` and nothing to calibrate under
+``torch.compile``. The learned factor still lets training clip outliers (PACT/LSQ gradient).
+The range is symmetric around 0 from max|w| (the port uses only the positive end, which would
+clip the negative tail of a signed factor).
+
+**Prior** (METHODS §1.5): with q_k = P(z_k != 0),
+``R = Σ_k c_k q_1 ··· q_k``; ``c_k = 1`` ("const") or ``c_k = (MACs / max MACs) · b_k`` ("bop"),
+where MACs is what consumes this factor (in·r for A, r·out for B, r for E) and max MACs is the
+largest full-rank adapter layer of the model (a :class:`PriorScale` shared by all quantizers).
+The always-on 2-bit base has no gate and contributes a constant, left out.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from leanlora import hardconcrete as hc
+from leanlora.hardconcrete import round_ste
+from leanlora.precision.fixed import FLOAT_BITS, _TINY
+
+ALLOWED = (2, 4, 8, 16, 32)
+_CLIP = 1.0 - 1e-7
+
+
+class PriorScale:
+    """Model-wide normaliser of BOP-aware prior weights: the largest full-rank adapter MACs/token.
+
+    A plain object (not a module) shared by reference; :mod:`leanlora.build` raises ``value`` as
+    it builds each layer, before any forward or prior is computed.
+    """
+
+    def __init__(self) -> None:
+        self.value = 1.0
+
+    def update(self, macs: float) -> None:
+        self.value = max(self.value, float(macs))
+
+
+def grid_scale(x_max: torch.Tensor, bits: int) -> torch.Tensor:
+    """s_b = 2 x_max / (2^b - 1): the step of the symmetric b-bit Bayesian Bits grid."""
+    return 2.0 * x_max / (2 ** bits - 1)
+
+
+def residual_parts(w: torch.Tensor, x_max: torch.Tensor, bit_set: tuple[int, ...], round_fn=round_ste) -> list[torch.Tensor]:
+    """[r_0, r_1, ..., (r_float)] of the nested decomposition; each fp32, shape of ``w``."""
+    wf = w.float()
+    lim = x_max * _CLIP
+    xc = torch.minimum(torch.maximum(wf, -lim), lim)
+    parts, acc = [], torch.zeros_like(wf)
+    for b in bit_set:
+        if b == FLOAT_BITS:
+            parts.append(wf - acc)
+            break
+        s = grid_scale(x_max, b)
+        r = s * round_fn((xc - acc) / s)
+        parts.append(r)
+        acc = acc + r
+    return parts
+
+
+def combine(parts: list[torch.Tensor], gates: torch.Tensor) -> torch.Tensor:
+    """r_0 + z_1 (r_1 + z_2 (r_2 + ...)): ``gates`` holds z_1..z_K (K = len(parts) - 1)."""
+    out = parts[-1]
+    for k in range(len(parts) - 2, -1, -1):
+        out = parts[k] + gates[k] * out
+    return out
+
+
+def select_level(parts: list[torch.Tensor], gates: torch.Tensor, w: torch.Tensor, has_float: bool) -> torch.Tensor:
+    """Eval form of :func:`combine` for 0/1 gates: the partial sum r_0 + ... + r_k at the last open
+    level k, chosen with ``where`` so that the float level returns ``w`` bit-exactly."""
+    cums, acc = [], torch.zeros_like(parts[0])
+    for r in parts:
+        acc = acc + r
+        cums.append(acc)
+    if has_float:
+        cums[-1] = w.float()
+    out = cums[-1]
+    for k in range(len(cums) - 2, -1, -1):
+        out = torch.where(gates[k] > 0, out, cums[k])
+    return out
+
+
+class LearnedBits(nn.Module):
+    """Bayesian Bits quantizer of one factor over ``bit_set``; see the module docstring."""
+
+    PARAM_ROLES = {"log_alpha": "gates", "log_scale": "scales"}
+
+    def __init__(self, bit_set: tuple[int, ...] = ALLOWED, init_log_alpha: float = 6.0,
+                 threshold: float = hc.THRESHOLD, reg_type: str = "const", macs: float = 1.0,
+                 prior_scale: PriorScale | None = None, device: torch.device | None = None) -> None:
+        super().__init__()
+        bit_set = tuple(sorted(set(bit_set)))
+        if not bit_set or not set(bit_set) <= set(ALLOWED) or bit_set[0] != 2:
+            raise ValueError(f"LearnedBits: bit_set={bit_set!r} is invalid: must be a subset of {ALLOWED} containing 2")
+        if not 0.0 < threshold < 1.0:
+            raise ValueError(f"LearnedBits: threshold={threshold!r} is invalid: must be in (0, 1)")
+        if reg_type not in ("const", "bop"):
+            raise ValueError(f"LearnedBits: reg_type={reg_type!r} is invalid: allowed 'const', 'bop'")
+        self.bit_set, self.threshold, self.reg_type, self.macs = bit_set, threshold, reg_type, float(macs)
+        self.prior_scale = prior_scale or PriorScale()
+        self.log_alpha = nn.Parameter(torch.full((len(bit_set) - 1,), float(init_log_alpha), device=device))
+        self.log_scale = nn.Parameter(torch.zeros((), device=device))
+
+    # --- forward -------------------------------------------------------------------------------
+
+    def x_max(self, w: torch.Tensor) -> torch.Tensor:
+        """exp(log_scale) · max|w| (max detached): the clipping range, an fp32 scalar."""
+        return self.log_scale.exp() * w.detach().abs().amax().float().clamp_min(_TINY)
+
+    def gates(self) -> torch.Tensor:
+        """z_1..z_K: sampled in training, thresholded (0/1) in eval."""
+        if self.training:
+            return hc.sample(self.log_alpha)
+        return hc.deterministic(self.log_alpha, self.threshold)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            return combine(residual_parts(w, self.x_max(w), self.bit_set), self.gates()).to(w.dtype)
+        return self._eval_value(w).to(w.dtype)
+
+    def _eval_value(self, w: torch.Tensor) -> torch.Tensor:
+        parts = residual_parts(w, self.x_max(w), self.bit_set, torch.round)
+        gates = hc.deterministic(self.log_alpha, self.threshold)
+        return select_level(parts, gates, w, self.bit_set[-1] == FLOAT_BITS)
+
+    # --- what it chose -------------------------------------------------------------------------
+
+    def bits(self) -> int:
+        """Eval bit-width: b_k for the last open gate of the chain (from b_0 = 2)."""
+        open_ = hc.deterministic(self.log_alpha.detach(), self.threshold)
+        k = int(torch.cumprod(open_, 0).sum().item()) if open_.numel() else 0
+        return self.bit_set[k]
+
+    def expected_bits(self) -> float:
+        """E[b] = b_0 + Σ_k q_1···q_k (b_k - b_{k-1}) under the current gate probabilities."""
+        with torch.no_grad():
+            chain = torch.cumprod(hc.prob_open(self.log_alpha), 0)
+            steps = torch.tensor([b - a for a, b in zip(self.bit_set, self.bit_set[1:])],
+                                 dtype=chain.dtype, device=chain.device)
+            return float(self.bit_set[0] + (chain * steps).sum())
+
+    def quantized(self) -> bool:
+        return self.bits() < FLOAT_BITS
+
+    def prior(self) -> torch.Tensor:
+        """R = Σ_k c_k q_1···q_k (scalar with gradient to ``log_alpha``); see the module docstring."""
+        chain = torch.cumprod(hc.prob_open(self.log_alpha), 0)  # (K,)
+        if self.reg_type == "const":
+            return chain.sum()
+        weights = torch.tensor(self.bit_set[1:], dtype=chain.dtype, device=chain.device)
+        return (chain * weights).sum() * (self.macs / self.prior_scale.value)
+
+    @torch.no_grad()
+    def encode(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(int32 codes, fp32 scale) with scale · codes = the eval-mode output; None for float.
+
+        Codes are read back from the eval composite itself (not recomputed on the b-bit grid),
+        so a finalized factor reproduces exactly what the eval-mode model used.
+        """
+        b = self.bits()
+        if b == FLOAT_BITS:
+            return None
+        wq = self._eval_value(w)
+        scale = grid_scale(self.x_max(w), b)
+        n = 2 ** (b - 1) - 1
+        return torch.round(wq / scale).clamp(-n, n).to(torch.int32), scale.reshape(())
+
+    def extra_repr(self) -> str:
+        return f"bit_set={self.bit_set}, reg={self.reg_type}"

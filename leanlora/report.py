@@ -1,0 +1,114 @@
+"""Reports: the cost table (text and JSON) and a plot of learned rank and bits per layer.
+
+``write_report(model_or_dir, out_dir)`` takes a model holding an adapter, or an adapter folder
+(``adapter_config.json`` + ``adapter.safetensors``). A folder is read without its base model:
+the adapter is loaded onto a skeleton of weightless linear layers of the recorded shapes (a
+zero-stride view, no memory), which is all that ranks, bits, MACs and bytes depend on.
+
+Files written: ``cost.txt`` (the table), ``cost.json`` (:meth:`CostReport.to_dict`) and
+``ranks_bits.png``: three heat maps, rows = module type (q_proj, v_proj, ...), columns = layer
+index (the first integer in the module name), cells = effective rank / bits of A / bits of B.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from leanlora.cost import CostReport, cost_report
+
+
+def _skeleton(meta: dict, tensors: dict[str, torch.Tensor]) -> nn.Module:
+    """A module tree with the adapted linears (weightless) and the modules_to_save tensors."""
+    root = nn.Module()
+
+    def parent_of(name: str) -> tuple[nn.Module, str]:
+        parts = name.split(".")
+        node = root
+        for p in parts[:-1]:
+            if not hasattr(node, p):
+                node.add_module(p, nn.Module())
+            node = getattr(node, p)
+        return node, parts[-1]
+
+    for name, info in meta["modules"].items():
+        in_f, out_f = info["in_features"], info["out_features"]
+        lin = nn.Linear(in_f, out_f, bias=False, device="meta")
+        lin.weight = nn.Parameter(torch.zeros(()).expand(out_f, in_f), requires_grad=False)
+        node, leaf = parent_of(name)
+        node.add_module(leaf, lin)
+    for name in meta.get("modules_to_save", []):
+        for key, t in tensors.items():
+            if key.startswith(name + "."):
+                node, leaf = parent_of(key)
+                node.register_parameter(leaf, nn.Parameter(torch.zeros_like(t), requires_grad=False))
+    return root
+
+
+def load_for_report(directory: str | os.PathLike) -> nn.Module:
+    """The adapter in ``directory`` on a weightless skeleton (no base model needed)."""
+    from leanlora.io import load, read_adapter_config, read_adapter_tensors
+
+    _, meta = read_adapter_config(directory)
+    skeleton = _skeleton(meta, read_adapter_tensors(directory))
+    return load(skeleton, directory, check_base=False, quantize_base=False)
+
+
+def _layer_index(name: str) -> int:
+    m = re.search(r"\.(\d+)(\.|$)", name)
+    return int(m.group(1)) if m else 0
+
+
+def plot_ranks_bits(report: CostReport, path: str | os.PathLike) -> Path:
+    """PNG with heat maps of effective rank and bits of A and B, module type × layer index."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = sorted({r.module for r in report.layers})
+    idxs = sorted({_layer_index(r.name) for r in report.layers})
+    panels = [("effective rank", "rank"), ("bits of A", "bits_a"), ("bits of B", "bits_b")]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(max(6, 0.5 * len(idxs) + 2), 1.2 + 2.2 * len(panels) * max(1, len(kinds)) / 3))
+    for ax, (title, key) in zip(axes, panels):
+        grid = torch.full((len(kinds), len(idxs)), float("nan"))
+        for r in report.layers:
+            grid[kinds.index(r.module), idxs.index(_layer_index(r.name))] = float(getattr(r, key))
+        im = ax.imshow(grid.numpy(), aspect="auto", cmap="viridis")
+        mid = 0.5 * (float(grid.nan_to_num(float("inf")).min()) + float(grid.nan_to_num(float("-inf")).max()))
+        for i in range(len(kinds)):
+            for j in range(len(idxs)):
+                v = grid[i, j]
+                if not torch.isnan(v):  # dark text on the bright (yellow) end of viridis
+                    ax.text(j, i, f"{int(v)}", ha="center", va="center", fontsize=7,
+                            color="k" if float(v) > mid else "w")
+        ax.set_yticks(range(len(kinds)), kinds)
+        ax.set_xticks(range(len(idxs)), [str(i) for i in idxs])
+        ax.set_xlabel("layer")
+        ax.set_title(title + (f" (of r={report.layers[0].r})" if key == "rank" and report.layers else ""))
+        fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_report(model_or_adapter_dir: nn.Module | str | os.PathLike, out_dir: str | os.PathLike) -> dict[str, Path]:
+    """Write cost.txt, cost.json and ranks_bits.png to ``out_dir``; returns their paths."""
+    model = model_or_adapter_dir
+    if not isinstance(model, nn.Module):
+        model = load_for_report(model)
+    report = cost_report(model)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"table": out / "cost.txt", "json": out / "cost.json", "plot": out / "ranks_bits.png"}
+    paths["table"].write_text(report.format_table() + "\n")
+    paths["json"].write_text(report.to_json() + "\n")
+    plot_ranks_bits(report, paths["plot"])
+    return paths
