@@ -11,6 +11,7 @@ from leanlora.config import (
     QuantConfig,
 )
 from leanlora.cost import CostReport, cost_report
+from leanlora import distributed  # torchrun / accelerate launch: DDP and FSDP2 (leanlora.distributed.wrap)
 from leanlora.export import export_peft
 from leanlora.finalize import finalize
 from leanlora.factors.bank_storage import topk_stored_bytes
@@ -53,6 +54,7 @@ __all__ = [
     "cost_report",
     "advance",
     "disable_adapters",
+    "distributed",
     "export_peft",
     "finalize",
     "export_rank",

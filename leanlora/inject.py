@@ -16,6 +16,7 @@ import fnmatch
 import re
 from typing import Callable, Iterator
 
+import torch
 from torch import nn
 
 from leanlora.base.dense import linear_shape, supported_linear
@@ -219,12 +220,27 @@ def unmerge(model: nn.Module) -> None:
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Fold every adapter into its base weight and return a plain model with no leanlora modules."""
+    """Fold every adapter into its base weight and return a plain model with no leanlora modules.
+
+    The update is added to the plain (dequantized, for NF4) weight that unload hands back, so a
+    quantized base is rounded once, not requantized and dequantized again. Every update is
+    computed and checked for NaN/inf before any weight changes.
+    """
+    from leanlora.base.dense import DenseBase
+    from leanlora.layer import MergeError
+
     shared_state(model)
-    for _, layer in adapted_layers(model):
-        layer.merge(keep_unmerge_copy=False)
-        layer._unmerge_copy = None
-        layer.merged = False  # so unload does not subtract the update again
+    layers = list(adapted_layers(model))
+    for _, layer in layers:
+        layer.unmerge()
+    deltas = {name: layer.delta_weight().detach() for name, layer in layers}
+    for name, delta in deltas.items():
+        if not torch.isfinite(delta).all():
+            raise MergeError(f"{name}: the adapter update holds NaN/inf; refusing to merge it into the base")
+    for name, layer in layers:
+        plain = layer.base.as_module()
+        DenseBase(plain).add_delta_(deltas[name])
+        _set_submodule(model, name, plain)
     return unload(model)
 
 

@@ -1,0 +1,112 @@
+"""A bitsandbytes ``Linear4bit`` that the user already loaded, used as the frozen base as it is.
+
+``AutoModelForCausalLM.from_pretrained(..., quantization_config=BitsAndBytesConfig(load_in_4bit=True))``
+gives ``bnb.nn.Linear4bit`` layers whose weight is a packed ``Params4bit`` plus a ``QuantState``
+(absmax per block, optionally double-quantized). We keep the module and its forward untouched;
+only merge needs bitsandbytes' own dequantize/quantize pair.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def is_linear4bit(module: nn.Module) -> bool:
+    """True for ``bitsandbytes.nn.Linear4bit`` (checked without importing bitsandbytes)."""
+    return any(c.__name__ == "Linear4bit" and c.__module__.startswith("bitsandbytes")
+               for c in type(module).__mro__)
+
+
+def _bnb_functional():
+    try:
+        import bitsandbytes.functional as bnbF
+    except ImportError:
+        raise ImportError("this base is a bitsandbytes Linear4bit; merging into it needs bitsandbytes") from None
+    return bnbF
+
+
+def _quant_state_bytes(state) -> int:
+    """Bytes of a bitsandbytes QuantState: absmax and code table, and for double quantization the
+    absmax, code table (256 floats) and offset of the second level."""
+    def size(t) -> int:
+        return 0 if t is None else t.numel() * t.element_size()
+
+    total = size(state.absmax) + size(getattr(state, "code", None))
+    if getattr(state, "nested", False) and state.state2 is not None:
+        total += size(state.state2.absmax) + size(state.state2.code) + size(state.offset)
+    return total
+
+
+def _keep_standard_layout(layer: nn.Module) -> None:
+    """Turn off bitsandbytes' CPU inference repacking for this layer, and undo it if it happened.
+
+    On CPUs with AVX512-BF16, an eval-mode no-grad forward rewrites the weight into a kernel
+    layout and its QuantState in place (absmax rounded to bf16). We need a weight that stays put
+    to dequantize, merge and snapshot, so a wrapped layer keeps the standard layout.
+    """
+    if getattr(layer, "support_avx512bf16_for_cpu", False):
+        layer.support_avx512bf16_for_cpu = False
+    state = layer.weight.quant_state
+    if getattr(state, "packing_format_for_cpu", False):
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        layer.weight.data, layer.weight.quant_state = _convert_weight_packed_for_cpu_inverse(layer.weight.data, state)
+
+
+class Bnb4Base(nn.Module):
+    """Frozen base held by a ``bnb.nn.Linear4bit``; forward is the module's own."""
+
+    def __init__(self, layer: nn.Module, name: str = "") -> None:
+        super().__init__()
+        if not is_linear4bit(layer):
+            raise TypeError(f"{name}: Bnb4Base wraps bitsandbytes.nn.Linear4bit, got {type(layer).__name__}")
+        if getattr(layer.weight, "quant_state", None) is None:
+            raise ValueError(f"{name}: this Linear4bit is not quantized yet (bitsandbytes quantizes when the "
+                             "module is moved to a device: call .to(device) before inject)")
+        self.layer = layer
+        self.name = name
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        _keep_standard_layout(layer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+    def dense_weight(self) -> torch.Tensor:
+        bnbF = _bnb_functional()
+        w = self.layer.weight
+        return bnbF.dequantize_4bit(w.data, w.quant_state)  # (out, in)
+
+    @torch.no_grad()
+    def add_delta_(self, delta: torch.Tensor) -> dict[str, float]:
+        """W0 <- Q4(deq(W0) + delta) with the same block size, type and nesting; returns the added error."""
+        bnbF = _bnb_functional()
+        w = self.layer.weight
+        state = w.quant_state
+        target = self.dense_weight().float() + delta.to(w.data.device, torch.float32)
+        if not torch.isfinite(target).all():
+            raise ValueError(f"{self.name}: W0 + delta holds NaN/inf; the 4-bit base was left unchanged")
+        data, new_state = bnbF.quantize_4bit(target.to(state.dtype), blocksize=state.blocksize,
+                                             compress_statistics=state.nested, quant_type=state.quant_type,
+                                             quant_storage=w.data.dtype)
+        # Rebind, not write in place, so a snapshot of the old (data, state) stays exact.
+        w.data, w.quant_state = data, new_state
+        err = (self.dense_weight().float() - target).abs()
+        return {"mean_abs": float(err.mean()), "max_abs": float(err.max())}
+
+    def snapshot(self) -> tuple[torch.Tensor, object]:
+        return self.layer.weight.data, self.layer.weight.quant_state
+
+    def restore_(self, snapshot: tuple[torch.Tensor, object]) -> None:
+        self.layer.weight.data, self.layer.weight.quant_state = snapshot
+
+    def nbytes(self) -> int:
+        w = self.layer.weight
+        return w.data.numel() * w.data.element_size() + _quant_state_bytes(w.quant_state)
+
+    def as_module(self) -> nn.Module:
+        return self.layer
+
+    def extra_repr(self) -> str:
+        state = self.layer.weight.quant_state
+        return f"bitsandbytes {state.quant_type}, block={state.blocksize}, nested={state.nested}"

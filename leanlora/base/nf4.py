@@ -1,0 +1,200 @@
+"""NF4 frozen base (QLoRA / QDyLoRA): the weight held as torchao's 4-bit NormalFloat tensor.
+
+Storage per weight (QLoRA's double quantization, as torchao lays it out):
+    codes      4 bit               index into the 16-value NF4 codebook, two per byte
+    absmax     int8 per block      block = ``block_size`` weights (64), stored as
+                                   round((s_k - mean(s)) · f_j), f_j = 128 / max_k |s_k - mean(s)|
+    f_j        1 float per group   group = ``scaler_block_size`` blocks (256)
+    mean(s)    1 float per tensor
+which is 4 + 8/64 + 32/(64·256) ≈ 4.13 bits ≈ 0.516 bytes per weight for large layers.
+
+Decisions:
+  * ``in_features`` must be a multiple of ``block_size`` so that no block straddles two output
+    rows (torchao only needs numel to divide; rows make merge errors attributable per row).
+  * torchao needs the number of blocks to be a multiple of ``scaler_block_size``; many real
+    layers are not (SmolLM2's 576x576 has 5184 blocks). Such a layer uses the largest common
+    divisor of the two as its scaler group, i.e. a few more float constants, never padding.
+  * The NF4 tensor is kept in the weight's own dtype (torchtune does the same) and is not a
+    parameter or buffer: ``model.to(torch.bfloat16)`` must not silently dequantize it, so
+    :meth:`NF4Base._apply` moves it between devices only.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from leanlora.base.dense import DenseBase, is_conv1d
+from leanlora.config import ConfigError, NF4Config
+
+__all__ = ["NF4Base", "check_nf4_shape", "nf4_codebook", "quantize_bases", "scaler_group_size"]
+
+
+_TORCHAO: tuple | None = None  # (to_nf4, linear_nf4), imported once, on first use
+
+
+def _torchao_nf4():
+    """(to_nf4, linear_nf4) from torchao, wherever this torchao version keeps them."""
+    global _TORCHAO
+    if _TORCHAO is None:
+        try:
+            from torchao.quantization import to_nf4
+            from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import linear_nf4
+        except ImportError:
+            try:  # older torchao kept NF4 under dtypes
+                from torchao.dtypes.nf4tensor import linear_nf4, to_nf4
+            except ImportError:
+                raise ImportError("the NF4 base needs torchao (pip install 'leanlora[nf4]' or pip install torchao)") from None
+        _TORCHAO = (to_nf4, linear_nf4)
+    return _TORCHAO
+
+
+def nf4_codebook(weight: torch.Tensor) -> torch.Tensor:
+    """The 16 NF4 code values (ascending, in [-1, 1]) that ``weight`` (an NF4 tensor) uses."""
+    return weight.nf4.detach().float().cpu()
+
+
+def scaler_group_size(n_blocks: int, scaler_block_size: int) -> int:
+    """Blocks per double-quantization group: the configured size, or the largest size that divides."""
+    return math.gcd(n_blocks, scaler_block_size)
+
+
+def check_nf4_shape(name: str, in_features: int, out_features: int, config: NF4Config) -> None:
+    """Raise ConfigError naming the module when its weight cannot be split into NF4 blocks."""
+    if in_features % config.block_size:
+        ok = [b for b in (16, 32, 64, 128, 256) if in_features % b == 0]
+        raise ConfigError(
+            f"nf4.block_size={config.block_size} does not divide in_features={in_features} of module {name!r}; "
+            f"an NF4 base needs whole blocks per row (block sizes that divide it: {ok or 'none of 16..256'}); "
+            "exclude this module or use base='dense'")
+    if (in_features * out_features // config.block_size) % 2:
+        raise ConfigError(f"module {name!r} ({in_features}->{out_features}) has an odd number of NF4 blocks; "
+                          "torchao packs two codes per byte and needs an even count")
+
+
+class NF4Base(nn.Module):
+    """Frozen base ``x W0^T + bias`` with W0 stored as a torchao ``NF4Tensor``."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, block_size: int = 64,
+                 scaler_block_size: int = 256, transposed: bool = False, name: str = "") -> None:
+        """``weight`` is the dense (out, in) W0; it is quantized here and not kept."""
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.name = name
+        self.block_size = block_size
+        self.scaler_block_size = scaler_block_size  # configured; the group used is in .weight
+        self.transposed = transposed  # the module came from a GPT-2 Conv1D (matters for unload only)
+        check_nf4_shape(name, self.in_features, self.out_features, NF4Config(block_size, scaler_block_size))
+        self.weight = self._quantize(weight.detach())
+        # The bias stays the original frozen parameter, so it follows model.to() like any other.
+        self.bias = bias
+
+    # --- quantization --------------------------------------------------------------------------
+
+    def _quantize(self, w: torch.Tensor) -> torch.Tensor:
+        to_nf4, _ = _torchao_nf4()
+        n_blocks = w.numel() // self.block_size
+        return to_nf4(w.contiguous(), self.block_size, scaler_group_size(n_blocks, self.scaler_block_size))
+
+    @classmethod
+    def from_dense(cls, base: DenseBase, block_size: int, scaler_block_size: int, name: str = "") -> "NF4Base":
+        layer = base.as_module()
+        w = base.dense_weight().detach()          # (out, in), a transposed view for Conv1D
+        return cls(w, layer.bias, block_size, scaler_block_size, transposed=is_conv1d(layer), name=name)
+
+    # --- BaseWeight protocol -------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, linear_nf4 = _torchao_nf4()
+        # linear_nf4's backward returns grad_output @ W and None for the weight: no dW is built.
+        y = linear_nf4(x, self.weight)                       # (..., out) in x.dtype
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def dense_weight(self) -> torch.Tensor:
+        """Dequantized W0 (out, in) in the NF4 tensor's dtype."""
+        return self.weight.get_original_weight()
+
+    @torch.no_grad()
+    def add_delta_(self, delta: torch.Tensor) -> dict[str, float]:
+        """W0 <- NF4(deq(W0) + delta); returns the error requantization added: |NF4(W) - W|."""
+        target = self.dense_weight().float() + delta.to(self.weight.device, torch.float32)
+        if not torch.isfinite(target).all():
+            raise ValueError(f"{self.name}: W0 + delta holds NaN/inf; the NF4 base was left unchanged")
+        self._set_weight(self._quantize(target.to(self.weight.dtype)))
+        err = (self.dense_weight().float() - target).abs()
+        return {"mean_abs": float(err.mean()), "max_abs": float(err.max())}
+
+    def snapshot(self) -> torch.Tensor:
+        # add_delta_ replaces the NF4 tensor instead of writing into it, so the old one is exact.
+        return self.weight
+
+    def restore_(self, snapshot: torch.Tensor) -> None:
+        self._set_weight(snapshot)
+
+    def nbytes(self) -> int:
+        """Codes + int8 block scales + float group factors + mean + codebook, in bytes."""
+        w = self.weight
+        parts = (w.quantized_data, w.quantized_scalers, w.quantization_factor, w.scaler_mean, w.nf4)
+        return sum(t.numel() * t.element_size() for t in parts)
+
+    def as_module(self) -> nn.Module:
+        """A dense ``nn.Linear`` (or ``Conv1D``) holding the dequantized weight and the same bias."""
+        w = self.dense_weight().detach()
+        if self.transposed:
+            from transformers.pytorch_utils import Conv1D
+
+            module = Conv1D(self.out_features, self.in_features).to(device=w.device, dtype=w.dtype)
+            module.weight = nn.Parameter(w.T.contiguous(), requires_grad=False)
+        else:
+            module = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                               device=w.device, dtype=w.dtype)
+            module.weight = nn.Parameter(w.clone(), requires_grad=False)
+        if self.bias is not None:
+            module.bias = self.bias
+        return module
+
+    # --- device moves ----------------------------------------------------------------------------
+
+    def _apply(self, fn, recurse: bool = True):
+        # See where fn sends a float tensor: follow its device, ignore its dtype (NF4 stays NF4).
+        probe = fn(torch.empty(0, device=self.weight.device))
+        if probe.device != self.weight.device and "weight" not in self._parameters:
+            self._set_weight(self.weight.to(probe.device))
+        return super()._apply(fn, recurse)
+
+    def _set_weight(self, w: torch.Tensor) -> None:
+        # FSDP2 (leanlora.distributed) registers the NF4 tensor as a frozen parameter; keep it one.
+        if "weight" in self._parameters:
+            self._parameters["weight"] = nn.Parameter(w, requires_grad=False)
+        else:
+            self.weight = w
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, nf4 block={self.block_size}, "
+                f"scaler group={self.weight.scaler_block_size}, dtype={self.weight.dtype}")
+
+
+def quantize_bases(model: nn.Module, nf4_config: NF4Config | None = None) -> dict[str, int]:
+    """Replace the dense base of every adapted layer of ``model`` by an :class:`NF4Base`.
+
+    All shapes are checked before any layer changes. Bases that are already 4-bit (NF4, or a
+    bitsandbytes ``Linear4bit`` the user loaded) are left as they are. The dense weight is
+    released, so memory drops once nothing else refers to it. Returns {module: base bytes}.
+    """
+    from leanlora.inject import adapted_layers
+
+    config = nf4_config or NF4Config()
+    layers = [(n, l) for n, l in adapted_layers(model) if isinstance(l.base, DenseBase)]
+    for name, layer in layers:
+        if layer.merged:
+            raise ValueError(f"{name}: unmerge the adapter before quantizing its base to NF4")
+        check_nf4_shape(name, layer.in_features, layer.out_features, config)
+    sizes = {}
+    for name, layer in layers:
+        layer.base = NF4Base.from_dense(layer.base, config.block_size, config.scaler_block_size, name=name)
+        layer.base.train(layer.training)
+        sizes[name] = layer.base.nbytes()
+    return sizes
+

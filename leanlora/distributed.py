@@ -1,0 +1,460 @@
+"""Multi-process training on PyTorch's own engine: torchrun / accelerate launch, DDP and FSDP2.
+
+    torchrun --nproc_per_node N -m leanlora train run.yaml train.distributed=ddp
+    accelerate launch --num_processes N -m leanlora train run.yaml train.distributed=fsdp2
+
+Both launchers export RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; :func:`init`
+reads them (gloo on CPU, nccl on CUDA). Nothing here is a home-made engine: ``wrap`` hands the
+model to ``DistributedDataParallel`` or to FSDP2's ``fully_shard``.
+
+Decisions, each forced by what the adapter shares between layers:
+  * FSDP2 groups: one per decoder layer (``model._no_split_modules``), then the root. The
+    VB-LoRA bank and the nested-rank sampler live in ``model.leanlora_shared``, a child of the
+    root and of no layer, so they fall in the root group. The root is not resharded after
+    forward, so the bank stays gathered while every layer reads it, its gradient accumulates
+    over all layers in backward, and one reduce-scatter at the end averages it over ranks.
+  * Gate priors under FSDP2: a layer's gate parameters are sharded DTensors outside its forward,
+    so ``prior()`` cannot run after the forward as :func:`leanlora.regularizer` does. ``wrap``
+    hooks every adapted layer to compute its priors inside its forward (parameters gathered);
+    :func:`regularizer` sums them. With DDP and without wrapping it is leanlora.regularizer.
+  * NF4 bases under FSDP2: torchao's ``NF4Tensor`` implements the FSDP2 all-gather hooks, but
+    :class:`~leanlora.base.nf4.NF4Base` keeps its tensor as a plain attribute (so ``.to(dtype)``
+    cannot dequantize it). ``wrap`` registers it as a frozen parameter so that it is sharded;
+    call ``wrap`` after every ``.to()``.
+  * Same init on every rank: DDP broadcasts rank 0's parameters; for FSDP2 ``wrap`` does it
+    before sharding (the NF4 tensors are quantized from identical dense weights).
+  * Nested ranks draw b from (seed, step) alone (:mod:`leanlora.ranks.nested`); :func:`sync_seed`
+    makes the seed rank 0's, so every rank trains the same b in a step. Gate noise is drawn
+    from torch's global generator: :func:`rank_seed` gives each rank its own stream after init.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from datetime import timedelta
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from leanlora.config import ConfigError
+
+__all__ = [
+    "MODES", "DistributedError", "all_reduce_mean", "barrier", "broadcast_object", "data_sampler",
+    "decoder_layers", "full_adapter_state", "full_optimizer_state", "full_params", "init", "init_run",
+    "is_distributed", "is_main_process", "launched", "load_adapter_state", "load_full_optimizer_state",
+    "local_rank", "main_process_only", "mode_of", "rank", "rank_seed", "regularizer", "save_adapter", "shard",
+    "shutdown", "sync_rank_sampler", "sync_seed", "unwrap", "world_size", "wrap",
+]
+
+MODES = ("none", "ddp", "fsdp2")
+_MODE_ATTR = "_leanlora_distributed"      # set on the wrapped model: "ddp" | "fsdp2"
+_PRIORS_ATTR = "_leanlora_prior_terms"    # FSDP2: priors captured in each adapted layer's forward
+
+
+class DistributedError(ConfigError):
+    """The run cannot be distributed as asked; the message names the setting and the fix."""
+
+
+# --- process group --------------------------------------------------------------------------
+
+
+def launched() -> bool:
+    """True when a launcher (torchrun, accelerate launch) started this process."""
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+
+
+def init(device: str | torch.device = "auto", timeout_s: float = 1800.0) -> torch.device:
+    """Join the process group the launcher describes and return this process's device.
+
+    No launcher: no group; the device is ``device`` ("auto": CUDA when present). Under a
+    launcher: gloo on CPU, nccl on CUDA with ``cuda:LOCAL_RANK``. Idempotent.
+    """
+    device = torch.device("cuda" if str(device) == "auto" and torch.cuda.is_available()
+                          else "cpu" if str(device) == "auto" else device)
+    if not launched():
+        return device
+    if not dist.is_available():
+        raise DistributedError("a launcher set WORLD_SIZE but this torch build has no torch.distributed")
+    if device.type == "cuda" and device.index is not None and int(os.environ["WORLD_SIZE"]) > 1:
+        raise DistributedError(f"train.device={str(device)!r} would put every process on one GPU; use "
+                               "'auto' or 'cuda': each process takes cuda:LOCAL_RANK")
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank())
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if backend == "gloo" and not dist.is_gloo_available():
+            raise DistributedError("a CPU run with WORLD_SIZE > 1 needs the gloo backend, which this torch lacks")
+        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s),
+                                **({"device_id": device} if device.type == "cuda" else {}))
+    return device
+
+
+def init_run(mode: str, device: str | torch.device = "auto") -> torch.device:
+    """:func:`init` for a run with ``train.distributed=mode``, refusing launcher/mode mismatches."""
+    if mode not in MODES:
+        raise DistributedError(f"train.distributed={mode!r} is invalid: allowed {list(MODES)}")
+    n = int(os.environ.get("WORLD_SIZE", "1"))
+    if mode == "none" and n > 1:
+        raise DistributedError(f"{n} processes were launched but train.distributed='none', so each would train "
+                               "and write the same run; set train.distributed=ddp or fsdp2")
+    if mode != "none" and not launched():
+        raise DistributedError(f"train.distributed={mode!r} needs a launcher: `torchrun --nproc_per_node N -m "
+                               "leanlora train ...` or `accelerate launch --num_processes N -m leanlora train ...`")
+    return init(device)
+
+
+def shutdown() -> None:
+    if is_distributed():
+        dist.destroy_process_group()
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    """This process's rank; the launcher's RANK before :func:`init` has run."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0")) if launched() else 0
+
+
+def world_size() -> int:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1")) if launched() else 1
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_main_process() -> bool:
+    """Rank 0 (or the only process): the one that writes checkpoints, reports and plots."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def main_process_only(fn: Callable) -> Callable:
+    """Run ``fn`` on rank 0 only (None elsewhere), then wait until every rank got here.
+
+    The barrier makes "rank 0 writes, every rank reads" safe: no rank reads a file early.
+    """
+    @functools.wraps(fn)
+    def guarded(*args, **kwargs):
+        result = fn(*args, **kwargs) if is_main_process() else None
+        barrier()
+        return result
+    return guarded
+
+
+# --- small collectives ------------------------------------------------------------------------
+
+
+def _comm_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def all_reduce_mean(value: float | torch.Tensor) -> float | torch.Tensor:
+    """Mean of ``value`` over ranks (a metric: loss, accuracy); a float stays a float."""
+    if not is_distributed():
+        return value
+    t = torch.as_tensor(value, dtype=torch.float64).to(_comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    t = t / world_size()
+    return float(t) if not isinstance(value, torch.Tensor) else t.to(value.device, value.dtype)
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s ``obj`` on every rank (any picklable object; small things only)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, device=_comm_device())
+    return box[0]
+
+
+def sync_seed(seed: int | None = None) -> int:
+    """Rank 0's seed on every rank; ``None`` lets rank 0 draw one. Returns the common seed."""
+    if seed is None and is_main_process():
+        seed = int(torch.randint(0, 2 ** 31 - 1, ()).item())
+    return int(broadcast_object(seed))
+
+
+def rank_seed(seed: int) -> int:
+    """A per-rank seed for noise (gate samples, dropout) after the common init: ranks differ."""
+    return (int(seed) + 1_000_003 * rank()) % (2 ** 63)
+
+
+def sync_rank_sampler(model: nn.Module) -> int | None:
+    """Give the nested-rank sampler rank 0's seed, so b of step t is the same on every rank."""
+    shared = getattr(unwrap(model), "leanlora_shared", None)
+    sampler = getattr(shared, "rank_sampler", None)
+    if sampler is None:
+        return None
+    sampler.seed = sync_seed(sampler.seed)
+    return sampler.seed
+
+
+def shard(indices: Sequence[int]) -> list[int]:
+    """This rank's share of one global micro-batch: every world_size-th index from ``rank``.
+
+    A batch whose length N does not divide is padded by wrapping around (DistributedSampler's
+    rule), so every rank gets ceil(len / N) examples and no rank is left without data.
+    """
+    indices = list(indices)
+    n = world_size()
+    if n == 1 or not indices:
+        return indices
+    per_rank = -(-len(indices) // n)
+    padded = (indices * (1 + n * per_rank // len(indices)))[: n * per_rank]
+    return padded[rank()::n]
+
+
+def data_sampler(dataset, shuffle: bool = True, seed: int = 0, drop_last: bool = False):
+    """A ``DistributedSampler`` over ``dataset`` when distributed, else a plain one (DataLoader users)."""
+    from torch.utils.data import DistributedSampler, RandomSampler, SequentialSampler
+
+    if is_distributed():
+        return DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
+    if shuffle:
+        return RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
+    return SequentialSampler(dataset)
+
+
+# --- wrapping -------------------------------------------------------------------------------
+
+
+def mode_of(model: nn.Module) -> str:
+    return getattr(model, _MODE_ATTR, "none")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model leanlora's functions take (DDP's ``.module``; FSDP2 wraps in place)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def wrap(model: nn.Module, mode: str, *, layer_classes: Sequence[str | type] | None = None,
+         find_unused_parameters: bool = False, sync_params: bool = True,
+         mp_policy: Any = None) -> nn.Module:
+    """Hand ``model`` (adapted, on its device) to DDP or FSDP2; returns the model to call.
+
+    ``mode``: "none" (returned as is), "ddp" (a ``DistributedDataParallel`` wrapper; leanlora's
+    functions take :func:`unwrap` of it) or "fsdp2" (``fully_shard`` per decoder layer, then the
+    root; the model object stays the same). ``layer_classes`` overrides the decoder-layer classes
+    (default: the model's ``_no_split_modules``).
+    """
+    if mode not in MODES:
+        raise DistributedError(f"train.distributed={mode!r} is invalid: allowed {list(MODES)}")
+    if mode == "none" or (launched() and world_size() == 1):  # one launched process: nothing to split
+        return model
+    if not is_distributed():
+        raise DistributedError(f"train.distributed={mode!r} needs several processes; launch with "
+                               "`torchrun --nproc_per_node N -m leanlora train ...` or `accelerate launch`")
+    if mode_of(model) != "none":
+        raise DistributedError(f"the model is already wrapped for {mode_of(model)!r}")
+    if mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        device = _model_device(model)
+        wrapped = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
+                                          find_unused_parameters=find_unused_parameters)
+        setattr(wrapped, _MODE_ATTR, "ddp")
+        return wrapped
+    return _wrap_fsdp2(model, layer_classes, sync_params, mp_policy)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+def _wrap_fsdp2(model: nn.Module, layer_classes, sync_params: bool, mp_policy) -> nn.Module:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    _refuse_bnb4(model)
+    device = _model_device(model)
+    mesh = init_device_mesh(device.type, (world_size(),))
+    nf4_names = _nf4_as_parameters(model)
+    if sync_params:
+        _broadcast_from_main(model)
+    layers = decoder_layers(model, layer_classes)
+    kwargs: dict[str, Any] = {"mesh": mesh}
+    if mp_policy is not None:
+        kwargs["mp_policy"] = mp_policy
+    scalars = _replicate_scalars(model)
+    if scalars:
+        kwargs["ignored_params"] = scalars
+    for layer in layers:
+        fully_shard(layer, reshard_after_forward=True, **kwargs)
+    # The root holds leanlora_shared (bank, sampler): gathered from the root's forward until the
+    # end of backward, so the bank's gradient sums over every layer before one reduce-scatter.
+    fully_shard(model, reshard_after_forward=False, **kwargs)
+    _capture_priors(model)
+    setattr(model, _MODE_ATTR, "fsdp2")
+    model._leanlora_nf4_params = nf4_names
+    return model
+
+
+def _replicate_scalars(model: nn.Module) -> set[nn.Parameter]:
+    """fully_shard refuses 0-dim parameters (a learned quantizer range): keep them replicated.
+
+    They stay whole on every rank and their gradient is averaged over ranks as soon as it has
+    been accumulated (DDP's rule), so every copy takes the same optimizer step.
+    """
+    scalars = {p for p in model.parameters() if p.dim() == 0 and p.requires_grad}
+    for p in scalars:
+        p.register_post_accumulate_grad_hook(_average_grad)
+    return scalars
+
+
+def _average_grad(p: torch.Tensor) -> None:
+    # Micro-batch k adds its local gradient to an average that is already the same on every rank,
+    # so averaging again after each accumulation still yields the mean of all ranks' sums.
+    dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+    p.grad.div_(world_size())
+
+
+def decoder_layers(model: nn.Module, layer_classes: Sequence[str | type] | None = None) -> list[nn.Module]:
+    """The transformer blocks, outermost first, in model order: one FSDP2 group each.
+
+    Found by class name: ``layer_classes``, else the model's ``_no_split_modules``; else the
+    children of the largest ``nn.ModuleList`` whose members share one class (``layers``,
+    ``layer``, ``h`` in Llama, BERT, GPT-2).
+    """
+    names = layer_classes if layer_classes is not None else getattr(model, "_no_split_modules", None)
+    if not names:
+        lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0
+                 and len({type(c) for c in m}) == 1]
+        if lists:
+            blocks = max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
+            names = [type(blocks[0]).__name__]
+    if not names:
+        raise DistributedError(f"{type(model).__name__} has no _no_split_modules and no list of repeated blocks; "
+                               "pass layer_classes= (the transformer block class) to leanlora.distributed.wrap")
+    wanted = {n if isinstance(n, str) else n.__name__ for n in names}
+    found: list[nn.Module] = []
+    for _, module in model.named_modules():
+        if type(module).__name__ in wanted and not any(_contains(f, module) for f in found):
+            found.append(module)
+    if not found:
+        raise DistributedError(f"no module of {type(model).__name__} has a class in {sorted(wanted)}; "
+                               "pass layer_classes= naming its transformer block")
+    return found
+
+
+def _contains(outer: nn.Module, inner: nn.Module) -> bool:
+    return any(m is inner for m in outer.modules())
+
+
+def _broadcast_from_main(model: nn.Module) -> None:
+    """Copy rank 0's plain parameters and buffers to every rank (FSDP2 does not, DDP does)."""
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            if type(t) in (torch.Tensor, nn.Parameter) and t.is_floating_point():
+                dist.broadcast(t.data, src=0)
+
+
+def _refuse_bnb4(model: nn.Module) -> None:
+    from leanlora.base.bnb4 import is_linear4bit
+
+    names = [n for n, m in model.named_modules() if is_linear4bit(m)]
+    if names:
+        raise DistributedError(
+            f"train.distributed='fsdp2' cannot shard the bitsandbytes Linear4bit base of {names[0]!r} "
+            f"({len(names)} such modules): its packed Params4bit keeps its quantization state outside the "
+            "tensor, which FSDP2's all-gather does not carry. Load the model in bf16 with adapter.base='nf4' "
+            "(torchao NF4, sharded by FSDP2), or use train.distributed='ddp'")
+
+
+def _nf4_as_parameters(model: nn.Module) -> list[str]:
+    """Register every NF4 base tensor as a frozen parameter so that fully_shard shards it."""
+    try:
+        from leanlora.base.nf4 import NF4Base
+    except ImportError:
+        return []
+    n = world_size()
+    names = []
+    for name, module in model.named_modules():
+        if not isinstance(module, NF4Base) or "weight" in module._parameters:
+            continue
+        w = module.weight
+        groups = w.quantization_factor.numel()
+        if w.size(0) % n or groups % n:
+            raise DistributedError(
+                f"FSDP2 cannot shard the NF4 weight of {name!r} ({tuple(w.shape)}, {groups} scaler groups) "
+                f"over {n} processes: rows and scaler groups must divide by {n}; lower "
+                f"adapter.nf4.scaler_block_size (now {module.scaler_block_size}) or use train.distributed=ddp")
+        del module.__dict__["weight"]
+        module.register_parameter("weight", nn.Parameter(w, requires_grad=False))
+        names.append(f"{name}.weight")
+    return names
+
+
+# --- gate priors under FSDP2 ----------------------------------------------------------------
+
+
+def _capture_priors(model: nn.Module) -> None:
+    from leanlora.layer import AdaptedLinear
+    from leanlora.schedule import HasPrior
+
+    for layer in model.modules():
+        if isinstance(layer, AdaptedLinear) and any(isinstance(m, HasPrior) for m in layer.modules()):
+            layer.register_forward_hook(_record_priors)
+
+
+def _record_priors(layer: nn.Module, args, output) -> None:
+    from leanlora.schedule import HasPrior
+
+    if torch.is_grad_enabled():
+        terms = [m.prior().reshape(()) for m in layer.modules() if isinstance(m, HasPrior) and m is not layer]
+        setattr(layer, _PRIORS_ATTR, terms)
+
+
+def regularizer(model: nn.Module) -> torch.Tensor:
+    """λ · Σ priors, as :func:`leanlora.regularizer`, for a model wrapped in any mode.
+
+    Under FSDP2 it sums the priors the adapted layers computed in the last forward (parameters
+    gathered) and consumes them: call it once per forward, after the forward.
+    """
+    import leanlora
+    from leanlora.inject import shared_state
+    from leanlora.layer import AdaptedLinear
+    from leanlora.schedule import HasPrior
+
+    inner = unwrap(model)
+    if mode_of(model) != "fsdp2":
+        return leanlora.regularizer(inner)
+    terms: list[torch.Tensor] = []
+    under_layers: set[int] = set()
+    for layer in inner.modules():
+        if isinstance(layer, AdaptedLinear):
+            under_layers.update(id(m) for m in layer.modules())
+            terms.extend(layer.__dict__.pop(_PRIORS_ATTR, []))
+    # priors outside adapted layers (none today) live in the root group: gathered after forward
+    terms.extend(m.prior().reshape(()) for m in inner.modules()
+                 if isinstance(m, HasPrior) and id(m) not in under_layers and m is not inner)
+    if not terms:
+        return torch.zeros(())
+    return shared_state(inner).config.quant.lmbda * torch.stack(terms).sum()
+
+
+# Whole tensors for saving, finalizing and resuming live in their own file; one namespace here.
+from leanlora.distributed_state import (  # noqa: E402  (it imports the helpers above)
+    full_adapter_state,
+    full_optimizer_state,
+    full_params,
+    load_adapter_state,
+    load_full_optimizer_state,
+    save_adapter,
+)

@@ -1,0 +1,142 @@
+"""Nested ranks (DyLoRA, QDyLoRA): train every rank 1..r at once by truncating at a sampled b.
+
+    training step t:  b_t ~ p_B over {r_min..r_max}, one draw shared by every layer
+    forward:          h = W0 x + (alpha / b) · B[:, :b] A[:b] x         (alpha / sqrt(b) with rsLoRA)
+    eval:             the same at b = the rank set by ``set_rank`` (default ``eval_rank`` or r)
+
+Components are ordered: component i is trained whenever b > i, so the first ones learn the most
+and any prefix is a usable adapter. One trained adapter therefore yields an adapter at every
+rank, picked after training by a sweep (:mod:`leanlora.sweep`).
+
+"Frozen" mode (``frozen=True``) is what the released DyLoRA training callback runs: in a step at
+rank b only component b-1 (row b-1 of A, column b-1 of B) receives a gradient; components
+0..b-2 enter the forward through ``detach()``. Caveat, as in the DyLoRA code: detach stops the
+gradient, not the optimizer. AdamW still moves a frozen component through its momentum from
+earlier steps and its weight decay; only a momentum-free optimizer (plain SGD without weight
+decay) leaves it exactly unchanged. Non-frozen mode (the default) trains components 0..b-1.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from leanlora.ranks.fixed import lora_scale
+
+DISTRIBUTIONS = ("uniform", "geometric")
+
+
+def rank_probabilities(r_min: int, r_max: int, distribution: str = "uniform", decay: float = 0.8) -> torch.Tensor:
+    """p_B over ranks r_min..r_max, shape (r_max - r_min + 1,), summing to 1.
+
+    uniform:   p(b) = 1 / (r_max - r_min + 1)            (the DyLoRA code)
+    geometric: p(b) ∝ decay^(b - r_min)                   (small ranks more often)
+    """
+    n = r_max - r_min + 1
+    if distribution == "uniform":
+        return torch.full((n,), 1.0 / n, dtype=torch.float64)
+    if distribution == "geometric":
+        p = torch.tensor([decay ** k for k in range(n)], dtype=torch.float64)
+        return p / p.sum()
+    raise ValueError(f"nested rank distribution={distribution!r} is unknown; allowed: {DISTRIBUTIONS}")
+
+
+class RankSampler(nn.Module):
+    """The one model-wide schedule of nested ranks; lives in ``model.leanlora_shared``.
+
+    ``advance(step)`` (called by ``leanlora.advance(model, step)`` once per optimizer step, before
+    the forward) draws b from a generator seeded by (seed, step) alone, so every process of a
+    data-parallel run draws the same b, and a resumed run draws the same sequence.
+    """
+
+    def __init__(self, r_min: int, r_max: int, distribution: str = "uniform", decay: float = 0.8,
+                 seed: int = 0) -> None:
+        super().__init__()
+        if not 1 <= r_min <= r_max:
+            raise ValueError(f"nested ranks need 1 <= r_min <= r_max, got r_min={r_min}, r_max={r_max}")
+        self.r_min, self.r_max, self.distribution, self.decay, self.seed = r_min, r_max, distribution, decay, seed
+        self.probs = rank_probabilities(r_min, r_max, distribution, decay)  # validates distribution
+        self.current: int | None = None
+        self.step: int | None = None
+
+    def draw(self, step: int) -> int:
+        """b for optimizer step ``step`` (pure: the same (seed, step) always gives the same b)."""
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + int(step)) % (2 ** 63))
+        return self.r_min + int(torch.multinomial(self.probs, 1, generator=g))
+
+    def advance(self, step: int) -> None:
+        self.step, self.current = int(step), self.draw(step)
+
+    def rank(self) -> int:
+        """The rank of the current training step."""
+        if self.current is None:
+            raise RuntimeError("nested ranks: no rank has been drawn yet; call leanlora.advance(model, step) "
+                               "at the start of every training step (the HF Trainer callback does this)")
+        return self.current
+
+    def mean(self) -> float:
+        ranks = torch.arange(self.r_min, self.r_max + 1, dtype=torch.float64)
+        return float((self.probs * ranks).sum())
+
+    def extra_repr(self) -> str:
+        return (f"b in [{self.r_min}, {self.r_max}], {self.distribution}"
+                f"{f' decay={self.decay:g}' if self.distribution == 'geometric' else ''}, seed={self.seed}, "
+                f"step={self.step}, b={self.current}")
+
+
+class NestedRanks(nn.Module):
+    """Truncate A (r, in) to its first b rows and B (out, r) to its first b columns; scale alpha / b."""
+
+    def __init__(self, rank: int, alpha: float, sampler: RankSampler, frozen: bool = False,
+                 eval_rank: int | None = None, rslora: bool = False, name: str = "") -> None:
+        super().__init__()
+        self.rank, self.alpha, self.frozen, self.rslora, self.name = rank, alpha, frozen, rslora, name
+        # A plain attribute, not a submodule: the sampler is shared and registered once, on the model.
+        object.__setattr__(self, "sampler", sampler)
+        self.chosen: int | None = None
+        if eval_rank is not None:
+            self.set_rank(eval_rank)
+
+    def _check(self, b: int, what: str) -> int:
+        if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= self.rank:
+            raise ValueError(f"module {self.name!r}: {what} b={b!r} is outside this layer's ranks 1..{self.rank}")
+        return b
+
+    def set_rank(self, b: int | None) -> None:
+        """Rank used in eval mode (and by merge/export); None goes back to the full rank r."""
+        self.chosen = None if b is None else self._check(b, "rank")
+
+    def eval_rank(self) -> int:
+        return self.rank if self.chosen is None else self.chosen
+
+    def select(self, a: torch.Tensor, b_mat: torch.Tensor):
+        """(A[:b] (b, in), B[:, :b] (out, b), None, alpha / b) at the training or eval rank."""
+        if self.training:
+            b = self._check(self.sampler.rank(), "sampled rank")
+        else:
+            b = self.eval_rank()
+        a_b, b_b = a[:b], b_mat[:, :b]                                   # (b, in), (out, b)
+        if self.training and self.frozen and b > 1:
+            # Only component b-1 learns this step; the earlier ones pass through detached.
+            a_b = torch.cat([a[: b - 1].detach(), a[b - 1: b]], dim=0)
+            b_b = torch.cat([b_mat[:, : b - 1].detach(), b_mat[:, b - 1: b]], dim=1)
+        return a_b, b_b, None, lora_scale(self.alpha, b, self.rslora)
+
+    def active_rank(self) -> int:
+        return self.eval_rank()
+
+    def expected_rank(self) -> float:
+        return min(self.sampler.mean(), float(self.rank)) if self.training else float(self.eval_rank())
+
+    def prune_(self, keep: int) -> None:
+        """Keep components 0..keep-1; the eval rank becomes min(eval rank, keep).
+
+        The scale depends on b, not on r, so the update at any b <= keep is unchanged.
+        """
+        self._check(keep, "prune rank")
+        self.chosen = min(self.eval_rank(), keep)
+        self.rank = keep
+
+    def extra_repr(self) -> str:
+        return (f"r={self.rank}, eval b={self.eval_rank()}, alpha={self.alpha:g}"
+                f"{', frozen' if self.frozen else ''}{', rslora' if self.rslora else ''}")
