@@ -239,8 +239,7 @@ def main() -> None:
     results["sync_seed"] = gather(D.sync_seed(1234 + D.rank()))
     if D.is_main_process():
         (args.out / "results.json").write_text(json.dumps(results, indent=2))
-    D.barrier()
-    D.shutdown()
+    D.end_process(0)
 
 
 if __name__ == "__main__":

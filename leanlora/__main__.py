@@ -1,0 +1,5 @@
+"""``python -m leanlora`` is the ``leanlora`` command."""
+
+from leanlora.cli import entry
+
+entry()

