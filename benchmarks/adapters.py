@@ -1,0 +1,184 @@
+"""The methods every benchmark compares: leanlora points of the design and their PEFT anchors.
+
+One place names each method's configuration so that ``speed.py`` and ``quality.py`` measure the
+same thing. A leanlora method whose strategy modules are not in the tree yet (they land one axis
+at a time) is reported as unavailable with the missing module named, never faked.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+# Strategy modules each design axis needs beyond the dense LoRA core.
+_AXIS_MODULES = {
+    "bank": "leanlora.factors.bank",
+    "nested": "leanlora.ranks.nested",
+    "gated": "leanlora.ranks.gated",
+    "learned": "leanlora.precision.learned",
+    "nf4": "leanlora.base.nf4",
+}
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of a benchmark: who implements it and which axes it uses."""
+
+    name: str
+    library: str  # "leanlora" or "peft"
+    axes: tuple[str, ...] = ()  # leanlora axes beyond dense LoRA (keys of _AXIS_MODULES)
+    kind: str = "lora"  # peft: lora | qlora | vblora | adalora
+    overrides: dict[str, Any] = field(default_factory=dict)  # leanlora AdapterConfig fields
+    peft_kwargs: dict[str, Any] = field(default_factory=dict)  # extra get_peft_model arguments
+
+    @property
+    def has_prior(self) -> bool:
+        return "gated" in self.axes or "learned" in self.axes
+
+
+METHODS = {
+    "peft_lora": Method("PEFT LoRA", "peft", kind="lora"),
+    # PEFT keeps fp32 adapters on a bf16 model unless told not to; this row runs its adapter in bf16,
+    # which is what leanlora's adapter path does on bf16 activations (fp32 master weights there).
+    "peft_lora_bf16": Method("PEFT LoRA (bf16 adapters)", "peft", kind="lora",
+                             peft_kwargs={"autocast_adapter_dtype": False}),
+    "peft_qlora": Method("PEFT QLoRA (bnb nf4)", "peft", kind="qlora"),
+    "peft_vblora": Method("PEFT VB-LoRA", "peft", kind="vblora"),
+    "peft_adalora": Method("PEFT AdaLoRA", "peft", kind="adalora"),
+    "lean_lora": Method("leanlora LoRA", "leanlora"),
+    "lean_qlora": Method("leanlora QLoRA (nf4)", "leanlora", axes=("nf4",)),
+    "lean_dylora": Method("leanlora DyLoRA (nested)", "leanlora", axes=("nested",)),
+    "lean_qdylora": Method("leanlora QDyLoRA (nf4 + nested)", "leanlora", axes=("nf4", "nested")),
+    "lean_vblora": Method("leanlora VB-LoRA (bank)", "leanlora", axes=("bank",)),
+    "lean_blora": Method("leanlora B-LoRA (gated + learned bits)", "leanlora", axes=("gated", "learned")),
+    "lean_combo": Method("leanlora bank + gated + learned on nf4", "leanlora",
+                         axes=("bank", "gated", "learned", "nf4")),
+}
+
+
+def unavailable(method: Method) -> str | None:
+    """Why the method cannot run in this tree / environment, or None when it can."""
+    needed = [_AXIS_MODULES[a] for a in method.axes]
+    if method.library == "leanlora" and "nf4" in method.axes:
+        needed.append("torchao")
+    if method.kind == "qlora":
+        needed.append("bitsandbytes")
+    for mod in needed:
+        try:
+            importlib.import_module(mod)
+        except Exception as err:  # ImportError, or a half-landed module failing at import
+            return f"{mod} not importable ({type(err).__name__}: {str(err)[:120]})"
+    return None
+
+
+@dataclass(frozen=True)
+class Shape:
+    """Adapter hyper-parameters shared by every method of one benchmark."""
+
+    targets: tuple[str, ...]
+    r: int = 16
+    alpha: float = 32.0
+    bank_vectors: int = 256
+    bank_length: int = 256
+    topk: int = 2
+    adalora_target_r: int = 8
+    total_step: int = 1000
+    modules_to_save: tuple[str, ...] = ()
+    adapter_dtype: str = "float32"
+
+
+def leanlora_config(method: Method, shape: Shape):
+    import leanlora
+
+    kw: dict[str, Any] = dict(target_modules=shape.targets, r=shape.r, alpha=shape.alpha,
+                              modules_to_save=shape.modules_to_save, adapter_dtype=shape.adapter_dtype)
+    if "bank" in method.axes:
+        kw["factors"] = "bank"
+        kw["bank"] = leanlora.BankConfig(num_vectors=shape.bank_vectors, vector_length=shape.bank_length,
+                                         topk=shape.topk)
+    if "nested" in method.axes:
+        kw["ranks"] = "nested"
+    if "gated" in method.axes:
+        kw["ranks"] = "gated"
+    if "learned" in method.axes:
+        kw["precision"] = "learned"
+    if "nf4" in method.axes:
+        kw["base"] = "nf4"
+    kw.update(method.overrides)
+    return leanlora.AdapterConfig(**kw)
+
+
+def peft_config(method: Method, shape: Shape, task_type: str):
+    import peft
+
+    common = dict(target_modules=list(shape.targets), task_type=task_type,
+                  modules_to_save=list(shape.modules_to_save) or None)
+    if method.kind in ("lora", "qlora"):
+        return peft.LoraConfig(r=shape.r, lora_alpha=shape.alpha, lora_dropout=0.0, **common)
+    if method.kind == "vblora":
+        return peft.VBLoRAConfig(r=shape.r, num_vectors=shape.bank_vectors, vector_length=shape.bank_length,
+                                 topk=shape.topk, save_only_topk_weights=True, **common)
+    if method.kind == "adalora":
+        return peft.AdaLoraConfig(init_r=shape.r, target_r=shape.adalora_target_r, lora_alpha=shape.alpha,
+                                  total_step=shape.total_step, tinit=shape.total_step // 10,
+                                  tfinal=shape.total_step // 5, **common)
+    raise ValueError(f"unknown PEFT kind {method.kind!r}; allowed: lora, qlora, vblora, adalora")
+
+
+def to_bnb_nf4(model: nn.Module, targets: tuple[str, ...], compute_dtype: torch.dtype) -> nn.Module:
+    """Swap target nn.Linear layers for bitsandbytes Linear4bit (NF4, double-quantized), in place.
+
+    This is what ``from_pretrained(..., BitsAndBytesConfig(load_in_4bit=True))`` builds, done on a
+    randomly initialised model; the flag ``is_loaded_in_4bit`` tells PEFT to dispatch its QLoRA layer.
+    """
+    import bitsandbytes as bnb
+
+    for name, mod in list(model.named_modules()):
+        if not (isinstance(mod, nn.Linear) and name.rsplit(".", 1)[-1] in targets):
+            continue
+        q = bnb.nn.Linear4bit(mod.in_features, mod.out_features, bias=mod.bias is not None,
+                              compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4",
+                              device="meta")
+        q.weight = bnb.nn.Params4bit(mod.weight.data.contiguous(), requires_grad=False,
+                                     compress_statistics=True, quant_type="nf4")
+        if mod.bias is not None:
+            q.bias = nn.Parameter(mod.bias.data, requires_grad=False)
+        q = q.to(mod.weight.device)  # Params4bit quantizes on its first move to the device
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf, q)
+    model.is_loaded_in_4bit = True
+    return model
+
+
+def apply(method: Method, model: nn.Module, shape: Shape, task_type: str, dtype: torch.dtype, lr: float = 1e-4):
+    """Adapt ``model`` in place; returns (model, optimizer param groups, per-step hook or None)."""
+    if method.library == "leanlora":
+        import leanlora
+
+        leanlora.inject(model, leanlora_config(method, shape))
+        groups = leanlora.param_groups(model, lr=lr)  # role lrs (bank, logits, gates) from the config
+        return model, groups, None
+    import peft
+
+    if method.kind == "qlora":
+        to_bnb_nf4(model, shape.targets, dtype)
+    model = peft.get_peft_model(model, peft_config(method, shape, task_type), **method.peft_kwargs)
+    params = [p for p in model.parameters() if p.requires_grad]
+    hook = None
+    if method.kind == "adalora":
+        def hook(step: int, model=model) -> None:  # after backward, before zero_grad (PEFT's contract)
+            model.base_model.update_and_allocate(step)
+    return model, [{"params": params, "lr": lr}], hook
+
+
+def trainable_count(model: nn.Module) -> int:
+    seen, n = set(), 0
+    for p in model.parameters():
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            n += p.numel()
+    return n

@@ -1,0 +1,329 @@
+"""Training-step speed and memory of leanlora methods against PEFT, in one process, on one GPU.
+
+One step = forward + backward + AdamW on a randomly initialised Llama-style causal LM (bf16),
+every one of the 7 projection types adapted at rank r. Each row builds a fresh model from the
+same seed, runs ``--warmup`` steps (compilation included), then times ``--steps`` steps with CUDA
+events and reports the median. Every row runs in the same process as the anchors.
+
+The floor: a frozen-base adapter step does about 4·N FLOPs per token (forward 2N, input-gradient
+backward 2N; N = parameters of the matmuls, lm_head included; attention scores and the adapter
+path come on top), so ``floor tokens/s = rate / (4 N)`` with the bf16 matmul rate measured here.
+
+    python -u benchmarks/speed.py --preset 1b --out $OUT/speed.jsonl       # issue 7's shape
+    python -u benchmarks/speed.py --preset small --rows peft_lora,lean_lora  # quick check
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from adapters import METHODS, Shape, apply, trainable_count, unavailable  # noqa: E402
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PRESETS = {  # Llama-3.2-1B geometry with a 32k vocabulary: 1.10e9 parameters
+    "1b": dict(hidden=2048, inter=8192, layers=16, heads=32, kv_heads=8, vocab=32000, batch=8, seq=1024),
+    "small": dict(hidden=1024, inter=4096, layers=4, heads=16, kv_heads=4, vocab=32000, batch=4, seq=512),
+    "tiny": dict(hidden=64, inter=128, layers=2, heads=4, kv_heads=2, vocab=256, batch=2, seq=32),
+}
+# Rows in the order they run; each name is "<method>" or "<method>@compiled".
+DEFAULT_ROWS = ("base@eager,base@compiled,peft_lora,peft_lora@compiled,lean_lora,lean_lora@compiled,"
+                "lean_qdylora@compiled,lean_vblora@compiled,lean_blora@compiled,lean_combo@compiled,"
+                "peft_vblora,peft_adalora,peft_qlora")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="small")
+    for k in ("hidden", "inter", "layers", "heads", "kv_heads", "vocab", "batch", "seq"):
+        ap.add_argument(f"--{k.replace('_', '-')}", type=int, default=None, help=f"override the preset's {k}")
+    ap.add_argument("--r", type=int, default=16)
+    ap.add_argument("--rows", default=DEFAULT_ROWS, help="comma list of method[@eager|@compiled]; 'base' = "
+                    "frozen model with input-gradient backward and no adapter (the base-model share)")
+    ap.add_argument("--compile", choices=("layers", "model"), default="layers",
+                    help="layers: torch.compile each decoder layer (compiled once, reused); model: the whole model")
+    ap.add_argument("--bank-vectors", type=int, default=256, help="VB-LoRA bank size h (PEFT and leanlora)")
+    ap.add_argument("--bank-length", type=int, default=256, help="VB-LoRA vector length b (must divide every dim)")
+    ap.add_argument("--adapter-dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="leanlora adapter dtype (PEFT keeps fp32 adapters on a bf16 model by default)")
+    ap.add_argument("--profile", default="", help="comma list of row-name substrings to profile for one extra step")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--out", default=None, help="JSONL file; one line per row, written as each row ends")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args(argv)
+    for k, v in PRESETS[args.preset].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    return args
+
+
+def build_model(args, device):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.inter,
+                      num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                      num_key_value_heads=args.kv_heads, max_position_embeddings=max(args.seq, 128),
+                      tie_word_embeddings=False, use_cache=False)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    return model.train()
+
+
+def matmul_params(model) -> int:
+    """N: weights that take part in a matmul (every nn.Linear, lm_head included; not embeddings)."""
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def measure_ceilings(device) -> dict:
+    """bf16 matmul rate (8192^3, random data) and device-to-device copy bandwidth, medians."""
+    if device.type != "cuda":
+        return {"matmul_tflops": float("nan"), "copy_tbps": float("nan")}
+    n = 8192
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    mm = _time_fn(lambda: a @ b, 5, 20)
+    src = torch.randn(1 << 30, device=device, dtype=torch.bfloat16)  # 2 GiB
+    dst = torch.empty_like(src)
+    cp = _time_fn(lambda: dst.copy_(src), 3, 10)
+    del a, b, src, dst
+    torch.cuda.empty_cache()
+    return {"matmul_tflops": 2 * n**3 / mm / 1e12, "copy_tbps": 2 * 2 * (1 << 30) / cp / 1e12}
+
+
+def _time_fn(fn, warmup: int, reps: int) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    return statistics.median(times)
+
+
+def compile_model(model, how: str):
+    import torch._dynamo
+
+    torch._dynamo.config.cache_size_limit = 64  # regional compile: one entry per distinct layer guard set
+    if how == "model":
+        return torch.compile(model)
+    layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+    for layer in layers:
+        layer.compile()
+    return model
+
+
+def run_row(row: str, args, device, ids, floor_tps: float) -> dict:
+    name, _, mode = row.partition("@")
+    mode = mode or "eager"
+    shape = Shape(targets=TARGETS, r=args.r, adapter_dtype=args.adapter_dtype,
+                  bank_vectors=args.bank_vectors, bank_length=args.bank_length)
+    result = {"row": row, "mode": mode, "compile": args.compile if mode == "compiled" else None}
+    if name != "base":
+        method = METHODS[name]
+        result["method"] = method.name
+        why = unavailable(method)
+        if why:
+            result["skipped"] = why
+            return result
+    else:
+        result["method"] = "frozen base, no adapter"
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = build_model(args, device)
+    result["n_matmul"] = matmul_params(model)
+    hook, prior = None, False
+    if name == "base":
+        model.requires_grad_(False)
+        model.enable_input_require_grads()  # backward through every layer, no weight gradient
+        opt = None
+    else:
+        model, groups, hook = apply(method, model, shape, "CAUSAL_LM", torch.bfloat16)
+        prior = method.library == "leanlora" and method.has_prior
+        opt = torch.optim.AdamW(groups, lr=1e-4)
+    model.train()
+    result["trainable"] = trainable_count(model)
+    fwd = compile_model(model, args.compile) if mode == "compiled" else model
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    if hasattr(torch._dynamo.utils, "counters"):
+        torch._dynamo.utils.counters.clear()
+
+    def step(i: int) -> float:
+        if name != "base" and method.library == "leanlora":
+            import leanlora
+
+            leanlora.advance(model, i)
+        loss = fwd(input_ids=ids, labels=ids).loss
+        if prior:
+            import leanlora
+
+            loss = loss + leanlora.regularizer(model).to(loss.device)
+        loss.backward()
+        if opt is not None:
+            opt.step()
+            if hook is not None:
+                hook(i)
+            opt.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    t0 = time.perf_counter()
+    for i in range(args.warmup):
+        step(i)
+    result["warmup_s"] = time.perf_counter() - t0
+    times, last_loss = [], float("nan")
+    for i in range(args.warmup, args.warmup + args.steps):
+        if device.type == "cuda":
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            last_loss = step(i)
+            e.record()
+            e.synchronize()
+            times.append(s.elapsed_time(e) / 1e3)
+        else:
+            t = time.perf_counter()
+            last_loss = step(i)
+            times.append(time.perf_counter() - t)
+    med = statistics.median(times)
+    tokens = ids.numel()
+    result.update(step_ms=med * 1e3, step_ms_min=min(times) * 1e3, step_ms_max=max(times) * 1e3,
+                  tokens_per_s=tokens / med, loss=last_loss,
+                  peak_gib=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan"),
+                  pct_floor=100 * tokens / med / floor_tps if floor_tps == floor_tps else float("nan"))
+    if args.profile and device.type == "cuda" and any(p in row for p in args.profile.split(",")):
+        result["profile"] = profile_step(step, args.warmup + args.steps)
+    counters = getattr(torch._dynamo.utils, "counters", {})
+    result["graph_breaks"] = sum(counters.get("graph_break", {}).values()) if counters else None
+    result["unique_graphs"] = counters.get("stats", {}).get("unique_graphs") if counters else None
+    del model, fwd, opt
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def save_failed_kernel(message: str, folder: Path, row: str) -> str | None:
+    """Copy the Triton source of a kernel that failed to compile (named in ``message``) next to the results."""
+    import glob
+    import re
+    import shutil
+    import tempfile
+
+    m = re.search(r"Name=(triton_\w+)", message)
+    if not m:
+        return None
+    for path in glob.glob(os.path.join(tempfile.gettempdir(), "torchinductor_*", "**", "*.py"), recursive=True):
+        try:
+            if m.group(1) in Path(path).read_text(errors="ignore"):
+                dest = folder / f"failed_kernel_{row.replace('@', '_')}.py"
+                shutil.copy(path, dest)
+                return str(dest)
+        except OSError:
+            continue
+    return None
+
+
+def profile_step(step, i: int, top: int = 12) -> list[dict]:
+    """CUDA time per kernel name over one step, the ``top`` largest, plus the launch count."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        step(i)
+        torch.cuda.synchronize()
+    rows = [(e.key, e.device_time_total, e.count) for e in prof.key_averages() if e.device_time_total > 0]
+    rows.sort(key=lambda r: -r[1])
+    launches = sum(e.count for e in prof.key_averages() if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx"))
+    return [{"launches": launches}] + [{"name": k[:120], "cuda_ms": t / 1e3, "count": c} for k, t, c in rows[:top]]
+
+
+def table(rows: list[dict]) -> str:
+    ref = {r["row"]: r.get("tokens_per_s") for r in rows}
+    eager, comp = ref.get("peft_lora"), ref.get("peft_lora@compiled")
+    lines = ["| row | tokens/s | × PEFT LoRA | × compiled PEFT LoRA | peak GiB | trainable | % floor | step ms (min–max) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "skipped" in r or "error" in r:
+            lines.append(f"| {r['row']} ({r.get('method', '')}) | {'skipped: ' + r['skipped'] if 'skipped' in r else 'error: ' + r['error']} "
+                         "| | | | | | |")
+            continue
+        tps = r["tokens_per_s"]
+        x1 = f"{tps / eager:.2f}" if eager else "–"
+        x2 = f"{tps / comp:.2f}" if comp else "–"
+        lines.append(f"| {r['row']} ({r['method']}) | {tps:,.0f} | {x1} | {x2} | {r['peak_gib']:.1f} | "
+                     f"{r['trainable']:,} | {r['pct_floor']:.0f} | {r['step_ms']:.1f} ({r['step_ms_min']:.1f}–{r['step_ms_max']:.1f}) |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    info = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+            "args": vars(args)}
+    for lib in ("transformers", "peft", "torchao", "bitsandbytes"):
+        try:
+            info[lib] = __import__(lib).__version__
+        except Exception as err:
+            info[lib] = f"absent ({type(err).__name__})"
+    info.update(measure_ceilings(device))
+    probe = build_model(args, "meta")
+    n = matmul_params(probe)
+    tokens = args.batch * args.seq
+    floor_tps = info["matmul_tflops"] * 1e12 / (4 * n)
+    # bytes floor: the bf16 weights read once forward and once backward (4 N bytes) at the copy rate
+    info.update(n_matmul=n, n_total=sum(p.numel() for p in probe.parameters()), tokens_per_step=tokens,
+                floor_step_ms=1e3 * tokens / floor_tps, floor_tokens_per_s=floor_tps,
+                weight_bytes_floor_ms=1e3 * 4 * n / (info["copy_tbps"] * 1e12) if info["copy_tbps"] == info["copy_tbps"] else None)
+    del probe
+    print(json.dumps(info), flush=True)
+    out = Path(args.out) if args.out else None
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"info": info}) + "\n")
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g).to(device)
+    rows = []
+    for row in [r.strip() for r in args.rows.split(",") if r.strip()]:
+        t = time.perf_counter()
+        try:
+            res = run_row(row, args, device, ids, floor_tps)
+        except Exception as err:  # one failing method must not hide the others' numbers
+            import traceback
+
+            traceback.print_exc()
+            res = {"row": row, "method": row, "error": f"{type(err).__name__}: {str(err)[:300]}"}
+            if out:
+                res["kernel_source"] = save_failed_kernel(str(err), out.parent, row)
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        res["wall_s"] = time.perf_counter() - t
+        rows.append(res)
+        print(json.dumps(res), flush=True)
+        if out:
+            with out.open("a") as f:
+                f.write(json.dumps(res) + "\n")
+    print(table(rows), flush=True)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    main()

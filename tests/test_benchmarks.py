@@ -1,0 +1,42 @@
+"""The benchmark harnesses run end to end at a tiny shape on CPU (mechanics only, no timing claims)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+
+def test_speed_rows_tiny(tmp_path):
+    import speed
+
+    out = tmp_path / "speed.jsonl"
+    speed.main(["--preset", "tiny", "--steps", "2", "--warmup", "1", "--device", "cpu",
+                "--rows", "base,peft_lora,lean_lora", "--out", str(out)])
+    rows = {r["row"]: r for r in map(json.loads, out.read_text().splitlines()) if "row" in r}
+    assert set(rows) == {"base", "peft_lora", "lean_lora"}
+    assert rows["base"]["trainable"] == 0
+    # same adapter shape as PEFT: identical trainable parameter counts and a finite loss
+    assert rows["peft_lora"]["trainable"] == rows["lean_lora"]["trainable"] > 0
+    assert all(r["tokens_per_s"] > 0 and r["loss"] == r["loss"] for r in rows.values())
+
+
+def test_quality_reads_glue_and_summarizes():
+    import quality
+
+    glue = Path(__file__).resolve().parents[1].parent / "shared" / "assets" / "glue"
+    if not glue.exists():
+        pytest.skip(f"{glue} is absent")
+    texts, labels = quality.read_task(glue, "RTE", "dev")
+    assert len(texts) == 277 and set(labels) == {0.0, 1.0} and len(texts[0]) == 2
+    texts, labels = quality.read_task(glue, "CoLA", "dev")
+    assert len(texts) == 527 and len(texts[0]) == 1
+    rows = [{"task": "RTE", "method": "lean_lora", "seed": s, "score": 50.0 + s, "trainable": 10,
+             "stored_bytes": 100, "bops": 1000, "train_s": 1.0} for s in range(3)]
+    rows.append({"task": "RTE", "method": "lean_combo", "seed": 0, "skipped": "not importable"})
+    summary, text = quality.summarize(rows)
+    assert summary[0]["score"] == 51.0 and "not importable" in text
