@@ -123,6 +123,68 @@ def test_learned_scale_clips_quantized_levels_but_not_float():
         assert float(y.abs().max()) == pytest.approx(want, rel=1e-2)
 
 
+def _residual_reference(w, log_scale, gates, bit_set):
+    """The Bayesian Bits recursion as written in the paper, in float64, rounding straight-through:
+    r_0 = s_0 ⌊x_c/s_0⌉, r_k = s_k ⌊(x_c - Σ r)/s_k⌉, r_float = w - Σ r; w~ = r_0 + z_1 (r_1 + z_2 (...))."""
+    w64 = w.double()
+    x_max = log_scale.double().exp() * w64.detach().abs().max()
+    lim = x_max * (1 - 1e-7)
+    xc = torch.minimum(torch.maximum(w64, -lim), lim)
+    parts, acc = [], torch.zeros_like(w64)
+    for b in bit_set:
+        if b == 32:
+            parts.append(w64 - acc)
+            break
+        s = 2 * x_max / (2 ** b - 1)
+        y = (xc - acc) / s
+        r = s * (y + (torch.round(y) - y).detach())
+        parts.append(r)
+        acc = acc + r
+    out = parts[-1]
+    for k in range(len(parts) - 2, -1, -1):
+        out = parts[k] + gates.double()[k] * out
+    return out
+
+
+@pytest.mark.parametrize("bit_set", [(2, 4, 8, 16, 32), (2, 8, 32), (2, 4, 16)])
+def test_closed_form_levels_equal_the_residual_recursion_and_its_gradients(bit_set):
+    """The quantizer sums all levels at once; it must be the paper's recursion, values and STE gradients."""
+    for seed in range(3):
+        w = _w(seed, shape=(16, 48)).requires_grad_(True)
+        q = LearnedBits(bit_set, init_log_alpha=0.5).train()
+        with torch.no_grad():
+            q.log_scale.fill_(math.log(0.8))           # clip some of w: the range gradient is exercised
+        torch.manual_seed(seed)
+        out = q(w)
+        out.pow(2).sum().backward()
+        got = (out.detach().clone(), w.grad.clone(), q.log_scale.grad.clone(), q.log_alpha.grad.clone())
+
+        w.grad = None
+        log_scale = q.log_scale.detach().clone().requires_grad_(True)
+        log_alpha = q.log_alpha.detach().clone().requires_grad_(True)
+        torch.manual_seed(seed)                          # the same gate draws
+        ref = _residual_reference(w, log_scale, hc.sample(log_alpha), bit_set)
+        ref.pow(2).sum().backward()
+        # fp32 vs fp64 may round a near-tie to the other side: at most one step of the finest grid,
+        # on a handful of elements; everything else agrees to fp32 precision
+        finest = 2 * float(q.x_max(w).detach()) / (2 ** max(b for b in bit_set if b < 32) - 1)
+        diff = (got[0].double() - ref.detach()).abs()
+        assert float(diff.max()) <= finest * 1.01 and int((diff > 1e-6).sum()) <= 2, diff.max()
+        if int((diff > 1e-6).sum()) == 0:
+            torch.testing.assert_close(got[1], w.grad, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(got[2], log_scale.grad, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(got[3], log_alpha.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_sixteen_bit_codes_stay_on_the_grid_at_the_range_ends():
+    """x_c / s_16 = ±32767.4999 rounds to 32767.5 in fp32; the codes must still fit int16."""
+    w = torch.linspace(-1.0, 1.0, 4001) * 0.37
+    q = _learned_at(16)
+    codes, scale = q.encode(w)
+    assert int(codes.abs().max()) == 2 ** 15 - 1
+    torch.testing.assert_close(codes.float() * scale, q(w), rtol=0, atol=1e-9)
+
+
 def test_expected_bits_and_prior_closed_forms():
     ps = PriorScale()
     ps.update(1000.0)

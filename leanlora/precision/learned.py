@@ -2,17 +2,28 @@
 
 For a bit set b_0 = 2 < b_1 < ... (a subset of {2, 4, 8, 16, 32}; 32 means float) and a range
 x_max, the grids s_b = 2 x_max / (2^b - 1) nest (2^a - 1 divides 2^b - 1 when a divides b), so a
-b_k-bit value is the b_{k-1}-bit value plus a rounded residual:
+b_k-bit value is the b_{k-1}-bit value plus a rounded residual (Bayesian Bits eq. for x_q):
 
     x_c = clip(w, ±x_max (1 - 1e-7))                     (PACT clip; 1e-7 keeps 1.5 from rounding up)
     r_0 = s_{b_0} ⌊x_c / s_{b_0}⌉,   r_k = s_{b_k} ⌊(x_c - r_0 - ... - r_{k-1}) / s_{b_k}⌉
-    r_float = w - (r_0 + ... + r_K)                      (the float residual, of the unclipped w)
-    w~ = r_0 + z_1 (r_1 + z_2 (r_2 + ...))                (Bayesian Bits eq. for x_q)
+    w~ = r_0 + z_1 (r_1 + z_2 (r_2 + ... + z_K r_float))
 
 with one hard-concrete gate z_k per step above 2 bits (:mod:`leanlora.hardconcrete`), stochastic in
-training and thresholded in eval; ⌊·⌉ is straight-through in training. The width in use is b_k
-for the last open gate in the chain, and the codes at width b fit a signed b-bit integer
-(|code| <= 2^(b-1) - 1), which is what :mod:`leanlora.packing` stores.
+training and thresholded in eval; ⌊·⌉ is straight-through in training.
+
+**Computed in closed form, all levels at once.** Because r_0 + ... + r_{k-1} lies on the
+b_{k-1} grid, which is a sub-grid of the b_k grid, the partial sums are plain roundings:
+q_k = r_0 + ... + r_k = s_{b_k} ⌊x_c / s_{b_k}⌉ (and q_float = w). Summing by parts,
+
+    w~ = Σ_k π_k q_k,   π_k = c_k - c_{k+1},   c_0 = 1, c_k = z_1 ··· z_k, c_{K+1} = 0
+
+so the quantizer is one (levels × numel) stack of roundings and one weighted sum over levels:
+the same function and the same straight-through gradients as the residual recursion, in a
+dozen kernels instead of one chain per level. In eval the gates are 0/1, π is one-hot, and the
+sum returns the chosen level exactly (the float level is ``w`` bit for bit). The width in use is
+b_k for the last open gate of the chain; its codes fit a signed b-bit integer
+(|code| <= 2^(b-1) - 1, clamped so that fp32 rounding of x_c / s at 16 bits cannot step past the
+grid), which is what :mod:`leanlora.packing` stores.
 
 **Range (fixes the B-LoRA port's gap).** The port fixes x_max from the tensor's max at its first
 forward, with no clipping and no learned scale. Here x_max = exp(log_scale) · max|w| with the
@@ -63,44 +74,38 @@ def grid_scale(x_max: torch.Tensor, bits: int) -> torch.Tensor:
     return 2.0 * x_max / (2 ** bits - 1)
 
 
-def residual_parts(w: torch.Tensor, x_max: torch.Tensor, bit_set: tuple[int, ...], round_fn=round_ste) -> list[torch.Tensor]:
-    """[r_0, r_1, ..., (r_float)] of the nested decomposition; each fp32, shape of ``w``."""
+def _round_codes(y: torch.Tensor, qmax: torch.Tensor, straight_through: bool) -> torch.Tensor:
+    """clamp(round(y), ±qmax), with an identity gradient when ``straight_through``."""
+    codes = torch.minimum(torch.maximum(torch.round(y), -qmax), qmax)
+    return y + (codes - y).detach() if straight_through else codes
+
+
+def level_values(w: torch.Tensor, x_max: torch.Tensor, steps: torch.Tensor, qmax: torch.Tensor,
+                 has_float: bool, straight_through: bool = True) -> torch.Tensor:
+    """q_k = s_k clamp(⌊x_c / s_k⌉, ±qmax_k) for every quantized width, then ``w`` for float.
+
+    ``steps`` (K',) holds 2 / (2^b - 1) per quantized width (s_k = x_max · steps_k), ``qmax``
+    (K',) holds 2^(b-1) - 1. Returns fp32 of shape (K' + has_float, *w.shape).
+    """
     wf = w.float()
     lim = x_max * _CLIP
     xc = torch.minimum(torch.maximum(wf, -lim), lim)
-    parts, acc = [], torch.zeros_like(wf)
-    for b in bit_set:
-        if b == FLOAT_BITS:
-            parts.append(wf - acc)
-            break
-        s = grid_scale(x_max, b)
-        r = s * round_fn((xc - acc) / s)
-        parts.append(r)
-        acc = acc + r
-    return parts
+    view = (-1,) + (1,) * w.dim()
+    s = (x_max * steps).view(view)                                       # (K', 1, ...)
+    q = s * _round_codes(xc.unsqueeze(0) / s, qmax.view(view), straight_through)  # (K', *shape)
+    return torch.cat([q, wf.unsqueeze(0)]) if has_float else q
 
 
-def combine(parts: list[torch.Tensor], gates: torch.Tensor) -> torch.Tensor:
-    """r_0 + z_1 (r_1 + z_2 (r_2 + ...)): ``gates`` holds z_1..z_K (K = len(parts) - 1)."""
-    out = parts[-1]
-    for k in range(len(parts) - 2, -1, -1):
-        out = parts[k] + gates[k] * out
-    return out
+def level_weights(gates: torch.Tensor) -> torch.Tensor:
+    """π_k = c_k - c_{k+1} with c = [1, z_1, z_1 z_2, ..., z_1···z_K, 0]: (K + 1,) from z (K,)."""
+    one = torch.ones(1, dtype=gates.dtype, device=gates.device)
+    chain = torch.cat([one, torch.cumprod(gates, 0)])                     # (K + 1,) c_0..c_K
+    return chain - torch.cat([chain[1:], torch.zeros_like(one)])
 
 
-def select_level(parts: list[torch.Tensor], gates: torch.Tensor, w: torch.Tensor, has_float: bool) -> torch.Tensor:
-    """Eval form of :func:`combine` for 0/1 gates: the partial sum r_0 + ... + r_k at the last open
-    level k, chosen with ``where`` so that the float level returns ``w`` bit-exactly."""
-    cums, acc = [], torch.zeros_like(parts[0])
-    for r in parts:
-        acc = acc + r
-        cums.append(acc)
-    if has_float:
-        cums[-1] = w.float()
-    out = cums[-1]
-    for k in range(len(cums) - 2, -1, -1):
-        out = torch.where(gates[k] > 0, out, cums[k])
-    return out
+def mix_levels(levels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Σ_k weights_k levels_k: (L, *shape), (L,) -> shape."""
+    return torch.tensordot(weights.to(levels.dtype), levels, dims=1)
 
 
 class LearnedBits(nn.Module):
@@ -123,6 +128,13 @@ class LearnedBits(nn.Module):
         self.prior_scale = prior_scale or PriorScale()
         self.log_alpha = nn.Parameter(torch.full((len(bit_set) - 1,), float(init_log_alpha), device=device))
         self.log_scale = nn.Parameter(torch.zeros((), device=device))
+        widths = [b for b in bit_set if b != FLOAT_BITS]
+        self.has_float = bit_set[-1] == FLOAT_BITS
+        # grid constants as buffers: built once, moved with the module, never copied in per call
+        self.register_buffer("_steps", torch.tensor([2.0 / (2 ** b - 1) for b in widths], device=device),
+                             persistent=False)
+        self.register_buffer("_qmax", torch.tensor([float(2 ** (b - 1) - 1) for b in widths], device=device),
+                             persistent=False)
 
     # --- forward -------------------------------------------------------------------------------
 
@@ -137,14 +149,12 @@ class LearnedBits(nn.Module):
         return hc.deterministic(self.log_alpha, self.threshold)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        if self.training:
-            return combine(residual_parts(w, self.x_max(w), self.bit_set), self.gates()).to(w.dtype)
-        return self._eval_value(w).to(w.dtype)
+        levels = level_values(w, self.x_max(w), self._steps, self._qmax, self.has_float, self.training)
+        return mix_levels(levels, level_weights(self.gates())).to(w.dtype)
 
     def _eval_value(self, w: torch.Tensor) -> torch.Tensor:
-        parts = residual_parts(w, self.x_max(w), self.bit_set, torch.round)
-        gates = hc.deterministic(self.log_alpha, self.threshold)
-        return select_level(parts, gates, w, self.bit_set[-1] == FLOAT_BITS)
+        levels = level_values(w, self.x_max(w), self._steps, self._qmax, self.has_float, False)
+        return mix_levels(levels, level_weights(hc.deterministic(self.log_alpha, self.threshold)))
 
     # --- what it chose -------------------------------------------------------------------------
 
