@@ -4,6 +4,13 @@
     forward:          h = W0 x + (alpha / b) · B[:, :b] A[:b] x         (alpha / sqrt(b) with rsLoRA)
     eval:             the same at b = the rank set by ``set_rank`` (default ``eval_rank`` or r)
 
+In training the truncation is a mask, not a slice: h = W0 x + B diag(m_b · alpha / b) A x with
+m_b = [1]*b + [0]*(r - b), and b read from a device tensor that ``advance`` fills. The shapes are
+then the same at every b, so ``torch.compile`` builds one graph for the whole run instead of one
+per sampled rank (a slice at a Python int b specialises the graph on b). The cost is the two thin
+GEMMs at r instead of b columns, r (in + out) MACs per token. Eval slices (exact truncation, and
+the cheapest forward at a chosen rank).
+
 Components are ordered: component i is trained whenever b > i, so the first ones learn the most
 and any prefix is a usable adapter. One trained adapter therefore yields an adapter at every
 rank, picked after training by a sweep (:mod:`leanlora.sweep`).
@@ -58,6 +65,10 @@ class RankSampler(nn.Module):
         self.probs = rank_probabilities(r_min, r_max, distribution, decay)  # validates distribution
         self.current: int | None = None
         self.step: int | None = None
+        # b on the device for the masked training forward; 0 until the first advance (a forward
+        # before it divides by 0 and turns the loss NaN, which the loop reports, when compiled;
+        # eager forwards raise first, naming the missing call)
+        self.register_buffer("current_rank", torch.zeros((), dtype=torch.long), persistent=False)
 
     def draw(self, step: int) -> int:
         """b for optimizer step ``step`` (pure: the same (seed, step) always gives the same b)."""
@@ -66,6 +77,7 @@ class RankSampler(nn.Module):
 
     def advance(self, step: int) -> None:
         self.step, self.current = int(step), self.draw(step)
+        self.current_rank.fill_(self.current)
 
     def rank(self) -> int:
         """The rank of the current training step."""
@@ -94,6 +106,7 @@ class NestedRanks(nn.Module):
         # A plain attribute, not a submodule: the sampler is shared and registered once, on the model.
         object.__setattr__(self, "sampler", sampler)
         self.chosen: int | None = None
+        self.register_buffer("_index", torch.arange(rank), persistent=False)  # component numbers
         if eval_rank is not None:
             self.set_rank(eval_rank)
 
@@ -110,17 +123,24 @@ class NestedRanks(nn.Module):
         return self.rank if self.chosen is None else self.chosen
 
     def select(self, a: torch.Tensor, b_mat: torch.Tensor):
-        """(A[:b] (b, in), B[:, :b] (out, b), None, alpha / b) at the training or eval rank."""
+        """Training: (A, B, m_b · scale_b, 1) masked at the sampled b. Eval: (A[:b], B[:, :b], None, scale_b)."""
         if self.training:
-            b = self._check(self.sampler.rank(), "sampled rank")
-        else:
-            b = self.eval_rank()
-        a_b, b_b = a[:b], b_mat[:, :b]                                   # (b, in), (out, b)
-        if self.training and self.frozen and b > 1:
+            if not torch.compiler.is_compiling():  # reading the Python int would specialise the graph
+                self._check(self.sampler.rank(), "sampled rank")
+            return self._masked(a, b_mat, self.sampler.current_rank)
+        b = self.eval_rank()
+        return a[:b], b_mat[:, :b], None, lora_scale(self.alpha, b, self.rslora)  # (b, in), (out, b)
+
+    def _masked(self, a: torch.Tensor, b_mat: torch.Tensor, rank: torch.Tensor):
+        on = self._index < rank                                          # (r,) bool, components 0..b-1
+        n = rank.to(torch.float32)
+        scale = self.alpha / (n.sqrt() if self.rslora else n)
+        if self.frozen:
             # Only component b-1 learns this step; the earlier ones pass through detached.
-            a_b = torch.cat([a[: b - 1].detach(), a[b - 1: b]], dim=0)
-            b_b = torch.cat([b_mat[:, : b - 1].detach(), b_mat[:, b - 1: b]], dim=1)
-        return a_b, b_b, None, lora_scale(self.alpha, b, self.rslora)
+            learns = self._index == rank - 1
+            a = torch.where(learns[:, None], a, a.detach())
+            b_mat = torch.where(learns[None, :], b_mat, b_mat.detach())
+        return a, b_mat, on.to(torch.float32) * scale, 1.0
 
     def active_rank(self) -> int:
         return self.eval_rank()
@@ -136,6 +156,7 @@ class NestedRanks(nn.Module):
         self._check(keep, "prune rank")
         self.chosen = min(self.eval_rank(), keep)
         self.rank = keep
+        self._index = self._index[:keep].clone()
 
     def extra_repr(self) -> str:
         return (f"r={self.rank}, eval b={self.eval_rank()}, alpha={self.alpha:g}"
