@@ -161,6 +161,11 @@ def run_row(row: str, args, device, ids, floor_tps: float) -> dict:
     model.train()
     result["trainable"] = trainable_count(model)
     fwd = compile_model(model, args.compile) if mode == "compiled" else model
+    if prior:
+        import leanlora
+
+        # as the training loop does: the gate prior compiled with the model, eager otherwise
+        regularize = torch.compile(leanlora.regularizer) if mode == "compiled" else leanlora.regularizer
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -174,9 +179,7 @@ def run_row(row: str, args, device, ids, floor_tps: float) -> dict:
             leanlora.advance(model, i)
         loss = fwd(input_ids=ids, labels=ids).loss
         if prior:
-            import leanlora
-
-            loss = loss + leanlora.regularizer(model).to(loss.device)
+            loss = loss + regularize(model).to(loss.device)
         loss.backward()
         if opt is not None:
             opt.step()

@@ -277,7 +277,7 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
                 return _coerce(arg, value, path)
             except ConfigError as err:
                 errors.append(str(err))
-        raise ConfigError(errors[0] if errors else f"{path}: cannot be {value!r}")
+        raise ConfigError("; or ".join(errors) if errors else f"{path}: cannot be {value!r}")
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{path}={value!r} is invalid: allowed {list(args)}")

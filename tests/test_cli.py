@@ -49,6 +49,30 @@ def test_train_loss_falls_and_is_reproducible(trained, config, root):
     assert {p.name for p in trained.iterdir()} >= {"run.yaml", "checkpoints", "best", "adapter", "metrics.json"}
 
 
+def test_compiled_training_gives_the_eager_losses(trained, config, root, monkeypatch):
+    """train.compile=true runs the decoder layers compiled (aot_eager here: CPU inductor would
+    spend minutes building C++) and trains what the eager loop trains."""
+    import functools
+
+    from leanlora.train import compiled, loop
+
+    made = []
+
+    class Recording(compiled.CompiledRegions):
+        def __init__(self, model, log=print):
+            super().__init__(model, backend="aot_eager", log=log)
+            made.append(self)
+
+    monkeypatch.setattr(loop, "CompiledRegions", Recording)
+    out = root / "compiled"
+    assert main(["train", str(config), "--out", str(out), "--no-progress", "train.compile=true"]) == 0
+    names = [type(m).__name__ for m in made[0].regions]
+    assert len(made) == 1 and made[0].compiled and names.count("BertLayer") == 2, names
+    want = json.loads((trained / "metrics.json").read_text())["train_losses"]
+    got = json.loads((out / "metrics.json").read_text())["train_losses"]
+    assert got == pytest.approx(want, rel=1e-5, abs=1e-6)
+
+
 def test_saved_run_yaml_records_the_resolved_classes(trained):
     run = load_run_config(trained / "run.yaml")
     assert run.data.labels == ("0", "1") and run.adapter.r == 4

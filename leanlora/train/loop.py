@@ -28,6 +28,7 @@ from torch import nn
 
 import leanlora
 from leanlora import distributed as dist
+from leanlora.train.compiled import CompiledRegions, wants_compile
 from leanlora.config import ConfigError
 from leanlora.io import atomic_write_bytes, read_adapter_tensors
 from leanlora.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -146,7 +147,11 @@ def train(run: RunConfig | None, run_dir: str | Path, *, resume: bool = False, p
     optimizer = torch.optim.AdamW(leanlora.param_groups(model, tc.lr, tc.weight_decay), lr=tc.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total, warmup, tc.schedule))
-    forward_model = torch.compile(wrapped) if tc.compile and device.type == "cuda" else wrapped
+    # compiled per decoder layer on CUDA by default; the first step falls back to eager if inductor fails
+    compiled = CompiledRegions(model, log=log) if wants_compile(tc.compile, device) else None
+    # the gate prior reads parameters only; compiled it is a few fused kernels (not under FSDP2,
+    # where it collects terms the sharded layers computed in their forward)
+    prior = compiled.function(dist.regularizer) if compiled and tc.distributed != "fsdp2" else dist.regularizer
     autocast = _autocast(device, tc.bf16)
 
     step = 0
@@ -170,21 +175,30 @@ def train(run: RunConfig | None, run_dir: str | Path, *, resume: bool = False, p
         order = torch.randperm(n, generator=torch.Generator().manual_seed(tc.seed * 100_003 + epoch)).tolist()
         micro = range(k * tc.grad_accum, min((k + 1) * tc.grad_accum, micro_per_epoch))
         leanlora.advance(model, step)
-        step_loss = 0.0
-        for m in micro:
-            idx = dist.shard(order[m * tc.batch_size:(m + 1) * tc.batch_size])  # this rank's share
-            batch = next(batches(task.train, tc.batch_size, task.collate, device, idx))
-            with autocast:
-                loss = task.loss(forward_model, batch) + dist.regularizer(wrapped).to(device)
-            if dist.all_reduce_mean(float(torch.isfinite(loss))) < 1.0:  # every rank stops together
-                last = latest_checkpoint(run_dir)
-                bar.close()
-                raise TrainingDiverged(
-                    f"loss is {loss.item()} at step {step + 1} (epoch {epoch + 1}); training stopped. "
-                    + (f"The last good checkpoint is {last} (resume with `leanlora train --resume {run_dir}` "
-                       "after lowering train.lr)" if last else "No checkpoint was written before it."))
-            (loss / len(micro)).backward()
-            step_loss += loss.item() / len(micro)
+
+        def forward_backward() -> float:
+            """Forward and backward of every micro-batch of this optimizer step; the mean loss."""
+            step_loss = 0.0
+            for m in micro:
+                idx = dist.shard(order[m * tc.batch_size:(m + 1) * tc.batch_size])  # this rank's share
+                batch = next(batches(task.train, tc.batch_size, task.collate, device, idx))
+                with autocast:
+                    loss = task.loss(wrapped, batch) + prior(wrapped).to(device)
+                if dist.all_reduce_mean(float(torch.isfinite(loss))) < 1.0:  # every rank stops together
+                    last = latest_checkpoint(run_dir)
+                    bar.close()
+                    raise TrainingDiverged(
+                        f"loss is {loss.item()} at step {step + 1} (epoch {epoch + 1}); training stopped. "
+                        + (f"The last good checkpoint is {last} (resume with `leanlora train --resume {run_dir}` "
+                           "after lowering train.lr)" if last else "No checkpoint was written before it."))
+                (loss / len(micro)).backward()
+                step_loss += loss.item() / len(micro)
+            return step_loss
+
+        if compiled is not None:
+            step_loss = compiled.run_step(forward_backward, lambda: optimizer.zero_grad(set_to_none=True))
+        else:
+            step_loss = forward_backward()
         step_loss = dist.all_reduce_mean(step_loss)
         if tc.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],

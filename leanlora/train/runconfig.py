@@ -147,8 +147,9 @@ class TrainConfig:
     """"auto" (CUDA when present), "cpu", "cuda", "cuda:1", ..."""
     bf16: bool = True
     """bf16 autocast on CUDA (ignored on CPU, where runs stay fp32 and bit-reproducible)."""
-    compile: bool = False
-    """torch.compile the model on CUDA (ignored on CPU)."""
+    compile: bool | Literal["auto"] = "auto"
+    """torch.compile each decoder layer: "auto" on CUDA only, true on any device, false never.
+    If compiling fails, the first step says why and the run continues eagerly."""
     num_threads: int = 0
     """CPU threads for torch; 0: torch's default."""
     distributed: Literal["none", "ddp", "fsdp2"] = "none"
@@ -160,6 +161,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _require(self.distributed in ("none", "ddp", "fsdp2"), "train.distributed", self.distributed,
                  "allowed: 'none', 'ddp', 'fsdp2'")
+        _require(self.compile in ("auto", True, False), "train.compile", self.compile,
+                 "allowed: 'auto', true, false")
         for name in ("epochs", "batch_size", "grad_accum", "eval_batch_size", "log_every"):
             _require(getattr(self, name) >= 1, f"train.{name}", getattr(self, name), "must be >= 1")
         for name in ("max_steps", "eval_every", "save_every", "num_threads"):
