@@ -59,7 +59,8 @@ def build_shared(config: AdapterConfig, device: torch.device | None) -> Shared:
         from leanlora.ranks.nested import RankSampler
 
         n = config.nested
-        shared.rank_sampler = RankSampler(n.r_min, config.r, n.distribution, decay=n.decay, seed=n.seed)
+        shared.rank_sampler = RankSampler(n.r_min, config.r, n.distribution, decay=n.decay, seed=n.seed,
+                                          device=device)
     return shared
 
 
@@ -89,7 +90,7 @@ def build_layer(module: nn.Module, name: str, config: AdapterConfig, shared: Sha
 
         n = config.nested
         ranks = NestedRanks(r, alpha, shared.rank_sampler, frozen=n.frozen,
-                            eval_rank=n.eval_rank, rslora=rslora, name=name)
+                            eval_rank=n.eval_rank, rslora=rslora, name=name, device=device)
     else:
         from leanlora.ranks.gated import GatedRanks
 

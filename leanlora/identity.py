@@ -17,6 +17,8 @@ PROBE_RTOL = 0.2
 
 def weight_probe(weight: torch.Tensor) -> list[float]:
     """PROBE_SIZE values of the (out, in) weight at evenly spaced flat positions, as Python floats."""
+    if weight.is_meta:  # deferred init (weights materialised later): nothing to probe yet
+        return []
     flat = weight.detach().reshape(-1)
     n = flat.numel()
     idx = torch.linspace(0, n - 1, steps=min(PROBE_SIZE, n)).round().long().to(flat.device)

@@ -93,3 +93,18 @@ def test_combination(factors, ranks, precision, base, tmp_path):
             nf4_logits = leanlora.inject(dense_model, _config("dense", "fixed", "float", "nf4"))(x).logits
         one_rounding = float((nf4_logits - dense_logits).norm() / dense_logits.norm())
         assert float((merged - final).norm() / final.norm()) < 2 * one_rounding
+
+
+@pytest.mark.parametrize("factors, ranks, precision",
+                         list(itertools.product(("dense", "bank"), ("fixed", "nested", "gated"),
+                                                ("float", "fixed", "learned"))))
+def test_every_adapter_tensor_lives_on_the_base_weights_device(factors, ranks, precision):
+    """Injected into a model already on an accelerator, no strategy may leave a tensor on the CPU.
+
+    The meta device stands in for CUDA here (CI has no GPU): a constructor that forgets its
+    ``device`` puts its buffer on the CPU, which a CUDA forward then refuses (as the masked
+    nested ranks once did on an H200)."""
+    model = tiny_llama().to("meta")
+    leanlora.inject(model, _config(factors, ranks, precision, "dense"))
+    placed = {name: t.device.type for name, t in itertools.chain(model.named_parameters(), model.named_buffers())}
+    assert set(placed.values()) == {"meta"}, {n: d for n, d in placed.items() if d != "meta"}

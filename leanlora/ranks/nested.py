@@ -57,7 +57,7 @@ class RankSampler(nn.Module):
     """
 
     def __init__(self, r_min: int, r_max: int, distribution: str = "uniform", decay: float = 0.8,
-                 seed: int = 0) -> None:
+                 seed: int = 0, device: torch.device | None = None) -> None:
         super().__init__()
         if not 1 <= r_min <= r_max:
             raise ValueError(f"nested ranks need 1 <= r_min <= r_max, got r_min={r_min}, r_max={r_max}")
@@ -68,7 +68,7 @@ class RankSampler(nn.Module):
         # b on the device for the masked training forward; 0 until the first advance (a forward
         # before it divides by 0 and turns the loss NaN, which the loop reports, when compiled;
         # eager forwards raise first, naming the missing call)
-        self.register_buffer("current_rank", torch.zeros((), dtype=torch.long), persistent=False)
+        self.register_buffer("current_rank", torch.zeros((), dtype=torch.long, device=device), persistent=False)
 
     def draw(self, step: int) -> int:
         """b for optimizer step ``step`` (pure: the same (seed, step) always gives the same b)."""
@@ -100,13 +100,14 @@ class NestedRanks(nn.Module):
     """Truncate A (r, in) to its first b rows and B (out, r) to its first b columns; scale alpha / b."""
 
     def __init__(self, rank: int, alpha: float, sampler: RankSampler, frozen: bool = False,
-                 eval_rank: int | None = None, rslora: bool = False, name: str = "") -> None:
+                 eval_rank: int | None = None, rslora: bool = False, name: str = "",
+                 device: torch.device | None = None) -> None:
         super().__init__()
         self.rank, self.alpha, self.frozen, self.rslora, self.name = rank, alpha, frozen, rslora, name
         # A plain attribute, not a submodule: the sampler is shared and registered once, on the model.
         object.__setattr__(self, "sampler", sampler)
         self.chosen: int | None = None
-        self.register_buffer("_index", torch.arange(rank), persistent=False)  # component numbers
+        self.register_buffer("_index", torch.arange(rank, device=device), persistent=False)  # component numbers
         if eval_rank is not None:
             self.set_rank(eval_rank)
 
