@@ -7,6 +7,7 @@ at a time) is reported as unavailable with the missing module named, never faked
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,6 +56,11 @@ METHODS = {
     "lean_qdylora": Method("leanlora QDyLoRA (nf4 + nested)", "leanlora", axes=("nf4", "nested")),
     "lean_vblora": Method("leanlora VB-LoRA (bank)", "leanlora", axes=("bank",)),
     "lean_blora": Method("leanlora B-LoRA (gated + learned bits)", "leanlora", axes=("gated", "learned")),
+    # Gate locations start at 6.0 and close below about -0.94: ~7 units of travel, at about
+    # gate_lr per Adam step, halved on average by the linear decay. The default 1e-2 needs ~1,400
+    # steps; runs of a few hundred steps need ~5e-2 for the prior to act at all.
+    "lean_blora_short": Method("leanlora B-LoRA, gate lr 5e-2 (short runs)", "leanlora", axes=("gated", "learned"),
+                               overrides={"gated": {"gate_lr": 5e-2}}),
     "lean_combo": Method("leanlora bank + gated + learned on nf4", "leanlora",
                          axes=("bank", "gated", "learned", "nf4")),
 }
@@ -108,7 +114,8 @@ def leanlora_config(method: Method, shape: Shape):
         kw["precision"] = "learned"
     if "nf4" in method.axes:
         kw["base"] = "nf4"
-    kw.update(method.overrides)
+    for key, value in method.overrides.items():  # a dict edits the default sub-config of that name
+        kw[key] = dataclasses.replace(getattr(leanlora.AdapterConfig(), key), **value) if isinstance(value, dict) else value
     return leanlora.AdapterConfig(**kw)
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 BETA = 2.0 / 3.0
 GAMMA = -0.1
@@ -45,6 +46,17 @@ def sample(log_alpha: torch.Tensor, u: torch.Tensor | None = None) -> torch.Tens
 def prob_open(log_alpha: torch.Tensor) -> torch.Tensor:
     """q = P(z != 0), the probability that a gate lets anything through (differentiable)."""
     return torch.sigmoid(log_alpha - _OPEN_SHIFT)
+
+
+def open_chain(log_alpha: torch.Tensor) -> torch.Tensor:
+    """q_1, q_1 q_2, ..., q_1···q_K: the probabilities that each prefix of a gate chain is open.
+
+    Computed as exp(cumsum(log q)) with log q = logsigmoid(·): the same values as
+    ``cumprod(prob_open(·))`` (q never reaches 0), but whose backward is three small kernels
+    where cumprod's, which must allow for zeros, takes about twenty; a B-LoRA layer evaluates
+    four such chains per step.
+    """
+    return torch.exp(torch.cumsum(F.logsigmoid(log_alpha - _OPEN_SHIFT), 0))
 
 
 def prob_one(log_alpha: torch.Tensor) -> torch.Tensor:

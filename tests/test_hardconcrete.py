@@ -70,3 +70,15 @@ def test_gradient_of_open_probability_reaches_log_alpha():
     hc.prob_open(la).sum().backward()
     q = hc.prob_open(torch.zeros(3))
     torch.testing.assert_close(la.grad, q * (1 - q))
+
+
+def test_open_chain_is_the_cumulative_product_of_open_probabilities_with_its_gradient():
+    log_alpha = torch.tensor([6.0, 0.3, -2.0, -9.0, 1.5], dtype=torch.float64, requires_grad=True)
+    weights = torch.tensor([1.0, 2.0, 4.0, 8.0, 16.0], dtype=torch.float64)
+    (hc.open_chain(log_alpha) * weights).sum().backward()
+    got = log_alpha.grad.clone()
+    log_alpha.grad = None
+    want = torch.cumprod(hc.prob_open(log_alpha), 0)
+    (want * weights).sum().backward()
+    torch.testing.assert_close(hc.open_chain(log_alpha.detach()), want.detach(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(got, log_alpha.grad, rtol=1e-10, atol=1e-14)

@@ -167,7 +167,7 @@ class LearnedBits(nn.Module):
     def expected_bits(self) -> float:
         """E[b] = b_0 + Σ_k q_1···q_k (b_k - b_{k-1}) under the current gate probabilities."""
         with torch.no_grad():
-            chain = torch.cumprod(hc.prob_open(self.log_alpha), 0)
+            chain = hc.open_chain(self.log_alpha)
             steps = torch.tensor([b - a for a, b in zip(self.bit_set, self.bit_set[1:])],
                                  dtype=chain.dtype, device=chain.device)
             return float(self.bit_set[0] + (chain * steps).sum())
@@ -177,7 +177,7 @@ class LearnedBits(nn.Module):
 
     def prior(self) -> torch.Tensor:
         """R = Σ_k c_k q_1···q_k (scalar with gradient to ``log_alpha``); see the module docstring."""
-        chain = torch.cumprod(hc.prob_open(self.log_alpha), 0)  # (K,)
+        chain = hc.open_chain(self.log_alpha)  # (K,)
         if self.reg_type == "const":
             return chain.sum()
         weights = torch.tensor(self.bit_set[1:], dtype=chain.dtype, device=chain.device)

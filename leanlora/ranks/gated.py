@@ -128,15 +128,14 @@ class GatedRanks(nn.Module):
             return float(1.0 + self._on_probs().sum())
 
     def _on_probs(self) -> torch.Tensor:
-        q = hc.prob_open(self.log_alpha)
-        return torch.cumprod(q, 0) if self.nested else q
+        return hc.open_chain(self.log_alpha) if self.nested else hc.prob_open(self.log_alpha)
 
     def prior(self) -> torch.Tensor:
         """The rank prior R (scalar with gradient); see the module docstring."""
         if self.finalized:
             return torch.zeros((), device=self._anchor.device)
-        q = hc.prob_open(self.log_alpha)
-        probs = torch.cumprod(q, 0) if (self.prior_kind == "nested" and self.nested) else q
+        nested = self.prior_kind == "nested" and self.nested
+        probs = hc.open_chain(self.log_alpha) if nested else hc.prob_open(self.log_alpha)
         cost = 1.0
         if self.reg_type == "bop":
             cost = self.component_macs * NOMINAL_BITS / self.prior_scale.value
