@@ -40,3 +40,15 @@ def test_quality_reads_glue_and_summarizes():
     rows.append({"task": "RTE", "method": "lean_combo", "seed": 0, "skipped": "not importable"})
     summary, text = quality.summarize(rows)
     assert summary[0]["score"] == 51.0 and "not importable" in text
+
+
+def test_launch_counts_against_peft(capsys):
+    import launches
+
+    rows = {r["row"]: r for r in (launches.count_row(n, layers=1, r=4) for n in ("peft_lora", "lean_lora", "lean_blora"))}
+    # leanlora LoRA dispatches no more operators than PEFT's; B-LoRA's gates and quantizers are
+    # what makes eager B-LoRA launch-bound (the reason for the compiled path)
+    assert rows["lean_lora"]["kernels"] <= rows["peft_lora"]["kernels"]
+    assert rows["lean_blora"]["kernels"] > 5 * rows["peft_lora"]["kernels"]
+    launches.main(["--rows", "peft_lora,lean_lora", "--layers", "1", "--r", "4"])
+    assert "| leanlora LoRA |" in capsys.readouterr().out
