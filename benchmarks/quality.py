@@ -19,6 +19,7 @@ then measured under that sharing (the same for every method) and say so in the o
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -72,6 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default="quality.jsonl")
     ap.add_argument("--plot", default=None, help="Pareto plot PNG (score vs BOPs and vs bytes)")
+    ap.add_argument("--gate-lr", type=float, default=0.0, help="gate learning rate of gated rows (0: the row's own)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return ap.parse_args(argv)
 
@@ -174,6 +176,9 @@ def run_job(args, task: str, name: str, seed: int, data_cache: dict) -> dict:
 
     device = torch.device(args.device)
     method = METHODS[name]
+    if args.gate_lr and "gated" in method.axes:  # e.g. a shorter or longer run than the row's default
+        method = dataclasses.replace(method, name=f"{method.name} [gate lr {args.gate_lr:g}]",
+                                     overrides={**method.overrides, "gated": {"gate_lr": args.gate_lr}})
     res = {"task": task, "method": name, "label": method.name, "seed": seed}
     why = unavailable(method)
     if why:
