@@ -142,19 +142,24 @@ class LearnedBits(nn.Module):
         """exp(log_scale) · max|w| (max detached): the clipping range, an fp32 scalar."""
         return self.log_scale.exp() * w.detach().abs().amax().float().clamp_min(_TINY)
 
-    def gates(self) -> torch.Tensor:
-        """z_1..z_K: sampled in training, thresholded (0/1) in eval."""
-        if self.training:
+    def gates(self, training: bool | None = None) -> torch.Tensor:
+        """z_1..z_K: sampled in training, thresholded (0/1) in eval (``training`` defaults to the mode)."""
+        if training is None:
+            training = self.training
+        if training:
             return hc.sample(self.log_alpha)
         return hc.deterministic(self.log_alpha, self.threshold)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        levels = level_values(w, self.x_max(w), self._steps, self._qmax, self.has_float, self.training)
-        return mix_levels(levels, level_weights(self.gates())).to(w.dtype)
+        return self._quantize(w, self.training).to(w.dtype)
 
     def _eval_value(self, w: torch.Tensor) -> torch.Tensor:
-        levels = level_values(w, self.x_max(w), self._steps, self._qmax, self.has_float, False)
-        return mix_levels(levels, level_weights(hc.deterministic(self.log_alpha, self.threshold)))
+        return self._quantize(w, False)
+
+    def _quantize(self, w: torch.Tensor, training: bool) -> torch.Tensor:
+        """Σ_k π_k q_k in fp32: sampled gates and straight-through rounding when ``training``."""
+        levels = level_values(w, self.x_max(w), self._steps, self._qmax, self.has_float, training)
+        return mix_levels(levels, level_weights(self.gates(training)))
 
     # --- what it chose -------------------------------------------------------------------------
 

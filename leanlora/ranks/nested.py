@@ -134,8 +134,7 @@ class NestedRanks(nn.Module):
 
     def _masked(self, a: torch.Tensor, b_mat: torch.Tensor, rank: torch.Tensor):
         on = self._index < rank                                          # (r,) bool, components 0..b-1
-        n = rank.to(torch.float32)
-        scale = self.alpha / (n.sqrt() if self.rslora else n)
+        scale = lora_scale(self.alpha, rank.to(torch.float32), self.rslora)  # a 0-dim tensor
         if self.frozen:
             # Only component b-1 learns this step; the earlier ones pass through detached.
             learns = self._index == rank - 1

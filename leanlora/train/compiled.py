@@ -38,7 +38,7 @@ class CompiledRegions:
     """Compile ``model``'s repeated blocks in place; :meth:`run_step` falls back to eager once."""
 
     def __init__(self, model: nn.Module, backend: str | Callable = "inductor", log=print) -> None:
-        self.model, self.log = model, log
+        self.log = log
         self.regions = repeated_blocks(model) or [model]
         for region in self.regions:
             region.compile(backend=backend)
