@@ -48,15 +48,32 @@ def prob_open(log_alpha: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(log_alpha - _OPEN_SHIFT)
 
 
-def open_chain(log_alpha: torch.Tensor) -> torch.Tensor:
-    """q_1, q_1 q_2, ..., q_1···q_K: the probabilities that each prefix of a gate chain is open.
+def open_chain(log_alpha: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """q_1, q_1 q_2, ..., q_1···q_K along ``dim``: the probabilities that each prefix of a gate chain is open.
 
     Computed as exp(cumsum(log q)) with log q = logsigmoid(·): the same values as
     ``cumprod(prob_open(·))`` (q never reaches 0), but whose backward is three small kernels
     where cumprod's, which must allow for zeros, takes about twenty; a B-LoRA layer evaluates
     four such chains per step.
     """
-    return torch.exp(torch.cumsum(F.logsigmoid(log_alpha - _OPEN_SHIFT), 0))
+    return torch.exp(torch.cumsum(F.logsigmoid(log_alpha - _OPEN_SHIFT), dim))
+
+
+def prefix_product(z: torch.Tensor) -> torch.Tensor:
+    """z_1, z_1 z_2, ..., z_1···z_K along dim 0 (= ``torch.cumprod(z, 0)``), for gate samples.
+
+    Under ``torch.compile`` the products are unrolled: a scan is its own kernel in inductor, and
+    cumprod's zero-safe backward adds a dozen more, per gate chain; K multiplications fuse into
+    the gate sampling and the quantizer around them. Gate chains are short (K < r, K < 5 for
+    bits), so unrolling is cheap to trace. Eager keeps cumprod: one kernel forward.
+    """
+    n = z.shape[0]
+    if n <= 1 or not torch.compiler.is_compiling():
+        return torch.cumprod(z, 0)
+    out = [z[0]]
+    for k in range(1, n):
+        out.append(out[-1] * z[k])
+    return torch.stack(out)
 
 
 def prob_one(log_alpha: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from leanlora import priors
 from leanlora.inject import shared_state
 
 
@@ -32,13 +33,28 @@ class Steppable(Protocol):
 def regularizer(model: nn.Module) -> torch.Tensor:
     """lambda · Σ priors over every gated strategy of the model (0 when nothing is gated).
 
-    Add it to the task loss: ``loss = task_loss + leanlora.regularizer(model)``.
+    Add it to the task loss: ``loss = task_loss + leanlora.regularizer(model)``. Priors stated as
+    data (``prior_terms()``) are evaluated together, a few kernels for the whole model
+    (:mod:`leanlora.priors`); any other ``HasPrior`` module adds its own ``prior()``.
     """
-    config = shared_state(model).config
-    terms = [m.prior() for m in model.modules() if isinstance(m, HasPrior)]
-    if not terms:
+    shared = shared_state(model)
+    stated: list[priors.PriorTerms] = []
+    others: list[torch.Tensor] = []
+    for m in model.modules():
+        if not isinstance(m, HasPrior):
+            continue
+        if hasattr(m, "prior_terms"):
+            terms = m.prior_terms()
+            if terms is not None:
+                stated.append(terms)
+        else:
+            others.append(m.prior().reshape(()))
+    together = priors.total(stated, shared.prior_weights)
+    if together is not None:
+        others.append(together)
+    if not others:
         return torch.zeros(())
-    return config.quant.lmbda * torch.stack([t.reshape(()) for t in terms]).sum()
+    return shared.config.quant.lmbda * (others[0] if len(others) == 1 else torch.stack(others).sum())
 
 
 def advance(model: nn.Module, step: int) -> None:

@@ -82,3 +82,22 @@ def test_open_chain_is_the_cumulative_product_of_open_probabilities_with_its_gra
     (want * weights).sum().backward()
     torch.testing.assert_close(hc.open_chain(log_alpha.detach()), want.detach(), rtol=1e-12, atol=0)
     torch.testing.assert_close(got, log_alpha.grad, rtol=1e-10, atol=1e-14)
+
+
+def test_prefix_product_compiled_equals_cumprod_with_zeros_and_gradients():
+    # hard-concrete samples are exactly 0 or 1 often; the unrolled compiled form must agree with
+    # cumprod (and its zero-safe gradient) there too
+    z = torch.tensor([0.7, 1.0, 0.0, 0.4, 0.9, 0.0, 0.5], dtype=torch.float64)
+    weights = torch.arange(1.0, 8.0, dtype=torch.float64)
+
+    def chain_loss(x):
+        return (hc.prefix_product(x) * weights).sum()
+
+    eager_z = z.clone().requires_grad_(True)
+    chain_loss(eager_z).backward()
+    compiled_z = z.clone().requires_grad_(True)
+    value = torch.compile(chain_loss, backend="aot_eager", fullgraph=True)(compiled_z)
+    value.backward()
+    torch.testing.assert_close(value.detach(), chain_loss(z), rtol=1e-12, atol=0)
+    torch.testing.assert_close(compiled_z.grad, eager_z.grad, rtol=1e-12, atol=0)
+    assert hc.prefix_product(z[:1]).tolist() == [0.7] and hc.prefix_product(z[:0]).numel() == 0

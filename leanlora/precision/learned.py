@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 from leanlora import hardconcrete as hc
+from leanlora import priors
 from leanlora.hardconcrete import round_ste
 from leanlora.precision.fixed import FLOAT_BITS, _TINY
 
@@ -99,13 +100,17 @@ def level_values(w: torch.Tensor, x_max: torch.Tensor, steps: torch.Tensor, qmax
 def level_weights(gates: torch.Tensor) -> torch.Tensor:
     """π_k = c_k - c_{k+1} with c = [1, z_1, z_1 z_2, ..., z_1···z_K, 0]: (K + 1,) from z (K,)."""
     one = torch.ones(1, dtype=gates.dtype, device=gates.device)
-    chain = torch.cat([one, torch.cumprod(gates, 0)])                     # (K + 1,) c_0..c_K
+    chain = torch.cat([one, hc.prefix_product(gates)])                     # (K + 1,) c_0..c_K
     return chain - torch.cat([chain[1:], torch.zeros_like(one)])
 
 
 def mix_levels(levels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Σ_k weights_k levels_k: (L, *shape), (L,) -> shape."""
-    return torch.tensordot(weights.to(levels.dtype), levels, dims=1)
+    # a broadcast product and a sum over the few levels, not tensordot: tensordot is a GEMM, which
+    # inductor cannot fuse, so the (L, *shape) stack would be written out and read back, and
+    # its backward would be two more GEMMs; this way the levels never leave the fused kernel
+    w = weights.to(levels.dtype).view((-1,) + (1,) * (levels.dim() - 1))
+    return (w * levels).sum(0)
 
 
 class LearnedBits(nn.Module):
@@ -181,12 +186,16 @@ class LearnedBits(nn.Module):
         return self.bits() < FLOAT_BITS
 
     def prior(self) -> torch.Tensor:
-        """R = Σ_k c_k q_1···q_k (scalar with gradient to ``log_alpha``); see the module docstring."""
-        chain = hc.open_chain(self.log_alpha)  # (K,)
+        """R = Σ_k c_k q_1 ··· q_k (scalar with gradient to ``log_alpha``); see the module docstring."""
+        return priors.evaluate(self.prior_terms())
+
+    def prior_terms(self) -> priors.PriorTerms:
+        """R as data (:mod:`leanlora.priors`): the open chain of the gates, priced per step."""
         if self.reg_type == "const":
-            return chain.sum()
-        weights = torch.tensor(self.bit_set[1:], dtype=chain.dtype, device=chain.device)
-        return (chain * weights).sum() * (self.macs / self.prior_scale.value)
+            weights = (1.0,) * self.log_alpha.numel()
+        else:
+            weights = tuple(b * self.macs / self.prior_scale.value for b in self.bit_set[1:])
+        return priors.PriorTerms(self.log_alpha, weights, chain=True)
 
     @torch.no_grad()
     def encode(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from leanlora import hardconcrete as hc
+from leanlora import priors
 from leanlora.hardconcrete import round_ste
 from leanlora.precision.full import FullPrecision
 from leanlora.precision.learned import PriorScale
@@ -81,7 +82,7 @@ class GatedRanks(nn.Module):
             z = hc.sample(self.log_alpha)
         else:
             z = hc.deterministic(self.log_alpha, self.threshold)
-        return torch.cumprod(z, 0) if self.nested else z
+        return hc.prefix_product(z) if self.nested else z
 
     def mask(self) -> torch.Tensor:
         """m = [1, ⌊z~_1⌉, ..., ⌊z~_{r-1}⌉] (r,), straight-through rounding; fp32."""
@@ -132,14 +133,18 @@ class GatedRanks(nn.Module):
 
     def prior(self) -> torch.Tensor:
         """The rank prior R (scalar with gradient); see the module docstring."""
+        terms = self.prior_terms()
+        return torch.zeros((), device=self._anchor.device) if terms is None else priors.evaluate(terms)
+
+    def prior_terms(self) -> priors.PriorTerms | None:
+        """R as data (:mod:`leanlora.priors`), None once finalized (the gates are gone)."""
         if self.finalized:
-            return torch.zeros((), device=self._anchor.device)
-        nested = self.prior_kind == "nested" and self.nested
-        probs = hc.open_chain(self.log_alpha) if nested else hc.prob_open(self.log_alpha)
+            return None
         cost = 1.0
         if self.reg_type == "bop":
             cost = self.component_macs * NOMINAL_BITS / self.prior_scale.value
-        return probs.sum() * cost
+        return priors.PriorTerms(self.log_alpha, (cost,) * self.log_alpha.numel(),
+                                 chain=self.prior_kind == "nested" and self.nested)
 
     def diag_quantizer(self) -> nn.Module | None:
         """The quantizer of E (None without diag): cost accounting reads its bits from here."""

@@ -45,12 +45,6 @@ class CompiledRegions:
         self.backend = backend
         self.compiled, self._proven = True, False
 
-    def function(self, fn: Callable) -> Callable:
-        """``fn`` compiled while the regions are, eager after a fallback (e.g. the gate prior,
-        which would otherwise cost a few dozen small kernels per adapted layer per step)."""
-        fast = torch.compile(fn, backend=self.backend)
-        return lambda *args, **kwargs: (fast if self.compiled else fn)(*args, **kwargs)
-
     def eager(self) -> None:
         """Back to the plain forward of every region (``nn.Module.compile`` is undone this way)."""
         for region in self.regions:

@@ -149,9 +149,9 @@ def train(run: RunConfig | None, run_dir: str | Path, *, resume: bool = False, p
         optimizer, lambda s: lr_factor(s, total, warmup, tc.schedule))
     # compiled per decoder layer on CUDA by default; the first step falls back to eager if inductor fails
     compiled = CompiledRegions(model, log=log) if wants_compile(tc.compile, device) else None
-    # the gate prior reads parameters only; compiled it is a few fused kernels (not under FSDP2,
-    # where it collects terms the sharded layers computed in their forward)
-    prior = compiled.function(dist.regularizer) if compiled and tc.distributed != "fsdp2" else dist.regularizer
+    # the gate prior stays eager: stacked model-wide (leanlora.priors) it is a dozen kernels, and
+    # compiling it would cost a graph as large as the model's gate count for nothing
+    prior = dist.regularizer
     autocast = _autocast(device, tc.bf16)
 
     step = 0
