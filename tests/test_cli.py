@@ -59,7 +59,8 @@ def test_compiled_training_gives_the_eager_losses(trained, config, root, monkeyp
     made = []
 
     class Recording(compiled.CompiledRegions):
-        def __init__(self, model, log=print):
+        def __init__(self, model, log=print, mode="default"):
+            assert mode == "default"  # train.compile_mode's default reaches the regions
             super().__init__(model, backend="aot_eager", log=log)
             made.append(self)
 

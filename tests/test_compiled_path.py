@@ -89,3 +89,22 @@ def test_errors_of_the_model_itself_are_not_swallowed():
 
     with pytest.raises(ValueError, match="a bug in the task"):
         regions.run_step(bad_step, lambda: None)
+
+
+def test_cuda_graph_mode_is_passed_to_inductor_and_needs_it():
+    # On the CPU inductor skips CUDA graphs and compiles as usual, so the mode's plumbing (mode
+    # reaches torch.compile, the step marker is harmless) is testable here; its speed is not.
+    x = token_batch()
+    torch.manual_seed(0)
+    eager = tiny_llama().train()
+    leanlora.inject(eager, leanlora.AdapterConfig(target_modules=("q_proj", "v_proj"), r=4))
+    want = _step(eager, x)()
+    torch.manual_seed(0)
+    model = tiny_llama().train()
+    leanlora.inject(model, leanlora.AdapterConfig(target_modules=("q_proj", "v_proj"), r=4))
+    regions = CompiledRegions(model, log=lambda *a: None, mode="reduce-overhead")
+    regions.begin_step()
+    got = regions.run_step(_step(model, x), lambda: model.zero_grad(set_to_none=True))
+    assert regions.compiled and regions.mode == "reduce-overhead" and got == pytest.approx(want, rel=1e-5)
+    with pytest.raises(ValueError, match="compile mode 'reduce-overhead' needs the inductor backend"):
+        CompiledRegions(tiny_llama(), backend="aot_eager", mode="reduce-overhead")

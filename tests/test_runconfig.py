@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from leanlora.config import AdapterConfig, ConfigError
-from leanlora.train.runconfig import RunConfig, load_run_config, parse_override, to_commented_yaml
+from leanlora.train.runconfig import RunConfig, TrainConfig, load_run_config, parse_override, to_commented_yaml
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -77,6 +77,12 @@ def test_invalid_value_names_key_and_line(tmp_path):
         load_run_config(write(tmp_path, "adapter:\n  r: 0\n"))
     with pytest.raises(ConfigError, match=r"line 2: data.task='qa' is invalid"):
         load_run_config(write(tmp_path, "data:\n  task: qa\n"))
+    with pytest.raises(ConfigError, match=r"line 2: train.compile_mode='cudagraphs' is invalid: allowed \['default', "
+                                          r"'reduce-overhead'"):
+        load_run_config(write(tmp_path, "train:\n  compile_mode: cudagraphs\n"))
+    assert load_run_config(None, ["train.compile_mode=reduce-overhead"]).train.compile_mode == "reduce-overhead"
+    with pytest.raises(ConfigError, match=r"train.compile_mode='fast' is invalid"):  # the Python API checks too
+        TrainConfig(compile_mode="fast")
 
 
 def test_override_errors_name_the_override(tmp_path):

@@ -37,13 +37,26 @@ def repeated_blocks(model: nn.Module) -> list[nn.Module]:
 class CompiledRegions:
     """Compile ``model``'s repeated blocks in place; :meth:`run_step` falls back to eager once."""
 
-    def __init__(self, model: nn.Module, backend: str | Callable = "inductor", log=print) -> None:
+    def __init__(self, model: nn.Module, backend: str | Callable = "inductor", log=print,
+                 mode: str = "default") -> None:
+        """``mode`` is torch.compile's (inductor only); "reduce-overhead" records CUDA graphs."""
+        if mode != "default" and backend != "inductor":
+            raise ValueError(f"compile mode {mode!r} needs the inductor backend, not {backend!r}")
         self.log = log
         self.regions = repeated_blocks(model) or [model]
         for region in self.regions:
-            region.compile(backend=backend)
-        self.backend = backend
+            if mode == "default":
+                region.compile(backend=backend)
+            else:
+                region.compile(mode=mode)
+        self.backend, self.mode = backend, mode
         self.compiled, self._proven = True, False
+
+    def begin_step(self) -> None:
+        """Call before each optimizer step's forward: with CUDA graphs, the outputs of the last
+        step's graphs may then be overwritten (nothing is kept from them past the step)."""
+        if self.compiled and self.mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()
 
     def eager(self) -> None:
         """Back to the plain forward of every region (``nn.Module.compile`` is undone this way)."""

@@ -148,7 +148,7 @@ def train(run: RunConfig | None, run_dir: str | Path, *, resume: bool = False, p
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total, warmup, tc.schedule))
     # compiled per decoder layer on CUDA by default; the first step falls back to eager if inductor fails
-    compiled = CompiledRegions(model, log=log) if wants_compile(tc.compile, device) else None
+    compiled = CompiledRegions(model, log=log, mode=tc.compile_mode) if wants_compile(tc.compile, device) else None
     # the gate prior stays eager: stacked model-wide (leanlora.priors) it is a dozen kernels, and
     # compiling it would cost a graph as large as the model's gate count for nothing
     prior = dist.regularizer
@@ -196,6 +196,7 @@ def train(run: RunConfig | None, run_dir: str | Path, *, resume: bool = False, p
             return step_loss
 
         if compiled is not None:
+            compiled.begin_step()
             step_loss = compiled.run_step(forward_backward, lambda: optimizer.zero_grad(set_to_none=True))
         else:
             step_loss = forward_backward()

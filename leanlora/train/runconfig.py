@@ -150,6 +150,12 @@ class TrainConfig:
     compile: bool | Literal["auto"] = "auto"
     """torch.compile each decoder layer: "auto" on CUDA only, true on any device, false never.
     If compiling fails, the first step says why and the run continues eagerly."""
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "default"
+    """torch.compile mode of the compiled layers. "reduce-overhead" adds CUDA graphs, which
+    removes kernel-launch cost: B-LoRA's gates and quantizers are many small kernels, and on an
+    H200 (1B Llama, batch 8x1024) CUDA graphs made its step 2x faster, level with PEFT LoRA
+    (BENCHMARKS.md 1d). A graph is recorded per input shape, so prefer it when batches have few
+    distinct lengths."""
     num_threads: int = 0
     """CPU threads for torch; 0: torch's default."""
     distributed: Literal["none", "ddp", "fsdp2"] = "none"
@@ -163,6 +169,9 @@ class TrainConfig:
                  "allowed: 'none', 'ddp', 'fsdp2'")
         _require(self.compile in ("auto", True, False), "train.compile", self.compile,
                  "allowed: 'auto', true, false")
+        _require(self.compile_mode in ("default", "reduce-overhead", "max-autotune-no-cudagraphs"),
+                 "train.compile_mode", self.compile_mode,
+                 "allowed: 'default', 'reduce-overhead', 'max-autotune-no-cudagraphs'")
         for name in ("epochs", "batch_size", "grad_accum", "eval_batch_size", "log_every"):
             _require(getattr(self, name) >= 1, f"train.{name}", getattr(self, name), "must be >= 1")
         for name in ("max_steps", "eval_every", "save_every", "num_threads"):
