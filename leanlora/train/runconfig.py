@@ -153,8 +153,8 @@ class TrainConfig:
     compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "default"
     """torch.compile mode of the compiled layers. "reduce-overhead" adds CUDA graphs, which
     removes kernel-launch cost: B-LoRA's gates and quantizers are many small kernels, and on an
-    H200 (1B Llama, batch 8x1024) CUDA graphs made its step 2x faster, level with PEFT LoRA
-    (BENCHMARKS.md 1d). A graph is recorded per input shape, so prefer it when batches have few
+    H200 (1B Llama, batch 8x1024) CUDA graphs made its step 2x faster, to 0.95x of compiled PEFT
+    LoRA's speed (BENCHMARKS.md 1d). A graph is recorded per input shape, so prefer it when batches have few
     distinct lengths."""
     num_threads: int = 0
     """CPU threads for torch; 0: torch's default."""
