@@ -17,7 +17,6 @@ from leanlora.identity import weight_probe
 from leanlora.layer import AdaptedLinear
 from leanlora.precision.full import FullPrecision
 from leanlora.precision.learned import PriorScale
-from leanlora.priors import WeightCache
 from leanlora.ranks.fixed import FixedRanks
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -42,8 +41,6 @@ class Shared(nn.Module):
         # largest full-rank adapter MACs/token over the layers, raised by build_layer as it goes:
         # the normaliser of the BOP-aware gate priors (quant.reg_type="bop")
         self.prior_scale = PriorScale()
-        # device copies of the prior's constant prices, reused by every step's regularizer
-        self.prior_weights = WeightCache()
 
     def forward(self, x):
         # A holder, not a layer; identity so that a plain nn.Sequential root still computes the same.

@@ -35,13 +35,6 @@ def open_probs(log_alpha: torch.Tensor, chain: bool) -> torch.Tensor:
     return hc.open_chain(log_alpha, -1) if chain else hc.prob_open(log_alpha)
 
 
-def evaluate(terms: PriorTerms) -> torch.Tensor:
-    """One module's prior, a scalar (the reference :func:`total` must agree with)."""
-    probs = open_probs(terms.log_alpha, terms.chain)
-    weights = torch.tensor(terms.weights, dtype=probs.dtype, device=probs.device)
-    return (probs * weights).sum()
-
-
 class WeightCache:
     """Device copies of the constant price matrices, one per group, reused across steps.
 
@@ -50,30 +43,43 @@ class WeightCache:
     prices themselves, so a changed price (a pruned model, a new scale) makes a new entry.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_entries: int = 4096) -> None:
+        # one entry per distinct price row set: a module's own (FSDP2 evaluates per module) or a
+        # stacked group's; a few hundred for a large model, so the bound only stops leaks
         self._tensors: dict[tuple, torch.Tensor] = {}
+        self.max_entries = max_entries
 
     def get(self, rows: tuple[tuple[float, ...], ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # a traced graph keeps its constants; no cache writes in a trace
+            return torch.tensor(rows, dtype=dtype, device=device)
         key = (rows, dtype, device)
         hit = self._tensors.get(key)
         if hit is None:
-            if len(self._tensors) > 64:  # prices change only when the model does; never grow without bound
+            if len(self._tensors) >= self.max_entries:  # prices change only when a model does
                 self._tensors.clear()
             hit = self._tensors[key] = torch.tensor(rows, dtype=dtype, device=device)
         return hit
 
 
-def total(all_terms: list[PriorTerms], cache: WeightCache | None = None) -> torch.Tensor | None:
+_PRICES = WeightCache()  # shared by every model: entries are keyed by value, not by owner
+
+
+def evaluate(terms: PriorTerms) -> torch.Tensor:
+    """One module's prior, a scalar (the reference :func:`total` must agree with)."""
+    probs = open_probs(terms.log_alpha, terms.chain)
+    return (probs * _PRICES.get((terms.weights,), probs.dtype, probs.device)[0]).sum()
+
+
+def total(all_terms: list[PriorTerms]) -> torch.Tensor | None:
     """Σ over modules of their priors, evaluated per group of equal (f, K, dtype, device); None if empty."""
     groups: dict[tuple, list[PriorTerms]] = {}
     for t in all_terms:
         key = (t.chain, t.log_alpha.shape[-1], t.log_alpha.dtype, t.log_alpha.device)
         groups.setdefault(key, []).append(t)
-    cache = cache or WeightCache()
     sums = []
     for (chain, _, dtype, device), members in groups.items():
         log_alpha = torch.stack([t.log_alpha for t in members])                  # (G, K)
-        weights = cache.get(tuple(t.weights for t in members), dtype, device)     # (G, K)
+        weights = _PRICES.get(tuple(t.weights for t in members), dtype, device)   # (G, K)
         sums.append((open_probs(log_alpha, chain) * weights).sum())
     if not sums:
         return None

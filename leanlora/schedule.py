@@ -49,7 +49,7 @@ def regularizer(model: nn.Module) -> torch.Tensor:
                 stated.append(terms)
         else:
             others.append(m.prior().reshape(()))
-    together = priors.total(stated, shared.prior_weights)
+    together = priors.total(stated)
     if together is not None:
         others.append(together)
     if not others:

@@ -49,7 +49,7 @@ class CompiledRegions:
                 region.compile(backend=backend)
             else:
                 region.compile(mode=mode)
-        self.backend, self.mode = backend, mode
+        self.mode = mode
         self.compiled, self._proven = True, False
 
     def begin_step(self) -> None:
