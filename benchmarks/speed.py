@@ -60,6 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--bank-length", type=int, default=256, help="VB-LoRA vector length b (must divide every dim)")
     ap.add_argument("--adapter-dtype", choices=("float32", "bfloat16"), default="float32",
                     help="leanlora adapter dtype (PEFT keeps fp32 adapters on a bf16 model by default)")
+    ap.add_argument("--optimizer", choices=("foreach", "fused"), default="foreach",
+                    help="AdamW implementation for every row: foreach (torch's default on GPU) or fused")
     ap.add_argument("--profile", default="", help="comma list of row-name substrings to profile for one extra step")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=12)
@@ -161,7 +163,7 @@ def run_row(row: str, args, device, ids, floor_tps: float) -> dict:
     else:
         model, groups, hook = apply(method, model, shape, "CAUSAL_LM", torch.bfloat16)
         prior = method.library == "leanlora" and method.has_prior
-        opt = torch.optim.AdamW(groups, lr=1e-4)
+        opt = torch.optim.AdamW(groups, lr=1e-4, **{args.optimizer: True})
     model.train()
     result["trainable"] = trainable_count(model)
     fwd = compile_model(model, args.compile, args.compile_mode) if mode == "compiled" else model
@@ -179,21 +181,28 @@ def run_row(row: str, args, device, ids, floor_tps: float) -> dict:
         torch._dynamo.utils.counters.clear()
 
     def step(i: int) -> float:
+        from torch.profiler import record_function
+
         if graphs:  # a new iteration: CUDA-graph outputs of the last one may be overwritten
             torch.compiler.cudagraph_mark_step_begin()
         if name != "base" and method.library == "leanlora":
             import leanlora
 
-            leanlora.advance(model, i)
-        loss = fwd(input_ids=ids, labels=ids).loss
+            with record_function("phase: advance"):
+                leanlora.advance(model, i)
+        with record_function("phase: forward"):
+            loss = fwd(input_ids=ids, labels=ids).loss
         if prior:
-            loss = loss + regularize(model).to(loss.device)
-        loss.backward()
+            with record_function("phase: prior"):
+                loss = loss + regularize(model).to(loss.device)
+        with record_function("phase: backward"):
+            loss.backward()
         if opt is not None:
-            opt.step()
-            if hook is not None:
-                hook(i)
-            opt.zero_grad(set_to_none=True)
+            with record_function("phase: optimizer"):
+                opt.step()
+                if hook is not None:
+                    hook(i)
+                opt.zero_grad(set_to_none=True)
         return float(loss.detach())
 
     t0 = time.perf_counter()
@@ -219,7 +228,7 @@ def run_row(row: str, args, device, ids, floor_tps: float) -> dict:
                   tokens_per_s=tokens / med, loss=last_loss,
                   peak_gib=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan"),
                   pct_floor=100 * tokens / med / floor_tps if floor_tps == floor_tps else float("nan"))
-    if args.profile and device.type == "cuda" and any(p in row for p in args.profile.split(",")):
+    if args.profile and any(p in row for p in args.profile.split(",")):
         result["profile"] = profile_step(step, args.warmup + args.steps)
     counters = getattr(torch._dynamo.utils, "counters", {})
     result["graph_breaks"] = sum(counters.get("graph_break", {}).values()) if counters else None
@@ -253,16 +262,31 @@ def save_failed_kernel(message: str, folder: Path, row: str) -> str | None:
 
 
 def profile_step(step, i: int, top: int = 12) -> list[dict]:
-    """CUDA time per kernel name over one step, the ``top`` largest, plus the launch count."""
+    """One profiled step: launch count, host and device time per phase, the largest kernels.
+
+    Phases are the ``record_function`` ranges of ``step`` (advance, forward, prior, backward,
+    optimizer); "host ms" is the CPU time inside the range, "cuda ms" the kernel time it launched.
+    Kernels are listed twice: the ``top`` by device time and the ``top`` by launch count.
+    """
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+    on_gpu = torch.cuda.is_available()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])) as prof:
         step(i)
-        torch.cuda.synchronize()
-    rows = [(e.key, e.device_time_total, e.count) for e in prof.key_averages() if e.device_time_total > 0]
-    rows.sort(key=lambda r: -r[1])
-    launches = sum(e.count for e in prof.key_averages() if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx"))
-    return [{"launches": launches}] + [{"name": k[:120], "cuda_ms": t / 1e3, "count": c} for k, t, c in rows[:top]]
+        if on_gpu:
+            torch.cuda.synchronize()
+    events = prof.key_averages()
+    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx"))
+    phases = [{"phase": e.key.removeprefix("phase: "), "host_ms": e.cpu_time_total / 1e3,
+               "cuda_ms": e.device_time_total / 1e3} for e in events if e.key.startswith("phase: ")]
+    kernels = [(e.key, e.device_time_total, e.count) for e in events
+               if e.device_type == torch.autograd.DeviceType.CUDA and e.device_time_total > 0]
+    by_time = sorted(kernels, key=lambda r: -r[1])[:top]
+    by_count = sorted(kernels, key=lambda r: -r[2])[:top]
+    return ([{"launches": launches, "kernels": len(kernels),
+              "kernel_ms": sum(t for _, t, _ in kernels) / 1e3}] + phases
+            + [{"name": k[:120], "cuda_ms": t / 1e3, "count": c, "by": "time"} for k, t, c in by_time]
+            + [{"name": k[:120], "cuda_ms": t / 1e3, "count": c, "by": "count"} for k, t, c in by_count])
 
 
 def table(rows: list[dict]) -> str:

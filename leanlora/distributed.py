@@ -424,18 +424,18 @@ def _nf4_as_parameters(model: nn.Module) -> list[str]:
 
 def _capture_priors(model: nn.Module) -> None:
     from leanlora.layer import AdaptedLinear
-    from leanlora.schedule import HasPrior
+    from leanlora.schedule import HasPrior, implements
 
     for layer in model.modules():
-        if isinstance(layer, AdaptedLinear) and any(isinstance(m, HasPrior) for m in layer.modules()):
+        if isinstance(layer, AdaptedLinear) and any(implements(m, HasPrior) for m in layer.modules()):
             layer.register_forward_hook(_record_priors)
 
 
 def _record_priors(layer: nn.Module, args, output) -> None:
-    from leanlora.schedule import HasPrior
+    from leanlora.schedule import HasPrior, implements
 
     if torch.is_grad_enabled():
-        terms = [m.prior().reshape(()) for m in layer.modules() if isinstance(m, HasPrior) and m is not layer]
+        terms = [m.prior().reshape(()) for m in layer.modules() if implements(m, HasPrior) and m is not layer]
         setattr(layer, _PRIORS_ATTR, terms)
 
 
@@ -448,7 +448,7 @@ def regularizer(model: nn.Module) -> torch.Tensor:
     import leanlora
     from leanlora.inject import shared_state
     from leanlora.layer import AdaptedLinear
-    from leanlora.schedule import HasPrior
+    from leanlora.schedule import HasPrior, implements
 
     inner = unwrap(model)
     if mode_of(model) != "fsdp2":
@@ -461,7 +461,7 @@ def regularizer(model: nn.Module) -> torch.Tensor:
             terms.extend(layer.__dict__.pop(_PRIORS_ATTR, []))
     # priors outside adapted layers (none today) live in the root group: gathered after forward
     terms.extend(m.prior().reshape(()) for m in inner.modules()
-                 if isinstance(m, HasPrior) and id(m) not in under_layers and m is not inner)
+                 if implements(m, HasPrior) and id(m) not in under_layers and m is not inner)
     if not terms:
         return torch.zeros(())
     return shared_state(inner).config.quant.lmbda * torch.stack(terms).sum()

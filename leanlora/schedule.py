@@ -30,6 +30,24 @@ class Steppable(Protocol):
         ...
 
 
+_IMPLEMENTS: dict[tuple[type, type], bool] = {}
+
+
+def implements(module: object, protocol: type) -> bool:
+    """``isinstance(module, protocol)``, decided once per class.
+
+    A runtime-checkable protocol's isinstance inspects the instance's attributes on every call
+    (about 15 µs); over the ~1,100 modules of a 1B model that was 17 ms of host time per step in
+    each of :func:`advance` and :func:`regularizer`, with the GPU idle. The protocols here are
+    about methods, which live on the class.
+    """
+    key = (type(module), protocol)
+    hit = _IMPLEMENTS.get(key)
+    if hit is None:
+        hit = _IMPLEMENTS[key] = isinstance(module, protocol)
+    return hit
+
+
 def regularizer(model: nn.Module) -> torch.Tensor:
     """lambda · Σ priors over every gated strategy of the model (0 when nothing is gated).
 
@@ -41,7 +59,7 @@ def regularizer(model: nn.Module) -> torch.Tensor:
     stated: list[priors.PriorTerms] = []
     others: list[torch.Tensor] = []
     for m in model.modules():
-        if not isinstance(m, HasPrior):
+        if not implements(m, HasPrior):
             continue
         if hasattr(m, "prior_terms"):
             terms = m.prior_terms()
@@ -62,6 +80,6 @@ def advance(model: nn.Module, step: int) -> None:
     shared_state(model)
     seen: set[int] = set()
     for m in model.modules():
-        if isinstance(m, Steppable) and id(m) not in seen and m is not model:
+        if implements(m, Steppable) and id(m) not in seen and m is not model:
             seen.add(id(m))
             m.advance(step)
