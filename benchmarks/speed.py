@@ -278,9 +278,11 @@ def profile_step(step, i: int, top: int = 12) -> list[dict]:
     events = prof.key_averages()
     launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx"))
     phases = [{"phase": e.key.removeprefix("phase: "), "host_ms": e.cpu_time_total / 1e3,
-               "cuda_ms": e.device_time_total / 1e3} for e in events if e.key.startswith("phase: ")]
-    kernels = [(e.key, e.device_time_total, e.count) for e in events
-               if e.device_type == torch.autograd.DeviceType.CUDA and e.device_time_total > 0]
+               "cuda_ms": e.device_time_total / 1e3} for e in events
+              if e.key.startswith(("phase: ", "leanlora: ")) and e.device_type == torch.autograd.DeviceType.CPU]
+    kernels = [(e.key, e.device_time_total, e.count) for e in events  # not the ranges' GPU-side copies
+               if e.device_type == torch.autograd.DeviceType.CUDA and e.device_time_total > 0
+               and not e.key.startswith(("phase: ", "leanlora: ", "Optimizer.", "## Call"))]
     by_time = sorted(kernels, key=lambda r: -r[1])[:top]
     by_count = sorted(kernels, key=lambda r: -r[2])[:top]
     return ([{"launches": launches, "kernels": len(kernels),

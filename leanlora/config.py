@@ -192,6 +192,10 @@ class AdapterConfig:
     gated: GatedConfig = field(default_factory=GatedConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     nf4: NF4Config = field(default_factory=NF4Config)
+    vectorize: Literal["auto", "always", "never"] = "auto"
+    """compute the adapter pieces (gated, quantized or bank-composed A and B) of all layers of the
+    same shape together, once per training forward (:mod:`leanlora.vectorize`): "auto" where
+    they take work of their own, "always", or "never" (each layer computes its own)."""
 
     def __post_init__(self) -> None:
         for name in ("target_modules", "exclude_modules", "modules_to_save"):
@@ -212,6 +216,8 @@ class AdapterConfig:
         _require(self.precision in ("float", "fixed", "learned"), "precision", self.precision,
                  "allowed: 'float', 'fixed', 'learned'")
         _require(self.base in ("dense", "nf4"), "base", self.base, "allowed: 'dense', 'nf4'")
+        _require(self.vectorize in ("auto", "always", "never"), "vectorize", self.vectorize,
+                 "allowed: 'auto', 'always', 'never'")
         _require(self.adapter_dtype in ("float32", "bfloat16", "float16"), "adapter_dtype",
                  self.adapter_dtype, "allowed: 'float32', 'bfloat16', 'float16'")
         if self.factors == "bank" and not self.bank.scaled:

@@ -23,6 +23,7 @@ from leanlora.base.dense import linear_shape, supported_linear
 from leanlora.build import Shared, build_layer, build_shared
 from leanlora.config import AdapterConfig, ConfigError
 from leanlora.layer import AdaptedLinear
+from leanlora.vectorize import Vectorizer, refresh_pieces
 
 SHARED_ATTR = "leanlora_shared"
 
@@ -147,6 +148,8 @@ def inject(model: nn.Module, config: AdapterConfig, *, filter_fn: FilterFn | Non
         layer = build_layer(modules[name], name, config, shared)
         _set_submodule(model, name, layer)
     model.add_module(SHARED_ATTR, shared)
+    shared.vectorizer = Vectorizer(config.vectorize)
+    model.register_forward_pre_hook(refresh_pieces)
     for name in save_names:
         for p in modules[name].parameters():
             p.requires_grad_(True)
@@ -201,6 +204,9 @@ def unload(model: nn.Module) -> nn.Module:
         layer.unmerge()
         _set_submodule(model, name, layer.base.as_module())
     delattr(model, SHARED_ATTR)
+    for key, hook in list(model._forward_pre_hooks.items()):
+        if hook is refresh_pieces:
+            del model._forward_pre_hooks[key]
     flags = shared.original_requires_grad
     for n, p in model.named_parameters():
         if n in flags:

@@ -43,6 +43,16 @@ class AdaptedLinear(nn.Module):
         self.enabled = True
         self.merged = False
         self._unmerge_copy: object | None = None
+        # (A~, B~, d, scale) of this forward when computed with the layer's group
+        # (leanlora.vectorize); None: the layer computes its own
+        self.pieces: tuple | None = None
+
+    def __getstate__(self) -> dict:
+        # the pieces of the last forward hang on its autograd graph, which deepcopy and pickle
+        # refuse; they are recomputed at the next forward anyway
+        state = self.__dict__.copy()
+        state["pieces"] = None
+        return state
 
     # --- forward -------------------------------------------------------------------------------
 
@@ -56,7 +66,7 @@ class AdaptedLinear(nn.Module):
         y = self.base(x)                                      # (..., out)
         if self.merged or not self.enabled:
             return y
-        a, b, d, scale = self.lowrank()
+        a, b, d, scale = self.pieces if self.pieces is not None else self.lowrank()
         # Run the adapter path in the activations' dtype when they are low precision: casting
         # the small factors costs r·(in+out) values, casting x would cost tokens·in.
         dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else a.dtype

@@ -70,7 +70,7 @@ def test_a_compiler_failure_falls_back_to_eager_once_and_says_why():
     assert not regions.compiled and len(said) == 1 and loss == loss
     assert all(getattr(m, "_compiled_call_impl", None) is None for m in repeated_blocks(model))
     # the gradients are those of one eager step, not of a failed half-step plus a retry (the
-    # failure happens while tracing on fake tensors, so not even the gate noise was drawn)
+    # retry starts from the random state the failed attempt started from: same gate noise)
     torch.manual_seed(0)
     eager = _blora()
     torch.manual_seed(1)

@@ -69,6 +69,7 @@ class CompiledRegions:
         one, warn, go eager, clear gradients and run it again."""
         if self._proven or not self.compiled:
             return step()
+        rng = _rng_state()
         try:
             out = step()
         except Exception as err:  # the compiler's own exception types differ across torch versions
@@ -80,9 +81,22 @@ class CompiledRegions:
             self.log(f"warning: {message}")
             self.eager()
             zero_grad()
+            _set_rng_state(rng)  # the retry draws the same gate noise a plain eager step would
             out = step()
         self._proven = True
         return out
+
+
+def _rng_state() -> tuple:
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state: tuple) -> None:
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
 
 
 def _root_cause(err: BaseException) -> str:

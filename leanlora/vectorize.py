@@ -1,0 +1,222 @@
+"""The adapter pieces of many layers, computed together once per forward (``AdapterConfig.vectorize``).
+
+B-LoRA's gates and quantizers, and VB-LoRA's bank composition, are dozens of operators on small
+tensors per adapted layer. Layer by layer that is 52 extra kernels per module in a compiled
+training step on an H200 (7,743 launches against LoRA's 1,914 at the 1B shape), each launched
+from the host: the step is host-bound. But the work is the same function for every layer of the
+same shape and strategy (q and o, k and v, gate and up, down: four groups in a Llama), only with
+other parameter values. So at the start of the model's forward, each such group is computed in
+one go: its parameters are stacked and ``torch.func.vmap`` runs the layers' own
+:meth:`~leanlora.layer.AdaptedLinear.lowrank` over the stack (gate draws differ per layer:
+``randomness="different"``). Each layer then reads its slice (``AdaptedLinear.pieces``) instead
+of computing its own. Same values and the same gradients as layer by layer (tested); the gate
+samples come from another stream of random numbers.
+
+A group is what vmap may batch: layers whose strategy modules have the same classes, the same
+parameter and buffer shapes and the same plain attributes (module names aside). Anything vmap
+cannot prove identical (a tensor held as a plain attribute) keeps a layer to itself.
+
+When it is on: in training mode with gradients enabled, at every forward of the model
+``inject`` was given (a forward pre-hook), in "auto" only for layers whose pieces take work
+(gated ranks, fixed or learned bits, bank factors; plain LoRA factors are the parameters
+themselves, and stacking them would only copy). It stays off, layer by layer as before, under
+FSDP2 (sharded parameters exist whole only inside each layer's own forward) and with Hugging
+Face gradient checkpointing (a re-entrant recompute would run the shared backward once per layer).
+The pieces of the last training forward are kept until the next forward of the model, so that a
+non-re-entrant recompute sees the same gate draws; in eval mode, or with gradients off, they are
+dropped. Calling an inner module directly, bypassing the model's forward, in training mode would
+read the last forward's pieces: go through the model.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from leanlora.layer import AdaptedLinear
+
+_PARTS = ("factors", "ranks", "quant_a", "quant_b")
+_MODULE_INTERNALS = frozenset(vars(nn.Module())) - {"training"}
+_IGNORED_ATTRS = frozenset({"name"})  # messages only
+_PLAIN = (int, float, bool, str, type(None))
+_WORKLESS = frozenset({"DenseFactors", "FixedRanks", "NestedRanks", "FullPrecision", "FrozenBits"})
+
+MODES = ("auto", "always", "never")
+
+
+class _Pieces(nn.Module):
+    """A layer's :meth:`lowrank` as a module forward, so that ``functional_call`` can swap its tensors."""
+
+    def __init__(self, layer: AdaptedLinear) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self):
+        return self.layer.lowrank()
+
+
+def _attr_key(value: Any) -> Any:
+    """A hashable stand-in for a plain attribute; raises TypeError for a tensor vmap would not see."""
+    if isinstance(value, _PLAIN):
+        return value
+    if isinstance(value, (tuple, list)):
+        return tuple(_attr_key(v) for v in value)
+    if isinstance(value, torch.Tensor):
+        raise TypeError("plain tensor attribute")
+    return ("object", id(value))  # shared holders (the bank, the sampler, the prior scale)
+
+
+def signature(layer: AdaptedLinear) -> tuple | None:
+    """What must be equal for two layers to share one vmap; None when the layer cannot be batched."""
+    key = []
+    for part_name in _PARTS:
+        part = getattr(layer, part_name)
+        for name, module in part.named_modules(prefix=part_name):
+            attrs = []
+            for k, v in sorted(vars(module).items()):
+                if k in _MODULE_INTERNALS or k in _IGNORED_ATTRS:
+                    continue
+                try:
+                    attrs.append((k, _attr_key(v)))
+                except TypeError:
+                    return None
+            tensors = tuple((n, tuple(t.shape), t.dtype, t.device, t.requires_grad)
+                            for n, t in (*module._parameters.items(), *module._buffers.items()) if t is not None)
+            key.append((name, type(module), tuple(attrs), tensors))
+    return tuple(key)
+
+
+def worth_batching(layer: AdaptedLinear) -> bool:
+    """True when the layer's pieces are computed (gates, quantizers, a bank), not just its parameters."""
+    return any(type(m).__name__ not in _WORKLESS
+               for part in _PARTS for m in getattr(layer, part).modules())
+
+
+def groups(layers: list[AdaptedLinear], mode: str) -> list[list[AdaptedLinear]]:
+    """Layers in batchable groups of two or more (model order kept inside each group)."""
+    by_key: dict[tuple, list[AdaptedLinear]] = {}
+    for layer in layers:
+        if layer.merged or not layer.enabled or (mode == "auto" and not worth_batching(layer)):
+            continue
+        key = signature(layer)
+        if key is not None:
+            by_key.setdefault(key, []).append(layer)
+    return [members for members in by_key.values() if len(members) > 1]
+
+
+def _tensors(layer: AdaptedLinear) -> list[tuple[str, torch.Tensor]]:
+    """The strategy tensors of a layer, named as ``_Pieces`` names them (the frozen base left out).
+
+    A hand walk of ``_parameters`` / ``_buffers``: ``named_parameters`` costs about four times
+    as much, and this runs for every adapted layer at every training forward.
+    """
+    out: list[tuple[str, torch.Tensor]] = []
+    todo = [(f"layer.{p}", getattr(layer, p)) for p in _PARTS]
+    while todo:
+        prefix, module = todo.pop()
+        for registry in (module._parameters, module._buffers):
+            out.extend((f"{prefix}.{k}", t) for k, t in registry.items() if t is not None)
+        todo.extend((f"{prefix}.{k}", m) for k, m in module._modules.items() if m is not None)
+    return out
+
+
+def _token(layer: AdaptedLinear, tensors: list[tuple[str, torch.Tensor]]) -> tuple:
+    """Changes whenever the layer's grouping may: flags, and which tensors it holds with what shape.
+
+    A parameter replaced (pruning, finalizing, loading) is a new object, so its id changes.
+    """
+    return (id(layer), layer.training, layer.merged, layer.enabled,
+            tuple((name, id(t), t.shape, t.dtype, t.device, t.requires_grad) for name, t in tensors))
+
+
+def compute_group(members: list[AdaptedLinear], states: list[dict[str, torch.Tensor]] | None = None) -> list[tuple]:
+    """(A~, B~, d, scale) of every member, computed by one vmap of the first member's lowrank.
+
+    ``states`` are the members' strategy tensors by name (from :func:`_tensors`), if at hand.
+    """
+    template = _Pieces(members[0])
+    states = states or [dict(_tensors(m)) for m in members]
+    stacked = {name: torch.stack([s[name] for s in states]) for name in states[0]}
+    layout: dict[str, Any] = {}
+
+    def one(state):
+        a, b, d, scale = torch.func.functional_call(template, state, ())
+        layout["d"] = d is not None
+        layout["scale"] = None if isinstance(scale, torch.Tensor) else scale
+        return (a, b) + ((d,) if d is not None else ()) + ((scale,) if isinstance(scale, torch.Tensor) else ())
+
+    outs = torch.func.vmap(one, randomness="different")(stacked)
+    per_layer = list(zip(*(t.unbind(0) for t in outs)))   # one backward node per output, not per layer
+    pieces = []
+    for item in per_layer:
+        a, b, rest = item[0], item[1], list(item[2:])
+        d = rest.pop(0) if layout["d"] else None
+        scale = rest.pop(0) if layout["scale"] is None else layout["scale"]
+        pieces.append((a, b, d, scale))
+    return pieces
+
+
+def _sharded(layer: AdaptedLinear) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a build without distributed
+        return False
+    return any(isinstance(p, DTensor) for p in layer.factors.parameters())
+
+
+class Vectorizer:
+    """Computes every group's pieces at the model's forward; remembers the grouping and failures."""
+
+    def __init__(self, mode: str) -> None:
+        if mode not in MODES:
+            raise ValueError(f"vectorize={mode!r} is invalid: allowed {MODES}")
+        self.mode = mode
+        self.failed: set[tuple] = set()
+        self._tokens: tuple | None = None
+        self._groups: list[list[int]] = []   # indices into the layer list, per group
+
+    def refresh(self, model: nn.Module) -> None:
+        layers, checkpointed = [], False
+        for m in model.modules():  # one walk: the layers, and whether any block recomputes (HF's flag)
+            if isinstance(m, AdaptedLinear):
+                m.__dict__["pieces"] = None  # a plain attribute: skip nn.Module.__setattr__'s checks
+                layers.append(m)
+            elif m.__dict__.get("gradient_checkpointing") is True:
+                checkpointed = True
+        if (self.mode == "never" or not model.training or not torch.is_grad_enabled() or checkpointed
+                or not layers or _sharded(layers[0])):
+            return
+        tensors = [_tensors(layer) for layer in layers]
+        tokens = tuple(_token(layer, t) for layer, t in zip(layers, tensors))
+        if tokens != self._tokens:  # the signatures (a few ms at 1B) only when something changed
+            index = {id(layer): i for i, layer in enumerate(layers)}
+            self._groups = [[index[id(m)] for m in members] for members in groups(layers, self.mode)]
+            self._tokens = tokens
+        for group in self._groups:
+            members = [layers[i] for i in group]
+            key = signature(members[0]) if self.failed else None
+            if key is not None and key in self.failed:
+                continue
+            try:
+                pieces = compute_group(members, [dict(tensors[i]) for i in group])
+            except Exception as err:  # a strategy vmap cannot batch: layer by layer, said once
+                self.failed.add(signature(members[0]))
+                warnings.warn(f"leanlora: the adapter pieces of {len(members)} layers like {members[0].name!r} "
+                              f"could not be computed together ({type(err).__name__}: {err}); those layers "
+                              "compute their own, as with vectorize='never'", RuntimeWarning, stacklevel=3)
+                continue
+            for layer, p in zip(members, pieces):
+                layer.__dict__["pieces"] = p
+
+
+@torch.compiler.disable
+def refresh_pieces(model: nn.Module, args: tuple) -> None:
+    """Forward pre-hook of the adapted model (module-level, so the hook survives deepcopy and pickle)."""
+    shared = getattr(model, "leanlora_shared", None)
+    vectorizer = getattr(shared, "vectorizer", None)
+    if vectorizer is not None:
+        with torch.profiler.record_function("leanlora: vectorize"):
+            vectorizer.refresh(model)

@@ -1,0 +1,196 @@
+"""Adapter pieces computed per group of layers (one vmap) equal the pieces computed layer by layer."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import warnings
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import leanlora
+from leanlora import hardconcrete as hc
+from leanlora import vectorize
+from leanlora.layer import AdaptedLinear
+from conftest import tiny_llama, token_batch
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+POINTS = [  # (factors, ranks, precision, base)
+    ("dense", "gated", "learned", "dense"),   # B-LoRA
+    ("bank", "gated", "learned", "nf4"),      # the combination row of the benchmarks
+    ("bank", "fixed", "float", "dense"),      # VB-LoRA
+    ("dense", "fixed", "fixed", "dense"),
+    ("dense", "nested", "learned", "dense"),
+    ("bank", "nested", "fixed", "dense"),
+    ("dense", "gated", "float", "dense"),
+]
+
+
+def _config(factors, ranks, precision, base, vectorize_mode):
+    return leanlora.AdapterConfig(
+        target_modules=TARGETS, r=4, alpha=8, factors=factors, ranks=ranks, precision=precision, base=base,
+        bank=leanlora.BankConfig(num_vectors=16, vector_length=16, topk=2),
+        nf4=leanlora.NF4Config(block_size=32, scaler_block_size=32), vectorize=vectorize_mode)
+
+
+def _model(point, mode, layers=2):
+    torch.manual_seed(0)
+    model = leanlora.inject(tiny_llama(num_hidden_layers=layers), _config(*point, mode))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # move every strategy off its initial values: gates half open, B non-zero
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * (1.5 if "log_alpha" in name else 0.05))
+    return model.train()
+
+
+def _fixed_noise(log_alpha, u=None):
+    """A hard-concrete draw with fixed u per gate position: the same in both paths, under vmap too."""
+    u = torch.linspace(0.05, 0.95, log_alpha.shape[-1], device=log_alpha.device).expand_as(log_alpha)
+    return _real_sample(log_alpha, u)
+
+
+_real_sample = hc.sample
+
+
+def _loss_and_grads(model, x):
+    leanlora.advance(model, 0)
+    loss = model(x, labels=x).loss + leanlora.regularizer(model)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("point", POINTS, ids=["-".join(p) for p in POINTS])
+def test_grouped_pieces_equal_layer_by_layer_in_value_and_gradient(point, monkeypatch):
+    if point[3] == "nf4":
+        pytest.importorskip("torchao")
+    monkeypatch.setattr(hc, "sample", _fixed_noise)
+    x = token_batch()
+    per_layer, grouped = _model(point, "never"), _model(point, "always")
+    loss_ref, ref = _loss_and_grads(per_layer, x)
+    loss, got = _loss_and_grads(grouped, x)
+    assert all(m.pieces is not None for m in grouped.modules() if isinstance(m, AdaptedLinear))
+    assert all(m.pieces is None for m in per_layer.modules() if isinstance(m, AdaptedLinear))
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
+    assert got.keys() == ref.keys()
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_groups_are_the_layers_of_one_shape():
+    model = _model(POINTS[0], "auto", layers=3)
+    layers = [m for m in model.modules() if isinstance(m, AdaptedLinear)]
+    found = vectorize.groups(layers, "auto")
+    leaves = sorted(tuple(sorted({m.name.rsplit(".", 1)[-1] for m in g})) for g in found)
+    # q and o are 64 -> 64, k and v 64 -> 32, gate and up 64 -> 128, down 128 -> 64
+    assert leaves == [("down_proj",), ("gate_proj", "up_proj"), ("k_proj", "v_proj"), ("o_proj", "q_proj")]
+    assert sorted(len(g) for g in found) == [3, 6, 6, 6]
+
+
+def test_plain_lora_is_left_alone_in_auto_and_batched_when_asked():
+    x = token_batch()
+    for mode, expect in (("auto", False), ("always", True)):
+        model = _model(("dense", "fixed", "float", "dense"), mode)
+        model(x)
+        assert all((m.pieces is not None) == expect for m in model.modules() if isinstance(m, AdaptedLinear))
+
+
+class _Count(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _ops_per_step(model, x):
+    with _Count() as count:
+        leanlora.advance(model, 0)
+        (model(x, labels=x).loss + leanlora.regularizer(model)).backward()
+    return count.n
+
+
+def test_grouping_cuts_the_operators_of_a_b_lora_step():
+    x = token_batch()
+    per_layer = _ops_per_step(_model(POINTS[0], "never", layers=4), x)
+    grouped = _ops_per_step(_model(POINTS[0], "auto", layers=4), x)
+    # 28 layers' gates and quantizers in 4 groups: the per-layer work is done 4 times, not 28
+    assert grouped < per_layer / 3, (grouped, per_layer)
+
+
+def test_eval_no_grad_and_checkpointing_compute_per_layer():
+    x = token_batch()
+    model = _model(POINTS[0], "auto")
+    layers = [m for m in model.modules() if isinstance(m, AdaptedLinear)]
+    model(x)
+    assert all(m.pieces is not None for m in layers)
+    with torch.no_grad():
+        model(x)
+    assert all(m.pieces is None for m in layers)
+    model(x)
+    model.eval()
+    model(x)
+    assert all(m.pieces is None for m in layers)
+    model.train()
+    model.gradient_checkpointing_enable()
+    model(x, labels=x).loss.backward()
+    assert all(m.pieces is None for m in layers)
+
+
+def test_a_layer_group_vmap_cannot_batch_warns_once_and_runs_layer_by_layer(monkeypatch):
+    x = token_batch()
+    model = _model(POINTS[0], "auto")
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("no batching rule for this op")
+
+    monkeypatch.setattr(torch.func, "vmap", lambda fn, **kw: refuse)
+    with pytest.warns(RuntimeWarning, match="could not be computed together.*no batching rule"):
+        model(x, labels=x).loss.backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(x, labels=x).loss.backward()   # said once per group, not per step
+    assert all(m.pieces is None for m in model.modules() if isinstance(m, AdaptedLinear))
+
+
+def test_regrouping_follows_pruning_and_the_hook_goes_with_unload():
+    x = token_batch()
+    model = _model(POINTS[0], "auto")
+    model(x, labels=x).loss.backward()
+    first = next(m for m in model.modules() if isinstance(m, AdaptedLinear))
+    first.prune_(2)                               # now unlike its group: computes its own
+    model(x, labels=x).loss.backward()
+    assert first.pieces is None
+    others = [m for m in model.modules() if isinstance(m, AdaptedLinear) and m is not first]
+    assert all(m.pieces is not None for m in others)
+    twin = copy.deepcopy(model)
+    twin(x)
+    assert all(m.pieces is not None for m in twin.modules() if isinstance(m, AdaptedLinear) and m.name != first.name)
+    leanlora.unload(model)
+    assert not model._forward_pre_hooks
+
+
+def test_compiled_layers_do_not_recompile_for_new_pieces():
+    import torch._dynamo.testing
+
+    x = token_batch()
+    model = _model(POINTS[0], "auto")
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    torch._dynamo.reset()
+    for layer in model.model.layers:
+        layer.compile(backend=counter)
+    for step in range(3):
+        leanlora.advance(model, step)
+        model(x, labels=x).loss.backward()
+    # layer 0's input needs no grad and the others' does: two graphs, then none per step
+    assert counter.frame_count <= 2, counter.frame_count
+    torch._dynamo.reset()
+
+
+def test_config_rejects_an_unknown_mode():
+    with pytest.raises(leanlora.ConfigError, match="vectorize.*'auto', 'always', 'never'"):
+        dataclasses.replace(leanlora.AdapterConfig(), vectorize="sometimes")
