@@ -194,3 +194,51 @@ def test_compiled_layers_do_not_recompile_for_new_pieces():
 def test_config_rejects_an_unknown_mode():
     with pytest.raises(leanlora.ConfigError, match="vectorize.*'auto', 'always', 'never'"):
         dataclasses.replace(leanlora.AdapterConfig(), vectorize="sometimes")
+
+
+def test_compiled_grouped_pieces_equal_eager_ones_and_compile_once(monkeypatch):
+    import torch._dynamo.testing
+
+    monkeypatch.setattr(hc, "sample", _fixed_noise)
+    x = token_batch()
+    _, ref = _loss_and_grads(_model(POINTS[1], "auto"), x)
+    model = _model(POINTS[1], "auto")
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    torch._dynamo.reset()
+    vectorize.compile_pieces(model, "default", backend=counter)
+    _, got = _loss_and_grads(model, x)
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-6, msg=name)
+    frames = counter.frame_count
+    assert frames == len(model.leanlora_shared.vectorizer._groups) == 4   # one graph per group
+    for step in range(2):
+        model.zero_grad()
+        _loss_and_grads(model, x)
+    assert counter.frame_count == frames                                # and none per step
+    torch._dynamo.reset()
+
+
+def test_a_failing_compiler_for_the_pieces_falls_back_to_eager_vmap():
+    def broken(gm, example_inputs):
+        raise RuntimeError("PassManager::run failed")
+
+    x = token_batch()
+    model = _model(POINTS[0], "auto")
+    torch._dynamo.reset()
+    vectorize.compile_pieces(model, "default", backend=broken)
+    with pytest.warns(RuntimeWarning, match="compiling the grouped adapter pieces failed"):
+        model(x, labels=x).loss.backward()
+    assert all(m.pieces is not None for m in model.modules() if isinstance(m, AdaptedLinear))
+    assert model.leanlora_shared.vectorizer.batched is vectorize.batched_lowrank
+    torch._dynamo.reset()
+
+
+def test_cuda_graph_mode_leaves_the_pieces_to_the_layers():
+    x = token_batch()
+    model = _model(POINTS[0], "auto")
+    vectorize.compile_pieces(model, "reduce-overhead", backend="eager")
+    model(x)
+    assert all(m.pieces is None for m in model.modules() if isinstance(m, AdaptedLinear))
+    vectorize.compile_pieces(model, None)
+    model(x)
+    assert all(m.pieces is not None for m in model.modules() if isinstance(m, AdaptedLinear))

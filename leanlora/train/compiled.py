@@ -19,6 +19,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from leanlora.vectorize import compile_pieces
+
 def wants_compile(mode: bool | str, device: torch.device) -> bool:
     """``"auto"``: on CUDA only (CPU inductor builds C++ for minutes, for little gain); True: anywhere."""
     if mode not in ("auto", True, False):
@@ -43,12 +45,14 @@ class CompiledRegions:
         if mode != "default" and backend != "inductor":
             raise ValueError(f"compile mode {mode!r} needs the inductor backend, not {backend!r}")
         self.log = log
+        self.model = model
         self.regions = repeated_blocks(model) or [model]
         for region in self.regions:
             if mode == "default":
                 region.compile(backend=backend)
             else:
                 region.compile(mode=mode)
+        compile_pieces(model, mode, backend)  # the grouped adapter pieces (leanlora.vectorize) too
         self.mode = mode
         self.compiled, self._proven = True, False
 
@@ -62,6 +66,7 @@ class CompiledRegions:
         """Back to the plain forward of every region (``nn.Module.compile`` is undone this way)."""
         for region in self.regions:
             region._compiled_call_impl = None
+        compile_pieces(self.model, None)
         self.compiled = False
 
     def run_step(self, step: Callable[[], object], zero_grad: Callable[[], None]) -> object:
