@@ -132,14 +132,21 @@ def _token(layer: AdaptedLinear, tensors: list[tuple[str, torch.Tensor]]) -> tup
             tuple((name, id(t), t.shape, t.dtype, t.device, t.requires_grad) for name, t in tensors))
 
 
-def batched_lowrank(template: _Pieces, states: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, ...]:
+def stack_states(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The members' tensors stacked by name (differentiable: each parameter gets its slice's gradient).
+
+    Done eagerly, outside the compiled part: a compiled function guards on every tensor it is
+    given, and a group of 32 layers holds over 500 of them; stacked, there are a dozen.
+    """
+    return {name: torch.stack([s[name] for s in states]) for name in states[0]}
+
+
+def batched_lowrank(template: _Pieces, stacked: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
     """The tensors of the group's pieces, each with a leading member dimension: A~, B~, [d], [scale].
 
     d and scale appear when the template's own lowrank returns them as tensors (:func:`layout`).
     A pure function of its inputs, so that ``torch.compile`` can take it whole (``fullgraph``).
     """
-    stacked = {name: torch.stack([s[name] for s in states]) for name in states[0]}
-
     def one(state):
         a, b, d, scale = torch.func.functional_call(template, state, ())
         return (a, b) + ((d,) if d is not None else ()) + ((scale,) if isinstance(scale, torch.Tensor) else ())
@@ -179,7 +186,7 @@ def compute_group(members: list[AdaptedLinear], states: list[dict[str, torch.Ten
     ``batched`` is :func:`batched_lowrank` or a compiled form of it.
     """
     states = states or [dict(_tensors(m)) for m in members]
-    return split(batched(_Pieces(members[0]), states), layout(members[0]))
+    return split(batched(_Pieces(members[0]), stack_states(states)), layout(members[0]))
 
 
 def _sharded(layer: AdaptedLinear) -> bool:
@@ -244,17 +251,17 @@ class Vectorizer:
             members = [layers[i] for i in group]
             if self.failed and signature(members[0]) in self.failed:
                 continue
-            states = [dict(tensors[i]) for i in group]
+            stacked = stack_states([dict(tensors[i]) for i in group])
             try:
-                pieces = split(self.batched(template, states), shape)
+                pieces = split(self.batched(template, stacked), shape)
             except Exception as err:
-                pieces = self._retry_eagerly(err, members, template, states, shape)
+                pieces = self._retry_eagerly(err, members, template, stacked, shape)
                 if pieces is None:
                     continue
             for layer, p in zip(members, pieces):
                 layer.__dict__["pieces"] = p
 
-    def _retry_eagerly(self, err: Exception, members, template, states, shape) -> list[tuple] | None:
+    def _retry_eagerly(self, err: Exception, members, template, stacked, shape) -> list[tuple] | None:
         """A compile failure: warn, go eager for good. A strategy vmap cannot batch: per layer, said once."""
         if self.batched is not batched_lowrank:
             warnings.warn(f"leanlora: compiling the grouped adapter pieces failed ({type(err).__name__}: "
@@ -262,7 +269,7 @@ class Vectorizer:
                           RuntimeWarning, stacklevel=4)
             self.batched = batched_lowrank
             try:
-                return split(self.batched(template, states), shape)
+                return split(self.batched(template, stacked), shape)
             except Exception as again:
                 err = again
         self.failed.add(signature(members[0]))
