@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from leanlora.inject import shared_state
@@ -68,3 +69,16 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0,
     return [{"params": params, "lr": lrs.get(role, lr), "role": role,
              "weight_decay": 0.0 if role in NO_DECAY_ROLES else weight_decay}
             for role, params in grouped.items()]
+
+
+def adamw(groups: list[dict[str, Any]], **kwargs) -> torch.optim.AdamW:
+    """AdamW over ``groups``, the fused implementation when every parameter is a plain CUDA tensor.
+
+    B-LoRA holds ten tensors per adapted module (1,120 at the 1B benchmark shape, LoRA 224), many
+    of them a handful of values; torch's default (foreach) step over them took 18.4 ms on an
+    H200 and the fused one 6.4 ms, against 1.5 ms for LoRA's (``benchmarks/optimizer_step.py``).
+    Sharded (DTensor) or CPU parameters keep torch's default choice.
+    """
+    params = [p for g in groups for p in g["params"]]
+    fused = bool(params) and all(type(p) in (torch.Tensor, nn.Parameter) and p.is_cuda for p in params)
+    return torch.optim.AdamW(groups, **kwargs, **({"fused": True} if fused else {}))

@@ -36,6 +36,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from leanlora.compile_errors import is_compile_error, root_cause
 from leanlora.layer import AdaptedLinear
 
 _PARTS = ("factors", "ranks", "quant_a", "quant_b")
@@ -263,10 +264,9 @@ class Vectorizer:
 
     def _retry_eagerly(self, err: Exception, members, template, stacked, shape) -> list[tuple] | None:
         """A compile failure: warn, go eager for good. A strategy vmap cannot batch: per layer, said once."""
-        if self.batched is not batched_lowrank:
-            warnings.warn(f"leanlora: compiling the grouped adapter pieces failed ({type(err).__name__}: "
-                          f"{str(err).splitlines()[0][:300] if str(err) else ''}); they are computed eagerly",
-                          RuntimeWarning, stacklevel=4)
+        if self.batched is not batched_lowrank and is_compile_error(err):
+            warnings.warn(f"leanlora: compiling the grouped adapter pieces failed ({root_cause(err)}); "
+                          "they are computed eagerly", RuntimeWarning, stacklevel=2)
             self.batched = batched_lowrank
             try:
                 return split(self.batched(template, stacked), shape)
@@ -275,7 +275,7 @@ class Vectorizer:
         self.failed.add(signature(members[0]))
         warnings.warn(f"leanlora: the adapter pieces of {len(members)} layers like {members[0].name!r} "
                       f"could not be computed together ({type(err).__name__}: {err}); those layers "
-                      "compute their own, as with vectorize='never'", RuntimeWarning, stacklevel=4)
+                      "compute their own, as with vectorize='never'", RuntimeWarning, stacklevel=2)
         return None
 
 

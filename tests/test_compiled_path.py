@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -65,8 +67,12 @@ def test_a_compiler_failure_falls_back_to_eager_once_and_says_why():
     said = []
     regions = CompiledRegions(model, backend=broken_backend, log=said.append)
     torch.manual_seed(1)
-    with pytest.warns(RuntimeWarning, match="torch.compile failed.*PassManager::run failed.*continues eagerly"):
+    with pytest.warns(RuntimeWarning) as record:
         loss = regions.run_step(_step(model, x), lambda: model.zero_grad(set_to_none=True))
+    said_by_warnings = " | ".join(str(w.message) for w in record)
+    assert re.search("torch.compile failed.*PassManager::run failed.*continues eagerly", said_by_warnings)
+    # the grouped adapter pieces go to the same compiler, fail first and say so too
+    assert re.search("grouped adapter pieces failed.*PassManager::run failed.*computed eagerly", said_by_warnings)
     assert not regions.compiled and len(said) == 1 and loss == loss
     assert all(getattr(m, "_compiled_call_impl", None) is None for m in repeated_blocks(model))
     # the gradients are those of one eager step, not of a failed half-step plus a retry (the

@@ -242,3 +242,4 @@ def test_cuda_graph_mode_leaves_the_pieces_to_the_layers():
     vectorize.compile_pieces(model, None)
     model(x)
     assert all(m.pieces is not None for m in model.modules() if isinstance(m, AdaptedLinear))
+

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
-from leanlora.optim import param_groups
+from leanlora.optim import adamw, param_groups
 from leanlora.schedule import advance, regularizer
 from leanlora.summary import gate_summary
 
@@ -91,8 +91,7 @@ def add_regularizer(trainer: Trainer) -> Trainer:
 def leanlora_optimizer(model: nn.Module, args) -> torch.optim.Optimizer:
     """AdamW over ``leanlora.param_groups`` with the TrainingArguments' lr, decay, betas and eps."""
     groups = param_groups(_unwrap(model), args.learning_rate, args.weight_decay)
-    return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                             eps=args.adam_epsilon)
+    return adamw(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
 
 
 class LeanLoraTrainer(Trainer):

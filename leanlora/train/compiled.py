@@ -19,6 +19,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from leanlora.compile_errors import is_compile_error as _is_compile_error
+from leanlora.compile_errors import root_cause as _root_cause
 from leanlora.vectorize import compile_pieces
 
 def wants_compile(mode: bool | str, device: torch.device) -> bool:
@@ -102,22 +104,3 @@ def _set_rng_state(state: tuple) -> None:
     torch.set_rng_state(cpu)
     if cuda is not None:
         torch.cuda.set_rng_state_all(cuda)
-
-
-def _root_cause(err: BaseException) -> str:
-    """The innermost error's type and first line (the compiler wraps what actually failed)."""
-    seen = {id(err)}
-    while (err.__cause__ or err.__context__) is not None and id(err.__cause__ or err.__context__) not in seen:
-        err = err.__cause__ or err.__context__
-        seen.add(id(err))
-    first = next((line for line in str(err).splitlines() if line.strip()), "")
-    return f"{type(err).__name__}: {first[:300]}"
-
-
-def _is_compile_error(err: BaseException) -> bool:
-    """True for errors raised while compiling (dynamo, inductor, Triton), not by the model itself."""
-    module = type(err).__module__ or ""
-    if module.startswith(("torch._dynamo", "torch._inductor", "triton")):
-        return True
-    cause = err.__cause__ or err.__context__
-    return cause is not None and cause is not err and _is_compile_error(cause)

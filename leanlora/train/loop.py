@@ -31,6 +31,7 @@ from leanlora import distributed as dist
 from leanlora.train.compiled import CompiledRegions, wants_compile
 from leanlora.config import ConfigError
 from leanlora.io import atomic_write_bytes, read_adapter_tensors
+from leanlora.optim import adamw
 from leanlora.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from leanlora.train.models import load_model, load_tokenizer
 from leanlora.train.runconfig import RunConfig, to_commented_yaml
@@ -144,7 +145,7 @@ def train(run: RunConfig | None, run_dir: str | Path, *, resume: bool = False, p
     steps_per_epoch = math.ceil(micro_per_epoch / tc.grad_accum)
     total = tc.max_steps or tc.epochs * steps_per_epoch
     warmup = math.ceil(tc.warmup_ratio * total)
-    optimizer = torch.optim.AdamW(leanlora.param_groups(model, tc.lr, tc.weight_decay), lr=tc.lr)
+    optimizer = adamw(leanlora.param_groups(model, tc.lr, tc.weight_decay), lr=tc.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total, warmup, tc.schedule))
     # compiled per decoder layer on CUDA by default; the first step falls back to eager if inductor fails

@@ -152,10 +152,10 @@ class TrainConfig:
     If compiling fails, the first step says why and the run continues eagerly."""
     compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "default"
     """torch.compile mode of the compiled layers. "reduce-overhead" adds CUDA graphs, which
-    removes kernel-launch cost: B-LoRA's gates and quantizers are many small kernels, and on an
-    H200 (1B Llama, batch 8x1024) CUDA graphs made its step 2x faster, to 0.95x of compiled PEFT
-    LoRA's speed (BENCHMARKS.md 1d). A graph is recorded per input shape, so prefer it when batches have few
-    distinct lengths."""
+    removes kernel-launch cost from the host: on an H200 (1B Llama, batch 8x1024) B-LoRA ran at
+    0.99x of PEFT LoRA's speed in that mode and 0.87-0.98x in the default one (BENCHMARKS.md
+    1e). A graph is recorded per input shape, so prefer it when batches have few distinct
+    lengths."""
     num_threads: int = 0
     """CPU threads for torch; 0: torch's default."""
     distributed: Literal["none", "ddp", "fsdp2"] = "none"
