@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -68,3 +69,15 @@ def randomize_adapters(model, seed: int = 0, std: float = 0.05) -> None:
         for name, p in model.named_parameters():
             if "lora_B" in name or "lora_A" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+class OpCount(TorchDispatchMode):
+    """Counts the ATen operators that reach a backend (each one a kernel launch on a GPU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += 1
+        return func(*args, **(kwargs or {}))

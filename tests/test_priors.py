@@ -4,25 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import leanlora
-from conftest import tiny_llama
+from conftest import OpCount, tiny_llama
 from leanlora import priors
 from leanlora.inject import shared_state
 from leanlora.schedule import HasPrior
 
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-class _OpCount(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.n = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.n += 1
-        return func(*args, **(kwargs or {}))
 
 
 def _blora(reg_type: str, layers: int = 2, **gated):
@@ -75,7 +64,7 @@ def test_prior_cost_does_not_grow_with_the_number_of_layers():
     for layers in (1, 4):
         model = _blora("bop", layers=layers)
         leanlora.regularizer(model)  # first call fills the price cache
-        with _OpCount() as ops:
+        with OpCount() as ops:
             leanlora.regularizer(model).backward()
         counts[layers] = ops.n
     print("operators per prior forward+backward:", counts)

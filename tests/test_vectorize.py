@@ -8,13 +8,12 @@ import warnings
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import leanlora
 from leanlora import hardconcrete as hc
 from leanlora import vectorize
 from leanlora.layer import AdaptedLinear
-from conftest import tiny_llama, token_batch
+from conftest import OpCount, tiny_llama, token_batch
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 POINTS = [  # (factors, ranks, precision, base)
@@ -97,18 +96,8 @@ def test_plain_lora_is_left_alone_in_auto_and_batched_when_asked():
         assert all((m.pieces is not None) == expect for m in model.modules() if isinstance(m, AdaptedLinear))
 
 
-class _Count(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.n = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.n += 1
-        return func(*args, **(kwargs or {}))
-
-
 def _ops_per_step(model, x):
-    with _Count() as count:
+    with OpCount() as count:
         leanlora.advance(model, 0)
         (model(x, labels=x).loss + leanlora.regularizer(model)).backward()
     return count.n
