@@ -37,13 +37,19 @@ import torch
 from torch import nn
 
 from leanlora.compile_errors import is_compile_error, root_cause
+from leanlora.factors.dense import DenseFactors
 from leanlora.layer import AdaptedLinear
+from leanlora.precision.fixed import FrozenBits
+from leanlora.precision.full import FullPrecision
+from leanlora.ranks.fixed import FixedRanks
+from leanlora.ranks.nested import NestedRanks
 
 _PARTS = ("factors", "ranks", "quant_a", "quant_b")
 _MODULE_INTERNALS = frozenset(vars(nn.Module())) - {"training"}
 _IGNORED_ATTRS = frozenset({"name"})  # messages only
 _PLAIN = (int, float, bool, str, type(None))
-_WORKLESS = frozenset({"DenseFactors", "FixedRanks", "NestedRanks", "FullPrecision", "FrozenBits"})
+# strategies whose share of lowrank is handing back parameters or a mask: grouping them only copies
+_WORKLESS = (DenseFactors, FixedRanks, NestedRanks, FullPrecision, FrozenBits)
 
 MODES = ("auto", "always", "never")
 
@@ -92,8 +98,7 @@ def signature(layer: AdaptedLinear) -> tuple | None:
 
 def worth_batching(layer: AdaptedLinear) -> bool:
     """True when the layer's pieces are computed (gates, quantizers, a bank), not just its parameters."""
-    return any(type(m).__name__ not in _WORKLESS
-               for part in _PARTS for m in getattr(layer, part).modules())
+    return any(not isinstance(m, _WORKLESS) for part in _PARTS for m in getattr(layer, part).modules())
 
 
 def groups(layers: list[AdaptedLinear], mode: str) -> list[list[AdaptedLinear]]:
