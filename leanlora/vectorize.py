@@ -218,6 +218,12 @@ class Vectorizer:
         self._layouts: list[tuple] = []      # per group, from one eager lowrank of its first member
         self._templates: list[_Pieces] = []
 
+    def __getstate__(self) -> dict:
+        # a copy of the model (deepcopy, pickle) regroups its own layers and compiles again
+        state = self.__dict__.copy()
+        state.update(_tokens=None, _groups=[], _layouts=[], _templates=[], batched=batched_lowrank)
+        return state
+
     def use_compiler(self, compile_mode: str | None, backend="inductor") -> None:
         """Compile the grouped computation (``None``: eager again); the compiled training path calls
         this. Eager vmap runs each operator through functorch's batching layer from Python, about
@@ -242,8 +248,8 @@ class Vectorizer:
                 layers.append(m)
             elif m.__dict__.get("gradient_checkpointing") is True:
                 checkpointed = True
-        if (self.mode == "never" or self.off_for_graphs or not model.training or not torch.is_grad_enabled() or checkpointed
-                or not layers or _sharded(layers[0])):
+        off = self.mode == "never" or self.off_for_graphs or checkpointed
+        if off or not model.training or not torch.is_grad_enabled() or not layers or _sharded(layers[0]):
             return
         tensors = [_tensors(layer) for layer in layers]
         tokens = tuple(_token(layer, t) for layer, t in zip(layers, tensors))

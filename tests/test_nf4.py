@@ -312,3 +312,18 @@ def test_merge_and_unload_on_nf4_rounds_once():
         for name, w in expected.items():
             torch.testing.assert_close(plain.get_submodule(name).weight.float(), w, rtol=0, atol=1e-6)
         torch.testing.assert_close(plain(x).logits, out, rtol=1e-4, atol=1e-4)
+
+
+def test_a_model_with_nf4_bases_deep_copies_to_the_same_function():
+    import copy
+
+    model = leanlora.inject(tiny_llama(), leanlora.AdapterConfig(
+        target_modules=("q_proj", "down_proj"), base="nf4",
+        nf4=leanlora.NF4Config(block_size=32, scaler_block_size=32))).eval()
+    twin = copy.deepcopy(model)
+    x = token_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x).logits, model(x).logits, rtol=0, atol=0)
+    base, twin_base = (m.get_submodule("model.layers.0.self_attn.q_proj.base") for m in (model, twin))
+    assert twin_base.weight is not base.weight
+    assert twin_base.weight.quantized_data.data_ptr() != base.weight.quantized_data.data_ptr()

@@ -204,6 +204,13 @@ def test_compiled_grouped_pieces_equal_eager_ones_and_compile_once(monkeypatch):
         model.zero_grad()
         _loss_and_grads(model, x)
     assert counter.frame_count == frames                                # and none per step
+    dense = _model(POINTS[0], "auto")   # (deepcopy of torchao's NF4 tensors re-quantizes with its defaults)
+    vectorize.compile_pieces(dense, "default", backend=counter)
+    dense(x)
+    twin = copy.deepcopy(dense)                                         # copies regroup, eagerly
+    twin(x)
+    assert twin.leanlora_shared.vectorizer.batched is vectorize.batched_lowrank
+    assert all(m.pieces is not None for m in twin.modules() if isinstance(m, AdaptedLinear))
     torch._dynamo.reset()
 
 

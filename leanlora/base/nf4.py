@@ -21,6 +21,8 @@ Decisions:
 
 from __future__ import annotations
 
+import copy
+
 import math
 
 import torch
@@ -154,6 +156,18 @@ class NF4Base(nn.Module):
         if self.bias is not None:
             module.bias = self.bias
         return module
+
+    def __deepcopy__(self, memo: dict) -> "NF4Base":
+        # torchao's NF4Tensor deep-copies by quantizing again with its default scaler block size,
+        # which fails for layers whose block count it does not divide; copy its parts instead
+        w = self.weight
+        names, ctx = w.__tensor_flatten__()
+        memo[id(w)] = type(w).__tensor_unflatten__({n: getattr(w, n).clone() for n in names}, ctx,
+                                                   w.size(), w.stride())
+        new = object.__new__(type(self))
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return new
 
     # --- device moves ----------------------------------------------------------------------------
 
