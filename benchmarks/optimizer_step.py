@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from adapters import METHODS, Shape, apply, unavailable  # noqa: E402
-from speed import PRESETS, TARGETS, build_model  # noqa: E402
+from speed import PRESETS, TARGETS, add_timing_args, build_model, record  # noqa: E402
 
 DEFAULT_ROWS = "peft_lora,lean_lora,lean_vblora,lean_blora,lean_combo"
 BYTES_PER_VALUE = 28  # fp32: read param, grad, exp_avg, exp_avg_sq; write param, exp_avg, exp_avg_sq
@@ -41,13 +41,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--bank-vectors", type=int, default=256, help="VB-LoRA bank size h, as in speed.py")
     ap.add_argument("--bank-length", type=int, default=256, help="VB-LoRA vector length b (must divide every dim)")
     ap.add_argument("--impls", default="foreach,fused", help="comma list of AdamW implementations: foreach, fused")
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--out", default=None, help="JSONL file, one line per (method, implementation)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_timing_args(ap, steps=20)
     args = ap.parse_args(argv)
-    for k, v in PRESETS[args.preset].items():
-        setattr(args, k, v)
+    vars(args).update(PRESETS[args.preset])
     return args
 
 
@@ -128,11 +124,7 @@ def main(argv=None) -> list[dict]:
     rows = []
     for name in [r.strip() for r in args.rows.split(",") if r.strip()]:
         for res in run_row(name, impls, args, device):
-            rows.append(res)
-            print(json.dumps(res), flush=True)
-            if out:
-                with out.open("a") as f:
-                    f.write(json.dumps(res) + "\n")
+            record(res, rows, out)
     print(table(rows), flush=True)
     return rows
 

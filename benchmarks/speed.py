@@ -43,6 +43,14 @@ DEFAULT_ROWS = ("base@eager,base@compiled,peft_lora,peft_lora@compiled,lean_lora
                 "peft_vblora,peft_adalora,peft_qlora")
 
 
+def add_timing_args(ap: argparse.ArgumentParser, steps: int) -> None:
+    """Warm-up and timed steps, the JSONL output and the device: the same in every step benchmark."""
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=steps)
+    ap.add_argument("--out", default=None, help="JSONL file; one line per row, written as each row ends")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="small")
@@ -63,10 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--optimizer", choices=("foreach", "fused"), default="foreach",
                     help="AdamW implementation for every row: foreach (torch's default on GPU) or fused")
     ap.add_argument("--profile", default="", help="comma list of row-name substrings to profile for one extra step")
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--out", default=None, help="JSONL file; one line per row, written as each row ends")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_timing_args(ap, steps=12)
     args = ap.parse_args(argv)
     for k, v in PRESETS[args.preset].items():
         if getattr(args, k) is None:
@@ -294,6 +299,15 @@ def profile_step(step, i: int, top: int = 12) -> list[dict]:
             + [{"name": k[:120], "cuda_ms": t / 1e3, "count": c, "by": "count"} for k, t, c in by_count])
 
 
+def record(res: dict, rows: list[dict], out: Path | None) -> None:
+    """Keep a finished row, print it, and append it to the JSONL file at once (a killed run keeps it)."""
+    rows.append(res)
+    print(json.dumps(res), flush=True)
+    if out:
+        with out.open("a") as f:
+            f.write(json.dumps(res) + "\n")
+
+
 def table(rows: list[dict]) -> str:
     ref = {r["row"]: r.get("tokens_per_s") for r in rows}
     eager, comp = ref.get("peft_lora"), ref.get("peft_lora@compiled")
@@ -356,11 +370,7 @@ def main(argv=None) -> None:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         res["wall_s"] = time.perf_counter() - t
-        rows.append(res)
-        print(json.dumps(res), flush=True)
-        if out:
-            with out.open("a") as f:
-                f.write(json.dumps(res) + "\n")
+        record(res, rows, out)
     print(table(rows), flush=True)
 
 
