@@ -23,7 +23,7 @@ from leanlora.base.dense import linear_shape, supported_linear
 from leanlora.build import Shared, build_layer, build_shared
 from leanlora.config import AdapterConfig, ConfigError
 from leanlora.layer import AdaptedLinear
-from leanlora.vectorize import Vectorizer, refresh_pieces
+from leanlora.vectorize import Vectorizer, refresh_pieces, wanted
 
 SHARED_ATTR = "leanlora_shared"
 
@@ -149,7 +149,8 @@ def inject(model: nn.Module, config: AdapterConfig, *, filter_fn: FilterFn | Non
         _set_submodule(model, name, layer)
     model.add_module(SHARED_ATTR, shared)
     shared.vectorizer = Vectorizer(config.vectorize)
-    model.register_forward_pre_hook(refresh_pieces)
+    if wanted([m for m in model.modules() if isinstance(m, AdaptedLinear)], config.vectorize):
+        model.register_forward_pre_hook(refresh_pieces)  # no per-step walk for models with nothing to group
     for name in save_names:
         for p in modules[name].parameters():
             p.requires_grad_(True)

@@ -19,7 +19,8 @@ cannot prove identical (a tensor held as a plain attribute) keeps a layer to its
 When it is on: in training mode with gradients enabled, at every forward of the model
 ``inject`` was given (a forward pre-hook), in "auto" only for layers whose pieces take work
 (gated ranks, fixed or learned bits, bank factors; plain LoRA factors are the parameters
-themselves, and stacking them would only copy). It stays off, layer by layer as before, under
+themselves, and stacking them would only copy; a model with no such layer gets no hook at all,
+so LoRA, DyLoRA and QDyLoRA pay nothing per step). It stays off, layer by layer as before, under
 FSDP2 (sharded parameters exist whole only inside each layer's own forward) and with Hugging
 Face gradient checkpointing (a re-entrant recompute would run the shared backward once per layer).
 The pieces of the last training forward are kept until the next forward of the model, so that a
@@ -94,6 +95,11 @@ def signature(layer: AdaptedLinear) -> tuple | None:
                             for n, t in (*module._parameters.items(), *module._buffers.items()) if t is not None)
             key.append((name, type(module), tuple(attrs), tensors))
     return tuple(key)
+
+
+def wanted(layers: list[AdaptedLinear], mode: str) -> bool:
+    """Whether a model of these layers needs the forward pre-hook at all (LoRA in "auto" does not)."""
+    return mode == "always" or (mode == "auto" and any(worth_batching(layer) for layer in layers))
 
 
 def worth_batching(layer: AdaptedLinear) -> bool:
@@ -182,17 +188,6 @@ def split(outs: tuple[torch.Tensor, ...], shape: tuple[bool, float | None]) -> l
         d = rest.pop(0) if has_d else None
         pieces.append((a, b, d, rest.pop(0) if plain_scale is None else plain_scale))
     return pieces
-
-
-def compute_group(members: list[AdaptedLinear], states: list[dict[str, torch.Tensor]] | None = None,
-                  batched=batched_lowrank) -> list[tuple]:
-    """(A~, B~, d, scale) of every member, computed by one vmap of the first member's lowrank.
-
-    ``states`` are the members' strategy tensors by name (from :func:`_tensors`), if at hand;
-    ``batched`` is :func:`batched_lowrank` or a compiled form of it.
-    """
-    states = states or [dict(_tensors(m)) for m in members]
-    return split(batched(_Pieces(members[0]), stack_states(states)), layout(members[0]))
 
 
 def _sharded(layer: AdaptedLinear) -> bool:

@@ -239,3 +239,9 @@ def test_cuda_graph_mode_leaves_the_pieces_to_the_layers():
     model(x)
     assert all(m.pieces is not None for m in model.modules() if isinstance(m, AdaptedLinear))
 
+
+
+def test_a_model_with_nothing_to_group_gets_no_hook():
+    assert not _model(("dense", "nested", "float", "dense"), "auto")._forward_pre_hooks
+    assert _model(("dense", "nested", "float", "dense"), "always")._forward_pre_hooks
+    assert _model(POINTS[0], "auto")._forward_pre_hooks

@@ -22,7 +22,6 @@ Decisions:
 from __future__ import annotations
 
 import copy
-
 import math
 
 import torch

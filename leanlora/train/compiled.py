@@ -19,9 +19,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from leanlora.compile_errors import is_compile_error as _is_compile_error
-from leanlora.compile_errors import root_cause as _root_cause
+from leanlora.compile_errors import is_compile_error, root_cause
 from leanlora.vectorize import compile_pieces
+
 
 def wants_compile(mode: bool | str, device: torch.device) -> bool:
     """``"auto"``: on CUDA only (CPU inductor builds C++ for minutes, for little gain); True: anywhere."""
@@ -80,9 +80,9 @@ class CompiledRegions:
         try:
             out = step()
         except Exception as err:  # the compiler's own exception types differ across torch versions
-            if not _is_compile_error(err):
+            if not is_compile_error(err):
                 raise
-            message = f"torch.compile failed ({_root_cause(err)}); training continues eagerly " \
+            message = f"torch.compile failed ({root_cause(err)}); training continues eagerly " \
                       "(set train.compile=false to skip compiling)"
             warnings.warn(message, RuntimeWarning, stacklevel=2)
             self.log(f"warning: {message}")
