@@ -70,6 +70,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="leanlora adapter dtype (PEFT keeps fp32 adapters on a bf16 model by default)")
     ap.add_argument("--optimizer", choices=("foreach", "fused"), default="foreach",
                     help="AdamW implementation for every row: foreach (torch's default on GPU) or fused")
+    ap.add_argument("--gc", choices=("default", "freeze"), default="default",
+                    help="freeze: move every object alive after the warm-up out of the collector's reach "
+                    "(gc.freeze), for every row")
     ap.add_argument("--profile", default="", help="comma list of row-name substrings to profile for one extra step")
     add_timing_args(ap, steps=12)
     args = ap.parse_args(argv)
@@ -188,6 +191,12 @@ def run_row(row: str, args, device, ids, floor_tps: float) -> dict:
     if hasattr(torch._dynamo.utils, "counters"):
         torch._dynamo.utils.counters.clear()
 
+    host = HostClock()
+    vectorizer = getattr(getattr(model, "leanlora_shared", None), "vectorizer", None)
+    if vectorizer is not None:  # the grouped pieces' host time, inside the forward's
+        refresh = vectorizer.refresh
+        vectorizer.refresh = lambda m: host.timed("vectorize", refresh, m)
+
     def step(i: int) -> float:
         from torch.profiler import record_function
 
@@ -197,17 +206,17 @@ def run_row(row: str, args, device, ids, floor_tps: float) -> dict:
             import leanlora
 
             with record_function("phase: advance"):
-                leanlora.advance(model, i)
+                host.timed("advance", leanlora.advance, model, i)
         with record_function("phase: forward"):
-            loss = fwd(input_ids=ids, labels=ids).loss
+            loss = host.timed("forward", lambda: fwd(input_ids=ids, labels=ids).loss)
         if prior:
             with record_function("phase: prior"):
-                loss = loss + regularize(model).to(loss.device)
+                loss = loss + host.timed("prior", regularize, model).to(loss.device)
         with record_function("phase: backward"):
-            loss.backward()
+            host.timed("backward", loss.backward)
         if opt is not None:
             with record_function("phase: optimizer"):
-                opt.step()
+                host.timed("optimizer", opt.step)
                 if hook is not None:
                     hook(i)
                 opt.zero_grad(set_to_none=True)
@@ -217,7 +226,14 @@ def run_row(row: str, args, device, ids, floor_tps: float) -> dict:
     for i in range(args.warmup):
         step(i)
     result["warmup_s"] = time.perf_counter() - t0
+    if args.gc == "freeze":  # what the training loop does after its warm-up (leanlora.loop)
+        gc.collect()
+        gc.freeze()
+    result["gc_objects"] = len(gc.get_objects())
     times, last_loss = [], float("nan")
+    collector = GcTimer()
+    gc.callbacks.append(collector)
+    host.clear()
     for i in range(args.warmup, args.warmup + args.steps):
         if device.type == "cuda":
             s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -230,6 +246,11 @@ def run_row(row: str, args, device, ids, floor_tps: float) -> dict:
             t = time.perf_counter()
             last_loss = step(i)
             times.append(time.perf_counter() - t)
+    gc.callbacks.remove(collector)
+    if args.gc == "freeze":
+        gc.unfreeze()
+    result.update(gc_ms_per_step=collector.seconds * 1e3 / args.steps, gc_full_collections=collector.full,
+                  host_ms=host.medians())
     med = statistics.median(times)
     tokens = ids.numel()
     result.update(step_ms=med * 1e3, step_ms_min=min(times) * 1e3, step_ms_max=max(times) * 1e3,
@@ -246,6 +267,47 @@ def run_row(row: str, args, device, ids, floor_tps: float) -> dict:
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return result
+
+
+class HostClock:
+    """Host wall time of each phase of a step, without synchronising: how long Python takes to issue it.
+
+    When the GPU runs ahead of the host these are the host's own costs; when the host waits on the
+    GPU (a full launch queue, a synchronising call) they include that wait.
+    """
+
+    def __init__(self) -> None:
+        self.samples: dict[str, list[float]] = {}
+
+    def timed(self, phase: str, fn, *args):
+        t = time.perf_counter()
+        out = fn(*args)
+        self.samples.setdefault(phase, []).append(time.perf_counter() - t)
+        return out
+
+    def clear(self) -> None:
+        self.samples.clear()
+
+    def medians(self) -> dict[str, float]:
+        return {k: round(1e3 * statistics.median(v), 3) for k, v in self.samples.items()}
+
+
+class GcTimer:
+    """A ``gc.callbacks`` entry: host time spent in the garbage collector, and its full collections.
+
+    A host-bound step pays for every collection; a process that compiled from scratch holds many
+    more objects than one that loaded its code from the cache, so its full collections cost more.
+    """
+
+    def __init__(self) -> None:
+        self.seconds, self.full, self._t = 0.0, 0, 0.0
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._t = time.perf_counter()
+        else:
+            self.seconds += time.perf_counter() - self._t
+            self.full += info["generation"] == 2
 
 
 def save_failed_kernel(message: str, folder: Path, row: str) -> str | None:

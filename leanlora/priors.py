@@ -64,10 +64,15 @@ class WeightCache:
 _PRICES = WeightCache()  # shared by every model: entries are keyed by value, not by owner
 
 
+def price_row(weights: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """One module's prices as a device tensor (K,), from the shared cache."""
+    return _PRICES.get((weights,), dtype, device)[0]
+
+
 def evaluate(terms: PriorTerms) -> torch.Tensor:
     """One module's prior, a scalar (the reference :func:`total` must agree with)."""
     probs = open_probs(terms.log_alpha, terms.chain)
-    return (probs * _PRICES.get((terms.weights,), probs.dtype, probs.device)[0]).sum()
+    return (probs * price_row(terms.weights, probs.dtype, probs.device)).sum()
 
 
 def total(all_terms: list[PriorTerms]) -> torch.Tensor | None:

@@ -53,13 +53,18 @@ def regularizer(model: nn.Module) -> torch.Tensor:
 
     Add it to the task loss: ``loss = task_loss + leanlora.regularizer(model)``. Priors stated as
     data (``prior_terms()``) are evaluated together, a few kernels for the whole model
-    (:mod:`leanlora.priors`); any other ``HasPrior`` module adds its own ``prior()``.
+    (:mod:`leanlora.priors`); any other ``HasPrior`` module adds its own ``prior()``. Layers whose
+    pieces were computed in groups (:mod:`leanlora.vectorize`) had their priors evaluated with them
+    in the model's forward; those are used until the backward reaches their gates.
     """
     shared = shared_state(model)
     stated: list[priors.PriorTerms] = []
-    others: list[torch.Tensor] = []
+    # the grouped layers' priors, evaluated with their pieces in this forward (leanlora.vectorize)
+    vectorizer = getattr(shared, "vectorizer", None)
+    others, covered = vectorizer.prior_for(model) if vectorizer is not None else ([], frozenset())
+    others = list(others)
     for m in model.modules():
-        if not implements(m, HasPrior):
+        if not implements(m, HasPrior) or id(m) in covered:
             continue
         if hasattr(m, "prior_terms"):
             terms = m.prior_terms()
@@ -72,7 +77,9 @@ def regularizer(model: nn.Module) -> torch.Tensor:
         others.append(together)
     if not others:
         return torch.zeros(())
-    return shared.config.quant.lmbda * (others[0] if len(others) == 1 else torch.stack(others).sum())
+    if len(others) > 1:
+        others = [torch.stack([o.to(others[0].device) for o in others]).sum()]
+    return shared.config.quant.lmbda * others[0]
 
 
 def advance(model: nn.Module, step: int) -> None:

@@ -37,6 +37,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from leanlora import priors
 from leanlora.compile_errors import is_compile_error, root_cause
 from leanlora.factors.dense import DenseFactors
 from leanlora.layer import AdaptedLinear
@@ -120,50 +121,73 @@ def groups(layers: list[AdaptedLinear], mode: str) -> list[list[AdaptedLinear]]:
 
 
 def _tensors(layer: AdaptedLinear) -> list[tuple[str, torch.Tensor]]:
-    """The strategy tensors of a layer, named as ``_Pieces`` names them (the frozen base left out).
+    """The strategy tensors of a layer, named as ``_Pieces`` names them (the frozen base left out)."""
+    slots = _Slots(layer)
+    return list(zip(slots.names, slots.read()))
 
-    A hand walk of ``_parameters`` / ``_buffers``: ``named_parameters`` costs about four times
-    as much, and this runs for every adapted layer at every training forward.
+
+class _Slots:
+    """Where a layer's strategy tensors live, so that each step reads them without walking modules.
+
+    Walking the strategy modules and naming ~17 tensors per layer, at every training forward,
+    was a few ms of host time at the 1B shape; reading them from their registries is a tenth of
+    that. :meth:`read` answers None when the modules changed shape (a strategy module replaced, a
+    tensor added or removed), and the grouping is then built again.
     """
-    out: list[tuple[str, torch.Tensor]] = []
-    todo = [(f"layer.{p}", getattr(layer, p)) for p in _PARTS]
-    while todo:
-        prefix, module = todo.pop()
-        for registry in (module._parameters, module._buffers):
-            out.extend((f"{prefix}.{k}", t) for k, t in registry.items() if t is not None)
-        todo.extend((f"{prefix}.{k}", m) for k, m in module._modules.items() if m is not None)
-    return out
+
+    def __init__(self, layer: AdaptedLinear) -> None:
+        self.names: list[str] = []
+        self.places: list[tuple[dict, str]] = []          # (registry, key)
+        self.edges: list[tuple[dict, str, nn.Module]] = []  # (parent's _modules, key, child)
+        self.sizes: list[tuple[dict, int]] = []
+        todo = [(f"layer.{p}", layer._modules, p) for p in _PARTS]
+        while todo:
+            prefix, parent, key = todo.pop()
+            module = parent[key]
+            self.edges.append((parent, key, module))
+            if module is None:
+                continue
+            for registry in (module._parameters, module._buffers):
+                self.sizes.append((registry, len(registry)))
+                for k, t in registry.items():
+                    if t is not None:
+                        self.names.append(f"{prefix}.{k}")
+                        self.places.append((registry, k))
+            todo.extend((f"{prefix}.{k}", module._modules, k) for k in module._modules)
+
+    def read(self) -> list[torch.Tensor] | None:
+        if any(parent.get(key) is not child for parent, key, child in self.edges) or \
+                any(len(registry) != n for registry, n in self.sizes):
+            return None
+        tensors = [registry[k] for registry, k in self.places]
+        return None if any(t is None for t in tensors) else tensors
 
 
-def _token(layer: AdaptedLinear, tensors: list[tuple[str, torch.Tensor]]) -> tuple:
-    """Changes whenever the layer's grouping may: flags, and which tensors it holds with what shape.
-
-    A parameter replaced (pruning, finalizing, loading) is a new object, so its id changes.
-    """
-    return (id(layer), layer.training, layer.merged, layer.enabled,
-            tuple((name, id(t), t.shape, t.dtype, t.device, t.requires_grad) for name, t in tensors))
+def _flags(layer: AdaptedLinear) -> tuple:
+    return layer.training, layer.merged, layer.enabled
 
 
-def stack_states(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """The members' tensors stacked by name (differentiable: each parameter gets its slice's gradient).
-
-    Done eagerly, outside the compiled part: a compiled function guards on every tensor it is
-    given, and a group of 32 layers holds over 500 of them; stacked, there are a dozen.
-    """
-    return {name: torch.stack([s[name] for s in states]) for name in states[0]}
-
-
-def batched_lowrank(template: _Pieces, stacked: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-    """The tensors of the group's pieces, each with a leading member dimension: A~, B~, [d], [scale].
+def batched_lowrank(template: _Pieces, stacked: dict[str, torch.Tensor], prior_plan: tuple = (),
+                    prior_weights: tuple = ()) -> tuple[torch.Tensor, ...]:
+    """The tensors of the group's pieces, each with a leading member dimension: A~, B~, [d], [scale],
+    then, when ``prior_plan`` names gate tensors, the group's prior (a scalar).
 
     d and scale appear when the template's own lowrank returns them as tensors (:func:`layout`).
+    The prior of each planned gate tensor is :func:`leanlora.priors.evaluate` over the stacked
+    rows, (stacked key, chain) in ``prior_plan`` and the prices in ``prior_weights``: computed here
+    it fuses with the pieces, and the stacked gates' gradient from pieces and prior is summed
+    before it is split among the members (instead of one more addition per gate tensor).
     A pure function of its inputs, so that ``torch.compile`` can take it whole (``fullgraph``).
     """
     def one(state):
         a, b, d, scale = torch.func.functional_call(template, state, ())
         return (a, b) + ((d,) if d is not None else ()) + ((scale,) if isinstance(scale, torch.Tensor) else ())
 
-    return torch.func.vmap(one, randomness="different")(stacked)
+    outs = torch.func.vmap(one, randomness="different")(stacked)
+    if prior_plan:
+        terms = [(priors.open_probs(stacked[key], chain) * w).sum() for (key, chain), w in zip(prior_plan, prior_weights)]
+        outs = outs + (torch.stack(terms).sum(),)
+    return outs
 
 
 @torch.no_grad()
@@ -198,8 +222,50 @@ def _sharded(layer: AdaptedLinear) -> bool:
     return any(isinstance(p, DTensor) for p in layer.factors.parameters())
 
 
+class _Group:
+    """One group's members (indices into the layer list) and what computing it needs each step."""
+
+    def __init__(self, members: list[int], layers: list[AdaptedLinear]) -> None:
+        self.members = members
+        first = layers[members[0]]
+        self.layout = layout(first)           # from one eager lowrank of its first member
+        self.template = _Pieces(first)
+        # gate tensors whose prior can be evaluated on the stacked rows: the strategy modules of
+        # the first member that state their prior as data, and the same module of every member
+        self.priced: list[tuple[str, nn.Module, frozenset[int]]] = []
+        for part in _PARTS:
+            for name, module in getattr(first, part).named_modules(prefix=f"layer.{part}"):
+                if hasattr(module, "prior_terms"):
+                    path = name.removeprefix("layer.")
+                    same = frozenset(id(layers[i].get_submodule(path)) for i in members)
+                    self.priced.append((name, module, same))
+
+    def prior_plan(self, stacked: dict[str, torch.Tensor]) -> tuple[tuple, tuple, frozenset[int]]:
+        """(stacked keys and chains, price rows, ids of the member modules covered) for this step.
+
+        Members of a group have equal plain attributes (their signature), so the first member's
+        prices are every member's; the prices are read each step (they follow the model-wide scale).
+        """
+        plan, weights, covered = [], [], frozenset()
+        for name, module, same in self.priced:
+            terms = module.prior_terms()
+            key = next((f"{name}.{k}" for k, v in module._parameters.items() if v is terms.log_alpha), None) \
+                if terms is not None else None
+            if key is None or key not in stacked:
+                continue
+            t = stacked[key]
+            plan.append((key, terms.chain))
+            weights.append(priors.price_row(terms.weights, t.dtype, t.device))
+            covered |= same
+        return tuple(plan), tuple(weights), covered
+
+
 class Vectorizer:
-    """Computes every group's pieces at the model's forward; remembers the grouping and failures."""
+    """Computes every group's pieces at the model's forward; remembers the grouping and failures.
+
+    It also evaluates the gate prior of the grouped layers with their pieces (``pending_prior``,
+    read by :func:`leanlora.regularizer` until the backward reaches those gates).
+    """
 
     def __init__(self, mode: str) -> None:
         if mode not in MODES:
@@ -208,15 +274,19 @@ class Vectorizer:
         self.failed: set[tuple] = set()
         self.batched = batched_lowrank
         self.off_for_graphs = False
-        self._tokens: tuple | None = None
-        self._groups: list[list[int]] = []   # indices into the layer list, per group
-        self._layouts: list[tuple] = []      # per group, from one eager lowrank of its first member
-        self._templates: list[_Pieces] = []
+        self.pending_prior: tuple[nn.Module, list[torch.Tensor], frozenset[int]] | None = None
+        self._forget()
+
+    def _forget(self) -> None:
+        self._layers: list[AdaptedLinear] = []
+        self._slots: list[_Slots] = []
+        self._seen: list[tuple] = []   # per layer: its flags and the ids of its tensors
+        self._groups: list[_Group] = []
 
     def __getstate__(self) -> dict:
         # a copy of the model (deepcopy, pickle) regroups its own layers and compiles again
         state = self.__dict__.copy()
-        state.update(_tokens=None, _groups=[], _layouts=[], _templates=[], batched=batched_lowrank)
+        state.update(_layers=[], _slots=[], _seen=[], _groups=[], batched=batched_lowrank, pending_prior=None)
         return state
 
     def use_compiler(self, compile_mode: str | None, backend="inductor") -> None:
@@ -235,7 +305,48 @@ class Vectorizer:
         else:
             self.batched = torch.compile(batched_lowrank, backend=backend, fullgraph=True, dynamic=False)
 
+    def _current(self, layers: list[AdaptedLinear]) -> list[list[torch.Tensor]] | None:
+        """Each layer's tensors when nothing that decides the grouping changed since the last forward.
+
+        A parameter replaced (pruning, finalizing, loading) is a new object, so its id changes; a
+        tensor changed in place (``.data = ...``) keeps its id, and then stacking fails or
+        recompiles (:meth:`refresh` groups afresh on a failure).
+        """
+        if len(layers) != len(self._layers) or any(a is not b for a, b in zip(layers, self._layers)):
+            return None
+        out = []
+        for layer, slots, seen in zip(layers, self._slots, self._seen):
+            tensors = slots.read()
+            if tensors is None or seen != (_flags(layer), tuple(map(id, tensors))):
+                return None
+            out.append(tensors)
+        return out
+
+    def _regroup(self, layers: list[AdaptedLinear]) -> list[list[torch.Tensor]]:
+        self._layers, self._slots = layers, [_Slots(layer) for layer in layers]
+        tensors = [slots.read() for slots in self._slots]
+        self._seen = [(_flags(layer), tuple(map(id, t))) for layer, t in zip(layers, tensors)]
+        index = {id(layer): i for i, layer in enumerate(layers)}
+        self._groups = [_Group([index[id(m)] for m in members], layers) for members in groups(layers, self.mode)]
+        return tensors
+
+    def _stack(self, tensors: list[list[torch.Tensor]]) -> list[dict[str, torch.Tensor] | None]:
+        """Each group's tensors stacked by name (differentiable: each parameter gets its slice's gradient).
+
+        Done eagerly, outside the compiled part: a compiled function guards on every tensor it is
+        given, and a group of 32 layers holds over 500 of them; stacked, there are a dozen.
+        """
+        out = []
+        for group in self._groups:
+            if self.failed and signature(self._layers[group.members[0]]) in self.failed:
+                out.append(None)
+                continue
+            names = self._slots[group.members[0]].names
+            out.append({n: torch.stack([tensors[i][j] for i in group.members]) for j, n in enumerate(names)})
+        return out
+
     def refresh(self, model: nn.Module) -> None:
+        self.pending_prior = None
         layers, checkpointed = [], False
         for m in model.modules():  # one walk: the layers, and whether any block recomputes (HF's flag)
             if isinstance(m, AdaptedLinear):
@@ -246,36 +357,59 @@ class Vectorizer:
         off = self.mode == "never" or self.off_for_graphs or checkpointed
         if off or not model.training or not torch.is_grad_enabled() or not layers or _sharded(layers[0]):
             return
-        tensors = [_tensors(layer) for layer in layers]
-        tokens = tuple(_token(layer, t) for layer, t in zip(layers, tensors))
-        if tokens != self._tokens:  # the signatures (a few ms at 1B) only when something changed
-            index = {id(layer): i for i, layer in enumerate(layers)}
-            self._groups = [[index[id(m)] for m in members] for members in groups(layers, self.mode)]
-            self._layouts = [layout(layers[g[0]]) for g in self._groups]
-            self._templates = [_Pieces(layers[g[0]]) for g in self._groups]
-            self._tokens = tokens
-        for group, shape, template in zip(self._groups, self._layouts, self._templates):
-            members = [layers[i] for i in group]
-            if self.failed and signature(members[0]) in self.failed:
+        tensors = self._current(layers)
+        if tensors is None:  # the signatures (a few ms at 1B) only when something changed
+            tensors = self._regroup(layers)
+        try:
+            stacks = self._stack(tensors)
+        except RuntimeError:  # a member's tensor changed shape or device in place: group afresh
+            stacks = self._stack(self._regroup(layers))
+        group_priors, covered = [], frozenset()
+        for group, stacked in zip(self._groups, stacks):
+            if stacked is None:
                 continue
-            stacked = stack_states([dict(tensors[i]) for i in group])
+            members = [layers[i] for i in group.members]
+            plan, weights, priced = group.prior_plan(stacked)
             try:
-                pieces = split(self.batched(template, stacked), shape)
+                outs = self.batched(group.template, stacked, plan, weights)
             except Exception as err:
-                pieces = self._retry_eagerly(err, members, template, stacked, shape)
-                if pieces is None:
+                outs = self._retry_eagerly(err, members, group.template, stacked, plan, weights)
+                if outs is None:
                     continue
-            for layer, p in zip(members, pieces):
+            if plan:
+                anchor = next((t for t in stacked.values() if t.requires_grad), None)
+                if anchor is not None:  # the backward through these gates spends the prior evaluated with them
+                    anchor.register_hook(self._spend_prior)
+                    group_priors.append(outs[-1])
+                    covered |= priced
+                outs = outs[:-1]
+            for layer, p in zip(members, split(outs, group.layout)):
                 layer.__dict__["pieces"] = p
+        if group_priors:
+            self.pending_prior = (model, group_priors, covered)
 
-    def _retry_eagerly(self, err: Exception, members, template, stacked, shape) -> list[tuple] | None:
+    def _spend_prior(self, grad: torch.Tensor) -> None:
+        self.pending_prior = None
+
+    def prior_for(self, model: nn.Module) -> tuple[list[torch.Tensor], frozenset[int]]:
+        """(the grouped layers' prior terms of this forward, the ids of the modules they cover).
+
+        Empty when the last training forward was not ``model``'s, or its backward already ran
+        (the gates moved since, or the graph is gone): the caller evaluates every module itself.
+        """
+        pending = self.pending_prior
+        if pending is None or pending[0] is not model:
+            return [], frozenset()
+        return pending[1], pending[2]
+
+    def _retry_eagerly(self, err: Exception, members, template, stacked, plan, weights) -> tuple | None:
         """A compile failure: warn, go eager for good. A strategy vmap cannot batch: per layer, said once."""
         if self.batched is not batched_lowrank and is_compile_error(err):
             warnings.warn(f"leanlora: compiling the grouped adapter pieces failed ({root_cause(err)}); "
                           "they are computed eagerly", RuntimeWarning, stacklevel=2)
             self.batched = batched_lowrank
             try:
-                return split(self.batched(template, stacked), shape)
+                return self.batched(template, stacked, plan, weights)
             except Exception as again:
                 err = again
         self.failed.add(signature(members[0]))

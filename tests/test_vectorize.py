@@ -245,3 +245,49 @@ def test_a_model_with_nothing_to_group_gets_no_hook():
     assert not _model(("dense", "nested", "float", "dense"), "auto")._forward_pre_hooks
     assert _model(("dense", "nested", "float", "dense"), "always")._forward_pre_hooks
     assert _model(POINTS[0], "auto")._forward_pre_hooks
+
+
+def _gated_modules(model):
+    from leanlora.schedule import HasPrior, implements
+
+    return {id(m) for m in model.modules() if implements(m, HasPrior)}
+
+
+def test_the_forward_evaluates_the_grouped_priors_and_the_backward_spends_them(monkeypatch):
+    monkeypatch.setattr(hc, "sample", _fixed_noise)
+    x = token_batch()
+    model = _model(POINTS[0], "auto")
+    vectorizer = model.leanlora_shared.vectorizer
+    loss = model(x, labels=x).loss
+    terms, covered = vectorizer.prior_for(model)
+    assert len(terms) == 4 and covered == _gated_modules(model)   # 4 groups: every gate covered
+    with OpCount() as after_forward:
+        prior = leanlora.regularizer(model)
+    vectorizer.pending_prior = None                               # as if evaluated module by module
+    with OpCount() as module_by_module:
+        reference = leanlora.regularizer(model)
+    torch.testing.assert_close(prior, reference, rtol=1e-5, atol=1e-7)
+    assert after_forward.n < module_by_module.n / 3, (after_forward.n, module_by_module.n)
+    model(x, labels=x)                                            # a new forward: pending again
+    loss = model(x, labels=x).loss
+    assert vectorizer.prior_for(model)[0]
+    assert vectorizer.prior_for(model.model)[0] == []             # another module's call: its own walk
+    (loss + leanlora.regularizer(model)).backward()
+    assert vectorizer.prior_for(model)[0] == []                   # spent by the backward
+    leanlora.regularizer(model).backward()                        # evaluated afresh: a graph of its own
+    with torch.no_grad():
+        model(x)
+    assert vectorizer.prior_for(model)[0] == []
+
+
+def test_a_replaced_strategy_module_is_read_from_the_next_forward():
+    x = token_batch()
+    model = _model(POINTS[0], "auto")
+    model(x, labels=x).loss.backward()
+    model.zero_grad()
+    layer = next(m for m in model.modules() if isinstance(m, AdaptedLinear))
+    old = layer.quant_a
+    layer.quant_a = copy.deepcopy(old, {id(old.prior_scale): old.prior_scale})   # new tensors, same kind
+    (model(x, labels=x).loss + leanlora.regularizer(model)).backward()
+    assert layer.pieces is not None
+    assert layer.quant_a.log_alpha.grad is not None and old.log_alpha.grad is None
