@@ -70,9 +70,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="leanlora adapter dtype (PEFT keeps fp32 adapters on a bf16 model by default)")
     ap.add_argument("--optimizer", choices=("foreach", "fused"), default="foreach",
                     help="AdamW implementation for every row: foreach (torch's default on GPU) or fused")
-    ap.add_argument("--gc", choices=("default", "freeze"), default="default",
-                    help="freeze: move every object alive after the warm-up out of the collector's reach "
-                    "(gc.freeze), for every row")
     ap.add_argument("--profile", default="", help="comma list of row-name substrings to profile for one extra step")
     add_timing_args(ap, steps=12)
     args = ap.parse_args(argv)
@@ -163,6 +160,10 @@ def run_row(row: str, args, device, ids, floor_tps: float) -> dict:
     else:
         result["method"] = "frozen base, no adapter"
     torch._dynamo.reset()
+    gc.collect()  # what the compiler's caches held of the last row is garbage now
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        result["allocated_gib_at_start"] = torch.cuda.memory_allocated() / 2**30  # leftovers of earlier rows
     torch.manual_seed(0)
     model = build_model(args, device)
     result["n_matmul"] = matmul_params(model)
@@ -226,9 +227,6 @@ def run_row(row: str, args, device, ids, floor_tps: float) -> dict:
     for i in range(args.warmup):
         step(i)
     result["warmup_s"] = time.perf_counter() - t0
-    if args.gc == "freeze":  # what the training loop does after its warm-up (leanlora.loop)
-        gc.collect()
-        gc.freeze()
     result["gc_objects"] = len(gc.get_objects())
     times, last_loss = [], float("nan")
     collector = GcTimer()
@@ -247,8 +245,6 @@ def run_row(row: str, args, device, ids, floor_tps: float) -> dict:
             last_loss = step(i)
             times.append(time.perf_counter() - t)
     gc.callbacks.remove(collector)
-    if args.gc == "freeze":
-        gc.unfreeze()
     result.update(gc_ms_per_step=collector.seconds * 1e3 / args.steps, gc_full_collections=collector.full,
                   host_ms=host.medians())
     med = statistics.median(times)

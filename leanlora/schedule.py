@@ -61,8 +61,8 @@ def regularizer(model: nn.Module) -> torch.Tensor:
     stated: list[priors.PriorTerms] = []
     # the grouped layers' priors, evaluated with their pieces in this forward (leanlora.vectorize)
     vectorizer = getattr(shared, "vectorizer", None)
-    others, covered = vectorizer.prior_for(model) if vectorizer is not None else ([], frozenset())
-    others = list(others)
+    grouped, covered = vectorizer.prior_for(model) if vectorizer is not None else ([], frozenset())
+    others: list[torch.Tensor] = list(grouped)
     for m in model.modules():
         if not implements(m, HasPrior) or id(m) in covered:
             continue

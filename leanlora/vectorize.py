@@ -10,7 +10,9 @@ one go: its parameters are stacked and ``torch.func.vmap`` runs the layers' own
 :meth:`~leanlora.layer.AdaptedLinear.lowrank` over the stack (gate draws differ per layer:
 ``randomness="different"``). Each layer then reads its slice (``AdaptedLinear.pieces``) instead
 of computing its own. Same values and the same gradients as layer by layer (tested); the gate
-samples come from another stream of random numbers.
+samples come from another stream of random numbers. The group's gate prior is evaluated in the
+same function, from the gate rows already stacked; :func:`leanlora.regularizer` uses it (and
+walks only the other modules) until the backward reaches those gates.
 
 A group is what vmap may batch: layers whose strategy modules have the same classes, the same
 parameter and buffer shapes and the same plain attributes (module names aside). Anything vmap
@@ -32,6 +34,7 @@ read the last forward's pieces: go through the model.
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import Any, Iterator
 
 import torch
@@ -120,12 +123,6 @@ def groups(layers: list[AdaptedLinear], mode: str) -> list[list[AdaptedLinear]]:
     return [members for members in by_key.values() if len(members) > 1]
 
 
-def _tensors(layer: AdaptedLinear) -> list[tuple[str, torch.Tensor]]:
-    """The strategy tensors of a layer, named as ``_Pieces`` names them (the frozen base left out)."""
-    slots = _Slots(layer)
-    return list(zip(slots.names, slots.read()))
-
-
 class _Slots:
     """Where a layer's strategy tensors live, so that each step reads them without walking modules.
 
@@ -197,7 +194,7 @@ def layout(layer: AdaptedLinear) -> tuple[bool, float | None]:
     Found by running the layer's lowrank once, with the random state put back afterwards: the
     gate draws of the step must not depend on whether the grouping was just rebuilt.
     """
-    device = next((t.device for _, t in _tensors(layer)), torch.device("cpu"))
+    device = next((t.device for t in _Slots(layer).read() or ()), torch.device("cpu"))
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         _, _, d, scale = layer.lowrank()
     return d is not None, (None if isinstance(scale, torch.Tensor) else scale)
@@ -237,8 +234,8 @@ class _Group:
             for name, module in getattr(first, part).named_modules(prefix=f"layer.{part}"):
                 if hasattr(module, "prior_terms"):
                     path = name.removeprefix("layer.")
-                    same = frozenset(id(layers[i].get_submodule(path)) for i in members)
-                    self.priced.append((name, module, same))
+                    member_ids = frozenset(id(layers[i].get_submodule(path)) for i in members)
+                    self.priced.append((name, module, member_ids))
 
     def prior_plan(self, stacked: dict[str, torch.Tensor]) -> tuple[tuple, tuple, frozenset[int]]:
         """(stacked keys and chains, price rows, ids of the member modules covered) for this step.
@@ -247,7 +244,7 @@ class _Group:
         prices are every member's; the prices are read each step (they follow the model-wide scale).
         """
         plan, weights, covered = [], [], frozenset()
-        for name, module, same in self.priced:
+        for name, module, member_ids in self.priced:
             terms = module.prior_terms()
             key = next((f"{name}.{k}" for k, v in module._parameters.items() if v is terms.log_alpha), None) \
                 if terms is not None else None
@@ -256,7 +253,7 @@ class _Group:
             t = stacked[key]
             plan.append((key, terms.chain))
             weights.append(priors.price_row(terms.weights, t.dtype, t.device))
-            covered |= same
+            covered |= member_ids
         return tuple(plan), tuple(weights), covered
 
 
@@ -274,10 +271,7 @@ class Vectorizer:
         self.failed: set[tuple] = set()
         self.batched = batched_lowrank
         self.off_for_graphs = False
-        self.pending_prior: tuple[nn.Module, list[torch.Tensor], frozenset[int]] | None = None
-        self._forget()
-
-    def _forget(self) -> None:
+        self.pending_prior: tuple[weakref.ref, list[torch.Tensor], frozenset[int]] | None = None
         self._layers: list[AdaptedLinear] = []
         self._slots: list[_Slots] = []
         self._seen: list[tuple] = []   # per layer: its flags and the ids of its tensors
@@ -379,17 +373,14 @@ class Vectorizer:
             if plan:
                 anchor = next((t for t in stacked.values() if t.requires_grad), None)
                 if anchor is not None:  # the backward through these gates spends the prior evaluated with them
-                    anchor.register_hook(self._spend_prior)
+                    anchor.register_hook(_spender(self))
                     group_priors.append(outs[-1])
                     covered |= priced
                 outs = outs[:-1]
             for layer, p in zip(members, split(outs, group.layout)):
                 layer.__dict__["pieces"] = p
         if group_priors:
-            self.pending_prior = (model, group_priors, covered)
-
-    def _spend_prior(self, grad: torch.Tensor) -> None:
-        self.pending_prior = None
+            self.pending_prior = (weakref.ref(model), group_priors, covered)
 
     def prior_for(self, model: nn.Module) -> tuple[list[torch.Tensor], frozenset[int]]:
         """(the grouped layers' prior terms of this forward, the ids of the modules they cover).
@@ -398,7 +389,7 @@ class Vectorizer:
         (the gates moved since, or the graph is gone): the caller evaluates every module itself.
         """
         pending = self.pending_prior
-        if pending is None or pending[0] is not model:
+        if pending is None or pending[0]() is not model:
             return [], frozenset()
         return pending[1], pending[2]
 
@@ -417,6 +408,19 @@ class Vectorizer:
                       f"could not be computed together ({type(err).__name__}: {err}); those layers "
                       "compute their own, as with vectorize='never'", RuntimeWarning, stacklevel=2)
         return None
+
+
+def _spender(vectorizer: Vectorizer):
+    """A gradient hook that drops the vectorizer's pending prior; by weak reference, so that a
+    tensor kept elsewhere (a compiler's cache) does not keep the vectorizer and its model alive."""
+    ref = weakref.ref(vectorizer)
+
+    def spend(grad: torch.Tensor) -> None:
+        owner = ref()
+        if owner is not None:
+            owner.pending_prior = None
+
+    return spend
 
 
 def compile_pieces(model: nn.Module, compile_mode: str | None = "default", backend="inductor") -> None:
