@@ -183,8 +183,7 @@ def run_row(row: str, args, device, ids, floor_tps: float) -> dict:
     if prior:
         import leanlora
 
-        # as the training loop does: the gate prior eager in every mode (stacked model-wide, it is
-        # a dozen kernels; compiled, its graph would grow with the model's gate count)
+        # as the training loop does: grouped layers' priors come with their pieces, the rest eager
         regularize = leanlora.regularizer
     if device.type == "cuda":
         torch.cuda.synchronize()

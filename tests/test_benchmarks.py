@@ -16,13 +16,17 @@ def test_speed_rows_tiny(tmp_path):
 
     out = tmp_path / "speed.jsonl"
     speed.main(["--preset", "tiny", "--steps", "2", "--warmup", "1", "--device", "cpu",
-                "--rows", "base,peft_lora,lean_lora", "--out", str(out)])
+                "--rows", "base,peft_lora,lean_lora,lean_blora", "--out", str(out)])
     rows = {r["row"]: r for r in map(json.loads, out.read_text().splitlines()) if "row" in r}
-    assert set(rows) == {"base", "peft_lora", "lean_lora"}
+    assert set(rows) == {"base", "peft_lora", "lean_lora", "lean_blora"}
     assert rows["base"]["trainable"] == 0
     # same adapter shape as PEFT: identical trainable parameter counts and a finite loss
     assert rows["peft_lora"]["trainable"] == rows["lean_lora"]["trainable"] > 0
     assert all(r["tokens_per_s"] > 0 and r["loss"] == r["loss"] for r in rows.values())
+    # host time per phase: grouped pieces and the prior only where B-LoRA has them
+    assert {"vectorize", "prior", "forward", "backward", "optimizer"} <= set(rows["lean_blora"]["host_ms"])
+    assert "vectorize" not in rows["lean_lora"]["host_ms"] and "prior" not in rows["peft_lora"]["host_ms"]
+    assert all(r["gc_ms_per_step"] >= 0 for r in rows.values())
 
 
 def test_quality_reads_glue_and_summarizes():

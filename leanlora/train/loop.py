@@ -150,7 +150,8 @@ def train(run: RunConfig | None, run_dir: str | Path, *, resume: bool = False, p
         optimizer, lambda s: lr_factor(s, total, warmup, tc.schedule))
     # compiled per decoder layer on CUDA by default; the first step falls back to eager if inductor fails
     compiled = CompiledRegions(model, log=log, mode=tc.compile_mode) if wants_compile(tc.compile, device) else None
-    # the gate prior stays eager: stacked model-wide (leanlora.priors) it is a dozen kernels, and
+    # the prior of grouped layers comes with their pieces (leanlora.vectorize, compiled with them);
+    # the rest stays eager: stacked model-wide (leanlora.priors) it is a dozen kernels, and
     # compiling it would cost a graph as large as the model's gate count for nothing
     prior = dist.regularizer
     autocast = _autocast(device, tc.bf16)
