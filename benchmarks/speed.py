@@ -231,19 +231,21 @@ def run_row(row: str, args, device, ids, floor_tps: float) -> dict:
     collector = GcTimer()
     gc.callbacks.append(collector)
     host.clear()
-    for i in range(args.warmup, args.warmup + args.steps):
-        if device.type == "cuda":
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            last_loss = step(i)
-            e.record()
-            e.synchronize()
-            times.append(s.elapsed_time(e) / 1e3)
-        else:
-            t = time.perf_counter()
-            last_loss = step(i)
-            times.append(time.perf_counter() - t)
-    gc.callbacks.remove(collector)
+    try:
+        for i in range(args.warmup, args.warmup + args.steps):
+            if device.type == "cuda":
+                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                s.record()
+                last_loss = step(i)
+                e.record()
+                e.synchronize()
+                times.append(s.elapsed_time(e) / 1e3)
+            else:
+                t = time.perf_counter()
+                last_loss = step(i)
+                times.append(time.perf_counter() - t)
+    finally:  # a failing row must not leave its collector timing the next rows
+        gc.callbacks.remove(collector)
     result.update(gc_ms_per_step=collector.seconds * 1e3 / args.steps, gc_full_collections=collector.full,
                   host_ms=host.medians())
     med = statistics.median(times)
