@@ -149,7 +149,7 @@ def inject(model: nn.Module, config: AdapterConfig, *, filter_fn: FilterFn | Non
         _set_submodule(model, name, layer)
     model.add_module(SHARED_ATTR, shared)
     shared.vectorizer = Vectorizer(config.vectorize)
-    if wanted([m for m in model.modules() if isinstance(m, AdaptedLinear)], config.vectorize):
+    if wanted([layer for _, layer in adapted_layers(model)], config.vectorize):
         model.register_forward_pre_hook(refresh_pieces)  # no per-step walk for models with nothing to group
     for name in save_names:
         for p in modules[name].parameters():

@@ -77,9 +77,8 @@ def regularizer(model: nn.Module) -> torch.Tensor:
         others.append(together)
     if not others:
         return torch.zeros(())
-    if len(others) > 1:
-        others = [torch.stack([o.to(others[0].device) for o in others]).sum()]
-    return shared.config.quant.lmbda * others[0]
+    summed = others[0] if len(others) == 1 else torch.stack([o.to(others[0].device) for o in others]).sum()
+    return shared.config.quant.lmbda * summed
 
 
 def advance(model: nn.Module, step: int) -> None:
