@@ -462,8 +462,8 @@ def regularizer(model: nn.Module) -> torch.Tensor:
     # priors outside adapted layers (none today) live in the root group: gathered after forward
     terms.extend(m.prior().reshape(()) for m in inner.modules()
                  if implements(m, HasPrior) and id(m) not in under_layers and m is not inner)
-    if not terms:
-        return torch.zeros(())
+    if not terms:  # on the model's device, as leanlora.regularizer's
+        return torch.zeros((), device=next((p.device for p in inner.parameters()), None))
     return shared_state(inner).config.quant.lmbda * torch.stack(terms).sum()
 
 

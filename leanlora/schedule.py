@@ -75,8 +75,8 @@ def regularizer(model: nn.Module) -> torch.Tensor:
     together = priors.total(stated)
     if together is not None:
         others.append(together)
-    if not others:
-        return torch.zeros(())
+    if not others:  # on the model's device: a CPU zero added to a GPU loss is a blocking copy per step
+        return torch.zeros((), device=next((p.device for p in model.parameters()), None))
     summed = others[0] if len(others) == 1 else torch.stack([o.to(others[0].device) for o in others]).sum()
     return shared.config.quant.lmbda * summed
 

@@ -56,3 +56,27 @@ def test_launch_counts_against_peft(capsys):
     assert rows["lean_blora"]["kernels"] > 5 * rows["peft_lora"]["kernels"]
     launches.main(["--rows", "peft_lora,lean_lora", "--layers", "1", "--r", "4"])
     assert "| leanlora LoRA |" in capsys.readouterr().out
+
+
+def test_loop_speed_runs_both_loops_on_the_same_run(tmp_path):
+    import loop_speed
+    from conftest import minilm_dir
+    from train_fixtures import tiny_bert_dir, write_sentiment_tsv
+
+    folder = tmp_path / "SST-2"  # the GLUE layout is chosen by the folder's name
+    folder.mkdir()
+    for split in ("train", "dev"):
+        write_sentiment_tsv(folder / f"{split}.tsv", 48, seed=0)
+    out = tmp_path / "loop.jsonl"
+    loop_speed.main(["--model", str(tiny_bert_dir(tmp_path, minilm_dir())), "--data", str(folder), "--steps", "5",
+                     "--warmup", "2", "--batch", "8", "--device", "cpu", "--out", str(out),
+                     "--rows", "peft_lora@eager,lean_lora@eager,lean_blora@eager,peft_vblora@eager"])
+    rows = {r["row"]: r for r in map(json.loads, out.read_text().splitlines()) if "row" in r}
+    assert rows["peft_vblora@eager"]["skipped"] == "the PEFT loop here runs LoRA only"
+    timed = [rows[k] for k in ("peft_lora@eager", "lean_lora@eager", "lean_blora@eager")]
+    assert all(r["steps"] == 5 and 0 < r["step_ms_min"] <= r["step_ms"] <= r["step_ms_max"] for r in timed)
+    assert all(r["loss"] == r["loss"] for r in timed)  # finite
+    # same adapter on the same model: the same trainable count (LoRA on 5 projection types + the head)
+    assert rows["peft_lora@eager"]["trainable"] == rows["lean_lora@eager"]["trainable"] > 0
+    with pytest.raises(ValueError, match="mode one of"):
+        loop_speed.run_row("lean_lora@graphs", loop_speed.parse_args(["--model", "m", "--data", str(folder)]))

@@ -85,3 +85,17 @@ def test_a_changed_price_is_not_served_from_the_cache():
     shared_state(model).prior_scale.value *= 2  # every BOP price halves
     after = float(leanlora.regularizer(model).detach())
     assert after == pytest.approx(before / 2, rel=1e-5)
+
+
+def test_a_model_without_priors_gets_a_zero_on_its_own_device():
+    """Added to a GPU loss every step, a CPU zero would be a blocking host-to-device copy."""
+    from leanlora.config import AdapterConfig
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                             num_attention_heads=2, num_key_value_heads=1))
+    leanlora.inject(model, AdapterConfig(target_modules=("q_proj",), r=2))
+    zero = leanlora.regularizer(model)
+    assert zero.device.type == "meta" and zero.shape == ()

@@ -148,3 +148,40 @@ def test_crash_and_resume_is_bit_exact_for_every_method(config, tmp_path, monkey
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize("adapter", [[], ["adapter.ranks=gated", "adapter.precision=learned", "adapter.factors=bank",
+                                          "adapter.bank.vector_length=4"]], ids=["lora", "bank-gated-learned"])
+def test_the_loss_is_read_back_once_per_optimizer_step(config, tmp_path, adapter):
+    """Each host read of a device value stalls the host until the GPU catches up. The loop reads the
+    step's loss once, after the last micro-batch's backward, and the adapter's forward, prior and
+    schedules read nothing; the loop also times every step it runs."""
+    import traceback
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    package, summary = str(ROOT / "leanlora"), str(ROOT / "leanlora" / "summary.py")
+    readers: Counter = Counter()
+
+    class ScalarReads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:  # Tensor.item(), float(t), bool(t)
+                files = [f.filename for f in traceback.extract_stack()[:-1]
+                         if not any(w in f.filename for w in ("_dynamo", "_compile.py", "_python_dispatch"))]
+                if any(f == summary for f in files):
+                    readers["gate summary (log steps)"] += 1
+                elif files[-1].startswith(package):
+                    readers[Path(files[-1]).relative_to(package).as_posix()] += 1
+                else:  # Adam's CPU step counters, transformers' check for padding
+                    readers["torch or transformers"] += 1
+            return func(*args, **(kwargs or {}))
+
+    run = load_run_config(config, ["train.max_steps=6", "train.grad_accum=2", "train.eval_every=0",
+                                   "train.save_every=0", "train.log_every=100", "data.eval_file=", *adapter])
+    with ScalarReads():
+        result = train(run, tmp_path / "reads", progress=False, log=lambda *_: None)
+    assert result.steps == 6 and len(result.step_seconds) == 6 and min(result.step_seconds) > 0
+    assert readers["train/loop.py"] == 6, readers
+    # besides: inject's weight probes (once) and the gate summary of the progress bar's log steps
+    assert set(readers) <= {"train/loop.py", "identity.py", "gate summary (log steps)", "torch or transformers"}, readers

@@ -216,3 +216,36 @@ def test_padding_and_eval_mode_restore(tmp_path, tokenizer):
                                                      num_attention_heads=2, intermediate_size=32)).train()
     scores = task.evaluate(model, batch_size=3, device=torch.device("cpu"))
     assert model.training and set(scores) == {"accuracy", "f1", "matthews", "loss"}
+
+
+def test_pad_to_multiple_of_rounds_batches_up_to_max_length_and_keeps_the_loss(tmp_path, tokenizer):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from leanlora.train.tasks import padded_width
+
+    assert padded_width([5, 9], 8, 128) == 16 and padded_width([17], 8, 20) == 20 and padded_width([9], 0, 64) == 9
+    path = write_sentiment_tsv(tmp_path / "t.tsv", 12, seed=0)
+    plain = ClassificationTask(DataConfig(train_file=str(path), max_length=16), tokenizer)
+    rounded = ClassificationTask(DataConfig(train_file=str(path), max_length=16, pad_to_multiple_of=12), tokenizer)
+    a, b = plain.collate(plain.train[:4]), rounded.collate(rounded.train[:4])
+    longest = max(len(e["input_ids"]) for e in plain.train[:4])
+    assert a["input_ids"].shape[1] == longest and b["input_ids"].shape[1] == min(16, -(-longest // 12) * 12)
+    assert torch.equal(a["attention_mask"].sum(1), b["attention_mask"].sum(1))  # the added columns are masked
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1,
+                                                     num_attention_heads=2, intermediate_size=32)).eval()
+    torch.testing.assert_close(plain.loss(model, a), rounded.loss(model, b), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ConfigError, match=r"data.pad_to_multiple_of=-8 is invalid: must be >= 0"):
+        DataConfig(train_file=str(path), pad_to_multiple_of=-8)
+
+
+def test_causal_lm_pads_labels_with_ignore_index_to_the_multiple(tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir(tmp_path), local_files_only=True)
+    path = write_addition_jsonl(tmp_path / "a.jsonl", 4, seed=0)
+    task = CausalLMTask(DataConfig(task="causal_lm", train_file=str(path), prompt_template="{question}",
+                                   response_column="answer", max_length=64, pad_to_multiple_of=32), tok)
+    batch = task.collate(task.train)
+    assert batch["input_ids"].shape[1] == 32 and batch["labels"].shape[1] == 32
+    assert (batch["labels"] != -100).sum() == sum(len(e["input_ids"]) - len(e["prompt_ids"]) for e in task.train)

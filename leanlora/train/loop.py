@@ -18,6 +18,7 @@ import json
 import math
 import random
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,7 @@ class TrainResult:
     run_dir: Path
     steps: int
     losses: list[float] = field(default_factory=list)       # mean training loss of each step run here
+    step_seconds: list[float] = field(default_factory=list)  # wall time of each step run here (no eval)
     history: list[dict[str, Any]] = field(default_factory=list)   # every evaluation: step + metrics
     best_step: int | None = None
     best_metrics: dict[str, float] = field(default_factory=dict)
@@ -172,30 +174,41 @@ def train(run: RunConfig | None, run_dir: str | Path, *, resume: bool = False, p
     bar = tqdm(total=total, initial=step, disable=not progress or not dist.is_main_process(), desc="train",
                dynamic_ncols=True, file=sys.stderr)
     window: list[float] = []
+    order_epoch, order = -1, []
     while step < total:
+        started = time.perf_counter()
         epoch, k = divmod(step, steps_per_epoch)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(tc.seed * 100_003 + epoch)).tolist()
+        if epoch != order_epoch:  # drawn once per epoch: a permutation of a large set costs ms per step
+            order_epoch = epoch
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(tc.seed * 100_003 + epoch)).tolist()
         micro = range(k * tc.grad_accum, min((k + 1) * tc.grad_accum, micro_per_epoch))
         leanlora.advance(model, step)
 
         def forward_backward() -> float:
-            """Forward and backward of every micro-batch of this optimizer step; the mean loss."""
-            step_loss = 0.0
+            """Forward and backward of every micro-batch of this optimizer step; the mean loss.
+
+            The loss is read back once per step, after the last backward: reading it per
+            micro-batch (or before its backward) makes the host wait for the GPU with the
+            backward still to launch, which on a launch-bound model costs a large share of a step.
+            A non-finite loss still stops the run before the optimizer touches the weights.
+            """
+            step_loss = torch.zeros((), device=device)
             for m in micro:
                 idx = dist.shard(order[m * tc.batch_size:(m + 1) * tc.batch_size])  # this rank's share
                 batch = next(batches(task.train, tc.batch_size, task.collate, device, idx))
                 with autocast:
                     loss = task.loss(wrapped, batch) + prior(wrapped).to(device)
-                if dist.all_reduce_mean(float(torch.isfinite(loss))) < 1.0:  # every rank stops together
-                    last = latest_checkpoint(run_dir)
-                    bar.close()
-                    raise TrainingDiverged(
-                        f"loss is {loss.item()} at step {step + 1} (epoch {epoch + 1}); training stopped. "
-                        + (f"The last good checkpoint is {last} (resume with `leanlora train --resume {run_dir}` "
-                           "after lowering train.lr)" if last else "No checkpoint was written before it."))
                 (loss / len(micro)).backward()
-                step_loss += loss.item() / len(micro)
-            return step_loss
+                step_loss += loss.detach().float() / len(micro)
+            value = step_loss.item()
+            if dist.all_reduce_mean(float(math.isfinite(value))) < 1.0:  # every rank stops together
+                last = latest_checkpoint(run_dir)
+                bar.close()
+                raise TrainingDiverged(
+                    f"loss is {value} at step {step + 1} (epoch {epoch + 1}); training stopped. "
+                    + (f"The last good checkpoint is {last} (resume with `leanlora train --resume {run_dir}` "
+                       "after lowering train.lr)" if last else "No checkpoint was written before it."))
+            return value
 
         if compiled is not None:
             compiled.begin_step()
@@ -209,6 +222,7 @@ def train(run: RunConfig | None, run_dir: str | Path, *, resume: bool = False, p
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        result.step_seconds.append(time.perf_counter() - started)
         step += 1
         result.losses.append(step_loss)
         loop_state["train_losses"].append(step_loss)

@@ -76,6 +76,11 @@ class DataConfig:
     """skip rows whose label is empty or null instead of stopping with an error."""
     max_length: int = 128
     """tokens per example (prompt + response for causal_lm); longer inputs are truncated."""
+    pad_to_multiple_of: int = 0
+    """pad each training batch to its longest example rounded up to a multiple of this (never
+    past max_length); 0: to its longest example. Compiled training, and CUDA graphs above all
+    (train.compile_mode=reduce-overhead records one graph per shape), want few distinct shapes:
+    32 leaves max_length/32 of them."""
     max_train_examples: int = 0
     """use a seeded random subset of this many training rows; 0: all."""
     max_eval_examples: int = 0
@@ -101,6 +106,8 @@ class DataConfig:
             _require(1 <= len(self.text_columns) <= 2, "data.text_columns", self.text_columns,
                      "name one column (single sentence) or two (sentence pair)")
         _require(self.max_length >= 8, "data.max_length", self.max_length, "must be >= 8")
+        _require(self.pad_to_multiple_of >= 0, "data.pad_to_multiple_of", self.pad_to_multiple_of,
+                 "must be >= 0 (0: pad to the longest example of the batch)")
         _require(self.max_train_examples >= 0, "data.max_train_examples", self.max_train_examples, "must be >= 0")
         _require(self.max_eval_examples >= 0, "data.max_eval_examples", self.max_eval_examples, "must be >= 0")
         _require(self.max_new_tokens >= 1, "data.max_new_tokens", self.max_new_tokens, "must be >= 1")

