@@ -193,3 +193,22 @@ def trainable_count(model: nn.Module) -> int:
             seen.add(id(p))
             n += p.numel()
     return n
+
+
+ADAMW_IMPLS = ("foreach", "fused", "compiled")
+
+
+def adamw_step(groups: list[dict], impl: str, lr: float = 1e-4):
+    """(AdamW over ``groups``, its step function) for one implementation: torch's foreach or fused,
+    or "compiled": ``torch.compile`` of the step, PyTorch's compiled-optimizer recipe (learning rates
+    as 0-d tensors so a scheduler does not recompile; ``capturable`` on CUDA, as the compiled update
+    keeps its step counters on the device)."""
+    if impl not in ADAMW_IMPLS:
+        raise SystemExit(f"AdamW implementation {impl!r}: allowed {', '.join(ADAMW_IMPLS)}")
+    if impl != "compiled":
+        opt = torch.optim.AdamW([dict(g) for g in groups], lr=lr, **{impl: True})
+        return opt, opt.step
+    on_cuda = all(p.is_cuda for g in groups for p in g["params"])
+    opt = torch.optim.AdamW([{**g, "lr": torch.tensor(float(g.get("lr", lr)))} for g in groups],
+                            lr=torch.tensor(lr), **({"capturable": True} if on_cuda else {}))
+    return opt, torch.compile(opt.step, fullgraph=False)

@@ -16,7 +16,7 @@ only in who runs them:
 
 Per-step wall time comes from the host clock; both loops read the loss back once per step, so
 it is the device's time too. The first ``--warmup`` steps (compilation, new shapes) are left out
-of the median and reported apart.
+of the median and reported apart. Each row runs in a fresh process unless ``--same-process``.
 
     python -u benchmarks/loop_speed.py --model .carry/minilm --glue .carry/glue --out $OUT/loop.jsonl
 """
@@ -62,6 +62,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "SST-2 for every row would cost more than its steps")
     ap.add_argument("--pad-to-multiple-of", type=int, default=32,
                     help="data.pad_to_multiple_of of every row (0: each batch to its longest example)")
+    ap.add_argument("--profile", default="", help="comma list of rows to run a second time under torch.profiler "
+                    "(--profile-steps steps): host-device syncs, copies and launches per step, top host ops")
+    ap.add_argument("--profile-steps", type=int, default=30)
+    ap.add_argument("--same-process", action="store_true",
+                    help="run every row in this process (default: each row in a fresh one; on the GPU the ratio of "
+                         "the same two rows swung from 0.70x to 1.34x with their order in one process)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=None, help="JSONL file; one line per row, written as each row ends")
     args = ap.parse_args(argv)
@@ -168,6 +174,34 @@ def run_row(row: str, args) -> dict:
     return result
 
 
+SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpyAsync", "cudaMemcpy")
+LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaGraphLaunch")
+
+
+def profile_row(row: str, args, top: int = 25) -> dict:
+    """The row again for ``--profile-steps`` steps under torch.profiler (compilation included, so
+    compare counts, not times): per step, the host-device synchronisations and copies, the kernel
+    launches, and the ``top`` operators by host self time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    name, _, mode = row.partition("@")
+    method = METHODS[name]
+    short = argparse.Namespace(**{**vars(args), "steps": args.profile_steps})
+    run, shape = run_config(short, method, mode or "eager")
+    torch._dynamo.reset()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        leanlora_row(run) if method.library == "leanlora" else peft_row(run, shape, mode or "eager")
+    events = prof.key_averages()
+    n = args.profile_steps
+    per_step = {e.key: e.count / n for e in events if e.key in SYNCS + LAUNCHES}
+    ops = sorted((e for e in events if e.device_type == torch.autograd.DeviceType.CPU),
+                 key=lambda e: -e.self_cpu_time_total)[:top]
+    return {"row": row, "profile_steps": n, "calls_per_step": per_step,
+            "top_host_ops": [{"op": e.key[:100], "self_host_ms_per_step": e.self_cpu_time_total / 1e3 / n,
+                              "calls_per_step": e.count / n} for e in ops]}
+
+
 def table(rows: list[dict]) -> str:
     ref = {r["row"]: r.get("step_ms") for r in rows}
     eager, comp = ref.get("peft_lora@eager"), ref.get("peft_lora@compiled")
@@ -198,21 +232,62 @@ def main(argv=None) -> None:
         out.write_text(json.dumps({"info": info}) + "\n")
     rows = []
     for row in [r.strip() for r in args.rows.split(",") if r.strip()]:
-        try:
-            res = run_row(row, args)
-        except ValueError:
-            raise
-        except Exception as err:  # one failing row must not hide the others' numbers
-            import traceback
-
-            traceback.print_exc()
-            res = {"row": row, "method": row, "error": f"{type(err).__name__}: {str(err)[:300]}"}
+        res = run_row_guarded(row, args) if args.same_process else run_row_in_fresh_process(row, argv)
         rows.append(res)
-        print(json.dumps(res), flush=True)
-        if out:
-            with out.open("a") as f:
-                f.write(json.dumps(res) + "\n")
+        record(res, out)
+    for row in [r.strip() for r in args.profile.split(",") if r.strip()]:
+        record(profile_row(row, args), out)
     print(table(rows), flush=True)
+
+
+def run_row_guarded(row: str, args) -> dict:
+    try:
+        return run_row(row, args)
+    except ValueError:  # a malformed row name: the caller's mistake, not a measurement
+        raise
+    except Exception as err:  # one failing row must not hide the others' numbers
+        import traceback
+
+        traceback.print_exc()
+        return {"row": row, "method": row, "error": f"{type(err).__name__}: {str(err)[:300]}"}
+
+
+def run_row_in_fresh_process(row: str, argv) -> dict:
+    """The row in a new Python process (this script, ``--same-process --rows row``): no row inherits
+    another's compiled code, caches, allocator state or garbage."""
+    import subprocess
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "row.jsonl"
+        child = [sys.executable, "-u", __file__, *_without(argv, ("--rows", "--out", "--profile")),
+                 "--same-process", "--rows", row, "--out", str(out)]
+        done = subprocess.run(child, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        lines = [json.loads(x) for x in out.read_text().splitlines()] if out.is_file() else []
+        rows = [r for r in lines if "row" in r]
+        if rows:
+            return rows[0]
+        return {"row": row, "method": row, "error": f"child exited {done.returncode}: {done.stdout[-300:]}"}
+
+
+def _without(argv: list[str], options: tuple[str, ...]) -> list[str]:
+    """``argv`` less the named options and their values (both "--opt v" and "--opt=v")."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in options:
+            skip = True
+        elif not arg.startswith(tuple(o + "=" for o in options)):
+            kept.append(arg)
+    return kept
+
+
+def record(res: dict, out: Path | None) -> None:
+    print(json.dumps(res), flush=True)
+    if out:  # at once: a run killed at its limit keeps what it measured
+        with out.open("a") as f:
+            f.write(json.dumps(res) + "\n")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ gates and three quantizers' gates and ranges, several of them a handful of value
 An optimizer step is memory-bound (about 28 bytes of traffic per fp32 value: param, grad and two
 moments read, param and moments written), so its floor is the same for every method; what
 differs is how many launches the per-tensor work takes. This measures it, for torch's default
-AdamW (foreach) and for ``fused=True``, with random gradients on the model of ``speed.py``.
+AdamW (foreach), ``fused=True`` and a compiled step, with random gradients on the model of ``speed.py``:
+device time per step (CUDA events) and the host's time to issue one.
 
     python -u benchmarks/optimizer_step.py --preset 1b --out $OUT/optimizer.jsonl
 """
@@ -26,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from adapters import METHODS, Shape, apply, unavailable  # noqa: E402
+from adapters import ADAMW_IMPLS as IMPLS, METHODS, Shape, adamw_step, apply, unavailable  # noqa: E402
 from speed import PRESETS, TARGETS, add_timing_args, build_model, record  # noqa: E402
 
 DEFAULT_ROWS = "peft_lora,lean_lora,lean_vblora,lean_blora,lean_combo"
@@ -40,30 +41,44 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--rows", default=DEFAULT_ROWS, help="comma list of methods (keys of adapters.METHODS)")
     ap.add_argument("--bank-vectors", type=int, default=256, help="VB-LoRA bank size h, as in speed.py")
     ap.add_argument("--bank-length", type=int, default=256, help="VB-LoRA vector length b (must divide every dim)")
-    ap.add_argument("--impls", default="foreach,fused", help="comma list of AdamW implementations: foreach, fused")
+    ap.add_argument("--impls", default="foreach,fused,compiled",
+                    help="comma list of AdamW implementations: foreach, fused, compiled (torch.compile of the step)")
     add_timing_args(ap, steps=20)
     args = ap.parse_args(argv)
     vars(args).update(PRESETS[args.preset])
     return args
 
 
-def time_steps(opt: torch.optim.Optimizer, device: torch.device, warmup: int, steps: int) -> list[float]:
+def time_steps(step, device: torch.device, warmup: int, steps: int) -> list[float]:
     for _ in range(warmup):
-        opt.step()
+        step()
     times = []
     for _ in range(steps):
         if device.type == "cuda":
             s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             s.record()
-            opt.step()
+            step()
             e.record()
             e.synchronize()
             times.append(s.elapsed_time(e) / 1e3)
         else:
             t = time.perf_counter()
-            opt.step()
+            step()
             times.append(time.perf_counter() - t)
     return times
+
+
+def host_time(step, steps: int) -> float:
+    """Median host seconds to issue one step, without waiting for the device between steps: the
+    share of a training step the optimizer costs a host-bound loop."""
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return statistics.median(times)
 
 
 def run_row(name: str, impls: list[str], args, device) -> list[dict]:
@@ -81,13 +96,17 @@ def run_row(name: str, impls: list[str], args, device) -> list[dict]:
     values = sum(p.numel() for p in params)
     out = []
     for impl in impls:
-        opt = torch.optim.AdamW([dict(gr) for gr in groups], lr=1e-4, **{impl: True})
-        times = time_steps(opt, device, args.warmup, args.steps)
+        opt, step = adamw_step(groups, impl)
+        t = time.perf_counter()
+        step()  # the first step: compilation for "compiled", state allocation for all
+        first_s = time.perf_counter() - t
+        times = time_steps(step, device, args.warmup, args.steps)
         med = statistics.median(times)
         out.append({"row": name, "impl": impl, "method": method.name, "tensors": len(params), "values": values,
                     "groups": len(groups), "step_ms": med * 1e3, "step_ms_min": min(times) * 1e3,
-                    "step_ms_max": max(times) * 1e3, "gbps": BYTES_PER_VALUE * values / med / 1e9})
-        del opt
+                    "step_ms_max": max(times) * 1e3, "gbps": BYTES_PER_VALUE * values / med / 1e9,
+                    "host_ms": 1e3 * host_time(step, args.steps), "first_step_s": first_s})
+        del opt, step
     del model, params, groups
     gc.collect()
     if device.type == "cuda":
@@ -97,15 +116,16 @@ def run_row(name: str, impls: list[str], args, device) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     anchor = {r["impl"]: r["step_ms"] for r in rows if r["row"] == "peft_lora" and "step_ms" in r}
-    lines = ["| method | AdamW | tensors | values | step ms median (min–max) | × PEFT LoRA (same AdamW) | GB/s |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| method | AdamW | tensors | values | step ms median (min–max) | × PEFT LoRA (same AdamW) | GB/s | "
+             "host ms | first step s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "skipped" in r:
-            lines.append(f"| {r['method']} | {r.get('impl', '')} | skipped: {r['skipped']} | | | | |")
+            lines.append(f"| {r['method']} | {r.get('impl', '')} | skipped: {r['skipped']} | | | | | | |")
             continue
         ratio = f"{r['step_ms'] / anchor[r['impl']]:.2f}" if r["impl"] in anchor else "–"
         lines.append(f"| {r['method']} | {r['impl']} | {r['tensors']:,} | {r['values']:,} | {r['step_ms']:.2f} "
-                     f"({r['step_ms_min']:.2f}–{r['step_ms_max']:.2f}) | {ratio} | {r['gbps']:.0f} |")
+                     f"({r['step_ms_min']:.2f}–{r['step_ms_max']:.2f}) | {ratio} | {r['gbps']:.0f} | {r['host_ms']:.2f} | "
+                     f"{r['first_step_s']:.1f} |")
     return "\n".join(lines)
 
 
@@ -114,8 +134,8 @@ def main(argv=None) -> list[dict]:
     device = torch.device(args.device)
     impls = [i.strip() for i in args.impls.split(",") if i.strip()]
     for impl in impls:
-        if impl not in ("foreach", "fused"):
-            raise SystemExit(f"--impls: {impl!r} is not an AdamW implementation; allowed: foreach, fused")
+        if impl not in IMPLS:
+            raise SystemExit(f"--impls: {impl!r} is not an AdamW implementation; allowed: {', '.join(IMPLS)}")
     out = Path(args.out) if args.out else None
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)

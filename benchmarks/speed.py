@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from adapters import METHODS, Shape, apply, trainable_count, unavailable  # noqa: E402
+from adapters import ADAMW_IMPLS, METHODS, Shape, adamw_step, apply, trainable_count, unavailable  # noqa: E402
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PRESETS = {  # Llama-3.2-1B geometry with a 32k vocabulary: 1.10e9 parameters
@@ -68,8 +68,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--bank-length", type=int, default=256, help="VB-LoRA vector length b (must divide every dim)")
     ap.add_argument("--adapter-dtype", choices=("float32", "bfloat16"), default="float32",
                     help="leanlora adapter dtype (PEFT keeps fp32 adapters on a bf16 model by default)")
-    ap.add_argument("--optimizer", choices=("foreach", "fused"), default="foreach",
-                    help="AdamW implementation for every row: foreach (torch's default on GPU) or fused")
+    ap.add_argument("--optimizer", choices=ADAMW_IMPLS, default="foreach",
+                    help="AdamW implementation for every row: foreach (torch's default on GPU), fused, or "
+                         "compiled (torch.compile of the step; see optimizer_step.py)")
     ap.add_argument("--profile", default="", help="comma list of row-name substrings to profile for one extra step")
     add_timing_args(ap, steps=12)
     args = ap.parse_args(argv)
@@ -171,11 +172,11 @@ def run_row(row: str, args, device, ids, floor_tps: float) -> dict:
     if name == "base":
         model.requires_grad_(False)
         model.enable_input_require_grads()  # backward through every layer, no weight gradient
-        opt = None
+        opt = opt_step = None
     else:
         model, groups, hook = apply(method, model, shape, "CAUSAL_LM", torch.bfloat16)
         prior = method.library == "leanlora" and method.has_prior
-        opt = torch.optim.AdamW(groups, lr=1e-4, **{args.optimizer: True})
+        opt, opt_step = adamw_step(groups, args.optimizer)
     model.train()
     result["trainable"] = trainable_count(model)
     fwd = compile_model(model, args.compile, args.compile_mode) if mode == "compiled" else model
@@ -216,7 +217,7 @@ def run_row(row: str, args, device, ids, floor_tps: float) -> dict:
             host.timed("backward", loss.backward)
         if opt is not None:
             with record_function("phase: optimizer"):
-                host.timed("optimizer", opt.step)
+                host.timed("optimizer", opt_step)
                 if hook is not None:
                     hook(i)
                 opt.zero_grad(set_to_none=True)
@@ -259,7 +260,7 @@ def run_row(row: str, args, device, ids, floor_tps: float) -> dict:
     counters = getattr(torch._dynamo.utils, "counters", {})
     result["graph_breaks"] = sum(counters.get("graph_break", {}).values()) if counters else None
     result["unique_graphs"] = counters.get("stats", {}).get("unique_graphs") if counters else None
-    del model, fwd, opt
+    del model, fwd, opt, opt_step
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()

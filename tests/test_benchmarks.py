@@ -67,11 +67,13 @@ def test_loop_speed_runs_both_loops_on_the_same_run(tmp_path):
     folder.mkdir()
     for split in ("train", "dev"):
         write_sentiment_tsv(folder / f"{split}.tsv", 48, seed=0)
-    out = tmp_path / "loop.jsonl"
-    loop_speed.main(["--model", str(tiny_bert_dir(tmp_path, minilm_dir())), "--data", str(folder), "--steps", "5",
-                     "--warmup", "2", "--batch", "8", "--device", "cpu", "--out", str(out),
-                     "--rows", "peft_lora@eager,lean_lora@eager,lean_blora@eager,peft_vblora@eager"])
-    rows = {r["row"]: r for r in map(json.loads, out.read_text().splitlines()) if "row" in r}
+    common = ["--model", str(tiny_bert_dir(tmp_path, minilm_dir())), "--data", str(folder), "--steps", "5",
+              "--warmup", "2", "--batch", "8", "--device", "cpu"]
+    out, fresh = tmp_path / "loop.jsonl", tmp_path / "fresh.jsonl"
+    loop_speed.main(common + ["--same-process", "--out", str(out),
+                              "--rows", "peft_lora@eager,lean_blora@eager,peft_vblora@eager"])
+    loop_speed.main(common + ["--out", str(fresh), "--rows", "lean_lora@eager"])  # the default: a child process
+    rows = {r["row"]: r for f in (out, fresh) for r in map(json.loads, f.read_text().splitlines()) if "row" in r}
     assert rows["peft_vblora@eager"]["skipped"] == "the PEFT loop here runs LoRA only"
     timed = [rows[k] for k in ("peft_lora@eager", "lean_lora@eager", "lean_blora@eager")]
     assert all(r["steps"] == 5 and 0 < r["step_ms_min"] <= r["step_ms"] <= r["step_ms_max"] for r in timed)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import leanlora
-from leanlora.train.compiled import CompiledRegions, repeated_blocks, wants_compile
+from leanlora.train.compiled import CompiledRegions, repeated_blocks, shape_advice, wants_compile
 from conftest import tiny_llama, token_batch
 
 
@@ -114,3 +114,10 @@ def test_cuda_graph_mode_is_passed_to_inductor_and_needs_it():
     assert regions.compiled and regions.mode == "reduce-overhead" and got == pytest.approx(want, rel=1e-5)
     with pytest.raises(ValueError, match="compile mode 'reduce-overhead' needs the inductor backend"):
         CompiledRegions(tiny_llama(), backend="aot_eager", mode="reduce-overhead")
+
+
+def test_cuda_graph_runs_without_padding_to_a_multiple_are_told_how_many_shapes_to_expect():
+    note = shape_advice("reduce-overhead", 0, 128)
+    assert "one CUDA graph per batch shape" in note and "up to 128 lengths" in note
+    assert "data.pad_to_multiple_of=32 leaves 4 shapes" in note
+    assert shape_advice("reduce-overhead", 32, 128) is None and shape_advice("default", 0, 128) is None

@@ -30,6 +30,15 @@ def wants_compile(mode: bool | str, device: torch.device) -> bool:
     return mode is True or (mode == "auto" and device.type == "cuda")
 
 
+def shape_advice(compile_mode: str, pad_to_multiple_of: int, max_length: int) -> str | None:
+    """A note for CUDA-graph training whose batches may take many lengths, or None."""
+    if compile_mode != "reduce-overhead" or pad_to_multiple_of > 1:
+        return None
+    return (f"note: train.compile_mode=reduce-overhead records one CUDA graph per batch shape, and batches are "
+            f"padded to their longest example (up to {max_length} lengths); data.pad_to_multiple_of=32 leaves "
+            f"{-(-max_length // 32)} shapes")
+
+
 def repeated_blocks(model: nn.Module) -> list[nn.Module]:
     """The model's repeated blocks (``_no_split_modules``, e.g. LlamaDecoderLayer, BertLayer)."""
     names: set[str] = set()

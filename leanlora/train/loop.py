@@ -29,7 +29,7 @@ from torch import nn
 
 import leanlora
 from leanlora import distributed as dist
-from leanlora.train.compiled import CompiledRegions, wants_compile
+from leanlora.train.compiled import CompiledRegions, shape_advice, wants_compile
 from leanlora.config import ConfigError
 from leanlora.io import atomic_write_bytes, read_adapter_tensors
 from leanlora.optim import adamw
@@ -152,6 +152,9 @@ def train(run: RunConfig | None, run_dir: str | Path, *, resume: bool = False, p
         optimizer, lambda s: lr_factor(s, total, warmup, tc.schedule))
     # compiled per decoder layer on CUDA by default; the first step falls back to eager if inductor fails
     compiled = CompiledRegions(model, log=log, mode=tc.compile_mode) if wants_compile(tc.compile, device) else None
+    advice = shape_advice(tc.compile_mode, run.data.pad_to_multiple_of, run.data.max_length) if compiled else None
+    if advice:
+        log(advice)
     # the prior of grouped layers comes with their pieces (leanlora.vectorize, compiled with them);
     # the rest stays eager: stacked model-wide (leanlora.priors) it is a dozen kernels, and
     # compiling it would cost a graph as large as the model's gate count for nothing
