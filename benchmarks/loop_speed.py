@@ -111,7 +111,7 @@ def peft_row(run, shape, mode: str) -> tuple[list[float], float, int]:
     import peft
 
     from leanlora.train.compiled import CompiledRegions
-    from leanlora.train.loop import _autocast, load_for_run, lr_factor, seed_everything
+    from leanlora.train.loop import _autocast, epoch_order, load_for_run, lr_factor, seed_everything
     from leanlora.train.tasks import batches
 
     tc = run.train
@@ -134,7 +134,7 @@ def peft_row(run, shape, mode: str) -> tuple[list[float], float, int]:
         epoch, k = divmod(step, per_epoch)
         if epoch != order_epoch:  # the permutation leanlora's loop draws for this epoch
             order_epoch = epoch
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(tc.seed * 100_003 + epoch)).tolist()
+            order = epoch_order(n, tc.seed, epoch)
         batch = next(batches(task.train, tc.batch_size, task.collate, device, order[k * tc.batch_size:(k + 1) * tc.batch_size]))
         if compiled is not None:
             compiled.begin_step()

@@ -85,6 +85,11 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     return max(0.0, 1.0 - progress)
 
 
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The order of the ``n`` training examples in ``epoch``: a permutation seeded by (seed, epoch)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+
+
 def load_for_run(run: RunConfig, need_train: bool = True):
     """(model on its device, tokenizer, task) for ``run``, before any adapter is injected."""
     tokenizer = load_tokenizer(run.model)
@@ -183,7 +188,7 @@ def train(run: RunConfig | None, run_dir: str | Path, *, resume: bool = False, p
         epoch, k = divmod(step, steps_per_epoch)
         if epoch != order_epoch:  # drawn once per epoch: a permutation of a large set costs ms per step
             order_epoch = epoch
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(tc.seed * 100_003 + epoch)).tolist()
+            order = epoch_order(n, tc.seed, epoch)
         micro = range(k * tc.grad_accum, min((k + 1) * tc.grad_accum, micro_per_epoch))
         leanlora.advance(model, step)
 

@@ -77,8 +77,8 @@ class DataConfig:
     max_length: int = 128
     """tokens per example (prompt + response for causal_lm); longer inputs are truncated."""
     pad_to_multiple_of: int = 0
-    """pad each training batch to its longest example rounded up to a multiple of this (never
-    past max_length); 0: to its longest example. Compiled training, and CUDA graphs above all
+    """pad each batch to its longest example rounded up to a multiple of this (never past
+    max_length); 0: to its longest example. Compiled training, and CUDA graphs above all
     (train.compile_mode=reduce-overhead records one graph per shape), want few distinct shapes:
     32 leaves max_length/32 of them."""
     max_train_examples: int = 0
