@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from adapters import METHODS, Shape, leanlora_config, peft_config, trainable_count, unavailable  # noqa: E402
+from isolation import row_in_fresh_process  # noqa: E402
 
 TARGETS = ("query", "key", "value", "output.dense", "intermediate.dense")  # as quality.py
 MODES = ("eager", "compiled", "cudagraphs")
@@ -232,7 +233,9 @@ def main(argv=None) -> None:
         out.write_text(json.dumps({"info": info}) + "\n")
     rows = []
     for row in [r.strip() for r in args.rows.split(",") if r.strip()]:
-        res = run_row_guarded(row, args) if args.same_process else run_row_in_fresh_process(row, argv)
+        res = run_row_guarded(row, args) if args.same_process else \
+            row_in_fresh_process(__file__, list(sys.argv[1:] if argv is None else argv), row, ("--same-process",),
+                                 parent_only=("--profile",))
         rows.append(res)
         record(res, out)
     for row in [r.strip() for r in args.profile.split(",") if r.strip()]:
@@ -250,37 +253,6 @@ def run_row_guarded(row: str, args) -> dict:
 
         traceback.print_exc()
         return {"row": row, "method": row, "error": f"{type(err).__name__}: {str(err)[:300]}"}
-
-
-def run_row_in_fresh_process(row: str, argv) -> dict:
-    """The row in a new Python process (this script, ``--same-process --rows row``): no row inherits
-    another's compiled code, caches, allocator state or garbage."""
-    import subprocess
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    with tempfile.TemporaryDirectory() as folder:
-        out = Path(folder) / "row.jsonl"
-        child = [sys.executable, "-u", __file__, *_without(argv, ("--rows", "--out", "--profile")),
-                 "--same-process", "--rows", row, "--out", str(out)]
-        done = subprocess.run(child, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        lines = [json.loads(x) for x in out.read_text().splitlines()] if out.is_file() else []
-        rows = [r for r in lines if "row" in r]
-        if rows:
-            return rows[0]
-        return {"row": row, "method": row, "error": f"child exited {done.returncode}: {done.stdout[-300:]}"}
-
-
-def _without(argv: list[str], options: tuple[str, ...]) -> list[str]:
-    """``argv`` less the named options and their values (both "--opt v" and "--opt=v")."""
-    kept, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg in options:
-            skip = True
-        elif not arg.startswith(tuple(o + "=" for o in options)):
-            kept.append(arg)
-    return kept
 
 
 def record(res: dict, out: Path | None) -> None:

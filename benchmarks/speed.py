@@ -1,9 +1,10 @@
-"""Training-step speed and memory of leanlora methods against PEFT, in one process, on one GPU.
+"""Training-step speed and memory of leanlora methods against PEFT, in one run, on one GPU.
 
 One step = forward + backward + AdamW on a randomly initialised Llama-style causal LM (bf16),
 every one of the 7 projection types adapted at rank r. Each row builds a fresh model from the
 same seed, runs ``--warmup`` steps (compilation included), then times ``--steps`` steps with CUDA
-events and reports the median. Every row runs in the same process as the anchors.
+events and reports the median. Every row runs in a fresh process of its own (``--same-process``
+runs them all in this one): a host-bound step is sensitive to what ran before it (isolation.py).
 
 The floor: a frozen-base adapter step does about 4·N FLOPs per token (forward 2N, input-gradient
 backward 2N; N = parameters of the matmuls, lm_head included; attention scores and the adapter
@@ -30,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from adapters import ADAMW_IMPLS, METHODS, Shape, adamw_step, apply, trainable_count, unavailable  # noqa: E402
+from isolation import row_in_fresh_process  # noqa: E402
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PRESETS = {  # Llama-3.2-1B geometry with a 32k vocabulary: 1.10e9 parameters
@@ -72,6 +74,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="AdamW implementation for every row: foreach (torch's default on GPU), fused, or "
                          "compiled (torch.compile of the step; see optimizer_step.py)")
     ap.add_argument("--profile", default="", help="comma list of row-name substrings to profile for one extra step")
+    ap.add_argument("--same-process", action="store_true",
+                    help="run every row in this process (default: each in a fresh one, see isolation.py; "
+                         "the tables of BENCHMARKS.md 1-1f were measured with every row in one process)")
     add_timing_args(ap, steps=12)
     args = ap.parse_args(argv)
     for k, v in PRESETS[args.preset].items():
@@ -417,6 +422,11 @@ def main(argv=None) -> None:
     rows = []
     for row in [r.strip() for r in args.rows.split(",") if r.strip()]:
         t = time.perf_counter()
+        if not args.same_process:
+            res = row_in_fresh_process(__file__, list(sys.argv[1:] if argv is None else argv), row,
+                                       ("--same-process",), out.parent if out else None)
+            record(res, rows, out)
+            continue
         try:
             res = run_row(row, args, device, ids, floor_tps)
         except Exception as err:  # one failing method must not hide the others' numbers

@@ -14,10 +14,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 def test_speed_rows_tiny(tmp_path):
     import speed
 
-    out = tmp_path / "speed.jsonl"
-    speed.main(["--preset", "tiny", "--steps", "2", "--warmup", "1", "--device", "cpu",
-                "--rows", "base,peft_lora,lean_lora,lean_blora", "--out", str(out)])
-    rows = {r["row"]: r for r in map(json.loads, out.read_text().splitlines()) if "row" in r}
+    out, fresh = tmp_path / "speed.jsonl", tmp_path / "fresh" / "speed.jsonl"
+    common = ["--preset", "tiny", "--steps", "2", "--warmup", "1", "--device", "cpu"]
+    speed.main(common + ["--same-process", "--rows", "base,peft_lora,lean_blora", "--out", str(out)])
+    speed.main(common + ["--rows", "lean_lora", "--out", str(fresh)])  # the default: the row in a child process
+    rows = {r["row"]: r for f in (out, fresh) for r in map(json.loads, f.read_text().splitlines()) if "row" in r}
+    assert (fresh.parent / "row_lean_lora.jsonl").is_file()  # the child's own file, kept beside the results
     assert set(rows) == {"base", "peft_lora", "lean_lora", "lean_blora"}
     assert rows["base"]["trainable"] == 0
     # same adapter shape as PEFT: identical trainable parameter counts and a finite loss
