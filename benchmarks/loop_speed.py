@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from adapters import METHODS, Shape, leanlora_config, peft_config, trainable_count, unavailable  # noqa: E402
 from isolation import row_in_fresh_process  # noqa: E402
+from speed import record  # noqa: E402  (print and append each row at once)
 
 TARGETS = ("query", "key", "value", "output.dense", "intermediate.dense")  # as quality.py
 MODES = ("eager", "compiled", "cudagraphs")
@@ -236,10 +237,10 @@ def main(argv=None) -> None:
         res = run_row_guarded(row, args) if args.same_process else \
             row_in_fresh_process(__file__, list(sys.argv[1:] if argv is None else argv), row, ("--same-process",),
                                  parent_only=("--profile",))
-        rows.append(res)
-        record(res, out)
+        record(res, rows, out)
+    profiles: list[dict] = []
     for row in [r.strip() for r in args.profile.split(",") if r.strip()]:
-        record(profile_row(row, args), out)
+        record(profile_row(row, args), profiles, out)
     print(table(rows), flush=True)
 
 
@@ -253,13 +254,6 @@ def run_row_guarded(row: str, args) -> dict:
 
         traceback.print_exc()
         return {"row": row, "method": row, "error": f"{type(err).__name__}: {str(err)[:300]}"}
-
-
-def record(res: dict, out: Path | None) -> None:
-    print(json.dumps(res), flush=True)
-    if out:  # at once: a run killed at its limit keeps what it measured
-        with out.open("a") as f:
-            f.write(json.dumps(res) + "\n")
 
 
 if __name__ == "__main__":
