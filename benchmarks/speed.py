@@ -59,8 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     for k in ("hidden", "inter", "layers", "heads", "kv_heads", "vocab", "batch", "seq"):
         ap.add_argument(f"--{k.replace('_', '-')}", type=int, default=None, help=f"override the preset's {k}")
     ap.add_argument("--r", type=int, default=16)
-    ap.add_argument("--rows", default=DEFAULT_ROWS, help="comma list of method[@eager|@compiled|@compiled+pieces_graphs "
-                    "(leanlora's grouped pieces under CUDA graphs, the layers not)]; 'base' = "
+    ap.add_argument("--rows", default=DEFAULT_ROWS, help="comma list of method[@eager|@compiled]; 'base' = "
                     "frozen model with input-gradient backward and no adapter (the base-model share)")
     ap.add_argument("--compile", choices=("layers", "model"), default="layers",
                     help="layers: torch.compile each decoder layer (compiled once, reused); model: the whole model")
@@ -135,13 +134,13 @@ def _time_fn(fn, warmup: int, reps: int) -> float:
     return statistics.median(times)
 
 
-def compile_model(model, how: str, mode: str = "default", pieces_graphs: bool = False):
+def compile_model(model, how: str, mode: str = "default"):
     import torch._dynamo
 
     from leanlora.vectorize import compile_pieces
 
     torch._dynamo.config.cache_size_limit = 64  # regional compile: one entry per distinct layer guard set
-    compile_pieces(model, mode, pieces_graphs=pieces_graphs)  # leanlora's grouped adapter pieces, as its training loop does (no-op for PEFT)
+    compile_pieces(model, mode)  # leanlora's grouped adapter pieces, as its training loop does (no-op for PEFT)
     if how == "model":
         return torch.compile(model, mode=mode)
     layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
@@ -152,14 +151,11 @@ def compile_model(model, how: str, mode: str = "default", pieces_graphs: bool = 
 
 def run_row(row: str, args, device, ids, floor_tps: float) -> dict:
     name, _, mode = row.partition("@")
-    mode, _, variant = (mode or "eager").partition("+")
-    if mode not in ("eager", "compiled") or variant not in ("", "pieces_graphs"):
-        raise ValueError(f"row {row!r}: allowed <method>, <method>@compiled, <method>@compiled+pieces_graphs")
-    pieces_graphs = variant == "pieces_graphs"
+    mode = mode or "eager"
     shape = Shape(targets=TARGETS, r=args.r, adapter_dtype=args.adapter_dtype,
                   bank_vectors=args.bank_vectors, bank_length=args.bank_length)
     result = {"row": row, "mode": mode, "compile": args.compile if mode == "compiled" else None,
-              "compile_mode": args.compile_mode if mode == "compiled" else None, "pieces_graphs": pieces_graphs}
+              "compile_mode": args.compile_mode if mode == "compiled" else None}
     if name != "base":
         method = METHODS[name]
         result["method"] = method.name
@@ -188,7 +184,7 @@ def run_row(row: str, args, device, ids, floor_tps: float) -> dict:
         opt, opt_step = adamw_step(groups, args.optimizer)
     model.train()
     result["trainable"] = trainable_count(model)
-    fwd = compile_model(model, args.compile, args.compile_mode, pieces_graphs) if mode == "compiled" else model
+    fwd = compile_model(model, args.compile, args.compile_mode) if mode == "compiled" else model
     graphs = mode == "compiled" and args.compile_mode == "reduce-overhead"
     if prior:
         import leanlora

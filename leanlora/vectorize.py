@@ -283,7 +283,7 @@ class Vectorizer:
         state.update(_layers=[], _slots=[], _seen=[], _groups=[], batched=batched_lowrank, pending_prior=None)
         return state
 
-    def use_compiler(self, compile_mode: str | None, backend="inductor", pieces_graphs: bool = False) -> None:
+    def use_compiler(self, compile_mode: str | None, backend="inductor") -> None:
         """Compile the grouped computation (``None``: eager again); the compiled training path calls
         this. Eager vmap runs each operator through functorch's batching layer from Python, about
         50 ms of host time per step at the 1B shape; compiled, each group is a few fused kernels.
@@ -292,18 +292,10 @@ class Vectorizer:
         graphs replay without the host anyway, and grouped pieces would be graph inputs whose
         gradients outlive the layer graphs that produce them, which CUDA-graph trees answer by
         recording again (2.6 s a step measured on an H200, against 0.11 s layer by layer).
-
-        ``pieces_graphs`` records CUDA graphs of the grouped computation alone, forward and
-        backward, while the layers stay in ``compile_mode``: the groups' kernels are then replayed
-        instead of launched one by one from inductor's Python wrapper. Their outputs feed layers
-        outside any graph, so nothing outlives a graph it came from. Ignored off CUDA and
-        when ``compile_mode`` is None or "reduce-overhead".
         """
         self.off_for_graphs = compile_mode == "reduce-overhead"
         if compile_mode is None:
             self.batched = batched_lowrank
-        elif pieces_graphs and not self.off_for_graphs and backend == "inductor":
-            self.batched = torch.compile(batched_lowrank, mode="reduce-overhead", fullgraph=True, dynamic=False)
         else:
             self.batched = torch.compile(batched_lowrank, backend=backend, fullgraph=True, dynamic=False)
 
@@ -431,13 +423,11 @@ def _spender(vectorizer: Vectorizer):
     return spend
 
 
-def compile_pieces(model: nn.Module, compile_mode: str | None = "default", backend="inductor",
-                   pieces_graphs: bool = False) -> None:
-    """Compile (or, with None, un-compile) the grouped pieces of an adapted model, if it has any
-    (``pieces_graphs``: see :meth:`Vectorizer.use_compiler`)."""
+def compile_pieces(model: nn.Module, compile_mode: str | None = "default", backend="inductor") -> None:
+    """Compile (or, with None, un-compile) the grouped pieces of an adapted model, if it has any."""
     vectorizer = getattr(getattr(model, "leanlora_shared", None), "vectorizer", None)
     if vectorizer is not None:
-        vectorizer.use_compiler(compile_mode, backend, pieces_graphs)
+        vectorizer.use_compiler(compile_mode, backend)
 
 
 @torch.compiler.disable
