@@ -71,8 +71,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--adapter-dtype", choices=("float32", "bfloat16"), default="float32",
                     help="leanlora adapter dtype (PEFT keeps fp32 adapters on a bf16 model by default)")
     ap.add_argument("--optimizer", choices=ADAMW_IMPLS, default="foreach",
-                    help="AdamW implementation for every row: foreach (torch's default on GPU), fused, or "
-                         "compiled (torch.compile of the step; see optimizer_step.py)")
+                    help="AdamW implementation for every row: foreach (torch's default on GPU), fused, flat "
+                         "(leanlora's FlatAdamW), or compiled (torch.compile of the step; see optimizer_step.py)")
+    ap.add_argument("--lean-optimizer", choices=ADAMW_IMPLS, default=None,
+                    help="AdamW implementation for leanlora rows only (default: --optimizer's); flat is what "
+                         "leanlora's training loop builds")
     ap.add_argument("--profile", default="", help="comma list of row-name substrings to profile for one extra step")
     ap.add_argument("--same-process", action="store_true",
                     help="run every row in this process (default: each in a fresh one, see isolation.py; "
@@ -181,7 +184,9 @@ def run_row(row: str, args, device, ids, floor_tps: float) -> dict:
     else:
         model, groups, hook = apply(method, model, shape, "CAUSAL_LM", torch.bfloat16)
         prior = method.library == "leanlora" and method.has_prior
-        opt, opt_step = adamw_step(groups, args.optimizer)
+        impl = args.lean_optimizer if method.library == "leanlora" and args.lean_optimizer else args.optimizer
+        result["optimizer"] = impl
+        opt, opt_step = adamw_step(groups, impl)
     model.train()
     result["trainable"] = trainable_count(model)
     fwd = compile_model(model, args.compile, args.compile_mode) if mode == "compiled" else model

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from leanlora.flat_adamw import FlatAdamW
 from leanlora.inject import shared_state
 
 NO_DECAY_ROLES = ("bank", "logits", "gates", "scales")
@@ -71,14 +72,17 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0,
             for role, params in grouped.items()]
 
 
-def adamw(groups: list[dict[str, Any]], **kwargs) -> torch.optim.AdamW:
-    """AdamW over ``groups``, the fused implementation when every parameter is a plain CUDA tensor.
+def adamw(groups: list[dict[str, Any]], **kwargs) -> torch.optim.Optimizer:
+    """AdamW over ``groups``: :class:`~leanlora.flat_adamw.FlatAdamW` (torch's fused update on CUDA)
+    when every parameter is a plain dense floating-point tensor, else torch's AdamW.
 
     B-LoRA holds ten tensors per adapted module (1,120 at the 1B benchmark shape, LoRA 224), many
-    of them a handful of values; torch's default (foreach) step over them took 18.4 ms on an
-    H200 and the fused one 6.4 ms, against 1.5 ms for LoRA's (``benchmarks/optimizer_step.py``).
-    Sharded (DTensor) or CPU parameters keep torch's default choice.
+    of them a handful of values; torch's AdamW spends host time per tensor at every step (fused:
+    6.4 ms on an H200 host against 1.5 ms for LoRA's, ``benchmarks/optimizer_step.py``), and
+    FlatAdamW steps one flat tensor per group instead. Sharded (DTensor) parameters keep torch's.
     """
     params = [p for g in groups for p in g["params"]]
-    fused = bool(params) and all(type(p) in (torch.Tensor, nn.Parameter) and p.is_cuda for p in params)
-    return torch.optim.AdamW(groups, **kwargs, **({"fused": True} if fused else {}))
+    if params and all(type(p) in (torch.Tensor, nn.Parameter) and p.is_floating_point() and not p.is_sparse
+                      for p in params):
+        return FlatAdamW(groups, **kwargs)
+    return torch.optim.AdamW(groups, **kwargs)

@@ -1,0 +1,167 @@
+"""AdamW whose moments live in one flat tensor per bucket of parameters.
+
+B-LoRA holds ten parameter tensors per adapted module, most of them a handful of values (1,120 at
+the 1B benchmark shape, LoRA 224). torch's AdamW, fused or not, walks its tensors one by one in
+Python at every step (state lookup, lists, a step counter per tensor): 5.8-7.9 ms of host time
+per step on an H200's host for B-LoRA, 1.3-2.2 ms for LoRA (``benchmarks/speed.py`` host_ms),
+in a step that the host, not the GPU, paces. Here the tensors of one param group, device and
+dtype form a bucket with one flat first moment, one flat second moment and one step counter. A
+step copies the bucket's parameters and gradients into flat buffers (one foreach copy each),
+runs torch's own AdamW (``torch.optim.adamw.adamw``, fused on CUDA) on the flat tensors and copies
+the parameters back. The model's parameters are not touched otherwise: no storage is shared,
+nothing in the model's layout changes, and hyperparameters are read from ``param_groups`` at every
+step, so learning-rate schedulers, gradient clipping and ``GradScaler`` work as with torch's.
+
+The update is torch's AdamW, value for value. A step where some tensors of a bucket have no
+gradient updates only the others, each with its own step count, as torch does; from then on the
+bucket's counts differ and it steps tensor by tensor (correct, not fast). The state dict holds the
+flat tensors under the bucket's first parameter; a state dict of ``torch.optim.AdamW`` over the
+same parameters loads too (its per-tensor moments are flattened).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import torch
+from torch.optim.adamw import adamw as adamw_update
+
+
+class _Bucket:
+    """The parameters of one group on one device in one dtype, and the flat buffers they step in."""
+
+    def __init__(self, params: list[torch.Tensor]) -> None:
+        self.params = params
+        self.numels = [p.numel() for p in params]
+        first = params[0]
+        self.flat_param = torch.empty(sum(self.numels), dtype=first.dtype, device=first.device)
+        self.flat_grad = torch.empty_like(self.flat_param)
+        self.param_views = self.shaped(self.flat_param)
+        self.grad_views = self.shaped(self.flat_grad)
+
+    def shaped(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """Views of ``flat`` shaped like the bucket's parameters, in order."""
+        return [v.view(p.shape) for v, p in zip(flat.split(self.numels), self.params)]
+
+
+class FlatAdamW(torch.optim.Optimizer):
+    """torch's AdamW (no amsgrad, no maximize) over flat buckets; see the module docstring."""
+
+    def __init__(self, params: Iterable, lr: float | torch.Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, fused: bool | None = None) -> None:
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        for group in self.param_groups:
+            for p in group["params"]:
+                if type(p) not in (torch.Tensor, torch.nn.Parameter) or not p.is_floating_point() or p.is_sparse:
+                    raise ValueError(f"FlatAdamW: a parameter of type {type(p).__name__}, dtype {p.dtype} cannot be "
+                                     "flattened; allowed: plain dense floating-point tensors (use torch.optim.AdamW)")
+        self.fused = fused
+        self._buckets: list[list[_Bucket]] | None = None
+
+    # --- buckets and their state -------------------------------------------------------------
+
+    def buckets(self) -> list[list[_Bucket]]:
+        """Per param group, its buckets (first appearance order of each device and dtype)."""
+        if self._buckets is None:
+            self._buckets = []
+            for group in self.param_groups:
+                by_kind: dict[tuple, list[torch.Tensor]] = {}
+                for p in group["params"]:
+                    by_kind.setdefault((p.device, p.dtype), []).append(p)
+                self._buckets.append([_Bucket(ps) for ps in by_kind.values()])
+        return self._buckets
+
+    def _state_of(self, bucket: _Bucket) -> dict[str, Any]:
+        state = self.state[bucket.params[0]]
+        if "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros_like(bucket.flat_param)
+            state["exp_avg_sq"] = torch.zeros_like(bucket.flat_param)
+            state["step"] = self._step_tensor(0.0, bucket.flat_param.device)
+            # a list, not a tensor: the state dict's loader casts tensors to the parameter's dtype
+            state["member_steps"] = [0] * len(bucket.params)
+        return state
+
+    def _uses_fused(self, device: torch.device) -> bool:
+        return device.type == "cuda" if self.fused is None else self.fused
+
+    def _step_tensor(self, value: float, device: torch.device) -> torch.Tensor:
+        # the fused kernel reads its step counters on the device; the foreach path wants them on the CPU
+        return torch.tensor(value, dtype=torch.float32, device=device if self._uses_fused(device) else "cpu")
+
+    # --- the step ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group, buckets in zip(self.param_groups, self.buckets()):
+            for bucket in buckets:
+                self._step_bucket(group, bucket)
+        return loss
+
+    def _step_bucket(self, group: dict[str, Any], bucket: _Bucket) -> None:
+        grads = [p.grad for p in bucket.params]
+        have = [g is not None for g in grads]
+        if not any(have):
+            return
+        state = self._state_of(bucket)
+        counts = state["member_steps"]
+        beta1, beta2 = group["betas"]
+        hyper = dict(amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
+                     eps=group["eps"], maximize=False)
+        device = bucket.flat_param.device
+        if all(have) and counts.count(counts[0]) == len(counts):
+            torch._foreach_copy_(bucket.param_views, bucket.params)
+            torch._foreach_copy_(bucket.grad_views, grads)
+            fused = self._uses_fused(device)
+            adamw_update([bucket.flat_param], [bucket.flat_grad], [state["exp_avg"]], [state["exp_avg_sq"]], [],
+                         [state["step"]], fused=fused, foreach=None if fused else False, **hyper)
+            torch._foreach_copy_(bucket.params, bucket.param_views)
+            state["member_steps"] = [c + 1 for c in counts]
+            return
+        # some tensors lack a gradient now, or did at an earlier step: tensor by tensor, own counts
+        index = [i for i, h in enumerate(have) if h]
+        moments = bucket.shaped(state["exp_avg"]), bucket.shaped(state["exp_avg_sq"])
+        steps = [torch.tensor(float(counts[i])) for i in index]  # the single-tensor path reads them on the CPU
+        adamw_update([bucket.params[i] for i in index], [grads[i] for i in index], [moments[0][i] for i in index],
+                     [moments[1][i] for i in index], [], steps, foreach=False, **hyper)
+        for i in index:
+            counts[i] += 1
+        state["step"] = self._step_tensor(max(counts), device)
+
+    # --- state dict --------------------------------------------------------------------------
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict of FlatAdamW, or of torch.optim.AdamW over the same parameters."""
+        super().load_state_dict(state_dict)
+        for group_index, buckets in enumerate(self.buckets()):
+            for bucket in buckets:
+                self._adopt(group_index, bucket)
+
+    def _adopt(self, group_index: int, bucket: _Bucket) -> None:
+        """Make the loaded state of ``bucket`` flat and on its device."""
+        first = self.state.get(bucket.params[0], {})
+        device = bucket.flat_param.device
+        if "member_steps" in first:
+            n = first["exp_avg"].numel()
+            if n != bucket.flat_param.numel() or len(first["member_steps"]) != len(bucket.params):
+                raise ValueError(f"FlatAdamW: the loaded state of param group {group_index} holds {n} values for "
+                                 f"{len(first['member_steps'])} tensors; these parameters have "
+                                 f"{bucket.flat_param.numel()} values in {len(bucket.params)} tensors")
+            first["member_steps"] = [int(c) for c in first["member_steps"]]
+            first["step"] = self._step_tensor(float(first["step"]), device)
+            return
+        per_tensor = [self.state.get(p, {}) for p in bucket.params]
+        if not any("exp_avg" in s for s in per_tensor):
+            return  # no state saved for this bucket (it never stepped)
+        # torch.optim.AdamW's layout: one entry per tensor
+        zeros = [torch.zeros_like(p) for p in bucket.params]
+        flat = {k: torch.cat([s.get(k, z).reshape(-1).to(bucket.flat_param) for s, z in zip(per_tensor, zeros)])
+                for k in ("exp_avg", "exp_avg_sq")}
+        counts = [int(float(s.get("step", 0))) for s in per_tensor]
+        for p in bucket.params:
+            self.state.pop(p, None)
+        self.state[bucket.params[0]] = dict(flat, member_steps=counts,
+                                            step=self._step_tensor(max(counts), device))
