@@ -14,13 +14,14 @@ step, so learning-rate schedulers, gradient clipping and ``GradScaler`` work as 
 
 The update is torch's AdamW, value for value. A step where some tensors of a bucket have no
 gradient updates only the others, each with its own step count, as torch does; from then on the
-bucket's counts differ and it steps tensor by tensor (correct, not fast). The state dict holds the
-flat tensors under the bucket's first parameter; a state dict of ``torch.optim.AdamW`` over the
-same parameters loads too (its per-tensor moments are flattened).
+bucket's counts differ and it steps tensor by tensor (correct, not fast). The state dict is in
+torch.optim.AdamW's per-tensor layout, both ways: a checkpoint of either optimizer loads into the
+other (one process, FlatAdamW; FSDP2's sharded parameters, torch's AdamW).
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from typing import Any, Callable, Iterable
 
 import torch
@@ -58,6 +59,10 @@ class FlatAdamW(torch.optim.Optimizer):
         self.fused = fused
         self._buckets: list[list[_Bucket]] | None = None
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        self._buckets = None  # the buckets follow the groups
+
     # --- buckets and their state -------------------------------------------------------------
 
     def buckets(self) -> list[list[_Bucket]]:
@@ -77,7 +82,6 @@ class FlatAdamW(torch.optim.Optimizer):
             state["exp_avg"] = torch.zeros_like(bucket.flat_param)
             state["exp_avg_sq"] = torch.zeros_like(bucket.flat_param)
             state["step"] = self._step_tensor(0.0, bucket.flat_param.device)
-            # a list, not a tensor: the state dict's loader casts tensors to the parameter's dtype
             state["member_steps"] = [0] * len(bucket.params)
         return state
 
@@ -131,37 +135,51 @@ class FlatAdamW(torch.optim.Optimizer):
             counts[i] += 1
         state["step"] = self._step_tensor(max(counts), device)
 
-    # --- state dict --------------------------------------------------------------------------
+    # --- state dict ---------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch.optim.AdamW's layout (one entry per tensor that has stepped), so that a checkpoint
+        loads into either optimizer: one process steps flat buckets, FSDP2's sharded parameters
+        step with torch's AdamW. The moments are copies (safetensors refuses tensors that share
+        storage)."""
+        flat_state = self.state
+        per_tensor: dict[torch.Tensor, dict[str, Any]] = {}
+        for buckets in self.buckets():
+            for bucket in buckets:
+                state = flat_state.get(bucket.params[0], {})
+                if "exp_avg" not in state:
+                    continue
+                moments = zip(bucket.shaped(state["exp_avg"]), bucket.shaped(state["exp_avg_sq"]))
+                for p, (m, v), count in zip(bucket.params, moments, state["member_steps"]):
+                    if count:  # a tensor that never had a gradient has no state in torch's AdamW either
+                        per_tensor[p] = {"step": torch.tensor(float(count)), "exp_avg": m.clone(),
+                                         "exp_avg_sq": v.clone()}
+        self.state = per_tensor
+        try:
+            return super().state_dict()
+        finally:
+            self.state = flat_state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict of FlatAdamW, or of torch.optim.AdamW over the same parameters."""
+        """Load a state dict of :meth:`state_dict`'s (torch.optim.AdamW's) layout; the moments are flattened."""
         super().load_state_dict(state_dict)
+        per_tensor = self.state
+        self.state = defaultdict(dict)
         for group_index, buckets in enumerate(self.buckets()):
             for bucket in buckets:
-                self._adopt(group_index, bucket)
-
-    def _adopt(self, group_index: int, bucket: _Bucket) -> None:
-        """Make the loaded state of ``bucket`` flat and on its device."""
-        first = self.state.get(bucket.params[0], {})
-        device = bucket.flat_param.device
-        if "member_steps" in first:
-            n = first["exp_avg"].numel()
-            if n != bucket.flat_param.numel() or len(first["member_steps"]) != len(bucket.params):
-                raise ValueError(f"FlatAdamW: the loaded state of param group {group_index} holds {n} values for "
-                                 f"{len(first['member_steps'])} tensors; these parameters have "
-                                 f"{bucket.flat_param.numel()} values in {len(bucket.params)} tensors")
-            first["member_steps"] = [int(c) for c in first["member_steps"]]
-            first["step"] = self._step_tensor(float(first["step"]), device)
-            return
-        per_tensor = [self.state.get(p, {}) for p in bucket.params]
-        if not any("exp_avg" in s for s in per_tensor):
-            return  # no state saved for this bucket (it never stepped)
-        # torch.optim.AdamW's layout: one entry per tensor
-        zeros = [torch.zeros_like(p) for p in bucket.params]
-        flat = {k: torch.cat([s.get(k, z).reshape(-1).to(bucket.flat_param) for s, z in zip(per_tensor, zeros)])
-                for k in ("exp_avg", "exp_avg_sq")}
-        counts = [int(float(s.get("step", 0))) for s in per_tensor]
-        for p in bucket.params:
-            self.state.pop(p, None)
-        self.state[bucket.params[0]] = dict(flat, member_steps=counts,
-                                            step=self._step_tensor(max(counts), device))
+                saved = [per_tensor.get(p, {}) for p in bucket.params]
+                if not any("exp_avg" in s for s in saved):
+                    continue  # this bucket never stepped
+                for p, s in zip(bucket.params, saved):
+                    for key in ("exp_avg", "exp_avg_sq"):
+                        if key in s and s[key].numel() != p.numel():
+                            raise ValueError(
+                                f"FlatAdamW: the loaded {key} of a tensor of param group {group_index} holds "
+                                f"{s[key].numel()} values; the parameter has {p.numel()} (shape {tuple(p.shape)})")
+                flat = {key: torch.cat([s[key].reshape(-1).to(bucket.flat_param) if key in s
+                                        else torch.zeros(p.numel()).to(bucket.flat_param)
+                                        for p, s in zip(bucket.params, saved)])
+                        for key in ("exp_avg", "exp_avg_sq")}
+                counts = [int(float(s.get("step", 0))) for s in saved]
+                self.state[bucket.params[0]] = dict(flat, member_steps=counts,
+                                                    step=self._step_tensor(max(counts), bucket.flat_param.device))

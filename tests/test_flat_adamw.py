@@ -90,12 +90,30 @@ def test_a_torch_adamw_state_dict_loads_and_continues_as_torch_would():
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
 
 
+def test_its_state_dict_loads_into_torch_adamw_and_continues_as_itself():
+    flat, ref = _params(), _params()
+    opt_flat = FlatAdamW(_groups(flat))
+    _run(opt_flat, flat, 3, missing_at={0: (5,)})  # tensor 5 steps twice, the rest three times
+    saved = opt_flat.state_dict()
+    assert sorted(len(s) for s in saved["state"].values()) == [3] * 6
+    assert float(saved["state"][5]["step"]) == 2.0
+    with torch.no_grad():
+        for p, f in zip(ref, flat):
+            p.copy_(f)
+    opt_ref = torch.optim.AdamW(_groups(ref), foreach=False)
+    opt_ref.load_state_dict(copy.deepcopy(saved))
+    _run(opt_flat, flat, 2, start=3)
+    _run(opt_ref, ref, 2, start=3)
+    for a, b in zip(ref, flat):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+
+
 def test_a_state_of_other_parameters_is_refused_with_the_sizes():
     opt = FlatAdamW([torch.nn.Parameter(torch.randn(4))])
     opt.param_groups[0]["params"][0].grad = torch.randn(4)
     opt.step()
     other = FlatAdamW([torch.nn.Parameter(torch.randn(5))])
-    with pytest.raises(ValueError, match="holds 4 values for 1 tensors; these parameters have 5 values"):
+    with pytest.raises(ValueError, match="exp_avg of a tensor of param group 0 holds 4 values; the parameter has 5"):
         other.load_state_dict(opt.state_dict())
 
 
@@ -116,3 +134,17 @@ def test_mixed_dtypes_in_one_group_step_in_their_own_buckets():
     assert [len(b) for b in opt_flat.buckets()] == [2]
     for a, b in zip(ref, flat):
         torch.testing.assert_close(b, a)
+
+
+def test_a_group_added_later_steps_like_torch():
+    ref, flat = _params(), _params()
+    opt_ref = torch.optim.AdamW(ref[:3], lr=1e-2, foreach=False)
+    opt_flat = FlatAdamW(flat[:3], lr=1e-2)
+    _run(opt_ref, ref, 2)
+    _run(opt_flat, flat, 2)
+    opt_ref.add_param_group({"params": ref[3:], "lr": 5e-2})
+    opt_flat.add_param_group({"params": flat[3:], "lr": 5e-2})
+    _run(opt_ref, ref, 2, start=2)
+    _run(opt_flat, flat, 2, start=2)
+    for a, b in zip(ref, flat):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
