@@ -148,3 +148,39 @@ def test_a_group_added_later_steps_like_torch():
     _run(opt_flat, flat, 2, start=2)
     for a, b in zip(ref, flat):
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+
+
+def test_a_training_checkpoint_of_it_resumes_into_torch_adamw(tmp_path):
+    """The loop's checkpoint (safetensors + JSON) written with FlatAdamW loads into torch's AdamW,
+    as a run resumed under FSDP2 (sharded parameters step with torch's) would load it."""
+    import leanlora
+    from conftest import tiny_llama
+    from leanlora.optim import adamw
+    from leanlora.train.checkpoint import load_checkpoint, save_checkpoint
+
+    def setup(make):
+        torch.manual_seed(0)
+        model = leanlora.inject(tiny_llama(), leanlora.AdapterConfig(target_modules=("q_proj",), ranks="gated",
+                                                                    precision="learned"))
+        opt = make(leanlora.param_groups(model, lr=1e-2))
+        return model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+
+    def train(model, opt, steps):
+        ids = torch.arange(16).reshape(2, 8)
+        for _ in range(steps):
+            (model(input_ids=ids, labels=ids).loss + leanlora.regularizer(model)).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    model, opt, sched = setup(lambda g: adamw(g, lr=1e-2))
+    assert isinstance(opt, FlatAdamW)
+    train(model, opt, 2)
+    folder = save_checkpoint(tmp_path, 2, model, opt, sched, {})
+    other, torch_opt, torch_sched = setup(lambda g: torch.optim.AdamW(g, lr=1e-2, foreach=False))
+    load_checkpoint(folder, other, torch_opt, torch_sched)
+    train(model, opt, 2)
+    train(other, torch_opt, 2)
+    mine = [p for p in model.parameters() if p.requires_grad]
+    theirs = [p for p in other.parameters() if p.requires_grad]
+    for a, b in zip(theirs, mine):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
