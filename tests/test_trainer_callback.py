@@ -97,3 +97,26 @@ def test_no_adapter_is_a_clear_error(tmp_path):
     trainer = cb.LeanLoraTrainer(model=tiny_bert(), args=arguments(tmp_path), train_dataset=Rows())
     with pytest.raises(leanlora.InjectError, match="holds no leanlora adapter"):
         trainer.train()
+
+
+def test_resuming_from_a_trainer_checkpoint_continues_the_same_run(tmp_path):
+    """HF Trainer saves the optimizer's state dict (FlatAdamW's) and loads it on resume."""
+    def run(out):
+        torch.manual_seed(0)
+        model = gated_model()
+        trainer = cb.LeanLoraTrainer(model=model, args=arguments(out, save_strategy="steps", save_steps=2),
+                                     train_dataset=Rows())
+        return model, trainer
+
+    straight, trainer = run(tmp_path / "straight")
+    trainer.train()
+    assert type(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
+                ).__name__ == "FlatAdamW"
+    resumed, trainer = run(tmp_path / "resumed")  # a new process picking up the run's step-2 checkpoint
+    trainer.train(resume_from_checkpoint=str(tmp_path / "straight" / "checkpoint-2"))
+    assert trainer.state.global_step == 4
+    a = {n: p for n, p in straight.named_parameters() if p.requires_grad}
+    b = {n: p for n, p in resumed.named_parameters() if p.requires_grad}
+    assert set(a) == set(b)
+    for n in a:
+        torch.testing.assert_close(b[n], a[n], rtol=1e-5, atol=1e-6, msg=n)
