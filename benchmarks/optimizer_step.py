@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from adapters import ADAMW_IMPLS as IMPLS, METHODS, Shape, adamw_step, apply, unavailable  # noqa: E402
-from speed import PRESETS, TARGETS, add_timing_args, build_model, record  # noqa: E402
+from speed import TARGETS, add_shape_args, add_timing_args, apply_preset, build_model, record  # noqa: E402
 
 DEFAULT_ROWS = "peft_lora,lean_lora,lean_vblora,lean_blora,lean_combo"
 BYTES_PER_VALUE = 28  # fp32: read param, grad, exp_avg, exp_avg_sq; write param, exp_avg, exp_avg_sq
@@ -36,8 +36,7 @@ BYTES_PER_VALUE = 28  # fp32: read param, grad, exp_avg, exp_avg_sq; write param
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", choices=sorted(PRESETS), default="small")
-    ap.add_argument("--layers", type=int, default=None, help="override the preset's layer count")
+    add_shape_args(ap)
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--rows", default=DEFAULT_ROWS, help="comma list of methods (keys of adapters.METHODS)")
     ap.add_argument("--bank-vectors", type=int, default=256, help="VB-LoRA bank size h, as in speed.py")
@@ -47,11 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "compiled (torch.compile of the "
                          "step: 53 s to compile for LoRA's 224 tensors at the 1b shape, minutes for B-LoRA's 1,120)")
     add_timing_args(ap, steps=20)
-    args = ap.parse_args(argv)
-    layers = args.layers
-    vars(args).update(PRESETS[args.preset])
-    args.layers = layers or args.layers
-    return args
+    return apply_preset(ap.parse_args(argv))
 
 
 def time_steps(step, device: torch.device, warmup: int, steps: int) -> list[float]:

@@ -53,11 +53,23 @@ def add_timing_args(ap: argparse.ArgumentParser, steps: int) -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
+def add_shape_args(ap: argparse.ArgumentParser) -> None:
+    """--preset and an override of each of its numbers (filled in by :func:`apply_preset`)."""
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="small")
+    for k in PRESETS["small"]:
+        ap.add_argument(f"--{k.replace('_', '-')}", type=int, default=None, help=f"override the preset's {k}")
+
+
+def apply_preset(args: argparse.Namespace) -> argparse.Namespace:
+    for k, v in PRESETS[args.preset].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    return args
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", choices=sorted(PRESETS), default="small")
-    for k in ("hidden", "inter", "layers", "heads", "kv_heads", "vocab", "batch", "seq"):
-        ap.add_argument(f"--{k.replace('_', '-')}", type=int, default=None, help=f"override the preset's {k}")
+    add_shape_args(ap)
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--rows", default=DEFAULT_ROWS, help="comma list of method[@eager|@compiled]; 'base' = "
                     "frozen model with input-gradient backward and no adapter (the base-model share)")
@@ -81,11 +93,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="run every row in this process (default: each in a fresh one, see isolation.py; "
                          "the tables of BENCHMARKS.md 1-1f were measured with every row in one process)")
     add_timing_args(ap, steps=12)
-    args = ap.parse_args(argv)
-    for k, v in PRESETS[args.preset].items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    return args
+    return apply_preset(ap.parse_args(argv))
 
 
 def build_model(args, device):

@@ -183,7 +183,7 @@ class FlatAdamW(torch.optim.Optimizer):
                                 f"FlatAdamW: the loaded {key} of a tensor of param group {group_index} holds "
                                 f"{s[key].numel()} values; the parameter has {p.numel()} (shape {tuple(p.shape)})")
                 flat = {key: torch.cat([s[key].reshape(-1).to(bucket.flat_param) if key in s
-                                        else torch.zeros(p.numel()).to(bucket.flat_param)
+                                        else bucket.flat_param.new_zeros(p.numel())
                                         for p, s in zip(bucket.params, saved)])
                         for key in ("exp_avg", "exp_avg_sq")}
                 counts = [int(float(s.get("step", 0))) for s in saved]
