@@ -89,6 +89,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="AdamW implementation for leanlora rows only (default: --optimizer's); flat is what "
                          "leanlora's training loop builds")
     ap.add_argument("--profile", default="", help="comma list of row-name substrings to profile for one extra step")
+    ap.add_argument("--cprofile", default="",
+                    help="comma list of row-name substrings: run --steps more steps of those rows under cProfile "
+                         "and write the host time per Python function beside --out (<out>_<row>.prof.txt). At a "
+                         "tiny batch (--batch 1 --seq 128) a GPU step is host time alone, whatever the shape's layers")
     ap.add_argument("--same-process", action="store_true",
                     help="run every row in this process (default: each in a fresh one, see isolation.py; "
                          "the tables of BENCHMARKS.md 1-1f were measured with every row in one process)")
@@ -275,6 +279,8 @@ def run_row(row: str, args, device, ids, floor_tps: float) -> dict:
                   pct_floor=100 * tokens / med / floor_tps if floor_tps == floor_tps else float("nan"))
     if args.profile and any(p in row for p in args.profile.split(",")):
         result["profile"] = profile_step(step, args.warmup + args.steps)
+    if args.cprofile and any(p in row for p in args.cprofile.split(",")):
+        result["cprofile"] = cprofile_steps(step, args.warmup + args.steps, args.steps, args.out, row)
     counters = getattr(torch._dynamo.utils, "counters", {})
     result["graph_breaks"] = sum(counters.get("graph_break", {}).values()) if counters else None
     result["unique_graphs"] = counters.get("stats", {}).get("unique_graphs") if counters else None
@@ -375,6 +381,36 @@ def profile_step(step, i: int, top: int = 12) -> list[dict]:
               "kernel_ms": sum(t for _, t, _ in kernels) / 1e3}] + phases
             + [{"name": k[:120], "cuda_ms": t / 1e3, "count": c, "by": "time"} for k, t, c in by_time]
             + [{"name": k[:120], "cuda_ms": t / 1e3, "count": c, "by": "count"} for k, t, c in by_count])
+
+
+def cprofile_steps(step, first: int, steps: int, out: str | None, row: str) -> dict:
+    """``steps`` more steps under cProfile: their host ms per step, and the report's path.
+
+    The report lists the functions by own time and by cumulative time, per step; the synchronise
+    after the steps keeps GPU work still queued out of the last step's time.
+    """
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    t = time.perf_counter()
+    prof.enable()
+    for i in range(first, first + steps):
+        step(i)
+    prof.disable()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    host_ms = 1e3 * (time.perf_counter() - t) / steps
+    text = io.StringIO()
+    stats = pstats.Stats(prof, stream=text)
+    text.write(f"{row}: {steps} steps, {host_ms:.2f} ms per step (times below are for all {steps} steps)\n")
+    stats.sort_stats("tottime").print_stats(60)
+    stats.sort_stats("cumtime").print_stats(60)
+    stem = Path(out).with_suffix("") if out else Path("speed")
+    report = stem.parent / f"{stem.name}_{row.replace('@', '_')}.prof.txt"
+    report.write_text(text.getvalue())
+    return {"host_ms_per_step": host_ms, "report": str(report)}
 
 
 def record(res: dict, rows: list[dict], out: Path | None) -> None:

@@ -15,6 +15,7 @@ from leanlora.config import AdapterConfig
 from leanlora.factors.dense import DenseFactors
 from leanlora.identity import weight_probe
 from leanlora.layer import AdaptedLinear
+from leanlora.module_index import ModuleIndex
 from leanlora.precision.full import FullPrecision
 from leanlora.precision.learned import PriorScale
 from leanlora.ranks.fixed import FixedRanks
@@ -41,6 +42,8 @@ class Shared(nn.Module):
         # largest full-rank adapter MACs/token over the layers, raised by build_layer as it goes:
         # the normaliser of the BOP-aware gate priors (quant.reg_type="bop")
         self.prior_scale = PriorScale()
+        # the model's modules, kept between the per-step passes over them (advance, regularizer, vectorize)
+        self.module_index = ModuleIndex()
 
     def forward(self, x):
         # A holder, not a layer; identity so that a plain nn.Sequential root still computes the same.

@@ -63,8 +63,8 @@ def regularizer(model: nn.Module) -> torch.Tensor:
     vectorizer = getattr(shared, "vectorizer", None)
     grouped, covered = vectorizer.prior_for(model) if vectorizer is not None else ([], frozenset())
     others: list[torch.Tensor] = list(grouped)
-    for m in model.modules():
-        if not implements(m, HasPrior) or id(m) in covered:
+    for m in shared.module_index.select(model, "priors", lambda m: implements(m, HasPrior)):
+        if id(m) in covered:
             continue
         if hasattr(m, "prior_terms"):
             terms = m.prior_terms()
@@ -83,9 +83,7 @@ def regularizer(model: nn.Module) -> torch.Tensor:
 
 def advance(model: nn.Module, step: int) -> None:
     """Advance every schedule of the adapter (call once per optimizer step, before the forward)."""
-    shared_state(model)
-    seen: set[int] = set()
-    for m in model.modules():
-        if implements(m, Steppable) and id(m) not in seen and m is not model:
-            seen.add(id(m))
-            m.advance(step)
+    steppable = shared_state(model).module_index.select(
+        model, "steppable", lambda m: m is not model and implements(m, Steppable))
+    for m in steppable:  # each module once: the index holds no duplicates
+        m.advance(step)

@@ -28,7 +28,9 @@ Face gradient checkpointing (a re-entrant recompute would run the shared backwar
 The pieces of the last training forward are kept until the next forward of the model, so that a
 non-re-entrant recompute sees the same gate draws; in eval mode, or with gradients off, they are
 dropped. Calling an inner module directly, bypassing the model's forward, in training mode would
-read the last forward's pieces: go through the model.
+read the last forward's pieces: go through the model. The grouped parameters get their gradients
+from ``backward()`` (a hook hands each its slice of the group's); ``torch.autograd.grad(loss,
+parameters)`` does not reach them outside torch.distributed: use ``vectorize='never'`` there.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from leanlora import priors
 from leanlora.compile_errors import is_compile_error, root_cause
 from leanlora.factors.dense import DenseFactors
 from leanlora.layer import AdaptedLinear
+from leanlora.module_index import ModuleIndex
 from leanlora.precision.fixed import FrozenBits
 from leanlora.precision.full import FullPrecision
 from leanlora.ranks.fixed import FixedRanks
@@ -118,8 +121,8 @@ def groups(layers: list[AdaptedLinear], mode: str) -> list[list[AdaptedLinear]]:
         if layer.merged or not layer.enabled or (mode == "auto" and not worth_batching(layer)):
             continue
         key = signature(layer)
-        if key is not None:
-            by_key.setdefault(key, []).append(layer)
+        if key is not None:  # the pieces are cast for the base, so one group, one base dtype
+            by_key.setdefault((key, activation_dtype(layer)), []).append(layer)
     return [members for members in by_key.values() if len(members) > 1]
 
 
@@ -160,14 +163,27 @@ class _Slots:
         return None if any(t is None for t in tensors) else tensors
 
 
+def activation_dtype(layer: AdaptedLinear) -> torch.dtype | None:
+    """The dtype the layer's adapter path will run in when its base says so (bf16/fp16 weights), else None.
+
+    :meth:`AdaptedLinear.forward` runs the adapter path in the activations' dtype when that is
+    half precision; the activations of a bf16 layer are bf16, so the group casts A~, B~ and d
+    to it once, inside its fused kernels, instead of each layer launching its own casts (and
+    their backward) around every GEMM: about 450 launches fewer per step for a 1B B-LoRA.
+    """
+    dtype = getattr(getattr(layer.base, "weight", None), "dtype", None)
+    return dtype if dtype in (torch.bfloat16, torch.float16) else None
+
+
 def _flags(layer: AdaptedLinear) -> tuple:
-    return layer.training, layer.merged, layer.enabled
+    return layer.training, layer.merged, layer.enabled, activation_dtype(layer)
 
 
 def batched_lowrank(template: _Pieces, stacked: dict[str, torch.Tensor], prior_plan: tuple = (),
-                    prior_weights: tuple = ()) -> tuple[torch.Tensor, ...]:
+                    prior_weights: tuple = (), cast: torch.dtype | None = None) -> tuple[torch.Tensor, ...]:
     """The tensors of the group's pieces, each with a leading member dimension: A~, B~, [d], [scale],
-    then, when ``prior_plan`` names gate tensors, the group's prior (a scalar).
+    then, when ``prior_plan`` names gate tensors, the group's prior (a scalar). A~, B~ and d come
+    in ``cast`` when given (:func:`activation_dtype`): the same values the layers' own casts make.
 
     d and scale appear when the template's own lowrank returns them as tensors (:func:`layout`).
     The prior of each planned gate tensor is :func:`leanlora.priors.evaluate` over the stacked
@@ -178,6 +194,8 @@ def batched_lowrank(template: _Pieces, stacked: dict[str, torch.Tensor], prior_p
     """
     def one(state):
         a, b, d, scale = torch.func.functional_call(template, state, ())
+        if cast is not None:
+            a, b, d = a.to(cast), b.to(cast), (d.to(cast) if d is not None else None)
         return (a, b) + ((d,) if d is not None else ()) + ((scale,) if isinstance(scale, torch.Tensor) else ())
 
     outs = torch.func.vmap(one, randomness="different")(stacked)
@@ -227,6 +245,7 @@ class _Group:
         first = layers[members[0]]
         self.layout = layout(first)           # from one eager lowrank of its first member
         self.template = _Pieces(first)
+        self.cast = activation_dtype(first)   # every member's: part of the grouping key
         # gate tensors whose prior can be evaluated on the stacked rows: the strategy modules of
         # the first member that state their prior as data, and the same module of every member
         self.priced: list[tuple[str, nn.Module, frozenset[int]]] = []
@@ -276,6 +295,7 @@ class Vectorizer:
         self._slots: list[_Slots] = []
         self._seen: list[tuple] = []   # per layer: its flags and the ids of its tensors
         self._groups: list[_Group] = []
+        self._index = ModuleIndex()
 
     def __getstate__(self) -> dict:
         # a copy of the model (deepcopy, pickle) regroups its own layers and compiles again
@@ -325,29 +345,48 @@ class Vectorizer:
         return tensors
 
     def _stack(self, tensors: list[list[torch.Tensor]]) -> list[dict[str, torch.Tensor] | None]:
-        """Each group's tensors stacked by name (differentiable: each parameter gets its slice's gradient).
+        """Each group's tensors stacked by name; each parameter gets its slice of the stack's gradient.
 
         Done eagerly, outside the compiled part: a compiled function guards on every tensor it is
         given, and a group of 32 layers holds over 500 of them; stacked, there are a dozen.
+
+        The stacks are new leaves, and a hook hands each member its slice once the stack's
+        gradient is in (:func:`_hand_out`): a differentiable ``torch.stack`` would put a stack
+        node and an accumulation node per parameter into every backward, 1,120 of them for a 1B
+        B-LoRA, which the autograd engine runs one by one from the host (BENCHMARKS.md section
+        1i has the step before and after). With torch.distributed running, the stack stays
+        differentiable: DDP learns that a gradient is ready from each parameter's own
+        accumulation node.
         """
+        differentiable = torch.distributed.is_available() and torch.distributed.is_initialized()
         out = []
         for group in self._groups:
             if self.failed and signature(self._layers[group.members[0]]) in self.failed:
                 out.append(None)
                 continue
             names = self._slots[group.members[0]].names
-            out.append({n: torch.stack([tensors[i][j] for i in group.members]) for j, n in enumerate(names)})
+            stacks = {}
+            for j, n in enumerate(names):
+                members = [tensors[i][j] for i in group.members]
+                if differentiable or not members[0].requires_grad:
+                    stacks[n] = torch.stack(members)
+                    continue
+                with torch.no_grad():
+                    stack = torch.stack(members)
+                stack.requires_grad_(True)
+                stack.register_post_accumulate_grad_hook(_hand_out(members))
+                stacks[n] = stack
+            out.append(stacks)
         return out
 
     def refresh(self, model: nn.Module) -> None:
         self.pending_prior = None
-        layers, checkpointed = [], False
-        for m in model.modules():  # one walk: the layers, and whether any block recomputes (HF's flag)
-            if isinstance(m, AdaptedLinear):
-                m.__dict__["pieces"] = None  # a plain attribute: skip nn.Module.__setattr__'s checks
-                layers.append(m)
-            elif m.__dict__.get("gradient_checkpointing") is True:
-                checkpointed = True
+        layers = self._index.select(model, "layers", lambda m: isinstance(m, AdaptedLinear))
+        for layer in layers:
+            layer.__dict__["pieces"] = None  # a plain attribute: skip nn.Module.__setattr__'s checks
+        # whether any block recomputes its forward (Hugging Face sets the flag on the modules that have it)
+        checkpointed = any(m.__dict__.get("gradient_checkpointing") is True for m in
+                           self._index.select(model, "checkpointing", lambda m: hasattr(m, "gradient_checkpointing")))
         off = self.mode == "never" or self.off_for_graphs or checkpointed
         if off or not model.training or not torch.is_grad_enabled() or not layers or _sharded(layers[0]):
             return
@@ -365,9 +404,9 @@ class Vectorizer:
             members = [layers[i] for i in group.members]
             plan, weights, priced = group.prior_plan(stacked)
             try:
-                outs = self.batched(group.template, stacked, plan, weights)
+                outs = self.batched(group.template, stacked, plan, weights, group.cast)
             except Exception as err:
-                outs = self._retry_eagerly(err, members, group.template, stacked, plan, weights)
+                outs = self._retry_eagerly(err, members, group.template, stacked, plan, weights, group.cast)
                 if outs is None:
                     continue
             if plan:
@@ -393,14 +432,14 @@ class Vectorizer:
             return [], frozenset()
         return pending[1], pending[2]
 
-    def _retry_eagerly(self, err: Exception, members, template, stacked, plan, weights) -> tuple | None:
+    def _retry_eagerly(self, err: Exception, members, template, stacked, plan, weights, cast) -> tuple | None:
         """A compile failure: warn, go eager for good. A strategy vmap cannot batch: per layer, said once."""
         if self.batched is not batched_lowrank and is_compile_error(err):
             warnings.warn(f"leanlora: compiling the grouped adapter pieces failed ({root_cause(err)}); "
                           "they are computed eagerly", RuntimeWarning, stacklevel=2)
             self.batched = batched_lowrank
             try:
-                return self.batched(template, stacked, plan, weights)
+                return self.batched(template, stacked, plan, weights, cast)
             except Exception as again:
                 err = again
         self.failed.add(signature(members[0]))
@@ -408,6 +447,25 @@ class Vectorizer:
                       f"could not be computed together ({type(err).__name__}: {err}); those layers "
                       "compute their own, as with vectorize='never'", RuntimeWarning, stacklevel=2)
         return None
+
+
+def _hand_out(members: list[torch.Tensor]):
+    """A post-accumulate-grad hook for a stack of ``members``: each member's ``.grad`` gains its slice.
+
+    A member without a gradient gets the slice itself (a view: no copy, the stack's gradient
+    was computed for this); one that has a gradient (accumulation over micro-batches) adds it.
+    """
+    def hand_out(stack: torch.Tensor) -> None:
+        grads = stack.grad.unbind(0)
+        stack.grad = None
+        held = [(m.grad, g) for m, g in zip(members, grads) if m.grad is not None]
+        if held:
+            torch._foreach_add_([h for h, _ in held], [g for _, g in held])
+        for m, g in zip(members, grads):
+            if m.grad is None:
+                m.grad = g
+
+    return hand_out
 
 
 def _spender(vectorizer: Vectorizer):

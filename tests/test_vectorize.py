@@ -34,9 +34,9 @@ def _config(factors, ranks, precision, base, vectorize_mode):
         nf4=leanlora.NF4Config(block_size=32, scaler_block_size=32), vectorize=vectorize_mode)
 
 
-def _model(point, mode, layers=2):
+def _model(point, mode, layers=2, dtype=torch.float32):
     torch.manual_seed(0)
-    model = leanlora.inject(tiny_llama(num_hidden_layers=layers), _config(*point, mode))
+    model = leanlora.inject(tiny_llama(num_hidden_layers=layers).to(dtype), _config(*point, mode))
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():  # move every strategy off its initial values: gates half open, B non-zero
         for name, p in model.named_parameters():
@@ -291,3 +291,90 @@ def test_a_replaced_strategy_module_is_read_from_the_next_forward():
     (model(x, labels=x).loss + leanlora.regularizer(model)).backward()
     assert layer.pieces is not None
     assert layer.quant_a.log_alpha.grad is not None and old.log_alpha.grad is None
+
+
+@pytest.mark.parametrize("point", POINTS[:3], ids=["-".join(p) for p in POINTS[:3]])
+def test_on_a_bf16_base_the_group_hands_out_bf16_pieces_with_the_layers_values(point, monkeypatch):
+    if point[3] == "nf4":
+        pytest.importorskip("torchao")
+    monkeypatch.setattr(hc, "sample", _fixed_noise)
+    x = token_batch()
+    per_layer, grouped = _model(point, "never", dtype=torch.bfloat16), _model(point, "always", dtype=torch.bfloat16)
+    loss_ref, ref = _loss_and_grads(per_layer, x)
+    loss, got = _loss_and_grads(grouped, x)
+    layers = [m for m in grouped.modules() if isinstance(m, AdaptedLinear)]
+    assert all(m.pieces[0].dtype == m.pieces[1].dtype == torch.bfloat16 for m in layers)
+    assert all(m.pieces[2] is None or m.pieces[2].dtype == torch.bfloat16 for m in layers)
+    torch.testing.assert_close(loss, loss_ref, rtol=2e-2, atol=1e-3)
+    assert got.keys() == ref.keys()
+    for name in ref:  # fp32 master gradients; the bf16 products round the same way in both paths
+        assert got[name].dtype == ref[name].dtype
+        torch.testing.assert_close(got[name], ref[name], rtol=2e-2, atol=1e-3, msg=name)
+
+
+def test_an_fp32_base_keeps_fp32_pieces():
+    model = _model(POINTS[0], "always")
+    _loss_and_grads(model, token_batch())
+    assert all(m.pieces[0].dtype == torch.float32 for m in model.modules() if isinstance(m, AdaptedLinear))
+    assert vectorize.activation_dtype(next(m for m in model.modules() if isinstance(m, AdaptedLinear))) is None
+
+
+def test_a_base_cast_to_another_dtype_regroups():
+    model = _model(POINTS[0], "always")
+    _loss_and_grads(model, token_batch())
+    model.zero_grad()
+    model.to(torch.bfloat16)  # same Parameter objects, new data: the strategies' tensors keep their ids
+    for m in model.modules():  # the adapter's master weights back to fp32, as leanlora builds them
+        if isinstance(m, AdaptedLinear):
+            for part in vectorize._PARTS:
+                getattr(m, part).float()
+    _loss_and_grads(model, token_batch())
+    assert all(m.pieces[0].dtype == torch.bfloat16 for m in model.modules() if isinstance(m, AdaptedLinear))
+
+
+def _accumulated(model, x, zero_in_place=False):
+    _loss_and_grads(model, x)
+    if zero_in_place:
+        model.zero_grad(set_to_none=False)
+        _loss_and_grads(model, x)
+    _loss_and_grads(model, x)  # a second micro-batch: gradients add up
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("zero_in_place", [False, True])
+def test_gradients_accumulate_over_micro_batches_as_layer_by_layer(zero_in_place, monkeypatch):
+    monkeypatch.setattr(hc, "sample", _fixed_noise)
+    x = token_batch()
+    ref = _accumulated(_model(POINTS[0], "never"), x, zero_in_place)
+    got = _accumulated(_model(POINTS[0], "always"), x, zero_in_place)
+    assert got.keys() == ref.keys()
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _leaves(tensor):
+    """The leaf tensors the autograd graph of ``tensor`` accumulates into."""
+    found, todo, seen = [], [tensor.grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if hasattr(node, "variable"):
+            found.append(node.variable)
+        todo.extend(n for n, _ in node.next_functions)
+    return found
+
+
+def test_the_stacks_are_leaves_fed_by_a_hook_unless_torch_distributed_runs(monkeypatch):
+    x = token_batch()
+    model = _model(POINTS[0], "always")
+    leanlora.advance(model, 0)
+    model(x, labels=x)
+    layer = next(m for m in model.modules() if isinstance(m, AdaptedLinear))
+    params = {id(p) for p in model.parameters()}
+    assert not any(id(t) in params for t in _leaves(layer.pieces[0]))  # the stacks, not the parameters
+
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)  # as under DDP
+    model(x, labels=x)
+    assert id(layer.factors.lora_A) in {id(t) for t in _leaves(layer.pieces[0])}  # DDP's hooks see each parameter
