@@ -413,8 +413,7 @@ def _nf4_as_parameters(model: nn.Module) -> list[str]:
                 f"FSDP2 cannot shard the NF4 weight of {name!r} ({tuple(w.shape)}, {groups} scaler groups) "
                 f"over {n} processes: rows and scaler groups must divide by {n}; lower "
                 f"adapter.nf4.scaler_block_size (now {module.scaler_block_size}) or use train.distributed=ddp")
-        del module.__dict__["weight"]
-        module.register_parameter("weight", nn.Parameter(w, requires_grad=False))
+        module.as_parameter()
         names.append(f"{name}.weight")
     return names
 

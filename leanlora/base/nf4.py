@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from leanlora.base.dense import DenseBase, is_conv1d
+from leanlora.base.nf4_linear import NF4Parts, linear_nf4_parts
 from leanlora.config import ConfigError, NF4Config
 
 __all__ = ["NF4Base", "check_nf4_shape", "nf4_codebook", "quantize_bases", "scaler_group_size"]
@@ -88,7 +89,7 @@ class NF4Base(nn.Module):
         self.scaler_block_size = scaler_block_size  # configured; the group used is in .weight
         self.transposed = transposed  # the module came from a GPT-2 Conv1D (matters for unload only)
         check_nf4_shape(name, self.in_features, self.out_features, NF4Config(block_size, scaler_block_size))
-        self.weight = self._quantize(weight.detach())
+        self._set_weight(self._quantize(weight.detach()))
         # The bias stays the original frozen parameter, so it follows model.to() like any other.
         self.bias = bias
 
@@ -108,9 +109,13 @@ class NF4Base(nn.Module):
     # --- BaseWeight protocol -------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _, linear_nf4 = _torchao_nf4()
-        # linear_nf4's backward returns grad_output @ W and None for the weight: no dW is built.
-        y = linear_nf4(x, self.weight)                       # (..., out) in x.dtype
+        # Neither path builds a weight gradient: the backward is grad_y @ W0 alone.
+        parts = self.__dict__.get("_parts")
+        if parts is not None:  # the NF4 tensor's plain parts: no subclass at a compiled region's edge
+            y = linear_nf4_parts(x, parts)                   # (..., out) in x.dtype
+        else:  # registered as a parameter (FSDP2 shards it): torchao's own linear
+            _, linear_nf4 = _torchao_nf4()
+            y = linear_nf4(x, self.weight)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def dense_weight(self) -> torch.Tensor:
@@ -165,7 +170,8 @@ class NF4Base(nn.Module):
                                                    w.size(), w.stride())
         new = object.__new__(type(self))
         memo[id(self)] = new
-        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        new.__dict__.update(copy.deepcopy({k: v for k, v in self.__dict__.items() if k != "_parts"}, memo))
+        new._set_weight(new.weight)  # parts that are views of the copy's own tensors
         return new
 
     # --- device moves ----------------------------------------------------------------------------
@@ -181,8 +187,18 @@ class NF4Base(nn.Module):
         # FSDP2 (leanlora.distributed) registers the NF4 tensor as a frozen parameter; keep it one.
         if "weight" in self._parameters:
             self._parameters["weight"] = nn.Parameter(w, requires_grad=False)
+            self.__dict__["_parts"] = None
         else:
             self.weight = w
+            # views of w's inner tensors, held beside it so that the forward never reaches them
+            # through the subclass (a plain attribute: not state_dict, not moved by nn.Module)
+            self.__dict__["_parts"] = NF4Parts.of(w)
+
+    def as_parameter(self) -> None:
+        """Register the NF4 tensor as a frozen parameter (what FSDP2 shards); its parts are dropped."""
+        w = self.__dict__.pop("weight")
+        self.__dict__["_parts"] = None
+        self.register_parameter("weight", nn.Parameter(w, requires_grad=False))
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, nf4 block={self.block_size}, "
