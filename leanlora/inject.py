@@ -148,7 +148,7 @@ def inject(model: nn.Module, config: AdapterConfig, *, filter_fn: FilterFn | Non
         layer = build_layer(modules[name], name, config, shared)
         _set_submodule(model, name, layer)
     model.add_module(SHARED_ATTR, shared)
-    shared.vectorizer = Vectorizer(config.vectorize)
+    shared.vectorizer = Vectorizer(config.vectorize, shared.module_index)
     if wanted([layer for _, layer in adapted_layers(model)], config.vectorize):
         model.register_forward_pre_hook(refresh_pieces)  # no per-step walk for models with nothing to group
     for name in save_names:

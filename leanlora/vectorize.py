@@ -283,7 +283,9 @@ class Vectorizer:
     read by :func:`leanlora.regularizer` until the backward reaches those gates).
     """
 
-    def __init__(self, mode: str) -> None:
+    def __init__(self, mode: str, index: ModuleIndex | None = None) -> None:
+        """``index``: the model's :class:`ModuleIndex`, shared with advance and regularizer (one
+        record of the tree, checked by each); a fresh one when not given."""
         if mode not in MODES:
             raise ValueError(f"vectorize={mode!r} is invalid: allowed {MODES}")
         self.mode = mode
@@ -295,7 +297,7 @@ class Vectorizer:
         self._slots: list[_Slots] = []
         self._seen: list[tuple] = []   # per layer: its flags and the ids of its tensors
         self._groups: list[_Group] = []
-        self._index = ModuleIndex()
+        self._index = index if index is not None else ModuleIndex()
 
     def __getstate__(self) -> dict:
         # a copy of the model (deepcopy, pickle) regroups its own layers and compiles again

@@ -88,3 +88,14 @@ def test_regularizer_and_advance_follow_a_changed_tree():
     one = leanlora.regularizer(model)
     assert 0 < one < both
     assert one.item() == pytest.approx(both.item() / 2, rel=1e-5)  # same shapes, same initial gates
+
+
+def test_the_vectorizer_checks_the_same_index_as_advance_and_regularizer_also_in_a_copy():
+    import leanlora
+    from conftest import tiny_llama
+
+    model = leanlora.inject(tiny_llama(), leanlora.AdapterConfig(r=4, ranks="gated", target_modules=("q_proj", "v_proj")))
+    shared = model.leanlora_shared
+    assert shared.vectorizer._index is shared.module_index
+    twin = copy.deepcopy(model).leanlora_shared
+    assert twin.vectorizer._index is twin.module_index and twin.module_index is not shared.module_index

@@ -161,8 +161,8 @@ class TrainConfig:
     """torch.compile mode of the compiled layers. "reduce-overhead" adds CUDA graphs, which
     removes kernel-launch cost from the host: on an H200 (1B Llama, batch 8x1024) B-LoRA ran at
     0.99x of PEFT LoRA's speed in that mode and 0.76-1.04x in the default one (0.97-1.04x in the
-    latest readings, BENCHMARKS.md 1e-1i). A graph is recorded per input shape, so prefer it when batches have few distinct
-    lengths."""
+    latest readings, BENCHMARKS.md 1e-1i). A graph is recorded per input shape, so prefer it when
+    batches have few distinct lengths."""
     num_threads: int = 0
     """CPU threads for torch; 0: torch's default."""
     distributed: Literal["none", "ddp", "fsdp2"] = "none"
