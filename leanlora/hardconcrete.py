@@ -62,13 +62,15 @@ def open_chain(log_alpha: torch.Tensor, dim: int = 0) -> torch.Tensor:
 def prefix_product(z: torch.Tensor) -> torch.Tensor:
     """z_1, z_1 z_2, ..., z_1···z_K along dim 0 (= ``torch.cumprod(z, 0)``), for gate samples.
 
-    Under ``torch.compile`` the products are unrolled: a scan is its own kernel in inductor, and
-    cumprod's zero-safe backward adds a dozen more, per gate chain; K multiplications fuse into
-    the gate sampling and the quantizer around them. Gate chains are short (K < r, K < 5 for
-    bits), so unrolling is cheap to trace. Eager keeps cumprod: one kernel forward.
+    On CUDA and under ``torch.compile`` the products are unrolled. cumprod's backward asks the
+    device whether any input is zero and waits for the answer: a host synchronisation per gate
+    chain per step, which also makes a training step impossible to capture as a CUDA graph
+    (:mod:`leanlora.train.step_graph`). Compiled, a scan is its own kernel and its zero-safe
+    backward a dozen more, where K multiplications fuse into the gate sampling and the quantizer
+    around them. Gate chains are short (K < r, K < 5 for bits). On the CPU cumprod is one call.
     """
     n = z.shape[0]
-    if n <= 1 or not torch.compiler.is_compiling():
+    if n <= 1 or not (z.is_cuda or torch.compiler.is_compiling()):
         return torch.cumprod(z, 0)
     out = [z[0]]
     for k in range(1, n):
