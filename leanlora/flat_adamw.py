@@ -132,6 +132,7 @@ class FlatAdamW(torch.optim.Optimizer):
             state["member_steps"] = [c + 1 for c in counts]
             return
         # some tensors lack a gradient now, or did at an earlier step: tensor by tensor, own counts
+        counts = state["member_steps"] = _member_counts(state)
         index = [i for i, h in enumerate(have) if h]
         moments = bucket.shaped(state["exp_avg"]), bucket.shaped(state["exp_avg_sq"])
         steps = [torch.tensor(float(counts[i])) for i in index]  # the single-tensor path reads them on the CPU
@@ -156,7 +157,7 @@ class FlatAdamW(torch.optim.Optimizer):
                 if "exp_avg" not in state:
                     continue
                 moments = zip(bucket.shaped(state["exp_avg"]), bucket.shaped(state["exp_avg_sq"]))
-                for p, (m, v), count in zip(bucket.params, moments, state["member_steps"]):
+                for p, (m, v), count in zip(bucket.params, moments, _member_counts(state)):
                     if count:  # a tensor that never had a gradient has no state in torch's AdamW either
                         per_tensor[p] = {"step": torch.tensor(float(count)), "exp_avg": m.clone(),
                                          "exp_avg_sq": v.clone()}
@@ -189,3 +190,12 @@ class FlatAdamW(torch.optim.Optimizer):
                 counts = [int(float(s.get("step", 0))) for s in saved]
                 self.state[bucket.params[0]] = dict(flat, member_steps=counts,
                                                     step=self._step_tensor(max(counts), bucket.flat_param.device))
+
+
+def _member_counts(state: dict[str, Any]) -> list[int]:
+    """Each member's step count. While they agree the device counter is the truth: a step replayed
+    from a CUDA graph (leanlora.train.step_graph) advances it without running this module's Python."""
+    counts = state["member_steps"]
+    if counts and counts.count(counts[0]) == len(counts):
+        return [int(state["step"].item())] * len(counts)
+    return counts

@@ -184,3 +184,21 @@ def test_a_training_checkpoint_of_it_resumes_into_torch_adamw(tmp_path):
     theirs = [p for p in other.parameters() if p.requires_grad]
     for a, b in zip(theirs, mine):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_flat_adamw_counts_come_from_the_device_counter_while_members_agree():
+    """A replayed step advances FlatAdamW's device counter without its Python bookkeeping."""
+    a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
+    opt = FlatAdamW([a, b], lr=0.1)
+    for _ in range(2):
+        a.grad, b.grad = torch.ones(3), torch.ones(2)
+        opt.step()
+    state = next(iter(opt.state.values()))
+    state["step"] += 3  # what three replays of a captured step do
+    steps = [float(s["step"]) for s in opt.state_dict()["state"].values()]
+    assert steps == [5.0, 5.0]
+    # an uneven step (b without a gradient) continues from the device count, not the stale list
+    a.grad, b.grad = torch.ones(3), None
+    opt.step()
+    assert state["member_steps"] == [6, 5]
+    assert [float(s["step"]) for s in opt.state_dict()["state"].values()] == [6.0, 5.0]
