@@ -20,6 +20,7 @@ _LAZY = {
     "LeanLoraTrainer": ("leanlora.train.callbacks", "LeanLoraTrainer"),
     "add_regularizer": ("leanlora.train.callbacks", "add_regularizer"),
     "leanlora_optimizer": ("leanlora.train.callbacks", "leanlora_optimizer"),
+    "StepGraph": ("leanlora.train.step_graph", "StepGraph"),
 }
 
 

@@ -1,0 +1,251 @@
+"""A whole training step (forward, backward, optimizer) captured as one CUDA graph and replayed.
+
+Why: on a GPU that outruns its host, a step is paced by Python issuing kernels. At the 1B
+benchmark shape a compiled B-LoRA step launches about 2,100 kernels for 86 ms of GPU work, and
+issuing them takes its host 83-107 ms (BENCHMARKS.md section 1i). ``torch.compile``'s own CUDA
+graphs ("reduce-overhead") cover each compiled region separately, and cannot hold the adapter
+pieces that leanlora computes for a group of layers before the layers run (section 1e). One graph
+around the whole step holds all of it: a replay is one launch.
+
+This is PyTorch's documented whole-network capture (``torch.cuda.graph``), with what a training
+loop needs around it:
+
+* the first ``warmup`` calls run the step normally, on a side stream, as the CUDA-graph notes ask
+  (compilation, lazy initialisation and the optimizer's state all happen there);
+* the next call captures the step with that call's batch, then replays it once (capturing runs
+  nothing); later batches are copied into the captured inputs and the graph is replayed;
+* a batch of another shape or dtype runs the step uncaptured, as does everything after the
+  trained tensors were replaced (pruning, loading, ``.data =``): the graph would write to the
+  old storage. :meth:`StepGraph.reset` drops the graph; the next call captures again.
+
+What changes between steps must live in tensors changed in place, because a replay runs no Python:
+the learning rate (:func:`capturable_optimizer` makes each group's ``lr`` a 0-dim device tensor,
+which torch's LR schedulers ``fill_``), the sampled nested rank (``leanlora.advance`` fills a
+buffer), random numbers (the graph draws new ones each replay). A Python float read inside the
+step is frozen at its captured value. The step must not read values back to the host
+(``.item()``, printing a loss): do that with the tensor the call returns, after it.
+
+The last warm-up step runs with torch's synchronisation check on. A step that waits for the GPU
+cannot be captured, and a capture that fails halfway can leave torch's CUDA random generator
+unusable, so such a step is found there and trained on uncaptured, with a warning. One common
+source is not the user's code: Hugging Face transformers' mask creation reads tensors back
+outside a capture and takes another branch inside one (a causal LM called without a cache and
+without an attention mask checks its position ids for packed sequences; a padding mask is
+checked for being all ones). The check declines such a step; capturing it anyway would, on a
+compiled model, mean compiling the other branch inside the capture, which fails (seen: PEFT LoRA
+and leanlora LoRA, compiled, 1B shape). Measured on an H200 (BENCHMARKS.md section 1j):
+graphed training equals plain training for LoRA, B-LoRA, DyLoRA and the bank with gates and
+learned bits (tests/test_step_graph.py); at the 1B benchmark shape the transformers check
+declined the capture, so the speed of a captured 1B step is not measured yet.
+"""
+
+from __future__ import annotations
+
+import traceback
+import warnings
+from typing import Any, Callable, Mapping
+
+import torch
+
+Batch = Mapping[str, torch.Tensor]
+
+
+def capturable_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """Check that ``optimizer`` updates on the device, and make its learning rates device tensors.
+
+    A captured update must not read anything from the host: torch's optimizers do so unless built
+    with ``fused=True`` or ``capturable=True`` (their step counters live on the CPU otherwise);
+    leanlora's :class:`~leanlora.flat_adamw.FlatAdamW` is fused on CUDA. A float learning rate
+    would be frozen into the graph; as a tensor, a scheduler's update reaches every replay.
+    """
+    from leanlora.flat_adamw import FlatAdamW
+
+    for i, group in enumerate(optimizer.param_groups):
+        device = next((p.device for p in group["params"]), None)
+        if device is None:
+            continue
+        if device.type != "cuda":
+            raise ValueError(f"StepGraph: param group {i} of {type(optimizer).__name__} is on {device}; "
+                             "a CUDA graph needs the trained tensors on a CUDA device")
+        on_device = (isinstance(optimizer, FlatAdamW) and optimizer._uses_fused(device)) \
+            or group.get("fused") or group.get("capturable")
+        if not on_device:
+            raise ValueError(f"StepGraph: param group {i} of {type(optimizer).__name__} steps with host-side "
+                             "counters; build it with fused=True or capturable=True (or use leanlora.optim.adamw)")
+        if not isinstance(group["lr"], torch.Tensor):
+            group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
+    return optimizer
+
+
+def batch_signature(batch: Batch) -> tuple:
+    """What a captured graph is specific to: each input's name, shape, dtype and device."""
+    if not isinstance(batch, Mapping):
+        raise TypeError(f"StepGraph: a batch must be a mapping of names to tensors, got {type(batch).__name__}")
+    for name, value in batch.items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"StepGraph: batch entry {name!r} is of type {type(value).__name__}; a captured step "
+                            "takes tensors only (anything else would be frozen at its captured value)")
+    first: dict[int, str] = {}
+    # which entries are one tensor (input_ids passed as labels): a graph captured with one buffer
+    # for both cannot take two different tensors
+    return tuple((k, tuple(v.shape), v.dtype, v.device, first.setdefault(id(v), k))
+                 for k, v in sorted(batch.items()))
+
+
+class StepGraph:
+    """Run ``step(batch)`` (forward, backward, optimizer step, gradients set to None) as one CUDA graph.
+
+    ``step`` returns what the caller wants back each step (the loss, detached); the returned tensor
+    lives in the graph's memory and is overwritten by the next replay, so read or clone it first.
+    ``tensors`` are the trained tensors (the optimizer's parameters, by default): when one of them
+    is replaced or moved, the graph is dropped and the step runs uncaptured until :meth:`reset`.
+    """
+
+    def __init__(self, step: Callable[[Batch], Any], optimizer: torch.optim.Optimizer, warmup: int = 2,
+                 log: Callable[[str], None] | None = None) -> None:
+        if warmup < 1:
+            raise ValueError(f"StepGraph: warmup={warmup} is invalid: at least 1 step must run uncaptured "
+                             "before capture (compilation and the optimizer's state happen there)")
+        if not torch.cuda.is_available():
+            raise RuntimeError("StepGraph needs CUDA; on this machine torch.cuda.is_available() is False")
+        self.step, self.optimizer, self.warmup, self.log = step, capturable_optimizer(optimizer), warmup, log
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.inputs: dict[str, torch.Tensor] = {}
+        self.output: Any = None
+        self.key: tuple | None = None
+        self.uncaptured_calls = 0       # calls that ran the step without the graph (warm-up, other shapes)
+        self.replays = 0
+        self._warm = 0
+        self.stale = False              # capture failed, or the trained tensors moved: none until reset()
+        self.failure: str | None = None  # why capturing failed, if it did
+        self.failure_trace: str | None = None  # and where (the traceback's end)
+        self._inputs_key: tuple | None = None
+        self._storage: list[int] = []
+        self._stream = torch.cuda.Stream()
+
+    def _storage_now(self) -> list[int]:
+        return [p.data_ptr() for g in self.optimizer.param_groups for p in g["params"]]
+
+    def reset(self) -> None:
+        """Drop the captured graph (its memory is freed); the next call warms up and captures again."""
+        self.graph, self.inputs, self.output, self.key, self._warm = None, {}, None, None, 0
+        self._inputs_key: tuple | None = None
+        self.stale = False
+
+    def __call__(self, batch: Batch) -> Any:
+        key = batch_signature(batch)
+        if self.graph is not None:
+            if key == self.key and self._storage_now() == self._storage:
+                self._fill(batch, key)
+                self.graph.replay()
+                self.replays += 1
+                return self.output
+            if key == self.key:  # same shape, but the trained tensors were replaced or moved
+                warnings.warn("StepGraph: the trained tensors changed storage since the step was captured; "
+                              "it runs uncaptured from now on (StepGraph.reset() captures again)",
+                              RuntimeWarning, stacklevel=2)
+                self.reset()
+                self.stale = True
+            return self._uncaptured(batch)
+        if self.stale:
+            return self._uncaptured(batch)
+        # warm-up and capture run on the very tensors that replays will read, as PyTorch's recipe
+        # does: a compiled model then sees the same inputs when it is captured as when it compiled
+        self._fill(batch, key)
+        if self._warm < self.warmup:
+            self._warm += 1
+            if self._warm == self.warmup > 1:  # compiled by now: the last warm-up step is checked
+                return self._checked(self.inputs)
+            return self._uncaptured(self.inputs, side_stream=True)
+        return self._capture(key)
+
+    def _fill(self, batch: Batch, key: tuple) -> None:
+        """Copy ``batch`` into the graph's input tensors, made for ``key`` on first use (ordinary
+        allocations, kept for the graph's life). One tensor passed under two names (input_ids as
+        labels) stays one tensor: a compiled model guards on that aliasing."""
+        if key != self._inputs_key:
+            copies: dict[int, torch.Tensor] = {}
+            self.inputs = {name: copies.setdefault(id(value), torch.empty_like(value)) for name, value in batch.items()}
+            self._inputs_key = key
+        for name, *_, owner in key:
+            if owner == name:  # an aliased entry shares its owner's tensor
+                self.inputs[name].copy_(batch[name], non_blocking=True)
+
+    def _checked(self, batch: Batch) -> Any:
+        """An uncaptured step that fails on any operation waiting for the GPU (``.item()``, a shape
+        that depends on data, a blocking copy): such a step cannot be captured, and a capture that
+        fails leaves torch's CUDA random generator unusable, so it is found out here instead."""
+        rng = torch.get_rng_state(), torch.cuda.get_rng_state()
+        previous = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return self._uncaptured(batch, side_stream=True)
+        except RuntimeError as err:
+            if "synchronizing" not in str(err):
+                raise
+            torch.cuda.set_sync_debug_mode(previous)
+            self._give_up(err, rng, "the step waits for the GPU inside (a synchronizing operation; run it under "
+                                    "torch.cuda.set_sync_debug_mode('error') to see where)")
+            return self._uncaptured(batch)  # this batch's step again, from the same random state
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+
+    def _give_up(self, err: Exception, rng: tuple, why: str | None = None) -> None:
+        """Stop capturing after a failed check or capture. Nothing of the failed step should count:
+        drop the gradients it assigned (after a capture they point into the abandoned graph's
+        memory) and its draws from the random generators."""
+        cause = err
+        while cause.__cause__ is not None or cause.__context__ is not None:
+            cause = cause.__cause__ or cause.__context__
+        first_line = (str(cause).strip().splitlines() or [""])[0]
+        self.failure = why or f"{type(cause).__name__}: {first_line}"
+        self.failure_trace = "".join(traceback.format_exception(err))[-6000:]
+        self.reset()
+        self.stale = True
+        self.optimizer.zero_grad(set_to_none=True)
+        try:
+            torch.set_rng_state(rng[0])
+            torch.cuda.set_rng_state(rng[1])
+        except RuntimeError as again:  # torch leaves its generator in capture mode after some failures
+            raise RuntimeError(f"StepGraph: capturing the training step failed ({self.failure}), and torch's CUDA "
+                               f"random generator is unusable after it ({again}); train without StepGraph") from err
+        warnings.warn(f"StepGraph: the training step cannot be captured as a CUDA graph: {self.failure}; "
+                      "training continues without it", RuntimeWarning, stacklevel=3)
+
+    def _uncaptured(self, batch: Batch, side_stream: bool = False) -> Any:
+        self.uncaptured_calls += 1
+        if not side_stream:
+            return self.step(batch)
+        # the CUDA-graph notes: warm up on a side stream, so that nothing the first steps set up
+        # (autograd's streams, lazily created handles) is tied to the stream that will be captured
+        self._stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self._stream):
+            out = self.step(batch)
+        torch.cuda.current_stream().wait_stream(self._stream)
+        return out
+
+    def _capture(self, key: tuple) -> Any:
+        if any(p.grad is not None for g in self.optimizer.param_groups for p in g["params"]):
+            raise RuntimeError("StepGraph: gradients are present before capture; the step must end with "
+                               "optimizer.zero_grad(set_to_none=True), so that each replay's backward writes "
+                               "them afresh instead of adding to the last step's")
+        graph, inputs = torch.cuda.CUDAGraph(), self.inputs
+        torch.cuda.synchronize()
+        rng = torch.get_rng_state(), torch.cuda.get_rng_state()
+        try:
+            with torch.cuda.graph(graph, stream=self._stream):
+                output = self.step(inputs)
+        except Exception as err:  # a run must not die for a speed option: this step, and the rest, uncaptured
+            self._give_up(err, rng)
+            return self._uncaptured(inputs, side_stream=True)
+        self.graph, self.output, self.key, self._storage = graph, output, key, self._storage_now()
+        graph.replay()  # capturing recorded this step's work; replaying it does it
+        self.replays += 1
+        if self.log is not None:
+            self.log(f"StepGraph: captured the training step as one CUDA graph (inputs {_describe(key)})")
+        return output
+
+
+def _describe(key: tuple) -> str:
+    return ", ".join(f"{name} {'x'.join(map(str, shape))} {str(dtype).removeprefix('torch.')}"
+                     + ("" if owner == name else f" (= {owner})") for name, shape, dtype, _, owner in key)
