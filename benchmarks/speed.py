@@ -39,7 +39,8 @@ PRESETS = {  # Llama-3.2-1B geometry with a 32k vocabulary: 1.10e9 parameters
     "small": dict(hidden=1024, inter=4096, layers=4, heads=16, kv_heads=4, vocab=32000, batch=4, seq=512),
     "tiny": dict(hidden=64, inter=128, layers=2, heads=4, kv_heads=2, vocab=256, batch=2, seq=32),
 }
-# Rows in the order they run; each name is "<method>" or "<method>@compiled".
+# Rows in the order they run; each name is "<method>", "<method>@compiled" or "<method>@graphed"
+# (compiled, and the whole step captured as one CUDA graph: leanlora.train.step_graph).
 DEFAULT_ROWS = ("base@eager,base@compiled,peft_lora,peft_lora@compiled,lean_lora,lean_lora@compiled,"
                 "lean_qdylora@compiled,lean_vblora@compiled,lean_blora@compiled,lean_combo@compiled,"
                 "peft_vblora,peft_adalora,peft_qlora")
@@ -71,7 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_shape_args(ap)
     ap.add_argument("--r", type=int, default=16)
-    ap.add_argument("--rows", default=DEFAULT_ROWS, help="comma list of method[@eager|@compiled]; 'base' = "
+    ap.add_argument("--rows", default=DEFAULT_ROWS, help="comma list of method[@eager|@compiled|@graphed]; 'base' = "
                     "frozen model with input-gradient backward and no adapter (the base-model share)")
     ap.add_argument("--compile", choices=("layers", "model"), default="layers",
                     help="layers: torch.compile each decoder layer (compiled once, reused); model: the whole model")
@@ -169,8 +170,11 @@ def run_row(row: str, args, device, ids, floor_tps: float) -> dict:
     mode = mode or "eager"
     shape = Shape(targets=TARGETS, r=args.r, adapter_dtype=args.adapter_dtype,
                   bank_vectors=args.bank_vectors, bank_length=args.bank_length)
-    result = {"row": row, "mode": mode, "compile": args.compile if mode == "compiled" else None,
-              "compile_mode": args.compile_mode if mode == "compiled" else None}
+    if mode not in ("eager", "compiled", "graphed"):
+        raise SystemExit(f"row {row!r}: mode {mode!r} is unknown; allowed eager, compiled, graphed")
+    compiled = mode in ("compiled", "graphed")
+    result = {"row": row, "mode": mode, "compile": args.compile if compiled else None,
+              "compile_mode": args.compile_mode if compiled else None}
     if name != "base":
         method = METHODS[name]
         result["method"] = method.name
@@ -187,6 +191,12 @@ def run_row(row: str, args, device, ids, floor_tps: float) -> dict:
         result["allocated_gib_at_start"] = torch.cuda.memory_allocated() / 2**30  # leftovers of earlier rows
     torch.manual_seed(0)
     model = build_model(args, device)
+    if mode == "graphed":
+        from leanlora.train.unpadded_attention import use_unpadded_attention
+
+        # transformers' mask creation reads position ids back to the host outside a capture and
+        # builds a 4D mask inside one; these batches have no padding, so no mask is needed at all
+        use_unpadded_attention(model)
     result["n_matmul"] = matmul_params(model)
     hook, prior = None, False
     if name == "base":
@@ -201,8 +211,12 @@ def run_row(row: str, args, device, ids, floor_tps: float) -> dict:
         opt, opt_step = adamw_step(groups, impl)
     model.train()
     result["trainable"] = trainable_count(model)
-    fwd = compile_model(model, args.compile, args.compile_mode) if mode == "compiled" else model
-    graphs = mode == "compiled" and args.compile_mode == "reduce-overhead"
+    if mode == "graphed" and (opt is None or hook is not None or args.compile_mode == "reduce-overhead"):
+        result["skipped"] = "a whole-step CUDA graph needs an optimizer, no per-step host hook (AdaLoRA) and " \
+                            "no per-region CUDA graphs"
+        return result
+    fwd = compile_model(model, args.compile, args.compile_mode) if compiled else model
+    graphs = compiled and args.compile_mode == "reduce-overhead"
     if prior:
         import leanlora
 
@@ -220,6 +234,23 @@ def run_row(row: str, args, device, ids, floor_tps: float) -> dict:
         refresh = vectorizer.refresh
         vectorizer.refresh = lambda m: host.timed("vectorize", refresh, m)
 
+    whole = None
+    if mode == "graphed":
+        from leanlora.train.step_graph import StepGraph
+
+        def captured_step(batch):
+            loss = fwd(**batch).loss
+            if prior:
+                loss = loss + regularize(model).to(loss.device)
+            loss.backward()
+            opt_step()
+            opt.zero_grad(set_to_none=True)
+            return loss.detach()
+
+        # a compiled model may compile again in its first calls (a guard on a changed value): the
+        # graphed rows run two more warm-up steps, the last of them the one captured (and replayed)
+        whole = StepGraph(captured_step, opt, warmup=args.warmup + 1)
+
     def step(i: int) -> float:
         from torch.profiler import record_function
 
@@ -230,6 +261,9 @@ def run_row(row: str, args, device, ids, floor_tps: float) -> dict:
 
             with record_function("phase: advance"):
                 host.timed("advance", leanlora.advance, model, i)
+        if whole is not None:
+            with record_function("phase: whole step (CUDA graph)"):
+                return float(host.timed("step", whole, {"input_ids": ids, "labels": ids}))
         with record_function("phase: forward"):
             loss = host.timed("forward", lambda: fwd(input_ids=ids, labels=ids).loss)
         if prior:
@@ -246,7 +280,8 @@ def run_row(row: str, args, device, ids, floor_tps: float) -> dict:
         return float(loss.detach())
 
     t0 = time.perf_counter()
-    for i in range(args.warmup):
+    warmup = args.warmup + (2 if whole is not None else 0)
+    for i in range(warmup):
         step(i)
     result["warmup_s"] = time.perf_counter() - t0
     result["gc_objects"] = len(gc.get_objects())
@@ -255,7 +290,7 @@ def run_row(row: str, args, device, ids, floor_tps: float) -> dict:
     gc.callbacks.append(collector)
     host.clear()
     try:
-        for i in range(args.warmup, args.warmup + args.steps):
+        for i in range(warmup, warmup + args.steps):
             if device.type == "cuda":
                 s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 s.record()
@@ -271,6 +306,9 @@ def run_row(row: str, args, device, ids, floor_tps: float) -> dict:
         gc.callbacks.remove(collector)
     result.update(gc_ms_per_step=collector.seconds * 1e3 / args.steps, gc_full_collections=collector.full,
                   host_ms=host.medians())
+    if whole is not None:
+        result.update(graph_replays=whole.replays, graph_uncaptured_calls=whole.uncaptured_calls,
+                      graph_failure=whole.failure, graph_failure_trace=whole.failure_trace)
     med = statistics.median(times)
     tokens = ids.numel()
     result.update(step_ms=med * 1e3, step_ms_min=min(times) * 1e3, step_ms_max=max(times) * 1e3,
@@ -278,9 +316,9 @@ def run_row(row: str, args, device, ids, floor_tps: float) -> dict:
                   peak_gib=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan"),
                   pct_floor=100 * tokens / med / floor_tps if floor_tps == floor_tps else float("nan"))
     if args.profile and any(p in row for p in args.profile.split(",")):
-        result["profile"] = profile_step(step, args.warmup + args.steps)
+        result["profile"] = profile_step(step, warmup + args.steps)
     if args.cprofile and any(p in row for p in args.cprofile.split(",")):
-        result["cprofile"] = cprofile_steps(step, args.warmup + args.steps, args.steps, args.out, row)
+        result["cprofile"] = cprofile_steps(step, warmup + args.steps, args.steps, args.out, row)
     counters = getattr(torch._dynamo.utils, "counters", {})
     result["graph_breaks"] = sum(counters.get("graph_break", {}).values()) if counters else None
     result["unique_graphs"] = counters.get("stats", {}).get("unique_graphs") if counters else None
