@@ -97,11 +97,12 @@ class StepGraph:
 
     ``step`` returns what the caller wants back each step (the loss, detached); the returned tensor
     lives in the graph's memory and is overwritten by the next replay, so read or clone it first.
-    ``tensors`` are the trained tensors (the optimizer's parameters, by default): when one of them
-    is replaced or moved, the graph is dropped and the step runs uncaptured until :meth:`reset`.
+    The trained tensors are the optimizer's parameters: when one of them is replaced or moved, the
+    graph is dropped and the step runs uncaptured until :meth:`reset`. ``warmup`` steps run before
+    the capture; a compiled model may compile again in its first calls, which a capture cannot hold.
     """
 
-    def __init__(self, step: Callable[[Batch], Any], optimizer: torch.optim.Optimizer, warmup: int = 2,
+    def __init__(self, step: Callable[[Batch], Any], optimizer: torch.optim.Optimizer, warmup: int = 3,
                  log: Callable[[str], None] | None = None) -> None:
         if warmup < 1:
             raise ValueError(f"StepGraph: warmup={warmup} is invalid: at least 1 step must run uncaptured "
@@ -129,7 +130,7 @@ class StepGraph:
     def reset(self) -> None:
         """Drop the captured graph (its memory is freed); the next call warms up and captures again."""
         self.graph, self.inputs, self.output, self.key, self._warm = None, {}, None, None, 0
-        self._inputs_key: tuple | None = None
+        self._inputs_key = None
         self.stale = False
 
     def __call__(self, batch: Batch) -> Any:
