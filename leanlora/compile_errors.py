@@ -1,7 +1,8 @@
 """What a failed ``torch.compile`` says: whether an error came from the compiler, and its root cause.
 
-Shared by the compiled layers (:mod:`leanlora.train.compiled`) and the compiled grouped pieces
-(:mod:`leanlora.vectorize`), which both fall back to eager code and say why.
+Shared by the compiled layers (:mod:`leanlora.train.compiled`), the compiled grouped pieces
+(:mod:`leanlora.vectorize`) and the captured training step (:mod:`leanlora.train.step_graph`),
+which all fall back to plainer code and say why.
 """
 
 from __future__ import annotations

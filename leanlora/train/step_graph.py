@@ -47,6 +47,8 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from leanlora.compile_errors import root_cause
+
 Batch = Mapping[str, torch.Tensor]
 
 
@@ -184,22 +186,18 @@ class StepGraph:
         except RuntimeError as err:
             if "synchronizing" not in str(err):
                 raise
-            torch.cuda.set_sync_debug_mode(previous)
-            self._give_up(err, rng, "the step waits for the GPU inside (a synchronizing operation; run it under "
-                                    "torch.cuda.set_sync_debug_mode('error') to see where)")
-            return self._uncaptured(batch)  # this batch's step again, from the same random state
+            waited = err
         finally:
             torch.cuda.set_sync_debug_mode(previous)
+        self._give_up(waited, rng, "the step waits for the GPU inside (a synchronizing operation; run it under "
+                                   "torch.cuda.set_sync_debug_mode('error') to see where)")
+        return self._uncaptured(batch)  # this batch's step again, from the same random state
 
     def _give_up(self, err: Exception, rng: tuple, why: str | None = None) -> None:
         """Stop capturing after a failed check or capture. Nothing of the failed step should count:
         drop the gradients it assigned (after a capture they point into the abandoned graph's
         memory) and its draws from the random generators."""
-        cause = err
-        while cause.__cause__ is not None or cause.__context__ is not None:
-            cause = cause.__cause__ or cause.__context__
-        first_line = (str(cause).strip().splitlines() or [""])[0]
-        self.failure = why or f"{type(cause).__name__}: {first_line}"
+        self.failure = why or root_cause(err)
         self.failure_trace = "".join(traceback.format_exception(err))[-6000:]
         self.reset()
         self.stale = True
