@@ -208,9 +208,10 @@ def test_gradients_left_before_capture_are_refused(monkeypatch):
 
 # --- on a CUDA device --------------------------------------------------------------------------
 
-def _adapted(ranks: str, precision: str, factors: str = "dense"):
+def _adapted(ranks: str, precision: str, factors: str = "dense", base: str = "dense"):
     config = leanlora.AdapterConfig(target_modules=TARGETS, r=4, alpha=8, ranks=ranks, precision=precision,
-                                    factors=factors, bank=leanlora.BankConfig(num_vectors=16, vector_length=16))
+                                    factors=factors, base=base,
+                                    bank=leanlora.BankConfig(num_vectors=16, vector_length=16))
     return leanlora.inject(tiny_llama().cuda(), config).train()
 
 
@@ -240,15 +241,17 @@ def _train(model, steps: int, graphed: bool, compiled: bool = False, batches=Non
 
 
 @cuda
-@pytest.mark.parametrize("ranks,precision,factors", [
-    ("fixed", "float", "dense"),      # LoRA
-    ("gated", "learned", "dense"),    # B-LoRA: gate noise drawn inside the graph
-    ("nested", "float", "dense"),     # DyLoRA: the rank drawn outside, written into a buffer
-    ("gated", "learned", "bank"),     # the bank with gates and learned bits
+@pytest.mark.parametrize("ranks,precision,factors,base", [
+    ("fixed", "float", "dense", "dense"),      # LoRA
+    ("gated", "learned", "dense", "dense"),    # B-LoRA: gate noise drawn inside the graph
+    ("nested", "float", "dense", "dense"),     # DyLoRA: the rank drawn outside, written into a buffer
+    ("nested", "float", "dense", "nf4"),       # QDyLoRA: the same over a 4-bit base
+    ("gated", "learned", "bank", "dense"),     # the bank with gates and learned bits
+    ("gated", "learned", "bank", "nf4"),       # all three axes over a 4-bit base
 ])
-def test_graphed_training_equals_plain_training(ranks, precision, factors):
-    plain, plain_losses, _ = _train(_adapted(ranks, precision, factors), 8, graphed=False)
-    graphed, graphed_losses, run = _train(_adapted(ranks, precision, factors), 8, graphed=True)
+def test_graphed_training_equals_plain_training(ranks, precision, factors, base):
+    plain, plain_losses, _ = _train(_adapted(ranks, precision, factors, base), 8, graphed=False)
+    graphed, graphed_losses, run = _train(_adapted(ranks, precision, factors, base), 8, graphed=True)
     assert run.replays == 6 and run.uncaptured_calls == 2  # 2 warm-up steps, then capture + 5 replays
     # the bank's backward adds with atomics (index_add), in an order that differs from run to run
     rtol, atol = (1e-4, 1e-5) if factors == "bank" else (1e-5, 1e-6)
