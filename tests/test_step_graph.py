@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import types
 import warnings
 
@@ -215,9 +216,10 @@ def _adapted(ranks: str, precision: str, factors: str = "dense", base: str = "de
     return leanlora.inject(tiny_llama().cuda(), config).train()
 
 
-def _train(model, steps: int, graphed: bool, compiled: bool = False, batches=None):
+def _train(model, steps: int, graphed: bool, compiled: bool = False, batches=None, optimizer_class=None):
     """``steps`` AdamW steps under a linear LR decay; the trained tensors and the losses."""
-    optimizer = adamw(leanlora.param_groups(model, 1e-2, 0.0), lr=1e-2)
+    groups = leanlora.param_groups(model, 1e-2, 0.0)
+    optimizer = optimizer_class(groups, lr=1e-2) if optimizer_class else adamw(groups, lr=1e-2)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 - s / (2 * steps))
     forward = torch.compile(model) if compiled else model
 
@@ -258,6 +260,18 @@ def test_graphed_training_equals_plain_training(ranks, precision, factors, base)
     assert graphed_losses == pytest.approx(plain_losses, rel=rtol, abs=atol)
     for name, value in plain.items():
         torch.testing.assert_close(graphed[name], value, rtol=rtol, atol=atol, msg=name)
+
+
+@cuda
+def test_graphed_training_with_torchs_fused_adamw_equals_plain_training():
+    # torch refuses to capture its optimizers' step unless 'capturable' is set, fused or not
+    fused = functools.partial(torch.optim.AdamW, fused=True)
+    plain, plain_losses, _ = _train(_adapted("fixed", "float"), 6, graphed=False, optimizer_class=fused)
+    graphed, graphed_losses, run = _train(_adapted("fixed", "float"), 6, graphed=True, optimizer_class=fused)
+    assert run.replays == 4 and run.graph is not None
+    assert graphed_losses == pytest.approx(plain_losses, rel=1e-5, abs=1e-6)
+    for name, value in plain.items():
+        torch.testing.assert_close(graphed[name], value, rtol=1e-5, atol=1e-6, msg=name)
 
 
 @cuda
@@ -303,6 +317,7 @@ def test_capturable_optimizer_refuses_foreach_adamw_and_makes_lr_a_tensor():
     with pytest.raises(ValueError, match="fused=True or capturable=True"):
         capturable_optimizer(torch.optim.AdamW([p], foreach=True))
     opt = capturable_optimizer(torch.optim.AdamW([p], lr=0.5, fused=True))
+    assert opt.param_groups[0]["capturable"]
     assert isinstance(opt.param_groups[0]["lr"], torch.Tensor) and opt.param_groups[0]["lr"].is_cuda
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5)
     p.grad = torch.zeros_like(p)

@@ -74,6 +74,10 @@ def capturable_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimi
         if not on_device:
             raise ValueError(f"StepGraph: param group {i} of {type(optimizer).__name__} steps with host-side "
                              "counters; build it with fused=True or capturable=True (or use leanlora.optim.adamw)")
+        if group.get("fused") and group.get("capturable") is False:
+            # torch's capture health check asks for the flag; its fused kernels ignore it, their
+            # step counters are on the device already
+            group["capturable"] = True
         if not isinstance(group["lr"], torch.Tensor):
             group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
     return optimizer
