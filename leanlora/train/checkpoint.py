@@ -88,6 +88,18 @@ def _join_optimizer(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> 
     return {"state": state, "param_groups": plain["param_groups"]}
 
 
+def _plain(value: Any) -> Any:
+    """``value`` with its one-element tensors as numbers: a captured training step
+    (leanlora.train.step_graph) keeps learning rates as device tensors, and the scheduler copies them."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    return value
+
+
 # --- save / load ------------------------------------------------------------------------------
 
 
@@ -120,8 +132,8 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer:
     atomic_save_tensors(opt_tensors, folder / "optimizer.safetensors")
     rng_tensors, rng_plain = rng_state()
     atomic_save_tensors(rng_tensors, folder / "rng.safetensors")
-    state = {"step": step, "loop": loop_state, "optimizer": opt_plain, "scheduler": scheduler.state_dict(),
-             "rng": rng_plain}
+    state = {"step": step, "loop": loop_state, "optimizer": _plain(opt_plain),
+             "scheduler": _plain(scheduler.state_dict()), "rng": rng_plain}
     atomic_write_bytes(folder / "state.json", json.dumps(state).encode())
     atomic_write_bytes(root / LATEST, json.dumps({"step": step, "dir": folder.name}).encode())
     for old in root.glob("step-*"):

@@ -14,6 +14,7 @@ resumed CPU run bit-identical to an uninterrupted one.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import random
@@ -37,6 +38,7 @@ from leanlora.train.checkpoint import latest_checkpoint, load_checkpoint, save_c
 from leanlora.train.models import load_model, load_tokenizer
 from leanlora.train.runconfig import RunConfig, to_commented_yaml
 from leanlora.train.tasks import batches, build_task
+from leanlora.train.whole_step import graphed_training_step
 
 RUN_CONFIG = "run.yaml"
 
@@ -136,6 +138,15 @@ def train(run: RunConfig | None, run_dir: str | Path, *, resume: bool = False, p
         torch.set_num_threads(tc.num_threads)
     seed_everything(tc.seed)
     device = dist.init_run(tc.distributed, resolve_device(tc.device))  # cuda:LOCAL_RANK under torchrun
+    if tc.cuda_graph:
+        if device.type != "cuda":
+            raise ConfigError(f"train.cuda_graph=true needs a CUDA device; this run's device is {device} "
+                              "(train.device); set train.cuda_graph=false")
+        if run.data.pad_to_multiple_of != run.data.max_length:
+            # one batch shape, one graph: every batch padded to max_length
+            run = run.replace(data=dataclasses.replace(run.data, pad_to_multiple_of=run.data.max_length))
+            log(f"train.cuda_graph: batches are padded to data.max_length={run.data.max_length}, so that every "
+                "full batch has one shape")
     model, tokenizer, task = load_for_run(run)
     run = run.replace(data=task.resolved_config())
     if not resume and dist.is_main_process():
@@ -174,6 +185,9 @@ def train(run: RunConfig | None, run_dir: str | Path, *, resume: bool = False, p
         if dist.is_distributed():  # every rank restored rank 0's generator: split the noise again
             torch.manual_seed(dist.rank_seed(tc.seed + step))
         log(f"resumed {run_dir} at step {step} of {total}")
+    # after the checkpoint: the graph's warm-up steps must see the restored optimizer state
+    graphed = graphed_training_step(wrapped, task, optimizer, prior, autocast, tc.max_grad_norm, log) \
+        if tc.cuda_graph else None
     result = TrainResult(run_dir=run_dir, steps=step, history=list(loop_state["history"]))
     metric = task.metric
 
@@ -210,26 +224,39 @@ def train(run: RunConfig | None, run_dir: str | Path, *, resume: bool = False, p
                 step_loss += loss.detach().float() / len(micro)
             value = step_loss.item()
             if dist.all_reduce_mean(float(math.isfinite(value))) < 1.0:  # every rank stops together
-                last = latest_checkpoint(run_dir)
                 bar.close()
-                raise TrainingDiverged(
-                    f"loss is {value} at step {step + 1} (epoch {epoch + 1}); training stopped. "
-                    + (f"The last good checkpoint is {last} (resume with `leanlora train --resume {run_dir}` "
-                       "after lowering train.lr)" if last else "No checkpoint was written before it."))
+                raise _diverged(value, step, epoch, run_dir, updated=False)
             return value
 
-        if compiled is not None:
+        def graphed_step() -> float:
+            """The same step, optimizer included, as one CUDA-graph replay (train.cuda_graph)."""
+            batch = next(batches(task.train, tc.batch_size, task.collate, device,
+                                 order[k * tc.batch_size:(k + 1) * tc.batch_size]))
+            value = float(graphed(batch))  # read after the replay: the update has run
+            if not math.isfinite(value):
+                bar.close()
+                raise _diverged(value, step, epoch, run_dir, updated=True)
+            return value
+
+        if graphed is not None:
+            if compiled is not None:
+                compiled.begin_step()
+                step_loss = compiled.run_step(graphed_step, lambda: optimizer.zero_grad(set_to_none=True))
+            else:
+                step_loss = graphed_step()
+        elif compiled is not None:
             compiled.begin_step()
             step_loss = compiled.run_step(forward_backward, lambda: optimizer.zero_grad(set_to_none=True))
         else:
             step_loss = forward_backward()
-        step_loss = dist.all_reduce_mean(step_loss)
-        if tc.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
-                                           tc.max_grad_norm)
-        optimizer.step()
+        if graphed is None:
+            step_loss = dist.all_reduce_mean(step_loss)
+            if tc.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
+                                               tc.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
         result.step_seconds.append(time.perf_counter() - started)
         step += 1
         result.losses.append(step_loss)
@@ -273,6 +300,15 @@ def train(run: RunConfig | None, run_dir: str | Path, *, resume: bool = False, p
         atomic_write_bytes(run_dir / "metrics.json", json.dumps(summary, indent=2).encode())
     result.model, result.task = model, task
     return result
+
+
+def _diverged(value: float, step: int, epoch: int, run_dir: Path, updated: bool) -> TrainingDiverged:
+    last = latest_checkpoint(run_dir)
+    return TrainingDiverged(
+        f"loss is {value} at step {step + 1} (epoch {epoch + 1}); training stopped"
+        + (" (the captured step had already applied its update to the weights in memory)" if updated else "")
+        + ". " + (f"The last good checkpoint is {last} (resume with `leanlora train --resume {run_dir}` "
+                  "after lowering train.lr)" if last else "No checkpoint was written before it."))
 
 
 def _fmt(value: float | None) -> str:

@@ -163,6 +163,13 @@ class TrainConfig:
     0.99x of PEFT LoRA's speed in that mode and 0.76-1.04x in the default one (0.97-1.04x in the
     latest readings, BENCHMARKS.md 1e-1i). A graph is recorded per input shape, so prefer it when
     batches have few distinct lengths."""
+    cuda_graph: bool = False
+    """capture the whole training step (forward, backward, clipping, AdamW) as one CUDA graph
+    and replay it (leanlora.train.StepGraph): the host no longer issues the step's kernels. On an
+    H200 this took every method to 1.14-1.20x compiled PEFT LoRA at 1B (BENCHMARKS.md 1k). Needs
+    a CUDA device, one process, grad_accum 1, compile_mode other than reduce-overhead and SDPA
+    attention; every batch is padded to data.max_length (one shape, one graph; a smaller last
+    batch runs uncaptured), and a non-finite loss is found after its optimizer step, not before."""
     num_threads: int = 0
     """CPU threads for torch; 0: torch's default."""
     distributed: Literal["none", "ddp", "fsdp2"] = "none"
@@ -179,6 +186,15 @@ class TrainConfig:
         _require(self.compile_mode in ("default", "reduce-overhead", "max-autotune-no-cudagraphs"),
                  "train.compile_mode", self.compile_mode,
                  "allowed: 'default', 'reduce-overhead', 'max-autotune-no-cudagraphs'")
+        _require(self.cuda_graph in (True, False), "train.cuda_graph", self.cuda_graph, "allowed: true, false")
+        if self.cuda_graph:
+            _require(self.grad_accum == 1, "train.grad_accum", self.grad_accum,
+                     "train.cuda_graph captures one micro-batch per step; set grad_accum=1 (raise batch_size)")
+            _require(self.compile_mode != "reduce-overhead", "train.compile_mode", self.compile_mode,
+                     "train.cuda_graph already captures the whole step; per-layer graphs inside it are not "
+                     "allowed (use 'default')")
+            _require(self.distributed == "none", "train.distributed", self.distributed,
+                     "train.cuda_graph runs in one process (allowed with it: 'none')")
         for name in ("epochs", "batch_size", "grad_accum", "eval_batch_size", "log_every"):
             _require(getattr(self, name) >= 1, f"train.{name}", getattr(self, name), "must be >= 1")
         for name in ("max_steps", "eval_every", "save_every", "num_threads"):

@@ -1,0 +1,45 @@
+"""The training loop's optimizer step as one CUDA graph (``train.cuda_graph``).
+
+The loop's own step reads the loss back before the optimizer runs (to stop on NaN without
+touching the weights), and its batches carry a 2D padding mask that transformers checks on the
+host; either would stop a capture. Here the mask is made 4D on the device
+(:mod:`leanlora.train.padded_attention`) and the loss is read after the replay, so forward,
+prior, backward, clipping and AdamW all run inside one graph (:class:`StepGraph`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+import torch
+from torch import nn
+
+from leanlora.train.padded_attention import attends_causally, attention_mask_4d, require_sdpa
+from leanlora.train.step_graph import StepGraph
+
+
+def graphed_training_step(model: nn.Module, task, optimizer: torch.optim.Optimizer,
+                          regularizer: Callable[[nn.Module], torch.Tensor],
+                          autocast: contextlib.AbstractContextManager, max_grad_norm: float,
+                          log: Callable[[str], None] | None = None) -> StepGraph:
+    """A :class:`StepGraph` whose ``run(batch)`` trains one step of ``task`` on ``batch`` (a dict of
+    device tensors from ``task.collate``) and returns the loss, detached, in float32."""
+    require_sdpa(model, "train.cuda_graph")
+    causal = attends_causally(model)
+    trained = [p for group in optimizer.param_groups for p in group["params"]]
+
+    def step(batch):
+        if "attention_mask" in batch:
+            batch = {**batch, "attention_mask": attention_mask_4d(batch["attention_mask"], causal)}
+        with autocast:
+            loss = task.loss(model, batch)
+            loss = loss + regularizer(model).to(loss.device)
+        loss.backward()
+        if max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(trained, max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach().float()
+
+    return StepGraph(step, optimizer, log=log)

@@ -1,0 +1,129 @@
+"""train.cuda_graph: the training loop's whole step as one CUDA graph. What it refuses (anywhere),
+that checkpoints hold the graph's tensor learning rates, and (on a CUDA device) that a graphed
+run trains what the plain loop trains, for a classifier and a causal LM."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import leanlora
+from conftest import minilm_dir, tiny_bert
+from leanlora.config import ConfigError
+from leanlora.train.checkpoint import load_checkpoint, save_checkpoint
+from leanlora.train.loop import train
+from leanlora.train.runconfig import load_run_config
+from train_fixtures import classification_yaml, tiny_bert_dir, tiny_llama_dir, write_addition_jsonl
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+QUIET = dict(progress=False, log=lambda *_: None)
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cuda_graph")
+    return classification_yaml(root, tiny_bert_dir(root, minilm_dir()), max_steps=12, batch_size=8,
+                               eval_every=6, save_every=6)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.grad_accum=2", "train.grad_accum=2 is invalid: train.cuda_graph captures one micro-batch"),
+    ("train.compile_mode=reduce-overhead", "train.compile_mode='reduce-overhead' is invalid: train.cuda_graph "
+                                          "already captures the whole step"),
+    ("train.distributed=ddp", "train.distributed='ddp' is invalid: train.cuda_graph runs in one process"),
+])
+def test_what_a_captured_step_cannot_hold_is_refused_by_name(config, override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_run_config(config, ["train.cuda_graph=true", override])
+
+
+def test_a_cuda_graph_on_the_cpu_is_refused_before_anything_loads(config, tmp_path):
+    run = load_run_config(config, ["train.cuda_graph=true", "train.device=cpu"])
+    with pytest.raises(ConfigError, match="train.cuda_graph=true needs a CUDA device; this run's device is cpu"):
+        train(run, tmp_path / "cpu", **QUIET)
+    assert not (tmp_path / "cpu" / "checkpoints").exists()
+
+
+def test_checkpoints_hold_learning_rates_that_are_tensors(tmp_path):
+    # a captured step keeps each group's lr as a 0-dim tensor (StepGraph), and the scheduler copies it
+    model = leanlora.inject(tiny_bert(), leanlora.AdapterConfig(target_modules=("query", "value"), r=4)).train()
+    opt = leanlora.optim.adamw(leanlora.param_groups(model, 1e-2), lr=1e-2)
+    for group in opt.param_groups:
+        group["lr"] = torch.tensor(float(group["lr"]))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / 10)
+    model(input_ids=torch.ones(2, 4, dtype=torch.long)).logits.sum().backward()
+    opt.step()
+    sched.step()
+    folder = save_checkpoint(tmp_path, 1, model, opt, sched, {"note": "x"})
+    state = json.loads((folder / "state.json").read_text())
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.9e-2)
+    assert state["scheduler"]["_last_lr"][0] == pytest.approx(0.9e-2)
+    fresh = leanlora.optim.adamw(leanlora.param_groups(model, 1e-2), lr=1e-2)
+    fresh_sched = torch.optim.lr_scheduler.LambdaLR(fresh, lambda s: 1.0 - s / 10)
+    assert load_checkpoint(folder, model, fresh, fresh_sched)["step"] == 1
+    assert float(fresh.param_groups[0]["lr"]) == pytest.approx(0.9e-2) and fresh_sched.last_epoch == 1
+
+
+def _same_training(plain, graphed, plain_dir: Path, graphed_dir: Path, rtol: float, atol: float) -> None:
+    assert graphed.steps == plain.steps
+    assert graphed.losses == pytest.approx(plain.losses, rel=rtol, abs=atol)
+    a = load_file(str(plain_dir / "adapter" / "adapter.safetensors"))
+    b = load_file(str(graphed_dir / "adapter" / "adapter.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=rtol, atol=atol, msg=key)
+
+
+@cuda
+@pytest.mark.parametrize("adapter", [[], ["adapter.ranks=gated", "adapter.precision=learned"]], ids=["lora", "blora"])
+def test_a_graphed_classifier_run_trains_what_the_plain_loop_trains(config, tmp_path, adapter):
+    # fp32 and eager, padded alike, so that the two runs differ only in how the step is issued
+    common = ["train.device=cuda", "train.bf16=false", "train.compile=false", "data.pad_to_multiple_of=16", *adapter]
+    lines: list[str] = []
+    plain = train(load_run_config(config, common), tmp_path / "plain", **QUIET)
+    graphed = train(load_run_config(config, [*common, "train.cuda_graph=true"]), tmp_path / "graphed",
+                    progress=False, log=lines.append)
+    assert any("captured the training step as one CUDA graph" in line for line in lines), lines
+    _same_training(plain, graphed, tmp_path / "plain", tmp_path / "graphed", rtol=1e-4, atol=1e-5)
+
+
+class _Crash(Exception):
+    pass
+
+
+@cuda
+def test_a_graphed_causal_lm_run_trains_what_the_plain_loop_trains_also_when_resumed(tmp_path, monkeypatch):
+    from leanlora.train import loop
+
+    model_dir = tiny_llama_dir(tmp_path)
+    train_file = write_addition_jsonl(tmp_path / "add" / "train.jsonl", 32, seed=0)
+    args = [f"model.path={model_dir}", "data.task=causal_lm", f"data.train_file={train_file}",
+            "data.prompt_template={question}", "data.response_column=answer", "data.max_length=32",
+            "data.pad_to_multiple_of=32", "adapter.target_modules=[q_proj, v_proj, down_proj]",
+            "adapter.modules_to_save=[]", "adapter.r=4", "train.max_steps=10", "train.batch_size=8",
+            "train.lr=5e-2", "train.save_every=5", "train.device=cuda", "train.bf16=false", "train.compile=false"]
+    yaml = tmp_path / "lm.yaml"
+    yaml.write_text("{}\n")
+    plain = train(load_run_config(yaml, args), tmp_path / "plain", **QUIET)
+    graphed_run = load_run_config(yaml, [*args, "train.cuda_graph=true"])
+    graphed = train(graphed_run, tmp_path / "graphed", **QUIET)
+    _same_training(plain, graphed, tmp_path / "plain", tmp_path / "graphed", rtol=1e-4, atol=1e-5)
+
+    real_save = loop.save_checkpoint
+
+    def save_then_crash(run_dir, step, *rest, **kwargs):
+        real_save(run_dir, step, *rest, **kwargs)
+        if step == 5:
+            raise _Crash
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_crash)
+    with pytest.raises(_Crash):
+        train(graphed_run, tmp_path / "crashed", **QUIET)
+    monkeypatch.setattr(loop, "save_checkpoint", real_save)
+    resumed = train(None, tmp_path / "crashed", resume=True, **QUIET)  # warms up and captures again
+    assert resumed.steps == 10 and len(resumed.losses) == 5
+    assert resumed.losses == pytest.approx(plain.losses[5:], rel=1e-4, abs=1e-5)
