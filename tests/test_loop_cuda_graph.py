@@ -17,7 +17,8 @@ from leanlora.config import ConfigError
 from leanlora.train.checkpoint import load_checkpoint, save_checkpoint
 from leanlora.train.loop import train
 from leanlora.train.runconfig import load_run_config
-from train_fixtures import classification_yaml, tiny_bert_dir, tiny_llama_dir, write_addition_jsonl
+from train_fixtures import (Crash, classification_yaml, crash_after_saving, tiny_bert_dir, tiny_llama_dir,
+                            write_addition_jsonl)
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 QUIET = dict(progress=False, log=lambda *_: None)
@@ -91,14 +92,8 @@ def test_a_graphed_classifier_run_trains_what_the_plain_loop_trains(config, tmp_
     _same_training(plain, graphed, tmp_path / "plain", tmp_path / "graphed", rtol=1e-4, atol=1e-5)
 
 
-class _Crash(Exception):
-    pass
-
-
 @cuda
 def test_a_graphed_causal_lm_run_trains_what_the_plain_loop_trains_also_when_resumed(tmp_path, monkeypatch):
-    from leanlora.train import loop
-
     model_dir = tiny_llama_dir(tmp_path)
     train_file = write_addition_jsonl(tmp_path / "add" / "train.jsonl", 32, seed=0)
     args = [f"model.path={model_dir}", "data.task=causal_lm", f"data.train_file={train_file}",
@@ -113,17 +108,10 @@ def test_a_graphed_causal_lm_run_trains_what_the_plain_loop_trains_also_when_res
     graphed = train(graphed_run, tmp_path / "graphed", **QUIET)
     _same_training(plain, graphed, tmp_path / "plain", tmp_path / "graphed", rtol=1e-4, atol=1e-5)
 
-    real_save = loop.save_checkpoint
-
-    def save_then_crash(run_dir, step, *rest, **kwargs):
-        real_save(run_dir, step, *rest, **kwargs)
-        if step == 5:
-            raise _Crash
-
-    monkeypatch.setattr(loop, "save_checkpoint", save_then_crash)
-    with pytest.raises(_Crash):
+    crash_after_saving(monkeypatch, 5)
+    with pytest.raises(Crash):
         train(graphed_run, tmp_path / "crashed", **QUIET)
-    monkeypatch.setattr(loop, "save_checkpoint", real_save)
+    monkeypatch.undo()
     resumed = train(None, tmp_path / "crashed", resume=True, **QUIET)  # warms up and captures again
     assert resumed.steps == 10 and len(resumed.losses) == 5
     assert resumed.losses == pytest.approx(plain.losses[5:], rel=1e-4, abs=1e-5)

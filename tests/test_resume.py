@@ -19,7 +19,7 @@ from conftest import minilm_dir
 from leanlora.train.checkpoint import latest_checkpoint
 from leanlora.train.loop import TrainingDiverged, train
 from leanlora.train.runconfig import load_run_config
-from train_fixtures import classification_yaml, tiny_bert_dir, write_sentiment_tsv
+from train_fixtures import Crash, classification_yaml, crash_after_saving, tiny_bert_dir, write_sentiment_tsv
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 160
@@ -113,33 +113,20 @@ def test_fresh_run_refuses_a_folder_with_checkpoints(config, tmp_path):
     assert again.steps == 3 and again.losses == []
 
 
-class _Crash(Exception):
-    pass
-
-
 @pytest.mark.parametrize("overrides", [
     ["adapter.ranks=nested"],                                            # DyLoRA: b drawn per step
     ["adapter.factors=bank", "adapter.bank.vector_length=16", "adapter.bank.num_vectors=8"],   # VB-LoRA
     ["adapter.ranks=gated", "adapter.precision=learned"],                # B-LoRA: sampled gates
 ], ids=["nested", "bank", "gated-learned"])
 def test_crash_and_resume_is_bit_exact_for_every_method(config, tmp_path, monkeypatch, overrides):
-    from leanlora.train import loop
-
     run = load_run_config(config, ["train.max_steps=24", "train.save_every=4", "train.eval_every=8", *overrides])
     quiet = dict(progress=False, log=lambda *_: None)
     full = train(run, tmp_path / "full", **quiet)
 
-    real_save = loop.save_checkpoint
-
-    def save_then_crash(run_dir, step, *args, **kwargs):
-        real_save(run_dir, step, *args, **kwargs)
-        if step == 12:
-            raise _Crash
-
-    monkeypatch.setattr(loop, "save_checkpoint", save_then_crash)
-    with pytest.raises(_Crash):
+    crash_after_saving(monkeypatch, 12)
+    with pytest.raises(Crash):
         train(run, tmp_path / "crashed", **quiet)
-    monkeypatch.setattr(loop, "save_checkpoint", real_save)
+    monkeypatch.undo()
     resumed = train(None, tmp_path / "crashed", resume=True, **quiet)
     assert resumed.steps == 24 and len(resumed.losses) == 12
     assert resumed.losses == full.losses[12:]

@@ -97,3 +97,22 @@ def classification_yaml(root: Path, model_dir: Path, **train) -> Path:
     path = root / "run.yaml"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+class Crash(Exception):
+    """A stand-in for a process killed right after a checkpoint was written."""
+
+
+def crash_after_saving(monkeypatch, at_step: int) -> None:
+    """Make the training loop raise :class:`Crash` once the checkpoint of ``at_step`` is on disk;
+    ``monkeypatch.undo()`` (or the test's end) restores it."""
+    from leanlora.train import loop
+
+    real_save = loop.save_checkpoint
+
+    def save_then_crash(run_dir, step, *rest, **kwargs):
+        real_save(run_dir, step, *rest, **kwargs)
+        if step == at_step:
+            raise Crash
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_crash)
