@@ -92,7 +92,7 @@ class CostReport:
         lines = [head, "-" * len(head)]
         for r in self.layers:
             bits = f"{r.bits_a}/{r.bits_b}/{'-' if r.bits_e is None else r.bits_e}"
-            lines.append(f"{r.name[-40:]:<40} {f'{r.rank}/{r.r}':>7} {bits:>11} {r.macs:>9,} {r.bops:>12,} "
+            lines.append(f"{_fit(r.name, 40):<40} {f'{r.rank}/{r.r}':>7} {bits:>11} {r.macs:>9,} {r.bops:>12,} "
                          f"{r.stored_bytes:>10,} {r.params:>8,} | {r.lora_bops:>12,} {r.lora_bytes:>10,}")
         t = self.total
         lines.append("-" * len(head))
@@ -109,6 +109,11 @@ class CostReport:
 
     def __str__(self) -> str:
         return self.format_table()
+
+
+def _fit(name: str, width: int) -> str:
+    """``name`` in ``width`` characters: a long module name keeps its distinctive end, and says it was cut."""
+    return name if len(name) <= width else "…" + name[-(width - 1):]
 
 
 def _stored_components(layer: AdaptedLinear) -> tuple[int, int, bool]:

@@ -75,7 +75,7 @@ def test_every_combination_reports_and_finalize_keeps_the_numbers(factors, ranks
     before = leanlora.cost_report(model)
     json.loads(json.dumps(before.to_dict()))
     table = before.format_table()
-    assert all(r.name[-40:] in table for r in before.layers) and "of LoRA-16" in table
+    assert all(r.name[-39:] in table for r in before.layers) and "of LoRA-16" in table
     leanlora.finalize(model)
     after = leanlora.cost_report(model)
     keys = ("rank", "stored_rank", "bits_a", "bits_b", "bits_e", "macs", "bops", "stored_bytes")
@@ -84,3 +84,11 @@ def test_every_combination_reports_and_finalize_keeps_the_numbers(factors, ranks
         if factors == "dense":  # packed buffers; bank factors keep their logits (their own compact form)
             assert a.params == 0
     assert after.total["stored_bytes"] == before.total["stored_bytes"]
+
+
+def test_cost_table_cuts_long_module_names_at_the_front_and_marks_the_cut():
+    from leanlora.cost import _fit
+
+    long = "bert.encoder.layer.0.attention.self.query.extra"
+    assert _fit("model.layers.0.q_proj", 40) == "model.layers.0.q_proj"
+    assert _fit(long, 40) == "…" + long[-39:] and len(_fit(long, 40)) == 40
