@@ -206,6 +206,10 @@ def train(run: RunConfig | None, run_dir: str | Path, *, resume: bool = False, p
         micro = range(k * tc.grad_accum, min((k + 1) * tc.grad_accum, micro_per_epoch))
         leanlora.advance(model, step)
 
+        def micro_batch(m: int) -> dict:
+            idx = dist.shard(order[m * tc.batch_size:(m + 1) * tc.batch_size])  # this rank's share
+            return next(batches(task.train, tc.batch_size, task.collate, device, idx))
+
         def forward_backward() -> float:
             """Forward and backward of every micro-batch of this optimizer step; the mean loss.
 
@@ -216,8 +220,7 @@ def train(run: RunConfig | None, run_dir: str | Path, *, resume: bool = False, p
             """
             step_loss = torch.zeros((), device=device)
             for m in micro:
-                idx = dist.shard(order[m * tc.batch_size:(m + 1) * tc.batch_size])  # this rank's share
-                batch = next(batches(task.train, tc.batch_size, task.collate, device, idx))
+                batch = micro_batch(m)
                 with autocast:
                     loss = task.loss(wrapped, batch) + prior(wrapped).to(device)
                 (loss / len(micro)).backward()
@@ -229,26 +232,20 @@ def train(run: RunConfig | None, run_dir: str | Path, *, resume: bool = False, p
             return value
 
         def graphed_step() -> float:
-            """The same step, optimizer included, as one CUDA-graph replay (train.cuda_graph)."""
-            batch = next(batches(task.train, tc.batch_size, task.collate, device,
-                                 order[k * tc.batch_size:(k + 1) * tc.batch_size]))
-            value = float(graphed(batch))  # read after the replay: the update has run
+            """The same step, optimizer included, as one CUDA-graph replay (train.cuda_graph: one
+            micro-batch per step, one process)."""
+            value = float(graphed(micro_batch(k)))  # read after the replay: the update has run
             if not math.isfinite(value):
                 bar.close()
                 raise _diverged(value, step, epoch, run_dir, updated=True)
             return value
 
-        if graphed is not None:
-            if compiled is not None:
-                compiled.begin_step()
-                step_loss = compiled.run_step(graphed_step, lambda: optimizer.zero_grad(set_to_none=True))
-            else:
-                step_loss = graphed_step()
-        elif compiled is not None:
+        run_step = forward_backward if graphed is None else graphed_step
+        if compiled is not None:
             compiled.begin_step()
-            step_loss = compiled.run_step(forward_backward, lambda: optimizer.zero_grad(set_to_none=True))
+            step_loss = compiled.run_step(run_step, lambda: optimizer.zero_grad(set_to_none=True))
         else:
-            step_loss = forward_backward()
+            step_loss = run_step()
         if graphed is None:
             step_loss = dist.all_reduce_mean(step_loss)
             if tc.max_grad_norm > 0:
