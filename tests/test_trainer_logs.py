@@ -6,13 +6,12 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-import torch
 from transformers import TrainerCallback
 
 import leanlora
 from leanlora.config import AdapterConfig
 from leanlora.train import callbacks as cb
-from trainer_fixtures import Rows, arguments, gated_config, gated_model
+from trainer_fixtures import Rows, arguments, gated_config, gated_model, scalars
 
 KEYS = ("leanlora/rank", "leanlora/bits", "leanlora/bops", "leanlora/bops_vs_lora16", "leanlora/prior")
 
@@ -22,20 +21,6 @@ class BudgetedConfig(AdapterConfig):
     """An adapter config with ``budget`` (a fraction of LoRA-16 BOPs), as ``adapter.budget`` states it."""
 
     budget: float = 0.25
-
-
-def scalars(logdir) -> dict[str, list[tuple[int, float]]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = sorted(logdir.rglob("events.out.tfevents*"))
-    assert events, f"no TensorBoard event file under {logdir}"
-    out: dict[str, list[tuple[int, float]]] = {}
-    for path in events:
-        acc = EventAccumulator(str(path))
-        acc.Reload()
-        for tag in acc.Tags()["scalars"]:
-            out.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
-    return out
 
 
 class Seen(TrainerCallback):

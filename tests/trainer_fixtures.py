@@ -1,4 +1,4 @@
-"""A tiny gated BERT classifier, its data and TrainingArguments for the Hugging Face Trainer tests."""
+"""A tiny gated BERT classifier, its data, TrainingArguments and a TensorBoard reader for the Trainer tests."""
 
 from __future__ import annotations
 
@@ -45,3 +45,17 @@ def arguments(tmp_path, **kw) -> TrainingArguments:
 def trainable(model) -> dict[str, torch.Tensor]:
     """A copy of every trainable tensor, by name."""
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def scalars(logdir) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = sorted(logdir.rglob("events.out.tfevents*"))
+    assert events, f"no TensorBoard event file under {logdir}"
+    out: dict[str, list[tuple[int, float]]] = {}
+    for path in events:
+        acc = EventAccumulator(str(path))
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            out.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
+    return out

@@ -30,6 +30,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 
 from leanlora.cost import cost_report
+from leanlora.inject import shared_state
 from leanlora.schedule import advance, regularizer
 from leanlora.summary import gate_summary
 from leanlora.train.trainer_checkpoint import AdapterCheckpoints, unwrap
@@ -52,7 +53,7 @@ def adapter_log_values(model: nn.Module) -> dict[str, float]:
     total = cost_report(model).total
     values["leanlora/bops"] = float(total["bops"])
     values["leanlora/bops_vs_lora16"] = round(float(total["bops_vs_lora"]), 6)
-    budget = getattr(model.leanlora_shared.config, "budget", None)
+    budget = getattr(shared_state(model).config, "budget", None)  # None where the config has none
     if isinstance(budget, (int, float)) and not isinstance(budget, bool):
         values["leanlora/budget"] = float(budget)
     return values
