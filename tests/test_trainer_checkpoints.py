@@ -81,6 +81,8 @@ def test_load_best_model_at_end_restores_the_best_step(tmp_path):
                                  compute_metrics=lambda _: {"score": next(scores)}, callbacks=[snaps])
     trainer.train()
     assert trainer.state.best_global_step == 2
+    evals = [h for h in trainer.state.log_history if "eval_score" in h]
+    assert len(evals) == 4 and not any("leanlora/rank" in h for h in evals)  # adapter keys: training records
     assert trainer.state.best_model_checkpoint.endswith("checkpoint-2")
     now = trainable(model)
     assert any(not torch.equal(snaps.by_step[4][n], now[n]) for n in now)

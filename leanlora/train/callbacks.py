@@ -77,8 +77,8 @@ class LeanLoraCallback(TrainerCallback):
             advance(unwrap(model), state.global_step)
 
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
-        if model is None or logs is None:
-            return
+        if model is None or logs is None or any(k.startswith(("eval_", "test_")) for k in logs):
+            return  # evaluation records: the adapter is the one the last training record described
         values = adapter_log_values(model)
         if self._prior_count:  # mean λ·R over the micro-batches since the last training log
             values["leanlora/prior"] = (self._prior_sum / self._prior_count).item()
