@@ -47,10 +47,12 @@ def test_a_checkpoint_holds_the_adapter_and_the_training_state(tmp_path):
         AutoModelForSequenceClassification.from_pretrained(ckpt)
 
 
-def test_resume_ends_where_the_uninterrupted_run_ends(tmp_path):
-    straight, trainer = train_to(tmp_path / "straight")
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_resume_ends_where_the_uninterrupted_run_ends(tmp_path, accumulation):
+    straight, trainer = train_to(tmp_path / "straight", gradient_accumulation_steps=accumulation)
     trainer.train()
-    resumed, trainer = train_to(tmp_path / "resumed")  # a new process picking up the step-2 checkpoint
+    # a new process picking up the step-2 checkpoint
+    resumed, trainer = train_to(tmp_path / "resumed", gradient_accumulation_steps=accumulation)
     before = trainable(resumed)
     trainer.train(resume_from_checkpoint=str(tmp_path / "straight" / "checkpoint-2"))
     assert trainer.state.global_step == 4
