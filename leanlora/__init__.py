@@ -7,6 +7,8 @@ command line's `--help` do not pay for torch, transformers and torchao until som
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
@@ -54,6 +56,23 @@ _EXPORTS = {
 _SUBMODULES = {"distributed"}  # torchrun / accelerate launch: DDP and FSDP2 (leanlora.distributed.wrap)
 
 __all__ = sorted([*_EXPORTS, *_SUBMODULES])
+
+
+class _Package(types.ModuleType):
+    """Keeps a public function bound when its submodule of the same name is imported.
+
+    Importing ``leanlora.inject`` makes Python set the package attribute ``inject`` to that
+    submodule; with eager imports the function rebound it afterwards. Here the function takes the
+    place of the module as soon as the module is set.
+    """
+
+    def __setattr__(self, name: str, value) -> None:
+        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == f"leanlora.{name}":
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str):
