@@ -5,6 +5,7 @@ leaves on disk; the stop message's advice is a command that runs."""
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 import shlex
 from pathlib import Path
@@ -194,3 +195,72 @@ def test_the_advised_resume_command_runs_with_the_lower_learning_rate(config, tm
     assert load_run_config(out / "run.yaml").train.lr == pytest.approx(3e-3)
     state = load_file(str(out / "adapter" / "adapter.safetensors"))
     assert all(torch.isfinite(t).all() for t in state.values())
+
+
+# --- on a CUDA device (skipped without one) ---------------------------------------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_on_cuda_the_fused_reduction_sees_every_nonfinite_value(dtype, bad):
+    sizes = [1, 7, 4096, 100_003, 3]  # small and large tensors: several chunks of the multi-tensor kernel
+    for where in range(len(sizes)):
+        g = torch.Generator(device="cuda").manual_seed(where)
+        tensors = [torch.randn(n, device="cuda", generator=g).to(dtype) for n in sizes]
+        guard = FiniteGuard(_params(*tensors), torch.device("cuda"))
+        guard.update()
+        assert not bool(guard.tripped)
+        with torch.no_grad():
+            guard.params[where].view(-1)[sizes[where] // 2] = bad
+        guard.update()
+        assert bool(guard.tripped) and guard.first_nonfinite() == f"p{where}", (where, dtype, bad)
+
+
+@cuda
+def test_the_guard_runs_inside_a_captured_step_and_trips_on_a_replay():
+    from conftest import tiny_llama, token_batch
+    from leanlora.train.step_graph import StepGraph
+
+    model = leanlora.inject(tiny_llama().cuda(), leanlora.AdapterConfig(target_modules=("q_proj", "v_proj"), r=4))
+    model.train()
+    optimizer = leanlora.optim.adamw(leanlora.param_groups(model, 1e-3), lr=1e-3)
+    guard = FiniteGuard(model.named_parameters(), torch.device("cuda"))
+
+    def step(batch):
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        guard.update()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    run = StepGraph(step, optimizer, warmup=2)  # the last warm-up step runs under sync checking
+    x = token_batch().cuda()
+    losses = [float(guard.fold(run({"input_ids": x, "labels": x}))) for _ in range(5)]
+    assert run.failure is None and run.replays == 3 and all(map(math.isfinite, losses))
+    assert not bool(guard.tripped)
+    for group in optimizer.param_groups:
+        group["lr"].fill_(float("inf"))  # what a scheduler would write into the captured step's rate
+    loss = run({"input_ids": x, "labels": x})
+    assert run.replays == 4 and torch.isfinite(loss)  # the loss came before the update
+    assert math.isnan(float(guard.fold(loss))) and guard.first_nonfinite() is not None
+
+
+@cuda
+def test_a_graphed_run_stops_at_the_replay_that_broke_a_weight(config, tmp_path, monkeypatch):
+    """The loop's graphed path: from step 6 on the scheduler writes an infinite rate into the
+    captured step; the run stops naming step 6, after step 4's checkpoint, with no adapter/."""
+    from leanlora.train import loop
+
+    real = loop.lr_factor
+    monkeypatch.setattr(loop, "lr_factor", lambda step, *rest: float("inf") if step >= 5 else real(step, *rest))
+    lines: list[str] = []
+    run = load_run_config(config, ["train.device=cuda", "train.cuda_graph=true", "train.bf16=false",
+                                   "train.compile=false", "train.save_every=2", "train.eval_every=0"])
+    with pytest.raises(TrainingDiverged, match=r"update of step 6 made trained weights non-finite .*step-00000004"):
+        train(run, tmp_path / "g", progress=False, log=lines.append)
+    assert any("captured the training step" in line for line in lines), lines
+    assert not (tmp_path / "g" / "adapter").exists()
