@@ -23,6 +23,7 @@ from leanlora.train.runconfig import load_run_config
 from train_fixtures import classification_yaml, tiny_bert_dir
 
 QUIET = dict(progress=False, log=lambda *_: None)
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 def _params(*values: torch.Tensor) -> list[tuple[str, torch.nn.Parameter]]:
@@ -197,9 +198,20 @@ def test_the_advised_resume_command_runs_with_the_lower_learning_rate(config, tm
     assert all(torch.isfinite(t).all() for t in state.values())
 
 
-# --- on a CUDA device (skipped without one) ---------------------------------------------------
+def test_without_a_checkpoint_the_advice_is_a_fresh_run_that_runs(config, tmp_path, monkeypatch, capsys):
+    _poison_update(monkeypatch, at_step=1)
+    out = tmp_path / "r"
+    assert main(["train", str(config), "--out", str(out), "--no-progress", "train.max_steps=2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "the update of step 1 made trained weights non-finite" in err and "No checkpoint was written" in err, err
+    command = re.search(r"`(leanlora train [^`]+)`", err).group(1)
+    assert command == f"leanlora train {out / 'run.yaml'} train.lr=0.003 --out {out}"
+    monkeypatch.undo()
+    assert main(shlex.split(command)[1:] + ["--no-progress"]) == 0
+    assert load_run_config(out / "run.yaml").train.lr == pytest.approx(3e-3)
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+# --- on a CUDA device (skipped without one) ---------------------------------------------------
 
 
 @cuda
