@@ -33,6 +33,15 @@ def _local(p: torch.Tensor) -> torch.Tensor:
     return p.to_local() if hasattr(p, "to_local") else p
 
 
+def _by_device(tensors: Iterable[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """The non-empty tensors grouped by device: one fused reduction each."""
+    groups: dict[torch.device, list[torch.Tensor]] = {}
+    for t in tensors:
+        if t.numel() > 0:
+            groups.setdefault(t.device, []).append(t)
+    return list(groups.values())
+
+
 class FiniteGuard:
     """A device flag raised when any trained tensor holds NaN/inf after an optimizer step."""
 
@@ -41,17 +50,17 @@ class FiniteGuard:
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
         self.tripped = torch.zeros((), dtype=torch.bool, device=device)
+        # plain parameters are grouped once (their values change in place; B-LoRA has ten tensors per
+        # adapted module, and regrouping them every step would cost host time); a DTensor's shard is
+        # taken per step
+        sharded = any(hasattr(p, "to_local") for p in self.params)
+        self._groups = None if sharded else _by_device(self.params)
 
     @torch.no_grad()
     def update(self) -> None:
         """Call after each optimizer step: no host read, so it can be captured in a CUDA graph."""
-        tensors = [t for t in (_local(p).detach() for p in self.params) if t.numel() > 0]
-        if not tensors:
-            return
-        by_device: dict[torch.device, list[torch.Tensor]] = {}
-        for t in tensors:
-            by_device.setdefault(t.device, []).append(t)
-        for group in by_device.values():
+        groups = self._groups if self._groups is not None else _by_device(_local(p) for p in self.params)
+        for group in groups:
             peaks = torch.stack(torch._foreach_norm(group, float("inf")))
             self.tripped.logical_or_(~peaks.isfinite().all().to(self.tripped.device))
 
