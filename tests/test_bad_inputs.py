@@ -61,6 +61,11 @@ def _not_utf8(cfg, tmp):
     return _fresh(cfg, tmp, f"data.train_file={train}")
 
 
+def _config_not_utf8(cfg, tmp):
+    bad = _overwrite(tmp / "latin1.yaml", b"# run\n# caf\xe9\n" + cfg.read_bytes())
+    return ["train", str(bad), "--out", str(tmp / "out")]
+
+
 def _resume_damaged(name: str, data: bytes):
     def setup(run, tmp):
         copy = _copy(run, tmp)
@@ -117,6 +122,7 @@ ROWS = [
      "modules_to_save pattern 'clasifier' matches no module"),
     ("merge-nonfinite", "run+mp", _merge_nan, "the adapter update holds NaN/inf"),
     ("data-not-utf8", "cfg", _not_utf8, "latin1.tsv line 3: byte 0xe9"),
+    ("config-not-utf8", "cfg", _config_not_utf8, "latin1.yaml line 2: byte 0xe9 is not UTF-8"),
     ("latest-json", "run", _resume_damaged("latest.json", b"{\"step\": 4, \"di"), "latest.json: not valid JSON"),
     ("latest-json-dir", "run", _resume_damaged("latest.json", b"{\"step\": 4, \"dir\": \"../..\"}"),
      "latest.json: 'dir' is '../..'"),

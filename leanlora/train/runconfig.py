@@ -367,7 +367,13 @@ def load_run_config(path: str | Path | None, overrides: list[str] | tuple[str, .
         source = str(path)
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found")
-        text = path.read_text()
+        raw = path.read_bytes()
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as err:
+            line = raw.count(b"\n", 0, err.start) + 1
+            raise ConfigError(f"{path} line {line}: byte 0x{raw[err.start]:02x} is not UTF-8 ({err.reason}); "
+                              "save the file as UTF-8") from None
         try:
             lines = _key_lines(yaml.compose(text))
             data = _fix_yaml_floats(yaml.safe_load(text)) or {}
