@@ -122,7 +122,7 @@ ROWS = [
      "modules_to_save pattern 'clasifier' matches no module"),
     ("merge-nonfinite", "run+mp", _merge_nan, "the adapter update holds NaN/inf"),
     ("data-not-utf8", "cfg", _not_utf8, "latin1.tsv line 3: byte 0xe9"),
-    ("config-not-utf8", "cfg", _config_not_utf8, "latin1.yaml line 2: byte 0xe9 is not UTF-8"),
+    ("config-not-utf8", "cfg", _config_not_utf8, "latin1.yaml line 2: byte 0xe9 at column 6 is not UTF-8"),
     ("latest-json", "run", _resume_damaged("latest.json", b"{\"step\": 4, \"di"), "latest.json: not valid JSON"),
     ("latest-json-dir", "run", _resume_damaged("latest.json", b"{\"step\": 4, \"dir\": \"../..\"}"),
      "latest.json: 'dir' is '../..'"),

@@ -59,12 +59,12 @@ def read_rows(path: Path, header: bool = True) -> list[Row]:
     try:
         return readers[suffix]()
     except UnicodeDecodeError:
-        raise _not_utf8(path) from None
+        raise not_utf8(path) from None
 
 
-def _not_utf8(path: Path) -> DataError:
-    """Where the first byte that is not UTF-8 sits (decoding happens in chunks, so the reader's
-    own error knows no line)."""
+def not_utf8(path: Path) -> DataError:
+    """The error for a file that is not UTF-8, naming the line and column of its first bad byte
+    (decoding happens in chunks, so the reader's own error knows no line)."""
     raw = path.read_bytes()
     body = raw[3:] if raw.startswith(b"\xef\xbb\xbf") else raw
     try:

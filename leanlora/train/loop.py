@@ -126,7 +126,8 @@ def train(run: RunConfig | None, run_dir: str | Path, *, resume: bool = False, p
     if resume:
         if not (run_dir / RUN_CONFIG).is_file():
             raise ConfigError(f"--resume {run_dir}: no {RUN_CONFIG} there; is it a leanlora run folder?")
-        clean_leftovers(run_dir)  # temporary files of a write that a kill interrupted
+        if dist.is_main_process():  # the one process that writes the run folder
+            clean_leftovers(run_dir)  # temporary files of a write that a kill interrupted
         run = resume_config(run_dir / RUN_CONFIG, overrides)
     elif latest_checkpoint(run_dir) is not None:
         raise ConfigError(f"{run_dir} already holds a run with checkpoints; continue it with --resume {run_dir} "

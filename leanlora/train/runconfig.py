@@ -24,7 +24,7 @@ from typing import Any, Literal
 import yaml
 
 from leanlora.config import AdapterConfig, ConfigError, check_field_types, from_plain, to_plain
-from leanlora.train.data import label_text
+from leanlora.train.data import label_text, not_utf8
 
 TaskKind = Literal["classification", "regression", "causal_lm"]
 
@@ -367,13 +367,10 @@ def load_run_config(path: str | Path | None, overrides: list[str] | tuple[str, .
         source = str(path)
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found")
-        raw = path.read_bytes()
         try:
-            text = raw.decode("utf-8-sig")
-        except UnicodeDecodeError as err:
-            line = raw.count(b"\n", 0, err.start) + 1
-            raise ConfigError(f"{path} line {line}: byte 0x{raw[err.start]:02x} is not UTF-8 ({err.reason}); "
-                              "save the file as UTF-8") from None
+            text = path.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError:
+            raise not_utf8(path) from None
         try:
             lines = _key_lines(yaml.compose(text))
             data = _fix_yaml_floats(yaml.safe_load(text)) or {}
