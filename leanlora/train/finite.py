@@ -9,9 +9,12 @@ device: ``_foreach_norm`` with ord inf (max |x|, a single multi-tensor kernel on
 propagates through max, inf is its own maximum, and unlike the 2-norm it cannot overflow on
 large finite weights), then ``isfinite(...).all()`` OR-ed into a device flag. Nothing is read
 back to the host there, so the check runs inside a captured CUDA graph (train.cuda_graph) as
-well. The loop reads the flag in the same host read as the step's loss (:meth:`fold`) and
-before anything is evaluated or written (:meth:`raise_if_tripped`); only once it has tripped
-are the tensors searched, in order, for the first non-finite one, to name it.
+well. The loop reads the flag with the loss it already reads once per step (:meth:`fold` turns
+the loss NaN when the flag is up, so that one read carries both): in the plain step that is the
+next step's loss, read before its update; in the graphed step, the loss of the same replay. Before
+anything is evaluated or written the flag is read on its own (:meth:`raise_if_tripped`), so a
+non-finite update is never saved. Only once the flag is up are the tensors searched, in order,
+for the first non-finite one, to name it.
 """
 
 from __future__ import annotations
