@@ -8,6 +8,9 @@ classes: :mod:`leanlora.build` turns them into flat constructor arguments.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
+import numbers
 import types
 import typing
 from dataclasses import dataclass, field
@@ -28,6 +31,44 @@ class ConfigError(ValueError):
 def _require(ok: bool, name: str, value: Any, allowed: str) -> None:
     if not ok:
         raise ConfigError(f"{name}={value!r} is invalid: {allowed}")
+
+
+@functools.cache
+def _field_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_field_types(obj: Any, prefix: str) -> None:
+    """Refuse a value of the wrong kind in a config built directly (the API; YAML and dicts go
+    through :func:`from_plain`), naming the field: a string where a number belongs would otherwise
+    fail later as a TypeError, or pass as truthy. Numbers must be finite: no setting means
+    anything at NaN or infinity (a learning rate or alpha of inf trains NaN weights)."""
+    for f in dataclasses.fields(obj):
+        hint, value, name = _field_hints(type(obj))[f.name], getattr(obj, f.name), prefix + f.name
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1:
+            if value is None:
+                continue
+            hint = args[0]  # an optional field: its type when set
+        if hint is float:
+            real = isinstance(value, numbers.Real) and not isinstance(value, bool)
+            _require(real and math.isfinite(value), name, value,
+                     "must be a finite number" if real else f"must be a number, not a {type(value).__name__}")
+        elif hint is int:
+            _require(_is_int(value), name, value, f"must be an integer, not a {type(value).__name__}")
+        elif hint is bool:
+            _require(isinstance(value, bool), name, value, "must be true or false")
+        elif typing.get_origin(hint) is tuple and typing.get_args(hint)[:1] == (int,):
+            _require(isinstance(value, (tuple, list)) and all(_is_int(v) for v in value), name, value,
+                     "must be a list of integers")
+        elif dataclasses.is_dataclass(hint):
+            _require(isinstance(value, hint), name, value,
+                     f"must be a {hint.__name__}; build it as {hint.__name__}(...), or the whole config "
+                     "from plain dicts with AdapterConfig.from_dict")
 
 
 @dataclass(frozen=True)
@@ -53,6 +94,7 @@ class BankConfig:
     (VB-LoRA) makes the full-rank update plain B·A, see :mod:`leanlora.factors.bank`."""
 
     def __post_init__(self) -> None:
+        check_field_types(self, "bank.")
         _require(self.num_vectors >= 1, "bank.num_vectors", self.num_vectors, "must be >= 1")
         _require(self.vector_length >= 1, "bank.vector_length", self.vector_length, "must be >= 1")
         _require(1 <= self.topk <= self.num_vectors, "bank.topk", self.topk,
@@ -81,6 +123,7 @@ class NestedConfig:
     """seed of the rank draws: b at step t depends only on (seed, t), the same in every process."""
 
     def __post_init__(self) -> None:
+        check_field_types(self, "nested.")
         _require(self.r_min >= 1, "nested.r_min", self.r_min, "must be >= 1")
         _require(self.distribution in ("uniform", "geometric"), "nested.distribution",
                  self.distribution, "allowed: 'uniform', 'geometric'")
@@ -107,6 +150,7 @@ class GatedConfig:
     """learning rate of the gate parameter group."""
 
     def __post_init__(self) -> None:
+        check_field_types(self, "gated.")
         _require(0.0 < self.threshold < 1.0, "gated.threshold", self.threshold, "must be in (0, 1)")
         _require(self.prior in ("nested", "individual"), "gated.prior", self.prior,
                  "allowed: 'nested', 'individual'")
@@ -131,6 +175,7 @@ class QuantConfig:
     """prior cost weights: 1 per gate ("const") or MACs-and-bits aware ("bop")."""
 
     def __post_init__(self) -> None:
+        check_field_types(self, "quant.")
         _require(self.bits in ALLOWED_BITS, "quant.bits", self.bits, f"allowed: {ALLOWED_BITS}")
         bit_set = tuple(self.bit_set)
         _require(len(bit_set) > 0 and set(bit_set) <= set(ALLOWED_BITS) and 2 in bit_set,
@@ -153,6 +198,7 @@ class NF4Config:
     """absmax constants per double-quantization block (QLoRA: 256)."""
 
     def __post_init__(self) -> None:
+        check_field_types(self, "nf4.")
         _require(self.block_size >= 1, "nf4.block_size", self.block_size, "must be >= 1")
         _require(self.scaler_block_size >= 1, "nf4.scaler_block_size", self.scaler_block_size,
                  "must be >= 1")
@@ -198,6 +244,7 @@ class AdapterConfig:
     they take work of their own, "always", or "never" (each layer computes its own)."""
 
     def __post_init__(self) -> None:
+        check_field_types(self, "")
         for name in ("target_modules", "exclude_modules", "modules_to_save"):
             value = getattr(self, name)
             if isinstance(value, str):
