@@ -165,11 +165,16 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise CLIError("leanlora.report.write_report is not available in this install; "
                        "`leanlora report` needs it") from None
     # The report needs the adapter only (shapes, ranks, bits), not the base model.
+    from leanlora.io import CONFIG_NAME, LEGACY_CONFIG_NAME
+
+    def holds_adapter(path: Path) -> bool:
+        return (path / CONFIG_NAME).is_file() or (path / LEGACY_CONFIG_NAME).is_file()
+
     folder = Path(args.adapter or args.run_dir)
-    if not (folder / "adapter_config.json").is_file():
+    if not holds_adapter(folder):
         folder = folder / "adapter"
-    if not (folder / "adapter_config.json").is_file():
-        raise CLIError(f"{args.run_dir}: neither it nor its adapter/ holds adapter_config.json")
+    if not holds_adapter(folder):
+        raise CLIError(f"{args.run_dir}: neither it nor its adapter/ holds {CONFIG_NAME}")
     paths = write_report(folder, args.out or Path(args.run_dir) / "report")
     print(Path(paths["table"]).read_text().rstrip())
     print("written: " + ", ".join(str(p) for p in paths.values()))
