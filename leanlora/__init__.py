@@ -12,7 +12,8 @@ from leanlora.config import (
 )
 from leanlora.cost import CostReport, cost_report
 from leanlora import distributed  # torchrun / accelerate launch: DDP and FSDP2 (leanlora.distributed.wrap)
-from leanlora.export import export_peft
+from leanlora.export import ExportError, export, export_peft
+from leanlora.export_merged import export_merged
 from leanlora.finalize import finalize
 from leanlora.factors.bank_storage import topk_stored_bytes
 from leanlora.inject import (
@@ -55,7 +56,10 @@ __all__ = [
     "advance",
     "disable_adapters",
     "distributed",
+    "export",
+    "export_merged",
     "export_peft",
+    "ExportError",
     "finalize",
     "export_rank",
     "gate_summary",

@@ -6,6 +6,8 @@
     leanlora train --print-config > run.yaml         # every option, commented
     leanlora eval runs/a                             # score runs/a/adapter on data.eval_file
     leanlora export runs/a --out peft/ --format peft # a PEFT LoRA adapter (per-module ranks)
+    leanlora export runs/a --out lora/ --format peft-uniform  # one rank: vLLM, llama.cpp, any LoRA runtime
+    leanlora export runs/a --out full/ --format merged        # the whole model, adapter folded in
     leanlora sweep runs/a --ranks 1,2,4,8            # nested ranks: score at each rank
     leanlora report runs/a                           # cost table and rank/bit plot
 """
@@ -111,14 +113,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     if finalize is not None:
         finalize(model)  # prune closed gates, fix learned bit-widths before writing
     out = Path(args.out)
-    if args.format == "peft":
-        leanlora.export_peft(model, out)
-    elif args.format == "leanlora":
+    if args.format == "leanlora":
         leanlora.save(model, out)
-    else:
-        merged = leanlora.merge_and_unload(model)
-        merged.save_pretrained(out)
-        tokenizer.save_pretrained(out)
+    else:  # the run's model is not needed afterwards: a merged export folds into it, no copy
+        leanlora.export(model, out, args.format, modules_to_save=True if args.with_modules_to_save else None,
+                        tokenizer=tokenizer, in_place=True)
     print(f"wrote a {args.format} {'model' if args.format == 'merged' else 'adapter'} to {out}")
     return 0
 
@@ -214,9 +213,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = trained("eval", "score a trained adapter on the eval set")
     p.set_defaults(func=cmd_eval)
-    p = trained("export", "write the adapter as PEFT LoRA, leanlora, or a merged model")
+    p = trained("export", "write the adapter as PEFT LoRA (per-module or uniform rank), leanlora, or a merged model")
     p.add_argument("--out", required=True)
-    p.add_argument("--format", choices=("peft", "leanlora", "merged"), default="peft")
+    p.add_argument("--format", choices=("peft", "peft-uniform", "merged", "leanlora"), default="peft",
+                   help="peft: per-module ranks (rank_pattern/alpha_pattern; PEFT loads it exactly); "
+                        "peft-uniform: one rank, scales folded into B, no patterns (any LoRA runtime); "
+                        "merged: the full model as safetensors (an NF4 base is dequantized); "
+                        "leanlora: leanlora's own files")
+    p.add_argument("--with-modules-to-save", action="store_true",
+                   help="peft-uniform: write modules_to_save too (PEFT loads them, vLLM refuses them); "
+                        "without it such an adapter is refused")
     p.set_defaults(func=cmd_export)
     p = trained("sweep", "score one nested-rank adapter at several ranks")
     p.add_argument("--ranks", help="comma-separated ranks (default 1..r)")
@@ -244,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from leanlora.config import ConfigError
+    from leanlora.export import ExportError
     from leanlora.io import AdapterLoadError
 
     parser = build_parser()
@@ -259,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
             args.overrides = list(args.overrides) + extra
     try:
         return args.func(args)
-    except (CLIError, ConfigError, AdapterLoadError) as err:
+    except (CLIError, ConfigError, AdapterLoadError, ExportError) as err:
         print(f"leanlora {args.command}: error: {err}", file=sys.stderr)
         return 2
     except RuntimeError as err:
