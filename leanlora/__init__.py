@@ -2,6 +2,7 @@
 
 from leanlora.base.nf4 import quantize_bases
 from leanlora.config import (
+    DEFAULT_TARGET_MODULES,
     AdapterConfig,
     BankConfig,
     ConfigError,
@@ -20,6 +21,7 @@ from leanlora.inject import (
     InjectError,
     adapted_layers,
     disable_adapters,
+    get_model,
     inject,
     merge,
     merge_and_unload,
@@ -44,6 +46,7 @@ __all__ = [
     "AdapterLoadError",
     "BankConfig",
     "ConfigError",
+    "DEFAULT_TARGET_MODULES",
     "GatedConfig",
     "InjectError",
     "MergeError",
@@ -63,6 +66,7 @@ __all__ = [
     "finalize",
     "export_rank",
     "gate_summary",
+    "get_model",
     "inject",
     "load",
     "merge",
