@@ -49,7 +49,7 @@ def test_peft_does_not_take_a_leanlora_folder_for_its_own(tmp_path):
     with pytest.raises(Exception) as info:  # PEFT looks for adapter_config.json and finds none
         peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "ad")
     assert not isinstance(info.value, KeyError)
-    assert "adapter_config.json" in str(info.value) or "config" in str(info.value).lower()
+    assert "adapter_config.json" in str(info.value)
 
 
 def test_leanlora_load_names_a_peft_folder_as_such(tmp_path):
