@@ -18,6 +18,7 @@ _EXPORTS = {
     "AdaptedLinear": "leanlora.layer",
     "MergeError": "leanlora.layer",
     "AdapterConfig": "leanlora.config",
+    "DEFAULT_TARGET_MODULES": "leanlora.config",
     "BankConfig": "leanlora.config",
     "ConfigError": "leanlora.config",
     "GatedConfig": "leanlora.config",
@@ -29,6 +30,7 @@ _EXPORTS = {
     "InjectError": "leanlora.inject",
     "adapted_layers": "leanlora.inject",
     "disable_adapters": "leanlora.inject",
+    "get_model": "leanlora.inject",
     "inject": "leanlora.inject",
     "merge": "leanlora.inject",
     "merge_and_unload": "leanlora.inject",
@@ -36,7 +38,10 @@ _EXPORTS = {
     "unload": "leanlora.inject",
     "unmerge": "leanlora.inject",
     "quantize_bases": "leanlora.base.nf4",
+    "ExportError": "leanlora.export",
+    "export": "leanlora.export",
     "export_peft": "leanlora.export",
+    "export_merged": "leanlora.export_merged",
     "finalize": "leanlora.finalize",
     "topk_stored_bytes": "leanlora.factors.bank_storage",
     "AdapterLoadError": "leanlora.io",
@@ -93,12 +98,13 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # static type checkers and IDEs see the eager imports
     from leanlora import distributed
     from leanlora.base.nf4 import quantize_bases
-    from leanlora.config import AdapterConfig, BankConfig, ConfigError, GatedConfig, NestedConfig, NF4Config, QuantConfig
+    from leanlora.config import DEFAULT_TARGET_MODULES, AdapterConfig, BankConfig, ConfigError, GatedConfig, NestedConfig, NF4Config, QuantConfig
     from leanlora.cost import CostReport, cost_report
-    from leanlora.export import export_peft
+    from leanlora.export import ExportError, export, export_peft
+    from leanlora.export_merged import export_merged
     from leanlora.factors.bank_storage import topk_stored_bytes
     from leanlora.finalize import finalize
-    from leanlora.inject import (InjectError, adapted_layers, disable_adapters, inject, merge, merge_and_unload,
+    from leanlora.inject import (InjectError, adapted_layers, disable_adapters, get_model, inject, merge, merge_and_unload,
                                  trainable_parameters, unload, unmerge)
     from leanlora.io import AdapterLoadError, load, save
     from leanlora.layer import AdaptedLinear, MergeError

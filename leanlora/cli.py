@@ -7,6 +7,8 @@
     leanlora train --print-config > run.yaml         # every option, commented
     leanlora eval runs/a                             # score runs/a/adapter on data.eval_file
     leanlora export runs/a --out peft/ --format peft # a PEFT LoRA adapter (per-module ranks)
+    leanlora export runs/a --out lora/ --format peft-uniform  # one rank: vLLM, llama.cpp, any LoRA runtime
+    leanlora export runs/a --out full/ --format merged        # the whole model, adapter folded in
     leanlora sweep runs/a --ranks 1,2,4,8            # nested ranks: score at each rank
     leanlora report runs/a                           # cost table and rank/bit plot
 """
@@ -136,14 +138,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     if finalize is not None:
         finalize(model)  # prune closed gates, fix learned bit-widths before writing
     out = Path(args.out)
-    if args.format == "peft":
-        leanlora.export_peft(model, out)
-    elif args.format == "leanlora":
+    if args.format == "leanlora":
         leanlora.save(model, out)
-    else:
-        merged = leanlora.merge_and_unload(model)
-        merged.save_pretrained(out)
-        tokenizer.save_pretrained(out)
+    else:  # the run's model is not needed afterwards: a merged export folds into it, no copy
+        leanlora.export(model, out, args.format, modules_to_save=True if args.with_modules_to_save else None,
+                        tokenizer=tokenizer, in_place=True)
     print(f"wrote a {args.format} {'model' if args.format == 'merged' else 'adapter'} to {out}")
     return 0
 
@@ -193,11 +192,16 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise CLIError("leanlora.report.write_report is not available in this install; "
                        "`leanlora report` needs it") from None
     # The report needs the adapter only (shapes, ranks, bits), not the base model.
+    from leanlora.io import CONFIG_NAME, LEGACY_CONFIG_NAME
+
+    def holds_adapter(path: Path) -> bool:
+        return (path / CONFIG_NAME).is_file() or (path / LEGACY_CONFIG_NAME).is_file()
+
     folder = Path(args.adapter or args.run_dir)
-    if not (folder / "adapter_config.json").is_file():
+    if not holds_adapter(folder):
         folder = folder / "adapter"
-    if not (folder / "adapter_config.json").is_file():
-        raise CLIError(f"{args.run_dir}: neither it nor its adapter/ holds adapter_config.json")
+    if not holds_adapter(folder):
+        raise CLIError(f"{args.run_dir}: neither it nor its adapter/ holds {CONFIG_NAME}")
     paths = write_report(folder, args.out or Path(args.run_dir) / "report")
     print(Path(paths["table"]).read_text().rstrip())
     print("written: " + ", ".join(str(p) for p in paths.values()))
@@ -237,9 +241,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = trained("eval", "score a trained adapter on the eval set")
     p.set_defaults(func=cmd_eval)
-    p = trained("export", "write the adapter as PEFT LoRA, leanlora, or a merged model")
+    p = trained("export", "write the adapter as PEFT LoRA (per-module or uniform rank), leanlora, or a merged model")
     p.add_argument("--out", required=True)
-    p.add_argument("--format", choices=("peft", "leanlora", "merged"), default="peft")
+    p.add_argument("--format", choices=("peft", "peft-uniform", "merged", "leanlora"), default="peft",
+                   help="peft: per-module ranks (rank_pattern/alpha_pattern; PEFT loads it exactly); "
+                        "peft-uniform: one rank, scales folded into B, no patterns (any LoRA runtime); "
+                        "merged: the full model as safetensors (an NF4 base is dequantized); "
+                        "leanlora: leanlora's own files")
+    p.add_argument("--with-modules-to-save", action="store_true",
+                   help="peft-uniform: write modules_to_save too (PEFT loads them, vLLM refuses them); "
+                        "without it such an adapter is refused")
     p.set_defaults(func=cmd_export)
     p = trained("sweep", "score one nested-rank adapter at several ranks")
     p.add_argument("--ranks", help="comma-separated ranks (default 1..r)")
@@ -289,13 +300,15 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     errors, each naming the key, file or module, and the operating system's (a folder that cannot
     be written, a full disk), which name the path."""
     from leanlora.config import ConfigError
+    from leanlora.export import ExportError
     from leanlora.inject import InjectError
     from leanlora.io import AdapterLoadError
     from leanlora.layer import MergeError
     from leanlora.train.checkpoint import CheckpointError
     from leanlora.train.finite import TrainingDiverged
 
-    return CLIError, ConfigError, AdapterLoadError, InjectError, MergeError, CheckpointError, TrainingDiverged, OSError
+    return (CLIError, ConfigError, AdapterLoadError, ExportError, InjectError, MergeError, CheckpointError, TrainingDiverged,
+            OSError)
 
 
 def _describe(err: BaseException) -> str:

@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import yaml
 
-from leanlora.config import AdapterConfig, ConfigError, check_field_types, from_plain, to_plain
+from leanlora.config import AdapterConfig, ConfigError, canonical_keys, check_field_types, from_plain, to_plain
 from leanlora.train.data import label_text, not_utf8
 
 TaskKind = Literal["classification", "regression", "causal_lm"]
@@ -219,8 +219,9 @@ class TrainConfig:
 
 
 def _default_adapter() -> AdapterConfig:
-    # The default model is the MiniLM BERT: its attention projections are query/key/value.
-    return AdapterConfig(target_modules=("query", "value"), modules_to_save=("classifier",))
+    # target_modules stays the library's default (leanlora.targets); the default task is
+    # classification, whose head is trained in full.
+    return AdapterConfig(modules_to_save=("classifier",))
 
 
 @dataclass(frozen=True)
@@ -262,8 +263,10 @@ def run_from_dict(data: Any, lines: dict[str, int] | None = None, source: str = 
         cls = type(getattr(defaults, name))
         # A section starts from the run's defaults, so a YAML that sets only adapter.r keeps
         # the default target_modules of the default model.
-        merged = {**to_plain(getattr(defaults, name)), **(section or {})} if isinstance(section, (dict, type(None))) else section
         try:
+            if isinstance(section, dict):  # PEFT's names (lora_alpha) replace the defaults' spelling
+                section = canonical_keys(cls, section, name)
+            merged = {**to_plain(getattr(defaults, name)), **(section or {})} if isinstance(section, (dict, type(None))) else section
             kwargs[name] = from_plain(cls, merged, name)
         except ConfigError as err:
             raise ConfigError(_locate(str(err), _error_key(str(err), name, section), lines, source,
@@ -342,6 +345,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
                 raise ConfigError(f"override {text!r}: {'.'.join(keys[:i + 1])} is a value, not a section")
             node = child
         node[keys[-1]] = value
+        if len(keys) == 2 and keys[0] == "adapter":  # an override wins over the file's other spelling
+            for alias, name in AdapterConfig.ALIASES.items():
+                if keys[1] in (alias, name):
+                    node.pop(name if keys[1] == alias else alias, None)
         where[".".join(keys)] = text
     return where
 
