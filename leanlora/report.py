@@ -8,10 +8,14 @@ zero-stride view, no memory), which is all that ranks, bits, MACs and bytes depe
 Files written: ``cost.txt`` (the table), ``cost.json`` (:meth:`CostReport.to_dict`) and
 ``ranks_bits.png``: three heat maps, rows = module type (q_proj, v_proj, ...), columns = layer
 index (the first integer in the module name), cells = effective rank / bits of A / bits of B.
+Given the run's ``metrics.json``, also ``curves.png``: the training and eval loss, the cost
+(BOPs and bytes as shares of LoRA-16) and the mean rank and bits over the steps, from the log
+records the training loop kept (:mod:`leanlora.train.step_log`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -65,11 +69,7 @@ def _layer_index(name: str) -> int:
 
 def plot_ranks_bits(report: CostReport, path: str | os.PathLike) -> Path:
     """PNG with heat maps of effective rank and bits of A and B, module type × layer index."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     kinds = sorted({r.module for r in report.layers})
     idxs = sorted({_layer_index(r.name) for r in report.layers})
     panels = [("effective rank", "rank"), ("bits of A", "bits_a"), ("bits of B", "bits_b")]
@@ -99,8 +99,60 @@ def plot_ranks_bits(report: CostReport, path: str | os.PathLike) -> Path:
     return path
 
 
-def write_report(model_or_adapter_dir: nn.Module | str | os.PathLike, out_dir: str | os.PathLike) -> dict[str, Path]:
-    """Write cost.txt, cost.json and ranks_bits.png to ``out_dir``; returns their paths."""
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(metrics: dict, path: str | os.PathLike) -> Path:
+    """PNG of a run's curves over optimizer steps, from its ``metrics.json`` (as a dict): the
+    training loss (each step, and the mean per log record) with the eval loss, the cost as a
+    share of LoRA-16 (BOPs, stored bytes), and the mean expected rank and bits."""
+    plt = _pyplot()
+    logged, evals = metrics.get("log_history", []), metrics.get("history", [])
+    fig, (loss_ax, cost_ax, rank_ax) = plt.subplots(3, 1, figsize=(7, 8.5), sharex=True)
+    losses = metrics.get("train_losses", [])
+    loss_ax.plot(range(1, len(losses) + 1), losses, lw=0.6, alpha=0.45, label="train (each step)")
+    if logged:
+        loss_ax.plot([r["step"] for r in logged], [r["loss"] for r in logged], marker=".", label="train (mean)")
+    if any("loss" in r for r in evals):
+        loss_ax.plot([r["step"] for r in evals if "loss" in r], [r["loss"] for r in evals if "loss" in r],
+                     marker="o", label="eval")
+    loss_ax.set_ylabel("loss")
+    loss_ax.legend(fontsize=8)
+    if logged:
+        steps = [r["step"] for r in logged]
+        for key, label in (("bops_vs_lora16", "BOPs"), ("bytes_vs_lora16", "bytes")):
+            cost_ax.plot(steps, [100 * r[key] for r in logged], marker=".", label=label)
+        cost_ax.legend(fontsize=8)
+    else:  # a run whose loop kept no log records: say so rather than draw an empty frame
+        cost_ax.text(0.5, 0.5, "no log records in metrics.json", ha="center", va="center", transform=cost_ax.transAxes)
+    cost_ax.set_ylabel("% of LoRA-16")
+    records = logged or evals  # evaluations hold rank and bits too
+    if records:
+        steps = [r["step"] for r in records]
+        rank_ax.plot(steps, [r["rank"] for r in records], marker=".", color="C0")
+        bits_ax = rank_ax.twinx()
+        bits_ax.plot(steps, [r["bits"] for r in records], marker=".", color="C1")
+        bits_ax.set_ylabel("mean bits", color="C1")
+    rank_ax.set_ylabel("mean rank", color="C0")
+    rank_ax.set_xlabel("optimizer step")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_report(model_or_adapter_dir: nn.Module | str | os.PathLike, out_dir: str | os.PathLike,
+                 metrics: str | os.PathLike | None = None) -> dict[str, Path]:
+    """Write cost.txt, cost.json and ranks_bits.png to ``out_dir``, and curves.png when ``metrics``
+    names a run's metrics.json; returns their paths."""
     model = model_or_adapter_dir
     if not isinstance(model, nn.Module):
         model = load_for_report(model)
@@ -111,4 +163,6 @@ def write_report(model_or_adapter_dir: nn.Module | str | os.PathLike, out_dir: s
     paths["table"].write_text(report.format_table() + "\n")
     paths["json"].write_text(report.to_json() + "\n")
     plot_ranks_bits(report, paths["plot"])
+    if metrics is not None:
+        paths["curves"] = plot_curves(json.loads(Path(metrics).read_text()), out / "curves.png")
     return paths
