@@ -6,7 +6,7 @@ tags (``train/loss``, ``eval/accuracy``), so a leanlora run and a Trainer run of
 line up in one dashboard.
 
 * ``tensorboard`` writes through ``torch.utils.tensorboard.SummaryWriter`` into ``RUN/tensorboard``.
-  A resumed run purges the events past its checkpoint's step, which the crashed run had logged.
+  A resumed run purges the events past its checkpoint's step, which the interrupted run had logged.
 * Any other name is a ``transformers`` integration (``trackio``, ``wandb``, ``mlflow``, ...): its
   own ``TrainerCallback`` is driven with a ``TrainingArguments`` for the run folder and the step
   as ``TrainerState.global_step``. Their settings come from their environment variables, as
@@ -84,11 +84,12 @@ def resolve_backends(names: tuple[str, ...] | list[str]) -> list[str]:
 class TensorBoardTracker:
     """Scalars into a TensorBoard event file in ``log_dir``."""
 
-    def __init__(self, log_dir: str | Path, purge_step: int | None = None) -> None:
+    def __init__(self, log_dir: str | Path, resumed_at: int = 0) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        # purge_step drops events at or after the step a resumed run restarts from
-        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step or None)
+        # a resumed run hides the events that the interrupted one wrote after its checkpoint
+        # (readers drop events at or after purge_step); those up to the checkpoint stay
+        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=resumed_at + 1 if resumed_at else None)
 
     def log(self, scalars: dict[str, float], step: int) -> None:
         for name, value in scalars.items():
@@ -124,7 +125,7 @@ def open_trackers(names: list[str], run_dir: str | Path, resumed_at: int = 0, mo
     trackers: list[Tracker] = []
     for name in names:
         if name == "tensorboard":
-            trackers.append(TensorBoardTracker(Path(run_dir) / "tensorboard", purge_step=resumed_at))
+            trackers.append(TensorBoardTracker(Path(run_dir) / "tensorboard", resumed_at))
         else:
             trackers.append(CallbackTracker(_integrations()[name](), run_dir, model))
     return trackers
