@@ -108,38 +108,54 @@ def _pyplot():
     return plt
 
 
-def plot_curves(metrics: dict, path: str | os.PathLike) -> Path:
-    """PNG of a run's curves over optimizer steps, from its ``metrics.json`` (as a dict): the
-    training loss (each step, and the mean per log record) with the eval loss, the cost as a
-    share of LoRA-16 (BOPs, stored bytes), and the mean expected rank and bits."""
-    plt = _pyplot()
+Series = dict[str, tuple[list[int], list[float]]]
+
+
+def curves(metrics: dict) -> dict[str, Series]:
+    """The curves of a run's ``metrics.json`` (as a dict), by panel: ``loss`` (each step's training
+    loss, the mean of each log record, the eval loss), ``cost`` (BOPs and stored bytes in % of
+    LoRA-16) and ``rank``/``bits`` (means over the adapted layers), each as (steps, values).
+    Runs without log records draw rank and bits from their evaluations and no cost."""
     logged, evals = metrics.get("log_history", []), metrics.get("history", [])
-    fig, (loss_ax, cost_ax, rank_ax) = plt.subplots(3, 1, figsize=(7, 8.5), sharex=True)
     losses = metrics.get("train_losses", [])
-    loss_ax.plot(range(1, len(losses) + 1), losses, lw=0.6, alpha=0.45, label="train (each step)")
+
+    def series(records: list[dict], key: str, scale: float = 1.0) -> tuple[list[int], list[float]]:
+        kept = [r for r in records if key in r]
+        return [r["step"] for r in kept], [scale * r[key] for r in kept]
+
+    loss: Series = {"train (each step)": (list(range(1, len(losses) + 1)), list(losses))}
     if logged:
-        loss_ax.plot([r["step"] for r in logged], [r["loss"] for r in logged], marker=".", label="train (mean)")
+        loss["train (mean)"] = series(logged, "loss")
     if any("loss" in r for r in evals):
-        loss_ax.plot([r["step"] for r in evals if "loss" in r], [r["loss"] for r in evals if "loss" in r],
-                     marker="o", label="eval")
-    loss_ax.set_ylabel("loss")
-    loss_ax.legend(fontsize=8)
+        loss["eval"] = series(evals, "loss")
+    cost: Series = {}
     if logged:
-        steps = [r["step"] for r in logged]
-        for key, label in (("bops_vs_lora16", "BOPs"), ("bytes_vs_lora16", "bytes")):
-            cost_ax.plot(steps, [100 * r[key] for r in logged], marker=".", label=label)
-        cost_ax.legend(fontsize=8)
-    else:  # a run whose loop kept no log records: say so rather than draw an empty frame
+        cost = {"BOPs": series(logged, "bops_vs_lora16", 100), "bytes": series(logged, "bytes_vs_lora16", 100)}
+    gates = logged or evals  # evaluations hold rank and bits too
+    return {"loss": loss, "cost": cost, "rank": {"rank": series(gates, "rank")}, "bits": {"bits": series(gates, "bits")}}
+
+
+def plot_curves(metrics: dict, path: str | os.PathLike) -> Path:
+    """PNG of :func:`curves`: loss, cost as a share of LoRA-16, and mean rank with mean bits."""
+    plt = _pyplot()
+    drawn = curves(metrics)
+    fig, (loss_ax, cost_ax, rank_ax) = plt.subplots(3, 1, figsize=(7, 8.5), sharex=True)
+    for ax, panel in ((loss_ax, "loss"), (cost_ax, "cost")):
+        for label, (x, y) in drawn[panel].items():
+            thin = label == "train (each step)"
+            ax.plot(x, y, lw=0.6 if thin else 1.5, alpha=0.45 if thin else 1.0, marker=None if thin else ".",
+                    label=label)
+        if drawn[panel]:
+            ax.legend(fontsize=8)
+    if not drawn["cost"]:  # say why the panel is empty rather than draw a bare frame
         cost_ax.text(0.5, 0.5, "no log records in metrics.json", ha="center", va="center", transform=cost_ax.transAxes)
+    loss_ax.set_ylabel("loss")
     cost_ax.set_ylabel("% of LoRA-16")
-    records = logged or evals  # evaluations hold rank and bits too
-    if records:
-        steps = [r["step"] for r in records]
-        rank_ax.plot(steps, [r["rank"] for r in records], marker=".", color="C0")
-        bits_ax = rank_ax.twinx()
-        bits_ax.plot(steps, [r["bits"] for r in records], marker=".", color="C1")
-        bits_ax.set_ylabel("mean bits", color="C1")
+    rank_ax.plot(*drawn["rank"]["rank"], marker=".", color="C0")
     rank_ax.set_ylabel("mean rank", color="C0")
+    bits_ax = rank_ax.twinx()
+    bits_ax.plot(*drawn["bits"]["bits"], marker=".", color="C1")
+    bits_ax.set_ylabel("mean bits", color="C1")
     rank_ax.set_xlabel("optimizer step")
     fig.tight_layout()
     path = Path(path)
