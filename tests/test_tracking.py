@@ -110,12 +110,19 @@ def test_a_known_tracker_that_is_not_installed_is_refused_before_the_run_loads(c
     assert not (tmp_path / "run").exists()
 
 
-def test_trackio_logs_locally(tmp_path, monkeypatch):
-    pytest.importorskip("trackio", reason="trackio is not installed (optional: pip install trackio); the "
-                                          "transformers callback path is tested above with TensorBoard's")
-    monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "trackio"))
-    monkeypatch.delenv("TRACKIO_SPACE_ID", raising=False)
+def test_trackio_logs_to_its_local_database(tmp_path, monkeypatch):
+    import importlib.util
+    import sqlite3
+
+    if importlib.util.find_spec("trackio") is None:
+        pytest.skip("trackio is not installed (optional: pip install trackio); the transformers callback path "
+                    "is tested above with TensorBoard's")
+    monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "trackio"))   # read when trackio is imported
+    monkeypatch.delenv("TRACKIO_SPACE_ID", raising=False)            # no Space: nothing leaves the machine
     (tracker,) = open_trackers(["trackio"], tmp_path / "run")
-    tracker.log({"loss": 1.5}, 1)
+    tracker.log({"loss": 1.5, "eval_accuracy": 0.75}, 7)
     tracker.close()
-    assert any((tmp_path / "trackio").rglob("*")), "trackio wrote nothing to its local folder"
+    # trackio keeps a project's metrics as JSON rows of an SQLite file named after the project
+    with sqlite3.connect(tmp_path / "trackio" / "leanlora.db") as db:
+        rows = [json.loads(m) for (m,) in db.execute("select metrics from metrics")]
+    assert rows == [{"train/loss": 1.5, "eval/accuracy": 0.75, "train/global_step": 7}]

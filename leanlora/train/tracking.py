@@ -108,7 +108,8 @@ class CallbackTracker:
 
         self.callback, self.model = callback, model
         run_dir = Path(run_dir)
-        self.args = TrainingArguments(output_dir=str(run_dir), run_name=run_dir.name, report_to=[])
+        # project: trackio's (and swanlab's) project name; the Trainer's default is "huggingface"
+        self.args = TrainingArguments(output_dir=str(run_dir), run_name=run_dir.name, report_to=[], project="leanlora")
         self.state, self.control = TrainerState(), TrainerControl()
         callback.on_train_begin(self.args, self.state, self.control, model=model)
 
