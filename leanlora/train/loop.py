@@ -258,13 +258,13 @@ def train(run: RunConfig | None, run_dir: str | Path, *, resume: bool = False, p
 
         if logging:
             with dist.full_params(wrapped) as plain:
-                record = step_record(step, loop_state["train_losses"], last_logged_step(loop_state["log_history"]),
+                logged = step_record(step, loop_state["train_losses"], last_logged_step(loop_state["log_history"]),
                                      optimizer, grad_norm, plain, scaler)
-            loop_state["log_history"].append(record)
+            loop_state["log_history"].append(logged)
             for tracker in trackers:
-                tracker.log(tracked(record), step)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", score=_fmt(loop_state["best_score"]),
-                            rank=f"{record['rank']:.2f}", bits=f"{record['bits']:.1f}", refresh=False)
+                tracker.log(tracked(logged), step)
+            bar.set_postfix(loss=f"{logged['loss']:.4f}", score=_fmt(loop_state["best_score"]),
+                            rank=f"{logged['rank']:.2f}", bits=f"{logged['bits']:.1f}", refresh=False)
         if evaluate:
             scores = task.evaluate(model, tc.eval_batch_size, device, precision.autocast())
             with dist.full_params(wrapped) as plain:
