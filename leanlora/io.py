@@ -287,3 +287,31 @@ def _restore_tensors(model: nn.Module, meta: dict[str, Any], tensors: dict[str, 
     with torch.no_grad():
         for key, want in expected.items():
             want.copy_(tensors[key].to(want.dtype))
+
+
+def restore(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Copy the adapter tensors saved in ``directory`` into the adapter ``model`` already holds.
+
+    For training checkpoints of the same run (resume, best-model reload): nothing is injected or
+    pruned, so optimizer state keyed by these parameters stays valid. The saved adapter config must
+    equal the model's, field by field, and every tensor must be there with its shape; otherwise
+    :class:`AdapterLoadError` names the file and the difference, and the model is unchanged.
+    """
+    directory = Path(directory)
+    config, meta = read_adapter_config(directory)
+    shared = shared_state(model)
+    differ = [f for f, v in config.to_dict().items() if shared.config.to_dict().get(f) != v]
+    if differ:
+        raise AdapterLoadError(f"{directory / CONFIG_NAME}: adapter config differs from the model's in {differ} "
+                               "(a checkpoint of another run?)")
+    if bool(meta.get("finalized", False)) != bool(shared.finalized):
+        raise AdapterLoadError(f"{directory}: finalized={meta.get('finalized')} but the model's adapter has "
+                               f"finalized={shared.finalized}; a training checkpoint restores onto the same stage")
+    layers = dict(adapted_layers(model))
+    for name, info in meta.get("modules", {}).items():
+        if name in layers and info.get("rank") != layers[name].factors.rank:
+            raise AdapterLoadError(f"{directory}: module {name!r} has rank {info.get('rank')} in the checkpoint, "
+                                   f"{layers[name].factors.rank} in the model")
+    tensors = _unpack_bank(model, meta, read_adapter_tensors(directory), directory, trainable=True)
+    _restore_tensors(model, meta, tensors, directory)
+    return model
