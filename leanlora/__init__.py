@@ -7,6 +7,8 @@ command line's `--help` do not pay for torch, transformers and torchao until som
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
@@ -54,6 +56,21 @@ _EXPORTS = {
 _SUBMODULES = {"distributed"}  # torchrun / accelerate launch: DDP and FSDP2 (leanlora.distributed.wrap)
 
 __all__ = sorted([*_EXPORTS, *_SUBMODULES])
+
+
+class _Package(types.ModuleType):
+    """The package, keeping its public functions ``inject`` and ``finalize`` over the modules of
+    the same names. Importing a submodule sets it as the package's attribute (``leanlora.inject``
+    = the module ``leanlora/inject.py``); with the public names resolved lazily, that would hide
+    the function whenever the module was imported first (as every internal import does)."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == value.__name__:
+            return  # the module stays reachable as sys.modules["leanlora.<name>"]
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str):
