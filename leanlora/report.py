@@ -130,9 +130,13 @@ def curves(metrics: dict) -> dict[str, Series]:
         loss["eval"] = series(evals, "loss")
     cost: Series = {}
     if logged:
-        cost = {"BOPs": series(logged, "bops_vs_lora16", 100), "bytes": series(logged, "bytes_vs_lora16", 100)}
-    gates = logged or evals  # evaluations hold rank and bits too
-    return {"loss": loss, "cost": cost, "rank": {"rank": series(gates, "rank")}, "bits": {"bits": series(gates, "bits")}}
+        cost = {"BOPs": series(logged, "leanlora/bops_vs_lora16", 100),
+                "bytes": series(logged, "leanlora/bytes_vs_lora16", 100)}
+    # log records name the adapter's state under leanlora/ (step_log.adapter_values); evaluations
+    # hold rank and bits too, under their plain names, in runs that kept no log records
+    gates, prefix = (logged, "leanlora/") if logged else (evals, "")
+    return {"loss": loss, "cost": cost, "rank": {"rank": series(gates, prefix + "rank")},
+            "bits": {"bits": series(gates, prefix + "bits")}}
 
 
 def plot_curves(metrics: dict, path: str | os.PathLike) -> Path:

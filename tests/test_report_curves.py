@@ -9,9 +9,10 @@ METRICS = {
     "train_losses": [0.9, 0.8, 0.7, 0.65],
     "history": [{"step": 2, "loss": 0.85, "accuracy": 0.5, "rank": 3.5, "bits": 8.0},
                 {"step": 4, "loss": 0.6, "accuracy": 0.75, "rank": 3.0, "bits": 6.0}],
-    "log_history": [{"step": 2, "loss": 0.85, "rank": 3.5, "bits": 8.0, "bops_vs_lora16": 0.5, "bytes_vs_lora16": 0.4},
-                    {"step": 4, "loss": 0.675, "rank": 3.0, "bits": 6.0, "bops_vs_lora16": 0.25,
-                     "bytes_vs_lora16": 0.2}],
+    "log_history": [{"step": 2, "loss": 0.85, "leanlora/rank": 3.5, "leanlora/bits": 8.0,
+                     "leanlora/bops_vs_lora16": 0.5, "leanlora/bytes_vs_lora16": 0.4},
+                    {"step": 4, "loss": 0.675, "leanlora/rank": 3.0, "leanlora/bits": 6.0,
+                     "leanlora/bops_vs_lora16": 0.25, "leanlora/bytes_vs_lora16": 0.2}],
 }
 
 

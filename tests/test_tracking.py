@@ -18,7 +18,8 @@ from train_fixtures import classification_yaml, tiny_bert_dir
 
 pytest.importorskip("tensorboard", reason="tensorboard is a test dependency (pip install -e '.[test]')")
 QUIET = dict(progress=False, log=lambda *_: None)
-LOGGED = ("loss", "learning_rate", "grad_norm", "rank", "bits", "bops_vs_lora16", "bytes_vs_lora16")
+LOGGED = ("loss", "learning_rate", "grad_norm", "leanlora/rank", "leanlora/bits", "leanlora/bops",
+          "leanlora/bops_vs_lora16", "leanlora/bytes_vs_lora16")
 
 
 def _scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -50,7 +51,7 @@ def test_log_records_and_evaluations_reach_tensorboard_at_their_steps(config, tm
     for name in ("accuracy", "f1", "loss"):
         assert scalars[f"eval/{name}"] == [(r["step"], pytest.approx(r[name], rel=1e-6)) for r in metrics["history"]]
     assert [s for s, _ in scalars["eval/accuracy"]] == [3, 6, 8]
-    assert all(r["bops_vs_lora16"] > 0 and r["grad_norm"] > 0 for r in records)
+    assert all(r["leanlora/bops_vs_lora16"] > 0 and r["grad_norm"] > 0 for r in records)
 
 
 def test_a_resumed_run_leaves_one_event_per_step(config, tmp_path, monkeypatch):

@@ -264,7 +264,7 @@ def train(run: RunConfig | None, run_dir: str | Path, *, resume: bool = False, p
             for tracker in trackers:
                 tracker.log(tracked(logged), step)
             bar.set_postfix(loss=f"{logged['loss']:.4f}", score=_fmt(loop_state["best_score"]),
-                            rank=f"{logged['rank']:.2f}", bits=f"{logged['bits']:.1f}", refresh=False)
+                            rank=f"{logged['leanlora/rank']:.2f}", bits=f"{logged['leanlora/bits']:.1f}", refresh=False)
         if evaluate:
             scores = task.evaluate(model, tc.eval_batch_size, device, precision.autocast())
             with dist.full_params(wrapped) as plain:

@@ -1,4 +1,4 @@
-"""What the training loop records every ``train.log_every`` steps.
+"""What the training loop records every ``train.log_every`` steps, and the adapter's part of any log.
 
 One record per log step, kept in the run's ``metrics.json`` (``log_history``, the data of
 ``leanlora report``'s curves) and sent to every ``train.report_to`` tracker:
@@ -6,9 +6,8 @@ One record per log step, kept in the run's ``metrics.json`` (``log_history``, th
 * ``loss``: the mean training loss of the steps since the previous record;
 * ``learning_rate``: the adapter group's rate after this step's scheduler update (the next step's);
 * ``grad_norm``: the global gradient norm of this step, before clipping;
-* ``rank``, ``bits``: the mean expected rank and bits over the adapted layers (``gate_summary``);
-* ``bops_vs_lora16``, ``bytes_vs_lora16``: the adapter's cost now, as the cost table counts it
-  (:func:`leanlora.cost.cost_report`: BOPs and stored bytes as shares of a 16-bit LoRA of the same r);
+* the adapter's state, :func:`adapter_values`, under the same ``leanlora/`` keys as in the Trainer's
+  logs (:class:`leanlora.train.callbacks.LeanLoraCallback`), so both kinds of run chart alike;
 * ``loss_scale``: the fp16 gradient scaler's scale, when there is one.
 
 The loss is averaged from the loop's per-step losses (checkpointed), not from a running window,
@@ -23,7 +22,29 @@ import torch
 from torch import nn
 
 from leanlora.cost import cost_report
+from leanlora.inject import shared_state
 from leanlora.summary import gate_summary
+
+
+def adapter_values(model: nn.Module) -> dict[str, float]:
+    """The adapter's state now, for a log record.
+
+    ``leanlora/rank`` and ``leanlora/bits``: mean expected rank and bits over the adapted layers
+    (:func:`leanlora.gate_summary`); ``leanlora/bops``, ``leanlora/bops_vs_lora16`` and
+    ``leanlora/bytes_vs_lora16``: the adapter's BOPs as :func:`leanlora.cost_report` counts them
+    now (what finalize would keep), and its BOPs and stored bytes as fractions of a 16-bit LoRA of
+    the same shape (the unit of ``adapter.budget``); ``leanlora/budget``: that target, when the
+    config sets one.
+    """
+    values = {f"leanlora/{k}": round(v, 4) for k, v in gate_summary(model).items()}
+    total = cost_report(model).total
+    values["leanlora/bops"] = float(total["bops"])
+    values["leanlora/bops_vs_lora16"] = round(float(total["bops_vs_lora"]), 6)
+    values["leanlora/bytes_vs_lora16"] = round(float(total["bytes_vs_lora"]), 6)
+    budget = getattr(shared_state(model).config, "budget", None)  # None where the config has none
+    if isinstance(budget, (int, float)) and not isinstance(budget, bool):
+        values["leanlora/budget"] = float(budget)
+    return values
 
 
 def adapter_lr(optimizer: torch.optim.Optimizer) -> float:
@@ -47,9 +68,7 @@ def step_record(step: int, train_losses: list[float], since: int, optimizer: tor
                               "learning_rate": adapter_lr(optimizer)}
     if grad_norm is not None:
         record["grad_norm"] = _host(grad_norm)
-    record.update(gate_summary(model))
-    total = cost_report(model).total
-    record["bops_vs_lora16"], record["bytes_vs_lora16"] = total["bops_vs_lora"], total["bytes_vs_lora"]
+    record.update(adapter_values(model))
     if scaler is not None:
         record["loss_scale"] = float(scaler.get_scale())
     return record
