@@ -18,6 +18,7 @@ _EXPORTS = {
     "AdaptedLinear": "leanlora.layer",
     "MergeError": "leanlora.layer",
     "AdapterConfig": "leanlora.config",
+    "DEFAULT_TARGET_MODULES": "leanlora.config",
     "BankConfig": "leanlora.config",
     "ConfigError": "leanlora.config",
     "GatedConfig": "leanlora.config",
@@ -29,6 +30,7 @@ _EXPORTS = {
     "InjectError": "leanlora.inject",
     "adapted_layers": "leanlora.inject",
     "disable_adapters": "leanlora.inject",
+    "get_model": "leanlora.inject",
     "inject": "leanlora.inject",
     "merge": "leanlora.inject",
     "merge_and_unload": "leanlora.inject",
@@ -36,7 +38,10 @@ _EXPORTS = {
     "unload": "leanlora.inject",
     "unmerge": "leanlora.inject",
     "quantize_bases": "leanlora.base.nf4",
+    "ExportError": "leanlora.export",
+    "export": "leanlora.export",
     "export_peft": "leanlora.export",
+    "export_merged": "leanlora.export_merged",
     "finalize": "leanlora.finalize",
     "topk_stored_bytes": "leanlora.factors.bank_storage",
     "AdapterLoadError": "leanlora.io",
@@ -59,14 +64,16 @@ __all__ = sorted([*_EXPORTS, *_SUBMODULES])
 
 
 class _Package(types.ModuleType):
-    """The package, keeping its public functions ``inject`` and ``finalize`` over the modules of
-    the same names. Importing a submodule sets it as the package's attribute (``leanlora.inject``
-    = the module ``leanlora/inject.py``); with the public names resolved lazily, that would hide
-    the function whenever the module was imported first (as every internal import does)."""
+    """Keeps a public function bound when its submodule of the same name is imported.
+
+    Importing ``leanlora.inject`` makes Python set the package attribute ``inject`` to that
+    submodule; with eager imports the function rebound it afterwards. Here the function takes the
+    place of the module as soon as the module is set.
+    """
 
     def __setattr__(self, name: str, value) -> None:
-        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == value.__name__:
-            return  # the module stays reachable as sys.modules["leanlora.<name>"]
+        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == f"leanlora.{name}":
+            value = getattr(value, name)
         super().__setattr__(name, value)
 
 
@@ -91,12 +98,13 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # static type checkers and IDEs see the eager imports
     from leanlora import distributed
     from leanlora.base.nf4 import quantize_bases
-    from leanlora.config import AdapterConfig, BankConfig, ConfigError, GatedConfig, NestedConfig, NF4Config, QuantConfig
+    from leanlora.config import DEFAULT_TARGET_MODULES, AdapterConfig, BankConfig, ConfigError, GatedConfig, NestedConfig, NF4Config, QuantConfig
     from leanlora.cost import CostReport, cost_report
-    from leanlora.export import export_peft
+    from leanlora.export import ExportError, export, export_peft
+    from leanlora.export_merged import export_merged
     from leanlora.factors.bank_storage import topk_stored_bytes
     from leanlora.finalize import finalize
-    from leanlora.inject import (InjectError, adapted_layers, disable_adapters, inject, merge, merge_and_unload,
+    from leanlora.inject import (InjectError, adapted_layers, disable_adapters, get_model, inject, merge, merge_and_unload,
                                  trainable_parameters, unload, unmerge)
     from leanlora.io import AdapterLoadError, load, save
     from leanlora.layer import AdaptedLinear, MergeError

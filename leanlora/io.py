@@ -1,4 +1,9 @@
-"""Save and load adapters: ``adapter_config.json`` + ``adapter.safetensors``, never pickle.
+"""Save and load adapters: ``leanlora_config.json`` + ``leanlora_adapter.safetensors``, never pickle.
+
+The names are leanlora's own so that no PEFT loader takes a leanlora folder for a PEFT adapter
+(PEFT reads ``adapter_config.json``; :mod:`leanlora.export` writes that for PEFT). Folders
+written under the earlier names (``adapter_config.json`` in leanlora's schema +
+``adapter.safetensors``) still load.
 
 A load is checked before anything is changed: the JSON parses and has a known format version,
 the tensor file opens and holds every tensor the adapter needs with the right shape, and the
@@ -28,8 +33,10 @@ from leanlora.inject import SHARED_ATTR, adapted_layers, inject, shared_state, u
 
 FORMAT = "leanlora-adapter"
 FORMAT_VERSION = 1
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter.safetensors"
+CONFIG_NAME = "leanlora_config.json"
+WEIGHTS_NAME = "leanlora_adapter.safetensors"
+LEGACY_CONFIG_NAME = "adapter_config.json"   # leanlora's earlier names, still read
+LEGACY_WEIGHTS_NAME = "adapter.safetensors"
 
 
 class AdapterLoadError(RuntimeError):
@@ -140,8 +147,25 @@ def save(model: nn.Module, directory: str | os.PathLike, *, topk_only: bool = Fa
     return directory
 
 
+def adapter_files(directory: str | os.PathLike) -> tuple[Path, Path]:
+    """(config, tensors) paths of the leanlora adapter in ``directory``: today's names, else the
+    earlier ones when ``adapter_config.json`` is in leanlora's schema. A PEFT adapter is named as such."""
+    directory = Path(directory)
+    if (directory / CONFIG_NAME).is_file() or not (directory / LEGACY_CONFIG_NAME).is_file():
+        return directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    legacy = directory / LEGACY_CONFIG_NAME
+    try:
+        peft_type = json.loads(legacy.read_text()).get("peft_type")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        peft_type = None  # not readable as a PEFT config: read_adapter_config says what is wrong
+    if peft_type is not None:
+        raise AdapterLoadError(f"{legacy}: a PEFT {peft_type} adapter, not a leanlora one (it has no {CONFIG_NAME}); "
+                               "load it with peft.PeftModel.from_pretrained")
+    return legacy, directory / LEGACY_WEIGHTS_NAME
+
+
 def read_adapter_config(directory: str | os.PathLike) -> tuple[AdapterConfig, dict[str, Any]]:
-    path = Path(directory) / CONFIG_NAME
+    path, _ = adapter_files(directory)
     if not path.is_file():
         raise AdapterLoadError(f"{path}: not found (an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME})")
     try:
@@ -162,7 +186,7 @@ def read_adapter_config(directory: str | os.PathLike) -> tuple[AdapterConfig, di
 
 
 def read_adapter_tensors(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
-    path = Path(directory) / WEIGHTS_NAME
+    _, path = adapter_files(directory)
     if not path.is_file():
         raise AdapterLoadError(f"{path}: not found")
     try:

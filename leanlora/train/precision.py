@@ -86,12 +86,14 @@ def check_trainable_dtype(precision: Precision, optimizer: torch.optim.Optimizer
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
-                   max_grad_norm: float, want_norm: bool) -> torch.Tensor | None:
+                   max_grad_norm: float, want_norm: bool,
+                   after_update: Callable[[], None] | None = None) -> torch.Tensor | None:
     """Clip, step and clear the gradients; returns the gradient norm (before clipping) when it was
     computed: always when clipping, else only if ``want_norm`` (it costs a reduction).
 
     With a scaler the gradients are unscaled first, so clipping and the norm see true values, and
-    ``scaler.step`` skips the update when they hold inf/NaN.
+    ``scaler.step`` skips the update when they hold inf/NaN. ``after_update`` runs right after the
+    weights changed (the loop's finite-weight check).
     """
     params = [p for g in optimizer.param_groups for p in g["params"]]
     if scaler is not None and (max_grad_norm > 0 or want_norm):
@@ -106,5 +108,7 @@ def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScale
     else:
         scaler.step(optimizer)
         scaler.update()
+    if after_update is not None:
+        after_update()
     optimizer.zero_grad(set_to_none=True)
     return norm
