@@ -110,8 +110,9 @@ def test_the_graphed_step_runs_the_check_after_its_update(monkeypatch):
                                             contextlib.nullcontext(), 0.0, after_update=guard.update)
     batch = {"input_ids": torch.ones(2, 5, dtype=torch.long), "attention_mask": torch.ones(2, 5, dtype=torch.long),
              "labels": torch.tensor([0, 1])}
-    loss = step(batch)
-    assert torch.isfinite(loss) and bool(guard.tripped)  # a finite loss, then an update to NaN/inf
+    loss, grad_norm = step(batch)  # the step returns [loss, gradient norm before clipping]
+    assert torch.isfinite(loss) and torch.isfinite(grad_norm) and grad_norm > 0
+    assert bool(guard.tripped)  # a finite loss, then an update to NaN/inf
     assert guard.first_nonfinite() is not None
 
 
@@ -156,7 +157,7 @@ def test_a_nonfinite_update_is_never_saved(config, tmp_path, monkeypatch):
         train(load_run_config(config), out, **QUIET)
     steps = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
     assert steps == ["step-00000004"]
-    for path in (out / "checkpoints" / steps[0] / "adapter.safetensors", out / "best" / "adapter.safetensors"):
+    for path in (out / "checkpoints" / steps[0] / "adapter.safetensors", out / "best" / "leanlora_adapter.safetensors"):
         for name, tensor in load_file(str(path)).items():
             assert torch.isfinite(tensor).all(), (path, name)
     assert not (out / "adapter").exists()
@@ -194,7 +195,7 @@ def test_the_advised_resume_command_runs_with_the_lower_learning_rate(config, tm
 
     assert main(shlex.split(command)[1:] + ["--no-progress"]) == 0
     assert load_run_config(out / "run.yaml").train.lr == pytest.approx(3e-3)
-    state = load_file(str(out / "adapter" / "adapter.safetensors"))
+    state = load_file(str(out / "adapter" / "leanlora_adapter.safetensors"))
     assert all(torch.isfinite(t).all() for t in state.values())
 
 

@@ -125,7 +125,7 @@ def test_a_crashed_wsd_run_resumes_bit_exact(config, tmp_path, monkeypatch):
     monkeypatch.undo()
     resumed = train(None, tmp_path / "crashed", resume=True, **QUIET)
     assert resumed.losses == full.losses[8:]
-    a, b = (load_file(str(tmp_path / d / "adapter" / "adapter.safetensors")) for d in ("full", "crashed"))
+    a, b = (load_file(str(tmp_path / d / "adapter" / "leanlora_adapter.safetensors")) for d in ("full", "crashed"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     import json
 

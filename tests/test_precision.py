@@ -83,7 +83,7 @@ def test_fp16_on_the_cpu_trains_and_resumes_with_its_scaler_bit_exact(config, tm
     assert set(saved["loop"]["grad_scaler"]) >= {"scale", "_growth_tracker"}
     resumed = train(None, tmp_path / "crashed", resume=True, **QUIET)
     assert resumed.losses == full.losses[8:]
-    a, b = (load_file(str(tmp_path / d / "adapter" / "adapter.safetensors")) for d in ("full", "crashed"))
+    a, b = (load_file(str(tmp_path / d / "adapter" / "leanlora_adapter.safetensors")) for d in ("full", "crashed"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     logged = [json.loads((tmp_path / d / "metrics.json").read_text())["log_history"] for d in ("full", "crashed")]
     assert logged[0] == logged[1] and all(r["loss_scale"] > 0 for r in logged[0])
