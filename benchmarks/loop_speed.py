@@ -116,7 +116,9 @@ def peft_row(run, shape, mode: str) -> tuple[list[float], float, int]:
     import peft
 
     from leanlora.train.compiled import CompiledRegions
-    from leanlora.train.loop import _autocast, epoch_order, load_for_run, lr_factor, seed_everything
+    from leanlora.train.loop import epoch_order, load_for_run, seed_everything
+    from leanlora.train.lr_schedule import build_scheduler
+    from leanlora.train.precision import resolve_precision
     from leanlora.train.tasks import batches
 
     tc = run.train
@@ -126,11 +128,10 @@ def peft_row(run, shape, mode: str) -> tuple[list[float], float, int]:
     model = peft.get_peft_model(model, peft_config(METHODS["peft_lora"], shape, "SEQ_CLS")).train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, fused=device.type == "cuda")
-    warmup = math.ceil(tc.warmup_ratio * tc.max_steps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, tc.max_steps, warmup, tc.schedule))
+    sched = build_scheduler(opt, tc, tc.max_steps, log=lambda *_: None)
     compiled = CompiledRegions(model, mode="reduce-overhead" if mode == "cudagraphs" else "default") \
         if mode != "eager" else None
-    autocast = _autocast(device, tc.bf16)
+    autocast = resolve_precision(tc, device).autocast()
     n = len(task.train)
     per_epoch = math.ceil(n / tc.batch_size)
     times, order_epoch, order, value = [], -1, [], float("nan")

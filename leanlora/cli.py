@@ -202,7 +202,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         folder = folder / "adapter"
     if not holds_adapter(folder):
         raise CLIError(f"{args.run_dir}: neither it nor its adapter/ holds {CONFIG_NAME}")
-    paths = write_report(folder, args.out or Path(args.run_dir) / "report")
+    metrics = Path(args.run_dir) / "metrics.json"  # a run folder's history: the report adds its curves
+    paths = write_report(folder, args.out or Path(args.run_dir) / "report", metrics if metrics.is_file() else None)
     print(Path(paths["table"]).read_text().rstrip())
     print("written: " + ", ".join(str(p) for p in paths.values()))
     return 0
@@ -260,7 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export", metavar="DIR", help="write the adapter at the chosen rank to DIR")
     p.add_argument("--peft", action="store_true", help="with --export: a PEFT LoRA adapter")
     p.set_defaults(func=cmd_sweep)
-    p = trained("report", "cost table and learned rank/bit plot of a trained adapter (RUN_DIR or an adapter folder)")
+    p = trained("report", "cost table and rank/bit plot of a trained adapter; for a run folder also its "
+                          "loss and cost curves")
     p.add_argument("--out", help="report folder (default RUN_DIR/report)")
     p.set_defaults(func=cmd_report)
 

@@ -8,10 +8,14 @@ zero-stride view, no memory), which is all that ranks, bits, MACs and bytes depe
 Files written: ``cost.txt`` (the table), ``cost.json`` (:meth:`CostReport.to_dict`) and
 ``ranks_bits.png``: three heat maps, rows = module type (q_proj, v_proj, ...), columns = layer
 index (the first integer in the module name), cells = effective rank / bits of A / bits of B.
+Given the run's ``metrics.json``, also ``curves.png``: the training and eval loss, the cost
+(BOPs and bytes as shares of LoRA-16) and the mean rank and bits over the steps, from the log
+records the training loop kept (:mod:`leanlora.train.step_log`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -65,11 +69,7 @@ def _layer_index(name: str) -> int:
 
 def plot_ranks_bits(report: CostReport, path: str | os.PathLike) -> Path:
     """PNG with heat maps of effective rank and bits of A and B, module type × layer index."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     kinds = sorted({r.module for r in report.layers})
     idxs = sorted({_layer_index(r.name) for r in report.layers})
     panels = [("effective rank", "rank"), ("bits of A", "bits_a"), ("bits of B", "bits_b")]
@@ -99,8 +99,80 @@ def plot_ranks_bits(report: CostReport, path: str | os.PathLike) -> Path:
     return path
 
 
-def write_report(model_or_adapter_dir: nn.Module | str | os.PathLike, out_dir: str | os.PathLike) -> dict[str, Path]:
-    """Write cost.txt, cost.json and ranks_bits.png to ``out_dir``; returns their paths."""
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+Series = dict[str, tuple[list[int], list[float]]]
+
+
+def curves(metrics: dict) -> dict[str, Series]:
+    """The curves of a run's ``metrics.json`` (as a dict), by panel: ``loss`` (each step's training
+    loss, the mean of each log record, the eval loss), ``cost`` (BOPs and stored bytes in % of
+    LoRA-16) and ``rank``/``bits`` (means over the adapted layers), each as (steps, values).
+    Runs without log records draw rank and bits from their evaluations and no cost."""
+    logged, evals = metrics.get("log_history", []), metrics.get("history", [])
+    losses = metrics.get("train_losses", [])
+
+    def series(records: list[dict], key: str, scale: float = 1.0) -> tuple[list[int], list[float]]:
+        kept = [r for r in records if key in r]
+        return [r["step"] for r in kept], [scale * r[key] for r in kept]
+
+    loss: Series = {"train (each step)": (list(range(1, len(losses) + 1)), list(losses))}
+    if logged:
+        loss["train (mean)"] = series(logged, "loss")
+    if any("loss" in r for r in evals):
+        loss["eval"] = series(evals, "loss")
+    cost: Series = {}
+    if logged:
+        cost = {"BOPs": series(logged, "leanlora/bops_vs_lora16", 100),
+                "bytes": series(logged, "leanlora/bytes_vs_lora16", 100)}
+    # log records name the adapter's state under leanlora/ (step_log.adapter_values); evaluations
+    # hold rank and bits too, under their plain names, in runs that kept no log records
+    gates, prefix = (logged, "leanlora/") if logged else (evals, "")
+    return {"loss": loss, "cost": cost, "rank": {"rank": series(gates, prefix + "rank")},
+            "bits": {"bits": series(gates, prefix + "bits")}}
+
+
+def plot_curves(metrics: dict, path: str | os.PathLike) -> Path:
+    """PNG of :func:`curves`: loss, cost as a share of LoRA-16, and mean rank with mean bits."""
+    plt = _pyplot()
+    drawn = curves(metrics)
+    fig, (loss_ax, cost_ax, rank_ax) = plt.subplots(3, 1, figsize=(7, 8.5), sharex=True)
+    for ax, panel in ((loss_ax, "loss"), (cost_ax, "cost")):
+        for label, (x, y) in drawn[panel].items():
+            thin = label == "train (each step)"
+            ax.plot(x, y, lw=0.6 if thin else 1.5, alpha=0.45 if thin else 1.0, marker=None if thin else ".",
+                    label=label)
+        if drawn[panel]:
+            ax.legend(fontsize=8)
+    if not drawn["cost"]:  # say why the panel is empty rather than draw a bare frame
+        cost_ax.text(0.5, 0.5, "no log records in metrics.json", ha="center", va="center", transform=cost_ax.transAxes)
+    loss_ax.set_ylabel("loss")
+    cost_ax.set_ylabel("% of LoRA-16")
+    rank_ax.plot(*drawn["rank"]["rank"], marker=".", color="C0")
+    rank_ax.set_ylabel("mean rank", color="C0")
+    bits_ax = rank_ax.twinx()
+    bits_ax.plot(*drawn["bits"]["bits"], marker=".", color="C1")
+    bits_ax.set_ylabel("mean bits", color="C1")
+    rank_ax.set_xlabel("optimizer step")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_report(model_or_adapter_dir: nn.Module | str | os.PathLike, out_dir: str | os.PathLike,
+                 metrics: str | os.PathLike | None = None) -> dict[str, Path]:
+    """Write cost.txt, cost.json and ranks_bits.png to ``out_dir``, and curves.png when ``metrics``
+    names a run's metrics.json; returns their paths."""
     model = model_or_adapter_dir
     if not isinstance(model, nn.Module):
         model = load_for_report(model)
@@ -111,4 +183,6 @@ def write_report(model_or_adapter_dir: nn.Module | str | os.PathLike, out_dir: s
     paths["table"].write_text(report.format_table() + "\n")
     paths["json"].write_text(report.to_json() + "\n")
     plot_ranks_bits(report, paths["plot"])
+    if metrics is not None:
+        paths["curves"] = plot_curves(json.loads(Path(metrics).read_text()), out / "curves.png")
     return paths

@@ -133,6 +133,7 @@ def test_report_reads_the_adapter_folder(trained, capsys):
     assert main(["report", str(trained)]) == 0
     out = capsys.readouterr().out
     assert "query" in out and (trained / "report" / "ranks_bits.png").is_file()
+    assert "curves.png" in out and (trained / "report" / "curves.png").stat().st_size > 0  # from metrics.json
 
 
 def test_sweep_needs_a_nested_adapter(trained, capsys):

@@ -110,8 +110,9 @@ def test_the_graphed_step_runs_the_check_after_its_update(monkeypatch):
                                             contextlib.nullcontext(), 0.0, after_update=guard.update)
     batch = {"input_ids": torch.ones(2, 5, dtype=torch.long), "attention_mask": torch.ones(2, 5, dtype=torch.long),
              "labels": torch.tensor([0, 1])}
-    loss = step(batch)
-    assert torch.isfinite(loss) and bool(guard.tripped)  # a finite loss, then an update to NaN/inf
+    loss, grad_norm = step(batch)  # the step returns [loss, gradient norm before clipping]
+    assert torch.isfinite(loss) and torch.isfinite(grad_norm) and grad_norm > 0
+    assert bool(guard.tripped)  # a finite loss, then an update to NaN/inf
     assert guard.first_nonfinite() is not None
 
 
@@ -267,10 +268,16 @@ def test_a_graphed_run_stops_at_the_replay_that_broke_a_weight(config, tmp_path,
     captured step; the run stops naming step 6, after step 4's checkpoint, with no adapter/."""
     from leanlora.train import loop
 
-    real = loop.lr_factor
-    monkeypatch.setattr(loop, "lr_factor", lambda step, *rest: float("inf") if step >= 5 else real(step, *rest))
+    real = loop.build_scheduler
+
+    def inf_from_step_5(optimizer, *args, **kwargs):
+        scheduler = real(optimizer, *args, **kwargs)
+        scheduler.lr_lambdas = [lambda step, f=f: float("inf") if step >= 5 else f(step) for f in scheduler.lr_lambdas]
+        return scheduler
+
+    monkeypatch.setattr(loop, "build_scheduler", inf_from_step_5)
     lines: list[str] = []
-    run = load_run_config(config, ["train.device=cuda", "train.cuda_graph=true", "train.bf16=false",
+    run = load_run_config(config, ["train.device=cuda", "train.cuda_graph=true", "train.precision=fp32",
                                    "train.compile=false", "train.save_every=2", "train.eval_every=0"])
     with pytest.raises(TrainingDiverged, match=r"update of step 6 made trained weights non-finite .*step-00000004"):
         train(run, tmp_path / "g", progress=False, log=lines.append)

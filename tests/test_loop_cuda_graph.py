@@ -83,7 +83,7 @@ def _same_training(plain, graphed, plain_dir: Path, graphed_dir: Path, rtol: flo
 @pytest.mark.parametrize("adapter", [[], ["adapter.ranks=gated", "adapter.precision=learned"]], ids=["lora", "blora"])
 def test_a_graphed_classifier_run_trains_what_the_plain_loop_trains(config, tmp_path, adapter):
     # fp32 and eager, padded alike, so that the two runs differ only in how the step is issued
-    common = ["train.device=cuda", "train.bf16=false", "train.compile=false", "data.pad_to_multiple_of=16", *adapter]
+    common = ["train.device=cuda", "train.precision=fp32", "train.compile=false", "data.pad_to_multiple_of=16", *adapter]
     lines: list[str] = []
     plain = train(load_run_config(config, common), tmp_path / "plain", **QUIET)
     graphed = train(load_run_config(config, [*common, "train.cuda_graph=true"]), tmp_path / "graphed",
@@ -100,7 +100,7 @@ def test_a_graphed_causal_lm_run_trains_what_the_plain_loop_trains_also_when_res
             "data.prompt_template={question}", "data.response_column=answer", "data.max_length=32",
             "data.pad_to_multiple_of=32", "adapter.target_modules=[q_proj, v_proj, down_proj]",
             "adapter.modules_to_save=[]", "adapter.r=4", "train.max_steps=10", "train.batch_size=8",
-            "train.lr=5e-2", "train.save_every=5", "train.device=cuda", "train.bf16=false", "train.compile=false"]
+            "train.lr=5e-2", "train.save_every=5", "train.device=cuda", "train.precision=fp32", "train.compile=false"]
     yaml = tmp_path / "lm.yaml"
     yaml.write_text("{}\n")
     plain = train(load_run_config(yaml, args), tmp_path / "plain", **QUIET)

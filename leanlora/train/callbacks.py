@@ -29,10 +29,8 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
-from leanlora.cost import cost_report
-from leanlora.inject import shared_state
 from leanlora.schedule import advance, regularizer
-from leanlora.summary import gate_summary
+from leanlora.train.step_log import adapter_values
 from leanlora.train.trainer_checkpoint import AdapterCheckpoints, unwrap
 from leanlora.train.trainer_optim import leanlora_optimizer
 
@@ -41,22 +39,9 @@ __all__ = ["LeanLoraCallback", "LeanLoraMixin", "LeanLoraTrainer", "add_regulari
 
 
 def adapter_log_values(model: nn.Module) -> dict[str, float]:
-    """The adapter's state for a log record, under ``leanlora/``.
-
-    ``rank`` and ``bits``: mean expected rank and bits over adapted layers (:func:`leanlora.gate_summary`);
-    ``bops`` and ``bops_vs_lora16``: BOPs of the adapter as :func:`leanlora.cost_report` counts it now
-    (what finalize would keep) and as a fraction of a 16-bit LoRA of the same shape, the unit of
-    ``adapter.budget``; ``budget``: that target, when the config sets one.
-    """
-    model = unwrap(model)
-    values = {f"leanlora/{k}": round(v, 4) for k, v in gate_summary(model).items()}
-    total = cost_report(model).total
-    values["leanlora/bops"] = float(total["bops"])
-    values["leanlora/bops_vs_lora16"] = round(float(total["bops_vs_lora"]), 6)
-    budget = getattr(shared_state(model).config, "budget", None)  # None where the config has none
-    if isinstance(budget, (int, float)) and not isinstance(budget, bool):
-        values["leanlora/budget"] = float(budget)
-    return values
+    """The adapter's state for a log record, under ``leanlora/`` (:func:`leanlora.train.step_log.adapter_values`,
+    which the CLI loop logs too)."""
+    return adapter_values(unwrap(model))
 
 
 class LeanLoraCallback(TrainerCallback):

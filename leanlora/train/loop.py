@@ -5,6 +5,10 @@ Per optimizer step::
     leanlora.advance(model, step)                      # nested-rank sample, gate temperature
     for each micro-batch:  loss = task_loss + leanlora.regularizer(model);  (loss / n_micro).backward()
     clip_grad_norm_;  AdamW(leanlora.param_groups(...)).step();  scheduler.step()
+    every log_every steps: a record of loss, lr, grad norm, rank, bits and cost (step_log), to report_to
+
+The forward runs under train.precision's autocast (precision.py; fp16 with a gradient scaler), the
+schedule is transformers' (lr_schedule.py), the trackers are tracking.py's.
 
 The data order of epoch e is a permutation seeded by (train.seed, e), so the batches of any
 step are known without replaying the run; with the RNG states in the checkpoint this makes a
@@ -13,7 +17,6 @@ resumed CPU run bit-identical to an uninterrupted one.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -37,10 +40,14 @@ from leanlora.optim import adamw
 from leanlora.train.checkpoint import clean_leftovers, latest_checkpoint, load_checkpoint, save_checkpoint
 from leanlora.train.finite import FiniteGuard, TrainingDiverged, advice
 from leanlora.train.head import require_saved_head
+from leanlora.train.lr_schedule import advance_schedule, build_scheduler
 from leanlora.train.models import load_model, load_tokenizer
+from leanlora.train.precision import check_trainable_dtype, optimizer_step, resolve_precision
 from leanlora.train.resume import check_total, resume_config, retune
 from leanlora.train.runconfig import RunConfig, to_commented_yaml
+from leanlora.train.step_log import last_logged_step, step_record, tracked
 from leanlora.train.tasks import batches, build_task
+from leanlora.train.tracking import open_trackers, resolve_backends
 from leanlora.train.whole_step import graphed_training_step
 
 RUN_CONFIG = "run.yaml"
@@ -74,18 +81,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
-    """Multiplier of the base learning rate at optimizer step ``step`` (0-based)."""
-    if step < warmup:
-        return step / max(1, warmup)
-    if schedule == "constant":
-        return 1.0
-    progress = (step - warmup) / max(1, total - warmup)
-    if schedule == "cosine":
-        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
-    return max(0.0, 1.0 - progress)
-
-
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     """The order of the ``n`` training examples in ``epoch``: a permutation seeded by (seed, epoch)."""
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
@@ -97,12 +92,6 @@ def load_for_run(run: RunConfig, need_train: bool = True):
     task = build_task(run.data, tokenizer, need_train=need_train)
     model = load_model(run.model, run.data.task, task.num_labels, tokenizer)
     return model.to(resolve_device(run.train.device)), tokenizer, task
-
-
-def _autocast(device: torch.device, bf16: bool):
-    if device.type == "cuda" and bf16:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def _better(metric: str, new: float, old: float | None) -> bool:
@@ -134,6 +123,7 @@ def train(run: RunConfig | None, run_dir: str | Path, *, resume: bool = False, p
                           "or choose another --out folder")
     assert run is not None
     tc = run.train
+    backends = resolve_backends(tc.report_to) if dist.is_main_process() else []  # refused before loading
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
     seed_everything(tc.seed)
@@ -147,6 +137,7 @@ def train(run: RunConfig | None, run_dir: str | Path, *, resume: bool = False, p
             run = run.replace(data=dataclasses.replace(run.data, pad_to_multiple_of=run.data.max_length))
             log(f"train.cuda_graph: batches are padded to data.max_length={run.data.max_length}, so that every "
                 "full batch has one shape")
+    precision = resolve_precision(tc, device, log)
     model, tokenizer, task = load_for_run(run)
     run = run.replace(data=task.resolved_config())
     if not resume and dist.is_main_process():
@@ -163,10 +154,9 @@ def train(run: RunConfig | None, run_dir: str | Path, *, resume: bool = False, p
     micro_per_epoch = math.ceil(n / tc.batch_size)
     steps_per_epoch = math.ceil(micro_per_epoch / tc.grad_accum)
     total = tc.max_steps or tc.epochs * steps_per_epoch
-    warmup = math.ceil(tc.warmup_ratio * total)
     optimizer = adamw(leanlora.param_groups(model, tc.lr, tc.weight_decay), lr=tc.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total, warmup, tc.schedule))
+    check_trainable_dtype(precision, optimizer)
+    scheduler = build_scheduler(optimizer, tc, total, log)
     # compiled per decoder layer on CUDA by default; the first step falls back to eager if inductor fails
     compiled = CompiledRegions(model, log=log, mode=tc.compile_mode) if wants_compile(tc.compile, device) else None
     advice = shape_advice(tc.compile_mode, run.data.pad_to_multiple_of, run.data.max_length) if compiled else None
@@ -176,16 +166,19 @@ def train(run: RunConfig | None, run_dir: str | Path, *, resume: bool = False, p
     # the rest stays eager: stacked model-wide (leanlora.priors) it is a dozen kernels, and
     # compiling it would cost a graph as large as the model's gate count for nothing
     prior = dist.regularizer
-    autocast = _autocast(device, tc.bf16)
+    autocast, scaler = precision.autocast(), precision.grad_scaler()
 
     step = 0
-    loop_state = {"best_step": None, "best_score": None, "best_metrics": {}, "history": [], "train_losses": []}
+    loop_state = {"best_step": None, "best_score": None, "best_metrics": {}, "history": [], "train_losses": [],
+                  "log_history": []}
     if checkpoint is not None:
         base_lrs = list(scheduler.base_lrs)  # this run's, before the checkpoint's replace them
         restored = load_checkpoint(checkpoint, model, optimizer, scheduler)
         retune(optimizer, scheduler, base_lrs)  # a changed train.lr or schedule reaches the restored step
-        step, loop_state = restored["step"], restored["loop"]
+        step, loop_state = restored["step"], {"log_history": [], **restored["loop"]}
         check_total(total, step)
+        if scaler is not None and "grad_scaler" in loop_state:
+            scaler.load_state_dict(loop_state["grad_scaler"])
         if dist.is_distributed():  # every rank restored rank 0's generator: split the noise again
             torch.manual_seed(dist.rank_seed(tc.seed + step))
         log(f"resumed {run_dir} at step {step} of {total}" + (f" with {' '.join(overrides)}" if overrides else ""))
@@ -196,13 +189,13 @@ def train(run: RunConfig | None, run_dir: str | Path, *, resume: bool = False, p
     graphed = graphed_training_step(wrapped, task, optimizer, prior, autocast, tc.max_grad_norm, log,
                                     after_update=guard.update) if tc.cuda_graph else None
     result = TrainResult(run_dir=run_dir, steps=step, history=list(loop_state["history"]))
+    trackers = open_trackers(backends, run_dir, resumed_at=step, model=model)
     metric = task.metric
 
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total, initial=step, disable=not progress or not dist.is_main_process(), desc="train",
                dynamic_ncols=True, file=sys.stderr)
-    window: list[float] = []
     order_epoch, order = -1, []
     while step < total:
         started = time.perf_counter()
@@ -230,7 +223,7 @@ def train(run: RunConfig | None, run_dir: str | Path, *, resume: bool = False, p
                 batch = micro_batch(m)
                 with autocast:
                     loss = task.loss(wrapped, batch) + prior(wrapped).to(device)
-                (loss / len(micro)).backward()
+                (loss / len(micro) if scaler is None else scaler.scale(loss / len(micro))).backward()
                 step_loss += loss.detach().float() / len(micro)
             value = guard.fold(step_loss).item()  # NaN too when the last update broke a weight
             if dist.all_reduce_mean(float(math.isfinite(value))) < 1.0:  # every rank stops together
@@ -242,13 +235,20 @@ def train(run: RunConfig | None, run_dir: str | Path, *, resume: bool = False, p
         def graphed_step() -> float:
             """The same step, optimizer included, as one CUDA-graph replay (train.cuda_graph: one
             micro-batch per step, one process)."""
-            value = float(guard.fold(graphed(micro_batch(k))))  # read after the replay: the update has run
+            nonlocal grad_norm
+            out = graphed(micro_batch(k))  # [loss, grad norm], read after the replay: the update has run
+            value, grad_norm = float(guard.fold(out[0])), out[1]
             if not math.isfinite(value):
                 bar.close()
                 guard.raise_if_tripped(step + 1, run_dir, tc.lr)
                 raise _diverged(value, step, epoch, run_dir, tc.lr, updated=True)
             return value
 
+        end_of_epoch = (step + 1) % steps_per_epoch == 0
+        evaluate = bool(task.eval) and ((tc.eval_every and (step + 1) % tc.eval_every == 0)
+                                        or (not tc.eval_every and end_of_epoch) or step + 1 == total)
+        logging = (step + 1) % tc.log_every == 0 or evaluate or step + 1 == total
+        grad_norm = None
         run_step = forward_backward if graphed is None else graphed_step
         if compiled is not None:
             compiled.begin_step()
@@ -257,34 +257,29 @@ def train(run: RunConfig | None, run_dir: str | Path, *, resume: bool = False, p
             step_loss = run_step()
         if graphed is None:
             step_loss = dist.all_reduce_mean(step_loss)
-            if tc.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
-                                               tc.max_grad_norm)
-            optimizer.step()
-            guard.update()
-            optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
+            grad_norm = optimizer_step(optimizer, scaler, tc.max_grad_norm, want_norm=logging,
+                                       after_update=guard.update)
+        advance_schedule(scheduler)
         result.step_seconds.append(time.perf_counter() - started)
         step += 1
         result.losses.append(step_loss)
         loop_state["train_losses"].append(step_loss)
-        window.append(step_loss)
         bar.update(1)
 
-        end_of_epoch = step % steps_per_epoch == 0
-        evaluate = bool(task.eval) and ((tc.eval_every and step % tc.eval_every == 0)
-                                        or (not tc.eval_every and end_of_epoch) or step == total)
-        if step % tc.log_every == 0 or evaluate or step == total:
+        if logging:
             with dist.full_params(wrapped) as plain:
-                gates = leanlora.gate_summary(plain)
-            bar.set_postfix(loss=f"{sum(window) / len(window):.4f}", score=_fmt(loop_state["best_score"]),
-                            rank=f"{gates['rank']:.2f}", bits=f"{gates['bits']:.1f}", refresh=False)
-            window.clear()
+                logged = step_record(step, loop_state["train_losses"], last_logged_step(loop_state["log_history"]),
+                                     optimizer, grad_norm, plain, scaler)
+            loop_state["log_history"].append(logged)
+            for tracker in trackers:
+                tracker.log(tracked(logged), step)
+            bar.set_postfix(loss=f"{logged['loss']:.4f}", score=_fmt(loop_state["best_score"]),
+                            rank=f"{logged['leanlora/rank']:.2f}", bits=f"{logged['leanlora/bits']:.1f}", refresh=False)
         save = (tc.save_every and step % tc.save_every == 0) or (not tc.save_every and evaluate) or step == total
         if evaluate or save:
             guard.raise_if_tripped(step, run_dir, tc.lr)
         if evaluate:
-            scores = task.evaluate(model, tc.eval_batch_size, device, _autocast(device, tc.bf16))
+            scores = task.evaluate(model, tc.eval_batch_size, device, precision.autocast())
             with dist.full_params(wrapped) as plain:
                 record = {"step": step, "epoch": step / steps_per_epoch, **scores, **leanlora.gate_summary(plain)}
             loop_state["history"].append(record)
@@ -295,9 +290,15 @@ def train(run: RunConfig | None, run_dir: str | Path, *, resume: bool = False, p
             bar.set_postfix(loss=f"{step_loss:.4f}", score=_fmt(scores[metric]), rank=f"{record['rank']:.2f}",
                             bits=f"{record['bits']:.1f}", refresh=True)
             log(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in scores.items()))
+            for tracker in trackers:
+                tracker.log({f"eval_{k}": float(v) for k, v in scores.items()}, step)
         if save:
+            if scaler is not None:
+                loop_state["grad_scaler"] = scaler.state_dict()
             save_checkpoint(run_dir, step, model, optimizer, scheduler, loop_state)
     bar.close()
+    for tracker in trackers:
+        tracker.close()
 
     result.steps = step
     result.best_step, result.best_metrics = loop_state["best_step"], loop_state["best_metrics"]
@@ -305,7 +306,8 @@ def train(run: RunConfig | None, run_dir: str | Path, *, resume: bool = False, p
         _load_adapter_tensors(model, run_dir / "best")
     dist.save_adapter(wrapped, run_dir / "adapter")
     summary = {"steps": step, "best_step": result.best_step, "best_metrics": result.best_metrics,
-               "metric": metric, "history": loop_state["history"], "train_losses": loop_state["train_losses"]}
+               "metric": metric, "history": loop_state["history"], "train_losses": loop_state["train_losses"],
+               "log_history": loop_state["log_history"]}
     if dist.is_main_process():
         atomic_write_bytes(run_dir / "metrics.json", json.dumps(summary, indent=2).encode())
     result.model, result.task = model, task

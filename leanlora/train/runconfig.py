@@ -17,6 +17,7 @@ import inspect
 import json
 import re
 import textwrap
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -24,7 +25,9 @@ from typing import Any, Literal
 import yaml
 
 from leanlora.config import AdapterConfig, ConfigError, canonical_keys, check_field_types, from_plain, to_plain
+from leanlora.train import lr_schedule
 from leanlora.train.data import label_text, not_utf8
+from leanlora.train.precision import PRECISIONS
 
 TaskKind = Literal["classification", "regression", "causal_lm"]
 
@@ -146,8 +149,19 @@ class TrainConfig:
     """AdamW decoupled weight decay of the adapter and head groups."""
     warmup_ratio: float = 0.06
     """fraction of the steps with a linear warm-up from 0 (RoBERTa/LoRA GLUE recipe: 0.06)."""
-    schedule: Literal["linear", "cosine", "constant"] = "linear"
-    """learning-rate decay after warm-up."""
+    warmup_steps: int = 0
+    """warm-up length in optimizer steps; > 0 overrides warmup_ratio (as in transformers)."""
+    schedule: str = "linear"
+    """learning-rate schedule, by transformers.get_scheduler's name: linear, cosine,
+    cosine_with_min_lr, cosine_with_restarts, polynomial, constant (with a warm-up: runs as
+    constant_with_warmup), constant_with_warmup, inverse_sqrt, warmup_stable_decay (WSD)."""
+    min_lr_ratio: float = 0.0
+    """cosine_with_min_lr and warmup_stable_decay: the rate decays to this fraction of each group's lr."""
+    decay_ratio: float = 0.1
+    """warmup_stable_decay: fraction of the steps in the final decay; the steps between warm-up
+    and decay keep the full rate."""
+    decay_type: Literal["cosine", "linear", "1-sqrt"] = "cosine"
+    """warmup_stable_decay: the shape of the final decay."""
     max_grad_norm: float = 1.0
     """clip the global gradient norm to this; 0: no clipping."""
     eval_every: int = 0
@@ -157,11 +171,19 @@ class TrainConfig:
     save_every: int = 0
     """write a resumable checkpoint every this-many steps; 0: at every evaluation."""
     log_every: int = 10
-    """steps between progress-bar updates of the loss."""
+    """steps between log records: loss, lr, grad norm, rank, bits and cost, shown on the progress
+    bar, kept in metrics.json (log_history) and sent to report_to."""
+    report_to: tuple[str, ...] = ()
+    """experiment trackers of the log records and evaluations: tensorboard (into RUN/tensorboard),
+    any name transformers integrates (trackio, wandb, mlflow, ...; configured by their environment
+    variables), "all" (every one installed) or "none"."""
     device: str = "auto"
     """"auto" (CUDA when present), "cpu", "cuda", "cuda:1", ..."""
-    bf16: bool = True
-    """bf16 autocast on CUDA (ignored on CPU, where runs stay fp32 and bit-reproducible)."""
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """autocast dtype of forward and loss on the run's device (CPU included): bf16; fp16, with a
+    gradient scaler (steps with inf/NaN gradients are skipped; its state is checkpointed); fp32
+    (no autocast); auto: bf16 on CUDA, fp16 on a CUDA device without bf16, fp32 on CPU (CPU runs
+    stay bit-reproducible). The trained weights stay in adapter.adapter_dtype."""
     compile: bool | Literal["auto"] = "auto"
     """torch.compile each decoder layer: "auto" on CUDA only, true on any device, false never.
     If compiling fails, the first step says why and the run continues eagerly."""
@@ -212,8 +234,8 @@ class TrainConfig:
         _require(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "must be >= 0")
         _require(0 <= self.warmup_ratio < 1, "train.warmup_ratio", self.warmup_ratio, "must be in [0, 1)")
         _require(self.max_grad_norm >= 0, "train.max_grad_norm", self.max_grad_norm, "must be >= 0")
-        _require(self.schedule in ("linear", "cosine", "constant"), "train.schedule", self.schedule,
-                 "allowed: 'linear', 'cosine', 'constant'")
+        _require(self.precision in PRECISIONS, "train.precision", self.precision, f"allowed: {list(PRECISIONS)}")
+        lr_schedule.validate(self)
         _require(re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device) is not None, "train.device",
                  self.device, "allowed: 'auto', 'cpu', 'cuda', 'cuda:N', 'mps'")
 
@@ -263,6 +285,8 @@ def run_from_dict(data: Any, lines: dict[str, int] | None = None, source: str = 
         cls = type(getattr(defaults, name))
         # A section starts from the run's defaults, so a YAML that sets only adapter.r keeps
         # the default target_modules of the default model.
+        if name == "train" and isinstance(section, dict):
+            section = _renamed_train_keys(section, lines, source, overridden)
         try:
             if isinstance(section, dict):  # PEFT's names (lora_alpha) replace the defaults' spelling
                 section = canonical_keys(cls, section, name)
@@ -272,6 +296,25 @@ def run_from_dict(data: Any, lines: dict[str, int] | None = None, source: str = 
             raise ConfigError(_locate(str(err), _error_key(str(err), name, section), lines, source,
                                       overridden)) from None
     return RunConfig(**kwargs)
+
+
+def _renamed_train_keys(section: dict[str, Any], lines: dict[str, int] | None, source: str,
+                        overridden: dict[str, str] | None) -> dict[str, Any]:
+    """``train.bf16`` (a run.yaml of earlier versions) read as ``train.precision``: true meant
+    bf16 autocast on CUDA and fp32 on CPU, which is ``auto``; false meant fp32."""
+    if "bf16" not in section:
+        return section
+    section = dict(section)
+    bf16 = section.pop("bf16")
+    meant = "auto" if bf16 else "fp32"
+    if section.get("precision", meant) != meant:
+        raise ConfigError(_locate(f"train.bf16={bf16!r} contradicts train.precision={section['precision']!r}; "
+                                  "train.bf16 is replaced by train.precision: keep only that",
+                                  "train.bf16", lines, source, overridden))
+    warnings.warn(f"train.bf16 is replaced by train.precision; bf16: {str(bool(bf16)).lower()} reads as "
+                  f"precision: {meant}", FutureWarning, stacklevel=4)
+    section["precision"] = meant
+    return section
 
 
 def _error_key(message: str, section: str, given: Any) -> str:

@@ -25,9 +25,9 @@ def graphed_training_step(model: nn.Module, task, optimizer: torch.optim.Optimiz
                           log: Callable[[str], None] | None = None,
                           after_update: Callable[[], None] | None = None) -> StepGraph:
     """A :class:`StepGraph` whose ``run(batch)`` trains one step of ``task`` on ``batch`` (a dict of
-    device tensors from ``task.collate``) and returns the loss, detached, in float32.
-    ``after_update`` runs inside the graph after the optimizer step (the loop's finite-weight check);
-    it must not read anything back to the host."""
+    device tensors from ``task.collate``) and returns ``[loss, gradient norm before clipping]``,
+    detached, in float32. ``after_update`` runs inside the graph after the optimizer step (the
+    loop's finite-weight check); it must not read anything back to the host."""
     require_sdpa(model, "train.cuda_graph")
     causal = attends_causally(model)
     trained = [p for group in optimizer.param_groups for p in group["params"]]
@@ -40,11 +40,13 @@ def graphed_training_step(model: nn.Module, task, optimizer: torch.optim.Optimiz
             loss = loss + regularizer(model).to(loss.device)
         loss.backward()
         if max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(trained, max_grad_norm)
+            norm = torch.nn.utils.clip_grad_norm_(trained, max_grad_norm)
+        else:  # for the log records; a reduction inside the graph costs no host read
+            norm = torch.nn.utils.get_total_norm([p.grad for p in trained if p.grad is not None])
         optimizer.step()
         if after_update is not None:
             after_update()
         optimizer.zero_grad(set_to_none=True)
-        return loss.detach().float()
+        return torch.stack([loss.detach().float(), norm.detach().float().to(loss.device)])
 
     return StepGraph(step, optimizer, log=log)
