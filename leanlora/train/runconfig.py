@@ -87,6 +87,15 @@ class DataConfig:
     """use the first this-many eval rows after a seeded shuffle; 0: all."""
     subset_seed: int = 0
     """seed of the subset draws (independent of train.seed, so subsets stay put across seeds)."""
+    format: Literal["prompt_response", "alpaca", "sharegpt", "messages"] = "prompt_response"
+    """causal_lm: how a row holds its example: prompt_template + response_column; Alpaca's
+    instruction / input / output; a "messages" list of {role, content}; or a ShareGPT
+    "conversations" list of {from, value}. The loss covers the assistant turns only."""
+    chat_template: bool | Literal["auto"] = "auto"
+    """causal_lm: render examples with the tokenizer's chat template: "auto" when it has one
+    (messages and sharegpt always need one), true, or false (plain prompt text + response + EOS)."""
+    messages_column: str = ""
+    """messages / sharegpt: the column holding the turns; empty: "messages" / "conversations"."""
     prompt_template: str = "{prompt}\n"
     """causal_lm: the prompt, formatted with the row's fields ("{question}\\nAnswer: ")."""
     response_column: str = "response"
@@ -105,6 +114,12 @@ class DataConfig:
         if self.task != "causal_lm":
             _require(1 <= len(self.text_columns) <= 2, "data.text_columns", self.text_columns,
                      "name one column (single sentence) or two (sentence pair)")
+        _require(self.format in ("prompt_response", "alpaca", "sharegpt", "messages"), "data.format", self.format,
+                 "allowed: 'prompt_response', 'alpaca', 'sharegpt', 'messages'")
+        _require(self.chat_template in ("auto", True, False), "data.chat_template", self.chat_template,
+                 "allowed: 'auto', true, false")
+        _require(self.format == "prompt_response" or self.task == "causal_lm", "data.format", self.format,
+                 "only data.task=causal_lm reads instruction formats; a classifier reads data.text_columns")
         _require(self.max_length >= 8, "data.max_length", self.max_length, "must be >= 8")
         _require(self.pad_to_multiple_of >= 0, "data.pad_to_multiple_of", self.pad_to_multiple_of,
                  "must be >= 0 (0: pad to the longest example of the batch)")
@@ -209,9 +224,15 @@ class TrainConfig:
                  self.device, "allowed: 'auto', 'cpu', 'cuda', 'cuda:N', 'mps'")
 
 
-def _default_adapter() -> AdapterConfig:
+def default_modules_to_save(task: str) -> tuple[str, ...]:
+    """The one default of ``adapter.modules_to_save``: a classifier or regressor trains its new
+    head in full (it starts at random); a causal LM keeps its pretrained head frozen."""
+    return () if task == "causal_lm" else ("classifier",)
+
+
+def default_adapter(task: str = "classification") -> AdapterConfig:
     # The default model is the MiniLM BERT: its attention projections are query/key/value.
-    return AdapterConfig(target_modules=("query", "value"), modules_to_save=("classifier",))
+    return AdapterConfig(target_modules=("query", "value"), modules_to_save=default_modules_to_save(task))
 
 
 @dataclass(frozen=True)
@@ -220,8 +241,12 @@ class RunConfig:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    adapter: AdapterConfig = field(default_factory=_default_adapter)
+    adapter: AdapterConfig = None  # type: ignore[assignment]  # None: default_adapter(data.task)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if self.adapter is None:
+            object.__setattr__(self, "adapter", default_adapter(self.data.task))
 
     def to_dict(self) -> dict[str, Any]:
         return to_plain(self)
@@ -247,7 +272,11 @@ def run_from_dict(data: Any, lines: dict[str, int] | None = None, source: str = 
     if unknown:
         raise ConfigError(_locate(f"{unknown[0]}: unknown section; allowed: {sorted(SECTIONS)}",
                                   unknown[0], lines, source, overridden))
-    defaults = RunConfig()
+    # The adapter's defaults follow the task (modules_to_save: the head of a classifier, nothing
+    # for a causal LM); an invalid task is reported by the data section below.
+    task = (data.get("data") or {}).get("task") if isinstance(data.get("data"), dict) else None
+    defaults = RunConfig(data=DataConfig(task=task)) if task in ("classification", "regression", "causal_lm") \
+        else RunConfig()
     kwargs = {}
     for name, section in data.items():
         cls = type(getattr(defaults, name))
