@@ -163,3 +163,18 @@ def test_datasets_folder_and_dataset_object_read_like_the_jsonl(tmp_path):
     datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "dict"))
     with pytest.raises(ConfigError, match=r"it is a DatasetDict: name one split folder.*splits: \['train'\]"):
         CausalLMTask(DataConfig(task="causal_lm", train_file=str(tmp_path / "dict"), format="messages"), tok)
+
+
+def test_holdout_splits_one_file_into_disjoint_train_and_eval(tmp_path):
+    tok = chat_tokenizer()
+    rows = [{"question": f"what is {w} ?", "answer": w} for w in ("two", "three", "four", "five", "six")]
+    path = write_jsonl(tmp_path / "one.jsonl", rows)
+    task = CausalLMTask(DataConfig(task="causal_lm", train_file=path, holdout=2, prompt_template="{question}",
+                                   response_column="answer"), tok)
+    train, held = {e["response"] for e in task.train}, {e["response"] for e in task.eval}
+    assert len(train) == 3 and len(held) == 2 and train | held == {r["answer"] for r in rows}
+    with pytest.raises(ConfigError, match=r"data.holdout=5 leaves no training row"):
+        CausalLMTask(DataConfig(task="causal_lm", train_file=path, holdout=5, prompt_template="{question}",
+                                response_column="answer"), tok)
+    with pytest.raises(ConfigError, match=r"data.holdout=2 is invalid: .*data.eval_file is set too"):
+        DataConfig(task="causal_lm", train_file=path, eval_file=path, holdout=2)

@@ -61,6 +61,9 @@ class DataConfig:
     """.tsv / .csv / .jsonl / .json; "pkg:<package>/<path>" names a file inside an installed package."""
     eval_file: str = ""
     """the dev set, same format; empty: no evaluation (the last step's adapter is kept)."""
+    holdout: int = 0
+    """with no eval_file: hold out this many seeded-random rows of train_file (data.subset_seed) as
+    the eval set; they are left out of training. For data that ships as one file."""
     header: bool = True
     """TSV/CSV only: the first line names the columns; false: columns are named "0", "1", ..."""
     text_columns: tuple[str, ...] = ("sentence",)
@@ -123,6 +126,9 @@ class DataConfig:
         _require(self.max_length >= 8, "data.max_length", self.max_length, "must be >= 8")
         _require(self.pad_to_multiple_of >= 0, "data.pad_to_multiple_of", self.pad_to_multiple_of,
                  "must be >= 0 (0: pad to the longest example of the batch)")
+        _require(self.holdout >= 0, "data.holdout", self.holdout, "must be >= 0")
+        _require(not (self.holdout and self.eval_file), "data.holdout", self.holdout,
+                 "holds rows of train_file out as the eval set; data.eval_file is set too: use one of them")
         _require(self.max_train_examples >= 0, "data.max_train_examples", self.max_train_examples, "must be >= 0")
         _require(self.max_eval_examples >= 0, "data.max_eval_examples", self.max_eval_examples, "must be >= 0")
         _require(self.max_new_tokens >= 1, "data.max_new_tokens", self.max_new_tokens, "must be >= 1")

@@ -47,16 +47,35 @@ Sources = dict[str, Any]   # "train_file" / "eval_file" -> a datasets.Dataset or
 
 
 def _load_rows(cfg: DataConfig, key: str, sources: Sources | None = None) -> tuple[Path, list[Row]]:
-    if sources and key in sources:
-        # given in Python: the name stands in for the file in every error message
-        path = Path(f"<data.{key}: {type(sources[key]).__name__}>")
-        rows = rows_from_records(sources[key], str(path))
+    if cfg.holdout:  # both splits come from train_file
+        path, rows = _read_source(cfg, "train_file", sources)
+        rows = held_out(rows, cfg.holdout, cfg.subset_seed, path)[key == "eval_file"]
     else:
-        path = resolve_data_path(getattr(cfg, key), f"data.{key}")
-        rows = read_rows(path, cfg.header)
+        path, rows = _read_source(cfg, key, sources)
     if not rows:
         raise DataError(f"{path} (data.{key}): the file holds no data rows")
     return path, rows
+
+
+def _read_source(cfg: DataConfig, key: str, sources: Sources | None) -> tuple[Path, list[Row]]:
+    if sources and key in sources:
+        # given in Python: the name stands in for the file in every error message
+        path = Path(f"<data.{key}: {type(sources[key]).__name__}>")
+        return path, rows_from_records(sources[key], str(path))
+    path = resolve_data_path(getattr(cfg, key), f"data.{key}")
+    return path, read_rows(path, cfg.header)
+
+
+def held_out(rows: list[Row], n: int, seed: int, path: Path) -> tuple[list[Row], list[Row]]:
+    """(training rows, the ``n`` rows held out for evaluation), drawn by a seeded shuffle."""
+    if n >= len(rows):
+        raise DataError(f"{path}: data.holdout={n} leaves no training row (the file holds {len(rows)})")
+    kept = {id(r) for r in subset(rows, n, seed + 1)}  # seed + 1: not the draw of max_*_examples
+    return [r for r in rows if id(r) not in kept], [r for r in rows if id(r) in kept]
+
+
+def has_eval(cfg: DataConfig, sources: Sources) -> bool:
+    return bool(cfg.eval_file or cfg.holdout) or "eval_file" in sources
 
 
 def _subset_pairs(pairs: list[tuple[Row, str]], limit: int, seed: int) -> list[tuple[Row, str]]:
@@ -91,7 +110,7 @@ class ClassificationTask:
         if not self.regression and not self.labels:
             raise DataError("data.labels is empty and no training file was read to infer the classes")
         self.eval: list[Example] = []
-        if cfg.eval_file or "eval_file" in self.sources:
+        if has_eval(cfg, self.sources):
             self.eval = self._read("eval_file", cfg.eval_label_column or cfg.label_column, cfg.max_eval_examples)
         self.num_labels = 1 if self.regression else len(self.labels)
         self.metric = cfg.primary_metric
@@ -200,8 +219,7 @@ class CausalLMTask:
         if tokenizer.eos_token_id is None:
             raise DataError("the tokenizer has no end-of-sequence token; causal_lm needs one to end responses")
         self.train = self._read("train_file", cfg.max_train_examples) if need_train else []
-        has_eval = bool(cfg.eval_file) or "eval_file" in self.sources
-        self.eval = self._read("eval_file", cfg.max_eval_examples) if has_eval else []
+        self.eval = self._read("eval_file", cfg.max_eval_examples) if has_eval(cfg, self.sources) else []
         self.metric = cfg.primary_metric
 
     def resolved_config(self) -> DataConfig:
