@@ -178,3 +178,39 @@ def test_holdout_splits_one_file_into_disjoint_train_and_eval(tmp_path):
                                 response_column="answer"), tok)
     with pytest.raises(ConfigError, match=r"data.holdout=2 is invalid: .*data.eval_file is set too"):
         DataConfig(task="causal_lm", train_file=path, eval_file=path, holdout=2)
+
+
+def test_a_packed_batch_has_the_loss_of_the_padded_one(tmp_path):
+    """Examples of different lengths, packed into one row, give the padded batch's loss and logits."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from train_fixtures import tiny_llama_dir
+
+    folder = tiny_llama_dir(tmp_path)
+    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, attn_implementation="sdpa").eval()
+    sums = [[3, 4], [1, 2, 5, 7], [9], [2, 2, 2, 2, 2, 2], [6, 1, 1]]
+    rows = [{"question": "what is " + " plus ".join(map(str, terms)) + " ?", "answer": f"#### {sum(terms)}"}
+            for terms in sums]
+    path = write_jsonl(tmp_path / "a.jsonl", rows)
+    data = dict(task="causal_lm", train_file=path, prompt_template="{question}", response_column="answer",
+                max_length=32)
+    padded = CausalLMTask(DataConfig(**data), tok)
+    packed = CausalLMTask(DataConfig(**data, packing=True), tok)
+    assert len({len(e["input_ids"]) for e in padded.train}) > 1   # lengths differ: padding is real
+    one_row = packed.collate(packed.train)
+    assert one_row["input_ids"].shape == (1, sum(len(e["input_ids"]) for e in packed.train))
+    with torch.no_grad():
+        torch.testing.assert_close(packed.loss(model, one_row), padded.loss(model, padded.collate(padded.train)),
+                                   rtol=1e-5, atol=1e-6)
+        # and each example's logits are its own, as if it were alone
+        first = packed.train[0]["input_ids"]
+        alone = model(input_ids=torch.tensor([first])).logits[0]
+        inside = model(input_ids=one_row["input_ids"], attention_mask=one_row["attention_mask"],
+                       position_ids=one_row["position_ids"]).logits[0, :len(first)]
+        torch.testing.assert_close(inside, alone, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ConfigError, match=r"data.packing=True is invalid: packs causal-LM examples"):
+        DataConfig(packing=True)
+    with pytest.raises(ConfigError, match=r"data.packing=True is invalid: train.cuda_graph"):
+        load_run_config(None, ["data.task=causal_lm", "data.packing=true", "train.cuda_graph=true"])

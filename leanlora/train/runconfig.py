@@ -99,6 +99,9 @@ class DataConfig:
     (messages and sharegpt always need one), true, or false (plain prompt text + response + EOS)."""
     messages_column: str = ""
     """messages / sharegpt: the column holding the turns; empty: "messages" / "conversations"."""
+    packing: bool = False
+    """causal_lm: lay each micro-batch's examples end to end in one row, with no padding; each
+    keeps its own positions and attends only to itself (block-diagonal causal mask, SDPA)."""
     prompt_template: str = "{prompt}\n"
     """causal_lm: the prompt, formatted with the row's fields ("{question}\\nAnswer: ")."""
     response_column: str = "response"
@@ -123,6 +126,8 @@ class DataConfig:
                  "allowed: 'auto', true, false")
         _require(self.format == "prompt_response" or self.task == "causal_lm", "data.format", self.format,
                  "only data.task=causal_lm reads instruction formats; a classifier reads data.text_columns")
+        _require(not self.packing or self.task == "causal_lm", "data.packing", self.packing,
+                 "packs causal-LM examples; a classifier's batch is padded (set it to false)")
         _require(self.max_length >= 8, "data.max_length", self.max_length, "must be >= 8")
         _require(self.pad_to_multiple_of >= 0, "data.pad_to_multiple_of", self.pad_to_multiple_of,
                  "must be >= 0 (0: pad to the longest example of the batch)")
@@ -253,6 +258,8 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.adapter is None:
             object.__setattr__(self, "adapter", default_adapter(self.data.task))
+        _require(not (self.data.packing and self.train.cuda_graph), "data.packing", self.data.packing,
+                 "train.cuda_graph records one padded batch shape; packed batches vary in length (turn one off)")
 
     def to_dict(self) -> dict[str, Any]:
         return to_plain(self)

@@ -26,6 +26,7 @@ from leanlora.train.chat import row_examples
 from leanlora.train.data import (DataError, Row, label_text, read_rows, require_columns, resolve_data_path,
                                  rows_from_records, subset)
 from leanlora.train.metrics import classification_metrics, exact_match, regression_metrics
+from leanlora.train.packed_batch import pack
 from leanlora.train.runconfig import DataConfig
 
 Example = dict[str, Any]
@@ -234,6 +235,8 @@ class CausalLMTask:
         return row_examples(cfg, self.tokenizer, path, rows)
 
     def collate(self, examples: list[Example]) -> dict[str, torch.Tensor]:
+        if self.cfg.packing:
+            return pack(examples)
         ids = [e["input_ids"] for e in examples]
         width = padded_width([len(s) for s in ids], self.cfg.pad_to_multiple_of, self.cfg.max_length)
         return {"input_ids": _pad(ids, self.tokenizer.pad_token_id, width=width),
@@ -241,7 +244,8 @@ class CausalLMTask:
                 "labels": _pad([e["labels"] for e in examples], -100, width=width)}
 
     def _token_loss(self, model: nn.Module, batch: dict[str, torch.Tensor], reduction: str) -> torch.Tensor:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        extra = {"position_ids": batch["position_ids"]} if "position_ids" in batch else {}   # packed
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra).logits
         # position t predicts token t+1; prompt and padding positions carry label -100.
         return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
                                batch["labels"][:, 1:].reshape(-1), ignore_index=-100, reduction=reduction)
