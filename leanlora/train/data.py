@@ -1,4 +1,5 @@
-"""Read labelled rows from TSV, CSV, JSONL or JSON files, keeping each row's line number.
+"""Read labelled rows from TSV, CSV, JSONL or JSON files, or a saved ``datasets`` folder,
+keeping each row's line number (a record's index for datasets).
 
 TSV is read with ``csv.QUOTE_NONE`` (GLUE's sentences hold literal quotes) and every file with
 ``utf-8-sig`` (MRPC starts with a byte-order mark). Errors name the file and the line.
@@ -43,6 +44,8 @@ def resolve_data_path(spec: str, key: str) -> Path:
         path = Path(list(found.submodule_search_locations)[0]) / rel
     else:
         path = Path(spec).expanduser()
+    if path.is_dir() and not spec.startswith("pkg:"):
+        return path  # a datasets folder (Dataset.save_to_disk); read_rows says if it is not one
     if not path.is_file():
         raise DataError(f"{key}={spec!r}: file not found ({path})")
     return path
@@ -50,6 +53,8 @@ def resolve_data_path(spec: str, key: str) -> Path:
 
 def read_rows(path: Path, header: bool = True) -> list[Row]:
     """Every data row of the file; column names come from the header, or are "0", "1", ..."""
+    if path.is_dir():
+        return _read_dataset_folder(path)
     suffix = path.suffix.lower()
     readers = {".tsv": lambda: _read_delimited(path, header, tsv=True),
                ".csv": lambda: _read_delimited(path, header, tsv=False),
@@ -124,6 +129,31 @@ def _read_json(path: Path) -> list[Row]:
     if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
         raise DataError(f"{path}: expected a JSON list of objects")
     return [Row(i + 1, r) for i, r in enumerate(records)]
+
+
+def _read_dataset_folder(path: Path) -> list[Row]:
+    """A folder written by ``datasets.Dataset.save_to_disk``; a DatasetDict's folder holds one per split."""
+    if not (path / "state.json").is_file():
+        splits = sorted(p.name for p in path.iterdir() if (p / "state.json").is_file())
+        raise DataError(f"{path}: a folder is read as a saved datasets.Dataset, but it holds no state.json"
+                        + (f"; it is a DatasetDict: name one split folder, e.g. {path / splits[0]} "
+                           f"(splits: {splits})" if splits else ""))
+    try:
+        from datasets import load_from_disk
+    except ImportError:
+        raise DataError(f"{path}: reading a datasets folder needs the datasets package "
+                        "(pip install 'leanlora[train]')") from None
+    return rows_from_records(load_from_disk(str(path)), str(path))
+
+
+def rows_from_records(records: Any, source: str) -> list[Row]:
+    """Rows of a ``datasets.Dataset`` or any sequence of dicts; ``line`` is the record's 1-based index."""
+    rows = []
+    for i, record in enumerate(records, start=1):
+        if not isinstance(record, dict):
+            raise DataError(f"{source} record {i}: expected a mapping of columns, got {type(record).__name__}")
+        rows.append(Row(i, dict(record)))
+    return rows
 
 
 def column_names(rows: list[Row]) -> list[str]:

@@ -44,6 +44,7 @@ from leanlora.train.lr_schedule import advance_schedule, build_scheduler
 from leanlora.train.models import load_model, load_tokenizer
 from leanlora.train.precision import check_trainable_dtype, optimizer_step, resolve_precision
 from leanlora.train.resume import check_total, resume_config, retune
+from leanlora.train.preflight import check_adapter
 from leanlora.train.runconfig import RunConfig, to_commented_yaml
 from leanlora.train.step_log import last_logged_step, step_record, tracked
 from leanlora.train.tasks import batches, build_task
@@ -86,10 +87,11 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
 
 
-def load_for_run(run: RunConfig, need_train: bool = True):
-    """(model on its device, tokenizer, task) for ``run``, before any adapter is injected."""
+def load_for_run(run: RunConfig, need_train: bool = True, sources: dict[str, Any] | None = None):
+    """(model on its device, tokenizer, task) for ``run``, before any adapter is injected.
+    ``sources`` hands over data in Python (see :func:`leanlora.train.tasks.build_task`)."""
     tokenizer = load_tokenizer(run.model)
-    task = build_task(run.data, tokenizer, need_train=need_train)
+    task = build_task(run.data, tokenizer, need_train=need_train, sources=sources)
     model = load_model(run.model, run.data.task, task.num_labels, tokenizer)
     return model.to(resolve_device(run.train.device)), tokenizer, task
 
@@ -101,12 +103,14 @@ def _better(metric: str, new: float, old: float | None) -> bool:
 
 
 def train(run: RunConfig | None, run_dir: str | Path, *, resume: bool = False, progress: bool = True,
-          log=print, overrides: Sequence[str] = ()) -> TrainResult:
+          log=print, overrides: Sequence[str] = (), sources: dict[str, Any] | None = None) -> TrainResult:
     """Train ``run`` into ``run_dir`` (or continue the run saved there with ``resume=True``, with
     ``overrides`` of the settings :data:`leanlora.train.resume.RESUMABLE`).
 
     ``run_dir`` receives ``run.yaml``, ``checkpoints/``, ``best/`` (the best adapter so far),
     ``adapter/`` (the final adapter: the best one when there is an eval set) and ``metrics.json``.
+    ``sources={"train_file": dataset, "eval_file": dataset}`` trains on ``datasets.Dataset`` objects
+    (or lists of dicts) instead of the files of ``run.data``; a resume needs them again.
     """
     run_dir = Path(run_dir)
     if not dist.is_main_process():
@@ -138,7 +142,8 @@ def train(run: RunConfig | None, run_dir: str | Path, *, resume: bool = False, p
             log(f"train.cuda_graph: batches are padded to data.max_length={run.data.max_length}, so that every "
                 "full batch has one shape")
     precision = resolve_precision(tc, device, log)
-    model, tokenizer, task = load_for_run(run)
+    check_adapter(run)  # a pattern that matches nothing fails here, before weights and data load
+    model, tokenizer, task = load_for_run(run, sources=sources)
     run = run.replace(data=task.resolved_config())
     if not resume and dist.is_main_process():
         atomic_write_bytes(run_dir / RUN_CONFIG, to_commented_yaml(run).encode())

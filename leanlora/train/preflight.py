@@ -1,0 +1,73 @@
+"""Check a run's adapter against its model before any weight or data is read.
+
+Loading a model (and above all dequantizing a GGUF file) and tokenizing a data set take
+minutes on a CPU; a misspelt ``target_modules`` or ``modules_to_save`` should not cost them.
+The model is built from its config alone on the ``meta`` device (no storage, no weights) and
+the same name matching as :func:`leanlora.inject` runs on it, so a pattern that matches nothing
+fails here with inject's own message and the names the model does have.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from leanlora.config import ConfigError
+from leanlora.inject import InjectError, _check_shape, _modules_to_save, find_targets
+from leanlora.train.models import model_config
+from leanlora.train.runconfig import RunConfig
+
+
+class PreflightError(ConfigError):
+    """The adapter does not fit the model; found on the model's skeleton, before loading it."""
+
+
+def skeleton(run: RunConfig, num_labels: int = 2) -> nn.Module:
+    """The run's model with its task head, built from its config on the meta device (no weights)."""
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    config = model_config(run.model)
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        with torch.device("meta"):
+            if run.data.task == "causal_lm":
+                return AutoModelForCausalLM.from_config(config)
+            head_config = type(config).from_dict({**config.to_dict(), "num_labels": max(1, num_labels)})
+            return AutoModelForSequenceClassification.from_config(head_config)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+
+
+def task_head(model: nn.Module) -> list[str]:
+    """The top-level modules with weights outside the pretrained body: a classifier's new head."""
+    body = getattr(model, "base_model_prefix", "")
+    return [name for name, child in model.named_children()
+            if name != body and any(True for _ in child.parameters())]
+
+
+def check_adapter(run: RunConfig, model: nn.Module | None = None) -> None:
+    """Raise PreflightError when ``run.adapter`` would fail :func:`leanlora.inject` on the run's model."""
+    model = skeleton(run) if model is None else model
+    adapter = run.adapter
+    try:
+        targets = find_targets(model, adapter)
+        modules = dict(model.named_modules())
+        for name in targets:
+            _check_shape(name, modules[name], adapter)
+        _modules_to_save(model, adapter)
+    except (InjectError, ConfigError) as err:
+        where = f"model.path={run.model.path!r} ({type(model).__name__}), checked before loading its weights"
+        hint = ""
+        head = task_head(model)
+        if "modules_to_save" in str(err) and run.data.task != "causal_lm" and head:
+            hint = f"; this model's {run.data.task} head is {head}: set adapter.modules_to_save={head}"
+        elif "modules_to_save" in str(err) and run.data.task == "causal_lm":
+            hint = "; a causal LM needs none (adapter.modules_to_save=[] is the default for data.task=causal_lm)"
+        message = str(err)
+        keyed = message.split(" ", 1)[0].split("=", 1)[0].split(".", 1)[0] in _ADAPTER_KEYS
+        raise PreflightError(f"adapter{'.' if keyed else ': '}{message} [{where}]{hint}") from None
+
+
+_ADAPTER_KEYS = {"target_modules", "exclude_modules", "modules_to_save", "r", "bank", "nf4"}
