@@ -30,7 +30,7 @@ def test_skeleton_is_weightless_and_names_the_head(tmp_path):
     assert type(model).__name__ == "LlamaForSequenceClassification"
     assert all(p.is_meta for p in model.parameters())
     assert task_head(model) == ["score"]
-    with pytest.raises(PreflightError, match=r"adapter.modules_to_save pattern 'classifier' matches no module.*"
+    with pytest.raises(PreflightError, match=r"adapter.modules_to_save entry 'classifier' matches no module.*"
                                              r"this model's classification head is \['score'\]"):
         check_adapter(run, model)
     check_adapter(run.replace(adapter=run.adapter.__class__(target_modules=("q_proj",),
@@ -39,8 +39,8 @@ def test_skeleton_is_weightless_and_names_the_head(tmp_path):
 
 @pytest.mark.parametrize("override,message", [
     ("adapter.modules_to_save=[classifier]",
-     r"adapter.modules_to_save pattern 'classifier' matches no module.*a causal LM needs none"),
-    ("adapter.target_modules=[q_prj]", r"adapter.target_modules pattern 'q_prj' matches no module.*q_proj"),
+     r"adapter.modules_to_save entry 'classifier' matches no module.*a causal LM needs none"),
+    ("adapter.target_modules=[q_prj]", r"adapter.target_modules entry 'q_prj' matches no module.*q_proj"),
     ("adapter.r=100", r"adapter.r=100 is invalid for module"),
 ])
 def test_cli_stops_before_loading_anything(tmp_path, monkeypatch, capsys, override, message):

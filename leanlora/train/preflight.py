@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from leanlora.config import ConfigError
-from leanlora.inject import InjectError, _check_shape, _modules_to_save, find_targets
+from leanlora.inject import InjectError, _check_shape
+from leanlora.targets import find_modules_to_save, find_targets
 from leanlora.train.models import model_config
 from leanlora.train.runconfig import RunConfig
 
@@ -56,7 +57,7 @@ def check_adapter(run: RunConfig, model: nn.Module | None = None) -> None:
         modules = dict(model.named_modules())
         for name in targets:
             _check_shape(name, modules[name], adapter)
-        _modules_to_save(model, adapter)
+        find_modules_to_save(model, adapter)
     except (InjectError, ConfigError) as err:
         where = f"model.path={run.model.path!r} ({type(model).__name__}), checked before loading its weights"
         hint = ""
