@@ -26,7 +26,7 @@ from leanlora.inject import (
     unload,
     unmerge,
 )
-from leanlora.io import AdapterLoadError, load, save
+from leanlora.io import AdapterError, AdapterLoadError, AdapterSaveError, BaseMismatchError, load, save
 from leanlora.layer import AdaptedLinear, MergeError
 from leanlora.optim import param_groups
 from leanlora.report import write_report  # matplotlib is imported only when plotting
@@ -40,7 +40,10 @@ __all__ = [
     "AdaptedLinear",
     "CostReport",
     "AdapterConfig",
+    "AdapterError",
     "AdapterLoadError",
+    "AdapterSaveError",
+    "BaseMismatchError",
     "BankConfig",
     "ConfigError",
     "GatedConfig",
