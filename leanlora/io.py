@@ -27,7 +27,7 @@ from leanlora.base_check import check_architecture, check_module_shapes, record_
 from leanlora.checksum import CHECKSUM_KEY, CONFIG_CHECKSUM_KEY, config_sha256, tensors_sha256
 from leanlora.config import AdapterConfig, ConfigError
 from leanlora.finite import first_nonfinite
-from leanlora.inject import SHARED_ATTR, adapted_layers, inject, shared_state, unload
+from leanlora.inject import SHARED_ATTR, InjectError, adapted_layers, inject, shared_state, unload
 
 FORMAT = "leanlora-adapter"
 FORMAT_VERSION = 1
@@ -79,14 +79,14 @@ def save(model: nn.Module, directory: str | os.PathLike, *, topk_only: bool = Fa
     """
     directory = Path(directory)
     state = adapter_state_dict(model)
-    bad = first_nonfinite(state.items())
-    if bad is not None:
-        raise AdapterSaveError(f"{directory}: not written: adapter tensor {bad[0]!r} holds {bad[1]} "
-                               "(the training diverged; save an earlier, finite state)")
     if topk_only:
         from leanlora.factors.bank_storage import pack_state
 
         state = pack_state(model, state)
+    bad = first_nonfinite(state.items())
+    if bad is not None:
+        raise AdapterSaveError(f"{directory}: not written: adapter tensor {bad[0]!r} holds {bad[1]} "
+                               "(the training diverged; save an earlier, finite state)")
     meta = adapter_meta(model, topk_only)
     metadata = {"format": FORMAT, CONFIG_CHECKSUM_KEY: config_sha256(meta)}
     with atomic_folder(directory, owned=(CONFIG_NAME, WEIGHTS_NAME)) as tmp:
@@ -200,7 +200,11 @@ def load(model: nn.Module, directory: str | os.PathLike, *, check_base: bool = T
     check_module_shapes(model, meta, directory)
     matched = verify_base(model, meta, directory) if check_base else {}
     targets = set(meta["modules"])
-    inject(model, config, filter_fn=lambda _m, name: name in targets, quantize_base=False)
+    try:
+        inject(model, config, filter_fn=lambda _m, name: name in targets, quantize_base=False)
+    except (InjectError, ConfigError) as err:
+        raise AdapterLoadError(f"{directory}: the adapter's config does not apply to this model: {err}") from None
+    _check_finite(tensors, directory)
     try:
         tensors = _unpack_bank(model, meta, tensors, directory, trainable)
         _restore_tensors(model, meta, tensors, directory)
@@ -236,14 +240,13 @@ def _unpack_bank(model: nn.Module, meta: dict[str, Any], tensors: dict[str, torc
         return tensors
     from leanlora.factors.bank_storage import unpack_state
 
-    _check_tensors(tensors, directory)  # unpack computes with them: no NaN/int surprises first
     try:
         return unpack_state(model, tensors, trainable=trainable)
     except (ValueError, KeyError, IndexError, RuntimeError) as err:
         raise AdapterLoadError(f"{directory / WEIGHTS_NAME}: {err}") from None
 
 
-def _check_tensors(tensors: dict[str, torch.Tensor], directory: Path) -> None:
+def _check_finite(tensors: dict[str, torch.Tensor], directory: Path) -> None:
     bad = first_nonfinite(tensors.items())
     if bad is not None:
         raise AdapterLoadError(f"{directory / WEIGHTS_NAME}: tensor {bad[0]!r} holds {bad[1]}; "
@@ -292,7 +295,6 @@ def _restore_tensors(model: nn.Module, meta: dict[str, Any], tensors: dict[str, 
                                                                    and got.dtype != want.dtype):
             kind = "a floating-point tensor" if want.is_floating_point() else f"dtype {want.dtype}"
             raise AdapterLoadError(f"{path}: tensor {key!r} is {got.dtype}; {kind} was expected")
-    _check_tensors(tensors, directory)
     with torch.no_grad():
         for key, want in expected.items():
             want.copy_(tensors[key].to(want.dtype))
