@@ -199,12 +199,12 @@ def load(model: nn.Module, directory: str | os.PathLike, *, check_base: bool = T
         check_architecture(model, meta, directory)
     check_module_shapes(model, meta, directory)
     matched = verify_base(model, meta, directory) if check_base else {}
+    _check_finite(tensors, directory)
     targets = set(meta["modules"])
     try:
         inject(model, config, filter_fn=lambda _m, name: name in targets, quantize_base=False)
     except (InjectError, ConfigError) as err:
         raise AdapterLoadError(f"{directory}: the adapter's config does not apply to this model: {err}") from None
-    _check_finite(tensors, directory)
     try:
         tensors = _unpack_bank(model, meta, tensors, directory, trainable)
         _restore_tensors(model, meta, tensors, directory)

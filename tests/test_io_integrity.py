@@ -222,8 +222,10 @@ def test_bad_tensor_values_and_kinds_are_refused_with_the_tensor_name(tmp_path, 
     else:
         tensors[key] = torch.full(tensors[key].shape, value)
     leanlora.io.atomic_save_tensors(tensors, f, metadata={"format": "leanlora-adapter"})  # a valid checksum
+    model = tiny_llama()
     with pytest.raises(leanlora.AdapterLoadError, match=rf"tensor '{key}' {message}"):
-        leanlora.load(tiny_llama(), path)
+        leanlora.load(model, path)
+    assert not hasattr(model, "leanlora_shared")
 
 
 # --- non-finite adapters are never written ----------------------------------------------------

@@ -10,7 +10,8 @@ An input's first byte picks how it is read (:class:`InputReader` turns the rest 
   1  1-3 edits of the JSON of a valid adapter (a key replaced, deleted, or set to another type),
      with or without the checksums in the tensor file;
   2  an edit of the safetensors header of a valid adapter (dtype, shape, offsets, names, metadata);
-  3  bytes of a valid adapter's files overwritten in place, at the same length.
+  3  bytes of a valid adapter's files overwritten in place, at the same length;
+  2 and 3 also with the checksums removed, so that the checks behind them are reached too.
 
     python tests/fuzz/fuzz_adapter_load.py CORPUS_DIR -runs=10000   # atheris / libFuzzer
     python tests/fuzz/fuzz_adapter_load.py --write-corpus DIR        # the raw seed entries
@@ -175,6 +176,8 @@ def decode(data: bytes) -> tuple[bytes, bytes]:
         if r.byte() % 2:
             weights = _strip_checksums(weights)
         return _edit_json(r, config), weights
+    if r.byte() % 2:  # as a file without checksums: the edit must be caught by the checks behind them
+        weights = _strip_checksums(weights)
     if mode == 2:
         return config, _edit_header(r, weights)
     if r.byte() % 4 == 0:
