@@ -1,81 +1,118 @@
-"""leanlora: self-sizing low-rank adapters (LoRA, VB-LoRA, QDyLoRA, B-LoRA) for PyTorch models."""
+"""leanlora: self-sizing low-rank adapters (LoRA, VB-LoRA, QDyLoRA, B-LoRA) for PyTorch models.
 
-from leanlora.base.nf4 import quantize_bases
-from leanlora.config import (
-    AdapterConfig,
-    BankConfig,
-    ConfigError,
-    GatedConfig,
-    NestedConfig,
-    NF4Config,
-    QuantConfig,
-)
-from leanlora.cost import CostReport, cost_report
-from leanlora import distributed  # torchrun / accelerate launch: DDP and FSDP2 (leanlora.distributed.wrap)
-from leanlora.export import export_peft
-from leanlora.finalize import finalize
-from leanlora.factors.bank_storage import topk_stored_bytes
-from leanlora.inject import (
-    InjectError,
-    adapted_layers,
-    disable_adapters,
-    inject,
-    merge,
-    merge_and_unload,
-    trainable_parameters,
-    unload,
-    unmerge,
-)
-from leanlora.io import AdapterError, AdapterLoadError, AdapterSaveError, BaseMismatchError, load, save
-from leanlora.layer import AdaptedLinear, MergeError
-from leanlora.optim import param_groups
-from leanlora.report import write_report  # matplotlib is imported only when plotting
-from leanlora.schedule import advance, regularizer
-from leanlora.summary import gate_summary
-from leanlora.sweep import SweepResult, export_rank, plot_sweep, set_rank, sweep_ranks
+The public names below are imported on first use (PEP 562), so that `import leanlora` and the
+command line's `--help` do not pay for torch, transformers and torchao until something needs them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "AdaptedLinear",
-    "CostReport",
-    "AdapterConfig",
-    "AdapterError",
-    "AdapterLoadError",
-    "AdapterSaveError",
-    "BaseMismatchError",
-    "BankConfig",
-    "ConfigError",
-    "GatedConfig",
-    "InjectError",
-    "MergeError",
-    "NF4Config",
-    "NestedConfig",
-    "QuantConfig",
-    "SweepResult",
-    "adapted_layers",
-    "cost_report",
-    "advance",
-    "disable_adapters",
-    "distributed",
-    "export_peft",
-    "finalize",
-    "export_rank",
-    "gate_summary",
-    "inject",
-    "load",
-    "merge",
-    "merge_and_unload",
-    "param_groups",
-    "plot_sweep",
-    "quantize_bases",
-    "regularizer",
-    "write_report",
-    "save",
-    "set_rank",
-    "sweep_ranks",
-    "topk_stored_bytes",
-    "trainable_parameters",
-    "unload",
-    "unmerge",
-]
+# public name -> module that defines it
+_EXPORTS = {
+    "AdaptedLinear": "leanlora.layer",
+    "MergeError": "leanlora.layer",
+    "AdapterConfig": "leanlora.config",
+    "DEFAULT_TARGET_MODULES": "leanlora.config",
+    "BankConfig": "leanlora.config",
+    "ConfigError": "leanlora.config",
+    "GatedConfig": "leanlora.config",
+    "NestedConfig": "leanlora.config",
+    "NF4Config": "leanlora.config",
+    "QuantConfig": "leanlora.config",
+    "CostReport": "leanlora.cost",
+    "cost_report": "leanlora.cost",
+    "InjectError": "leanlora.inject",
+    "adapted_layers": "leanlora.inject",
+    "disable_adapters": "leanlora.inject",
+    "get_model": "leanlora.inject",
+    "inject": "leanlora.inject",
+    "merge": "leanlora.inject",
+    "merge_and_unload": "leanlora.inject",
+    "trainable_parameters": "leanlora.inject",
+    "unload": "leanlora.inject",
+    "unmerge": "leanlora.inject",
+    "quantize_bases": "leanlora.base.nf4",
+    "ExportError": "leanlora.export",
+    "export": "leanlora.export",
+    "export_peft": "leanlora.export",
+    "export_merged": "leanlora.export_merged",
+    "finalize": "leanlora.finalize",
+    "topk_stored_bytes": "leanlora.factors.bank_storage",
+    "AdapterError": "leanlora.io",
+    "AdapterLoadError": "leanlora.io",
+    "AdapterSaveError": "leanlora.io",
+    "BaseMismatchError": "leanlora.io",
+    "load": "leanlora.io",
+    "save": "leanlora.io",
+    "param_groups": "leanlora.optim",
+    "write_report": "leanlora.report",
+    "advance": "leanlora.schedule",
+    "regularizer": "leanlora.schedule",
+    "gate_summary": "leanlora.summary",
+    "SweepResult": "leanlora.sweep",
+    "export_rank": "leanlora.sweep",
+    "plot_sweep": "leanlora.sweep",
+    "set_rank": "leanlora.sweep",
+    "sweep_ranks": "leanlora.sweep",
+}
+_SUBMODULES = {"distributed"}  # torchrun / accelerate launch: DDP and FSDP2 (leanlora.distributed.wrap)
+
+__all__ = sorted([*_EXPORTS, *_SUBMODULES])
+
+
+class _Package(types.ModuleType):
+    """Keeps a public function bound when its submodule of the same name is imported.
+
+    Importing ``leanlora.inject`` makes Python set the package attribute ``inject`` to that
+    submodule; with eager imports the function rebound it afterwards. Here the function takes the
+    place of the module as soon as the module is set.
+    """
+
+    def __setattr__(self, name: str, value) -> None:
+        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == f"leanlora.{name}":
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"leanlora.{name}")
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'leanlora' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
+
+if TYPE_CHECKING:  # static type checkers and IDEs see the eager imports
+    from leanlora import distributed
+    from leanlora.base.nf4 import quantize_bases
+    from leanlora.config import DEFAULT_TARGET_MODULES, AdapterConfig, BankConfig, ConfigError, GatedConfig, NestedConfig, NF4Config, QuantConfig
+    from leanlora.cost import CostReport, cost_report
+    from leanlora.export import ExportError, export, export_peft
+    from leanlora.export_merged import export_merged
+    from leanlora.factors.bank_storage import topk_stored_bytes
+    from leanlora.finalize import finalize
+    from leanlora.inject import (InjectError, adapted_layers, disable_adapters, get_model, inject, merge, merge_and_unload,
+                                 trainable_parameters, unload, unmerge)
+    from leanlora.io import AdapterError, AdapterLoadError, AdapterSaveError, BaseMismatchError, load, save
+    from leanlora.layer import AdaptedLinear, MergeError
+    from leanlora.optim import param_groups
+    from leanlora.report import write_report
+    from leanlora.schedule import advance, regularizer
+    from leanlora.summary import gate_summary
+    from leanlora.sweep import SweepResult, export_rank, plot_sweep, set_rank, sweep_ranks

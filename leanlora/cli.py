@@ -3,9 +3,12 @@
     leanlora demo                                    # MiniLM + B-LoRA on a BoolQ subset, CPU, minutes
     leanlora train run.yaml adapter.r=8 train.lr=2e-4 --out runs/a
     leanlora train --resume runs/a                   # continue after a crash or a kill
+    leanlora train --resume runs/a train.lr=1e-4     # ... with a lower learning rate (lr, schedule, length, cadence)
     leanlora train --print-config > run.yaml         # every option, commented
     leanlora eval runs/a                             # score runs/a/adapter on data.eval_file
     leanlora export runs/a --out peft/ --format peft # a PEFT LoRA adapter (per-module ranks)
+    leanlora export runs/a --out lora/ --format peft-uniform  # one rank: vLLM, llama.cpp, any LoRA runtime
+    leanlora export runs/a --out full/ --format merged        # the whole model, adapter folded in
     leanlora sweep runs/a --ranks 1,2,4,8            # nested ranks: score at each rank
     leanlora report runs/a                           # cost table and rank/bit plot
 """
@@ -45,14 +48,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         sys.stdout.write(to_commented_yaml(load_run_config(config, overrides)))
         return 0
     if args.resume:
-        if config or overrides:
-            raise CLIError("--resume continues the run saved in the folder with its own run.yaml; "
-                           "give no config file or overrides")
-        result = train(None, args.resume, resume=True, progress=not args.no_progress)
+        if config:
+            raise CLIError(f"--resume continues the run saved in the folder with its own run.yaml; drop {config} "
+                           "(settings that may change, such as train.lr=..., can follow as overrides)")
+        result = train(None, args.resume, resume=True, progress=not args.no_progress, overrides=overrides)
     else:
         if args.out is None:
             raise CLIError("name the run folder with --out DIR (checkpoints, best/ and adapter/ go there)")
-        result = train(load_run_config(config, overrides), args.out, progress=not args.no_progress)
+        run = load_run_config(config, overrides)
+        _require_writable(Path(args.out), "--out")
+        result = train(run, args.out, progress=not args.no_progress)
     from leanlora import distributed
 
     with distributed.full_params(result.model) as plain:  # whole adapter tensors under FSDP2
@@ -61,6 +66,28 @@ def cmd_train(args: argparse.Namespace) -> int:
         _print_result(result)
         print(table)
     return 0
+
+
+def _require_writable(folder: Path, option: str) -> None:
+    """Fail before any model or data loads when ``folder`` cannot be created or written."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".leanlora-write-check.tmp"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise CLIError(f"{option} {folder}: cannot write there ({err.strerror or err})") from None
+
+
+def _parse_ranks(text: str) -> list[int]:
+    """``--ranks 1,2,4``: positive integers."""
+    try:
+        ranks = [int(r) for r in text.split(",") if r.strip()]
+    except ValueError:
+        raise CLIError(f"--ranks {text!r}: expected comma-separated integers, e.g. --ranks 1,2,4,8") from None
+    if not ranks or min(ranks) < 1:
+        raise CLIError(f"--ranks {text!r}: every rank must be an integer >= 1")
+    return ranks
 
 
 def _print_result(result) -> None:
@@ -118,16 +145,13 @@ def cmd_export(args: argparse.Namespace) -> int:
         finalize(model)  # prune closed gates, fix learned bit-widths before writing
     out = Path(args.out)
     try:
-        if args.format == "peft":
-            leanlora.export_peft(model, out)
-        elif args.format == "leanlora":
+        if args.format == "leanlora":
             leanlora.save(model, out)
+        else:  # the run's model is not needed afterwards: a merged export folds into it, no copy
+            leanlora.export(model, out, args.format, modules_to_save=True if args.with_modules_to_save else None,
+                            tokenizer=tokenizer, in_place=True)
     except leanlora.AdapterSaveError as err:
         raise CLIError(str(err)) from None
-    if args.format == "merged":
-        merged = leanlora.merge_and_unload(model)
-        merged.save_pretrained(out)
-        tokenizer.save_pretrained(out)
     print(f"wrote a {args.format} {'model' if args.format == 'merged' else 'adapter'} to {out}")
     return 0
 
@@ -140,10 +164,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if sweep_ranks is None:
         raise CLIError("leanlora.sweep_ranks is not available in this install (it comes with nested ranks, "
                        "QDyLoRA); `leanlora sweep` needs it")
+    ranks = _parse_ranks(args.ranks) if args.ranks else None
     run, model, _, task = load_trained(args.run_dir, args.overrides, args.adapter, check_base=not args.no_base_check)
     if run.adapter.ranks != "nested":
         raise CLIError(f"{args.run_dir} trained adapter.ranks={run.adapter.ranks!r}; a rank sweep needs one "
                        "adapter trained with adapter.ranks=nested")
+    if ranks and max(ranks) > run.adapter.r:
+        raise CLIError(f"--ranks {args.ranks!r}: {max(ranks)} is above the adapter's rank adapter.r={run.adapter.r}; "
+                       f"allowed: 1..{run.adapter.r}")
     if not task.eval:
         raise CLIError("data.eval_file is empty; the sweep scores the eval set at each rank")
     device = resolve_device(run.train.device)
@@ -151,7 +179,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     def eval_fn(m) -> float:
         return task.evaluate(m, run.train.eval_batch_size, device)[task.metric]
 
-    ranks = [int(r) for r in args.ranks.split(",")] if args.ranks else None
     result = sweep_ranks(model, eval_fn, ranks, tolerance=args.tolerance,
                          higher_is_better=task.metric != "loss", metric=task.metric)
     print(result.table())
@@ -174,11 +201,16 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise CLIError("leanlora.report.write_report is not available in this install; "
                        "`leanlora report` needs it") from None
     # The report needs the adapter only (shapes, ranks, bits), not the base model.
+    from leanlora.io import CONFIG_NAME, LEGACY_CONFIG_NAME
+
+    def holds_adapter(path: Path) -> bool:
+        return (path / CONFIG_NAME).is_file() or (path / LEGACY_CONFIG_NAME).is_file()
+
     folder = Path(args.adapter or args.run_dir)
-    if not (folder / "adapter_config.json").is_file():
+    if not holds_adapter(folder):
         folder = folder / "adapter"
-    if not (folder / "adapter_config.json").is_file():
-        raise CLIError(f"{args.run_dir}: neither it nor its adapter/ holds adapter_config.json")
+    if not holds_adapter(folder):
+        raise CLIError(f"{args.run_dir}: neither it nor its adapter/ holds {CONFIG_NAME}")
     paths = write_report(folder, args.out or Path(args.run_dir) / "report")
     print(Path(paths["table"]).read_text().rstrip())
     print("written: " + ", ".join(str(p) for p in paths.values()))
@@ -220,9 +252,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = trained("eval", "score a trained adapter on the eval set")
     p.set_defaults(func=cmd_eval)
-    p = trained("export", "write the adapter as PEFT LoRA, leanlora, or a merged model")
+    p = trained("export", "write the adapter as PEFT LoRA (per-module or uniform rank), leanlora, or a merged model")
     p.add_argument("--out", required=True)
-    p.add_argument("--format", choices=("peft", "leanlora", "merged"), default="peft")
+    p.add_argument("--format", choices=("peft", "peft-uniform", "merged", "leanlora"), default="peft",
+                   help="peft: per-module ranks (rank_pattern/alpha_pattern; PEFT loads it exactly); "
+                        "peft-uniform: one rank, scales folded into B, no patterns (any LoRA runtime); "
+                        "merged: the full model as safetensors (an NF4 base is dequantized); "
+                        "leanlora: leanlora's own files")
+    p.add_argument("--with-modules-to-save", action="store_true",
+                   help="peft-uniform: write modules_to_save too (PEFT loads them, vLLM refuses them); "
+                        "without it such an adapter is refused")
     p.set_defaults(func=cmd_export)
     p = trained("sweep", "score one nested-rank adapter at several ranks")
     p.add_argument("--ranks", help="comma-separated ranks (default 1..r)")
@@ -249,9 +288,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from leanlora.config import ConfigError
-    from leanlora.io import AdapterLoadError
-
     parser = build_parser()
     # Positionals may follow options (`train --out d cfg.yaml train.lr=1e-4`): collect the leftovers.
     args, extra = parser.parse_known_args(argv)
@@ -265,17 +301,31 @@ def main(argv: list[str] | None = None) -> int:
             args.overrides = list(args.overrides) + extra
     try:
         return args.func(args)
-    except (CLIError, ConfigError, AdapterLoadError) as err:
-        print(f"leanlora {args.command}: error: {err}", file=sys.stderr)
+    except _user_errors() as err:
+        print(f"leanlora {args.command}: error: {_describe(err)}", file=sys.stderr)
         return 2
-    except RuntimeError as err:
-        from leanlora.train.checkpoint import CheckpointError
-        from leanlora.train.loop import TrainingDiverged
 
-        if isinstance(err, (TrainingDiverged, CheckpointError)):
-            print(f"leanlora {args.command}: error: {err}", file=sys.stderr)
-            return 3
-        raise
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """What a command reports as a one-line error (exit 2) instead of a traceback: leanlora's own
+    errors, each naming the key, file or module, and the operating system's (a folder that cannot
+    be written, a full disk), which name the path."""
+    from leanlora.config import ConfigError
+    from leanlora.export import ExportError
+    from leanlora.inject import InjectError
+    from leanlora.io import AdapterLoadError
+    from leanlora.layer import MergeError
+    from leanlora.train.checkpoint import CheckpointError
+    from leanlora.train.finite import TrainingDiverged
+
+    return (CLIError, ConfigError, AdapterLoadError, ExportError, InjectError, MergeError, CheckpointError, TrainingDiverged,
+            OSError)
+
+
+def _describe(err: BaseException) -> str:
+    if isinstance(err, OSError) and err.strerror:
+        return f"{err.filename}: {err.strerror}" if err.filename else err.strerror
+    return str(err)
 
 
 def entry() -> None:

@@ -8,10 +8,14 @@ classes: :mod:`leanlora.build` turns them into flat constructor arguments.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
+import numbers
 import types
 import typing
-from dataclasses import dataclass, field
-from typing import Any, Literal
+import re
+from dataclasses import InitVar, dataclass, field
+from typing import Any, ClassVar, Literal
 
 FactorKind = Literal["dense", "bank"]
 RankKind = Literal["fixed", "nested", "gated"]
@@ -19,6 +23,15 @@ PrecisionKind = Literal["float", "fixed", "learned"]
 BaseKind = Literal["dense", "nf4"]
 
 ALLOWED_BITS = (2, 4, 8, 16, 32)
+
+ALL_LINEAR = "all-linear"
+DEFAULT_TARGET_MODULES = ("q_proj", "v_proj", "query", "value", "c_attn")
+"""target_modules=None: the attention query and value projections (Llama/Mistral/Qwen/OPT name
+them q_proj/v_proj, BERT/RoBERTa query/value, GPT-2 fuses them in c_attn); entries a model lacks
+are skipped."""
+
+PEFT_ALIASES = {"lora_alpha": "alpha", "lora_dropout": "dropout"}
+"""PEFT's names of AdapterConfig fields, accepted in Python, YAML and adapter files."""
 
 
 class ConfigError(ValueError):
@@ -28,6 +41,44 @@ class ConfigError(ValueError):
 def _require(ok: bool, name: str, value: Any, allowed: str) -> None:
     if not ok:
         raise ConfigError(f"{name}={value!r} is invalid: {allowed}")
+
+
+@functools.cache
+def _field_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_field_types(obj: Any, prefix: str) -> None:
+    """Refuse a value of the wrong kind in a config built directly (the API; YAML and dicts go
+    through :func:`from_plain`), naming the field: a string where a number belongs would otherwise
+    fail later as a TypeError, or pass as truthy. Numbers must be finite: no setting means
+    anything at NaN or infinity (a learning rate or alpha of inf trains NaN weights)."""
+    for f in dataclasses.fields(obj):
+        hint, value, name = _field_hints(type(obj))[f.name], getattr(obj, f.name), prefix + f.name
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1:
+            if value is None:
+                continue
+            hint = args[0]  # an optional field: its type when set
+        if hint is float:
+            real = isinstance(value, numbers.Real) and not isinstance(value, bool)
+            _require(real and math.isfinite(value), name, value,
+                     "must be a finite number" if real else f"must be a number, not a {type(value).__name__}")
+        elif hint is int:
+            _require(_is_int(value), name, value, f"must be an integer, not a {type(value).__name__}")
+        elif hint is bool:
+            _require(isinstance(value, bool), name, value, "must be true or false")
+        elif typing.get_origin(hint) is tuple and typing.get_args(hint)[:1] == (int,):
+            _require(isinstance(value, (tuple, list)) and all(_is_int(v) for v in value), name, value,
+                     "must be a list of integers")
+        elif dataclasses.is_dataclass(hint):
+            _require(isinstance(value, hint), name, value,
+                     f"must be a {hint.__name__}; build it as {hint.__name__}(...), or the whole config "
+                     "from plain dicts with AdapterConfig.from_dict")
 
 
 @dataclass(frozen=True)
@@ -53,6 +104,7 @@ class BankConfig:
     (VB-LoRA) makes the full-rank update plain B·A, see :mod:`leanlora.factors.bank`."""
 
     def __post_init__(self) -> None:
+        check_field_types(self, "bank.")
         _require(self.num_vectors >= 1, "bank.num_vectors", self.num_vectors, "must be >= 1")
         _require(self.vector_length >= 1, "bank.vector_length", self.vector_length, "must be >= 1")
         _require(1 <= self.topk <= self.num_vectors, "bank.topk", self.topk,
@@ -81,6 +133,7 @@ class NestedConfig:
     """seed of the rank draws: b at step t depends only on (seed, t), the same in every process."""
 
     def __post_init__(self) -> None:
+        check_field_types(self, "nested.")
         _require(self.r_min >= 1, "nested.r_min", self.r_min, "must be >= 1")
         _require(self.distribution in ("uniform", "geometric"), "nested.distribution",
                  self.distribution, "allowed: 'uniform', 'geometric'")
@@ -107,6 +160,7 @@ class GatedConfig:
     """learning rate of the gate parameter group."""
 
     def __post_init__(self) -> None:
+        check_field_types(self, "gated.")
         _require(0.0 < self.threshold < 1.0, "gated.threshold", self.threshold, "must be in (0, 1)")
         _require(self.prior in ("nested", "individual"), "gated.prior", self.prior,
                  "allowed: 'nested', 'individual'")
@@ -131,6 +185,7 @@ class QuantConfig:
     """prior cost weights: 1 per gate ("const") or MACs-and-bits aware ("bop")."""
 
     def __post_init__(self) -> None:
+        check_field_types(self, "quant.")
         _require(self.bits in ALLOWED_BITS, "quant.bits", self.bits, f"allowed: {ALLOWED_BITS}")
         bit_set = tuple(self.bit_set)
         _require(len(bit_set) > 0 and set(bit_set) <= set(ALLOWED_BITS) and 2 in bit_set,
@@ -153,6 +208,7 @@ class NF4Config:
     """absmax constants per double-quantization block (QLoRA: 256)."""
 
     def __post_init__(self) -> None:
+        check_field_types(self, "nf4.")
         _require(self.block_size >= 1, "nf4.block_size", self.block_size, "must be >= 1")
         _require(self.scaler_block_size >= 1, "nf4.scaler_block_size", self.scaler_block_size,
                  "must be >= 1")
@@ -162,19 +218,22 @@ class NF4Config:
 class AdapterConfig:
     """One adapter over a model: which modules, which rank, and the three axes."""
 
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
-    """module-name patterns: a leaf name ("q_proj"), a dotted suffix, a glob ("*.attn.*"),
-    or a regex prefixed "re:"; a module is adapted when any pattern matches."""
-    exclude_modules: tuple[str, ...] = ()
-    """patterns (same syntax) of modules never adapted, e.g. ("lm_head",)."""
+    target_modules: str | tuple[str, ...] | None = None
+    """which modules to adapt, by PEFT's rules (:mod:`leanlora.targets`): a list of names, each
+    matching a module named so or ending in "." + name; one string, a regular expression matched
+    against the whole dotted name; "all-linear" (every linear layer but the output layer and a
+    classifier head); None: :data:`DEFAULT_TARGET_MODULES`, the query and value projections."""
+    exclude_modules: str | tuple[str, ...] = ()
+    """modules never adapted, by the same rules (a list of names or one regex), e.g. ["lm_head"]."""
     modules_to_save: tuple[str, ...] = ()
-    """modules trained in full and saved with the adapter, e.g. ("classifier",)."""
+    """modules trained in full and saved with the adapter (names, as in a target list), e.g. ["classifier"]."""
     r: int = 8
     """rank (the maximum rank for nested and gated ranks)."""
     alpha: float = 16.0
-    """scaling numerator: the update is (alpha / r) · B·A (alpha / sqrt(r) with rslora)."""
+    """scaling numerator: the update is (alpha / r) · B·A (alpha / sqrt(r) with rslora); PEFT's
+    name ``lora_alpha`` is accepted too."""
     dropout: float = 0.0
-    """dropout on the adapter input, in [0, 1)."""
+    """dropout on the adapter input, in [0, 1); PEFT's name ``lora_dropout`` is accepted too."""
     rslora: bool = False
     """rank-stabilised scaling alpha / sqrt(r)."""
     factors: FactorKind = "dense"
@@ -196,17 +255,25 @@ class AdapterConfig:
     """compute the adapter pieces (gated, quantized or bank-composed A and B) of all layers of the
     same shape together, once per training forward (:mod:`leanlora.vectorize`): "auto" where
     they take work of their own, "always", or "never" (each layer computes its own)."""
+    lora_alpha: InitVar[float | None] = None
+    """PEFT's name of ``alpha`` (not stored: it sets alpha)."""
+    lora_dropout: InitVar[float | None] = None
+    """PEFT's name of ``dropout`` (not stored: it sets dropout)."""
+    ALIASES: ClassVar[dict[str, str]] = PEFT_ALIASES
 
-    def __post_init__(self) -> None:
-        for name in ("target_modules", "exclude_modules", "modules_to_save"):
-            value = getattr(self, name)
-            if isinstance(value, str):
-                value = (value,)
-            _require(isinstance(value, (tuple, list)) and all(isinstance(v, str) and v for v in value),
-                     name, value, "must be a list of non-empty strings")
-            object.__setattr__(self, name, tuple(value))
-        _require(len(self.target_modules) > 0, "target_modules", self.target_modules,
-                 "name at least one module pattern")
+    def __post_init__(self, lora_alpha: float | None = None, lora_dropout: float | None = None) -> None:
+        # alpha / dropout at their defaults count as not given, so the PEFT spelling alone sets them.
+        for alias, value in (("lora_alpha", lora_alpha), ("lora_dropout", lora_dropout)):
+            if value is not None:
+                name = PEFT_ALIASES[alias]
+                default = _FIELD_DEFAULTS[name]
+                _require(getattr(self, name) in (default, value), alias, value,
+                         f"{name}={getattr(self, name)!r} is also given; name one of {name} and {alias}")
+                object.__setattr__(self, name, value)
+        check_field_types(self, "")
+        object.__setattr__(self, "target_modules", _module_spec("target_modules", self.target_modules, True))
+        object.__setattr__(self, "exclude_modules", _module_spec("exclude_modules", self.exclude_modules, True))
+        object.__setattr__(self, "modules_to_save", _module_spec("modules_to_save", self.modules_to_save, False))
         _require(isinstance(self.r, int) and self.r > 0, "r", self.r, "must be an integer > 0")
         _require(self.alpha > 0, "alpha", self.alpha, "must be > 0")
         _require(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "must be in [0, 1)")
@@ -244,6 +311,45 @@ class AdapterConfig:
         return from_plain(cls, data, "adapter")
 
 
+_FIELD_DEFAULTS = {"alpha": 16.0, "dropout": 0.0}
+
+
+def _module_spec(name: str, value: Any, regex_ok: bool) -> Any:
+    """A module list as a tuple, or (where allowed) one regex string; PEFT's forms only."""
+    if value is None and name == "target_modules":
+        return None
+    if isinstance(value, str) and regex_ok:
+        if name == "target_modules" and value.lower() == ALL_LINEAR:
+            return ALL_LINEAR
+        _require(value != "", name, value, "must be a non-empty regex or a list of module names")
+        try:
+            re.compile(value)
+        except re.error as err:
+            raise ConfigError(f"{name}={value!r} is not a valid regular expression ({err}); a single string is "
+                              "matched as a regex against whole module names, a list names modules") from None
+        return value
+    if isinstance(value, str):
+        value = (value,)
+    _require(isinstance(value, (tuple, list)) and all(isinstance(v, str) and v for v in value),
+             name, value, "must be a list of non-empty module names" + (" or one regex string" if regex_ok else ""))
+    _require(len(value) > 0 or name != "target_modules", name, value,
+             "name at least one module, give a regex, 'all-linear', or leave it unset for the default")
+    for entry in value:
+        if entry.startswith("re:") or any(c in entry for c in "*?[]()|^$\\"):
+            raise ConfigError(
+                f"{name}: entry {entry!r} is a pattern, but a list entry names a module (the name or a dotted "
+                "suffix of it, PEFT's rule)" + (f"; to match by pattern give one regex string instead of a "
+                f"list, e.g. {name}={_as_regex(entry)!r}" if regex_ok else ""))
+    return tuple(value)
+
+
+def _as_regex(entry: str) -> str:
+    """What a glob or ``re:`` entry most likely meant, as a full-name regex."""
+    if entry.startswith("re:"):
+        return entry[3:]
+    return "(.*\\.)?" + re.escape(entry).replace("\\*", "[^.]*").replace("\\?", "[^.]")
+
+
 # --- dict <-> dataclass, shared with the run config of the CLI -------------------------------
 
 
@@ -256,10 +362,29 @@ def to_plain(obj: Any) -> Any:
     return obj
 
 
+def canonical_keys(cls: type, data: dict[str, Any], path: str) -> dict[str, Any]:
+    """``data`` with the class's alias keys (``lora_alpha``) renamed to its fields (``alpha``);
+    both spellings with different values is an error."""
+    aliases = getattr(cls, "ALIASES", {})
+    if not any(a in data for a in aliases):
+        return data
+    data = dict(data)
+    for alias, name in aliases.items():
+        if alias not in data:
+            continue
+        value = data.pop(alias)
+        if name in data and data[name] != value:
+            raise ConfigError(f"{path}.{alias}={value!r} is invalid: {path}.{name}={data[name]!r} is also given; "
+                              f"{alias} is PEFT's name of {name}, give one of them")
+        data[name] = value
+    return data
+
+
 def from_plain(cls: type, data: Any, path: str) -> Any:
     """Build dataclass ``cls`` from nested dicts; unknown keys and wrong types name the key."""
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping, got {type(data).__name__} {data!r}")
+    data = canonical_keys(cls, data, path)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))

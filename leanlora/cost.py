@@ -15,7 +15,7 @@ Per adapted layer, for the adapter path only (the frozen base is the same for ev
   factors: their top-k form (k-1 weights and k indices per sub-vector, what
   ``save(..., topk_only=True)`` writes) plus a 4-byte scale per quantized factor; the bank itself
   is counted once in ``shared_bytes``. ``modules_to_save`` tensors count in ``head_bytes``.
-  For a finalized model this equals the bytes of ``adapter.safetensors`` minus its header
+  For a finalized model this equals the bytes of ``leanlora_adapter.safetensors`` minus its header
   (bank factors: saved with ``topk_only=True``; tested); before finalize it is the prediction.
 * ``params``: parameters the adapter trains now (0 once finalized: it holds buffers).
 

@@ -14,7 +14,7 @@ For every adapted layer, with all strategies in eval mode:
 
 The finalized model computes what the eval-mode model computed (up to float rounding of
 ``scale·code`` against the nested residual sum), and :func:`leanlora.save` writes the packed
-tensors; :func:`layer_spec` is what ``adapter_config.json`` records so that
+tensors; :func:`layer_spec` is what ``leanlora_config.json`` records so that
 :func:`rebuild_finalized_` can lay out the same empty structure before loading them.
 """
 
@@ -108,7 +108,7 @@ def _quant_spec(q: nn.Module) -> dict[str, Any]:
 
 
 def layer_spec(layer: AdaptedLinear) -> dict[str, Any]:
-    """The finalized layout of one layer, as recorded in adapter_config.json."""
+    """The finalized layout of one layer, as recorded in leanlora_config.json."""
     ranks = layer.ranks
     e = None
     if isinstance(ranks, GatedRanks) and ranks.diag:

@@ -1,101 +1,26 @@
-"""Find target modules in any ``transformers`` (or plain torch) model and wrap them.
+"""Wrap the target linear layers of any ``transformers`` (or plain torch) model, and undo it.
 
-Patterns (``target_modules``, ``exclude_modules``, ``modules_to_save``):
-  * ``"q_proj"`` or ``"attn.q_proj"`` — the module's name or a dotted suffix of it;
-  * ``"*.mlp.*_proj"`` — a glob, matched against the full name and the leaf name;
-  * ``"re:.*layers\\.[0-3]\\..*proj"`` — a regular expression matched against the full name.
-A plain name that matches a module of an unsupported type is an error; a glob or regex simply
-skips modules that are not linear layers (they are how one says "all the projections").
+Which modules are targets follows PEFT's rules (:mod:`leanlora.targets`): a list names modules
+(the name or a dotted suffix), one string is a full-name regex, ``"all-linear"`` is every linear
+layer but the output layer and a classifier head.
 """
 
 from __future__ import annotations
 
 import contextlib
-import difflib
-import fnmatch
-import re
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 from torch import nn
 
-from leanlora.base.dense import linear_shape, supported_linear
+from leanlora.base.dense import linear_shape
 from leanlora.build import Shared, build_layer, build_shared
 from leanlora.config import AdapterConfig, ConfigError
 from leanlora.layer import AdaptedLinear
+from leanlora.targets import FilterFn, InjectError, find_modules_to_save, find_targets, module_matches
 from leanlora.vectorize import Vectorizer, refresh_pieces, wanted
 
 SHARED_ATTR = "leanlora_shared"
-
-FilterFn = Callable[[nn.Module, str], bool]
-
-
-class InjectError(ValueError):
-    """The model cannot be adapted as asked; the message names the module and the reason."""
-
-
-def _is_pattern(p: str) -> bool:
-    return p.startswith("re:") or any(c in p for c in "*?[")
-
-
-def name_matches(pattern: str, name: str) -> bool:
-    if pattern.startswith("re:"):
-        return re.fullmatch(pattern[3:], name) is not None
-    if _is_pattern(pattern):
-        return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name.rsplit(".", 1)[-1], pattern)
-    return name == pattern or name.endswith("." + pattern)
-
-
-def _near_misses(pattern: str, names: list[str]) -> list[str]:
-    leaves = sorted({n.rsplit(".", 1)[-1] for n in names if n})
-    core = pattern[3:] if pattern.startswith("re:") else pattern
-    return difflib.get_close_matches(core.rsplit(".", 1)[-1].strip("*"), leaves, n=5, cutoff=0.5)
-
-
-def find_targets(model: nn.Module, config: AdapterConfig, filter_fn: FilterFn | None = None) -> list[str]:
-    """Names of the modules the config adapts, in model order; raises InjectError with reasons."""
-    named = [(n, m) for n, m in model.named_modules() if n]
-    names = [n for n, _ in named]
-    for pattern in config.target_modules:
-        if pattern.startswith("re:"):
-            try:
-                re.compile(pattern[3:])
-            except re.error as err:
-                raise InjectError(f"target_modules pattern {pattern!r} is not a valid regex: {err}") from None
-        if not any(name_matches(pattern, n) for n in names):
-            hint = _near_misses(pattern, names)
-            raise InjectError(
-                f"target_modules pattern {pattern!r} matches no module of {type(model).__name__}"
-                + (f"; did you mean one of {hint}?" if hint else "")
-                + f" (linear layer names present: {sorted({n.rsplit('.', 1)[-1] for n, m in named if supported_linear(m)})[:20]})"
-            )
-    targets: list[str] = []
-    linear_hits = {p: 0 for p in config.target_modules}
-    for name, module in named:
-        hits = [p for p in config.target_modules if name_matches(p, name)]
-        if not hits or any(name_matches(p, name) for p in config.exclude_modules):
-            continue
-        if any(name_matches(p, name) for p in config.modules_to_save):
-            continue
-        if not supported_linear(module):
-            plain = [p for p in hits if not _is_pattern(p)]
-            if plain:
-                raise InjectError(
-                    f"module {name!r} ({type(module).__name__}) matched target pattern {plain[0]!r} but is not "
-                    "a supported layer type; leanlora adapts torch.nn.Linear and transformers Conv1D")
-            continue
-        if filter_fn is not None and not filter_fn(module, name):
-            continue
-        for p in hits:
-            linear_hits[p] += 1
-        targets.append(name)
-    for p, n in linear_hits.items():
-        if n == 0 and _is_pattern(p):
-            raise InjectError(f"target_modules pattern {p!r} matches modules, but none of them is a linear layer "
-                              "left after exclude_modules / filter_fn")
-    if not targets:
-        raise InjectError("no module left to adapt after exclude_modules / modules_to_save / filter_fn")
-    return targets
 
 
 def _check_shape(name: str, module: nn.Module, config: AdapterConfig) -> None:
@@ -134,7 +59,7 @@ def inject(model: nn.Module, config: AdapterConfig, *, filter_fn: FilterFn | Non
     modules = dict(model.named_modules())
     for name in targets:
         _check_shape(name, modules[name], config)
-    save_names = _modules_to_save(model, config)
+    save_names = find_modules_to_save(model, config)
 
     # Remember every flag we change so that unload can hand back the model as it was.
     original_flags = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -161,18 +86,11 @@ def inject(model: nn.Module, config: AdapterConfig, *, filter_fn: FilterFn | Non
     return model
 
 
-def _modules_to_save(model: nn.Module, config: AdapterConfig) -> list[str]:
-    names = [n for n, _ in model.named_modules() if n]
-    found: list[str] = []
-    for pattern in config.modules_to_save:
-        hits = [n for n in names if name_matches(pattern, n)]
-        if not hits:
-            hint = _near_misses(pattern, names)
-            raise InjectError(f"modules_to_save pattern {pattern!r} matches no module"
-                              + (f"; did you mean one of {hint}?" if hint else ""))
-        # keep only outermost matches: saving "classifier" already saves "classifier.dense"
-        found.extend(h for h in hits if not any(h.startswith(f + ".") for f in hits if f != h))
-    return sorted(set(found))
+def get_model(model: nn.Module, config: AdapterConfig, **kwargs) -> nn.Module:
+    """:func:`inject` under the name of PEFT's ``get_peft_model``: adapts ``model`` in place and
+    returns it, for code written as ``model = get_peft_model(model, config)``. Unlike PEFT, the
+    model is not wrapped: it keeps its class, and ``leanlora.save`` / ``leanlora.unload`` take it."""
+    return inject(model, config, **kwargs)
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:

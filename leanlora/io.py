@@ -1,4 +1,9 @@
-"""Save and load adapters: ``adapter_config.json`` + ``adapter.safetensors``, never pickle.
+"""Save and load adapters: ``leanlora_config.json`` + ``leanlora_adapter.safetensors``, never pickle.
+
+The names are leanlora's own so that no PEFT loader takes a leanlora folder for a PEFT adapter
+(PEFT reads ``adapter_config.json``; :mod:`leanlora.export` writes that for PEFT). Folders
+written under the earlier names (``adapter_config.json`` in leanlora's schema +
+``adapter.safetensors``) still load.
 
 A load is checked before anything is changed: the JSON parses, has a known format version and
 every key it needs with a valid value (:mod:`leanlora.adapter_schema`); the tensor file opens
@@ -32,8 +37,10 @@ from leanlora.inject import SHARED_ATTR, InjectError, adapted_layers, inject, sh
 FORMAT = "leanlora-adapter"
 FORMAT_VERSION = 1
 # The adapter folder's file names: change them here only.
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter.safetensors"
+CONFIG_NAME = "leanlora_config.json"
+WEIGHTS_NAME = "leanlora_adapter.safetensors"
+LEGACY_CONFIG_NAME = "adapter_config.json"   # leanlora's earlier names, still read
+LEGACY_WEIGHTS_NAME = "adapter.safetensors"
 
 __all__ = ["AdapterError", "AdapterLoadError", "AdapterSaveError", "BaseMismatchError", "atomic_save_tensors",
            "atomic_write_bytes", "load", "save", "read_adapter_config", "read_adapter_tensors"]
@@ -125,9 +132,26 @@ def adapter_meta(model: nn.Module, topk_only: bool = False) -> dict[str, Any]:
     return meta
 
 
+def adapter_files(directory: str | os.PathLike) -> tuple[Path, Path]:
+    """(config, tensors) paths of the leanlora adapter in ``directory``: today's names, else the
+    earlier ones when ``adapter_config.json`` is in leanlora's schema. A PEFT adapter is named as such."""
+    directory = Path(directory)
+    if (directory / CONFIG_NAME).is_file() or not (directory / LEGACY_CONFIG_NAME).is_file():
+        return directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    legacy = directory / LEGACY_CONFIG_NAME
+    try:
+        peft_type = json.loads(legacy.read_text()).get("peft_type")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        peft_type = None  # not readable as a PEFT config: read_adapter_config says what is wrong
+    if peft_type is not None:
+        raise AdapterLoadError(f"{legacy}: a PEFT {peft_type} adapter, not a leanlora one (it has no {CONFIG_NAME}); "
+                               "load it with peft.PeftModel.from_pretrained")
+    return legacy, directory / LEGACY_WEIGHTS_NAME
+
+
 def read_adapter_config(directory: str | os.PathLike) -> tuple[AdapterConfig, dict[str, Any]]:
     """(config, the whole JSON) of an adapter folder, every key checked (:mod:`leanlora.adapter_schema`)."""
-    path = Path(directory) / CONFIG_NAME
+    path, _ = adapter_files(directory)
     if not path.is_file():
         raise AdapterLoadError(f"{path}: not found (an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME})")
     try:
@@ -153,8 +177,8 @@ def read_adapter_config(directory: str | os.PathLike) -> tuple[AdapterConfig, di
 
 
 def read_adapter_tensors(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The tensors of an adapter file, their sha256 checked when the file carries one."""
-    return read_checked_tensors(Path(directory) / WEIGHTS_NAME)[0]
+    """The tensors of an adapter folder, their sha256 checked when the file carries one."""
+    return read_checked_tensors(adapter_files(directory)[1])[0]
 
 
 def read_checked_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -189,11 +213,12 @@ def load(model: nn.Module, directory: str | os.PathLike, *, check_base: bool = T
     if hasattr(model, SHARED_ATTR):
         raise AdapterLoadError(f"{type(model).__name__} already holds a leanlora adapter; unload it first")
     config, meta = read_adapter_config(directory)
-    tensors, metadata = read_checked_tensors(directory / WEIGHTS_NAME)
+    config_path, weights_path = adapter_files(directory)
+    tensors, metadata = read_checked_tensors(weights_path)
     stored = metadata.get(CONFIG_CHECKSUM_KEY)
     if stored is not None and stored != config_sha256(meta):
-        raise AdapterLoadError(f"{directory / CONFIG_NAME}: edited after the adapter was saved (its rank, scale, "
-                               f"module or layout entries no longer match the checksum in {WEIGHTS_NAME}); "
+        raise AdapterLoadError(f"{config_path}: edited after the adapter was saved (its rank, scale, module or "
+                               f"layout entries no longer match the checksum in {weights_path.name}); "
                                "restore the file as it was written")
     if check_base:
         check_architecture(model, meta, directory)
@@ -243,13 +268,13 @@ def _unpack_bank(model: nn.Module, meta: dict[str, Any], tensors: dict[str, torc
     try:
         return unpack_state(model, tensors, trainable=trainable)
     except (ValueError, KeyError, IndexError, RuntimeError) as err:
-        raise AdapterLoadError(f"{directory / WEIGHTS_NAME}: {err}") from None
+        raise AdapterLoadError(f"{adapter_files(directory)[1]}: {err}") from None
 
 
 def _check_finite(tensors: dict[str, torch.Tensor], directory: Path) -> None:
     bad = first_nonfinite(tensors.items())
     if bad is not None:
-        raise AdapterLoadError(f"{directory / WEIGHTS_NAME}: tensor {bad[0]!r} holds {bad[1]}; "
+        raise AdapterLoadError(f"{adapter_files(directory)[1]}: tensor {bad[0]!r} holds {bad[1]}; "
                                "an adapter's values must be finite")
 
 
@@ -258,7 +283,7 @@ def _module_of(key: str, modules: dict[str, Any]) -> str:
     if owner is None:
         return ""
     info = modules[owner]
-    return (f" (adapter_config.json: modules[{owner!r}] rank {info['rank']}, "
+    return (f" (the adapter config's modules[{owner!r}]: rank {info['rank']}, "
             f"{info['in_features']}->{info['out_features']})")
 
 
@@ -279,7 +304,7 @@ def _restore_tensors(model: nn.Module, meta: dict[str, Any], tensors: dict[str, 
     expected = adapter_state_dict(model)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
-    path = directory / WEIGHTS_NAME
+    path = adapter_files(directory)[1]
     if missing:
         raise AdapterLoadError(f"{path}: missing tensor(s) {missing[:8]}"
                                + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
@@ -298,3 +323,31 @@ def _restore_tensors(model: nn.Module, meta: dict[str, Any], tensors: dict[str, 
     with torch.no_grad():
         for key, want in expected.items():
             want.copy_(tensors[key].to(want.dtype))
+
+
+def restore(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Copy the adapter tensors saved in ``directory`` into the adapter ``model`` already holds.
+
+    For training checkpoints of the same run (resume, best-model reload): nothing is injected or
+    pruned, so optimizer state keyed by these parameters stays valid. The saved adapter config must
+    equal the model's, field by field, and every tensor must be there with its shape; otherwise
+    :class:`AdapterLoadError` names the file and the difference, and the model is unchanged.
+    """
+    directory = Path(directory)
+    config, meta = read_adapter_config(directory)
+    shared = shared_state(model)
+    differ = [f for f, v in config.to_dict().items() if shared.config.to_dict().get(f) != v]
+    if differ:
+        raise AdapterLoadError(f"{directory / CONFIG_NAME}: adapter config differs from the model's in {differ} "
+                               "(a checkpoint of another run?)")
+    if bool(meta.get("finalized", False)) != bool(shared.finalized):
+        raise AdapterLoadError(f"{directory}: finalized={meta.get('finalized')} but the model's adapter has "
+                               f"finalized={shared.finalized}; a training checkpoint restores onto the same stage")
+    layers = dict(adapted_layers(model))
+    for name, info in meta.get("modules", {}).items():
+        if name in layers and info.get("rank") != layers[name].factors.rank:
+            raise AdapterLoadError(f"{directory}: module {name!r} has rank {info.get('rank')} in the checkpoint, "
+                                   f"{layers[name].factors.rank} in the model")
+    tensors = _unpack_bank(model, meta, read_adapter_tensors(directory), directory, trainable=True)
+    _restore_tensors(model, meta, tensors, directory)
+    return model

@@ -1,7 +1,7 @@
 """Reports: the cost table (text and JSON) and a plot of learned rank and bits per layer.
 
 ``write_report(model_or_dir, out_dir)`` takes a model holding an adapter, or an adapter folder
-(``adapter_config.json`` + ``adapter.safetensors``). A folder is read without its base model:
+(``leanlora_config.json`` + ``leanlora_adapter.safetensors``). A folder is read without its base model:
 the adapter is loaded onto a skeleton of weightless linear layers of the recorded shapes (a
 zero-stride view, no memory), which is all that ranks, bits, MACs and bytes depend on.
 

@@ -20,7 +20,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from leanlora.inject import adapted_layers, name_matches, shared_state
+from leanlora.inject import adapted_layers, module_matches, shared_state
 
 
 def _nested(name: str, layer: nn.Module):
@@ -34,14 +34,14 @@ def _nested(name: str, layer: nn.Module):
 def set_rank(model: nn.Module, b: int | None, modules: Iterable[str] | None = None) -> list[str]:
     """Use rank ``b`` in eval mode for every adapted module, or only those matching ``modules``.
 
-    ``modules`` holds names or patterns (the syntax of ``target_modules``). ``b=None`` goes back to
+    ``modules`` names modules as ``target_modules`` does (a list of names or dotted suffixes, or one
+    full-name regex string). ``b=None`` goes back to
     each layer's default. Returns the names changed; raises ValueError naming the module and value
     when b is outside a layer's ranks, before any layer changes.
     """
     shared_state(model)
-    patterns = None if modules is None else [modules] if isinstance(modules, str) else list(modules)
-    picked = [(n, l) for n, l in adapted_layers(model)
-              if patterns is None or any(name_matches(p, n) for p in patterns)]
+    patterns = None if modules is None else modules if isinstance(modules, str) else tuple(modules)
+    picked = [(n, l) for n, l in adapted_layers(model) if patterns is None or module_matches(patterns, n)]
     if not picked:
         raise ValueError(f"set_rank: modules={patterns!r} match no adapted module")
     ranks = [(n, _nested(n, l)) for n, l in picked]

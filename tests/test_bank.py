@@ -165,7 +165,7 @@ def test_index_dtype_thresholds():
 def test_default_save_keeps_logits_and_reloads_exactly(tmp_path):
     model = bank_model()
     leanlora.save(model, tmp_path)
-    assert json.loads((tmp_path / "adapter_config.json").read_text())["bank_storage"] == "logits"
+    assert json.loads((tmp_path / "leanlora_config.json").read_text())["bank_storage"] == "logits"
     loaded = leanlora.load(tiny_llama(), tmp_path)
     assert torch.equal(out(loaded), out(model))
 
@@ -173,8 +173,8 @@ def test_default_save_keeps_logits_and_reloads_exactly(tmp_path):
 def test_topk_only_save_reloads_same_outputs_and_stores_the_formula_bytes(tmp_path):
     model = bank_model()
     leanlora.save(model, tmp_path, topk_only=True)
-    assert json.loads((tmp_path / "adapter_config.json").read_text())["bank_storage"] == "topk"
-    stored = load_file(tmp_path / "adapter.safetensors")
+    assert json.loads((tmp_path / "leanlora_config.json").read_text())["bank_storage"] == "topk"
+    stored = load_file(tmp_path / "leanlora_adapter.safetensors")
     assert not any(k.endswith(".logits") for k in stored)
     idx = stored["model.layers.0.self_attn.q_proj.factors.topk_indices"]
     w = stored["model.layers.0.self_attn.q_proj.factors.topk_weights"]
@@ -241,7 +241,7 @@ def test_unpack_floor_keeps_topk_and_weights():
 def test_topk_only_load_is_strict_and_leaves_model_untouched(tmp_path, damage):
     model = bank_model()
     leanlora.save(model, tmp_path, topk_only=True)
-    path = tmp_path / "adapter.safetensors"
+    path = tmp_path / "leanlora_adapter.safetensors"
     tensors = load_file(path)
     key = "model.layers.1.mlp.gate_proj.factors.topk_"
     if damage == "drop_weights":

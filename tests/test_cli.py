@@ -108,6 +108,27 @@ def test_export_merged_model_gives_the_adapted_outputs(trained, tmp_path):
     assert not list(leanlora.adapted_layers(merged))
 
 
+def test_export_uniform_refuses_the_classifier_unless_asked(trained, tmp_path, capsys):
+    peft = pytest.importorskip("peft")
+    from leanlora.cli import load_trained
+
+    assert main(["export", str(trained), "--out", str(tmp_path / "u"), "--format", "peft-uniform"]) == 2
+    err = capsys.readouterr().err
+    assert "leanlora export: error: modules_to_save ['classifier']" in err and "--format merged" in err
+    assert main(["export", str(trained), "--out", str(tmp_path / "u"), "--format", "peft-uniform",
+                 "--with-modules-to-save"]) == 0
+    run, adapted, _, _ = load_trained(trained)
+    from leanlora.train.models import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(run.model)
+    base = load_model(run.model, run.data.task, adapted.config.num_labels, tokenizer)
+    served = peft.PeftModel.from_pretrained(base, tmp_path / "u").eval()
+    ids = torch.randint(1000, 5000, (3, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = adapted.eval()(input_ids=ids).logits
+        assert (served(input_ids=ids).logits - want).abs().max() <= 1e-5 * want.abs().max()
+
+
 def test_report_reads_the_adapter_folder(trained, capsys):
     assert main(["report", str(trained)]) == 0
     out = capsys.readouterr().out

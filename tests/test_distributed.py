@@ -86,7 +86,7 @@ def test_every_rank_has_the_same_trained_and_finalized_adapter(launched, method)
 def test_only_rank0_writes(launched):
     _, out, results = launched
     for method in results["methods"]:
-        assert (out / f"{method}-adapter-rank0" / "adapter.safetensors").is_file()
+        assert (out / f"{method}-adapter-rank0" / "leanlora_adapter.safetensors").is_file()
         assert not (out / f"{method}-adapter-rank1").exists()
 
 
@@ -191,7 +191,7 @@ def test_cli_train_under_a_launcher_equals_one_process(kind, mode, tmp_path):
     one, two = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one", "two"))
     assert two["train_losses"] == pytest.approx(one["train_losses"], abs=1e-6)
     assert two["best_metrics"] == pytest.approx(one["best_metrics"], abs=1e-6)
-    a, b = (load_file(str(tmp_path / d / "adapter" / "adapter.safetensors")) for d in ("one", "two"))
+    a, b = (load_file(str(tmp_path / d / "adapter" / "leanlora_adapter.safetensors")) for d in ("one", "two"))
     assert set(a) == set(b) and max(float((a[k] - b[k]).abs().max()) for k in a) < TOL
 
 

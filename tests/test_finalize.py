@@ -66,8 +66,8 @@ def test_saved_size_equals_accounted_bytes_and_reload_is_exact(tmp_path):
     path = leanlora.save(model, tmp_path / "ad")
     # Counted: packed codes (ceil(n·bits/8) bytes) + one fp32 scale per quantized tensor, float
     # tensors at their element size; not counted: safetensors' 8-byte length + JSON header.
-    assert _payload_bytes(path / "adapter.safetensors") == report.total["stored_bytes"]
-    meta = json.loads((path / "adapter_config.json").read_text())
+    assert _payload_bytes(path / "leanlora_adapter.safetensors") == report.total["stored_bytes"]
+    meta = json.loads((path / "leanlora_config.json").read_text())
     assert meta["finalized"] is True
     for row in report.layers:
         spec = meta["modules"][row.name]["finalized"]
@@ -84,8 +84,8 @@ def test_finalized_adapter_is_much_smaller_than_its_unfinalized_save(tmp_path):
     leanlora.save(model, tmp_path / "raw")
     leanlora.finalize(model)
     leanlora.save(model, tmp_path / "fin")
-    raw = (tmp_path / "raw" / "adapter.safetensors").stat().st_size
-    fin = (tmp_path / "fin" / "adapter.safetensors").stat().st_size
+    raw = (tmp_path / "raw" / "leanlora_adapter.safetensors").stat().st_size
+    fin = (tmp_path / "fin" / "leanlora_adapter.safetensors").stat().st_size
     assert fin < raw / 3
 
 
@@ -98,7 +98,7 @@ def test_size_with_modules_to_save_and_float_factors(tmp_path):
     report = leanlora.cost_report(model)
     assert report.head_bytes == (64 * 2 + 2) * 4
     path = leanlora.save(model, tmp_path / "ad")
-    assert _payload_bytes(path / "adapter.safetensors") == report.total["stored_bytes"]
+    assert _payload_bytes(path / "leanlora_adapter.safetensors") == report.total["stored_bytes"]
 
 
 @pytest.mark.parametrize("nested", [True, False])
@@ -111,7 +111,7 @@ def test_bank_factors_finalize_and_size(tmp_path, nested):
         torch.testing.assert_close(model(x).logits, ref, rtol=1e-5, atol=1e-5)
     report = leanlora.cost_report(model)
     path = leanlora.save(model, tmp_path / "ad", topk_only=True)  # VB-LoRA's compact form
-    assert _payload_bytes(path / "adapter.safetensors") == report.total["stored_bytes"]
+    assert _payload_bytes(path / "leanlora_adapter.safetensors") == report.total["stored_bytes"]
     fresh = leanlora.load(tiny_llama(), path)
     with torch.no_grad():
         torch.testing.assert_close(fresh(x).logits, ref, rtol=1e-4, atol=1e-4)

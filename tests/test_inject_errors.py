@@ -6,11 +6,11 @@ import pytest
 import torch
 
 import leanlora
-from conftest import tiny_bert, tiny_llama
+from conftest import tiny_bert, tiny_gpt2, tiny_llama
 
 
-def test_pattern_that_matches_nothing_lists_near_misses():
-    with pytest.raises(leanlora.InjectError, match=r"'q_prj'.*did you mean.*q_proj"):
+def test_entry_that_matches_nothing_lists_near_misses():
+    with pytest.raises(leanlora.InjectError, match=r"entry 'q_prj'.*did you mean.*q_proj"):
         leanlora.inject(tiny_llama(), leanlora.AdapterConfig(target_modules=("q_prj",)))
 
 
@@ -19,18 +19,96 @@ def test_unsupported_layer_type_is_named():
         leanlora.inject(tiny_llama(), leanlora.AdapterConfig(target_modules=("embed_tokens",)))
 
 
-def test_glob_and_regex_skip_non_linear_modules():
+def test_a_string_is_a_full_match_regex_that_skips_non_linear_modules():
     model = tiny_llama()
-    leanlora.inject(model, leanlora.AdapterConfig(target_modules=("re:.*layers\\.0\\..*",), r=2))
+    leanlora.inject(model, leanlora.AdapterConfig(target_modules=r".*layers\.0\..*", r=2))
     names = [n for n, _ in leanlora.adapted_layers(model)]
     assert len(names) == 7 and all(".layers.0." in n for n in names)
 
 
-def test_glob_matches_leaf_names_and_exclude_wins():
+def test_exclude_wins_over_targets():
     model = tiny_llama()
-    leanlora.inject(model, leanlora.AdapterConfig(target_modules=("*_proj",), exclude_modules=("down_proj",), r=2))
+    leanlora.inject(model, leanlora.AdapterConfig(target_modules=r".*_proj", exclude_modules=("down_proj",), r=2))
     names = [n for n, _ in leanlora.adapted_layers(model)]
     assert len(names) == 12 and not any("down_proj" in n for n in names)
+
+
+def test_a_regex_string_that_matches_only_a_suffix_says_to_give_a_list():
+    with pytest.raises(leanlora.InjectError, match=r"regex 'q_proj' matches no module.*whole dotted name.*"
+                                                   r"give a list: \['q_proj'\]"):
+        leanlora.inject(tiny_llama(), leanlora.AdapterConfig(target_modules="q_proj"))
+
+
+@pytest.mark.parametrize("entry, regex", [("*_proj", r"(.*\.)?[^.]*_proj"), ("re:.*q_proj", ".*q_proj")])
+def test_globs_and_re_prefixes_in_a_list_are_refused_with_the_regex_to_use(entry, regex):
+    with pytest.raises(leanlora.ConfigError, match=r"entry .* is a pattern.*give one regex string") as info:
+        leanlora.AdapterConfig(target_modules=(entry,))
+    assert repr(regex) in str(info.value)
+
+
+def test_matching_agrees_with_peft_on_lists_and_regexes():
+    peft = pytest.importorskip("peft")
+    for spec in (["q_proj", "mlp.down_proj"], r".*layers\.1\.self_attn\.(q|v)_proj", ["0.self_attn.k_proj"]):
+        ours = tiny_llama()
+        leanlora.inject(ours, leanlora.AdapterConfig(target_modules=spec if isinstance(spec, str) else tuple(spec), r=2))
+        theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=spec))
+        peft_names = sorted(n.removeprefix("base_model.model.") for n, m in theirs.named_modules()
+                            if isinstance(m, peft.tuners.lora.LoraLayer))
+        assert sorted(n for n, _ in leanlora.adapted_layers(ours)) == peft_names, spec
+
+
+def test_all_linear_matches_peft_and_skips_output_layer_and_classifier():
+    peft = pytest.importorskip("peft")
+    for factory, task in ((tiny_llama, None), (tiny_bert, "SEQ_CLS")):
+        ours = factory()
+        leanlora.inject(ours, leanlora.AdapterConfig(target_modules="all-linear", r=2))
+        theirs = peft.get_peft_model(factory(), peft.LoraConfig(r=2, target_modules="all-linear", task_type=task))
+        peft_names = sorted(n.removeprefix("base_model.model.") for n, m in theirs.named_modules()
+                            if isinstance(m, peft.tuners.lora.LoraLayer))
+        names = sorted(n for n, _ in leanlora.adapted_layers(ours))
+        assert names == peft_names
+        assert not any(n.startswith(("lm_head", "classifier")) for n in names)
+
+
+def test_default_targets_are_the_query_and_value_projections():
+    cases = ((tiny_llama, ("q_proj", "v_proj")), (tiny_bert, ("query", "value")), (tiny_gpt2, ("c_attn",)))
+    for factory, leaves in cases:
+        model = leanlora.get_model(factory(), leanlora.AdapterConfig(r=2))
+        names = [n for n, _ in leanlora.adapted_layers(model)]
+        assert names and {n.rsplit(".", 1)[-1] for n in names} == set(leaves)
+    plain = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    with pytest.raises(leanlora.InjectError, match=r"none of the default targets.*'all-linear'"):
+        leanlora.inject(plain, leanlora.AdapterConfig(r=2))
+
+
+def test_cli_and_api_share_the_default_targets():
+    from leanlora.train.runconfig import RunConfig
+
+    assert RunConfig().adapter.target_modules is None is leanlora.AdapterConfig().target_modules
+
+
+def test_get_model_returns_the_adapted_model_like_get_peft_model():
+    model = tiny_llama()
+    got = leanlora.get_model(model, leanlora.AdapterConfig(target_modules=["q_proj"], r=2))
+    assert got is model and len(list(leanlora.adapted_layers(model))) == 2
+
+
+@pytest.mark.parametrize("kwargs, want", [
+    ({"lora_alpha": 32}, {"alpha": 32}),
+    ({"lora_dropout": 0.1}, {"dropout": 0.1}),
+    ({"lora_alpha": 32, "alpha": 32}, {"alpha": 32}),
+])
+def test_peft_names_lora_alpha_and_lora_dropout(kwargs, want):
+    cfg = leanlora.AdapterConfig(**kwargs)
+    assert {k: getattr(cfg, k) for k in want} == want
+    assert leanlora.AdapterConfig.from_dict(kwargs) == cfg
+
+
+def test_both_spellings_with_different_values_are_refused():
+    with pytest.raises(leanlora.ConfigError, match=r"lora_alpha=32 is invalid: alpha=8 is also given"):
+        leanlora.AdapterConfig(alpha=8, lora_alpha=32)
+    with pytest.raises(leanlora.ConfigError, match=r"adapter.lora_dropout=0.1 is invalid: adapter.dropout=0.2"):
+        leanlora.AdapterConfig.from_dict({"dropout": 0.2, "lora_dropout": 0.1})
 
 
 def test_filter_fn_can_veto():
@@ -41,8 +119,8 @@ def test_filter_fn_can_veto():
 
 
 def test_invalid_regex_is_reported():
-    with pytest.raises(leanlora.InjectError, match="not a valid regex"):
-        leanlora.inject(tiny_llama(), leanlora.AdapterConfig(target_modules=("re:(",)))
+    with pytest.raises(leanlora.ConfigError, match="target_modules='\\(' is not a valid regular expression"):
+        leanlora.AdapterConfig(target_modules="(")
 
 
 def test_rank_larger_than_layer_names_module():
@@ -89,7 +167,7 @@ def test_inject_twice_is_refused():
 
 
 def test_modules_to_save_that_matches_nothing():
-    with pytest.raises(leanlora.InjectError, match=r"modules_to_save pattern 'clasifier'.*classifier"):
+    with pytest.raises(leanlora.InjectError, match=r"modules_to_save entry 'clasifier'.*classifier"):
         leanlora.inject(tiny_bert(), leanlora.AdapterConfig(target_modules=("query",), modules_to_save=("clasifier",)))
 
 

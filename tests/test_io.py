@@ -35,8 +35,8 @@ def _assert_unchanged(model, before):
 
 def test_round_trip_gives_same_outputs_and_files_are_safetensors(tmp_path):
     _, out, path = _saved(tmp_path)
-    assert sorted(p.name for p in path.iterdir()) == ["adapter.safetensors", "adapter_config.json"]
-    meta = json.loads((path / "adapter_config.json").read_text())
+    assert sorted(p.name for p in path.iterdir()) == ["leanlora_adapter.safetensors", "leanlora_config.json"]
+    meta = json.loads((path / "leanlora_config.json").read_text())
     assert meta["version"] == 1 and meta["base_model"]["architecture"] == "LlamaForCausalLM"
     fresh = leanlora.load(tiny_llama(), path)
     torch.testing.assert_close(fresh(token_batch()).logits, out, rtol=0, atol=0)
@@ -88,37 +88,37 @@ def test_shape_mismatch_is_named(tmp_path):
 
 def test_truncated_tensor_file(tmp_path):
     _, _, path = _saved(tmp_path)
-    data = (path / "adapter.safetensors").read_bytes()
-    (path / "adapter.safetensors").write_bytes(data[: len(data) // 2])
+    data = (path / "leanlora_adapter.safetensors").read_bytes()
+    (path / "leanlora_adapter.safetensors").write_bytes(data[: len(data) // 2])
     model = tiny_llama()
     before = _state(model)
-    with pytest.raises(leanlora.AdapterLoadError, match=r"adapter.safetensors: cannot be read.*truncated or corrupted"):
+    with pytest.raises(leanlora.AdapterLoadError, match=r"leanlora_adapter.safetensors: cannot be read.*truncated or corrupted"):
         leanlora.load(model, path)
     _assert_unchanged(model, before)
 
 
 def test_corrupted_config(tmp_path):
     _, _, path = _saved(tmp_path)
-    (path / "adapter_config.json").write_text('{"format": "leanlora-adapter", "vers')
-    with pytest.raises(leanlora.AdapterLoadError, match=r"adapter_config.json: not valid JSON"):
+    (path / "leanlora_config.json").write_text('{"format": "leanlora-adapter", "vers')
+    with pytest.raises(leanlora.AdapterLoadError, match=r"leanlora_config.json: not valid JSON"):
         leanlora.load(tiny_llama(), path)
 
 
 def test_unknown_format_version(tmp_path):
     _, _, path = _saved(tmp_path)
-    meta = json.loads((path / "adapter_config.json").read_text())
+    meta = json.loads((path / "leanlora_config.json").read_text())
     meta["version"] = 99
-    (path / "adapter_config.json").write_text(json.dumps(meta))
+    (path / "leanlora_config.json").write_text(json.dumps(meta))
     with pytest.raises(leanlora.AdapterLoadError, match=r"format version 99 is not supported"):
         leanlora.load(tiny_llama(), path)
 
 
 def test_missing_tensor_leaves_model_unchanged(tmp_path):
     _, _, path = _saved(tmp_path)
-    tensors = load_file(path / "adapter.safetensors")
+    tensors = load_file(path / "leanlora_adapter.safetensors")
     dropped = sorted(tensors)[0]
     del tensors[dropped]
-    save_file(tensors, path / "adapter.safetensors")
+    save_file(tensors, path / "leanlora_adapter.safetensors")
     model = tiny_llama()
     before = _state(model)
     with pytest.raises(leanlora.AdapterLoadError, match=rf"missing tensor\(s\) \['{dropped}'\]"):
@@ -128,10 +128,10 @@ def test_missing_tensor_leaves_model_unchanged(tmp_path):
 
 def test_tensor_shape_mismatch_leaves_model_unchanged(tmp_path):
     _, _, path = _saved(tmp_path)
-    tensors = load_file(path / "adapter.safetensors")
+    tensors = load_file(path / "leanlora_adapter.safetensors")
     key = "model.layers.0.self_attn.q_proj.factors.lora_A"
     tensors[key] = torch.zeros(3, 64)
-    save_file(tensors, path / "adapter.safetensors")
+    save_file(tensors, path / "leanlora_adapter.safetensors")
     model = tiny_llama()
     before = _state(model)
     with pytest.raises(leanlora.AdapterLoadError, match=rf"tensor '{key}' has shape \(3, 64\), the model expects \(4, 64\)"):
@@ -140,11 +140,11 @@ def test_tensor_shape_mismatch_leaves_model_unchanged(tmp_path):
 
 
 def test_missing_folder(tmp_path):
-    with pytest.raises(leanlora.AdapterLoadError, match="adapter_config.json: not found"):
+    with pytest.raises(leanlora.AdapterLoadError, match="leanlora_config.json: not found"):
         leanlora.load(tiny_llama(), tmp_path / "nowhere")
 
 
 def test_save_is_atomic_no_temp_files_left(tmp_path):
     _, _, path = _saved(tmp_path)
     leanlora.save(leanlora.load(tiny_llama(), path), path)  # overwrite in place
-    assert sorted(p.name for p in path.iterdir()) == ["adapter.safetensors", "adapter_config.json"]
+    assert sorted(p.name for p in path.iterdir()) == ["leanlora_adapter.safetensors", "leanlora_config.json"]

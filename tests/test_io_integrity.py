@@ -13,6 +13,7 @@ from torch import nn
 import leanlora
 from conftest import randomize_adapters, tiny_bert, tiny_llama, token_batch
 from leanlora.checksum import CHECKSUM_KEY
+from leanlora.io import CONFIG_NAME, WEIGHTS_NAME
 
 FIXTURES = Path(__file__).parent / "fixtures" / "legacy_v1"
 
@@ -27,9 +28,9 @@ def _saved(tmp_path, seed=0, **kw):
 
 
 def _edit_json(path, fn):
-    meta = json.loads((path / "adapter_config.json").read_text())
+    meta = json.loads((path / CONFIG_NAME).read_text())
     fn(meta)
-    (path / "adapter_config.json").write_text(json.dumps(meta))
+    (path / CONFIG_NAME).write_text(json.dumps(meta))
 
 
 def _sequential():
@@ -61,7 +62,7 @@ def test_legacy_adapter_still_refuses_another_base_by_its_probe():
 
 def test_bytes_overwritten_in_place_are_detected(tmp_path):
     _, path = _saved(tmp_path)
-    f = path / "adapter.safetensors"
+    f = path / WEIGHTS_NAME
     data = bytearray(f.read_bytes())
     data[-4:] = b"\x7f\x7f\x7f\x7f"  # the last float becomes ~3.4e38, same file length
     f.write_bytes(bytes(data))
@@ -73,7 +74,7 @@ def test_checksum_is_in_the_safetensors_metadata(tmp_path):
     from safetensors import safe_open
 
     _, path = _saved(tmp_path)
-    with safe_open(str(path / "adapter.safetensors"), "pt") as f:
+    with safe_open(str(path / WEIGHTS_NAME), "pt") as f:
         assert len(f.metadata()[CHECKSUM_KEY]) == 64
 
 
@@ -198,11 +199,11 @@ def test_editing_r_or_the_rank_is_refused_not_silently_rescaled(tmp_path):
 
 def test_rank_of_the_json_must_match_the_tensors_for_files_without_checksums(tmp_path):
     _, path = _saved(tmp_path)
-    f = path / "adapter.safetensors"
+    f = path / WEIGHTS_NAME
     save_file(load_file(f), f)  # the same tensors, as a file without checksums
     _edit_json(path, lambda m: m["modules"][Q].update(rank=3))
     with pytest.raises(leanlora.AdapterLoadError, match=rf"has shape \(4, 64\), the model expects \(3, 64\) "
-                                                       rf"\(adapter_config.json: modules\['{Q}'\] rank 3"):
+                                                       rf"\(the adapter config's modules\['{Q}'\]: rank 3"):
         leanlora.load(tiny_llama(), path)
 
 
@@ -213,7 +214,7 @@ def test_rank_of_the_json_must_match_the_tensors_for_files_without_checksums(tmp
 ])
 def test_bad_tensor_values_and_kinds_are_refused_with_the_tensor_name(tmp_path, value, message):
     _, path = _saved(tmp_path)
-    f = path / "adapter.safetensors"
+    f = path / WEIGHTS_NAME
     tensors = load_file(f)
     key = sorted(tensors)[0]
     if isinstance(value, float):
@@ -291,11 +292,11 @@ def test_crash_while_replacing_keeps_the_old_folder_whole(tmp_path, monkeypatch)
 def test_leftover_temp_folder_of_a_kill_is_cleaned_and_replacing_works(tmp_path):
     out, path = _saved(tmp_path)
     (tmp_path / ".ad.tmp-dead").mkdir()
-    (tmp_path / ".ad.tmp-dead" / "adapter.safetensors").write_bytes(b"half")
+    (tmp_path / ".ad.tmp-dead" / WEIGHTS_NAME).write_bytes(b"half")
     model = leanlora.load(tiny_llama(), path)
     leanlora.save(model, path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ad"]
-    assert sorted(p.name for p in path.iterdir()) == ["adapter.safetensors", "adapter_config.json"]
+    assert sorted(p.name for p in path.iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME])
 
 
 def test_saving_into_a_folder_with_other_files_keeps_them(tmp_path):
@@ -304,5 +305,4 @@ def test_saving_into_a_folder_with_other_files_keeps_them(tmp_path):
     model = tiny_bert()
     leanlora.inject(model, leanlora.AdapterConfig(target_modules=("query",), r=2))
     leanlora.save(model, tmp_path / "ad")
-    assert sorted(p.name for p in (tmp_path / "ad").iterdir()) == ["adapter.safetensors", "adapter_config.json",
-                                                                   "tokenizer.json"]
+    assert sorted(p.name for p in (tmp_path / "ad").iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME, "tokenizer.json"])

@@ -72,8 +72,8 @@ def test_checkpoints_hold_learning_rates_that_are_tensors(tmp_path):
 def _same_training(plain, graphed, plain_dir: Path, graphed_dir: Path, rtol: float, atol: float) -> None:
     assert graphed.steps == plain.steps
     assert graphed.losses == pytest.approx(plain.losses, rel=rtol, abs=atol)
-    a = load_file(str(plain_dir / "adapter" / "adapter.safetensors"))
-    b = load_file(str(graphed_dir / "adapter" / "adapter.safetensors"))
+    a = load_file(str(plain_dir / "adapter" / "leanlora_adapter.safetensors"))
+    b = load_file(str(graphed_dir / "adapter" / "leanlora_adapter.safetensors"))
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=rtol, atol=atol, msg=key)

@@ -70,8 +70,8 @@ def test_sigkill_then_resume_equals_uninterrupted(config, tmp_path):
     assert resumed.returncode == 0, log
     assert f"resumed {killed} at step {at_kill}" in log
 
-    a = load_file(str(full / "adapter" / "adapter.safetensors"))
-    b = load_file(str(killed / "adapter" / "adapter.safetensors"))
+    a = load_file(str(full / "adapter" / "leanlora_adapter.safetensors"))
+    b = load_file(str(killed / "adapter" / "leanlora_adapter.safetensors"))
     assert a.keys() == b.keys() and len(a) > 0
     for key in a:
         assert torch.equal(a[key], b[key]), key
@@ -130,8 +130,8 @@ def test_crash_and_resume_is_bit_exact_for_every_method(config, tmp_path, monkey
     resumed = train(None, tmp_path / "crashed", resume=True, **quiet)
     assert resumed.steps == 24 and len(resumed.losses) == 12
     assert resumed.losses == full.losses[12:]
-    a = load_file(str(tmp_path / "full" / "adapter" / "adapter.safetensors"))
-    b = load_file(str(tmp_path / "crashed" / "adapter" / "adapter.safetensors"))
+    a = load_file(str(tmp_path / "full" / "adapter" / "leanlora_adapter.safetensors"))
+    b = load_file(str(tmp_path / "crashed" / "adapter" / "leanlora_adapter.safetensors"))
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
@@ -170,7 +170,9 @@ def test_the_loss_is_read_back_once_per_optimizer_step(config, tmp_path, adapter
         result = train(run, tmp_path / "reads", progress=False, log=lambda *_: None)
     assert result.steps == 6 and len(result.step_seconds) == 6 and min(result.step_seconds) > 0
     assert readers["train/loop.py"] == 6, readers
+    # the finite-weight flag rides on the loss read each step, and is read alone only before a save (one here)
+    assert readers["train/finite.py"] == 1, readers
     # besides: inject's weight probes (once) and the gate summary of the progress bar's log steps
     # flat_adamw.py: the optimizer's step counter, read when the final checkpoint is written (once per bucket)
-    assert set(readers) <= {"train/loop.py", "identity.py", "gate summary (log steps)", "torch or transformers",
-                            "flat_adamw.py"}, readers
+    assert set(readers) <= {"train/loop.py", "train/finite.py", "identity.py", "gate summary (log steps)",
+                            "torch or transformers", "flat_adamw.py"}, readers

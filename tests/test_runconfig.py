@@ -41,8 +41,27 @@ def test_non_default_config_round_trips(tmp_path):
 
 def test_sections_start_from_the_run_defaults(tmp_path):
     run = load_run_config(write(tmp_path, "adapter:\n  r: 4\ntrain:\n  lr: 2e-4\n"))
-    assert run.adapter.r == 4 and run.adapter.target_modules == ("query", "value")
+    assert run.adapter.r == 4 and run.adapter.target_modules is None   # the library's default targets
     assert run.train.lr == pytest.approx(2e-4)  # YAML 1.1 would leave "2e-4" a string
+
+
+def test_peft_names_in_yaml_and_overrides(tmp_path):
+    run = load_run_config(write(tmp_path, "adapter:\n  lora_alpha: 32\n  lora_dropout: 0.05\n"))
+    assert run.adapter.alpha == 32 and run.adapter.dropout == 0.05
+    # an override wins over the file's other spelling
+    assert load_run_config(write(tmp_path, "adapter:\n  alpha: 8\n"), ["adapter.lora_alpha=64"]).adapter.alpha == 64
+    with pytest.raises(ConfigError, match=r"run.yaml line 3: adapter.lora_alpha=32 is invalid: adapter.alpha=8 "
+                                          r"is also given"):
+        load_run_config(write(tmp_path, "adapter:\n  alpha: 8\n  lora_alpha: 32\n"))
+
+
+def test_target_modules_take_peft_forms_in_yaml(tmp_path):
+    assert load_run_config(None, ["adapter.target_modules=all-linear"]).adapter.target_modules == "all-linear"
+    run = load_run_config(write(tmp_path, "adapter:\n  target_modules: '.*layers\\.0\\..*'\n"))
+    assert run.adapter.target_modules == r".*layers\.0\..*"    # one string: a regex
+    assert load_run_config(None, ["adapter.target_modules=[q_proj]"]).adapter.target_modules == ("q_proj",)
+    with pytest.raises(ConfigError, match=r"run.yaml line 2: target_modules: entry '\*_proj' is a pattern"):
+        load_run_config(write(tmp_path, "adapter:\n  target_modules: ['*_proj']\n"))
 
 
 def test_overrides_parse_values_as_yaml():

@@ -29,7 +29,7 @@ def test_set_rank_per_module():
     assert changed == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
     ranks = {n: l.ranks.active_rank() for n, l in leanlora.adapted_layers(model)}
     assert all(r == (2 if n.endswith("q_proj") else 8) for n, r in ranks.items())
-    leanlora.set_rank(model, 5, modules="re:.*layers\\.1\\..*")
+    leanlora.set_rank(model, 5, modules=".*layers\\.1\\..*")
     assert model.model.layers[1].mlp.down_proj.ranks.active_rank() == 5
     assert model.model.layers[0].mlp.down_proj.ranks.active_rank() == 8
     leanlora.set_rank(model, None)

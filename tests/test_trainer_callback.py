@@ -5,39 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer
 
 import leanlora
 from conftest import tiny_bert
-from leanlora.config import AdapterConfig, GatedConfig, QuantConfig
 from leanlora.train import callbacks as cb
-
-
-class Rows(torch.utils.data.Dataset):
-    def __init__(self, n: int = 16, seq: int = 8) -> None:
-        g = torch.Generator().manual_seed(0)
-        self.ids = torch.randint(5, 128, (n, seq), generator=g)
-        self.labels = (self.ids[:, 0] % 2).long()
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[i], "labels": self.labels[i]}
-
-
-def gated_model():
-    model = tiny_bert(seed=0)
-    config = AdapterConfig(target_modules=("query", "value"), modules_to_save=("classifier",), r=4,
-                           ranks="gated", precision="learned", gated=GatedConfig(init_log_alpha=2.0),
-                           quant=QuantConfig(lmbda=0.1))
-    return leanlora.inject(model, config)
-
-
-def arguments(tmp_path, **kw) -> TrainingArguments:
-    base = dict(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2,
-                logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0)
-    return TrainingArguments(**{**base, **kw})
+from trainer_fixtures import Rows, arguments, gated_model
 
 
 def test_trainer_trains_with_the_callback(tmp_path, monkeypatch):
@@ -97,26 +70,3 @@ def test_no_adapter_is_a_clear_error(tmp_path):
     trainer = cb.LeanLoraTrainer(model=tiny_bert(), args=arguments(tmp_path), train_dataset=Rows())
     with pytest.raises(leanlora.InjectError, match="holds no leanlora adapter"):
         trainer.train()
-
-
-def test_resuming_from_a_trainer_checkpoint_continues_the_same_run(tmp_path):
-    """HF Trainer saves the optimizer's state dict (FlatAdamW's) and loads it on resume."""
-    def run(out):
-        torch.manual_seed(0)
-        model = gated_model()
-        trainer = cb.LeanLoraTrainer(model=model, args=arguments(out, save_strategy="steps", save_steps=2),
-                                     train_dataset=Rows())
-        return model, trainer
-
-    straight, trainer = run(tmp_path / "straight")
-    trainer.train()
-    assert type(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
-                ).__name__ == "FlatAdamW"
-    resumed, trainer = run(tmp_path / "resumed")  # a new process picking up the run's step-2 checkpoint
-    trainer.train(resume_from_checkpoint=str(tmp_path / "straight" / "checkpoint-2"))
-    assert trainer.state.global_step == 4
-    a = {n: p for n, p in straight.named_parameters() if p.requires_grad}
-    b = {n: p for n, p in resumed.named_parameters() if p.requires_grad}
-    assert set(a) == set(b)
-    for n in a:
-        torch.testing.assert_close(b[n], a[n], rtol=1e-5, atol=1e-6, msg=n)

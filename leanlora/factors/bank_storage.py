@@ -7,7 +7,7 @@ layer's ``factors.logits`` (r, S, h) by
     factors.topk_indices  (r, S, k)    uint8 if h < 2^8, int16 if h < 2^15, else int32
     factors.topk_weights  (r, S, k-1)  the softmax weights in the adapter dtype; the k-th is 1 - Σ
 
-and writes ``"bank_storage": "topk"`` in adapter_config.json so that the loader knows the layout.
+and writes ``"bank_storage": "topk"`` in leanlora_config.json so that the loader knows the layout.
 
 Reload. Inference (``load(..., trainable=False)``, the default) rebuilds the logits as PEFT does:
 log-weights at the stored indices and -inf elsewhere, so the top k and their softmax come back

@@ -1,6 +1,7 @@
-"""Training and evaluation: run configs, tasks, metrics, the loop, checkpoints, HF Trainer hooks.
+"""Training and evaluation: run configs, tasks, metrics, the loop, checkpoints, HF Trainer and TRL hooks.
 
-The loop and the Trainer integration import transformers; they load on first use.
+The loop and the Trainer integration import transformers (and ``LeanLoraSFTTrainer`` TRL); they load
+on first use.
 """
 
 from leanlora.train.runconfig import (
@@ -18,8 +19,10 @@ _LAZY = {
     "TrainingDiverged": ("leanlora.train.loop", "TrainingDiverged"),
     "LeanLoraCallback": ("leanlora.train.callbacks", "LeanLoraCallback"),
     "LeanLoraTrainer": ("leanlora.train.callbacks", "LeanLoraTrainer"),
+    "LeanLoraMixin": ("leanlora.train.callbacks", "LeanLoraMixin"),
+    "LeanLoraSFTTrainer": ("leanlora.train.sft", "LeanLoraSFTTrainer"),
     "add_regularizer": ("leanlora.train.callbacks", "add_regularizer"),
-    "leanlora_optimizer": ("leanlora.train.callbacks", "leanlora_optimizer"),
+    "leanlora_optimizer": ("leanlora.train.trainer_optim", "leanlora_optimizer"),
     "StepGraph": ("leanlora.train.step_graph", "StepGraph"),
 }
 

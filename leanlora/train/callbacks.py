@@ -1,54 +1,102 @@
-"""leanlora inside Hugging Face ``Trainer``: schedules, the prior term of the loss, parameter groups.
+"""leanlora inside Hugging Face ``Trainer`` and TRL: schedules, the prior in the loss, logs, optimizer, checkpoints.
 
-Two pieces, because a ``TrainerCallback`` can observe training but cannot change the loss:
+A ``TrainerCallback`` can observe training but cannot change the loss, the optimizer or the files
+a checkpoint holds, so the pieces are:
 
 * :class:`LeanLoraCallback` — ``leanlora.advance(model, step)`` before every optimizer step
-  (nested-rank sampling, gate schedules) and the expected rank / bits in every log line;
-* :class:`LeanLoraTrainer` — a ``Trainer`` whose loss is ``task loss + leanlora.regularizer(model)``,
-  whose AdamW uses ``leanlora.param_groups`` (bank, logits and gates at their own learning
-  rates, no decay), and which installs the callback. Users with their own Trainer subclass call
-  :func:`add_regularizer` and pass ``optimizers=(leanlora_optimizer(model, args), None)`` instead.
+  (nested-rank sampling, gate schedules), and in every log record the adapter's rank, bits, BOPs
+  against LoRA-16 and the budget, and the prior. It runs before every other callback, so each
+  ``report_to`` integration (TensorBoard, trackio, W&B, ...) writes these keys too.
+* :class:`LeanLoraMixin` — put it before any ``Trainer`` subclass (``Trainer``, TRL's ``SFTTrainer``):
+  the loss is ``task loss + leanlora.regularizer(model)``; the optimizer is the one ``args.optim``
+  names over ``leanlora.param_groups`` (:mod:`leanlora.train.trainer_optim`); checkpoints hold the
+  adapter only (:mod:`leanlora.train.trainer_checkpoint`); the callback is installed.
+* :class:`LeanLoraTrainer` = ``LeanLoraMixin`` + ``Trainer``; ``leanlora.train.sft.LeanLoraSFTTrainer``
+  = ``LeanLoraMixin`` + TRL's ``SFTTrainer``.
 
     trainer = LeanLoraTrainer(model=model, args=args, train_dataset=ds)   # model holds an adapter
     trainer.train()
+
+A Trainer subclass that cannot take the mixin calls :func:`add_regularizer` and passes
+``optimizers=(leanlora_optimizer(model, args), None)``; its checkpoints then hold the whole model.
 """
 
 from __future__ import annotations
 
-import types
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
-from leanlora.optim import adamw, param_groups
+from leanlora.cost import cost_report
+from leanlora.inject import shared_state
 from leanlora.schedule import advance, regularizer
 from leanlora.summary import gate_summary
+from leanlora.train.trainer_checkpoint import AdapterCheckpoints, unwrap
+from leanlora.train.trainer_optim import leanlora_optimizer
+
+__all__ = ["LeanLoraCallback", "LeanLoraMixin", "LeanLoraTrainer", "add_regularizer", "leanlora_optimizer",
+           "adapter_log_values"]
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The model that holds ``leanlora_shared`` (DDP / accelerate wrap it in ``.module``)."""
-    while not hasattr(model, "leanlora_shared") and hasattr(model, "module"):
-        model = model.module
-    return model
+def adapter_log_values(model: nn.Module) -> dict[str, float]:
+    """The adapter's state for a log record, under ``leanlora/``.
+
+    ``rank`` and ``bits``: mean expected rank and bits over adapted layers (:func:`leanlora.gate_summary`);
+    ``bops`` and ``bops_vs_lora16``: BOPs of the adapter as :func:`leanlora.cost_report` counts it now
+    (what finalize would keep) and as a fraction of a 16-bit LoRA of the same shape, the unit of
+    ``adapter.budget``; ``budget``: that target, when the config sets one.
+    """
+    model = unwrap(model)
+    values = {f"leanlora/{k}": round(v, 4) for k, v in gate_summary(model).items()}
+    total = cost_report(model).total
+    values["leanlora/bops"] = float(total["bops"])
+    values["leanlora/bops_vs_lora16"] = round(float(total["bops_vs_lora"]), 6)
+    budget = getattr(shared_state(model).config, "budget", None)  # None where the config has none
+    if isinstance(budget, (int, float)) and not isinstance(budget, bool):
+        values["leanlora/budget"] = float(budget)
+    return values
 
 
 class LeanLoraCallback(TrainerCallback):
-    """Advance the adapter's schedules each step and log its expected rank and bits."""
+    """Advance the adapter's schedules each step; put its rank, bits, BOPs, budget and prior in every log."""
+
+    def __init__(self) -> None:
+        self._prior_sum: torch.Tensor | None = None
+        self._prior_count = 0
+
+    def record_prior(self, value: torch.Tensor) -> None:
+        """One micro-batch's λ·R (no host sync: summed on the device until the next log)."""
+        value = value.detach().float()
+        self._prior_sum = value if self._prior_sum is None else self._prior_sum + value
+        self._prior_count += 1
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         if model is not None:
-            advance(_unwrap(model), state.global_step)
+            advance(unwrap(model), state.global_step)
 
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
-        if model is None or logs is None:
-            return
-        summary = {f"leanlora/{k}": round(v, 4) for k, v in gate_summary(_unwrap(model)).items()}
-        logs.update(summary)
-        # Trainer appended this record to log_history before calling us; keep the two in step.
+        if model is None or logs is None or any(k.startswith(("eval_", "test_")) for k in logs):
+            return  # evaluation records: the adapter is the one the last training record described
+        values = adapter_log_values(model)
+        if self._prior_count:  # mean λ·R over the micro-batches since the last training log
+            values["leanlora/prior"] = (self._prior_sum / self._prior_count).item()
+            self._prior_sum, self._prior_count = None, 0
+        logs.update(values)  # the same dict reaches the report_to callbacks after this one
+        # Trainer appended a copy of this record to log_history before calling us; keep the two in step.
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
-            state.log_history[-1].update(summary)
+            state.log_history[-1].update(values)
+
+
+def install_callback(trainer: Trainer) -> LeanLoraCallback:
+    """The trainer's :class:`LeanLoraCallback`, first in its list so every integration sees its log keys."""
+    callbacks = trainer.callback_handler.callbacks
+    ours = next((cb for cb in callbacks if isinstance(cb, LeanLoraCallback)), None) or LeanLoraCallback()
+    if ours in callbacks:
+        callbacks.remove(ours)
+    callbacks.insert(0, ours)
+    return ours
 
 
 def _loss_scaled_for_accumulation(trainer: Trainer, num_items_in_batch: Any) -> bool:
@@ -60,7 +108,7 @@ def _loss_scaled_for_accumulation(trainer: Trainer, num_items_in_batch: Any) -> 
                 or getattr(trainer, "compute_loss_func", None) is not None)
 
 
-def regularized_compute_loss(trainer: Trainer, compute_loss):
+def regularized_compute_loss(trainer: Trainer, compute_loss, meter: LeanLoraCallback | None = None):
     """``compute_loss`` plus the adapter prior, counted once per optimizer step in training."""
 
     def wrapped(model, inputs, return_outputs=False, num_items_in_batch=None, **kwargs):
@@ -69,7 +117,9 @@ def regularized_compute_loss(trainer: Trainer, compute_loss):
         if not model.training:
             return out  # eval loss stays the task loss
         loss, outputs = out if return_outputs else (out, None)
-        reg = regularizer(_unwrap(model)).to(loss.device)
+        reg = regularizer(unwrap(model)).to(loss.device)
+        if meter is not None:
+            meter.record_prior(reg)
         if _loss_scaled_for_accumulation(trainer, num_items_in_batch):
             # Trainer will not divide by the accumulation steps: do it here so λ·R counts once a step.
             steps = getattr(trainer, "current_gradient_accumulation_steps", trainer.args.gradient_accumulation_steps)
@@ -81,34 +131,32 @@ def regularized_compute_loss(trainer: Trainer, compute_loss):
 
 
 def add_regularizer(trainer: Trainer) -> Trainer:
-    """Make an existing Trainer add ``leanlora.regularizer(model)`` to its training loss."""
-    trainer.compute_loss = regularized_compute_loss(trainer, trainer.compute_loss)
-    if not any(isinstance(cb, LeanLoraCallback) for cb in trainer.callback_handler.callbacks):
-        trainer.add_callback(LeanLoraCallback())
+    """Make an existing Trainer add ``leanlora.regularizer(model)`` to its training loss, and log the adapter."""
+    meter = install_callback(trainer)
+    trainer.compute_loss = regularized_compute_loss(trainer, trainer.compute_loss, meter)
     return trainer
 
 
-def leanlora_optimizer(model: nn.Module, args) -> torch.optim.Optimizer:
-    """AdamW over ``leanlora.param_groups`` with the TrainingArguments' lr, decay, betas and eps."""
-    groups = param_groups(_unwrap(model), args.learning_rate, args.weight_decay)
-    return adamw(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
-
-
-class LeanLoraTrainer(Trainer):
-    """``Trainer`` with the adapter prior in the loss, leanlora's parameter groups and the callback."""
+class LeanLoraMixin(AdapterCheckpoints):
+    """Put before a ``Trainer`` subclass: prior in the loss, ``args.optim`` over leanlora's groups,
+    adapter-only checkpoints that resume exactly, and :class:`LeanLoraCallback` first among callbacks."""
 
     def __init__(self, *args, **kwargs) -> None:
-        callbacks = list(kwargs.pop("callbacks", None) or [])
-        if not any(isinstance(cb, LeanLoraCallback) for cb in callbacks):
-            callbacks.append(LeanLoraCallback())
-        super().__init__(*args, callbacks=callbacks, **kwargs)
+        super().__init__(*args, **kwargs)
+        self._leanlora_callback = install_callback(self)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None, **kwargs):
-        base = types.MethodType(Trainer.compute_loss, self)
-        return regularized_compute_loss(self, base)(model, inputs, return_outputs=return_outputs,
-                                                    num_items_in_batch=num_items_in_batch, **kwargs)
+        base = super().compute_loss
+        return regularized_compute_loss(self, base, self._leanlora_callback)(
+            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch, **kwargs)
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
-            self.optimizer = leanlora_optimizer(model or self.model, self.args)
+            self.optimizer = leanlora_optimizer(unwrap(model if model is not None else self.model), self.args,
+                                                getattr(self, "optimizer_cls_and_kwargs", None))
         return self.optimizer
+
+
+class LeanLoraTrainer(LeanLoraMixin, Trainer):
+    """``Trainer`` with the adapter prior in the loss, ``args.optim`` over leanlora's parameter groups,
+    adapter-only checkpoints and the callback (see :class:`LeanLoraMixin`)."""

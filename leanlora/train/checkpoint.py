@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -103,12 +104,43 @@ def _plain(value: Any) -> Any:
 # --- save / load ------------------------------------------------------------------------------
 
 
+def _damaged(path: Path, why: str) -> CheckpointError:
+    return CheckpointError(f"{path}: {why}; the checkpoint is damaged (was the file edited or cut short "
+                           "outside leanlora?). Restore the file, or start the run again into a new --out folder")
+
+
+def _read_json(path: Path, keys: tuple[str, ...]) -> dict[str, Any]:
+    """A checkpoint's JSON file, which must be an object holding ``keys``."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise _damaged(path, "file not found") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise _damaged(path, f"not valid JSON ({err})") from None
+    missing = [k for k in keys if not isinstance(data, dict) or k not in data]
+    if missing:
+        raise _damaged(path, f"key(s) {missing} missing")
+    return data
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's safetensors file (safetensors' own parser: no code runs from the file)."""
+    if not path.is_file():
+        raise _damaged(path, "file not found")
+    try:
+        return load_file(str(path))
+    except Exception as err:  # safetensors raises its own SafetensorError, or OSError, for a bad file
+        raise _damaged(path, f"not a readable safetensors file ({err})") from None
+
+
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     """The folder named by ``checkpoints/latest.json``, or None when the run has none."""
     pointer = Path(run_dir) / CKPT_DIR / LATEST
     if not pointer.is_file():
         return None
-    info = json.loads(pointer.read_text())
+    info = _read_json(pointer, ("dir",))
+    if not isinstance(info["dir"], str) or not re.fullmatch(r"step-\d+", info["dir"]):
+        raise _damaged(pointer, f"'dir' is {info['dir']!r}, not the name of a step-NNNNNNNN folder")
     path = pointer.parent / info["dir"]
     if not path.is_dir():
         raise CheckpointError(f"{pointer} names {info['dir']}, which does not exist")
@@ -147,8 +179,10 @@ def load_checkpoint(folder: str | Path, model: nn.Module, optimizer: torch.optim
                     scheduler: torch.optim.lr_scheduler.LRScheduler) -> dict[str, Any]:
     """Restore everything saved by :func:`save_checkpoint`; returns ``{"step", "loop"}``."""
     folder = Path(folder)
-    state = json.loads((folder / "state.json").read_text())
-    saved = load_file(str(folder / "adapter.safetensors"))
+    state = _read_json(folder / "state.json", ("step", "loop", "optimizer", "scheduler", "rng"))
+    if type(state["step"]) is not int or state["step"] < 0 or not isinstance(state["loop"], dict):
+        raise _damaged(folder / "state.json", "'step' must be a count of steps and 'loop' a mapping")
+    saved = _read_tensors(folder / "adapter.safetensors")
     expected = adapter_state_dict(model)
     if set(saved) != set(expected):
         missing, extra = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
@@ -161,8 +195,32 @@ def load_checkpoint(folder: str | Path, model: nn.Module, optimizer: torch.optim
     load_adapter_state(model, saved)  # every rank reads rank 0's files; FSDP2 keeps its shard
     device = next(p.device for p in model.parameters())
     opt_tensors = {k: v.to(device) if not k.endswith(".step") else v
-                   for k, v in load_file(str(folder / "optimizer.safetensors")).items()}
-    load_full_optimizer_state(optimizer, _join_optimizer(opt_tensors, state["optimizer"]))
-    scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(load_file(str(folder / "rng.safetensors")), state["rng"])
+                   for k, v in _read_tensors(folder / "optimizer.safetensors").items()}
+    rng = _read_tensors(folder / "rng.safetensors")
+    try:
+        load_full_optimizer_state(optimizer, _join_optimizer(opt_tensors, state["optimizer"]))
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(rng, state["rng"])
+    except (KeyError, ValueError, TypeError, IndexError, RuntimeError, AttributeError) as err:
+        # the JSON and tensors parsed but do not describe this run's optimizer, scheduler or RNG
+        raise _damaged(folder, f"its optimizer, scheduler or RNG state does not fit this run "
+                               f"({type(err).__name__}: {err})") from None
     return {"step": state["step"], "loop": state["loop"]}
+
+
+def clean_leftovers(run_dir: str | Path) -> list[Path]:
+    """Remove what a killed write leaves in a run folder: temporary files and folders (``.NAME.*.tmp``,
+    the names :mod:`leanlora.io` writes under) and step folders that ``latest.json`` does not name
+    (a checkpoint cut short). Returns what was removed."""
+    run_dir = Path(run_dir)
+    removed: list[Path] = []
+    for pattern in (".*.tmp", "*/.*.tmp", "*/*/.*.tmp"):
+        removed += sorted(run_dir.glob(pattern))
+    latest = latest_checkpoint(run_dir)
+    removed += [p for p in sorted((run_dir / CKPT_DIR).glob("step-*")) if p.is_dir() and p != latest]
+    for path in removed:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return removed

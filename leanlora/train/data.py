@@ -51,13 +51,31 @@ def resolve_data_path(spec: str, key: str) -> Path:
 def read_rows(path: Path, header: bool = True) -> list[Row]:
     """Every data row of the file; column names come from the header, or are "0", "1", ..."""
     suffix = path.suffix.lower()
-    if suffix in (".tsv", ".csv"):
-        return _read_delimited(path, header, tsv=suffix == ".tsv")
-    if suffix == ".jsonl":
-        return _read_jsonl(path)
-    if suffix == ".json":
-        return _read_json(path)
-    raise DataError(f"{path}: unsupported file type {suffix!r}; use .tsv, .csv, .jsonl or .json")
+    readers = {".tsv": lambda: _read_delimited(path, header, tsv=True),
+               ".csv": lambda: _read_delimited(path, header, tsv=False),
+               ".jsonl": lambda: _read_jsonl(path), ".json": lambda: _read_json(path)}
+    if suffix not in readers:
+        raise DataError(f"{path}: unsupported file type {suffix!r}; use .tsv, .csv, .jsonl or .json")
+    try:
+        return readers[suffix]()
+    except UnicodeDecodeError:
+        raise not_utf8(path) from None
+
+
+def not_utf8(path: Path) -> DataError:
+    """The error for a file that is not UTF-8, naming the line and column of its first bad byte
+    (decoding happens in chunks, so the reader's own error knows no line)."""
+    raw = path.read_bytes()
+    body = raw[3:] if raw.startswith(b"\xef\xbb\xbf") else raw
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError as err:
+        at = err.start + len(raw) - len(body)
+        line = raw.count(b"\n", 0, at) + 1
+        column = at - (raw.rfind(b"\n", 0, at) + 1) + 1
+        return DataError(f"{path} line {line}: byte 0x{raw[at]:02x} at column {column} is not UTF-8 "
+                         f"({err.reason}); save the file as UTF-8")
+    return DataError(f"{path}: the file is not UTF-8; save it as UTF-8")
 
 
 def _read_delimited(path: Path, header: bool, tsv: bool) -> list[Row]:

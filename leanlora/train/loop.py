@@ -22,7 +22,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -34,17 +34,16 @@ from leanlora.train.compiled import CompiledRegions, shape_advice, wants_compile
 from leanlora.config import ConfigError
 from leanlora.io import atomic_write_bytes, read_adapter_tensors
 from leanlora.optim import adamw
-from leanlora.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from leanlora.train.checkpoint import clean_leftovers, latest_checkpoint, load_checkpoint, save_checkpoint
+from leanlora.train.finite import FiniteGuard, TrainingDiverged, advice
+from leanlora.train.head import require_saved_head
 from leanlora.train.models import load_model, load_tokenizer
+from leanlora.train.resume import check_total, resume_config, retune
 from leanlora.train.runconfig import RunConfig, to_commented_yaml
 from leanlora.train.tasks import batches, build_task
 from leanlora.train.whole_step import graphed_training_step
 
 RUN_CONFIG = "run.yaml"
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN/inf; the message names the step and the last good checkpoint."""
 
 
 @dataclass
@@ -113,8 +112,9 @@ def _better(metric: str, new: float, old: float | None) -> bool:
 
 
 def train(run: RunConfig | None, run_dir: str | Path, *, resume: bool = False, progress: bool = True,
-          log=print) -> TrainResult:
-    """Train ``run`` into ``run_dir`` (or continue the run saved there with ``resume=True``).
+          log=print, overrides: Sequence[str] = ()) -> TrainResult:
+    """Train ``run`` into ``run_dir`` (or continue the run saved there with ``resume=True``, with
+    ``overrides`` of the settings :data:`leanlora.train.resume.RESUMABLE`).
 
     ``run_dir`` receives ``run.yaml``, ``checkpoints/``, ``best/`` (the best adapter so far),
     ``adapter/`` (the final adapter: the best one when there is an eval set) and ``metrics.json``.
@@ -126,9 +126,9 @@ def train(run: RunConfig | None, run_dir: str | Path, *, resume: bool = False, p
     if resume:
         if not (run_dir / RUN_CONFIG).is_file():
             raise ConfigError(f"--resume {run_dir}: no {RUN_CONFIG} there; is it a leanlora run folder?")
-        from leanlora.train.runconfig import load_run_config
-
-        run = load_run_config(run_dir / RUN_CONFIG)
+        if dist.is_main_process():  # the one process that writes the run folder
+            clean_leftovers(run_dir)  # temporary files of a write that a kill interrupted
+        run = resume_config(run_dir / RUN_CONFIG, overrides)
     elif latest_checkpoint(run_dir) is not None:
         raise ConfigError(f"{run_dir} already holds a run with checkpoints; continue it with --resume {run_dir} "
                           "or choose another --out folder")
@@ -152,6 +152,7 @@ def train(run: RunConfig | None, run_dir: str | Path, *, resume: bool = False, p
     if not resume and dist.is_main_process():
         atomic_write_bytes(run_dir / RUN_CONFIG, to_commented_yaml(run).encode())
     leanlora.inject(model, run.adapter)
+    require_saved_head(model, run.adapter, run.data.task)  # after inject: a modules_to_save typo is named there
     model.train()
     dist.sync_rank_sampler(model)              # the same nested rank b on every rank in a step
     wrapped = dist.wrap(model, tc.distributed)  # DDP wrapper, or the model itself sharded by FSDP2
@@ -180,14 +181,20 @@ def train(run: RunConfig | None, run_dir: str | Path, *, resume: bool = False, p
     step = 0
     loop_state = {"best_step": None, "best_score": None, "best_metrics": {}, "history": [], "train_losses": []}
     if checkpoint is not None:
+        base_lrs = list(scheduler.base_lrs)  # this run's, before the checkpoint's replace them
         restored = load_checkpoint(checkpoint, model, optimizer, scheduler)
+        retune(optimizer, scheduler, base_lrs)  # a changed train.lr or schedule reaches the restored step
         step, loop_state = restored["step"], restored["loop"]
+        check_total(total, step)
         if dist.is_distributed():  # every rank restored rank 0's generator: split the noise again
             torch.manual_seed(dist.rank_seed(tc.seed + step))
-        log(f"resumed {run_dir} at step {step} of {total}")
+        log(f"resumed {run_dir} at step {step} of {total}" + (f" with {' '.join(overrides)}" if overrides else ""))
+    if resume and overrides and dist.is_main_process():  # run.yaml: the settings now in effect
+        atomic_write_bytes(run_dir / RUN_CONFIG, to_commented_yaml(run).encode())
     # after the checkpoint: the graph's warm-up steps must see the restored optimizer state
-    graphed = graphed_training_step(wrapped, task, optimizer, prior, autocast, tc.max_grad_norm, log) \
-        if tc.cuda_graph else None
+    guard = FiniteGuard(model.named_parameters(), device)  # no NaN/inf weight is evaluated or saved
+    graphed = graphed_training_step(wrapped, task, optimizer, prior, autocast, tc.max_grad_norm, log,
+                                    after_update=guard.update) if tc.cuda_graph else None
     result = TrainResult(run_dir=run_dir, steps=step, history=list(loop_state["history"]))
     metric = task.metric
 
@@ -225,19 +232,21 @@ def train(run: RunConfig | None, run_dir: str | Path, *, resume: bool = False, p
                     loss = task.loss(wrapped, batch) + prior(wrapped).to(device)
                 (loss / len(micro)).backward()
                 step_loss += loss.detach().float() / len(micro)
-            value = step_loss.item()
+            value = guard.fold(step_loss).item()  # NaN too when the last update broke a weight
             if dist.all_reduce_mean(float(math.isfinite(value))) < 1.0:  # every rank stops together
                 bar.close()
-                raise _diverged(value, step, epoch, run_dir, updated=False)
+                guard.raise_if_tripped(step, run_dir, tc.lr)
+                raise _diverged(value, step, epoch, run_dir, tc.lr, updated=False)
             return value
 
         def graphed_step() -> float:
             """The same step, optimizer included, as one CUDA-graph replay (train.cuda_graph: one
             micro-batch per step, one process)."""
-            value = float(graphed(micro_batch(k)))  # read after the replay: the update has run
+            value = float(guard.fold(graphed(micro_batch(k))))  # read after the replay: the update has run
             if not math.isfinite(value):
                 bar.close()
-                raise _diverged(value, step, epoch, run_dir, updated=True)
+                guard.raise_if_tripped(step + 1, run_dir, tc.lr)
+                raise _diverged(value, step, epoch, run_dir, tc.lr, updated=True)
             return value
 
         run_step = forward_backward if graphed is None else graphed_step
@@ -252,6 +261,7 @@ def train(run: RunConfig | None, run_dir: str | Path, *, resume: bool = False, p
                 torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
                                                tc.max_grad_norm)
             optimizer.step()
+            guard.update()
             optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         result.step_seconds.append(time.perf_counter() - started)
@@ -270,6 +280,9 @@ def train(run: RunConfig | None, run_dir: str | Path, *, resume: bool = False, p
             bar.set_postfix(loss=f"{sum(window) / len(window):.4f}", score=_fmt(loop_state["best_score"]),
                             rank=f"{gates['rank']:.2f}", bits=f"{gates['bits']:.1f}", refresh=False)
             window.clear()
+        save = (tc.save_every and step % tc.save_every == 0) or (not tc.save_every and evaluate) or step == total
+        if evaluate or save:
+            guard.raise_if_tripped(step, run_dir, tc.lr)
         if evaluate:
             scores = task.evaluate(model, tc.eval_batch_size, device, _autocast(device, tc.bf16))
             with dist.full_params(wrapped) as plain:
@@ -282,7 +295,7 @@ def train(run: RunConfig | None, run_dir: str | Path, *, resume: bool = False, p
             bar.set_postfix(loss=f"{step_loss:.4f}", score=_fmt(scores[metric]), rank=f"{record['rank']:.2f}",
                             bits=f"{record['bits']:.1f}", refresh=True)
             log(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in scores.items()))
-        if (tc.save_every and step % tc.save_every == 0) or (not tc.save_every and evaluate) or step == total:
+        if save:
             save_checkpoint(run_dir, step, model, optimizer, scheduler, loop_state)
     bar.close()
 
@@ -299,13 +312,11 @@ def train(run: RunConfig | None, run_dir: str | Path, *, resume: bool = False, p
     return result
 
 
-def _diverged(value: float, step: int, epoch: int, run_dir: Path, updated: bool) -> TrainingDiverged:
-    last = latest_checkpoint(run_dir)
+def _diverged(value: float, step: int, epoch: int, run_dir: Path, lr: float, updated: bool) -> TrainingDiverged:
     return TrainingDiverged(
         f"loss is {value} at step {step + 1} (epoch {epoch + 1}); training stopped"
         + (" (the captured step had already applied its update to the weights in memory)" if updated else "")
-        + ". " + (f"The last good checkpoint is {last} (resume with `leanlora train --resume {run_dir}` "
-                  "after lowering train.lr)" if last else "No checkpoint was written before it."))
+        + ". " + advice(run_dir, lr))
 
 
 def _fmt(value: float | None) -> str:

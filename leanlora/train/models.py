@@ -14,6 +14,7 @@ from pathlib import Path
 from torch import nn
 
 from leanlora.config import ConfigError
+from leanlora.train.head import record_fresh_weights
 from leanlora.train.runconfig import ModelConfig
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -74,9 +75,10 @@ def load_model(cfg: ModelConfig, task: str, num_labels: int, tokenizer) -> nn.Mo
         if task == "causal_lm":
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         else:
-            model = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=num_labels,
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=num_labels, output_loading_info=True,
                 problem_type="regression" if task == "regression" else "single_label_classification", **kwargs)
+            record_fresh_weights(model, info)  # the head it initialised at random (leanlora.train.head)
     finally:
         transformers.logging.set_verbosity(verbosity)
     if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:

@@ -15,12 +15,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from leanlora.config import ConfigError  # a ValueError: a model this path cannot take is a setting to change
+
 
 def attends_causally(model: nn.Module) -> bool:
     """Whether ``model``'s self-attention is causal (a decoder: Llama, GPT) or bidirectional (BERT)."""
     flags = {m.is_causal for m in model.modules() if isinstance(getattr(m, "is_causal", None), bool)}
     if len(flags) != 1:
-        raise ValueError(f"{type(model).__name__}: cannot tell whether its attention is causal (attention "
+        raise ConfigError(f"{type(model).__name__}: cannot tell whether its attention is causal (attention "
                          f"modules with is_causal={sorted(flags) or 'none found'}); a 4D padding mask needs to know")
     return flags.pop()
 
@@ -29,7 +31,7 @@ def require_sdpa(model: nn.Module, why: str) -> None:
     """Refuse a model whose attention is not transformers' SDPA (the 4D mask below is SDPA's kind)."""
     impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
     if impl != "sdpa":
-        raise ValueError(f"{why} needs the model's attention implementation to be 'sdpa' (a boolean 4D mask "
+        raise ConfigError(f"{why} needs the model's attention implementation to be 'sdpa' (a boolean 4D mask "
                          f"built on the device); {type(model).__name__} uses {impl!r}. Load the model with "
                          "attn_implementation='sdpa'")
 

@@ -23,7 +23,8 @@ from typing import Any, Literal
 
 import yaml
 
-from leanlora.config import AdapterConfig, ConfigError, from_plain, to_plain
+from leanlora.config import AdapterConfig, ConfigError, canonical_keys, check_field_types, from_plain, to_plain
+from leanlora.train.data import label_text, not_utf8
 
 TaskKind = Literal["classification", "regression", "causal_lm"]
 
@@ -69,9 +70,9 @@ class DataConfig:
     """column holding the class or the score."""
     eval_label_column: str = ""
     """label column of the eval file when it differs (BoolQ dev says "answer"); empty: label_column."""
-    labels: tuple[str, ...] = ()
-    """class names in index order (labels are compared as text: 1, "1" and True/"True" alike);
-    empty: the sorted distinct labels of the training file."""
+    labels: tuple[str | int | float | bool, ...] = ()
+    """class names in index order (labels are compared as text: 1, "1" and True/"True" alike, so
+    [0, 1] and ["0", "1"] are the same list); empty: the sorted distinct labels of the training file."""
     drop_unlabeled: bool = False
     """skip rows whose label is empty or null instead of stopping with an error."""
     max_length: int = 128
@@ -100,11 +101,18 @@ class DataConfig:
     (regression), exact_match (causal_lm)."""
 
     def __post_init__(self) -> None:
+        check_field_types(self, "data.")
         _require(self.task in ("classification", "regression", "causal_lm"), "data.task", self.task,
                  "allowed: 'classification', 'regression', 'causal_lm'")
         if self.task != "causal_lm":
             _require(1 <= len(self.text_columns) <= 2, "data.text_columns", self.text_columns,
                      "name one column (single sentence) or two (sentence pair)")
+        labels = tuple(label_text(v) for v in self.labels)
+        _require(None not in labels and len(set(labels)) == len(labels), "data.labels", self.labels,
+                 "class names must be non-empty and distinct (they are compared as text)")
+        _require(self.task != "classification" or len(labels) != 1, "data.labels", self.labels,
+                 "a classifier needs at least two classes (empty: the distinct labels of data.train_file)")
+        object.__setattr__(self, "labels", labels)
         _require(self.max_length >= 8, "data.max_length", self.max_length, "must be >= 8")
         _require(self.pad_to_multiple_of >= 0, "data.pad_to_multiple_of", self.pad_to_multiple_of,
                  "must be >= 0 (0: pad to the longest example of the batch)")
@@ -179,6 +187,7 @@ class TrainConfig:
     N processes train what one would (see leanlora.distributed)."""
 
     def __post_init__(self) -> None:
+        check_field_types(self, "train.")
         _require(self.distributed in ("none", "ddp", "fsdp2"), "train.distributed", self.distributed,
                  "allowed: 'none', 'ddp', 'fsdp2'")
         _require(self.compile in ("auto", True, False), "train.compile", self.compile,
@@ -210,8 +219,9 @@ class TrainConfig:
 
 
 def _default_adapter() -> AdapterConfig:
-    # The default model is the MiniLM BERT: its attention projections are query/key/value.
-    return AdapterConfig(target_modules=("query", "value"), modules_to_save=("classifier",))
+    # target_modules stays the library's default (leanlora.targets); the default task is
+    # classification, whose head is trained in full.
+    return AdapterConfig(modules_to_save=("classifier",))
 
 
 @dataclass(frozen=True)
@@ -253,8 +263,10 @@ def run_from_dict(data: Any, lines: dict[str, int] | None = None, source: str = 
         cls = type(getattr(defaults, name))
         # A section starts from the run's defaults, so a YAML that sets only adapter.r keeps
         # the default target_modules of the default model.
-        merged = {**to_plain(getattr(defaults, name)), **(section or {})} if isinstance(section, (dict, type(None))) else section
         try:
+            if isinstance(section, dict):  # PEFT's names (lora_alpha) replace the defaults' spelling
+                section = canonical_keys(cls, section, name)
+            merged = {**to_plain(getattr(defaults, name)), **(section or {})} if isinstance(section, (dict, type(None))) else section
             kwargs[name] = from_plain(cls, merged, name)
         except ConfigError as err:
             raise ConfigError(_locate(str(err), _error_key(str(err), name, section), lines, source,
@@ -333,6 +345,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
                 raise ConfigError(f"override {text!r}: {'.'.join(keys[:i + 1])} is a value, not a section")
             node = child
         node[keys[-1]] = value
+        if len(keys) == 2 and keys[0] == "adapter":  # an override wins over the file's other spelling
+            for alias, name in AdapterConfig.ALIASES.items():
+                if keys[1] in (alias, name):
+                    node.pop(name if keys[1] == alias else alias, None)
         where[".".join(keys)] = text
     return where
 
@@ -358,7 +374,10 @@ def load_run_config(path: str | Path | None, overrides: list[str] | tuple[str, .
         source = str(path)
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found")
-        text = path.read_text()
+        try:
+            text = path.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError:
+            raise not_utf8(path) from None
         try:
             lines = _key_lines(yaml.compose(text))
             data = _fix_yaml_floats(yaml.safe_load(text)) or {}

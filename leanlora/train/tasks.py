@@ -113,6 +113,11 @@ class ClassificationTask:
         kept = _subset_pairs(kept, limit, cfg.subset_seed)
         if not self.regression and not self.labels and key == "train_file":
             self.labels = tuple(sorted({label for _, label in kept}))
+            if len(self.labels) < 2:
+                raise DataError(f"{path} (data.train_file): every labelled row has the label {self.labels[0]!r} "
+                                f"(column {label_column!r}), so the classifier would have one output and learn "
+                                "nothing; name the classes with data.labels (e.g. data.labels=[0,1]) or check "
+                                "data.label_column")
         targets = [self._target(path, row, label, label_key) for row, label in kept]
         columns = [[row.fields[c] for row, _ in kept] for c in cfg.text_columns]
         enc = self.tokenizer(*columns, truncation=True, max_length=cfg.max_length)

@@ -22,9 +22,12 @@ from leanlora.train.step_graph import StepGraph
 def graphed_training_step(model: nn.Module, task, optimizer: torch.optim.Optimizer,
                           regularizer: Callable[[nn.Module], torch.Tensor],
                           autocast: contextlib.AbstractContextManager, max_grad_norm: float,
-                          log: Callable[[str], None] | None = None) -> StepGraph:
+                          log: Callable[[str], None] | None = None,
+                          after_update: Callable[[], None] | None = None) -> StepGraph:
     """A :class:`StepGraph` whose ``run(batch)`` trains one step of ``task`` on ``batch`` (a dict of
-    device tensors from ``task.collate``) and returns the loss, detached, in float32."""
+    device tensors from ``task.collate``) and returns the loss, detached, in float32.
+    ``after_update`` runs inside the graph after the optimizer step (the loop's finite-weight check);
+    it must not read anything back to the host."""
     require_sdpa(model, "train.cuda_graph")
     causal = attends_causally(model)
     trained = [p for group in optimizer.param_groups for p in group["params"]]
@@ -39,6 +42,8 @@ def graphed_training_step(model: nn.Module, task, optimizer: torch.optim.Optimiz
         if max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(trained, max_grad_norm)
         optimizer.step()
+        if after_update is not None:
+            after_update()
         optimizer.zero_grad(set_to_none=True)
         return loss.detach().float()
 

@@ -41,11 +41,22 @@ try:
 except ImportError:
     atheris = None
 
+def _import_leanlora():
+    # leanlora imports its submodules on first use: name the ones load reaches, so that they are
+    # imported (and instrumented) here
+    import leanlora
+    import leanlora.factors.bank_storage  # noqa: F401
+    import leanlora.finalize  # noqa: F401
+    import leanlora.io
+
+    return leanlora
+
+
 if atheris is not None and __name__ == "__main__":
     with atheris.instrument_imports(include=["leanlora"]):
-        import leanlora
+        leanlora = _import_leanlora()
 else:
-    import leanlora
+    leanlora = _import_leanlora()
 
 CONFIG, WEIGHTS = leanlora.io.CONFIG_NAME, leanlora.io.WEIGHTS_NAME
 PALETTE = [None, True, False, 0, -1, 1, 2, 3, 4, 99, 2 ** 63, -(2 ** 31), 1.5, math.nan, math.inf, "", "x", "float32",

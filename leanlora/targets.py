@@ -1,0 +1,142 @@
+"""Which modules a config names: PEFT's matching rules, so that a PEFT config's lists carry over.
+
+* A list (``["q_proj", "attn.v_proj"]``) names modules: an entry matches a module whose full
+  dotted name equals it or ends with ``"." + entry``.
+* A single string is a regular expression matched against the whole dotted name
+  (``r".*layers\\.[0-3]\\..*proj"``); modules it matches that are not linear layers are skipped.
+* ``"all-linear"`` (any case) is every linear layer except the output layer (the model's output
+  embeddings, e.g. ``lm_head``) and a classifier head (``classifier`` or ``score``).
+* ``None`` (the default, in Python and in the CLI) is :data:`DEFAULT_TARGET_MODULES`: the query
+  and value projections under the names the common families give them, as in LoRA (arXiv
+  2106.09685) and PEFT's default.
+
+Globs and ``re:`` prefixes are not PEFT's and are refused with the way to write them.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from typing import Callable
+
+from torch import nn
+
+from leanlora.base.dense import supported_linear
+from leanlora.config import ALL_LINEAR, DEFAULT_TARGET_MODULES, AdapterConfig
+
+
+class InjectError(ValueError):
+    """The model cannot be adapted as asked; the message names the module and the reason."""
+
+
+FilterFn = Callable[[nn.Module, str], bool]
+CLASSIFIER_HEADS = ("classifier", "score")   # attribute names of sequence-classification heads
+
+
+def module_matches(spec: str | tuple[str, ...] | list[str], name: str) -> bool:
+    """PEFT's rule: a string is a full-match regex; a list entry is the name or a dotted suffix of it."""
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name == entry or name.endswith("." + entry) for entry in spec)
+
+
+def _near_misses(entry: str, names: list[str]) -> list[str]:
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in names if n})
+    return difflib.get_close_matches(entry.rsplit(".", 1)[-1].strip("*.^$"), leaves, n=5, cutoff=0.5)
+
+
+def all_linear_names(model: nn.Module) -> list[str]:
+    """PEFT's ``all-linear``: every linear layer but the output layer and a classifier head."""
+    heads = []
+    get_output = getattr(model, "get_output_embeddings", None)
+    output = get_output() if callable(get_output) else None
+    heads += [output] if output is not None else []
+    heads += [getattr(model, attr) for attr in CLASSIFIER_HEADS if isinstance(getattr(model, attr, None), nn.Module)]
+    skip = {n for n, m in model.named_modules() if any(m is h for h in heads)}
+    return [n for n, m in model.named_modules()
+            if n and supported_linear(m) and not any(n == s or n.startswith(s + ".") for s in skip)]
+
+
+def resolved_targets(model: nn.Module, config: AdapterConfig) -> str | tuple[str, ...]:
+    """The config's target_modules with ``None`` and ``"all-linear"`` spelled out for this model."""
+    spec = config.target_modules
+    names = [n for n, _ in model.named_modules() if n]
+    if spec is None:
+        present = tuple(e for e in DEFAULT_TARGET_MODULES if any(module_matches((e,), n) for n in names))
+        if not present:
+            raise InjectError(f"target_modules was not given and {type(model).__name__} has none of the default "
+                              f"targets {list(DEFAULT_TARGET_MODULES)}; name them (linear layers present: "
+                              f"{_linear_leaves(model)}), or pass target_modules='all-linear'")
+        return present
+    if spec == ALL_LINEAR:
+        found = tuple(all_linear_names(model))
+        if not found:
+            raise InjectError(f"target_modules='all-linear': {type(model).__name__} has no linear layer besides "
+                              "its output layer and classifier head")
+        return found
+    return spec
+
+
+def _linear_leaves(model: nn.Module) -> list[str]:
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and supported_linear(m)})[:20]
+
+
+def check_spec_matches(model: nn.Module, spec: str | tuple[str, ...]) -> None:
+    """Every list entry, or the regex, names at least one module; else say what is near."""
+    names = [n for n, _ in model.named_modules() if n]
+    if isinstance(spec, str):
+        if not any(module_matches(spec, n) for n in names):
+            as_suffix = [n for n in names if re.search(rf"(^|\.)(?:{spec})$", n)]
+            raise InjectError(
+                f"target_modules regex {spec!r} matches no module of {type(model).__name__}: a single string "
+                "is a regular expression matched against the whole dotted name (PEFT's rule)"
+                + (f"; it matches the end of {as_suffix[0]!r}, so to match by name give a list: [{spec!r}]"
+                   if as_suffix else f" (linear layer names present: {_linear_leaves(model)})"))
+        return
+    for entry in spec:
+        if not any(module_matches((entry,), n) for n in names):
+            hint = _near_misses(entry, names)
+            raise InjectError(
+                f"target_modules entry {entry!r} matches no module of {type(model).__name__}"
+                + (f"; did you mean one of {hint}?" if hint else "")
+                + f" (linear layer names present: {_linear_leaves(model)})")
+
+
+def find_targets(model: nn.Module, config: AdapterConfig, filter_fn: FilterFn | None = None) -> list[str]:
+    """Names of the modules the config adapts, in model order; raises InjectError with reasons."""
+    spec = resolved_targets(model, config)
+    check_spec_matches(model, spec)
+    targets: list[str] = []
+    for name, module in model.named_modules():
+        if not name or not module_matches(spec, name) or module_matches(config.exclude_modules, name):
+            continue
+        if any(re.match(rf"(^|.*\.){re.escape(s)}($|\..*)", name) for s in config.modules_to_save):
+            continue  # never adapt inside a module trained in full (PEFT's rule)
+        if not supported_linear(module):
+            if not isinstance(spec, str):  # a module named outright must be adaptable
+                raise InjectError(
+                    f"module {name!r} ({type(module).__name__}) is named by target_modules but is not a supported "
+                    "layer type; leanlora adapts torch.nn.Linear and transformers Conv1D")
+            continue
+        if filter_fn is not None and not filter_fn(module, name):
+            continue
+        targets.append(name)
+    if not targets:
+        raise InjectError(f"target_modules {spec!r} leaves no linear layer to adapt after exclude_modules / "
+                          "modules_to_save / filter_fn")
+    return targets
+
+
+def find_modules_to_save(model: nn.Module, config: AdapterConfig) -> list[str]:
+    """Outermost modules named by modules_to_save (name or dotted suffix, as in target_modules lists)."""
+    names = [n for n, _ in model.named_modules() if n]
+    found: list[str] = []
+    for entry in config.modules_to_save:
+        hits = [n for n in names if module_matches((entry,), n)]
+        if not hits:
+            hint = _near_misses(entry, names)
+            raise InjectError(f"modules_to_save entry {entry!r} matches no module"
+                              + (f"; did you mean one of {hint}?" if hint else ""))
+        # keep only outermost matches: saving "classifier" already saves "classifier.dense"
+        found.extend(h for h in hits if not any(h.startswith(f + ".") for f in hits if f != h))
+    return sorted(set(found))
