@@ -156,7 +156,7 @@ def test_a_nonfinite_update_is_never_saved(config, tmp_path, monkeypatch):
         train(load_run_config(config), out, **QUIET)
     steps = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
     assert steps == ["step-00000004"]
-    for path in (out / "checkpoints" / steps[0] / "adapter.safetensors", out / "best" / "adapter.safetensors"):
+    for path in (out / "checkpoints" / steps[0] / "adapter.safetensors", out / "best" / "leanlora_adapter.safetensors"):
         for name, tensor in load_file(str(path)).items():
             assert torch.isfinite(tensor).all(), (path, name)
     assert not (out / "adapter").exists()
@@ -194,7 +194,7 @@ def test_the_advised_resume_command_runs_with_the_lower_learning_rate(config, tm
 
     assert main(shlex.split(command)[1:] + ["--no-progress"]) == 0
     assert load_run_config(out / "run.yaml").train.lr == pytest.approx(3e-3)
-    state = load_file(str(out / "adapter" / "adapter.safetensors"))
+    state = load_file(str(out / "adapter" / "leanlora_adapter.safetensors"))
     assert all(torch.isfinite(t).all() for t in state.values())
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from torch import nn
 
 from leanlora.config import AdapterConfig, ConfigError
-from leanlora.inject import name_matches
+from leanlora.targets import module_matches
 
 FRESH_ATTR = "leanlora_fresh_weights"
 
@@ -36,7 +36,7 @@ def require_saved_head(model: nn.Module, adapter: AdapterConfig, task: str) -> N
         return
     fresh = getattr(model, FRESH_ATTR, ())
     loose = [k for k in fresh
-             if not any(name_matches(p, owner) for p in adapter.modules_to_save for owner in _owners(k))]
+             if not any(module_matches(adapter.modules_to_save, owner) for owner in _owners(k))]
     if loose:
         modules = sorted({k.rsplit(".", 1)[0] for k in loose})
         raise ConfigError(
