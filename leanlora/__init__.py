@@ -44,7 +44,10 @@ _EXPORTS = {
     "export_merged": "leanlora.export_merged",
     "finalize": "leanlora.finalize",
     "topk_stored_bytes": "leanlora.factors.bank_storage",
+    "AdapterError": "leanlora.io",
     "AdapterLoadError": "leanlora.io",
+    "AdapterSaveError": "leanlora.io",
+    "BaseMismatchError": "leanlora.io",
     "load": "leanlora.io",
     "save": "leanlora.io",
     "param_groups": "leanlora.optim",
@@ -106,7 +109,7 @@ if TYPE_CHECKING:  # static type checkers and IDEs see the eager imports
     from leanlora.finalize import finalize
     from leanlora.inject import (InjectError, adapted_layers, disable_adapters, get_model, inject, merge, merge_and_unload,
                                  trainable_parameters, unload, unmerge)
-    from leanlora.io import AdapterLoadError, load, save
+    from leanlora.io import AdapterError, AdapterLoadError, AdapterSaveError, BaseMismatchError, load, save
     from leanlora.layer import AdaptedLinear, MergeError
     from leanlora.optim import param_groups
     from leanlora.report import write_report

@@ -99,9 +99,11 @@ def _print_result(result) -> None:
         print(f"best at step {result.best_step}: {scores}; adapter: {result.run_dir / 'adapter'}")
 
 
-def load_trained(run_dir: str | Path, overrides: list[str] = (), adapter: str | None = None, need_train=False):
+def load_trained(run_dir: str | Path, overrides: list[str] = (), adapter: str | None = None, need_train=False,
+                 check_base: bool = True):
     """(run config, model with the trained adapter, tokenizer, task) of a finished run folder."""
     import leanlora
+    from leanlora.io import BaseMismatchError
     from leanlora.train.loop import RUN_CONFIG, load_for_run
     from leanlora.train.runconfig import load_run_config
 
@@ -110,14 +112,17 @@ def load_trained(run_dir: str | Path, overrides: list[str] = (), adapter: str | 
         raise CLIError(f"{run_dir}: no {RUN_CONFIG}; pass the --out folder of `leanlora train`")
     run = load_run_config(run_dir / RUN_CONFIG, overrides)
     model, tokenizer, task = load_for_run(run, need_train=need_train)
-    leanlora.load(model, adapter or run_dir / "adapter")
+    try:
+        leanlora.load(model, adapter or run_dir / "adapter", check_base=check_base)
+    except BaseMismatchError as err:
+        raise CLIError(f"{err.reason}; add --no-base-check to load it anyway") from None
     return run, model, tokenizer, task
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from leanlora.train.loop import resolve_device
 
-    run, model, _, task = load_trained(args.run_dir, args.overrides, args.adapter)
+    run, model, _, task = load_trained(args.run_dir, args.overrides, args.adapter, check_base=not args.no_base_check)
     if not task.eval:
         raise CLIError("data.eval_file is empty; pass data.eval_file=PATH")
     scores = task.evaluate(model, run.train.eval_batch_size, resolve_device(run.train.device))
@@ -133,16 +138,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     import leanlora
 
-    _, model, tokenizer, _ = load_trained(args.run_dir, args.overrides, args.adapter)
+    _, model, tokenizer, _ = load_trained(args.run_dir, args.overrides, args.adapter,
+                                          check_base=not args.no_base_check)
     finalize = getattr(leanlora, "finalize", None)
     if finalize is not None:
         finalize(model)  # prune closed gates, fix learned bit-widths before writing
     out = Path(args.out)
-    if args.format == "leanlora":
-        leanlora.save(model, out)
-    else:  # the run's model is not needed afterwards: a merged export folds into it, no copy
-        leanlora.export(model, out, args.format, modules_to_save=True if args.with_modules_to_save else None,
-                        tokenizer=tokenizer, in_place=True)
+    try:
+        if args.format == "leanlora":
+            leanlora.save(model, out)
+        else:  # the run's model is not needed afterwards: a merged export folds into it, no copy
+            leanlora.export(model, out, args.format, modules_to_save=True if args.with_modules_to_save else None,
+                            tokenizer=tokenizer, in_place=True)
+    except leanlora.AdapterSaveError as err:
+        raise CLIError(str(err)) from None
     print(f"wrote a {args.format} {'model' if args.format == 'merged' else 'adapter'} to {out}")
     return 0
 
@@ -156,7 +165,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         raise CLIError("leanlora.sweep_ranks is not available in this install (it comes with nested ranks, "
                        "QDyLoRA); `leanlora sweep` needs it")
     ranks = _parse_ranks(args.ranks) if args.ranks else None
-    run, model, _, task = load_trained(args.run_dir, args.overrides, args.adapter)
+    run, model, _, task = load_trained(args.run_dir, args.overrides, args.adapter, check_base=not args.no_base_check)
     if run.adapter.ranks != "nested":
         raise CLIError(f"{args.run_dir} trained adapter.ranks={run.adapter.ranks!r}; a rank sweep needs one "
                        "adapter trained with adapter.ranks=nested")
@@ -238,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("run_dir", help="the --out folder of `leanlora train`")
         q.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. data.eval_file=test.tsv")
         q.add_argument("--adapter", help="adapter folder (default: RUN_DIR/adapter)")
+        q.add_argument("--no-base-check", action="store_true",
+                       help="load the adapter even onto a base whose weights differ from the one it was saved with")
         return q
 
     p = trained("eval", "score a trained adapter on the eval set")

@@ -289,6 +289,10 @@ def wrap(model: nn.Module, mode: str, *, layer_classes: Sequence[str | type] | N
                                           find_unused_parameters=find_unused_parameters)
         setattr(wrapped, _MODE_ATTR, "ddp")
         return wrapped
+    from leanlora.base_check import record_base_digests
+
+    if hasattr(model, "leanlora_shared"):
+        record_base_digests(model)  # of the whole base, now: after sharding no rank holds it whole
     return _wrap_fsdp2(model, layer_classes, sync_params, mp_policy)
 
 

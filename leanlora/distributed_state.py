@@ -30,8 +30,8 @@ def full_params(model: nn.Module) -> Iterator[nn.Module]:
 
     For saving (``leanlora.save``), summaries and reports. Collective: every rank must enter.
     Under FSDP2 each sharded adapter parameter is swapped for a whole copy and swapped back on
-    exit; the frozen base stays sharded (nothing here needs it: the base probe is recorded at
-    injection). Not FSDP's ``unshard()``: a ``state_dict()`` call reshards what that gathered.
+    exit; the frozen base stays sharded (nothing here needs it: the base digests are recorded
+    before sharding). Not FSDP's ``unshard()``: a ``state_dict()`` call reshards what that gathered.
     Writes into the copies are lost; finalize a replica loaded from :func:`full_adapter_state`.
     """
     from torch.distributed.tensor import DTensor

@@ -27,10 +27,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from leanlora.adapter_errors import AdapterSaveError
+from leanlora.atomic import atomic_folder, atomic_save_tensors, atomic_write_bytes
+from leanlora.finite import first_nonfinite
 from leanlora.inject import adapted_layers, shared_state
-from leanlora.io import atomic_save_tensors, atomic_write_bytes, base_identity
+from leanlora.io import base_identity
 
 PEFT_PREFIX = "base_model.model."
+# PEFT's file names (what PeftModel.from_pretrained looks for): change them here only.
 PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 FORMATS = ("peft", "peft-uniform", "merged")
@@ -116,11 +120,19 @@ def peft_lora_state(model: nn.Module, *, uniform: bool = False,
 def export_peft(model: nn.Module, directory: str | os.PathLike, *, uniform: bool = False,
                 modules_to_save: bool | None = None) -> Path:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` that ``PeftModel.from_pretrained``
-    loads; ``uniform=True`` writes the ``peft-uniform`` layout every LoRA runtime reads alike."""
+    loads; ``uniform=True`` writes the ``peft-uniform`` layout every LoRA runtime reads alike.
+
+    Refuses an adapter holding NaN/inf (nothing is written); the folder appears whole or not at all.
+    """
     directory = Path(directory)
     config, tensors = peft_lora_state(model, uniform=uniform, modules_to_save=modules_to_save)
-    atomic_save_tensors(tensors, directory / PEFT_WEIGHTS_NAME, metadata={"format": "pt"})
-    atomic_write_bytes(directory / PEFT_CONFIG_NAME, json.dumps(config, indent=2).encode())
+    bad = first_nonfinite(tensors.items())
+    if bad is not None:
+        raise AdapterSaveError(f"{directory}: not exported: tensor {bad[0]!r} of the PEFT adapter holds {bad[1]} "
+                               "(the adapter's factors are not finite)")
+    with atomic_folder(directory, owned=(PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME)) as tmp:
+        atomic_save_tensors(tensors, tmp / PEFT_WEIGHTS_NAME, metadata={"format": "pt"})
+        atomic_write_bytes(tmp / PEFT_CONFIG_NAME, json.dumps(config, indent=2).encode())
     return directory
 
 

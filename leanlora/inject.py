@@ -154,7 +154,13 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     from leanlora.base.dense import DenseBase
     from leanlora.layer import MergeError
 
+    from leanlora.finite import first_nonfinite
+    from leanlora.io import adapter_state_dict
+
     shared_state(model)
+    bad = first_nonfinite(adapter_state_dict(model).items())
+    if bad is not None:
+        raise MergeError(f"adapter tensor {bad[0]!r} holds {bad[1]}; refusing to merge it into the base")
     layers = list(adapted_layers(model))
     for _, layer in layers:
         layer.unmerge()

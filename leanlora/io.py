@@ -5,75 +5,45 @@ The names are leanlora's own so that no PEFT loader takes a leanlora folder for 
 written under the earlier names (``adapter_config.json`` in leanlora's schema +
 ``adapter.safetensors``) still load.
 
-A load is checked before anything is changed: the JSON parses and has a known format version,
-the tensor file opens and holds every tensor the adapter needs with the right shape, and the
-base model is the one the adapter was trained on (architecture, shapes and a weight probe).
-Only then is the model injected; any later failure unloads it again, so a failed load leaves
-the model as it was.
+A load is checked before anything is changed: the JSON parses, has a known format version and
+every key it needs with a valid value (:mod:`leanlora.adapter_schema`); the tensor file opens
+and matches the sha256 it carries, and the JSON matches the config checksum the tensor file
+carries (:mod:`leanlora.checksum`); the base model is the one the adapter was saved with
+(:mod:`leanlora.base_check`); and every tensor has the shape and kind the model expects and
+finite values. Only then is the model injected; any later failure unloads it again, so a failed
+load leaves the model as it was. Files written before checksums existed still load.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from leanlora.base.dense import linear_shape
+from leanlora.adapter_errors import AdapterError, AdapterLoadError, AdapterSaveError, BaseMismatchError
+from leanlora.adapter_schema import check_adapter_meta
+from leanlora.atomic import atomic_folder, atomic_save_tensors, atomic_write_bytes
+from leanlora.base.dense import DenseBase
+from leanlora.base_check import check_architecture, check_module_shapes, record_base_digests, verify_base
+from leanlora.checksum import CHECKSUM_KEY, CONFIG_CHECKSUM_KEY, config_sha256, tensors_sha256
 from leanlora.config import AdapterConfig, ConfigError
-from leanlora.identity import probes_match, weight_probe
-from leanlora.inject import SHARED_ATTR, adapted_layers, inject, shared_state, unload
+from leanlora.finite import first_nonfinite
+from leanlora.inject import SHARED_ATTR, InjectError, adapted_layers, inject, shared_state, unload
 
 FORMAT = "leanlora-adapter"
 FORMAT_VERSION = 1
+# The adapter folder's file names: change them here only.
 CONFIG_NAME = "leanlora_config.json"
 WEIGHTS_NAME = "leanlora_adapter.safetensors"
 LEGACY_CONFIG_NAME = "adapter_config.json"   # leanlora's earlier names, still read
 LEGACY_WEIGHTS_NAME = "adapter.safetensors"
 
-
-class AdapterLoadError(RuntimeError):
-    """The adapter files cannot be loaded onto this model; the message says which file and why."""
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+__all__ = ["AdapterError", "AdapterLoadError", "AdapterSaveError", "BaseMismatchError", "atomic_save_tensors",
+           "atomic_write_bytes", "load", "save", "read_adapter_config", "read_adapter_tensors"]
 
 
 # --- what an adapter consists of ------------------------------------------------------------
@@ -108,24 +78,41 @@ def base_identity(model: nn.Module) -> dict[str, Any]:
 def save(model: nn.Module, directory: str | os.PathLike, *, topk_only: bool = False) -> Path:
     """Write the adapter of ``model`` to ``directory`` atomically and return the folder.
 
+    The folder is built next to ``directory`` and renamed into place, so a kill leaves the old
+    folder or the new one, never half of one. A NaN/inf tensor is refused (nothing is written).
     ``topk_only`` (VB-LoRA only) stores the bank plus top-k indices and k-1 weights per sub-vector
     instead of the logits (:mod:`leanlora.factors.bank_storage`); such an adapter reloads with the
     same outputs, for inference, or for training with ``load(..., trainable=True)``.
     """
     directory = Path(directory)
-    shared = shared_state(model)
     state = adapter_state_dict(model)
     if topk_only:
         from leanlora.factors.bank_storage import pack_state
 
         state = pack_state(model, state)
+    bad = first_nonfinite(state.items())
+    if bad is not None:
+        raise AdapterSaveError(f"{directory}: not written: adapter tensor {bad[0]!r} holds {bad[1]} "
+                               "(the training diverged; save an earlier, finite state)")
+    meta = adapter_meta(model, topk_only)
+    metadata = {"format": FORMAT, CONFIG_CHECKSUM_KEY: config_sha256(meta)}
+    with atomic_folder(directory, owned=(CONFIG_NAME, WEIGHTS_NAME)) as tmp:
+        atomic_save_tensors(state, tmp / WEIGHTS_NAME, metadata=metadata)
+        atomic_write_bytes(tmp / CONFIG_NAME, json.dumps(meta, indent=2).encode())
+    return directory
+
+
+def adapter_meta(model: nn.Module, topk_only: bool = False) -> dict[str, Any]:
+    """What ``adapter_config.json`` records: config, modules (shapes, ranks, base digests), layout."""
+    shared = shared_state(model)
+    layer_digests, other_digests = record_base_digests(model)
     modules: dict[str, Any] = {}
     for name, layer in adapted_layers(model):
         modules[name] = {
             "in_features": layer.in_features,
             "out_features": layer.out_features,
             "rank": layer.factors.rank,
-            "probe": layer.base_probe,
+            "digest": layer_digests[name],
         }
         if shared.finalized:  # packed layout and bits of each factor, to rebuild it on load
             from leanlora.finalize import layer_spec
@@ -135,16 +122,14 @@ def save(model: nn.Module, directory: str | os.PathLike, *, topk_only: bool = Fa
         "format": FORMAT,
         "version": FORMAT_VERSION,
         "adapter": shared.config.to_dict(),
-        "base_model": base_identity(model),
+        "base_model": {**base_identity(model), "digests": other_digests},
         "modules": modules,
         "modules_to_save": list(shared.modules_to_save_names),
         "finalized": bool(shared.finalized),
     }
     if shared.config.factors == "bank":
         meta["bank_storage"] = "topk" if topk_only else "logits"
-    atomic_save_tensors(state, directory / WEIGHTS_NAME, metadata={"format": FORMAT})
-    atomic_write_bytes(directory / CONFIG_NAME, json.dumps(meta, indent=2).encode())
-    return directory
+    return meta
 
 
 def adapter_files(directory: str | os.PathLike) -> tuple[Path, Path]:
@@ -165,68 +150,54 @@ def adapter_files(directory: str | os.PathLike) -> tuple[Path, Path]:
 
 
 def read_adapter_config(directory: str | os.PathLike) -> tuple[AdapterConfig, dict[str, Any]]:
+    """(config, the whole JSON) of an adapter folder, every key checked (:mod:`leanlora.adapter_schema`)."""
     path, _ = adapter_files(directory)
     if not path.is_file():
         raise AdapterLoadError(f"{path}: not found (an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME})")
     try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        meta = json.loads(path.read_bytes().decode("utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:
         raise AdapterLoadError(f"{path}: not valid JSON ({err}); the file is truncated or corrupted") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    if not isinstance(meta, dict):
+        raise AdapterLoadError(f"{path}: not a mapping")
+    if meta.get("format") != FORMAT:
         raise AdapterLoadError(f"{path}: not a leanlora adapter config (format={meta.get('format')!r} "
-                               f"where {FORMAT!r} was expected)" if isinstance(meta, dict) else f"{path}: not a mapping")
-    if meta.get("version") != FORMAT_VERSION:
+                               f"where {FORMAT!r} was expected)")
+    if meta.get("version") != FORMAT_VERSION or isinstance(meta.get("version"), bool):
         raise AdapterLoadError(f"{path}: format version {meta.get('version')!r} is not supported by this leanlora "
                                f"(supports {FORMAT_VERSION})")
+    if "adapter" not in meta:
+        raise AdapterLoadError(f"{path}: adapter: missing (the file is incomplete or was edited)")
     try:
         config = AdapterConfig.from_dict(meta["adapter"])
-    except (ConfigError, KeyError, TypeError) as err:
+    except (ConfigError, KeyError, TypeError, ValueError, AttributeError, RecursionError) as err:
         raise AdapterLoadError(f"{path}: invalid adapter section: {err}") from None
+    check_adapter_meta(meta, config, str(path))
     return config, meta
 
 
 def read_adapter_tensors(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
-    _, path = adapter_files(directory)
+    """The tensors of an adapter folder, their sha256 checked when the file carries one."""
+    return read_checked_tensors(adapter_files(directory)[1])[0]
+
+
+def read_checked_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a safetensors file; refuses it when its stored sha256 does not match."""
+    from safetensors import safe_open
+
     if not path.is_file():
         raise AdapterLoadError(f"{path}: not found")
     try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as err:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except Exception as err:  # safetensors raises its own error, OSError, or a bare Exception on bad headers
         raise AdapterLoadError(f"{path}: cannot be read ({err}); the file is truncated or corrupted") from None
-
-
-def verify_base(model: nn.Module, meta: dict[str, Any], directory: Path) -> None:
-    """Refuse a base model other than the one the adapter was trained on."""
-    want = meta.get("base_model", {}).get("architecture")
-    have = base_identity(model)["architecture"]
-    if want and want != have:
-        raise AdapterLoadError(f"{directory}: adapter was trained on a {want}, this model is a {have} "
-                               "(pass check_base=False to load anyway)")
-    modules = dict(model.named_modules())
-    for name, info in meta.get("modules", {}).items():
-        module = modules.get(name)
-        if module is None:
-            raise AdapterLoadError(f"{directory}: adapted module {name!r} does not exist in this {have}")
-        try:
-            shape = linear_shape(module)
-        except AttributeError:
-            raise AdapterLoadError(f"{directory}: module {name!r} is a {type(module).__name__}, not a linear layer") from None
-        if shape != (info["in_features"], info["out_features"]):
-            raise AdapterLoadError(f"{directory}: module {name!r} is {shape[0]}->{shape[1]} here but "
-                                   f"{info['in_features']}->{info['out_features']} in the adapter")
-        probe = info.get("probe")
-        if probe is not None and not probes_match(probe, weight_probe(_dense_weight(module))):
-            raise AdapterLoadError(f"{directory}: the weights of {name!r} differ from the base the adapter was "
-                                   "trained on (a different checkpoint?); pass check_base=False to load anyway")
-
-
-def _dense_weight(module: nn.Module) -> torch.Tensor:
-    from leanlora.base.bnb4 import Bnb4Base, is_linear4bit
-    from leanlora.base.dense import is_conv1d
-
-    if is_linear4bit(module):  # packed 4-bit codes: compare the dequantized weight
-        return Bnb4Base(module).dense_weight()
-    return module.weight.T if is_conv1d(module) else module.weight
+    stored = metadata.get(CHECKSUM_KEY)
+    if stored is not None and stored != tensors_sha256(tensors):
+        raise AdapterLoadError(f"{path}: the tensors do not match the sha256 stored in the file; "
+                               "the file was changed or corrupted after it was written")
+    return tensors, metadata
 
 
 def load(model: nn.Module, directory: str | os.PathLike, *, check_base: bool = True,
@@ -234,6 +205,7 @@ def load(model: nn.Module, directory: str | os.PathLike, *, check_base: bool = T
     """Inject the adapter saved in ``directory`` into ``model`` and load its tensors.
 
     Raises :class:`AdapterLoadError` naming the file and problem; the model is unchanged then.
+    ``check_base=False`` skips the base digests (:class:`BaseMismatchError`), nothing else.
     ``trainable=False`` leaves every parameter frozen (inference). ``quantize_base=False`` keeps
     the base dense even for an NF4 adapter (the cost report loads onto a weightless skeleton).
     """
@@ -241,15 +213,28 @@ def load(model: nn.Module, directory: str | os.PathLike, *, check_base: bool = T
     if hasattr(model, SHARED_ATTR):
         raise AdapterLoadError(f"{type(model).__name__} already holds a leanlora adapter; unload it first")
     config, meta = read_adapter_config(directory)
-    tensors = read_adapter_tensors(directory)
+    config_path, weights_path = adapter_files(directory)
+    tensors, metadata = read_checked_tensors(weights_path)
+    stored = metadata.get(CONFIG_CHECKSUM_KEY)
+    if stored is not None and stored != config_sha256(meta):
+        raise AdapterLoadError(f"{config_path}: edited after the adapter was saved (its rank, scale, module or "
+                               f"layout entries no longer match the checksum in {weights_path.name}); "
+                               "restore the file as it was written")
     if check_base:
-        verify_base(model, meta, directory)
-    targets = sorted(meta.get("modules", {}))
-    inject(model, config, filter_fn=lambda _m, name: name in set(targets), quantize_base=False)
+        check_architecture(model, meta, directory)
+    check_module_shapes(model, meta, directory)
+    matched = verify_base(model, meta, directory) if check_base else {}
+    _check_finite(tensors, directory)
+    targets = set(meta["modules"])
+    try:
+        inject(model, config, filter_fn=lambda _m, name: name in targets, quantize_base=False)
+    except (InjectError, ConfigError) as err:
+        raise AdapterLoadError(f"{directory}: the adapter's config does not apply to this model: {err}") from None
     try:
         tensors = _unpack_bank(model, meta, tensors, directory, trainable)
         _restore_tensors(model, meta, tensors, directory)
         shared_state(model).finalized = bool(meta.get("finalized", False))
+        _keep_digests(model, matched)
     except BaseException:
         unload(model)
         raise
@@ -263,21 +248,43 @@ def load(model: nn.Module, directory: str | os.PathLike, *, check_base: bool = T
     return model
 
 
+def _keep_digests(model: nn.Module, matched: dict[str, Any]) -> None:
+    """Reuse the digests load just verified (same dtype) instead of hashing the base again."""
+    for name, layer in adapted_layers(model):
+        record = matched.get(name)
+        if (record is not None and isinstance(layer.base, DenseBase)
+                and record["weight"]["dtype"] == str(layer.base.weight.dtype).removeprefix("torch.")):
+            layer.base_digest = record
+
+
 def _unpack_bank(model: nn.Module, meta: dict[str, Any], tensors: dict[str, torch.Tensor],
                  directory: Path, trainable: bool) -> dict[str, torch.Tensor]:
     """Rebuild VB-LoRA logits from a top-k-only save (``"bank_storage": "topk"``)."""
     layout = meta.get("bank_storage", "logits")
-    if layout not in ("logits", "topk"):
-        raise AdapterLoadError(f"{directory / CONFIG_NAME}: bank_storage={layout!r} is not supported "
-                               "(allowed: 'logits', 'topk')")
     if layout == "logits":
         return tensors
     from leanlora.factors.bank_storage import unpack_state
 
     try:
         return unpack_state(model, tensors, trainable=trainable)
-    except ValueError as err:
-        raise AdapterLoadError(f"{directory / WEIGHTS_NAME}: {err}") from None
+    except (ValueError, KeyError, IndexError, RuntimeError) as err:
+        raise AdapterLoadError(f"{adapter_files(directory)[1]}: {err}") from None
+
+
+def _check_finite(tensors: dict[str, torch.Tensor], directory: Path) -> None:
+    bad = first_nonfinite(tensors.items())
+    if bad is not None:
+        raise AdapterLoadError(f"{adapter_files(directory)[1]}: tensor {bad[0]!r} holds {bad[1]}; "
+                               "an adapter's values must be finite")
+
+
+def _module_of(key: str, modules: dict[str, Any]) -> str:
+    owner = max((n for n in modules if key.startswith(n + ".")), key=len, default=None)
+    if owner is None:
+        return ""
+    info = modules[owner]
+    return (f" (the adapter config's modules[{owner!r}]: rank {info['rank']}, "
+            f"{info['in_features']}->{info['out_features']})")
 
 
 def _restore_tensors(model: nn.Module, meta: dict[str, Any], tensors: dict[str, torch.Tensor],
@@ -297,17 +304,22 @@ def _restore_tensors(model: nn.Module, meta: dict[str, Any], tensors: dict[str, 
     expected = adapter_state_dict(model)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
+    path = adapter_files(directory)[1]
     if missing:
-        raise AdapterLoadError(f"{directory / WEIGHTS_NAME}: missing tensor(s) {missing[:8]}"
+        raise AdapterLoadError(f"{path}: missing tensor(s) {missing[:8]}"
                                + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
     if unexpected:
-        raise AdapterLoadError(f"{directory / WEIGHTS_NAME}: unexpected tensor(s) {unexpected[:8]} "
+        raise AdapterLoadError(f"{path}: unexpected tensor(s) {unexpected[:8]} "
                                "(saved with a different adapter configuration?)")
     for key, want in expected.items():
         got = tensors[key]
         if tuple(got.shape) != tuple(want.shape):
-            raise AdapterLoadError(f"{directory / WEIGHTS_NAME}: tensor {key!r} has shape {tuple(got.shape)}, "
-                                   f"the model expects {tuple(want.shape)}")
+            raise AdapterLoadError(f"{path}: tensor {key!r} has shape {tuple(got.shape)}, the model expects "
+                                   f"{tuple(want.shape)}{_module_of(key, meta['modules'])}")
+        if want.is_floating_point() != got.is_floating_point() or (not want.is_floating_point()
+                                                                   and got.dtype != want.dtype):
+            kind = "a floating-point tensor" if want.is_floating_point() else f"dtype {want.dtype}"
+            raise AdapterLoadError(f"{path}: tensor {key!r} is {got.dtype}; {kind} was expected")
     with torch.no_grad():
         for key, want in expected.items():
             want.copy_(tensors[key].to(want.dtype))

@@ -105,9 +105,18 @@ class AdaptedLinear(nn.Module):
         """
         if self.merged:
             return {}
+        from leanlora.finite import first_nonfinite
+        from leanlora.identity import record_layer_digest
+
+        own = [(f"{self.name}.{k}", v) for k, v in self.state_dict().items() if not k.startswith("base.")]
+        bad = first_nonfinite(own)
+        if bad is not None:
+            raise MergeError(f"adapter tensor {bad[0]!r} holds {bad[1]}; refusing to merge it into the base")
         delta = self.delta_weight()
         if not torch.isfinite(delta).all():
             raise MergeError(f"{self.name}: the adapter update holds NaN/inf; refusing to merge it into the base")
+        if not keep_unmerge_copy:
+            record_layer_digest(self)  # of W0 before it changes (else from the copy): what a save records
         if keep_unmerge_copy:
             self._unmerge_copy = self.base.snapshot()
         report = self.base.add_delta_(delta)

@@ -76,6 +76,39 @@ def _resume_damaged(name: str, data: bytes):
     return setup
 
 
+def _flip_last_value(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-4:] = b"\x7f\x7f\x7f\x7f"  # the last float becomes ~3.4e38, the length stays
+    path.write_bytes(bytes(data))
+
+
+def _resume_flipped(name: str):
+    def setup(run, tmp):
+        copy = _copy(run, tmp)
+        _flip_last_value(next((copy / "checkpoints").glob("step-*")) / name)
+        return ["train", "--resume", str(copy), "--no-progress"]
+    return setup
+
+
+def _eval_tampered(edit):
+    """`eval` of a copy of the run whose adapter folder was changed by ``edit(folder)``."""
+    def setup(run, tmp):
+        copy = _copy(run, tmp)
+        edit(copy / "adapter")
+        return ["eval", str(copy)]
+    return setup
+
+
+def _edit_rank(folder: Path) -> None:
+    import json
+
+    from leanlora.io import CONFIG_NAME
+
+    meta = json.loads((folder / CONFIG_NAME).read_text())
+    next(iter(meta["modules"].values()))["rank"] = "x"
+    (folder / CONFIG_NAME).write_text(json.dumps(meta))
+
+
 def _merge_nan(run, tmp, monkeypatch):
     """A MergeError from the real merge: the loaded adapter is made NaN before `export --format merged`."""
     import torch
@@ -120,7 +153,7 @@ ROWS = [
      "target_modules='(' is not a valid regular expression"),
     ("inject-save-typo", "cfg", lambda c, t: _fresh(c, t, "adapter.modules_to_save=[clasifier]"),
      "modules_to_save entry 'clasifier' matches no module"),
-    ("merge-nonfinite", "run+mp", _merge_nan, "the adapter update holds NaN/inf"),
+    ("merge-nonfinite", "run+mp", _merge_nan, "lora_B' holds NaN; refusing to merge it into the base"),
     ("data-not-utf8", "cfg", _not_utf8, "latin1.tsv line 3: byte 0xe9"),
     ("config-not-utf8", "cfg", _config_not_utf8, "latin1.yaml line 2: byte 0xe9 at column 6 is not UTF-8"),
     ("latest-json", "run", _resume_damaged("latest.json", b"{\"step\": 4, \"di"), "latest.json: not valid JSON"),
@@ -130,6 +163,11 @@ ROWS = [
     ("state-json-keys", "run", _resume_damaged("state.json", b"{\"step\": 4}"), "state.json: key(s)"),
     ("optimizer-safetensors", "run", _resume_damaged("optimizer.safetensors", b"\x08\x00\x00\x00\x00\x00\x00\x00{}"),
      "optimizer.safetensors: not a readable safetensors file"),
+    ("checkpoint-overwritten", "run", _resume_flipped("adapter.safetensors"),
+     "adapter.safetensors: its tensors do not match the sha256 stored in the file"),
+    ("adapter-bytes-overwritten", "run", _eval_tampered(lambda f: _flip_last_value(next(f.glob("*.safetensors")))),
+     "do not match the sha256 stored in the file"),
+    ("adapter-json-edited", "run", _eval_tampered(_edit_rank), "rank: 'x' is invalid; expected an integer in 1..4"),
     ("out-unwritable", "cfg", lambda c, t: ["train", str(c), "--out", str(_overwrite(t / "a-file", b"x") / "run")],
      "--out"),
     ("sweep-rank-0", "run", lambda r, t: ["sweep", str(r), "--ranks", "0,9"], "--ranks '0,9': every rank must be"),

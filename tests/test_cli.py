@@ -242,3 +242,23 @@ def test_demo_gate_learning_rate_follows_the_run_length():
     run = demo_run(max_train=4096, max_eval=16)                   # 256 steps at batch 16
     assert run.adapter.ranks == "gated" and run.adapter.gated.gate_lr == pytest.approx(15 / 256)
     assert demo_run(method="lora").adapter.ranks == "fixed"
+
+
+def test_eval_on_a_changed_base_advises_the_flag_that_works(trained, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    run = yaml.safe_load((trained / "run.yaml").read_text())
+    other = tmp_path / "other"
+    shutil.copytree(run["model"]["path"], other)
+    weights = load_file(other / "model.safetensors")
+    key = next(k for k in sorted(weights) if k.endswith("LayerNorm.weight"))
+    weights[key] = weights[key] + 1e-3
+    save_file(weights, other / "model.safetensors", metadata={"format": "pt"})
+    capsys.readouterr()
+    assert main(["eval", str(trained), f"model.path={other}"]) == 2
+    err = capsys.readouterr().err
+    assert "differs from the base the adapter was trained on" in err and "add --no-base-check" in err
+    assert "check_base=False" not in err
+    assert main(["eval", str(trained), f"model.path={other}", "--no-base-check"]) == 0

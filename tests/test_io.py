@@ -61,7 +61,7 @@ def test_load_onto_other_checkpoint_is_refused(tmp_path):
     _, _, path = _saved(tmp_path)
     other = tiny_llama(seed=5)
     before = _state(other)
-    with pytest.raises(leanlora.AdapterLoadError, match=r"differ from the base the adapter was trained on"):
+    with pytest.raises(leanlora.AdapterLoadError, match=r"differs from the base the adapter was trained on"):
         leanlora.load(other, path)
     _assert_unchanged(other, before)
     leanlora.load(other, path, check_base=False)  # the override works

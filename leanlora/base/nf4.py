@@ -220,8 +220,11 @@ def quantize_bases(model: nn.Module, nf4_config: NF4Config | None = None) -> dic
         if layer.merged:
             raise ValueError(f"{name}: unmerge the adapter before quantizing its base to NF4")
         check_nf4_shape(name, layer.in_features, layer.out_features, config)
+    from leanlora.identity import record_layer_digest
+
     sizes = {}
     for name, layer in layers:
+        record_layer_digest(layer)  # of the plain weight, before it is rounded to NF4 (what load compares)
         layer.base = NF4Base.from_dense(layer.base, config.block_size, config.scaler_block_size, name=name)
         layer.base.train(layer.training)
         sizes[name] = layer.base.nbytes()

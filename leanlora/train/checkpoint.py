@@ -124,13 +124,23 @@ def _read_json(path: Path, keys: tuple[str, ...]) -> dict[str, Any]:
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """A checkpoint's safetensors file (safetensors' own parser: no code runs from the file)."""
+    """A checkpoint's safetensors file (safetensors' own parser: no code runs from the file), its
+    tensors checked against the sha256 it carries (:mod:`leanlora.checksum`)."""
+    from safetensors import safe_open
+
+    from leanlora.checksum import CHECKSUM_KEY, tensors_sha256
+
     if not path.is_file():
         raise _damaged(path, "file not found")
     try:
-        return load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            stored = (f.metadata() or {}).get(CHECKSUM_KEY)
+        tensors = load_file(str(path))
     except Exception as err:  # safetensors raises its own SafetensorError, or OSError, for a bad file
         raise _damaged(path, f"not a readable safetensors file ({err})") from None
+    if stored is not None and stored != tensors_sha256(tensors):
+        raise _damaged(path, "its tensors do not match the sha256 stored in the file")
+    return tensors
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:

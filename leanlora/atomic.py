@@ -1,0 +1,139 @@
+"""Crash-safe writes: a file or a whole folder appears complete or not at all.
+
+A file is written to a temporary name in its folder, fsynced and renamed over the target. A
+folder of several files (an adapter: config + tensors) is built in a hidden sibling folder,
+fsynced, and then swapped in by one rename: a kill at any moment leaves either the old folder
+or the new one, never a folder holding some of the new files. Replacing an existing folder uses
+Linux's atomic exchange (``renameat2(RENAME_EXCHANGE)``); where that is unavailable, two renames
+leave a window of microseconds in which the old folder sits under a hidden ``.old`` name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors.torch import save_file
+
+from leanlora.checksum import CHECKSUM_KEY, tensors_sha256
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):  # some filesystems refuse to open folders for fsync
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors file written atomically; its metadata carries the sha256 of its tensors."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    plain = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    metadata = {**(metadata or {}), CHECKSUM_KEY: tensors_sha256(plain)}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(plain, tmp, metadata=metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one step; False where the OS or filesystem cannot."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0
+
+
+def _swap_in(new: Path, target: Path) -> None:
+    if not target.exists():
+        os.rename(new, target)
+    elif _exchange(new, target):
+        shutil.rmtree(new)  # now holds the previous folder
+    else:
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.rename(target, old)
+        os.rename(new, target)
+        shutil.rmtree(old)
+    _fsync_dir(target.parent)
+
+
+def clean_stale(target: Path) -> None:
+    """Remove the hidden siblings a killed folder write left behind (``.NAME.tmp-*``, ``.NAME.old-*``)."""
+    target = Path(target)
+    if not target.parent.is_dir():
+        return
+    for leftover in target.parent.glob(f".{target.name}.*-*"):
+        if leftover.name.startswith((f".{target.name}.tmp-", f".{target.name}.old-")) and leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_folder(target: str | os.PathLike, owned: tuple[str, ...]) -> Iterator[Path]:
+    """Yield a fresh folder to write into; on success it replaces ``target`` in one rename.
+
+    ``owned`` names the files this writer produces. A ``target`` that already holds anything
+    else (the user's own files) is not replaced as a whole: the new files are moved into it one
+    by one, each atomically, so nothing of the user's is deleted.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(target)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    try:
+        yield tmp
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        foreign = target.is_dir() and any(p.name not in owned for p in target.iterdir())
+        if foreign or (target.exists() and not target.is_dir()):
+            if not target.is_dir():
+                raise NotADirectoryError(f"{target}: exists and is not a folder")
+            for f in sorted(tmp.iterdir()):
+                os.replace(f, target / f.name)
+            _fsync_dir(target)
+            tmp.rmdir()
+        else:
+            _swap_in(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

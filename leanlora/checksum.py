@@ -1,0 +1,42 @@
+"""Checksums that make a changed adapter file detectable on load.
+
+``tensors_sha256`` covers every tensor's name, dtype, shape and bytes in sorted name order, so
+overwriting bytes in place, at the same length, changes it; it is stored in the safetensors
+metadata under ``CHECKSUM_KEY``. ``config_sha256`` covers the parts of ``adapter_config.json``
+that decide the adapter's outputs (rank, alpha, module list, finalized layout); the tensor file
+carries it under ``CONFIG_CHECKSUM_KEY``, so an edit of the JSON (say ``r``, which sets the
+alpha/r scale) is refused instead of silently changing the outputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import torch
+
+CHECKSUM_KEY = "leanlora.sha256"
+CONFIG_CHECKSUM_KEY = "leanlora.config_sha256"
+
+
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        header = json.dumps([name, str(t.dtype).removeprefix("torch."), list(t.shape)])
+        h.update(len(header).to_bytes(8, "little") + header.encode())
+        data = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
+        h.update(len(data).to_bytes(8, "little"))
+        h.update(memoryview(data))
+    return h.hexdigest()
+
+
+def config_sha256(meta: dict[str, Any]) -> str:
+    """sha256 of the output-deciding sections of an adapter config, in canonical JSON."""
+    modules = {name: {k: v for k, v in info.items() if k in ("in_features", "out_features", "rank", "finalized")}
+               for name, info in meta.get("modules", {}).items()} if isinstance(meta.get("modules"), dict) else None
+    part = {key: meta.get(key) for key in ("adapter", "modules_to_save", "finalized", "bank_storage")}
+    part["modules"] = modules
+    text = json.dumps(part, sort_keys=True, separators=(",", ":"), allow_nan=True, default=repr)
+    return hashlib.sha256(text.encode()).hexdigest()
