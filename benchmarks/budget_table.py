@@ -23,7 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-GLUE = Path(__file__).resolve().parents[2] / "shared" / "assets" / "glue"
+# the project's data lives beside the checkout (../shared/assets); a worktree elsewhere passes --glue
+GLUE = Path(__file__).resolve().parents[1].parent / "shared" / "assets" / "glue"
 
 
 def minilm() -> str:

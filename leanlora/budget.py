@@ -17,7 +17,7 @@ fractions (t_s, t_e, t_f) of ``budget_schedule`` and C_0 the expected cost at th
               = β + (C_0 - β) (1 - p)^3              p = (t - t_s·T) / ((t_e - t_s)·T)
               = β                                    t >= t_e·T
 
-**Dual ascent.** The loss gets ``λ_t · C`` (it replaces the λ-weighted gate prior) with
+**Dual ascent.** The loss gets ``λ_t · (C - target_t)`` (it replaces the λ-weighted gate prior) with
 
     λ_{t+1} = max(0, λ_t + κ (C_t - target_t) / β / n_ramp),      n_ramp = (t_e - t_s)·T steps
 
@@ -28,9 +28,9 @@ in the direction of its summed gradient, and λ sets only how the cost gradient 
 the task's. How *fast* gates can move does depend on ``gate_lr``; that is why the end is a projection.
 
 **Freeze and projection** at t_f·T. The structure is fixed by one global order over the
-components and bit levels of all modules (:func:`removal_order`), removing items until the
-thresholded cost is at most β: so the finalized cost lands on the budget whether or not the gates
-had time to travel to it. The gates are then pinned far past saturation (every sample and the
+components and bit levels of all modules (:func:`removal_order`): the prefix of it whose removal
+leaves the thresholded cost nearest β is closed, so the finalized cost lands on the budget
+whether or not the gates had time to travel to it. The gates are then pinned far past saturation (every sample and the
 eval threshold agree, and their gradient through the clamp is 0), λ is 0, and the remaining
 steps fine-tune the factors to the final structure. A pinned gate's value is its place in the
 removal order (kept ones high, closed ones low), so a trained adapter carries its order: the
@@ -324,12 +324,17 @@ def removal_order(model: nn.Module) -> tuple[list[Item], list[float], float, lis
 
 
 def closed_items(order: list[Item], costs: list[float], full: float, budget: float) -> list[Item]:
-    """The shortest prefix of ``order`` after which the cost is at most ``budget`` (all of it if none)."""
+    """The prefix of ``order`` whose removal leaves the cost nearest ``budget`` (the cheaper one on a tie).
+
+    Nearest rather than at-most: the item that crosses the budget can be large (a float residual
+    of a wide module), and stopping just above it lands closer than removing it.
+    """
     if full <= budget:
         return []
     for n, cost in enumerate(costs, start=1):
         if cost <= budget:
-            return order[:n]
+            before = full if n == 1 else costs[n - 2]
+            return order[:n] if budget - cost <= before - budget else order[:n - 1]
     return list(order)
 
 
@@ -427,10 +432,11 @@ class BudgetController:
         self.frozen, self.lmbda, self.target, self.cost = True, 0.0, self.budget, done["cost"]
 
     def penalty(self, model: nn.Module) -> torch.Tensor:
-        """λ_t · E[C] for the loss; 0 (no graph) once frozen or before λ rises."""
+        """λ_t · (E[C] - target_t), the Lagrangian's term, for the loss; 0 (no graph) once frozen or
+        while λ is 0. Its gradient is λ_t ∇E[C]; the target only keeps the logged loss readable."""
         if self.frozen or self.lmbda == 0.0:
             return torch.zeros((), device=next((p.device for p in model.parameters()), None))
-        return self.lmbda * expected_cost(model)
+        return self.lmbda * (expected_cost(model) - self.target)
 
     # checkpoint ---------------------------------------------------------------------------------
 

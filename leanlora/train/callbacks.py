@@ -3,7 +3,8 @@
 Two pieces, because a ``TrainerCallback`` can observe training but cannot change the loss:
 
 * :class:`LeanLoraCallback` — ``leanlora.advance(model, step)`` before every optimizer step
-  (nested-rank sampling, gate schedules) and the expected rank / bits in every log line;
+  (nested-rank sampling, gate schedules, the budget controller) and the expected rank / bits
+  (and cost against the budget's target) in every log line;
 * :class:`LeanLoraTrainer` — a ``Trainer`` whose loss is ``task loss + leanlora.regularizer(model)``,
   whose AdamW uses ``leanlora.param_groups`` (bank, logits and gates at their own learning
   rates, no decay), and which installs the callback. Users with their own Trainer subclass call
@@ -21,6 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_callback import ExportableState
+
+from leanlora import budget
 
 from leanlora.optim import adamw, param_groups
 from leanlora.schedule import advance, regularizer
@@ -34,8 +38,31 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-class LeanLoraCallback(TrainerCallback):
-    """Advance the adapter's schedules each step and log its expected rank and bits."""
+class LeanLoraCallback(TrainerCallback, ExportableState):
+    """Advance the adapter's schedules each step and log its expected rank and bits.
+
+    With ``adapter.budget`` it tells the controller the run's length at the start, and carries the
+    controller's state in the Trainer's checkpoints (``trainer_state.json``), so a run resumed
+    with ``resume_from_checkpoint`` continues the budget schedule where it stood.
+    """
+
+    def __init__(self) -> None:
+        self.budget_state: dict | None = None   # restored by Trainer from a checkpoint
+        self._model: nn.Module | None = None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is None:
+            return
+        self._model = _unwrap(model)
+        budget.start(self._model, state.max_steps)
+        ctl = budget.controller(self._model)
+        saved = self.budget_state or _saved_budget_state(state)
+        if ctl is not None and saved is not None:
+            ctl.load_state_dict(saved)
+
+    def state(self) -> dict:
+        ctl = budget.controller(self._model) if self._model is not None else None
+        return {"args": {}, "attributes": {"budget_state": None if ctl is None else ctl.state_dict()}}
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         if model is not None:
@@ -49,6 +76,15 @@ class LeanLoraCallback(TrainerCallback):
         # Trainer appended this record to log_history before calling us; keep the two in step.
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(summary)
+
+
+def _saved_budget_state(state) -> dict | None:
+    """The controller's state in a resumed checkpoint's trainer_state.json (Trainer reads it back into
+    ``state`` whether or not ``restore_callback_states_from_checkpoint`` is set)."""
+    saved = (state.stateful_callbacks or {}).get(LeanLoraCallback.__name__)
+    if isinstance(saved, list):
+        saved = saved[0] if saved else None
+    return saved.get("attributes", {}).get("budget_state") if isinstance(saved, dict) else None
 
 
 def _loss_scaled_for_accumulation(trainer: Trainer, num_items_in_batch: Any) -> bool:
