@@ -107,7 +107,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     args.model = args.model or minilm()
     for steps in (int(s) for s in args.steps.split(",")):
-        plan = [float(g) for g in args.gate_lrs.split(",")] + ([None] if args.lora else [])
+        plan = [float(g) for g in args.gate_lrs.split(",") if g] + ([None] if args.lora else [])
         for gate_lr in plan:
             row = one_run(args, steps, gate_lr)
             print(json.dumps(row), flush=True)

@@ -11,7 +11,9 @@ from leanlora.config import (
     QuantConfig,
 )
 from leanlora.cost import CostReport, cost_report
+from leanlora import budget  # adapter.budget: the BOPs budget controller (leanlora.budget.start)
 from leanlora import distributed  # torchrun / accelerate launch: DDP and FSDP2 (leanlora.distributed.wrap)
+from leanlora.budget_sweep import export_budget, sweep_budgets
 from leanlora.export import export_peft
 from leanlora.finalize import finalize
 from leanlora.factors.bank_storage import topk_stored_bytes
@@ -53,8 +55,10 @@ __all__ = [
     "adapted_layers",
     "cost_report",
     "advance",
+    "budget",
     "disable_adapters",
     "distributed",
+    "export_budget",
     "export_peft",
     "finalize",
     "export_rank",
@@ -70,6 +74,7 @@ __all__ = [
     "write_report",
     "save",
     "set_rank",
+    "sweep_budgets",
     "sweep_ranks",
     "topk_stored_bytes",
     "trainable_parameters",

@@ -395,7 +395,9 @@ class BudgetController:
                                "and LeanLoraTrainer do)")
         t = self.total
         s, e = round(self.start_frac * t), round(self.end_frac * t)
-        return s, max(e, s + 1), max(round(self.freeze_frac * t), max(e, s + 1))
+        e = max(e, s + 1)
+        # the freeze happens within the run, however short: its last step at the latest
+        return s, e, min(max(round(self.freeze_frac * t), e), t - 1)
 
     def target_at(self, step: int) -> float:
         s, e, _ = self.steps()

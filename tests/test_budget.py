@@ -190,3 +190,48 @@ def test_budget_refuses_a_captured_step(config, tmp_path):
         bud.check_run(0.25, "none", cuda_graph=True)
     with pytest.raises(ConfigError, match="adapter.budget.*fsdp2"):
         bud.check_run(0.25, "fsdp2")
+
+
+# --- the budget sweep -------------------------------------------------------------------------------
+
+
+def test_a_budget_sweep_costs_less_as_the_budget_falls_and_gives_the_trained_adapter_back(config, tmp_path):
+    from leanlora.budget_sweep import sweep_budgets
+    from leanlora.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", str(config), "--out", str(out), "--no-progress", *BUDGET_RUN]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    trained = metrics["best_metrics"]["accuracy"]
+    assert main(["sweep", str(out), "--budgets", "0.05,0.1,0.25,0.5", "--export", str(tmp_path / "chosen")]) == 0
+    result = json.loads((out / "sweep.json").read_text())
+    rows = sorted(result["rows"], key=lambda r: r["budget"])
+    costs = [r["bops_vs_lora16"] for r in rows]
+    assert all(a < b for a, b in zip(costs, costs[1:])), costs
+    at_trained = next(r for r in rows if r["budget"] == 0.25)
+    assert at_trained["score"] == trained and at_trained["bops_vs_lora16"] == metrics["cost"]["bops_vs_lora16"]
+    assert (out / "sweep.png").is_file()
+    chosen = json.loads((tmp_path / "chosen" / "adapter_config.json").read_text())
+    assert chosen  # the chosen point, finalized and saved
+
+    # the same in Python, and the gates are given back as they were
+    from leanlora.cli import load_trained
+
+    _, model, _, task = load_trained(out)
+    before = {c.name: c.log_alpha.detach().clone() for c in bud.gate_chains(model)[1]}
+    res = sweep_budgets(model, lambda m: task.evaluate(m, 32, torch.device("cpu"))["accuracy"], [0.1, 0.25])
+    assert res.row(0.25).score == trained and "| 0.25 |" in res.table()
+    assert all(torch.equal(c.log_alpha, before[c.name]) for c in bud.gate_chains(model)[1])
+
+
+def test_a_gated_run_without_a_budget_can_be_swept(config, tmp_path, capsys):
+    from leanlora.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", str(config), "--out", str(out), "--no-progress", "adapter.ranks=gated",
+                 "train.max_steps=4"]) == 0
+    capsys.readouterr()
+    assert main(["sweep", str(out), "--budgets", "0.2,0.6"]) == 0
+    text = capsys.readouterr().out
+    assert "| budget |" in text and "chosen budget" in text
+    assert main(["sweep", str(out), "--budgets", "0,0.5"]) == 2
