@@ -111,7 +111,6 @@ def _quant_chain(name: str, i: int, kind: str, q: nn.Module) -> Chain | None:
 
 def gate_chains(model: nn.Module) -> tuple[list[LayerShape], list[Chain]]:
     """Every adapted layer's shape and every gate chain the budget can act on."""
-    from leanlora.precision.learned import LearnedBits
     from leanlora.ranks.gated import GatedRanks
 
     shapes: list[LayerShape] = []
