@@ -154,10 +154,13 @@ def test_the_loss_is_read_back_once_per_optimizer_step(config, tmp_path, adapter
     class ScalarReads(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             if func is torch.ops.aten._local_scalar_dense.default:  # Tensor.item(), float(t), bool(t)
-                files = [f.filename for f in traceback.extract_stack()[:-1]
-                         if not any(w in f.filename for w in ("_dynamo", "_compile.py", "_python_dispatch"))]
+                frames = [f for f in traceback.extract_stack()[:-1]
+                          if not any(w in f.filename for w in ("_dynamo", "_compile.py", "_python_dispatch"))]
+                files = [f.filename for f in frames]
                 if any(f == summary for f in files):
                     readers["gate summary (log steps)"] += 1
+                elif any(f.name == "cost_summary" for f in frames):
+                    readers["cost of the final adapter (metrics.json)"] += 1
                 elif files[-1].startswith(package):
                     readers[Path(files[-1]).relative_to(package).as_posix()] += 1
                 else:  # Adam's CPU step counters, transformers' check for padding
@@ -172,5 +175,6 @@ def test_the_loss_is_read_back_once_per_optimizer_step(config, tmp_path, adapter
     assert readers["train/loop.py"] == 6, readers
     # besides: inject's weight probes (once) and the gate summary of the progress bar's log steps
     # flat_adamw.py: the optimizer's step counter, read when the final checkpoint is written (once per bucket)
+    # and the cost of the final adapter, once, after the last step, for metrics.json
     assert set(readers) <= {"train/loop.py", "identity.py", "gate summary (log steps)", "torch or transformers",
-                            "flat_adamw.py"}, readers
+                            "flat_adamw.py", "cost of the final adapter (metrics.json)"}, readers
