@@ -60,8 +60,12 @@ _EXPORTS = {
     "plot_sweep": "leanlora.sweep",
     "set_rank": "leanlora.sweep",
     "sweep_ranks": "leanlora.sweep",
+    "export_budget": "leanlora.budget_sweep",
+    "sweep_budgets": "leanlora.budget_sweep",
 }
-_SUBMODULES = {"distributed"}  # torchrun / accelerate launch: DDP and FSDP2 (leanlora.distributed.wrap)
+# distributed: torchrun / accelerate launch, DDP and FSDP2 (leanlora.distributed.wrap);
+# budget: the BOPs budget controller of adapter.budget (leanlora.budget.start)
+_SUBMODULES = {"budget", "distributed"}
 
 __all__ = sorted([*_EXPORTS, *_SUBMODULES])
 
@@ -99,7 +103,8 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # static type checkers and IDEs see the eager imports
-    from leanlora import distributed
+    from leanlora import budget, distributed
+    from leanlora.budget_sweep import export_budget, sweep_budgets
     from leanlora.base.nf4 import quantize_bases
     from leanlora.config import DEFAULT_TARGET_MODULES, AdapterConfig, BankConfig, ConfigError, GatedConfig, NestedConfig, NF4Config, QuantConfig
     from leanlora.cost import CostReport, cost_report

@@ -10,6 +10,7 @@
     leanlora export runs/a --out lora/ --format peft-uniform  # one rank: vLLM, llama.cpp, any LoRA runtime
     leanlora export runs/a --out full/ --format merged        # the whole model, adapter folded in
     leanlora sweep runs/a --ranks 1,2,4,8            # nested ranks: score at each rank
+    leanlora sweep runs/b --budgets 0.05,0.1,0.2     # gated ranks / learned bits: score at each BOPs budget
     leanlora report runs/a                           # cost table and rank/bit plot
 """
 
@@ -164,21 +165,27 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if sweep_ranks is None:
         raise CLIError("leanlora.sweep_ranks is not available in this install (it comes with nested ranks, "
                        "QDyLoRA); `leanlora sweep` needs it")
-    ranks = _parse_ranks(args.ranks) if args.ranks else None
     run, model, _, task = load_trained(args.run_dir, args.overrides, args.adapter, check_base=not args.no_base_check)
-    if run.adapter.ranks != "nested":
-        raise CLIError(f"{args.run_dir} trained adapter.ranks={run.adapter.ranks!r}; a rank sweep needs one "
-                       "adapter trained with adapter.ranks=nested")
-    if ranks and max(ranks) > run.adapter.r:
-        raise CLIError(f"--ranks {args.ranks!r}: {max(ranks)} is above the adapter's rank adapter.r={run.adapter.r}; "
-                       f"allowed: 1..{run.adapter.r}")
+    by_budget = run.adapter.ranks == "gated" or run.adapter.precision == "learned"
+    if run.adapter.ranks != "nested" and not by_budget:
+        raise CLIError(f"{args.run_dir} trained adapter.ranks={run.adapter.ranks!r}, adapter.precision="
+                       f"{run.adapter.precision!r}; a sweep needs one adapter trained with adapter.ranks=nested "
+                       "(a rank sweep) or with adapter.ranks=gated / adapter.precision=learned (a budget sweep)")
     if not task.eval:
-        raise CLIError("data.eval_file is empty; the sweep scores the eval set at each rank")
+        raise CLIError("data.eval_file is empty; the sweep scores the eval set at each point")
     device = resolve_device(run.train.device)
 
     def eval_fn(m) -> float:
         return task.evaluate(m, run.train.eval_batch_size, device)[task.metric]
 
+    if by_budget:
+        return _sweep_budgets(args, run, model, eval_fn, task.metric)
+    if args.budgets:
+        raise CLIError("--budgets re-thresholds gated ranks or learned bits; this run has nested ranks (use --ranks)")
+    ranks = _parse_ranks(args.ranks) if args.ranks else None
+    if ranks and max(ranks) > run.adapter.r:
+        raise CLIError(f"--ranks {args.ranks!r}: {max(ranks)} is above the adapter's rank adapter.r={run.adapter.r}; "
+                       f"allowed: 1..{run.adapter.r}")
     result = sweep_ranks(model, eval_fn, ranks, tolerance=args.tolerance,
                          higher_is_better=task.metric != "loss", metric=task.metric)
     print(result.table())
@@ -192,6 +199,38 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         path = leanlora.export_rank(model, result.chosen_rank, args.export, peft=args.peft)
         print(f"rank {result.chosen_rank} adapter written to {path}{' (PEFT LoRA)' if args.peft else ''}")
     return 0
+
+
+def _sweep_budgets(args, run, model, eval_fn, metric: str) -> int:
+    """The budget sweep of a gated / learned-bits run: the same table, plot and --export as the rank sweep."""
+    import leanlora
+    from leanlora.budget_sweep import export_budget, sweep_budgets
+
+    if args.ranks:
+        raise CLIError("--ranks picks nested ranks; this run has gated ranks or learned bits (use --budgets)")
+    try:
+        budgets = [float(b) for b in (args.budgets or DEFAULT_BUDGETS).split(",")]
+    except ValueError:
+        raise CLIError(f"--budgets {args.budgets!r}: expected comma-separated fractions such as 0.05,0.1,0.2") from None
+    if run.adapter.budget is not None and not args.budgets:
+        budgets.append(run.adapter.budget)  # the trained point, for reference
+    bad = [b for b in budgets if not 0.0 < b <= 1.0]
+    if bad:
+        raise CLIError(f"--budgets: {bad[0]!r} is invalid: each budget is a fraction of LoRA-16 BOPs in (0, 1]")
+    result = sweep_budgets(model, eval_fn, budgets, tolerance=args.tolerance, higher_is_better=metric != "loss",
+                           metric=metric)
+    print(result.table())
+    print(f"best budget {result.best_rank:g}, chosen budget {result.chosen_rank:g} (tolerance {args.tolerance})")
+    run_dir = Path(args.run_dir)
+    result.save_json(run_dir / "sweep.json")
+    print(f"plot: {leanlora.plot_sweep(result, args.plot or run_dir / 'sweep.png')}")
+    if args.export:
+        path = export_budget(model, result.chosen_rank, args.export, peft=args.peft)
+        print(f"budget {result.chosen_rank:g} adapter written to {path}{' (PEFT LoRA)' if args.peft else ''}")
+    return 0
+
+
+DEFAULT_BUDGETS = "0.05,0.1,0.2,0.3"
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -264,12 +303,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="peft-uniform: write modules_to_save too (PEFT loads them, vLLM refuses them); "
                         "without it such an adapter is refused")
     p.set_defaults(func=cmd_export)
-    p = trained("sweep", "score one nested-rank adapter at several ranks")
-    p.add_argument("--ranks", help="comma-separated ranks (default 1..r)")
+    p = trained("sweep", "score one adapter at several ranks (nested) or BOPs budgets (gated ranks, learned bits)")
+    p.add_argument("--ranks", help="nested ranks: comma-separated ranks (default 1..r)")
+    p.add_argument("--budgets", help="gated ranks / learned bits: comma-separated fractions of LoRA-16 BOPs "
+                                     f"(default {DEFAULT_BUDGETS} and the run's own adapter.budget)")
     p.add_argument("--plot", help="PNG path (default RUN_DIR/sweep.png)")
     p.add_argument("--tolerance", type=float, default=0.0,
                    help="choose the smallest rank within this much (absolute) of the best score")
-    p.add_argument("--export", metavar="DIR", help="write the adapter at the chosen rank to DIR")
+    p.add_argument("--export", metavar="DIR", help="write the adapter at the chosen rank or budget to DIR")
     p.add_argument("--peft", action="store_true", help="with --export: a PEFT LoRA adapter")
     p.set_defaults(func=cmd_sweep)
     p = trained("report", "cost table and rank/bit plot of a trained adapter; for a run folder also its "

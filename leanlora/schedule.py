@@ -12,7 +12,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from leanlora import priors
+from leanlora import budget, priors
 from leanlora.inject import shared_state
 
 
@@ -56,8 +56,14 @@ def regularizer(model: nn.Module) -> torch.Tensor:
     (:mod:`leanlora.priors`); any other ``HasPrior`` module adds its own ``prior()``. Layers whose
     pieces were computed in groups (:mod:`leanlora.vectorize`) had their priors evaluated with them
     in the model's forward; those are used until the backward reaches their gates.
+
+    With ``adapter.budget`` the term is the budget controller's λ_t · E[cost] instead
+    (:mod:`leanlora.budget`).
     """
     shared = shared_state(model)
+    ctl = budget.controller(model)
+    if ctl is not None:
+        return ctl.penalty(model)
     stated: list[priors.PriorTerms] = []
     # the grouped layers' priors, evaluated with their pieces in this forward (leanlora.vectorize)
     vectorizer = getattr(shared, "vectorizer", None)
@@ -87,3 +93,6 @@ def advance(model: nn.Module, step: int) -> None:
         model, "steppable", lambda m: m is not model and implements(m, Steppable))
     for m in steppable:  # each module once: the index holds no duplicates
         m.advance(step)
+    ctl = budget.controller(model)
+    if ctl is not None:
+        ctl.advance(model, step)

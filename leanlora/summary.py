@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from leanlora.budget import summary as budget_summary
 from leanlora.inject import adapted_layers
 
 
@@ -15,4 +16,5 @@ def gate_summary(model: nn.Module) -> dict[str, float]:
         bits.append(0.5 * (layer.quant_a.expected_bits() + layer.quant_b.expected_bits()))
     if not ranks:
         return {"rank": 0.0, "bits": 0.0}
-    return {"rank": sum(ranks) / len(ranks), "bits": sum(bits) / len(bits)}
+    # with adapter.budget: the expected cost (fraction of LoRA-16 BOPs), its target and λ
+    return {"rank": sum(ranks) / len(ranks), "bits": sum(bits) / len(bits), **budget_summary(model)}

@@ -66,15 +66,23 @@ def rank_cost(model: nn.Module, b: int | None = None) -> tuple[int, int]:
 
 @dataclass
 class SweepRow:
-    rank: int
+    rank: int | float              # the nested rank b, or the mean rank over modules at a budget
     score: float
     adapter_bytes: int
     macs_per_token: int
+    bops_vs_lora16: float | None = None   # BOPs over a plain LoRA-16 of the same modules and r
+    budget: float | None = None           # the budget of a gated / learned-bits point
+
+
+def _point(row: SweepRow) -> int | float:
+    """What a row is chosen by: its budget, or its rank."""
+    return row.rank if row.budget is None else row.budget
 
 
 @dataclass
 class SweepResult:
-    """Scores of one adapter at each rank, and the rank chosen from them."""
+    """Scores of one adapter at each rank (nested) or budget (gated ranks, learned bits), and the
+    point chosen from them: ``best_rank`` / ``chosen_rank`` hold budgets for a budget sweep."""
 
     rows: list[SweepRow]
     best_rank: int
@@ -84,17 +92,21 @@ class SweepResult:
     metric: str = "score"
     extra: dict = field(default_factory=dict)
 
-    def row(self, rank: int) -> SweepRow:
-        return next(r for r in self.rows if r.rank == rank)
+    def row(self, point: int | float) -> SweepRow:
+        return next(r for r in self.rows if _point(r) == point)
 
     def table(self) -> str:
-        """Markdown table: rank, score, adapter bytes, MACs/token; best and chosen marked."""
-        lines = [f"| rank | {self.metric} | adapter bytes | adapter MACs/token | |",
-                 "|---:|---:|---:|---:|---|"]
+        """Markdown table: rank, score, adapter bytes, MACs/token, BOPs / LoRA-16, budget; best and chosen marked."""
+        lines = [f"| rank | {self.metric} | adapter bytes | adapter MACs/token | BOPs / LoRA-16 | budget | |",
+                 "|---:|---:|---:|---:|---:|---:|---|"]
         for r in self.rows:
-            mark = " ".join(m for m, on in (("best", r.rank == self.best_rank),
-                                             ("chosen", r.rank == self.chosen_rank)) if on)
-            lines.append(f"| {r.rank} | {r.score:.4f} | {r.adapter_bytes:,} | {r.macs_per_token:,} | {mark} |")
+            mark = " ".join(m for m, on in (("best", _point(r) == self.best_rank),
+                                             ("chosen", _point(r) == self.chosen_rank)) if on)
+            rank = f"{r.rank:.2f}" if isinstance(r.rank, float) else f"{r.rank}"
+            bops = "-" if r.bops_vs_lora16 is None else f"{r.bops_vs_lora16:.4f}"
+            budget = "-" if r.budget is None else f"{r.budget:g}"
+            lines.append(f"| {rank} | {r.score:.4f} | {r.adapter_bytes:,} | {r.macs_per_token:,} | {bops} | {budget} "
+                         f"| {mark} |")
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -108,6 +120,12 @@ class SweepResult:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.to_dict(), indent=2))
         return path
+
+
+def _bops_vs_lora16(model: nn.Module) -> float:
+    from leanlora.cost import cost_report
+
+    return float(cost_report(model).total["bops_vs_lora"])
 
 
 def choose_rank(scores: dict[int, float], tolerance: float = 0.0, higher_is_better: bool = True) -> tuple[int, int]:
@@ -142,7 +160,7 @@ def sweep_ranks(model: nn.Module, eval_fn: Callable[[nn.Module], float], ranks: 
             with torch.no_grad():
                 scores[b] = float(eval_fn(model))
             nbytes, macs = rank_cost(model)
-            rows.append(SweepRow(b, scores[b], nbytes, macs))
+            rows.append(SweepRow(b, scores[b], nbytes, macs, _bops_vs_lora16(model)))
     finally:
         for r, chosen in before:
             r.chosen = chosen
@@ -158,13 +176,15 @@ def plot_sweep(result: SweepResult, path: str | os.PathLike) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ranks = [r.rank for r in result.rows]
+    ranks = [_point(r) for r in result.rows]
+    by_budget = any(r.budget is not None for r in result.rows)
+    name = "budget" if by_budget else "b"
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
     ax.plot(ranks, [r.score for r in result.rows], "o-", color="tab:blue", label=result.metric)
-    ax.axvline(result.chosen_rank, color="tab:green", ls="--", lw=1, label=f"chosen b={result.chosen_rank}")
+    ax.axvline(result.chosen_rank, color="tab:green", ls="--", lw=1, label=f"chosen {name}={result.chosen_rank:g}")
     if result.best_rank != result.chosen_rank:
-        ax.axvline(result.best_rank, color="tab:red", ls=":", lw=1, label=f"best b={result.best_rank}")
-    ax.set_xlabel("rank b")
+        ax.axvline(result.best_rank, color="tab:red", ls=":", lw=1, label=f"best {name}={result.best_rank:g}")
+    ax.set_xlabel("budget (fraction of LoRA-16 BOPs)" if by_budget else "rank b")
     ax.set_ylabel(result.metric)
     ax.set_xticks(ranks)
     ax2 = ax.twinx()

@@ -400,11 +400,14 @@ class Vectorizer:
         except RuntimeError:  # a member's tensor changed shape or device in place: group afresh
             stacks = self._stack(self._regroup(layers))
         group_priors, covered = [], frozenset()
+        # with adapter.budget the loss prices the expected cost instead (leanlora.budget): no prior here
+        config = getattr(getattr(model, "leanlora_shared", None), "config", None)
+        budgeted = getattr(config, "budget", None) is not None
         for group, stacked in zip(self._groups, stacks):
             if stacked is None:
                 continue
             members = [layers[i] for i in group.members]
-            plan, weights, priced = group.prior_plan(stacked)
+            plan, weights, priced = ((), (), frozenset()) if budgeted else group.prior_plan(stacked)
             try:
                 outs = self.batched(group.template, stacked, plan, weights, group.cast)
             except Exception as err:

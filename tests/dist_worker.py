@@ -80,12 +80,15 @@ def global_batches(steps: int) -> list[torch.Tensor]:
     return [CONFTEST.token_batch(batch=GLOBAL_BATCH, seq=SEQ, seed=100 + s) for s in range(steps)]
 
 
-def train(model, call, batches, start: int = 0, optimizer=None, shard: bool = False):
-    """AdamW steps on ``batches`` (global); ``call`` is the model to run (wrapped or not)."""
+def train(model, call, batches, start: int = 0, optimizer=None, shard: bool = False, reseed: bool = False):
+    """AdamW steps on ``batches`` (global); ``call`` is the model to run (wrapped or not). ``reseed``:
+    each step's gate noise from (rank, step) alone, so that a resumed run draws what an uninterrupted one does."""
     inner = D.unwrap(call)
     if optimizer is None:
         optimizer = torch.optim.AdamW(leanlora.param_groups(inner, LR), lr=LR)
     for step, batch in enumerate(batches, start=start):
+        if reseed:
+            torch.manual_seed(D.rank_seed(1000 + step))
         leanlora.advance(inner, step)
         x = batch[D.shard(range(len(batch)))] if shard else batch
         loss = call(input_ids=x, labels=x).loss + D.regularizer(call)
@@ -218,6 +221,45 @@ def run_gate_noise(mode: str) -> dict:
             "ranks_finalized": gather(digest(adapter_state_dict(replica)))}
 
 
+def run_budget(mode: str) -> dict:
+    """adapter.budget under DDP: every rank holds the same controller and adapter, the budget is met,
+    and a run resumed from a step-4 state (adapter, optimizer, controller) ends where the
+    uninterrupted one does."""
+    import copy
+
+    from leanlora import budget
+    from leanlora.cost import cost_report
+
+    config = AdapterConfig(target_modules=TARGETS, r=4, alpha=8.0, ranks="gated", precision="learned", budget=0.25)
+    batches = global_batches(8)
+
+    def fresh(seed: int):
+        model = build(config, init_seed=seed)
+        model.train()                                  # sampled gates: their noise differs per rank
+        budget.start(model, len(batches))
+        return model, D.wrap(model, mode)
+
+    model, call = fresh(0)
+    train(model, call, batches, shard=True, reseed=True)
+    state = D.full_adapter_state(call)
+    ctl = budget.controller(model).state_dict()
+
+    first, call1 = fresh(0)
+    opt = train(first, call1, batches[:4], shard=True, reseed=True)
+    saved = (D.full_adapter_state(call1), copy.deepcopy(D.full_optimizer_state(opt)),
+             copy.deepcopy(budget.controller(first).state_dict()))
+    second, call2 = fresh(7)                           # different init: only the saved state can make it right
+    D.load_adapter_state(call2, saved[0])
+    opt2 = torch.optim.AdamW(leanlora.param_groups(D.unwrap(call2), LR), lr=LR)
+    D.load_full_optimizer_state(opt2, saved[1])
+    budget.controller(second).load_state_dict(saved[2])
+    train(second, call2, batches[4:], start=4, optimizer=opt2, shard=True, reseed=True)
+    return {"ranks_trained": gather(digest(state)), "controller": gather(json.dumps(ctl, sort_keys=True)),
+            "frozen": ctl["frozen"], "bops_vs_lora16": cost_report(model).total["bops_vs_lora"],
+            "resumed_max_abs_diff": max_diff(D.full_adapter_state(call2), state),
+            "resumed_controller_equal": budget.controller(second).state_dict() == ctl}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--mode", choices=["ddp", "fsdp2"], required=True)
@@ -235,6 +277,8 @@ def main() -> None:
     results["resume"] = run_resume(configs["lora"], args.mode, args.out)
     if have_gated:
         results["gate_noise"] = run_gate_noise(args.mode)
+    if args.mode == "ddp" and importlib.util.find_spec("leanlora.budget") is not None:
+        results["budget"] = run_budget(args.mode)
     results["mean_of_ranks"] = D.all_reduce_mean(float(D.rank()))
     results["sync_seed"] = gather(D.sync_seed(1234 + D.rank()))
     if D.is_main_process():

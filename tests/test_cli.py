@@ -231,17 +231,17 @@ def test_demo_runs_end_to_end_on_a_tiny_subset(capsys, tmp_path):
     assert "majority-class accuracy of these eval examples:" in out
     assert "learned rank and bits per module" in out and "LoRA16 BOPs" in out
     run = load_run_config(tmp_path / "demo" / "run.yaml")
-    assert run.adapter.ranks == "gated" and run.adapter.precision == "learned"
+    assert run.adapter.ranks == "gated" and run.adapter.precision == "learned" and run.adapter.budget is not None
 
 
-def test_demo_gate_learning_rate_follows_the_run_length():
-    from leanlora.demo import demo_run, short_run_gate_lr
+def test_demo_sizes_blora_by_a_budget_not_by_the_run_length():
+    from leanlora.demo import DEMO_BUDGET, demo_run
 
-    assert short_run_gate_lr(600) == pytest.approx(0.025)       # the MRPC setting of BENCHMARKS.md §2b
-    assert short_run_gate_lr(5000) == 1e-2                        # long runs keep the B-LoRA default
-    run = demo_run(max_train=4096, max_eval=16)                   # 256 steps at batch 16
-    assert run.adapter.ranks == "gated" and run.adapter.gated.gate_lr == pytest.approx(15 / 256)
-    assert demo_run(method="lora").adapter.ranks == "fixed"
+    short, long = demo_run(max_train=256, max_eval=16), demo_run(max_train=4096, max_eval=16)
+    assert short.adapter == long.adapter                            # nothing depends on the run's length
+    assert short.adapter.ranks == "gated" and short.adapter.budget == DEMO_BUDGET
+    assert short.adapter.gated.gate_lr == 1e-2                      # the B-LoRA default
+    assert demo_run(method="lora").adapter.ranks == "fixed" and demo_run(method="lora").adapter.budget is None
 
 
 def test_eval_on_a_changed_base_advises_the_flag_that_works(trained, tmp_path, capsys):

@@ -105,6 +105,16 @@ def test_gate_samples_differ_per_rank_yet_the_artifact_is_shared(launched):
     assert len(set(r["ranks_trained"])) == 1 and len(set(r["ranks_finalized"])) == 1
 
 
+def test_a_budget_run_is_the_same_on_every_rank_meets_the_budget_and_resumes(launched):
+    mode, _, results = launched
+    if mode != "ddp":
+        pytest.skip("adapter.budget runs under DDP (FSDP2 is refused by name)")
+    r = results["budget"]
+    assert len(set(r["ranks_trained"])) == 1 and len(set(r["controller"])) == 1, r
+    assert r["frozen"] and abs(r["bops_vs_lora16"] / 0.25 - 1) <= 0.1, r
+    assert r["resumed_max_abs_diff"] == 0.0 and r["resumed_controller_equal"], r
+
+
 def test_fsdp2_shards_the_nf4_base(launched):
     mode, _, results = launched
     if mode != "fsdp2":

@@ -156,10 +156,13 @@ def test_the_loss_is_read_back_once_per_optimizer_step(config, tmp_path, adapter
     class ScalarReads(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             if func is torch.ops.aten._local_scalar_dense.default:  # Tensor.item(), float(t), bool(t)
-                files = [f.filename for f in traceback.extract_stack()[:-1]
-                         if not any(w in f.filename for w in ("_dynamo", "_compile.py", "_python_dispatch"))]
+                frames = [f for f in traceback.extract_stack()[:-1]
+                          if not any(w in f.filename for w in ("_dynamo", "_compile.py", "_python_dispatch"))]
+                files = [f.filename for f in frames]
                 if any(f in log_records for f in files):
                     readers["log records (log steps)"] += 1
+                elif any(f.name == "cost_summary" for f in frames):
+                    readers["cost of the final adapter (metrics.json)"] += 1
                 elif files[-1].startswith(package):
                     readers[Path(files[-1]).relative_to(package).as_posix()] += 1
                 else:  # Adam's CPU step counters, transformers' check for padding
@@ -176,7 +179,8 @@ def test_the_loss_is_read_back_once_per_optimizer_step(config, tmp_path, adapter
     assert readers["train/finite.py"] == 1, readers
     # besides: save's all-finite check (one read per saved adapter), the log record of the one log
     # step (the last), and flat_adamw.py: the optimizer's step counter, read when the final checkpoint
-    # is written (once per bucket)
+    # is written (once per bucket), and the cost of the final adapter, once, for metrics.json
     assert readers["finite.py"] <= 1, readers
     assert set(readers) <= {"train/loop.py", "train/finite.py", "finite.py", "log records (log steps)",
-                            "torch or transformers", "flat_adamw.py"}, readers
+                            "torch or transformers", "flat_adamw.py",
+                            "cost of the final adapter (metrics.json)"}, readers

@@ -8,6 +8,7 @@ import torch
 from transformers import Trainer
 
 import leanlora
+from leanlora.config import AdapterConfig
 from conftest import tiny_bert
 from leanlora.train import callbacks as cb
 from trainer_fixtures import Rows, arguments, gated_model
@@ -70,3 +71,29 @@ def test_no_adapter_is_a_clear_error(tmp_path):
     trainer = cb.LeanLoraTrainer(model=tiny_bert(), args=arguments(tmp_path), train_dataset=Rows())
     with pytest.raises(leanlora.InjectError, match="holds no leanlora adapter"):
         trainer.train()
+def test_a_budget_is_met_and_resumed_under_the_trainer(tmp_path):
+    """The callback gives the controller the run's length, and its state travels in trainer_state.json."""
+    from leanlora import budget
+
+    def run(out):
+        torch.manual_seed(0)
+        model = leanlora.inject(tiny_bert(seed=0), AdapterConfig(
+            target_modules=("query", "value"), modules_to_save=("classifier",), r=4, ranks="gated",
+            precision="learned", budget=0.25))
+        trainer = cb.LeanLoraTrainer(model=model, args=arguments(out, max_steps=10, save_strategy="steps",
+                                                                 save_steps=5), train_dataset=Rows())
+        return model, trainer
+
+    straight, trainer = run(tmp_path / "straight")
+    trainer.train()
+    ctl = budget.controller(straight)
+    assert ctl.total == 10 and ctl.frozen
+    assert abs(leanlora.cost_report(straight).total["bops_vs_lora"] / 0.25 - 1) <= 0.1
+    assert all("leanlora/cost" in h for h in trainer.state.log_history if "loss" in h)
+    resumed, trainer = run(tmp_path / "resumed")
+    trainer.train(resume_from_checkpoint=str(tmp_path / "straight" / "checkpoint-5"))
+    assert budget.controller(resumed).state_dict() == ctl.state_dict()
+    a = {n: p for n, p in straight.named_parameters() if p.requires_grad}
+    b = {n: p for n, p in resumed.named_parameters() if p.requires_grad}
+    for n in a:
+        torch.testing.assert_close(b[n], a[n], rtol=1e-5, atol=1e-6, msg=n)

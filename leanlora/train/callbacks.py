@@ -4,7 +4,8 @@ A ``TrainerCallback`` can observe training but cannot change the loss, the optim
 a checkpoint holds, so the pieces are:
 
 * :class:`LeanLoraCallback` — ``leanlora.advance(model, step)`` before every optimizer step
-  (nested-rank sampling, gate schedules), and in every log record the adapter's rank, bits, BOPs
+  (nested-rank sampling, gate schedules, the budget controller, whose state rides in the Trainer's
+  checkpoints), and in every log record the adapter's rank, bits, BOPs
   against LoRA-16 and the budget, and the prior. It runs before every other callback, so each
   ``report_to`` integration (TensorBoard, trackio, W&B, ...) writes these keys too.
 * :class:`LeanLoraMixin` — put it before any ``Trainer`` subclass (``Trainer``, TRL's ``SFTTrainer``):
@@ -28,7 +29,9 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_callback import ExportableState
 
+from leanlora import budget
 from leanlora.schedule import advance, regularizer
 from leanlora.train.step_log import adapter_values
 from leanlora.train.trainer_checkpoint import AdapterCheckpoints, unwrap
@@ -44,18 +47,39 @@ def adapter_log_values(model: nn.Module) -> dict[str, float]:
     return adapter_values(unwrap(model))
 
 
-class LeanLoraCallback(TrainerCallback):
-    """Advance the adapter's schedules each step; put its rank, bits, BOPs, budget and prior in every log."""
+class LeanLoraCallback(TrainerCallback, ExportableState):
+    """Advance the adapter's schedules each step; put its rank, bits, BOPs, budget and prior in every log.
+
+    With ``adapter.budget`` it tells the controller the run's length at the start, and carries the
+    controller's state in the Trainer's checkpoints (``trainer_state.json``), so a run resumed
+    with ``resume_from_checkpoint`` continues the budget schedule where it stood.
+    """
 
     def __init__(self) -> None:
         self._prior_sum: torch.Tensor | None = None
         self._prior_count = 0
+        self.budget_state: dict | None = None   # restored by Trainer from a checkpoint
+        self._model: nn.Module | None = None
 
     def record_prior(self, value: torch.Tensor) -> None:
         """One micro-batch's λ·R (no host sync: summed on the device until the next log)."""
         value = value.detach().float()
         self._prior_sum = value if self._prior_sum is None else self._prior_sum + value
         self._prior_count += 1
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is None:
+            return
+        self._model = unwrap(model)
+        budget.start(self._model, state.max_steps)
+        ctl = budget.controller(self._model)
+        saved = self.budget_state or _saved_budget_state(state)
+        if ctl is not None and saved is not None:
+            ctl.load_state_dict(saved)
+
+    def state(self) -> dict:
+        ctl = budget.controller(self._model) if self._model is not None else None
+        return {"args": {}, "attributes": {"budget_state": None if ctl is None else ctl.state_dict()}}
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         if model is not None:
@@ -82,6 +106,15 @@ def install_callback(trainer: Trainer) -> LeanLoraCallback:
         callbacks.remove(ours)
     callbacks.insert(0, ours)
     return ours
+
+
+def _saved_budget_state(state) -> dict | None:
+    """The controller's state in a resumed checkpoint's trainer_state.json (Trainer reads it back into
+    ``state`` whether or not ``restore_callback_states_from_checkpoint`` is set)."""
+    saved = (state.stateful_callbacks or {}).get(LeanLoraCallback.__name__)
+    if isinstance(saved, list):
+        saved = saved[0] if saved else None
+    return saved.get("attributes", {}).get("budget_state") if isinstance(saved, dict) else None
 
 
 def _loss_scaled_for_accumulation(trainer: Trainer, num_items_in_batch: Any) -> bool:

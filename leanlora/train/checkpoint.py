@@ -5,7 +5,7 @@ Layout of a run folder::
     checkpoints/latest.json          {"step": 40, "dir": "step-00000040"}  (written last)
     checkpoints/step-00000040/       adapter.safetensors, optimizer.safetensors, rng.safetensors,
                                      state.json (optimizer structure, scheduler, python/numpy RNG,
-                                     loop state)
+                                     loop state, the budget controller's state)
 
 Every file is written to a temporary name and renamed (``leanlora.io`` atomic writes), and
 ``latest.json`` moves to a new step folder only once that folder is complete, so a run killed
@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from leanlora import budget
 from leanlora.distributed import (barrier, full_adapter_state, full_optimizer_state, is_main_process,
                                   load_adapter_state, load_full_optimizer_state)
 from leanlora.io import adapter_state_dict, atomic_save_tensors, atomic_write_bytes
@@ -176,6 +177,9 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer:
     atomic_save_tensors(rng_tensors, folder / "rng.safetensors")
     state = {"step": step, "loop": loop_state, "optimizer": _plain(opt_plain),
              "scheduler": _plain(scheduler.state_dict()), "rng": rng_plain}
+    ctl = budget.controller(model)
+    if ctl is not None:  # λ, the schedule's C_0, the freeze and its pins: the run continues as it stood
+        state["budget"] = ctl.state_dict()
     atomic_write_bytes(folder / "state.json", json.dumps(state).encode())
     atomic_write_bytes(root / LATEST, json.dumps({"step": step, "dir": folder.name}).encode())
     for old in root.glob("step-*"):
@@ -215,6 +219,11 @@ def load_checkpoint(folder: str | Path, model: nn.Module, optimizer: torch.optim
         # the JSON and tensors parsed but do not describe this run's optimizer, scheduler or RNG
         raise _damaged(folder, f"its optimizer, scheduler or RNG state does not fit this run "
                                f"({type(err).__name__}: {err})") from None
+    ctl = budget.controller(model)
+    if ctl is not None:
+        if "budget" not in state:
+            raise CheckpointError(f"{folder}: this run has adapter.budget but the checkpoint holds no budget state")
+        ctl.load_state_dict(state["budget"])
     return {"step": state["step"], "loop": state["loop"]}
 
 

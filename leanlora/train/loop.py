@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 import leanlora
+from leanlora import budget
 from leanlora import distributed as dist
 from leanlora.train.compiled import CompiledRegions, shape_advice, wants_compile
 from leanlora.config import ConfigError
@@ -147,6 +148,7 @@ def train(run: RunConfig | None, run_dir: str | Path, *, resume: bool = False, p
     run = run.replace(data=task.resolved_config())
     if not resume and dist.is_main_process():
         atomic_write_bytes(run_dir / RUN_CONFIG, to_commented_yaml(run).encode())
+    budget.check_run(run.adapter.budget, tc.distributed, tc.cuda_graph)
     leanlora.inject(model, run.adapter)
     require_saved_head(model, run.adapter, run.data.task)  # after inject: a modules_to_save typo is named there
     model.train()
@@ -159,6 +161,7 @@ def train(run: RunConfig | None, run_dir: str | Path, *, resume: bool = False, p
     micro_per_epoch = math.ceil(n / tc.batch_size)
     steps_per_epoch = math.ceil(micro_per_epoch / tc.grad_accum)
     total = tc.max_steps or tc.epochs * steps_per_epoch
+    budget.start(model, total)  # the budget's schedule is in fractions of the run
     optimizer = adamw(leanlora.param_groups(model, tc.lr, tc.weight_decay), lr=tc.lr)
     check_trainable_dtype(precision, optimizer)
     scheduler = build_scheduler(optimizer, tc, total, log)
@@ -279,7 +282,9 @@ def train(run: RunConfig | None, run_dir: str | Path, *, resume: bool = False, p
             for tracker in trackers:
                 tracker.log(tracked(logged), step)
             bar.set_postfix(loss=f"{logged['loss']:.4f}", score=_fmt(loop_state["best_score"]),
-                            rank=f"{logged['leanlora/rank']:.2f}", bits=f"{logged['leanlora/bits']:.1f}", refresh=False)
+                            rank=f"{logged['leanlora/rank']:.2f}", bits=f"{logged['leanlora/bits']:.1f}",
+                            **budget.postfix({k[len("leanlora/"):]: v for k, v in logged.items()
+                                              if k.startswith("leanlora/")}), refresh=False)
         save = (tc.save_every and step % tc.save_every == 0) or (not tc.save_every and evaluate) or step == total
         if evaluate or save:
             guard.raise_if_tripped(step, run_dir, tc.lr)
@@ -289,11 +294,12 @@ def train(run: RunConfig | None, run_dir: str | Path, *, resume: bool = False, p
                 record = {"step": step, "epoch": step / steps_per_epoch, **scores, **leanlora.gate_summary(plain)}
             loop_state["history"].append(record)
             result.history.append(record)
-            if _better(metric, scores[metric], loop_state["best_score"]):
+            # with a budget, only the final structure may become the adapter
+            if budget.structure_ready(model) and _better(metric, scores[metric], loop_state["best_score"]):
                 loop_state.update(best_step=step, best_score=scores[metric], best_metrics=scores)
                 dist.save_adapter(wrapped, run_dir / "best")
             bar.set_postfix(loss=f"{step_loss:.4f}", score=_fmt(scores[metric]), rank=f"{record['rank']:.2f}",
-                            bits=f"{record['bits']:.1f}", refresh=True)
+                            bits=f"{record['bits']:.1f}", **budget.postfix(record), refresh=True)
             log(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in scores.items()))
             for tracker in trackers:
                 tracker.log({f"eval_{k}": float(v) for k, v in scores.items()}, step)
@@ -310,9 +316,11 @@ def train(run: RunConfig | None, run_dir: str | Path, *, resume: bool = False, p
     if loop_state["best_step"] is not None:
         _load_adapter_tensors(model, run_dir / "best")
     dist.save_adapter(wrapped, run_dir / "adapter")
+    with dist.full_params(wrapped) as plain:
+        cost = budget.cost_summary(plain)
     summary = {"steps": step, "best_step": result.best_step, "best_metrics": result.best_metrics,
-               "metric": metric, "history": loop_state["history"], "train_losses": loop_state["train_losses"],
-               "log_history": loop_state["log_history"]}
+               "metric": metric, "cost": cost, "history": loop_state["history"],
+               "train_losses": loop_state["train_losses"], "log_history": loop_state["log_history"]}
     if dist.is_main_process():
         atomic_write_bytes(run_dir / "metrics.json", json.dumps(summary, indent=2).encode())
     result.model, result.task = model, task

@@ -1,0 +1,527 @@
+"""A BOPs budget for gated ranks and learned bits: the user says how small, the controller gets there.
+
+``AdapterConfig(budget=β)`` asks for a finalized adapter whose BOPs are β times those of a plain
+LoRA on the same modules at the same r with 16-bit factors (``lora_bops`` of :mod:`leanlora.cost`).
+
+**Cost.** Per adapted layer, as :mod:`leanlora.cost` counts it (16-bit activations),
+``bops = 16 (in·k·b_A + k·out·b_B + k·b_E)`` (the E term only with gated ``diag``), and
+``C = Σ bops / Σ 16·16·(in + out)·r``. The *expected* cost replaces k and b by their expectations
+under the gate open-probabilities q (:mod:`leanlora.hardconcrete`): ``E[k] = 1 + Σ_i q_1···q_i``
+(nested rank gates; ``Σ_i q_i`` when independent), ``E[b] = b_0 + Σ_j q_1···q_j (b_j - b_{j-1})``,
+and E[k·b] = E[k]·E[b] (rank and bit gates are independent). It is differentiable in every gate.
+
+**Schedule** (AdaLoRA's cubic budget schedule, arXiv 2303.10512), over a run of T steps with the
+fractions (t_s, t_e, t_f) of ``budget_schedule`` and C_0 the expected cost at the first step::
+
+    target(t) = C_0                                  t < t_s·T      (the factors learn first)
+              = β + (C_0 - β) (1 - p)^3              p = (t - t_s·T) / ((t_e - t_s)·T)
+              = β                                    t >= t_e·T
+
+**Dual ascent.** The loss gets ``λ_t · (C - target_t)`` (it replaces the λ-weighted gate prior) with
+
+    λ_{t+1} = max(0, λ_t + κ (C_t - target_t) / β / n_ramp),      n_ramp = (t_e - t_s)·T steps
+
+The gap is relative to the budget and the step is per ramp length, so a gap of one budget held
+over the whole ramp raises λ by κ whatever β and T are. λ is in units of task loss per LoRA-16
+fraction, so it does not depend on ``gate_lr``: Adam moves each gate at about its learning rate
+in the direction of its summed gradient, and λ sets only how the cost gradient weighs against
+the task's. How *fast* gates can move does depend on ``gate_lr``; that is why the end is a projection.
+
+**Freeze and projection** at t_f·T. The structure is fixed by one global order over the
+components and bit levels of all modules (:func:`removal_order`): the prefix of it whose removal
+leaves the thresholded cost nearest β is closed, so the finalized cost lands on the budget
+whether or not the gates had time to travel to it. The gates are then pinned far past saturation (every sample and the
+eval threshold agree, and their gradient through the clamp is 0), λ is 0, and the remaining
+steps fine-tune the factors to the final structure. A pinned gate's value is its place in the
+removal order (kept ones high, closed ones low), so a trained adapter carries its order: the
+budget sweep re-thresholds it without the factors it has since fine-tuned changing the order, and
+its own budget gives back the trained adapter (:mod:`leanlora.budget_sweep`).
+
+**Order.** Items are removed from the end of each chain (nesting: a component or bit level goes
+only after every one behind it), lowest key first, with
+
+    key = log α + log(distortion) - log(price)
+
+log α is the gate's log-odds (up to a constant) and carries the task's verdict once gates have
+moved; price is the BOPs the removal saves in the current structure (a rank component costs
+16 (in·b_A + out·b_B + b_E), a bit level of A 16·in·k·(b_j - b_{j-1})); distortion is what the
+removal does to the layer's update, ``scale·‖ΔW - ΔW'‖_F`` (a component: ``|d_i|·‖b_i‖·‖a_i‖``; a
+bit level of A: ``‖B D (A_j - A_{j-1})‖_F``), so that gates which had no time to move (short runs,
+a small ``gate_lr``) still remove float residuals before 8-bit ones and components that do
+little before those that do much. Ties break by module order.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from leanlora import hardconcrete as hc
+from leanlora.config import ConfigError
+from leanlora.inject import adapted_layers, shared_state
+
+ACT_BITS = 16
+LORA_BITS = 16
+# pinned gates: kept ones in [KEPT, KEPT + SPAN], closed ones in [CLOSED, CLOSED + SPAN], ordered by
+# their place in the removal order; far past saturation, so samples and the eval threshold agree
+KEPT, CLOSED, SPAN = 100.0, -300.0, 100.0
+PINNED = 50.0          # every gate beyond ±this: the adapter carries a frozen order
+KAPPA = 1.0            # dual step: λ gain per budget-relative gap held over the ramp
+
+
+# --- the model's gates as chains ----------------------------------------------------------------
+
+
+@dataclass
+class Chain:
+    """One gate vector: the rank gates of a layer or the bit gates of one quantizer."""
+
+    name: str                  # parameter name, e.g. "encoder.layer.0.query.ranks.log_alpha"
+    layer: int                 # index into the layers' list
+    kind: str                  # "rank", "a", "b" or "e"
+    log_alpha: nn.Parameter
+    nested: bool
+    steps: tuple[float, ...] = ()   # bits: b_j - b_{j-1} for each gate; rank: ()
+
+
+@dataclass
+class LayerShape:
+    in_f: int
+    out_f: int
+    r: int
+    rank: int                              # fixed rank when the ranks are not gated
+    bits: dict[str, float] = field(default_factory=dict)   # fixed bits of "a", "b", "e" (absent: gated)
+    base_bits: dict[str, float] = field(default_factory=dict)   # b_0 of a learned quantizer
+    has_e: bool = False
+
+
+def _quant_chain(name: str, i: int, kind: str, q: nn.Module) -> Chain | None:
+    from leanlora.precision.learned import LearnedBits
+
+    if not isinstance(q, LearnedBits):
+        return None
+    steps = tuple(float(b - a) for a, b in zip(q.bit_set, q.bit_set[1:]))
+    return Chain(f"{name}.{'quant_' + kind if kind != 'e' else 'ranks.quant_e'}.log_alpha", i, kind,
+                 q.log_alpha, True, steps)
+
+
+def gate_chains(model: nn.Module) -> tuple[list[LayerShape], list[Chain]]:
+    """Every adapted layer's shape and every gate chain the budget can act on."""
+    from leanlora.ranks.gated import GatedRanks
+
+    shapes: list[LayerShape] = []
+    chains: list[Chain] = []
+    r = shared_state(model).config.r
+    for i, (name, layer) in enumerate(adapted_layers(model)):
+        ranks = layer.ranks
+        gated = isinstance(ranks, GatedRanks) and not ranks.finalized
+        qe = ranks.diag_quantizer() if isinstance(ranks, GatedRanks) else None
+        shape = LayerShape(layer.in_features, layer.out_features, r, ranks.rank if gated else ranks.active_rank(),
+                           has_e=qe is not None)
+        if gated and ranks.log_alpha.numel():
+            chains.append(Chain(f"{name}.ranks.log_alpha", i, "rank", ranks.log_alpha, ranks.nested))
+        for kind, q in (("a", layer.quant_a), ("b", layer.quant_b), ("e", qe)):
+            if q is None:
+                continue
+            chain = _quant_chain(name, i, kind, q)
+            if chain is None:
+                shape.bits[kind] = float(q.bits())
+            else:
+                shape.base_bits[kind] = float(q.bit_set[0])
+                chains.append(chain)
+        shapes.append(shape)
+    return shapes, chains
+
+
+def lora16_bops(shapes: list[LayerShape]) -> int:
+    """BOPs of a plain LoRA of the same modules at rank r with 16-bit factors (cost.py's lora_bops)."""
+    return sum((s.in_f + s.out_f) * s.r * LORA_BITS * ACT_BITS for s in shapes)
+
+
+def _layer_bops(s: LayerShape, k, bits: dict[str, Any]):
+    bops = s.in_f * k * bits["a"] + k * s.out_f * bits["b"]
+    if s.has_e:
+        bops = bops + k * bits["e"]
+    return ACT_BITS * bops
+
+
+# --- expected cost (differentiable) -----------------------------------------------------------
+
+
+def expected_cost(model: nn.Module) -> torch.Tensor:
+    """E[BOPs] / LoRA-16 BOPs under the current gate probabilities (a scalar with gradient)."""
+    shapes, chains = gate_chains(model)
+    ks: dict[int, Any] = {}
+    bits: dict[int, dict[str, Any]] = {i: dict(s.bits) for i, s in enumerate(shapes)}
+    for c in chains:
+        probs = hc.open_chain(c.log_alpha) if c.nested else hc.prob_open(c.log_alpha)
+        if c.kind == "rank":
+            ks[c.layer] = 1.0 + probs.sum()
+        else:
+            steps = torch.tensor(c.steps, dtype=probs.dtype, device=probs.device)
+            bits[c.layer][c.kind] = shapes[c.layer].base_bits[c.kind] + (probs * steps).sum()
+    total = sum(_layer_bops(s, ks.get(i, float(s.rank)), bits[i]) for i, s in enumerate(shapes))
+    if not isinstance(total, torch.Tensor):  # nothing gated: a constant
+        device = next((p.device for p in model.parameters()), None)
+        total = torch.tensor(float(total), device=device)
+    return total / lora16_bops(shapes)
+
+
+# --- the global order and the projection ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Item:
+    chain: int      # index into the chains
+    index: int      # gate index within the chain
+
+
+class _Structure:
+    """Open items per chain and the thresholded cost of that structure, as items are removed."""
+
+    def __init__(self, shapes: list[LayerShape], chains: list[Chain], logits: list[list[float]]) -> None:
+        self.shapes, self.chains, self.logits = shapes, chains, logits
+        self.open = [[True] * len(lg) for lg in logits]
+        self.k = [float(s.rank) for s in shapes]
+        self.bits = [dict(s.bits) for s in shapes]
+        for ci, c in enumerate(chains):
+            if c.kind != "rank":
+                self.bits[c.layer][c.kind] = shapes[c.layer].base_bits[c.kind] + sum(c.steps)
+        self.lora = lora16_bops(shapes)
+        self.bops = sum(self.layer_bops(i) for i in range(len(shapes)))
+
+    def layer_bops(self, i: int) -> float:
+        return float(_layer_bops(self.shapes[i], self.k[i], self.bits[i]))
+
+    def price(self, item: Item) -> float:
+        c = self.chains[item.chain]
+        s, bits = self.shapes[c.layer], self.bits[c.layer]
+        if c.kind == "rank":
+            return ACT_BITS * (s.in_f * bits["a"] + s.out_f * bits["b"] + (bits["e"] if s.has_e else 0.0))
+        width = {"a": s.in_f, "b": s.out_f, "e": 1}[c.kind]
+        return ACT_BITS * width * self.k[c.layer] * c.steps[item.index]
+
+    def candidates(self, ci: int) -> list[Item]:
+        """Items of chain ``ci`` that may go next: the last open one when nested, any open one otherwise."""
+        flags = self.open[ci]
+        if self.chains[ci].nested:
+            last = max((j for j, on in enumerate(flags) if on), default=None)
+            return [] if last is None else [Item(ci, last)]
+        return [Item(ci, j) for j, on in enumerate(flags) if on]
+
+    def remove(self, item: Item) -> None:
+        c = self.chains[item.chain]
+        before = self.layer_bops(c.layer)
+        self.open[item.chain][item.index] = False
+        if c.kind == "rank":
+            self.k[c.layer] -= 1.0
+        else:
+            self.bits[c.layer][c.kind] -= c.steps[item.index]
+        self.bops += self.layer_bops(c.layer) - before
+
+    @property
+    def cost(self) -> float:
+        return self.bops / self.lora
+
+
+def _fro2(x: torch.Tensor, y: torch.Tensor) -> float:
+    """‖x @ y‖_F² from the r×r Gram matrices (never the out×in product)."""
+    return float(((x.T @ x) * (y @ y.T)).sum())
+
+
+@torch.no_grad()
+def _layer_distortions(layer: nn.Module, chains: list[tuple[int, Chain]]) -> dict[tuple[int, int], float]:
+    """scale·‖ΔW - ΔW'‖_F of removing each item of this layer's chains from the full structure."""
+    from leanlora.layer import _eval_mode
+    from leanlora.precision.learned import level_values
+
+    with _eval_mode(layer):
+        a, b = (t.float() for t in layer.factors())                          # (r, in), (out, r)
+        ranks = layer.ranks
+        e = ranks.E.detach().float() if getattr(ranks, "E", None) is not None else torch.ones(a.shape[0])
+        scale = float(ranks.scale)
+        levels = {}
+        for kind, q, w in (("a", layer.quant_a, a), ("b", layer.quant_b, b), ("e", ranks.diag_quantizer(), e)):
+            if q is not None and hasattr(q, "bit_set"):
+                levels[kind] = level_values(w, q.x_max(w), q._steps, q._qmax, q.has_float, False)
+        a_top, b_top = levels["a"][-1] if "a" in levels else a, levels["b"][-1] if "b" in levels else b
+        e_top = levels["e"][-1] if "e" in levels else e
+        bd = b_top * e_top.to(b_top.device)                                   # B D (out, r)
+        out = {}
+        for ci, c in chains:
+            for j in range(c.log_alpha.numel()):
+                if c.kind == "rank":  # gate j closes component j + 1
+                    i = j + 1
+                    d2 = float(bd[:, i].norm() ** 2 * a_top[i].norm() ** 2)
+                else:
+                    step = levels[c.kind][j + 1] - levels[c.kind][j]
+                    if c.kind == "a":
+                        d2 = _fro2(bd, step)
+                    elif c.kind == "b":
+                        d2 = _fro2(step * e_top, a_top)
+                    else:
+                        d2 = _fro2(b_top * step, a_top)
+                out[(ci, j)] = scale * math.sqrt(max(d2, 0.0))
+    return out
+
+
+def _distortions(model: nn.Module, chains: list[Chain]) -> dict[tuple[int, int], float]:
+    per_layer: dict[int, list[tuple[int, Chain]]] = {}
+    for ci, c in enumerate(chains):
+        per_layer.setdefault(c.layer, []).append((ci, c))
+    out: dict[tuple[int, int], float] = {}
+    for i, (_, layer) in enumerate(adapted_layers(model)):
+        if i in per_layer:
+            out.update(_layer_distortions(layer, per_layer[i]))
+    return out
+
+
+def is_pinned(chains: list[Chain]) -> bool:
+    """Whether every gate is pinned (a frozen budget run): its order is then its values."""
+    return bool(chains) and all(bool((c.log_alpha.detach().abs() >= PINNED).all()) for c in chains)
+
+
+def removal_order(model: nn.Module) -> tuple[list[Item], list[float], float, list[Chain]]:
+    """(items in removal order, cost after each removal, full cost, chains): see the module docstring."""
+    shapes, chains = gate_chains(model)
+    logits = [c.log_alpha.detach().float().cpu().tolist() for c in chains]
+    st = _Structure(shapes, chains, logits)
+    full = st.cost
+    if is_pinned(chains):  # the frozen order, read back from the values
+        st.key = lambda item: st.logits[item.chain][item.index]
+    else:
+        dist = _distortions(model, chains)
+        st.key = lambda item: (st.logits[item.chain][item.index] + math.log(dist[(item.chain, item.index)] + 1e-12)
+                               - math.log(max(st.price(item), 1e-30)))
+    by_layer: dict[int, list[int]] = {}
+    for ci, c in enumerate(chains):
+        by_layer.setdefault(c.layer, []).append(ci)
+    best: dict[int, tuple[float, int, Item] | None] = {}
+
+    def refresh(layer: int) -> None:  # prices change within a layer only
+        options = [(st.key(it), it.chain, it) for ci in by_layer[layer] for it in st.candidates(ci)]
+        best[layer] = min(options, key=lambda o: (o[0], o[1], -o[2].index)) if options else None
+
+    for layer in by_layer:
+        refresh(layer)
+    order, costs = [], []
+    while True:
+        live = [(v[0], v[1], -v[2].index, layer) for layer, v in best.items() if v is not None]
+        if not live:
+            break
+        layer = min(live)[3]
+        item = best[layer][2]
+        st.remove(item)
+        order.append(item)
+        costs.append(st.cost)
+        refresh(layer)
+    return order, costs, full, chains
+
+
+def closed_items(order: list[Item], costs: list[float], full: float, budget: float) -> list[Item]:
+    """The prefix of ``order`` whose removal leaves the cost nearest ``budget`` (the cheaper one on a tie).
+
+    Nearest rather than at-most: the item that crosses the budget can be large (a float residual
+    of a wide module), and stopping just above it lands closer than removing it.
+    """
+    if full <= budget:
+        return []
+    for n, cost in enumerate(costs, start=1):
+        if cost <= budget:
+            before = full if n == 1 else costs[n - 2]
+            return order[:n] if budget - cost <= before - budget else order[:n - 1]
+    return list(order)
+
+
+@torch.no_grad()
+def pinned_values(chains: list[Chain], order: list[Item], n_closed: int) -> dict[str, torch.Tensor]:
+    """Gate values that close the first ``n_closed`` items of ``order`` and encode the order itself."""
+    step = SPAN / max(len(order), 1)
+    values = [[KEPT + SPAN] * c.log_alpha.numel() for c in chains]  # never removable: stays open
+    for pos, it in enumerate(order):
+        values[it.chain][it.index] = (CLOSED if pos < n_closed else KEPT) + pos * step
+    return {c.name: torch.tensor(v, dtype=torch.float32) for c, v in zip(chains, values)}
+
+
+@torch.no_grad()
+def apply_pins(chains: list[Chain], pins: dict[str, torch.Tensor]) -> None:
+    for c in chains:
+        c.log_alpha.copy_(pins[c.name].to(c.log_alpha.device, c.log_alpha.dtype))
+
+
+def project(model: nn.Module, budget: float) -> dict[str, Any]:
+    """Pin the gates to the structure of ``budget`` by the global order; returns the pins and costs."""
+    order, costs, full, chains = removal_order(model)
+    closed = closed_items(order, costs, full, budget)
+    pins = pinned_values(chains, order, len(closed))
+    apply_pins(chains, pins)
+    return {"pins": pins, "cost": costs[len(closed) - 1] if closed else full, "full": full,
+            "removed": len(closed)}
+
+
+# --- the controller ---------------------------------------------------------------------------
+
+
+class BudgetController:
+    """Target schedule, dual ascent on λ, freeze and projection; see the module docstring.
+
+    Model-wide state on ``leanlora_shared.budget``; its :meth:`state_dict` goes into checkpoints.
+    """
+
+    def __init__(self, budget: float, schedule: tuple[float, float, float]) -> None:
+        self.budget = float(budget)
+        self.start_frac, self.end_frac, self.freeze_frac = schedule
+        self.total: int | None = None
+        self.full: float | None = None     # C_0, the expected cost at the first step
+        self.lmbda = 0.0
+        self.target: float | None = None
+        self.cost: float | None = None     # expected cost at the last step
+        self.frozen = False
+        self.final_cost: float | None = None
+        self.pins: dict[str, torch.Tensor] | None = None
+
+    # schedule ---------------------------------------------------------------------------------
+
+    def steps(self) -> tuple[int, int, int]:
+        """(ramp start, ramp end, freeze) as optimizer steps of this run."""
+        if self.total is None:
+            raise RuntimeError("adapter.budget: the controller does not know the run length; call "
+                               "leanlora.budget.start(model, total_steps) before training (leanlora's loop "
+                               "and LeanLoraTrainer do)")
+        t = self.total
+        s, e = round(self.start_frac * t), round(self.end_frac * t)
+        e = max(e, s + 1)
+        # the freeze happens within the run, however short: its last step at the latest
+        return s, e, min(max(round(self.freeze_frac * t), e), t - 1)
+
+    def target_at(self, step: int) -> float:
+        s, e, _ = self.steps()
+        full = self.full if self.full is not None else 1.0
+        if step < s:
+            return full
+        if step >= e:
+            return self.budget
+        p = (step - s) / (e - s)
+        return self.budget + (full - self.budget) * (1.0 - p) ** 3
+
+    # per step ---------------------------------------------------------------------------------
+
+    def advance(self, model: nn.Module, step: int) -> None:
+        """Move to optimizer step ``step``: dual ascent, or the freeze, or re-pinning after it."""
+        s, e, freeze = self.steps()
+        if self.frozen:
+            apply_pins(gate_chains(model)[1], self.pins)  # undo what Adam's momentum moved since
+            return
+        if step >= freeze:
+            self.freeze(model)
+            return
+        with torch.no_grad():
+            self.cost = float(expected_cost(model))
+        if self.full is None:
+            self.full = self.cost
+        self.target = self.target_at(step)
+        if step >= s:
+            self.lmbda = max(0.0, self.lmbda + KAPPA * (self.cost - self.target) / self.budget / (e - s))
+
+    def freeze(self, model: nn.Module) -> None:
+        done = project(model, self.budget)
+        self.pins, self.final_cost = done["pins"], done["cost"]
+        self.frozen, self.lmbda, self.target, self.cost = True, 0.0, self.budget, done["cost"]
+
+    def penalty(self, model: nn.Module) -> torch.Tensor:
+        """λ_t · (E[C] - target_t), the Lagrangian's term, for the loss; 0 (no graph) once frozen or
+        while λ is 0. Its gradient is λ_t ∇E[C]; the target only keeps the logged loss readable."""
+        if self.frozen or self.lmbda == 0.0:
+            return torch.zeros((), device=next((p.device for p in model.parameters()), None))
+        return self.lmbda * (expected_cost(model) - self.target)
+
+    # checkpoint ---------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-ready state: a resumed run continues exactly where this one stands."""
+        pins = None if self.pins is None else {k: v.float().cpu().tolist() for k, v in self.pins.items()}
+        return {"budget": self.budget, "total": self.total, "full": self.full, "lmbda": self.lmbda,
+                "target": self.target, "cost": self.cost, "frozen": self.frozen,
+                "final_cost": self.final_cost, "pins": pins}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key in ("total", "full", "lmbda", "target", "cost", "frozen", "final_cost"):
+            setattr(self, key, state[key])
+        self.pins = None if state["pins"] is None else {k: torch.tensor(v) for k, v in state["pins"].items()}
+
+
+# --- the functions the loops call -------------------------------------------------------------
+
+
+def controller(model: nn.Module) -> BudgetController | None:
+    """The model's budget controller, or None when the adapter has no budget."""
+    shared = shared_state(model)
+    budget = getattr(shared.config, "budget", None)
+    if budget is None:
+        return None
+    ctl = getattr(shared, "budget_controller", None)
+    if ctl is None:
+        ctl = shared.budget_controller = BudgetController(budget, shared.config.budget_schedule)
+    return ctl
+
+
+def start(model: nn.Module, total_steps: int) -> None:
+    """Tell the budget controller how long the run is (no-op without a budget)."""
+    ctl = controller(model)
+    if ctl is None:
+        return
+    if total_steps < 1:
+        raise ConfigError(f"adapter.budget needs a run of at least 1 step, got {total_steps}")
+    ctl.total = int(total_steps)
+
+
+def check_run(budget: float | None, distributed: str, cuda_graph: bool = False) -> None:
+    """Refuse settings the controller does not support, naming them."""
+    if budget is not None and cuda_graph:
+        raise ConfigError("adapter.budget is not supported with train.cuda_graph=true (λ changes every step and a "
+                          "captured step would replay the first one); set train.cuda_graph=false")
+    if budget is not None and distributed == "fsdp2":
+        raise ConfigError("adapter.budget is not supported with train.distributed='fsdp2' (the expected cost needs "
+                          "whole gate tensors); use 'ddp' or 'none'")
+
+
+def summary(model: nn.Module) -> dict[str, float]:
+    """{"cost", "target", "lambda"} for logs and the progress bar; {} without a budget."""
+    ctl = controller(model)
+    if ctl is None:
+        return {}
+    if ctl.cost is None:
+        with torch.no_grad():
+            ctl.cost = float(expected_cost(model))
+    return {"cost": ctl.cost, "target": ctl.target if ctl.target is not None else ctl.cost, "lambda": ctl.lmbda}
+
+
+def structure_ready(model: nn.Module) -> bool:
+    """Whether the adapter now has its final structure: always without a budget, after the freeze with one."""
+    ctl = controller(model)
+    return ctl is None or ctl.frozen
+
+
+def cost_summary(model: nn.Module) -> dict[str, Any]:
+    """The ``cost`` object of metrics.json: the finalized adapter's BOPs, bytes and ranks."""
+    from leanlora.cost import cost_report
+
+    t = cost_report(model).total
+    out = {"bops": t["bops"], "bops_lora16": t["lora_bops"], "bops_vs_lora16": t["bops_vs_lora"],
+           "bytes": t["stored_bytes"], "adapter_bytes": t["adapter_bytes"], "mean_rank": t["mean_rank"],
+           "mean_bits_a": t["mean_bits_a"], "mean_bits_b": t["mean_bits_b"]}
+    budget = getattr(shared_state(model).config, "budget", None)
+    if budget is not None:
+        out["budget"] = budget
+    return out
+
+
+def postfix(summary: dict[str, float]) -> dict[str, str]:
+    """Progress-bar fields of a :func:`summary`: ``cost=0.61/0.45`` (expected cost / target, of LoRA-16)."""
+    if "cost" not in summary:
+        return {}
+    return {"cost": f"{summary['cost']:.2f}/{summary['target']:.2f}"}

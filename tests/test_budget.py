@@ -1,0 +1,237 @@
+"""adapter.budget: config errors, the expected cost against the cost table, the schedule, the
+projection by one global order, and the budget met by the loop (resumed or not)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import leanlora
+from conftest import minilm_dir, tiny_bert
+from leanlora import budget as bud
+from leanlora.config import AdapterConfig, ConfigError
+from leanlora.train.loop import train
+from leanlora.train.runconfig import load_run_config
+from train_fixtures import Crash, classification_yaml, crash_after_saving, tiny_bert_dir
+
+GATED = dict(target_modules=("query", "value"), r=4, ranks="gated", precision="learned")
+
+
+def gated_bert(**kw):
+    return leanlora.inject(tiny_bert(seed=0), AdapterConfig(**{**GATED, **kw}))
+
+
+# --- config --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [0, 0.0, -0.1, 1.5, True])
+def test_a_budget_outside_0_1_is_refused_by_name(value):
+    with pytest.raises(ConfigError, match=r"adapter\.budget=.*\(0, 1\]"):
+        AdapterConfig(**GATED, budget=value)
+
+
+def test_a_budget_with_nothing_to_gate_is_refused_by_name():
+    with pytest.raises(ConfigError, match=r"adapter\.budget=0.25 is invalid: needs something to gate.*ranks='fixed'"):
+        AdapterConfig(target_modules=("query",), budget=0.25)
+    AdapterConfig(target_modules=("query",), precision="learned", budget=0.25)   # learned bits alone: fine
+    AdapterConfig(target_modules=("query",), ranks="gated", budget=1.0)
+
+
+def test_a_yaml_budget_error_names_the_key_and_the_line(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("adapter:\n  ranks: fixed\n  budget: 0.2\n")
+    with pytest.raises(ConfigError, match=r"run.yaml line 3: adapter\.budget=0.2"):
+        load_run_config(path)
+
+
+def test_budget_schedule_must_be_ordered_fractions():
+    with pytest.raises(ConfigError, match="adapter.budget_schedule"):
+        AdapterConfig(**GATED, budget=0.3, budget_schedule=(0.5, 0.2, 0.7))
+
+
+# --- cost -----------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def _set_gates(model, values):
+    for c in bud.gate_chains(model)[1]:
+        c.log_alpha.copy_(torch.as_tensor(values[c.name] if isinstance(values, dict) else values).expand_as(c.log_alpha))
+
+
+def test_expected_cost_is_the_cost_tables_bops_when_gates_are_certain():
+    model = gated_bert()
+    for value in (40.0, -40.0):
+        _set_gates(model, value)
+        table = leanlora.cost_report(model).total
+        assert float(bud.expected_cost(model).detach()) == pytest.approx(table["bops_vs_lora"], rel=1e-6)
+    mixed = {c.name: torch.where(torch.arange(c.log_alpha.numel()) % 2 == 0, 40.0, -40.0)
+             for c in bud.gate_chains(model)[1]}
+    _set_gates(model, mixed)
+    assert float(bud.expected_cost(model).detach()) == pytest.approx(leanlora.cost_report(model).total["bops_vs_lora"], rel=1e-6)
+
+
+def test_expected_cost_has_a_gradient_on_every_gate():
+    model = gated_bert(gated=leanlora.GatedConfig(init_log_alpha=1.0), quant=leanlora.QuantConfig(init_log_alpha=1.0))
+    bud.expected_cost(model).backward()
+    for c in bud.gate_chains(model)[1]:
+        assert c.log_alpha.grad is not None and bool((c.log_alpha.grad > 0).all()), c.name
+
+
+# --- schedule ---------------------------------------------------------------------------------------
+
+
+def test_the_target_falls_cubically_from_the_full_cost_to_the_budget():
+    ctl = bud.BudgetController(0.25, (0.1, 0.5, 0.7))
+    ctl.total, ctl.full = 100, 2.0
+    targets = [ctl.target_at(t) for t in range(100)]
+    assert targets[:10] == [2.0] * 10 and targets[50:] == [0.25] * 50
+    assert all(a >= b for a, b in zip(targets, targets[1:]))
+    assert targets[30] == pytest.approx(0.25 + 1.75 * 0.5 ** 3)
+    assert ctl.steps() == (10, 50, 70)
+
+
+def test_advance_without_the_run_length_says_what_to_call():
+    model = gated_bert(budget=0.3)
+    with pytest.raises(RuntimeError, match=r"leanlora\.budget\.start\(model, total_steps\)"):
+        leanlora.advance(model, 0)
+
+
+# --- projection ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("budget", [0.05, 0.1, 0.25, 0.5, 1.0])
+def test_projection_lands_on_the_budget(budget):
+    model = gated_bert()
+    done = bud.project(model, budget)
+    cost = leanlora.cost_report(model).total["bops_vs_lora"]
+    assert cost == pytest.approx(done["cost"])
+    assert abs(cost / budget - 1) <= 0.1
+
+
+def test_untrained_gates_give_up_float_residuals_before_rank():
+    """Equal gates: distortion per BOP decides, and a float residual distorts far less than a component."""
+    model = gated_bert()
+    with torch.no_grad():
+        for _, layer in leanlora.adapted_layers(model):
+            torch.nn.init.normal_(layer.factors.lora_B, std=0.1)   # a trained-looking update (B starts at 0)
+    bud.project(model, 1.0)
+    t = leanlora.cost_report(model).total
+    assert t["mean_rank"] == 4 and t["mean_bits_a"] <= 16 and t["mean_bits_b"] <= 16
+
+
+def test_the_order_nests_and_a_pinned_adapter_gives_its_order_back():
+    model = gated_bert()
+    order, costs, full, chains = bud.removal_order(model)
+    assert all(a > b for a, b in zip(costs, costs[1:])) and costs[0] < full
+    seen: dict[int, int] = {}
+    for item in order:  # each chain empties from its end
+        if chains[item.chain].nested:
+            assert item.index == chains[item.chain].log_alpha.numel() - 1 - seen.get(item.chain, 0)
+            seen[item.chain] = seen.get(item.chain, 0) + 1
+    bud.project(model, 0.3)
+    assert bud.is_pinned(chains)
+    assert bud.removal_order(model)[0] == order
+
+
+# --- the loop ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    root = tmp_path_factory.mktemp("budget")
+    return classification_yaml(root, tiny_bert_dir(root, minilm_dir()), max_steps=24, save_every=4, eval_every=8)
+
+
+BUDGET_RUN = ["adapter.ranks=gated", "adapter.precision=learned", "adapter.budget=0.25"]
+QUIET = dict(progress=False, log=lambda *_: None)
+
+
+@pytest.mark.parametrize("gate_lr", ["3e-3", "3e-2"])
+def test_the_loop_meets_the_budget_and_records_the_cost(config, tmp_path, gate_lr):
+    run = load_run_config(config, [*BUDGET_RUN, f"adapter.gated.gate_lr={gate_lr}"])
+    result = train(run, tmp_path / "run", **QUIET)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    cost = metrics["cost"]
+    assert {"bops", "bops_lora16", "bops_vs_lora16", "bytes", "mean_rank"} <= set(cost)
+    assert abs(cost["bops_vs_lora16"] / 0.25 - 1) <= 0.1
+    assert cost["bops_vs_lora16"] == leanlora.cost_report(result.model).total["bops_vs_lora"]
+    assert metrics["best_step"] >= bud.controller(result.model).steps()[2]   # only the final structure
+    assert all("cost" in h and "target" in h for h in metrics["history"])
+    leanlora.finalize(result.model)
+    assert leanlora.cost_report(result.model).total["bops_vs_lora"] == cost["bops_vs_lora16"]
+
+
+def test_a_resumed_budget_run_ends_where_an_uninterrupted_one_does(config, tmp_path, monkeypatch):
+    """Killed during the ramp (step 8) and again after the freeze (step 20, gates pinned at 17)."""
+    run = load_run_config(config, BUDGET_RUN)
+    full = train(run, tmp_path / "full", **QUIET)
+    crash_after_saving(monkeypatch, 8)
+    with pytest.raises(Crash):
+        train(run, tmp_path / "crashed", **QUIET)
+    crash_after_saving(monkeypatch, 20)
+    with pytest.raises(Crash):
+        train(None, tmp_path / "crashed", resume=True, **QUIET)
+    monkeypatch.undo()
+    resumed = train(None, tmp_path / "crashed", resume=True, **QUIET)
+    assert resumed.losses == full.losses[20:]
+    a = load_file(str(tmp_path / "full" / "adapter" / "adapter.safetensors"))
+    b = load_file(str(tmp_path / "crashed" / "adapter" / "adapter.safetensors"))
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    ma, mb = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("full", "crashed"))
+    assert ma["cost"] == mb["cost"] and ma["history"] == mb["history"] and ma["train_losses"] == mb["train_losses"]
+
+
+def test_budget_refuses_a_captured_step(config, tmp_path):
+    with pytest.raises(ConfigError, match="adapter.budget.*train.cuda_graph"):
+        bud.check_run(0.25, "none", cuda_graph=True)
+    with pytest.raises(ConfigError, match="adapter.budget.*fsdp2"):
+        bud.check_run(0.25, "fsdp2")
+
+
+# --- the budget sweep -------------------------------------------------------------------------------
+
+
+def test_a_budget_sweep_costs_less_as_the_budget_falls_and_gives_the_trained_adapter_back(config, tmp_path):
+    from leanlora.budget_sweep import sweep_budgets
+    from leanlora.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", str(config), "--out", str(out), "--no-progress", *BUDGET_RUN]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    trained = metrics["best_metrics"]["accuracy"]
+    assert main(["sweep", str(out), "--budgets", "0.05,0.1,0.25,0.5", "--export", str(tmp_path / "chosen")]) == 0
+    result = json.loads((out / "sweep.json").read_text())
+    rows = sorted(result["rows"], key=lambda r: r["budget"])
+    costs = [r["bops_vs_lora16"] for r in rows]
+    assert all(a < b for a, b in zip(costs, costs[1:])), costs
+    at_trained = next(r for r in rows if r["budget"] == 0.25)
+    assert at_trained["score"] == trained and at_trained["bops_vs_lora16"] == metrics["cost"]["bops_vs_lora16"]
+    assert (out / "sweep.png").is_file()
+    chosen = json.loads((tmp_path / "chosen" / "adapter_config.json").read_text())
+    assert chosen  # the chosen point, finalized and saved
+
+    # the same in Python, and the gates are given back as they were
+    from leanlora.cli import load_trained
+
+    _, model, _, task = load_trained(out)
+    before = {c.name: c.log_alpha.detach().clone() for c in bud.gate_chains(model)[1]}
+    res = sweep_budgets(model, lambda m: task.evaluate(m, 32, torch.device("cpu"))["accuracy"], [0.1, 0.25])
+    assert res.row(0.25).score == trained and "| 0.25 |" in res.table()
+    assert all(torch.equal(c.log_alpha, before[c.name]) for c in bud.gate_chains(model)[1])
+
+
+def test_a_gated_run_without_a_budget_can_be_swept(config, tmp_path, capsys):
+    from leanlora.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", str(config), "--out", str(out), "--no-progress", "adapter.ranks=gated",
+                 "train.max_steps=4"]) == 0
+    capsys.readouterr()
+    assert main(["sweep", str(out), "--budgets", "0.2,0.6"]) == 0
+    text = capsys.readouterr().out
+    assert "| budget |" in text and "chosen budget" in text
+    assert main(["sweep", str(out), "--budgets", "0,0.5"]) == 2
