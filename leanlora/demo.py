@@ -84,30 +84,14 @@ def run_demo(data: str | None = None, out: str | None = None, method: str = "blo
         print(f"{run.data.primary_metric} on {run.data.max_eval_examples} eval examples: "
               f"{result.best_metrics.get(run.data.primary_metric, float('nan')):.4f} (step {result.best_step}); "
               + ", ".join(f"{k}={v:.4f}" for k, v in result.best_metrics.items() if k != run.data.primary_metric))
-        baseline = _majority_share(result.task)
-        if baseline is not None:
-            print(f"majority-class accuracy of these eval examples: {baseline:.4f} (the score to beat)")
-            score = result.best_metrics.get("accuracy")
-            if score is not None and score <= baseline + 0.005:
-                print(_NOT_LEARNED.format(steps=result.steps, data="this data" if data else "BoolQ"))
+        verdict = result.verdict
+        if verdict is not None:
+            print(f"always predicting {verdict.constant} scores {verdict.chance:.4f} "
+                  f"(the score to beat by more than {verdict.standard_error:.4f}, one standard error of the run's score)")
+        if result.warning:
+            print(result.warning + " In the demo: --train-examples, --epochs.")
         print("learned rank and bits per module (eval mode), BOPs and stored bytes beside LoRA:")
         print(cost_table(model))
         print(f"{result.steps} steps in {time.time() - start:.0f} s"
               + (f"; adapter saved in {run_dir / 'adapter'}" if out else ""))
     return 0
-
-
-# Measured (2026-12-01, CPU): on 1,024-2,048 BoolQ examples MiniLM-L6 stays at the majority class
-# for 64-256 steps with LoRA or B-LoRA, on query/value or on all six linear types, lr 1e-3 to 3e-3.
-_NOT_LEARNED = (
-    "verdict: the classifier scores no better than always answering the majority class: {steps} steps are too "
-    "few for MiniLM-L6 to learn {data} (on BoolQ a LoRA of the same shape does no better in the same budget), "
-    "so the gates and costs above show the mechanics only. Give it more steps (--train-examples, --epochs).")
-
-
-def _majority_share(task) -> float | None:
-    """Accuracy of always answering the most frequent eval class (None for regression)."""
-    if task is None or not task.eval or task.num_labels < 2:
-        return None
-    labels = [e["label"] for e in task.eval]
-    return max(labels.count(c) for c in set(labels)) / len(labels)

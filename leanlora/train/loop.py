@@ -35,6 +35,7 @@ from leanlora.config import ConfigError
 from leanlora.io import atomic_write_bytes, read_adapter_tensors
 from leanlora.optim import adamw
 from leanlora.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from leanlora.train.guard import stall_warning, task_verdict
 from leanlora.train.models import load_model, load_tokenizer
 from leanlora.train.runconfig import RunConfig, to_commented_yaml
 from leanlora.train.tasks import batches, build_task
@@ -58,6 +59,8 @@ class TrainResult:
     best_metrics: dict[str, float] = field(default_factory=dict)
     model: nn.Module | None = None      # the trained model (final adapter loaded), for reports
     task: Any = None                    # the task (data, metric) it was trained and scored on
+    verdict: Any = None                 # leanlora.train.guard.Verdict of the kept adapter, or None
+    warning: str | None = None          # set when the verdict says the adapter did not learn
 
 
 def resolve_device(name: str) -> torch.device:
@@ -293,6 +296,12 @@ def train(run: RunConfig | None, run_dir: str | Path, *, resume: bool = False, p
     dist.save_adapter(wrapped, run_dir / "adapter")
     summary = {"steps": step, "best_step": result.best_step, "best_metrics": result.best_metrics,
                "metric": metric, "history": loop_state["history"], "train_losses": loop_state["train_losses"]}
+    result.verdict = task_verdict(task, result.best_metrics)
+    if result.verdict is not None:
+        summary["constant_predictor"] = {"score": result.verdict.chance, "standard_error": result.verdict.standard_error,
+                                         "stalled": result.verdict.stalled}
+        if result.verdict.stalled:
+            result.warning = stall_warning(result.verdict, run.adapter, step)
     if dist.is_main_process():
         atomic_write_bytes(run_dir / "metrics.json", json.dumps(summary, indent=2).encode())
     result.model, result.task = model, task
