@@ -82,13 +82,11 @@ class NestedConfig:
     """geometric only: p(b) ∝ decay^(b - r_min), so rank r_min is drawn most often."""
     seed: int = 0
     """seed of the rank draws: b at step t depends only on (seed, t), the same in every process."""
-    scale: Literal["max", "sampled"] = "max"
-    """the update's scale at rank b: alpha / r at every b ("max") or alpha / b ("sampled", DyLoRA).
-    alpha / b makes a step that draws a small b move the first components up to r times as far as
-    a LoRA step at the same learning rate, and those oversized steps tip short runs on small
-    tasks into the constant majority-class prediction, seed by seed; alpha / r moves every
-    component as LoRA does, and each rank is still trained by the steps that draw it
-    (:mod:`leanlora.ranks.nested`)."""
+    scale: Literal["sampled", "max"] = "sampled"
+    """the update's scale at rank b: alpha / b at the sampled b ("sampled", DyLoRA) or alpha / r at
+    every b ("max"). alpha / b stays the default: with alpha / r the small ranks, which are the point
+    of nested ranks, get an update r/b times smaller than the steps that trained them and a short
+    run leaves rank 1 near chance, while alpha / b keeps every rank close to the full one."""
 
     def __post_init__(self) -> None:
         _require(self.scale in ("max", "sampled"), "nested.scale", self.scale, "allowed: 'max', 'sampled'")
