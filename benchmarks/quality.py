@@ -204,11 +204,15 @@ def run_job(args, task: str, name: str, seed: int, data_cache: dict) -> dict:
                   bank_length=args.bank_length, topk=2, adalora_target_r=args.r // 2,
                   total_step=n_steps, modules_to_save=("classifier",))
     model, groups, hook = apply(method, model, shape, "SEQ_CLS", torch.float32, lr=args.lr)
-    if method.kind == "vblora":  # the paper's split, as leanlora's param_groups gives it
+    if method.kind == "vblora":  # leanlora's bank / logits learning rates (BankConfig defaults), by name
+        import leanlora
+
+        bank_cfg = leanlora.BankConfig()
         bank = [p for n, p in model.named_parameters() if p.requires_grad and "vector_bank" in n]
         logits = [p for n, p in model.named_parameters() if p.requires_grad and "logits" in n]
         rest = [p for n, p in model.named_parameters() if p.requires_grad and "vector_bank" not in n and "logits" not in n]
-        groups = [{"params": bank, "lr": 1e-3, "weight_decay": 0.0}, {"params": logits, "lr": 1e-2, "weight_decay": 0.0},
+        groups = [{"params": bank, "lr": bank_cfg.bank_lr, "weight_decay": 0.0},
+                  {"params": logits, "lr": bank_cfg.logits_lr, "weight_decay": 0.0},
                   {"params": rest, "lr": args.lr}]
     opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=0.0)
     base_lrs = [g["lr"] for g in opt.param_groups]

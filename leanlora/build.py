@@ -92,7 +92,7 @@ def build_layer(module: nn.Module, name: str, config: AdapterConfig, shared: Sha
 
         n = config.nested
         ranks = NestedRanks(r, alpha, shared.rank_sampler, frozen=n.frozen,
-                            eval_rank=n.eval_rank, rslora=rslora, name=name, device=device)
+                            eval_rank=n.eval_rank, rslora=rslora, name=name, device=device, scale=n.scale)
     else:
         from leanlora.ranks.gated import GatedRanks
 

@@ -66,6 +66,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if distributed.is_main_process():  # under torchrun, rank 0 speaks for the run
         _print_result(result)
         print(table)
+        if result.warning:  # the dev score is no better than a constant prediction (leanlora.train.guard)
+            print(f"leanlora: {result.warning}", file=sys.stderr)
     return 0
 
 

@@ -95,8 +95,11 @@ class BankConfig:
     """std of the N(0, std) logit initialisation (paper and NLU code: 0.01; PEFT: 0.1)."""
     bank_init_range: float = 0.02
     """bank vectors start U(-range, range) (paper: 0.02)."""
-    bank_lr: float = 1e-3
-    """learning rate of the bank parameter group (paper: 1e-3, no weight decay)."""
+    bank_lr: float = 1e-2
+    """learning rate of the bank parameter group (no weight decay; the paper's 1e-3 was tuned for runs
+    of many epochs). Both factors are made of bank vectors, so the update B·A is quadratic in a
+    bank that starts at +-bank_init_range: at 1e-3 it grows so slowly that a run of a few hundred
+    steps ends before the model moves, and the classifier learns the majority class alone."""
     logits_lr: float = 1e-2
     """learning rate of the logits parameter group (paper: 1e-2, no weight decay)."""
     scaled: bool = False
@@ -131,8 +134,14 @@ class NestedConfig:
     """geometric only: p(b) ∝ decay^(b - r_min), so rank r_min is drawn most often."""
     seed: int = 0
     """seed of the rank draws: b at step t depends only on (seed, t), the same in every process."""
+    scale: Literal["sampled", "max"] = "sampled"
+    """the update's scale at rank b: alpha / b at the sampled b ("sampled", DyLoRA) or alpha / r at
+    every b ("max"). alpha / b stays the default: with alpha / r the small ranks, which are the point
+    of nested ranks, get an update r/b times smaller than the steps that trained them and a short
+    run leaves rank 1 near chance, while alpha / b keeps every rank close to the full one."""
 
     def __post_init__(self) -> None:
+        _require(self.scale in ("max", "sampled"), "nested.scale", self.scale, "allowed: 'max', 'sampled'")
         check_field_types(self, "nested.")
         _require(self.r_min >= 1, "nested.r_min", self.r_min, "must be >= 1")
         _require(self.distribution in ("uniform", "geometric"), "nested.distribution",

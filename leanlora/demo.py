@@ -88,28 +88,14 @@ def run_demo(data: str | None = None, out: str | None = None, method: str = "blo
         print()
         print(f"{metric} on {run.data.max_eval_examples} eval examples: {score:.4f} ({method}, step {result.best_step})"
               + (f"; plain LoRA {lora:.4f}" if lora is not None else ""))
-        baseline = _majority_share(result.task)
-        if baseline is not None:
-            print(f"majority-class accuracy of these eval examples: {baseline:.4f} (the score to beat)")
-            print(_verdict(score, baseline, result.steps))
+        verdict = result.verdict
+        if verdict is not None:
+            print(f"always predicting {verdict.constant} scores {verdict.chance:.4f} "
+                  f"(the score to beat by more than {verdict.standard_error:.4f}, one standard error of the run's score)")
+        if result.warning:
+            print(result.warning + " In the demo: --train-examples, --epochs.")
         print("learned rank and bits per module (eval mode), BOPs and stored bytes beside LoRA:")
         print(cost_table(result.model))
         print(f"{result.steps} steps a run, {time.time() - start:.0f} s in all"
               + (f"; adapter saved in {run_dir / 'adapter'}" if out else ""))
     return 0
-
-
-def _verdict(score: float, baseline: float, steps: int) -> str:
-    if score > baseline + 0.05:
-        return f"verdict: {100 * (score - baseline):.1f} points above always answering the majority class"
-    return (f"verdict: {100 * (score - baseline):+.1f} points against always answering the majority class: "
-            f"{steps} steps were too few to learn this data, so the gates and costs below show the mechanics "
-            "only. Give it more steps (--train-examples, --epochs).")
-
-
-def _majority_share(task) -> float | None:
-    """Accuracy of always answering the most frequent eval class (None for regression)."""
-    if task is None or not task.eval or task.num_labels < 2:
-        return None
-    labels = [e["label"] for e in task.eval]
-    return max(labels.count(c) for c in set(labels)) / len(labels)

@@ -7,7 +7,7 @@ Roles and their defaults (learning rate, weight decay):
 
     adapter  lr,               weight_decay     LoRA factors, B-LoRA's E
     head     lr,               weight_decay     a classifier trained in full
-    bank     bank.bank_lr,     0                VB-LoRA vector bank (paper: 1e-3, no decay)
+    bank     bank.bank_lr,     0                VB-LoRA vector bank (default 1e-2; paper 1e-3; no decay)
     logits   bank.logits_lr,   0                VB-LoRA top-k logits (paper: 1e-2, no decay)
     gates    gated.gate_lr,    0                hard-concrete rank / bit gates
     scales   lr,               0                learned quantizer ranges

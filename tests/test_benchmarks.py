@@ -84,3 +84,20 @@ def test_loop_speed_runs_both_loops_on_the_same_run(tmp_path):
     assert rows["peft_lora@eager"]["trainable"] == rows["lean_lora@eager"]["trainable"] > 0
     with pytest.raises(ValueError, match="mode one of"):
         loop_speed.run_row("lean_lora@graphs", loop_speed.parse_args(["--model", "m", "--data", str(folder)]))
+
+
+def test_short_runs_pins_the_old_defaults_beside_the_new():
+    import short_runs
+
+    old, new = short_runs.adapter_config("old_vblora"), short_runs.adapter_config("vblora")
+    assert old.factors == new.factors == "bank" and old.bank.bank_lr == 1e-3 and new.bank.bank_lr != old.bank.bank_lr
+    old, probe = short_runs.adapter_config("old_qdylora"), short_runs.adapter_config("qdylora_scale_max")
+    assert old.base == probe.base == "nf4" and old.ranks == probe.ranks == "nested"
+    assert old.nested.scale == "sampled" and probe.nested.scale == "max"
+    labels = [1.0] * 7 + [0.0] * 3
+    assert short_runs.majority_score("SST-2", labels) == pytest.approx(70.0)
+    assert short_runs.majority_score("CoLA", labels) == 0.0  # Matthews correlation of a constant prediction
+    rows = [{"task": "CoLA", "variant": "old_qdylora", "seed": s, "steps": 10, "score": 10.0 * s, "majority": 0.0,
+             "per_rank": {str(b): float(b) for b in range(1, 9)}, "delta_norm": {"10": 0.5}} for s in range(3)]
+    text = short_runs.summarize(rows)
+    assert "| CoLA | old_qdylora | 10.0 | 0: 0.0, 1: 10.0, 2: 20.0 | 0.0 | 1.0 / 2.0 / 4.0 / 8.0 |" in text

@@ -22,12 +22,15 @@ def nested_model(r: int = 8, seed: int = 0, **nested) -> torch.nn.Module:
     return model
 
 
+@pytest.mark.parametrize("scale", ["max", "sampled"])
 @pytest.mark.parametrize("b", [1, 3, 8])
-def test_truncation_at_b_equals_a_plain_lora_of_the_first_b_components(b):
-    model = nested_model()
+def test_truncation_at_b_equals_a_plain_lora_of_the_first_b_components(b, scale):
+    model = nested_model(scale=scale)
     leanlora.set_rank(model, b)
     plain = tiny_llama()
-    leanlora.inject(plain, leanlora.AdapterConfig(target_modules=TARGETS, r=b, alpha=16.0))
+    # "sampled" scales by alpha / b, a LoRA of rank b at the same alpha; "max" keeps alpha / r = 16 / 8
+    alpha = 16.0 if scale == "sampled" else 16.0 * b / 8
+    leanlora.inject(plain, leanlora.AdapterConfig(target_modules=TARGETS, r=b, alpha=alpha))
     nested_layers = dict(leanlora.adapted_layers(model))
     with torch.no_grad():
         for name, layer in leanlora.adapted_layers(plain):
@@ -163,8 +166,9 @@ def test_frozen_mode_caveat_adamw_momentum_still_moves_detached_components():
     assert not torch.equal(moved, a1_before)
 
 
-def test_prune_keeps_the_update_at_the_chosen_rank():
-    model = nested_model()
+@pytest.mark.parametrize("scale", ["max", "sampled"])
+def test_prune_keeps_the_update_at_the_chosen_rank(scale):
+    model = nested_model(scale=scale)
     x = token_batch()
     leanlora.set_rank(model, 3)
     want = model(x).logits
@@ -192,6 +196,8 @@ def test_r_min_above_r_max_is_refused():
         leanlora.AdapterConfig(r=4, ranks="nested", nested=leanlora.NestedConfig(r_min=5))
     with pytest.raises(leanlora.ConfigError, match=r"nested\.decay"):
         leanlora.NestedConfig(distribution="geometric", decay=1.5)
+    with pytest.raises(leanlora.ConfigError, match=r"nested\.scale='half'.*'max', 'sampled'"):
+        leanlora.NestedConfig(scale="half")
 
 
 @pytest.mark.parametrize("b", [0, 9, -1])

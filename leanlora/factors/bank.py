@@ -24,9 +24,10 @@ q_proj at r=4, b=256, h=2048, k=2 that is 262,144 logits scanned and 65,536 MACs
 Scale. VB-LoRA has no alpha/r: the update is plain B·A (BankConfig.scaled=False). build.py then
 hands the rank strategy alpha = r and rslora = False, so alpha/r = 1 at the full rank r. Fixed and
 gated ranks (scale alpha/r, fixed r) therefore give B·diag(m)·A exactly; nested ranks keep their
-own relative rule alpha/b, i.e. r/b at a sampled rank b, which is 1 at the full rank (DyLoRA's
-rescaling of a truncated update, anchored on VB-LoRA's plain full-rank update). With
-``scaled=True`` the config's alpha and rslora go through untouched, as for dense factors.
+own relative rule alpha/b (``nested.scale="sampled"``), i.e. r/b at a sampled rank b, which is 1 at
+the full rank (DyLoRA's rescaling of a truncated update, anchored on VB-LoRA's plain full-rank
+update), or 1 at every b with ``nested.scale="max"``. With ``scaled=True`` the config's alpha and
+rslora go through untouched, as for dense factors.
 """
 
 from __future__ import annotations

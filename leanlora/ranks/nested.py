@@ -1,8 +1,15 @@
 """Nested ranks (DyLoRA, QDyLoRA): train every rank 1..r at once by truncating at a sampled b.
 
     training step t:  b_t ~ p_B over {r_min..r_max}, one draw shared by every layer
-    forward:          h = W0 x + (alpha / b) · B[:, :b] A[:b] x         (alpha / sqrt(b) with rsLoRA)
+    forward:          h = W0 x + s · B[:, :b] A[:b] x
     eval:             the same at b = the rank set by ``set_rank`` (default ``eval_rank`` or r)
+
+The scale s is ``alpha / b`` at the sampled b (``scale="sampled"``, DyLoRA's rule and the
+default) or ``alpha / r`` at every b (``scale="max"``; alpha / sqrt of either with rsLoRA). With
+alpha / b each truncation is a LoRA of rank b at the same alpha, so a small rank carries as much
+update as the full one. With alpha / r truncating just drops components b..r-1 and every
+component moves as a LoRA component does, but a rank-b adapter then holds only b/r of the
+full-rank update, and in short runs the smallest ranks stay near chance.
 
 In training the truncation is a mask, not a slice: h = W0 x + B diag(m_b · alpha / b) A x with
 m_b = [1]*b + [0]*(r - b), and b read from a device tensor that ``advance`` fills. The shapes are
@@ -96,14 +103,22 @@ class RankSampler(nn.Module):
                 f"step={self.step}, b={self.current}")
 
 
+SCALES = ("max", "sampled")
+
+
 class NestedRanks(nn.Module):
-    """Truncate A (r, in) to its first b rows and B (out, r) to its first b columns; scale alpha / b."""
+    """Truncate A (r, in) to its first b rows and B (out, r) to its first b columns; scale alpha / b
+    (``scale="sampled"``) or alpha / r (``scale="max"``)."""
 
     def __init__(self, rank: int, alpha: float, sampler: RankSampler, frozen: bool = False,
                  eval_rank: int | None = None, rslora: bool = False, name: str = "",
-                 device: torch.device | None = None) -> None:
+                 device: torch.device | None = None, scale: str = "sampled") -> None:
         super().__init__()
+        if scale not in SCALES:
+            raise ValueError(f"module {name!r}: nested scale={scale!r} is unknown; allowed: {SCALES}")
         self.rank, self.alpha, self.frozen, self.rslora, self.name = rank, alpha, frozen, rslora, name
+        # the rank of the scale alpha / r: the built r, kept when prune_ drops components
+        self.scale_mode, self.max_rank = scale, rank
         # A plain attribute, not a submodule: the sampler is shared and registered once, on the model.
         object.__setattr__(self, "sampler", sampler)
         self.chosen: int | None = None
@@ -130,11 +145,15 @@ class NestedRanks(nn.Module):
                 self._check(self.sampler.rank(), "sampled rank")
             return self._masked(a, b_mat, self.sampler.current_rank)
         b = self.eval_rank()
-        return a[:b], b_mat[:, :b], None, lora_scale(self.alpha, b, self.rslora)  # (b, in), (out, b)
+        return a[:b], b_mat[:, :b], None, self.scale_at(b)  # (b, in), (out, b)
+
+    def scale_at(self, b: int | torch.Tensor) -> float | torch.Tensor:
+        """The update's scale at rank b: alpha / b, or alpha / r with ``scale="max"``."""
+        return lora_scale(self.alpha, b if self.scale_mode == "sampled" else self.max_rank, self.rslora)
 
     def _masked(self, a: torch.Tensor, b_mat: torch.Tensor, rank: torch.Tensor):
         on = self._index < rank                                          # (r,) bool, components 0..b-1
-        scale = lora_scale(self.alpha, rank.to(torch.float32), self.rslora)  # a 0-dim tensor
+        scale = self.scale_at(rank.to(torch.float32))                    # a float or a 0-dim tensor
         if self.frozen:
             # Only component b-1 learns this step; the earlier ones pass through detached.
             learns = self._index == rank - 1
@@ -151,7 +170,8 @@ class NestedRanks(nn.Module):
     def prune_(self, keep: int) -> None:
         """Keep components 0..keep-1; the eval rank becomes min(eval rank, keep).
 
-        The scale depends on b, not on r, so the update at any b <= keep is unchanged.
+        The scale depends on b or on the built r, never on ``keep``, so the update at any b <= keep
+        is unchanged.
         """
         self._check(keep, "prune rank")
         self.chosen = min(self.eval_rank(), keep)
@@ -159,5 +179,5 @@ class NestedRanks(nn.Module):
         self._index = self._index[:keep].clone()
 
     def extra_repr(self) -> str:
-        return (f"r={self.rank}, eval b={self.eval_rank()}, alpha={self.alpha:g}"
+        return (f"r={self.rank}, eval b={self.eval_rank()}, alpha={self.alpha:g}, scale={self.scale_mode}"
                 f"{', frozen' if self.frozen else ''}{', rslora' if self.rslora else ''}")

@@ -42,6 +42,7 @@ from leanlora.train.checkpoint import clean_leftovers, latest_checkpoint, load_c
 from leanlora.train.finite import FiniteGuard, TrainingDiverged, advice
 from leanlora.train.head import require_saved_head
 from leanlora.train.lr_schedule import advance_schedule, build_scheduler
+from leanlora.train.guard import stall_warning, task_verdict
 from leanlora.train.models import load_model, load_tokenizer
 from leanlora.train.precision import check_trainable_dtype, optimizer_step, resolve_precision
 from leanlora.train.resume import check_total, resume_config, retune
@@ -66,6 +67,8 @@ class TrainResult:
     best_metrics: dict[str, float] = field(default_factory=dict)
     model: nn.Module | None = None      # the trained model (final adapter loaded), for reports
     task: Any = None                    # the task (data, metric) it was trained and scored on
+    verdict: Any = None                 # leanlora.train.guard.Verdict of the kept adapter, or None
+    warning: str | None = None          # set when the verdict says the adapter did not learn
 
 
 def resolve_device(name: str) -> torch.device:
@@ -321,6 +324,12 @@ def train(run: RunConfig | None, run_dir: str | Path, *, resume: bool = False, p
     summary = {"steps": step, "best_step": result.best_step, "best_metrics": result.best_metrics,
                "metric": metric, "cost": cost, "history": loop_state["history"],
                "train_losses": loop_state["train_losses"], "log_history": loop_state["log_history"]}
+    result.verdict = task_verdict(task, result.best_metrics)
+    if result.verdict is not None:
+        summary["constant_predictor"] = {"score": result.verdict.chance, "standard_error": result.verdict.standard_error,
+                                         "stalled": result.verdict.stalled}
+        if result.verdict.stalled:
+            result.warning = stall_warning(result.verdict, run.adapter, step)
     if dist.is_main_process():
         atomic_write_bytes(run_dir / "metrics.json", json.dumps(summary, indent=2).encode())
     result.model, result.task = model, task

@@ -1,0 +1,114 @@
+"""Did the adapter learn anything? The dev score against a constant predictor's.
+
+A run that ends at the score of always answering the majority class (classification) or always
+predicting the mean label (regression) has learned nothing a one-line rule would not, whatever
+its loss curve says. The check:
+
+    chance  = metric(constant predictions, labels)        majority class / mean label
+    se      = standard error of the run's score on n dev examples
+              accuracy, F1:                  sqrt(s (1 - s) / n)        (a proportion)
+              matthews, pearson, spearman:   sqrt((1 - s^2) / (n - 2))  (a correlation)
+    stalled = score <= chance + se
+
+so a score within one standard error of the constant predictor's (or below it) is flagged. The
+standard error is the score's own sampling error on a dev set of this size: a 400-example dev set
+cannot tell 1.5 points of accuracy from chance, a 10,000-example one can. Metrics with no
+constant-predictor reading (a language model's loss or exact match) are not checked.
+
+The warning names the likely cause for the method the adapter uses and the setting to try;
+:func:`stall_warning` builds it from the adapter config.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+from leanlora.config import AdapterConfig
+
+PROPORTIONS = ("accuracy", "f1")
+CORRELATIONS = ("matthews", "pearson", "spearman")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The run's score beside the constant predictor's; ``stalled`` when within one standard error."""
+
+    metric: str
+    score: float
+    chance: float
+    standard_error: float
+    n: int
+    constant: str  # what the constant predictor answers, in words
+
+    @property
+    def stalled(self) -> bool:
+        return self.score <= self.chance + self.standard_error
+
+
+def chance_score(metric: str, labels: Sequence[float], regression: bool, num_labels: int = 2) -> tuple[float, str]:
+    """(metric of the constant predictor, what it predicts): the majority class, or the mean label."""
+    from leanlora.train.metrics import classification_metrics, regression_metrics
+
+    if regression:
+        mean = sum(labels) / len(labels)
+        return regression_metrics([mean] * len(labels), list(labels))[metric], f"the mean label {mean:.3g}"
+    ys = [int(y) for y in labels]
+    top = max(sorted(set(ys)), key=ys.count)
+    scores = classification_metrics([top] * len(ys), ys, max(num_labels, 2))
+    return scores[metric], f"class {top} ({ys.count(top) / len(ys):.1%} of the dev set)"
+
+
+def standard_error(metric: str, score: float, n: int) -> float:
+    """Sampling error of ``score`` on ``n`` examples (proportion or correlation, see the module doc)."""
+    if metric in PROPORTIONS:
+        s = min(max(score, 0.0), 1.0)
+        return math.sqrt(s * (1.0 - s) / max(n, 1))
+    if metric in CORRELATIONS:
+        return math.sqrt(max(1.0 - score * score, 0.0) / max(n - 2, 1))
+    raise ValueError(f"no standard error for metric {metric!r}; allowed: {PROPORTIONS + CORRELATIONS}")
+
+
+def check(metric: str, score: float, labels: Sequence[float], regression: bool, num_labels: int = 2) -> Verdict | None:
+    """The verdict for a dev ``score`` on ``labels``; None where the metric has no constant predictor."""
+    if metric not in PROPORTIONS + CORRELATIONS or len(labels) < 3:
+        return None
+    chance, constant = chance_score(metric, labels, regression, num_labels)
+    return Verdict(metric, float(score), float(chance), standard_error(metric, score, len(labels)),
+                   len(labels), constant)
+
+
+def likely_cause(config: AdapterConfig) -> str:
+    """The cause most likely for this adapter, and the setting to try, in one sentence."""
+    if config.factors == "bank":
+        return ("VB-LoRA builds every factor from one small shared bank, and its update grows from "
+                "near zero through the product of two bank-made factors, so it needs more steps than "
+                "LoRA before the model moves: train longer (train.epochs / train.max_steps), or raise "
+                "adapter.bank.bank_lr")
+    if config.ranks == "nested":
+        return ("nested ranks train the full rank only in the steps that draw it, so it sees fewer "
+                "updates than a LoRA of the same length: train longer (train.epochs / train.max_steps), "
+                "or compare the smaller ranks with `leanlora sweep`")
+    if config.ranks == "gated" or config.precision == "learned":
+        return ("the rank and bit gates may have closed before the task was learned: lower the prior's "
+                "weight (adapter.quant.lmbda) or the gate learning rate (adapter.gated.gate_lr), or train longer")
+    return ("the adapter moved too little for this data in this many steps: train longer "
+            "(train.epochs / train.max_steps) or raise train.lr")
+
+
+def stall_warning(verdict: Verdict, config: AdapterConfig | None, steps: int) -> str:
+    """The warning printed at the end of a run whose verdict is ``stalled``."""
+    cause = likely_cause(config) if config is not None else "too few steps for this data"
+    return (f"warning: the adapter did not learn. Dev {verdict.metric} {verdict.score:.4f} is within one "
+            f"standard error ({verdict.standard_error:.4f}, {verdict.n} examples) of always predicting "
+            f"{verdict.constant}, which scores {verdict.chance:.4f}. After {steps} steps the likely cause: {cause}.")
+
+
+def task_verdict(task, scores: dict[str, float]) -> Verdict | None:
+    """:func:`check` for a training task (leanlora.train.tasks) and its dev scores; None without a dev set."""
+    metric = getattr(task, "metric", None)
+    if not getattr(task, "eval", None) or metric not in scores or getattr(task, "num_labels", 0) == 0:
+        return None
+    labels = [e["label"] for e in task.eval]
+    return check(metric, scores[metric], labels, task.regression, task.num_labels)

@@ -1,0 +1,100 @@
+"""The end-of-run guard: a dev score within one standard error of a constant predictor's is flagged."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+import leanlora
+from leanlora.train.guard import check, likely_cause, stall_warning, standard_error, task_verdict
+from leanlora.train.metrics import classification_metrics, regression_metrics
+
+
+def labels_with_share(n: int, share_of_one: float, seed: int = 0) -> list[int]:
+    ys = [1] * round(n * share_of_one) + [0] * (n - round(n * share_of_one))
+    random.Random(seed).shuffle(ys)
+    return ys
+
+
+def flip(ys: list[int], fraction: float, seed: int = 1) -> list[int]:
+    """Predictions equal to the labels except a random ``fraction`` of them, flipped."""
+    rng = random.Random(seed)
+    return [1 - y if rng.random() < fraction else y for y in ys]
+
+
+@pytest.mark.parametrize("metric", ["accuracy", "f1", "matthews"])
+def test_the_majority_class_prediction_is_flagged(metric):
+    ys = labels_with_share(500, 0.7)
+    score = classification_metrics([1] * len(ys), ys, 2)[metric]
+    verdict = check(metric, score, ys, regression=False)
+    assert verdict.stalled
+    assert verdict.chance == pytest.approx(score)
+    assert "class 1 (70.0% of the dev set)" == verdict.constant
+
+
+@pytest.mark.parametrize("metric", ["accuracy", "f1", "matthews"])
+def test_a_model_that_learned_is_not_flagged(metric):
+    ys = labels_with_share(500, 0.7)
+    score = classification_metrics(flip(ys, 0.15), ys, 2)[metric]
+    assert not check(metric, score, ys, regression=False).stalled
+
+
+def test_a_score_inside_one_standard_error_of_chance_is_flagged_and_one_outside_is_not():
+    ys = labels_with_share(400, 0.6)
+    se = standard_error("accuracy", 0.6, 400)
+    assert se == pytest.approx(math.sqrt(0.6 * 0.4 / 400))
+    assert check("accuracy", 0.6 + 0.5 * se, ys, regression=False).stalled
+    assert not check("accuracy", 0.6 + 2.0 * se, ys, regression=False).stalled
+    assert check("accuracy", 0.55, ys, regression=False).stalled  # below chance: no better than it
+
+
+def test_the_same_margin_counts_on_a_large_dev_set():
+    """The standard error shrinks with n: 1.5 points above chance is noise at 400, signal at 20,000."""
+    small, large = labels_with_share(400, 0.6), labels_with_share(20_000, 0.6)
+    assert check("accuracy", 0.615, small, regression=False).stalled
+    assert not check("accuracy", 0.615, large, regression=False).stalled
+
+
+def test_regression_mean_predictor_is_flagged_and_a_correlated_one_is_not():
+    rng = random.Random(0)
+    ys = [rng.uniform(0, 5) for _ in range(300)]
+    constant = regression_metrics([sum(ys) / len(ys)] * len(ys), ys)["pearson"]
+    verdict = check("pearson", constant, ys, regression=True)
+    assert verdict.stalled and verdict.chance == 0.0 and verdict.constant.startswith("the mean label")
+    good = regression_metrics([y + rng.gauss(0, 1.0) for y in ys], ys)["pearson"]
+    assert good > 0.5 and not check("pearson", good, ys, regression=True).stalled
+
+
+def test_metrics_without_a_constant_predictor_are_not_checked():
+    assert check("exact_match", 0.0, [0, 1, 1], regression=False) is None
+    assert check("loss", 0.7, [0, 1, 1], regression=False) is None
+    with pytest.raises(ValueError, match="exact_match"):
+        standard_error("exact_match", 0.1, 10)
+
+
+@pytest.mark.parametrize("config, setting", [
+    (leanlora.AdapterConfig(factors="bank"), "train.max_steps"),
+    (leanlora.AdapterConfig(ranks="nested"), "leanlora sweep"),
+    (leanlora.AdapterConfig(ranks="gated", precision="learned"), "adapter.quant.lmbda"),
+    (leanlora.AdapterConfig(), "train.lr"),
+])
+def test_the_warning_names_a_cause_and_a_setting_for_each_method(config, setting):
+    ys = labels_with_share(200, 0.7)
+    verdict = check("accuracy", 0.7, ys, regression=False)
+    text = stall_warning(verdict, config, steps=126)
+    assert setting in likely_cause(config) and setting in text
+    assert "did not learn" in text and "126 steps" in text and "0.7000" in text
+
+
+def test_task_verdict_reads_the_dev_labels_of_a_task():
+    class Task:
+        metric, regression, num_labels = "matthews", False, 2
+        eval = [{"label": y} for y in labels_with_share(100, 0.7)]
+
+    verdict = task_verdict(Task(), {"matthews": 0.0, "accuracy": 0.7})
+    assert verdict.stalled and verdict.n == 100
+    assert task_verdict(Task(), {"accuracy": 0.7}) is None  # the metric was not scored
+    Task.eval = []
+    assert task_verdict(Task(), {"matthews": 0.0}) is None   # no dev set
