@@ -393,9 +393,9 @@ def _describe(err: BaseException) -> str:
 
 def entry() -> None:
     """The ``leanlora`` console command and ``python -m leanlora``: main, then a clean exit."""
+    code = main()  # --help exits inside: it never pays for importing torch
     from leanlora import distributed
 
-    code = main()
     distributed.end_process(code)  # under torchrun / accelerate launch; returns otherwise
     sys.exit(code)
 

@@ -276,3 +276,14 @@ def test_eval_on_a_changed_base_advises_the_flag_that_works(trained, tmp_path, c
     assert "differs from the base the adapter was trained on" in err and "add --no-base-check" in err
     assert "check_base=False" not in err
     assert main(["eval", str(trained), f"model.path={other}", "--no-base-check"]) == 0
+
+
+def test_help_answers_without_importing_torch():
+    """`leanlora --help` answers at once: the package and the parser import no torch, transformers or torchao."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom leanlora.cli import build_parser\nbuild_parser().format_help()\n"
+            "import leanlora\nheavy = [m for m in ('torch', 'transformers', 'torchao') if m in sys.modules]\n"
+            "assert not heavy, heavy\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
