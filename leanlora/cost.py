@@ -8,7 +8,7 @@ Per adapted layer, for the adapter path only (the frozen base is the same for ev
 * ``bits_a``, ``bits_b``, ``bits_e``: eval bit-width of A, B and E (32 = float; E only with diag).
 * ``macs``: multiply-adds per token, ``in·k + k (E) + k·out`` at k = stored_rank.
 * ``bops``: Σ MACs × weight bits × activation bits, activations at ``ACT_BITS`` = 16 (nothing in
-  leanlora quantizes activations): ``16·(in·k·b_A + k·b_E + k·out·b_B)`` (METHODS.md §1.6).
+  leanlora quantizes activations): ``16·(in·k·b_A + k·b_E + k·out·b_B)`` (Bayesian-LoRA, arXiv:2406.13046).
 * ``stored_bytes``: the tensor payload of the finalized artifact. Dense factors: packed codes,
   ceil(n·b/8) bytes + a 4-byte fp32 scale per quantized tensor, or n · element size for float
   ones (:func:`leanlora.packing.stored_nbytes`); E likewise; a mask of 4-byte floats if any. Bank

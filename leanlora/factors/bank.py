@@ -1,6 +1,6 @@
 """VB-LoRA factors: A and B composed from one vector bank shared by the whole model.
 
-METHODS.md §2.1. Each rank-one term of ΔW = Σ_k b_k ⊗ a_k is cut into length-b sub-vectors
+VB-LoRA (arXiv:2405.15179). Each rank-one term of ΔW = Σ_k b_k ⊗ a_k is cut into length-b sub-vectors
 (a_k into in/b of them, b_k into out/b); each sub-vector u has its own logits σ_u ∈ R^h and is a
 top-k admixture of the h bank vectors α_1..α_h:
 
@@ -38,7 +38,7 @@ from torch import nn
 
 
 def compose(logits: torch.Tensor, bank: torch.Tensor, topk: int) -> torch.Tensor:
-    """Top-k admixture of bank vectors for every sub-vector at once (METHODS.md §2.1, item 4).
+    """Top-k admixture of bank vectors for every sub-vector at once (VB-LoRA, arXiv:2405.15179).
 
     logits (..., h), bank (h, b) -> (..., b): u = Σ_{s in TopK(σ)} softmax(σ_TopK)_s · bank[s].
     Entries outside the top k get neither weight nor gradient (as if set to -inf).
@@ -73,7 +73,7 @@ class VectorBank(nn.Module):
         super().__init__()
         self.num_vectors, self.vector_length = num_vectors, vector_length
         self.vectors = nn.Parameter(torch.empty(num_vectors, vector_length, dtype=dtype, device=device))
-        nn.init.uniform_(self.vectors, -init_range, init_range)   # METHODS.md §2.2: U(-0.02, 0.02)
+        nn.init.uniform_(self.vectors, -init_range, init_range)   # VB-LoRA (arXiv:2405.15179): U(-0.02, 0.02)
 
     def forward(self) -> torch.Tensor:
         return self.vectors  # (h, b)

@@ -1,4 +1,4 @@
-"""Top-k-only storage of a VB-LoRA adapter (METHODS.md §2.3).
+"""Top-k-only storage of a VB-LoRA adapter (arXiv:2405.15179).
 
 The logits are training state; the adapter itself is the bank plus, per sub-vector, which k bank
 vectors it mixes and with what weights. ``leanlora.save(model, dir, topk_only=True)`` replaces each
@@ -33,7 +33,7 @@ REOPEN_GAP = 1.0
 
 
 def index_dtype(num_vectors: int) -> torch.dtype:
-    """Smallest integer dtype that holds indices 0..h-1 (METHODS.md §2.3, PEFT's thresholds)."""
+    """Smallest integer dtype that holds indices 0..h-1 (PEFT's thresholds)."""
     if num_vectors < 2**8:
         return torch.uint8
     if num_vectors < 2**15:
@@ -79,7 +79,7 @@ def topk_bytes(num_vectors: int, vector_length: int, num_subvectors: int, topk: 
 
 
 def float32_equivalents(num_vectors: int, vector_length: int, num_subvectors: int, topk: int) -> float:
-    """METHODS.md §2.3 / PEFT count: h·b + n·(k-1) + n·k·f, f = 0.25 / 0.5 / 1 for uint8 / int16 / int32."""
+    """VB-LoRA and PEFT count: h·b + n·(k-1) + n·k·f, f = 0.25 / 0.5 / 1 for uint8 / int16 / int32."""
     f = {torch.uint8: 0.25, torch.int16: 0.5, torch.int32: 1.0}[index_dtype(num_vectors)]
     return num_vectors * vector_length + num_subvectors * (topk - 1) + num_subvectors * topk * f
 

@@ -35,7 +35,7 @@ training forward has no data-dependent branch, no ``.item()`` and nothing to cal
 The range is symmetric around 0 from max|w| (the port uses only the positive end, which would
 clip the negative tail of a signed factor).
 
-**Prior** (METHODS §1.5): with q_k = P(z_k != 0),
+**Prior** (Bayesian-LoRA, arXiv:2406.13046): with q_k = P(z_k != 0),
 ``R = Σ_k c_k q_1 ··· q_k``; ``c_k = 1`` ("const") or ``c_k = (MACs / max MACs) · b_k`` ("bop"),
 where MACs is what consumes this factor (in·r for A, r·out for B, r for E) and max MACs is the
 largest full-rank adapter layer of the model (a :class:`PriorScale` shared by all quantizers).
