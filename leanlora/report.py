@@ -91,12 +91,7 @@ def plot_ranks_bits(report: CostReport, path: str | os.PathLike) -> Path:
         ax.set_xlabel("layer")
         ax.set_title(title + (f" (of r={report.layers[0].r})" if key == "rank" and report.layers else ""))
         fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path)
 
 
 def _pyplot():
@@ -161,12 +156,7 @@ def plot_curves(metrics: dict, path: str | os.PathLike) -> Path:
     bits_ax.plot(*drawn["bits"]["bits"], marker=".", color="C1")
     bits_ax.set_ylabel("mean bits", color="C1")
     rank_ax.set_xlabel("optimizer step")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path)
 
 
 def write_report(model_or_adapter_dir: nn.Module | str | os.PathLike, out_dir: str | os.PathLike,
@@ -186,3 +176,14 @@ def write_report(model_or_adapter_dir: nn.Module | str | os.PathLike, out_dir: s
     if metrics is not None:
         paths["curves"] = plot_curves(json.loads(Path(metrics).read_text()), out / "curves.png")
     return paths
+
+
+def _save_figure(fig, path: str | Path) -> Path:
+    """Write a figure as a PNG (creating its folder) and release it."""
+    plt = _pyplot()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
