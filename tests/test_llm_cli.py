@@ -84,7 +84,7 @@ def test_train_writes_finite_losses_and_an_adapter_that_lowers_the_loss(run_dir,
     metrics = json.loads((run_dir / "metrics.json").read_text())
     losses = metrics["train_losses"]
     assert len(losses) == STEPS and all(math.isfinite(x) for x in losses)
-    assert (run_dir / "adapter" / "adapter_config.json").is_file()
+    assert (run_dir / "adapter" / "leanlora_config.json").is_file()
     # every step saw the same batch (4 examples, batch_size 4): the trained adapter at its full
     # rank must fit that batch better than the base alone, and both losses must be finite
     run, model, _, task = trained
