@@ -10,7 +10,8 @@ PIP=(--disable-pip-version-check -q)
 .venv/bin/python -m pip "${PIP[@]}" install -c scripts/constraints.txt build
 .venv/bin/python -m build --wheel --outdir "$TMP/dist" . > "$TMP/build.log" 2>&1 || { cat "$TMP/build.log"; exit 1; }
 WHEEL="$(ls "$TMP"/dist/leanlora-*.whl)"
-unzip -l "$WHEEL" | grep -q "leanlora/py.typed" || { echo "wheel lacks leanlora/py.typed"; exit 1; }
+unzip -l "$WHEEL" > "$TMP/contents.txt"   # a file, not a pipe: grep -q closing early would fail pipefail
+grep -q "leanlora/py.typed" "$TMP/contents.txt" || { echo "wheel lacks leanlora/py.typed"; exit 1; }
 "${PYTHON:-python3}" -m venv "$TMP/venv"
 "$TMP/venv/bin/python" -m pip "${PIP[@]}" install "${LEANLORA_TORCH:-torch==2.13.0}"
 "$TMP/venv/bin/python" -m pip "${PIP[@]}" install -c scripts/constraints.txt "$WHEEL[train]"
