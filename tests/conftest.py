@@ -71,6 +71,18 @@ def randomize_adapters(model, seed: int = 0, std: float = 0.05) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
+def randomize_gates(model, seed: int = 0) -> None:
+    """Random gate locations (log_alpha) and diagonals (E), as if trained: finalize then keeps a
+    different rank and bit-width per module."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("log_alpha"):
+                p.copy_(torch.randn(p.shape, generator=g) * 3)
+            elif name.endswith(".E"):
+                p.copy_(torch.randn(p.shape, generator=g))
+
+
 class OpCount(TorchDispatchMode):
     """Counts the ATen operators that reach a backend (each one a kernel launch on a GPU)."""
 

@@ -11,23 +11,12 @@ import torch
 from safetensors import safe_open
 
 import leanlora
-from conftest import randomize_adapters, tiny_bert, tiny_llama, token_batch
+from conftest import randomize_adapters, randomize_gates, tiny_bert, tiny_llama, token_batch
 from leanlora.export import ExportError
 
 peft = pytest.importorskip("peft")
 
 TARGETS = ("q_proj", "v_proj", "down_proj")
-
-
-def _gates_like_trained(model, seed):
-    """Random gate locations and diagonals, so that finalize keeps a different rank per module."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("log_alpha"):
-                p.copy_(torch.randn(p.shape, generator=g) * 3)
-            elif name.endswith(".E"):
-                p.copy_(torch.randn(p.shape, generator=g))
 
 
 def _adapted(kind: str, base=None):
@@ -48,7 +37,7 @@ def _adapted(kind: str, base=None):
         for i, (_, layer) in enumerate(leanlora.adapted_layers(model)):
             layer.prune_(1 + i % 4)     # per-module ranks: alpha/r differs per module
     elif kind in ("gated", "learned_bits"):
-        _gates_like_trained(model, seed=2)
+        randomize_gates(model, seed=2)
         leanlora.finalize(model)
     elif kind == "bank":
         with torch.no_grad():

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import leanlora
-from conftest import randomize_adapters, tiny_bert, tiny_llama, token_batch
+from conftest import randomize_adapters, randomize_gates, tiny_bert, tiny_llama, token_batch
 
 TARGETS = ("q_proj", "v_proj", "down_proj")
 
@@ -24,13 +24,7 @@ def _trained_like(seed=0, factors="dense", nested=True, diag=True, precision="le
         bank=leanlora.BankConfig(num_vectors=16, vector_length=16, topk=2), **kw)
     leanlora.inject(model, cfg)
     randomize_adapters(model, seed=seed)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("log_alpha"):
-                p.copy_(torch.randn(p.shape, generator=g) * 3)
-            elif name.endswith(".E"):
-                p.copy_(torch.randn(p.shape, generator=g))
+    randomize_gates(model, seed=seed)
     return model.eval()
 
 

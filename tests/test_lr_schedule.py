@@ -12,12 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import minilm_dir
 from leanlora.config import ConfigError
 from leanlora.train.loop import train
 from leanlora.train.lr_schedule import build_scheduler
 from leanlora.train.runconfig import TrainConfig, load_run_config
-from train_fixtures import Crash, classification_yaml, crash_after_saving, tiny_bert_dir
+from train_fixtures import Crash, crash_after_saving, resumable_run_yaml
 
 QUIET = dict(progress=False, log=lambda *_: None)
 
@@ -110,9 +109,7 @@ def test_a_wsd_schedule_longer_than_the_run_is_refused():
 
 @pytest.fixture(scope="module")
 def config(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("schedule")
-    return classification_yaml(root, tiny_bert_dir(root, minilm_dir()), max_steps=12, batch_size=8, save_every=4,
-                               eval_every=6, log_every=2, lr=1e-2)
+    return resumable_run_yaml(tmp_path_factory.mktemp("schedule"))
 
 
 def test_a_crashed_wsd_run_resumes_bit_exact(config, tmp_path, monkeypatch):

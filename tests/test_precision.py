@@ -10,12 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import minilm_dir
 from leanlora.config import ConfigError
 from leanlora.train.loop import train
 from leanlora.train.precision import optimizer_step, resolve_precision
 from leanlora.train.runconfig import TrainConfig, load_run_config
-from train_fixtures import Crash, classification_yaml, crash_after_saving, tiny_bert_dir
+from train_fixtures import Crash, crash_after_saving, resumable_run_yaml
 
 QUIET = dict(progress=False, log=lambda *_: None)
 CPU = torch.device("cpu")
@@ -66,9 +65,7 @@ def test_a_step_with_inf_gradients_is_skipped_and_the_scale_halved():
 
 @pytest.fixture(scope="module")
 def config(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("precision")
-    return classification_yaml(root, tiny_bert_dir(root, minilm_dir()), max_steps=12, batch_size=8, save_every=4,
-                               eval_every=6, log_every=2, lr=1e-2)
+    return resumable_run_yaml(tmp_path_factory.mktemp("precision"))
 
 
 def test_fp16_on_the_cpu_trains_and_resumes_with_its_scaler_bit_exact(config, tmp_path, monkeypatch):

@@ -99,6 +99,15 @@ def classification_yaml(root: Path, model_dir: Path, **train) -> Path:
     return path
 
 
+def resumable_run_yaml(root: Path) -> Path:
+    """A 12-step tiny-BERT run that checkpoints every 4 steps, evaluates at 6 and logs every 2: enough
+    checkpoints, evaluations and log steps for a crash-and-resume test."""
+    from conftest import minilm_dir
+
+    return classification_yaml(root, tiny_bert_dir(root, minilm_dir()), max_steps=12, batch_size=8, save_every=4,
+                               eval_every=6, log_every=2, lr=1e-2)
+
+
 class Crash(Exception):
     """A stand-in for a process killed right after a checkpoint was written."""
 
