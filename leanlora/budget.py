@@ -64,6 +64,10 @@ from leanlora import hardconcrete as hc
 from leanlora.config import ConfigError
 from leanlora.inject import adapted_layers, shared_state
 
+# The budget of ``adapter.budget: auto`` (the default) on a gated adapter. The bar it answers to
+# is B-LoRA's claim (arXiv:2406.13046): LoRA's quality at about 30 % of LoRA-16's BOPs. A quarter
+# leaves margin below that bar, and the controller lands within a few percent of its target.
+DEFAULT_BUDGET = 0.25
 ACT_BITS = 16
 LORA_BITS = 16
 # pinned gates: kept ones in [KEPT, KEPT + SPAN], closed ones in [CLOSED, CLOSED + SPAN], ordered by
@@ -376,10 +380,10 @@ class BudgetController:
         self.budget = float(budget)
         self.start_frac, self.end_frac, self.freeze_frac = schedule
         self.total: int | None = None
-        self.full: float | None = None     # C_0, the expected cost at the first step
-        self.lmbda = 0.0
+        self.full: float | torch.Tensor | None = None     # C_0, the expected cost at the first step
+        self.lmbda: float | torch.Tensor = 0.0
         self.target: float | None = None
-        self.cost: float | None = None     # expected cost at the last step
+        self.cost: float | torch.Tensor | None = None     # expected cost at the last step
         self.frozen = False
         self.final_cost: float | None = None
         self.pins: dict[str, torch.Tensor] | None = None
@@ -411,7 +415,11 @@ class BudgetController:
     # per step ---------------------------------------------------------------------------------
 
     def advance(self, model: nn.Module, step: int) -> None:
-        """Move to optimizer step ``step``: dual ascent, or the freeze, or re-pinning after it."""
+        """Move to optimizer step ``step``: dual ascent, or the freeze, or re-pinning after it.
+
+        C_0, λ and the cost stay 0-dim tensors on the gates' device, so a step costs no host sync;
+        they become numbers only in logs and checkpoints (restored as float32 tensors, so a resumed
+        run computes what an uninterrupted one does)."""
         s, e, freeze = self.steps()
         if self.frozen:
             apply_pins(gate_chains(model)[1], self.pins)  # undo what Adam's momentum moved since
@@ -420,12 +428,13 @@ class BudgetController:
             self.freeze(model)
             return
         with torch.no_grad():
-            self.cost = float(expected_cost(model))
-        if self.full is None:
-            self.full = self.cost
+            cost = expected_cost(model).detach().float()
+        self.cost = cost
+        self.full = cost if self.full is None else torch.as_tensor(self.full, dtype=cost.dtype).to(cost.device)
         self.target = self.target_at(step)
         if step >= s:
-            self.lmbda = max(0.0, self.lmbda + KAPPA * (self.cost - self.target) / self.budget / (e - s))
+            lmbda = torch.as_tensor(self.lmbda, dtype=cost.dtype).to(cost.device)
+            self.lmbda = torch.clamp(lmbda + KAPPA * (cost - self.target) / self.budget / (e - s), min=0.0)
 
     def freeze(self, model: nn.Module) -> None:
         done = project(model, self.budget)
@@ -435,7 +444,7 @@ class BudgetController:
     def penalty(self, model: nn.Module) -> torch.Tensor:
         """λ_t · (E[C] - target_t), the Lagrangian's term, for the loss; 0 (no graph) once frozen or
         while λ is 0. Its gradient is λ_t ∇E[C]; the target only keeps the logged loss readable."""
-        if self.frozen or self.lmbda == 0.0:
+        if self.frozen or (not isinstance(self.lmbda, torch.Tensor) and self.lmbda == 0.0):
             return torch.zeros((), device=next((p.device for p in model.parameters()), None))
         return self.lmbda * (expected_cost(model) - self.target)
 
@@ -444,33 +453,62 @@ class BudgetController:
     def state_dict(self) -> dict[str, Any]:
         """JSON-ready state: a resumed run continues exactly where this one stands."""
         pins = None if self.pins is None else {k: v.float().cpu().tolist() for k, v in self.pins.items()}
-        return {"budget": self.budget, "total": self.total, "full": self.full, "lmbda": self.lmbda,
-                "target": self.target, "cost": self.cost, "frozen": self.frozen,
+        return {"budget": self.budget, "total": self.total, "full": _number(self.full), "lmbda": _number(self.lmbda),
+                "target": _number(self.target), "cost": _number(self.cost), "frozen": self.frozen,
                 "final_cost": self.final_cost, "pins": pins}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key in ("total", "full", "lmbda", "target", "cost", "frozen", "final_cost"):
+        for key in ("total", "frozen", "final_cost"):
             setattr(self, key, state[key])
+        for key in ("full", "lmbda", "target", "cost"):  # tensors again, as advance keeps them
+            value = state[key]
+            setattr(self, key, value if value is None or self.frozen else torch.tensor(value, dtype=torch.float32))
         self.pins = None if state["pins"] is None else {k: torch.tensor(v) for k, v in state["pins"].items()}
+
+
+def _number(x: float | torch.Tensor | None) -> float | None:
+    return float(x) if isinstance(x, torch.Tensor) else x
 
 
 # --- the functions the loops call -------------------------------------------------------------
 
 
+def is_gated(config: Any) -> bool:
+    return getattr(config, "ranks", None) == "gated" or getattr(config, "precision", None) == "learned"
+
+
+def resolved(config: Any) -> float | None:
+    """The budget a training loop that calls :func:`start` applies: the configured fraction,
+    ``DEFAULT_BUDGET`` for "auto" on a gated adapter, else None."""
+    budget = getattr(config, "budget", None)
+    if budget == "auto":
+        return DEFAULT_BUDGET if is_gated(config) else None
+    return budget
+
+
 def controller(model: nn.Module) -> BudgetController | None:
-    """The model's budget controller, or None when the adapter has no budget."""
+    """The model's budget controller, or None when the adapter has no budget.
+
+    An explicit budget has its controller from the start (a loop that never calls :func:`start`
+    is told to); "auto" has one only once :func:`start` gave it the run's length, so a loop that
+    does not know its length trains with the gate prior alone."""
     shared = shared_state(model)
-    budget = getattr(shared.config, "budget", None)
-    if budget is None:
-        return None
     ctl = getattr(shared, "budget_controller", None)
-    if ctl is None:
+    budget = getattr(shared.config, "budget", None)
+    if ctl is None and isinstance(budget, (int, float)):
         ctl = shared.budget_controller = BudgetController(budget, shared.config.budget_schedule)
     return ctl
 
 
-def start(model: nn.Module, total_steps: int) -> None:
-    """Tell the budget controller how long the run is (no-op without a budget)."""
+def start(model: nn.Module, total_steps: int, auto: bool = True) -> None:
+    """Tell the budget controller how long the run is; with ``adapter.budget: auto`` on a gated
+    adapter this is what turns the default budget on (``auto=False`` leaves it off: settings the
+    controller does not support). No-op without a budget."""
+    config = shared_state(model).config
+    if getattr(config, "budget", None) == "auto" and auto and resolved(config) is not None:
+        shared = shared_state(model)
+        if getattr(shared, "budget_controller", None) is None:
+            shared.budget_controller = BudgetController(DEFAULT_BUDGET, config.budget_schedule)
     ctl = controller(model)
     if ctl is None:
         return
@@ -479,14 +517,23 @@ def start(model: nn.Module, total_steps: int) -> None:
     ctl.total = int(total_steps)
 
 
-def check_run(budget: float | None, distributed: str, cuda_graph: bool = False) -> None:
-    """Refuse settings the controller does not support, naming them."""
-    if budget is not None and cuda_graph:
+def supported(distributed: str, cuda_graph: bool = False) -> bool:
+    """Whether the controller can run under these settings (see :func:`check_run`)."""
+    return not cuda_graph and distributed != "fsdp2"
+
+
+def check_run(budget: float | str | None, distributed: str, cuda_graph: bool = False) -> None:
+    """Refuse an explicit budget under settings the controller does not support, naming them
+    ("auto" steps aside there: the loop passes ``auto=False`` to :func:`start`)."""
+    if not isinstance(budget, (int, float)):
+        return
+    if cuda_graph:
         raise ConfigError("adapter.budget is not supported with train.cuda_graph=true (λ changes every step and a "
-                          "captured step would replay the first one); set train.cuda_graph=false")
-    if budget is not None and distributed == "fsdp2":
+                          "captured step would replay the first one); set train.cuda_graph=false, or adapter.budget=off for the "
+                          "plain gate prior")
+    if distributed == "fsdp2":
         raise ConfigError("adapter.budget is not supported with train.distributed='fsdp2' (the expected cost needs "
-                          "whole gate tensors); use 'ddp' or 'none'")
+                          "whole gate tensors); use 'ddp' or 'none', or adapter.budget=off for the plain gate prior")
 
 
 def summary(model: nn.Module) -> dict[str, float]:
@@ -497,7 +544,8 @@ def summary(model: nn.Module) -> dict[str, float]:
     if ctl.cost is None:
         with torch.no_grad():
             ctl.cost = float(expected_cost(model))
-    return {"cost": ctl.cost, "target": ctl.target if ctl.target is not None else ctl.cost, "lambda": ctl.lmbda}
+    cost = _number(ctl.cost)
+    return {"cost": cost, "target": cost if ctl.target is None else _number(ctl.target), "lambda": _number(ctl.lmbda)}
 
 
 def structure_ready(model: nn.Module) -> bool:
@@ -514,9 +562,9 @@ def cost_summary(model: nn.Module) -> dict[str, Any]:
     out = {"bops": t["bops"], "bops_lora16": t["lora_bops"], "bops_vs_lora16": t["bops_vs_lora"],
            "bytes": t["stored_bytes"], "adapter_bytes": t["adapter_bytes"], "mean_rank": t["mean_rank"],
            "mean_bits_a": t["mean_bits_a"], "mean_bits_b": t["mean_bits_b"]}
-    budget = getattr(shared_state(model).config, "budget", None)
-    if budget is not None:
-        out["budget"] = budget
+    ctl = controller(model)
+    if ctl is not None:
+        out["budget"] = ctl.budget
     return out
 
 

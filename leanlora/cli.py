@@ -214,8 +214,9 @@ def _sweep_budgets(args, run, model, eval_fn, metric: str) -> int:
         budgets = [float(b) for b in (args.budgets or DEFAULT_BUDGETS).split(",")]
     except ValueError:
         raise CLIError(f"--budgets {args.budgets!r}: expected comma-separated fractions such as 0.05,0.1,0.2") from None
-    if run.adapter.budget is not None and not args.budgets:
-        budgets.append(run.adapter.budget)  # the trained point, for reference
+    trained = leanlora.budget.resolved(run.adapter)
+    if trained is not None and not args.budgets:
+        budgets.append(trained)  # the trained point, for reference
     bad = [b for b in budgets if not 0.0 < b <= 1.0]
     if bad:
         raise CLIError(f"--budgets: {bad[0]!r} is invalid: each budget is a fraction of LoRA-16 BOPs in (0, 1]")

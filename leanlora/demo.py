@@ -19,6 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from leanlora import budget
 from leanlora.config import AdapterConfig
 from leanlora.train.runconfig import DataConfig, ModelConfig, RunConfig, TrainConfig
 from leanlora.train.tasks import boolq_data, glue_data
@@ -73,7 +74,7 @@ def run_demo(data: str | None = None, out: str | None = None, method: str = "blo
     print(f"leanlora demo: {method} on MiniLM-L6 ({run.model.path}), {source}: "
           f"{run.data.max_train_examples} train / {run.data.max_eval_examples} held-out examples, "
           f"max {run.data.max_length} tokens, {run.train.epochs} epoch(s)"
-          + (f", budget {run.adapter.budget:g} of LoRA-16 BOPs" if run.adapter.budget is not None else ""))
+          + (f", budget {budget.resolved(run.adapter):g} of LoRA-16 BOPs" if budget.resolved(run.adapter) is not None else ""))
     start = time.time()
     with tempfile.TemporaryDirectory(prefix="leanlora-demo-") as tmp:
         run_dir = Path(out) if out else Path(tmp)

@@ -401,8 +401,9 @@ class Vectorizer:
             stacks = self._stack(self._regroup(layers))
         group_priors, covered = [], frozenset()
         # with adapter.budget the loss prices the expected cost instead (leanlora.budget): no prior here
-        config = getattr(getattr(model, "leanlora_shared", None), "config", None)
-        budgeted = getattr(config, "budget", None) is not None
+        from leanlora.budget import controller  # budget imports inject, which imports this module
+
+        budgeted = getattr(model, "leanlora_shared", None) is not None and controller(model) is not None
         for group, stacked in zip(self._groups, stacks):
             if stacked is None:
                 continue

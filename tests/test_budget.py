@@ -236,3 +236,62 @@ def test_a_gated_run_without_a_budget_can_be_swept(config, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "| budget |" in text and "chosen budget" in text
     assert main(["sweep", str(out), "--budgets", "0,0.5"]) == 2
+
+
+# --- the default: budget "auto" --------------------------------------------------------------
+
+
+def test_auto_is_the_default_and_becomes_the_default_budget_once_the_run_length_is_known():
+    model = gated_bert()
+    assert AdapterConfig(**GATED).budget == "auto" and bud.resolved(AdapterConfig(**GATED)) == bud.DEFAULT_BUDGET
+    assert bud.controller(model) is None                   # a loop that never says its length: the prior alone
+    leanlora.advance(model, 0)                              # ... trains as published, no error
+    bud.start(model, 100)
+    ctl = bud.controller(model)
+    assert ctl is not None and ctl.budget == bud.DEFAULT_BUDGET and ctl.total == 100
+
+
+def test_auto_on_an_adapter_with_nothing_to_gate_is_no_budget():
+    config = AdapterConfig(target_modules=("query",))
+    assert config.budget == "auto" and bud.resolved(config) is None
+    model = leanlora.inject(tiny_bert(seed=0), config)
+    bud.start(model, 100)
+    assert bud.controller(model) is None
+
+
+@pytest.mark.parametrize("off", ["off", None])
+def test_off_means_the_gate_prior_alone(off):
+    model = gated_bert(budget=off)
+    assert model.leanlora_shared.config.budget is None
+    bud.start(model, 100)
+    assert bud.controller(model) is None
+
+
+def test_an_explicit_budget_needs_the_run_length_and_says_how():
+    model = gated_bert(budget=0.3)
+    with pytest.raises(RuntimeError, match=r"leanlora\.budget\.start\(model, total_steps\)"):
+        leanlora.advance(model, 0)
+
+
+def test_auto_steps_aside_where_the_controller_cannot_run_but_an_explicit_budget_is_refused():
+    bud.check_run("auto", "fsdp2", False)                   # auto: no error, the loop starts it with auto=False
+    model = gated_bert()
+    bud.start(model, 100, auto=bud.supported("fsdp2"))
+    assert bud.controller(model) is None
+    with pytest.raises(ConfigError, match="adapter.budget=off"):
+        bud.check_run(0.25, "fsdp2", False)
+    with pytest.raises(ConfigError, match="adapter.budget=off"):
+        bud.check_run(0.25, "none", True)
+
+
+def test_the_controller_reads_nothing_back_from_the_device_between_log_steps():
+    model = gated_bert()
+    bud.start(model, 40)
+    ctl = bud.controller(model)
+    for step in range(12):                                  # through the ramp's start (step 4)
+        leanlora.advance(model, step)
+    assert isinstance(ctl.lmbda, torch.Tensor) and isinstance(ctl.cost, torch.Tensor)
+    state = json.loads(json.dumps(ctl.state_dict()))        # numbers in a checkpoint, tensors again after it
+    again = bud.BudgetController(ctl.budget, (0.1, 0.5, 0.7))
+    again.load_state_dict(state)
+    assert isinstance(again.lmbda, torch.Tensor) and float(again.lmbda) == float(ctl.lmbda)

@@ -163,6 +163,10 @@ def test_the_loss_is_read_back_once_per_optimizer_step(config, tmp_path, adapter
                     readers["log records (log steps)"] += 1
                 elif any(f.name == "cost_summary" for f in frames):
                     readers["cost of the final adapter (metrics.json)"] += 1
+                elif any(f.name == "freeze" and f.filename.endswith("budget.py") for f in frames):
+                    readers["the budget's freeze (once a run)"] += 1
+                elif any(f.name == "save_checkpoint" for f in frames) and files[-1].endswith("budget.py"):
+                    readers["the budget's state in a checkpoint"] += 1
                 elif files[-1].startswith(package):
                     readers[Path(files[-1]).relative_to(package).as_posix()] += 1
                 else:  # Adam's CPU step counters, transformers' check for padding
@@ -183,4 +187,5 @@ def test_the_loss_is_read_back_once_per_optimizer_step(config, tmp_path, adapter
     assert readers["finite.py"] <= 1, readers
     assert set(readers) <= {"train/loop.py", "train/finite.py", "finite.py", "log records (log steps)",
                             "torch or transformers", "flat_adamw.py",
-                            "cost of the final adapter (metrics.json)"}, readers
+                            "cost of the final adapter (metrics.json)", "the budget's freeze (once a run)",
+                            "the budget's state in a checkpoint"}, readers

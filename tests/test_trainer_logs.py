@@ -52,7 +52,8 @@ def test_tensorboard_and_every_callback_get_the_adapter_keys(tmp_path):
 
 
 def test_no_budget_no_budget_key(tmp_path):
-    trainer = cb.LeanLoraTrainer(model=gated_model(), args=arguments(tmp_path, max_steps=1), train_dataset=Rows())
+    trainer = cb.LeanLoraTrainer(model=gated_model(config=gated_config(budget="off")), args=arguments(tmp_path, max_steps=1),
+                                 train_dataset=Rows())
     trainer.train()
     logged = [h for h in trainer.state.log_history if "loss" in h]
     assert logged and "leanlora/budget" not in logged[0] and "leanlora/bops" in logged[0]

@@ -47,7 +47,7 @@ def test_sft_trainer_recipe(tmp_path):
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
     # --- the README's recipe -------------------------------------------------------------------
     leanlora.inject(model, leanlora.AdapterConfig(target_modules=("q_proj", "v_proj"), r=4,
-                                                  ranks="gated", precision="learned"))
+                                                  ranks="gated", precision="learned", budget="off"))
     chats = Dataset.from_list([{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
                                for q, a in CHATS * 2])
     args = SFTConfig(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2, learning_rate=1e-2,

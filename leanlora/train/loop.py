@@ -164,7 +164,11 @@ def train(run: RunConfig | None, run_dir: str | Path, *, resume: bool = False, p
     micro_per_epoch = math.ceil(n / tc.batch_size)
     steps_per_epoch = math.ceil(micro_per_epoch / tc.grad_accum)
     total = tc.max_steps or tc.epochs * steps_per_epoch
-    budget.start(model, total)  # the budget's schedule is in fractions of the run
+    # the budget's schedule is in fractions of the run; "auto" steps aside where it cannot run
+    budget.start(model, total, auto=budget.supported(tc.distributed, tc.cuda_graph))
+    if budget.resolved(run.adapter) is not None and budget.controller(model) is None:
+        log(f"adapter.budget=auto: no budget with train.distributed={tc.distributed!r} / cuda_graph={tc.cuda_graph}; "
+            "the gates follow their prior alone")
     optimizer = adamw(leanlora.param_groups(model, tc.lr, tc.weight_decay), lr=tc.lr)
     check_trainable_dtype(precision, optimizer)
     scheduler = build_scheduler(optimizer, tc, total, log)

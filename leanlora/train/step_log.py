@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from leanlora.cost import cost_report
-from leanlora.inject import shared_state
+from leanlora import budget
 from leanlora.summary import gate_summary
 
 
@@ -34,16 +34,16 @@ def adapter_values(model: nn.Module) -> dict[str, float]:
     ``leanlora/bytes_vs_lora16``: the adapter's BOPs as :func:`leanlora.cost_report` counts them
     now (what finalize would keep), and its BOPs and stored bytes as fractions of a 16-bit LoRA of
     the same shape (the unit of ``adapter.budget``); ``leanlora/budget``: that target, when the
-    config sets one.
+    run has one.
     """
     values = {f"leanlora/{k}": round(v, 4) for k, v in gate_summary(model).items()}
     total = cost_report(model).total
     values["leanlora/bops"] = float(total["bops"])
     values["leanlora/bops_vs_lora16"] = round(float(total["bops_vs_lora"]), 6)
     values["leanlora/bytes_vs_lora16"] = round(float(total["bytes_vs_lora"]), 6)
-    budget = getattr(shared_state(model).config, "budget", None)  # None where the config has none
-    if isinstance(budget, (int, float)) and not isinstance(budget, bool):
-        values["leanlora/budget"] = float(budget)
+    ctl = budget.controller(model)
+    if ctl is not None:
+        values["leanlora/budget"] = ctl.budget
     return values
 
 
