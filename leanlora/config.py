@@ -85,10 +85,14 @@ def check_field_types(obj: Any, prefix: str) -> None:
 class BankConfig:
     """VB-LoRA vector bank (used when ``factors="bank"``)."""
 
-    num_vectors: int = 256
-    """h: vectors in the one bank shared by every adapted module (paper GLUE: 90)."""
-    vector_length: int = 64
-    """b: length of each bank vector; must divide every adapted in/out dimension (paper: 256)."""
+    num_vectors: int = 90
+    """h: vectors in the one bank shared by every adapted module. 90 is VB-LoRA's GLUE setting
+    (arXiv:2405.15179), which keeps a small encoder's stored adapter near 5 % of LoRA's bytes; the
+    paper's Llama 2 runs used 2048, the size to start from on billion-parameter models."""
+    vector_length: int | Literal["auto"] = "auto"
+    """b: length of each bank vector; must divide every adapted in/out dimension. "auto": the
+    longest of 256, 128, 64, 32, 16, 8 that divides them all, found at injection (each sub-vector
+    stores k indices and weights, so longer vectors mean fewer stored entries; paper: 256)."""
     topk: int = 2
     """k: bank vectors mixed per sub-vector (paper: 2)."""
     logits_init_std: float = 0.01
@@ -109,7 +113,8 @@ class BankConfig:
     def __post_init__(self) -> None:
         check_field_types(self, "bank.")
         _require(self.num_vectors >= 1, "bank.num_vectors", self.num_vectors, "must be >= 1")
-        _require(self.vector_length >= 1, "bank.vector_length", self.vector_length, "must be >= 1")
+        _require(self.vector_length == "auto" or (_is_int(self.vector_length) and self.vector_length >= 1),
+                 "bank.vector_length", self.vector_length, "must be an integer >= 1 or 'auto'")
         _require(1 <= self.topk <= self.num_vectors, "bank.topk", self.topk,
                  f"must be in [1, bank.num_vectors={self.num_vectors}]")
         _require(self.logits_init_std > 0, "bank.logits_init_std", self.logits_init_std, "must be > 0")
@@ -134,14 +139,15 @@ class NestedConfig:
     """geometric only: p(b) ∝ decay^(b - r_min), so rank r_min is drawn most often."""
     seed: int = 0
     """seed of the rank draws: b at step t depends only on (seed, t), the same in every process."""
-    scale: Literal["sampled", "max"] = "sampled"
+    scale: Literal["sampled", "max", "sqrt"] = "sampled"
     """the update's scale at rank b: alpha / b at the sampled b ("sampled", DyLoRA) or alpha / r at
     every b ("max"). alpha / b stays the default: with alpha / r the small ranks, which are the point
     of nested ranks, get an update r/b times smaller than the steps that trained them and a short
     run leaves rank 1 near chance, while alpha / b keeps every rank close to the full one."""
 
     def __post_init__(self) -> None:
-        _require(self.scale in ("max", "sampled"), "nested.scale", self.scale, "allowed: 'max', 'sampled'")
+        _require(self.scale in ("max", "sampled", "sqrt"), "nested.scale", self.scale,
+                 "allowed: 'max', 'sampled', 'sqrt'")
         check_field_types(self, "nested.")
         _require(self.r_min >= 1, "nested.r_min", self.r_min, "must be >= 1")
         _require(self.distribution in ("uniform", "geometric"), "nested.distribution",
@@ -269,10 +275,14 @@ class AdapterConfig:
     lora_dropout: InitVar[float | None] = None
     """PEFT's name of ``dropout`` (not stored: it sets dropout)."""
     ALIASES: ClassVar[dict[str, str]] = PEFT_ALIASES
-    budget: float | None = None
+    budget: float | Literal["auto", "off"] | None = "auto"
     """target BOPs of the finalized adapter as a fraction of a plain LoRA of the same modules and r
     with 16-bit factors, in (0, 1]; needs ranks="gated" or precision="learned". A controller
-    drives the gates there and replaces the λ-weighted prior (:mod:`leanlora.budget`). None: no budget."""
+    drives the gates there and replaces the λ-weighted prior (:mod:`leanlora.budget`).
+    "auto" (the default): ``DEFAULT_BUDGET`` in every loop that knows the run's length and tells
+    the controller (``leanlora train``, ``LeanLoraTrainer``, a loop that calls
+    ``leanlora.budget.start``) when something is gated; otherwise no budget. "off" or None: no
+    budget, the gates follow the λ-weighted prior alone (B-LoRA as published)."""
     budget_schedule: tuple[float, float, float] = (0.1, 0.5, 0.7)
     """fractions of the run where the budget's target starts to fall, reaches the budget, and
     where the gates are frozen to the final structure (the rest fine-tunes the factors)."""
@@ -367,15 +377,19 @@ def _as_regex(entry: str) -> str:
     return "(.*\\.)?" + re.escape(entry).replace("\\*", "[^.]*").replace("\\?", "[^.]")
 
 
+
+
 def _check_budget(c: "AdapterConfig") -> None:
     s = tuple(c.budget_schedule)
     _require(len(s) == 3 and all(isinstance(v, (int, float)) for v in s) and 0 <= s[0] < s[1] <= s[2] <= 1,
              "adapter.budget_schedule", c.budget_schedule, "must be three fractions start < reach <= freeze in [0, 1]")
     object.__setattr__(c, "budget_schedule", tuple(float(v) for v in s))
-    if c.budget is None:
+    if c.budget == "off":
+        object.__setattr__(c, "budget", None)
+    if c.budget is None or c.budget == "auto":
         return
     _require(isinstance(c.budget, (int, float)) and not isinstance(c.budget, bool) and 0 < c.budget <= 1,
-             "adapter.budget", c.budget, "must be a fraction of LoRA-16 BOPs in (0, 1]")
+             "adapter.budget", c.budget, "must be a fraction of LoRA-16 BOPs in (0, 1], 'auto' or 'off'")
     _require(c.ranks == "gated" or c.precision == "learned", "adapter.budget", c.budget,
              f"needs something to gate: adapter.ranks='gated' or adapter.precision='learned' "
              f"(this adapter has ranks={c.ranks!r}, precision={c.precision!r})")

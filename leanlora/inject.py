@@ -8,6 +8,7 @@ layer but the output layer and a classifier head.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Iterator
 
 import torch
@@ -44,6 +45,24 @@ def _check_shape(name: str, module: nn.Module, config: AdapterConfig) -> None:
             check_nf4_shape(name, in_f, out_f, config.nf4)
 
 
+AUTO_VECTOR_LENGTHS = (256, 128, 64, 32, 16, 8)
+
+
+def resolve_vector_length(config: AdapterConfig, shapes: dict[str, tuple[int, int]]) -> AdapterConfig:
+    """``bank.vector_length: auto`` made concrete: the longest of ``AUTO_VECTOR_LENGTHS`` that
+    divides every adapted in/out dimension (the saved config then records the number)."""
+    if config.factors != "bank" or config.bank.vector_length != "auto":
+        return config
+    dims = {d for shape in shapes.values() for d in shape}
+    fits = [n for n in AUTO_VECTOR_LENGTHS if all(d % n == 0 for d in dims)]
+    if not fits:
+        odd = next(name for name, shape in shapes.items() if any(d % AUTO_VECTOR_LENGTHS[-1] for d in shape))
+        raise ConfigError(f"bank.vector_length=auto: no length in {list(AUTO_VECTOR_LENGTHS)} divides every adapted "
+                          f"dimension (module {odd!r} is {shapes[odd][0]}->{shapes[odd][1]}); set bank.vector_length "
+                          "to a common divisor of the adapted dimensions")
+    return dataclasses.replace(config, bank=dataclasses.replace(config.bank, vector_length=fits[0]))
+
+
 def inject(model: nn.Module, config: AdapterConfig, *, filter_fn: FilterFn | None = None,
            quantize_base: bool = True) -> nn.Module:
     """Wrap the target linear layers of ``model`` in place, freeze everything else, return ``model``.
@@ -57,6 +76,7 @@ def inject(model: nn.Module, config: AdapterConfig, *, filter_fn: FilterFn | Non
         raise InjectError(f"{type(model).__name__} already holds leanlora adapters; call leanlora.unload(model) first")
     targets = find_targets(model, config, filter_fn)
     modules = dict(model.named_modules())
+    config = resolve_vector_length(config, {name: linear_shape(modules[name]) for name in targets})
     for name in targets:
         _check_shape(name, modules[name], config)
     save_names = find_modules_to_save(model, config)

@@ -345,3 +345,28 @@ def test_bank_trains_and_topk_roundtrips_with_other_axes(ranks, precision, base,
         torch.testing.assert_close(reloaded[name].delta_weight(), layer.delta_weight(), rtol=1e-5, atol=1e-6)
     # the tiny random Llama amplifies that rounding ~100x by the logits
     torch.testing.assert_close(out(loaded), out(model), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dims, expected", [((384, 1536), 128), ((576, 1536, 192), 64), ((4096, 11008), 256)])
+def test_auto_vector_length_is_the_longest_that_divides_every_adapted_dimension(dims, expected):
+    from leanlora.inject import resolve_vector_length
+
+    config = leanlora.AdapterConfig(factors="bank")
+    shapes = {f"m{i}": (d, dims[0]) for i, d in enumerate(dims)}
+    assert config.bank.vector_length == "auto"
+    assert resolve_vector_length(config, shapes).bank.vector_length == expected
+
+
+def test_auto_vector_length_without_a_common_length_names_the_module():
+    from leanlora.inject import resolve_vector_length
+
+    with pytest.raises(leanlora.ConfigError, match=r"no length .* divides every adapted dimension \(module 'odd' is 36->20\)"):
+        resolve_vector_length(leanlora.AdapterConfig(factors="bank"), {"ok": (64, 64), "odd": (36, 20)})
+
+
+def test_the_saved_config_records_the_resolved_vector_length(tmp_path):
+    model = leanlora.inject(tiny_llama(seed=0), leanlora.AdapterConfig(target_modules=("q_proj", "v_proj"), r=4, factors="bank"))
+    assert model.leanlora_shared.config.bank.vector_length != "auto"
+    leanlora.save(model, tmp_path)
+    saved = json.loads((tmp_path / "leanlora_config.json").read_text())
+    assert isinstance(saved["adapter"]["bank"]["vector_length"], int)

@@ -103,7 +103,7 @@ class RankSampler(nn.Module):
                 f"step={self.step}, b={self.current}")
 
 
-SCALES = ("max", "sampled")
+SCALES = ("max", "sampled", "sqrt")
 
 
 class NestedRanks(nn.Module):
@@ -148,7 +148,10 @@ class NestedRanks(nn.Module):
         return a[:b], b_mat[:, :b], None, self.scale_at(b)  # (b, in), (out, b)
 
     def scale_at(self, b: int | torch.Tensor) -> float | torch.Tensor:
-        """The update's scale at rank b: alpha / b, or alpha / r with ``scale="max"``."""
+        """The update's scale at rank b: alpha / b, alpha / r with ``scale="max"``, or their geometric
+        mean alpha / sqrt(b r) with ``scale="sqrt"``."""
+        if self.scale_mode == "sqrt":
+            return (lora_scale(self.alpha, b, self.rslora) * lora_scale(self.alpha, self.max_rank, self.rslora)) ** 0.5
         return lora_scale(self.alpha, b if self.scale_mode == "sampled" else self.max_rank, self.rslora)
 
     def _masked(self, a: torch.Tensor, b_mat: torch.Tensor, rank: torch.Tensor):
