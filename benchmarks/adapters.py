@@ -55,7 +55,17 @@ METHODS = {
     "lean_dylora": Method("leanlora DyLoRA (nested)", "leanlora", axes=("nested",)),
     "lean_qdylora": Method("leanlora QDyLoRA (nf4 + nested)", "leanlora", axes=("nf4", "nested")),
     "lean_vblora": Method("leanlora VB-LoRA (bank)", "leanlora", axes=("bank",)),
-    "lean_blora": Method("leanlora B-LoRA (gated + learned bits)", "leanlora", axes=("gated", "learned")),
+    "lean_blora": Method("leanlora B-LoRA (gated + learned bits, default budget)", "leanlora", axes=("gated", "learned")),
+    "lean_blora_b10": Method("leanlora B-LoRA, budget 0.1", "leanlora", axes=("gated", "learned"),
+                             overrides={"budget": 0.1}),
+    "lean_blora_prior": Method("leanlora B-LoRA, prior only (budget off)", "leanlora", axes=("gated", "learned"),
+                               overrides={"budget": "off"}),
+    "lean_vblora_90": Method("leanlora VB-LoRA, bank 90 x 128", "leanlora", axes=("bank",),
+                             overrides={"bank": {"num_vectors": 90, "vector_length": 128}}),
+    "lean_qdylora_max": Method("leanlora QDyLoRA, scale alpha/r", "leanlora", axes=("nf4", "nested"),
+                               overrides={"nested": {"scale": "max"}}),
+    "lean_qdylora_sqrt": Method("leanlora QDyLoRA, scale alpha/sqrt(b r)", "leanlora", axes=("nf4", "nested"),
+                                overrides={"nested": {"scale": "sqrt"}}),
     # Gate locations start at 6.0 and close below about -0.94: ~7 units of travel, at about
     # gate_lr per Adam step, halved on average by the linear decay. The default 1e-2 needs ~1,400
     # steps; runs of a few hundred steps need ~5e-2 for the prior to act at all.
@@ -108,6 +118,7 @@ def leanlora_config(method: Method, shape: Shape):
                               modules_to_save=shape.modules_to_save, adapter_dtype=shape.adapter_dtype)
     if "bank" in method.axes:
         kw["factors"] = "bank"
+    if "bank" in method.axes and shape.bank_vectors:  # 0: the library's default bank
         kw["bank"] = leanlora.BankConfig(num_vectors=shape.bank_vectors, vector_length=shape.bank_length,
                                          topk=shape.topk)
     if "nested" in method.axes:

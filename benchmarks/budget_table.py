@@ -47,7 +47,7 @@ def run_config(args, steps: int, gate_lr: float | None):
                                 gated=GatedConfig(gate_lr=gate_lr))
     data = glue_data(Path(args.glue) / "SST-2", max_length=args.max_length)
     train = TrainConfig(seed=args.seed, max_steps=steps, batch_size=args.batch_size, lr=args.lr, eval_batch_size=64,
-                        log_every=max(1, steps // 20), num_threads=args.threads, device="cpu")
+                        log_every=max(1, steps // 20), num_threads=args.threads, device=args.device)
     return RunConfig(model=ModelConfig(path=args.model), data=data, adapter=adapter, train=train)
 
 
@@ -64,7 +64,7 @@ def one_run(args, steps: int, gate_lr: float | None) -> dict:
            "budget": None if gate_lr is None else args.budget, "accuracy": metrics["best_metrics"].get("accuracy"),
            "bops_vs_lora16": cost["bops_vs_lora16"], "mean_rank": cost["mean_rank"],
            "mean_bits_a": cost["mean_bits_a"], "mean_bits_b": cost["mean_bits_b"], "bytes": cost["bytes"],
-           "seconds": round(time.time() - start, 1), "max_length": args.max_length, "seed": args.seed}
+           "seconds": round(time.time() - start, 1), "max_length": args.max_length, "seed": args.seed, "device": args.device}
     if gate_lr is not None:
         row["relative_error"] = cost["bops_vs_lora16"] / args.budget - 1.0
     return row
@@ -96,6 +96,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-length", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, or auto")
     ap.add_argument("--out", help="JSONL file the rows are appended to")
     ap.add_argument("--table", help="print the markdown table of this JSONL file and exit")
     args = ap.parse_args(argv)

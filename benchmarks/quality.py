@@ -62,8 +62,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--r", type=int, default=8)
     ap.add_argument("--max-len", type=int, default=128)
-    ap.add_argument("--bank-vectors", type=int, default=90, help="VB-LoRA h (paper GLUE: 90)")
-    ap.add_argument("--bank-length", type=int, default=128, help="VB-LoRA b; must divide 384 and 1536")
+    ap.add_argument("--bank-vectors", type=int, default=0, help="VB-LoRA h (0: leanlora's default; paper GLUE: 90)")
+    ap.add_argument("--bank-length", type=int, default=0,
+                    help="VB-LoRA b; must divide 384 and 1536 (0: leanlora's default)")
     ap.add_argument("--workers", type=int, default=1, help="jobs run at once on the one device")
     ap.add_argument("--budget-s", type=float, default=0.0,
                     help="a worker starts no new job after this many seconds (0: no limit); jobs run seed-major")
@@ -171,6 +172,10 @@ def lean_cost(model, method) -> dict:
     return out
 
 
+def lean_name(name: str) -> bool:
+    return METHODS[name].library == "leanlora"
+
+
 def run_job(args, task: str, name: str, seed: int, data_cache: dict) -> dict:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -200,13 +205,15 @@ def run_job(args, task: str, name: str, seed: int, data_cache: dict) -> dict:
         train["labels"] = train["labels"].float()
     else:
         train["labels"] = train["labels"].long()
-    shape = Shape(targets=TARGETS, r=args.r, alpha=2.0 * args.r, bank_vectors=args.bank_vectors,
-                  bank_length=args.bank_length, topk=2, adalora_target_r=args.r // 2,
+    import leanlora
+
+    bank_default = leanlora.BankConfig()  # PEFT's VB-LoRA row gets the same bank as leanlora's default
+    shape = Shape(targets=TARGETS, r=args.r, alpha=2.0 * args.r,
+                  bank_vectors=args.bank_vectors or (0 if lean_name(name) else bank_default.num_vectors),
+                  bank_length=args.bank_length or bank_default.vector_length, topk=2, adalora_target_r=args.r // 2,
                   total_step=n_steps, modules_to_save=("classifier",))
     model, groups, hook = apply(method, model, shape, "SEQ_CLS", torch.float32, lr=args.lr)
     if method.kind == "vblora":  # leanlora's bank / logits learning rates (BankConfig defaults), by name
-        import leanlora
-
         bank_cfg = leanlora.BankConfig()
         bank = [p for n, p in model.named_parameters() if p.requires_grad and "vector_bank" in n]
         logits = [p for n, p in model.named_parameters() if p.requires_grad and "logits" in n]
@@ -219,12 +226,12 @@ def run_job(args, task: str, name: str, seed: int, data_cache: dict) -> dict:
     warm = max(1, n_steps // 16)
     res["trainable"] = trainable_count(model)
     lean = method.library == "leanlora"
-    import leanlora
-
     g = torch.Generator(device="cpu").manual_seed(seed)
     n = train["labels"].shape[0]
     perm, pos = torch.randperm(n, generator=g), 0
     model.train()
+    if lean:
+        leanlora.budget.start(model, n_steps)  # a budget's schedule is in fractions of the run
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
