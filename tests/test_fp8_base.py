@@ -139,7 +139,8 @@ def test_base_module_bias_leading_dims_and_dtype_moves():
 
 def _config(factors="dense", ranks="fixed", precision="float", **kw):
     kw.setdefault("target_modules", ALL_PROJ)
-    return leanlora.AdapterConfig(r=4, alpha=8, factors=factors, ranks=ranks, precision=precision, base="fp8",
+    kw.setdefault("r", 4)
+    return leanlora.AdapterConfig(alpha=8, factors=factors, ranks=ranks, precision=precision, base="fp8",
                                   bank=leanlora.BankConfig(num_vectors=16, vector_length=16, topk=2), **kw)
 
 
@@ -252,3 +253,45 @@ def test_compiles_whole_and_gives_the_eager_values(fast):
     y_eager = base(x_eager)
     y_eager.float().square().sum().backward()
     assert torch.equal(y, y_eager) and torch.equal(x.grad, x_eager.grad)
+
+
+FP8_GPU = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
+
+
+@pytest.mark.skipif(not FP8_GPU, reason="needs a CUDA GPU of compute capability 8.9+ (float8 GEMMs)")
+def test_cuda_scaled_mm_path_and_inductor_compiled_layers():
+    """On the GPU the base takes torch._scaled_mm; its values match the fp32 fallback to bf16
+    rounding, and a model whose decoder layers are compiled by inductor trains like the eager one."""
+    from leanlora.train.compiled import CompiledRegions
+
+    x, w = data(m=256, k=512, n=384)
+    base = FP8Base(w.cuda(), None)
+    assert base.fast
+    xb = x.cuda().bfloat16().requires_grad_()
+    y = base(xb)
+    y.float().square().sum().backward()
+    fast_grad = _grad_of(xb)
+    base.fast = False
+    y_ref = base(xb)
+    y_ref.float().square().sum().backward()
+    torch.testing.assert_close(y.float(), y_ref.float(), rtol=2 ** -7, atol=1e-2)
+    torch.testing.assert_close(fast_grad.float(), xb.grad.float(), rtol=2 ** -6, atol=1e-2)
+
+    losses = {}
+    for compiled in (False, True):
+        model = tiny_llama(hidden_size=256, intermediate_size=512).cuda().to(torch.bfloat16)
+        leanlora.inject(model, _config(r=8))
+        randomize_adapters(model)
+        model.train()
+        if compiled:
+            CompiledRegions(model)
+        ids = token_batch(batch=4, seq=64).cuda()
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        losses[compiled] = float(loss)
+    assert abs(losses[True] - losses[False]) < 2e-2 * abs(losses[False])
+
+
+def _grad_of(t):
+    g, t.grad = t.grad, None
+    return g
