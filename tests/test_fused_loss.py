@@ -67,20 +67,26 @@ def _lm_batch():
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def test_hidden_state_path_gives_the_plain_task_loss_and_adapter_gradients():
+@pytest.mark.parametrize("axes", [{}, {"ranks": "gated", "precision": "learned", "vectorize": "always"}],
+                         ids=["lora", "blora-grouped"])
+def test_hidden_state_path_gives_the_plain_task_loss_and_adapter_gradients(axes):
     """The task's plain loss (logits, shift, ignore -100) and the chunked path through the body and
-    lm_head weight agree to float64 rounding, loss and every adapter gradient."""
+    lm_head weight agree to float64 rounding, loss and every adapter gradient. B-LoRA's grouped
+    pieces (a forward pre-hook of the root, which calling the body skips) are computed all the same."""
     model = tiny_llama().double()
-    leanlora.inject(model, leanlora.AdapterConfig(target_modules=ALL_PROJ, r=4))
+    leanlora.inject(model, leanlora.AdapterConfig(target_modules=ALL_PROJ, r=4, **axes))
     randomize_adapters(model)
     model.train()
+    layer = model.model.layers[0].mlp.up_proj
     task = object.__new__(CausalLMTask)         # the loss needs no data or tokenizer
     params = [p for _, p in leanlora.trainable_parameters(model)]
     batch = _lm_batch()
     results = {}
     for how in ("off", "chunked"):
         task.fused_loss = how
-        loss = task.loss(model, batch)
+        torch.manual_seed(0)                    # the same gate noise in both
+        loss = task.loss(model, batch) + leanlora.regularizer(model)
+        assert (layer.pieces is not None) == bool(axes)
         loss.backward()
         results[how] = (loss.detach(), _grads(*params))
     torch.testing.assert_close(results["chunked"][0], results["off"][0], rtol=1e-12, atol=0)

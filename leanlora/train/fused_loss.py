@@ -158,14 +158,24 @@ def choose(mode: str, model: nn.Module, device: torch.device, *, distributed: st
     raise ConfigError(f"train.fused_loss={mode!r} cannot run: {'; '.join(reasons)}; use 'auto' or 'off'")
 
 
+def _refresh_grouped_pieces(model: nn.Module) -> None:
+    """Run leanlora's forward pre-hook of the adapted model (the grouped adapter pieces and their
+    prior, :mod:`leanlora.vectorize`): calling the body directly skips the root's hooks."""
+    from leanlora.vectorize import refresh_pieces
+
+    if any(hook is refresh_pieces for hook in model._forward_pre_hooks.values()):
+        refresh_pieces(model, ())
+
+
 def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], how: str) -> torch.Tensor:
     """Mean next-token cross-entropy of ``batch`` (labels -100 where not scored), with ``how``
     = liger or chunked: hidden states from the body, the output layer's weight, no logits tensor."""
     loss_fn: Callable = liger_linear_cross_entropy if how == "liger" else chunked_linear_cross_entropy
     body = getattr(model, model.base_model_prefix)
     head = model.get_output_embeddings()
+    _refresh_grouped_pieces(model)
     extra = {"position_ids": batch["position_ids"]} if "position_ids" in batch else {}   # packed
-    hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra)[0]  # (B, T, H)
+    hidden = body(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), **extra)[0]  # (B, T, H)
     # position t predicts token t+1, as in the plain loss
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])                                 # (B·(T-1), H)
     return loss_fn(h, head.weight, head.bias, batch["labels"][:, 1:].reshape(-1))
