@@ -148,7 +148,7 @@ GRID = list(itertools.product(("dense", "bank"), ("fixed", "nested", "gated"), (
 
 
 @pytest.mark.parametrize("factors, ranks, precision", GRID, ids=["-".join(c) for c in GRID])
-def test_every_strategy_trains_saves_and_loads_on_fp8(factors, ranks, precision, tmp_path):
+def test_every_strategy_trains_saves_loads_and_merges_on_fp8(factors, ranks, precision, tmp_path):
     model = tiny_llama()
     config = _config(factors, ranks, precision)
     leanlora.inject(model, config)
@@ -170,6 +170,12 @@ def test_every_strategy_trains_saves_and_loads_on_fp8(factors, ranks, precision,
     assert all(isinstance(layer.base, FP8Base) for _, layer in leanlora.adapted_layers(reloaded))
     with torch.no_grad():
         torch.testing.assert_close(reloaded(x).logits, out, rtol=1e-4, atol=1e-4)
+    leanlora.finalize(model)                    # pruned and packed; then merged into the fp8 codes
+    report = leanlora.merge(model)
+    assert all(r["max_abs"] >= r["mean_abs"] >= 0 for r in report.values())
+    with torch.no_grad():
+        merged = model(x).logits
+    assert float((merged - out).norm() / out.norm()) < 0.05
 
 
 def test_export_peft_merge_and_unmerge(tmp_path):
