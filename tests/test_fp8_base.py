@@ -85,6 +85,15 @@ def test_forward_error_within_e4m3_bound_of_the_exact_product():
     assert float((y - exact).norm() / exact.norm()) < 0.13
 
 
+def test_autocast_does_not_change_the_fallback():
+    """The training loop runs under autocast; the fallback's fp32 GEMM must stay fp32 there."""
+    x, w = data()
+    codes, scale = quantize_weight(w)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = linear_fp8(x, codes, scale, fast=False)
+    assert torch.equal(y, linear_fp8(x, codes, scale, fast=False))
+
+
 def test_input_gradient_matches_float64_reference_and_bound():
     x, w = data()
     codes, scale = quantize_weight(w)

@@ -73,7 +73,8 @@ def scaled_matmul(a: torch.Tensor, scale_a: torch.Tensor, b: torch.Tensor, scale
     scale_b (1, N). ``fast``: ``torch._scaled_mm`` (b column-major, bf16 out); else fp32 matmul (fp32 out)."""
     if fast:
         return torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=torch.bfloat16)
-    return (a.float() @ b.float()) * scale_a * scale_b
+    with torch.autocast(a.device.type, enabled=False):  # fp32 even inside the training loop's autocast
+        return (a.float() @ b.float()) * scale_a * scale_b
 
 
 class _FrozenFP8Linear(torch.autograd.Function):
