@@ -100,6 +100,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="causal-LM loss of leanlora rows, as train.fused_loss (leanlora.train.fused_loss): auto = "
                          "Liger's fused linear cross-entropy on CUDA when liger-kernel is installed, as `leanlora "
                          "train` does; PEFT rows use the model's own loss (Liger's for the +Liger row)")
+    ap.add_argument("--lean-liger-kernels", action="store_true",
+                    help="leanlora rows: Liger-Kernel's RMSNorm, SwiGLU and RoPE on the base model before inject "
+                         "(the loss stays --lean-fused-loss's): to measure whether they beat inductor's fusions")
     ap.add_argument("--profile", default="", help="comma list of row-name substrings to profile for one extra step")
     ap.add_argument("--cprofile", default="",
                     help="comma list of row-name substrings: run --steps more steps of those rows under cProfile "
@@ -215,6 +218,12 @@ def run_row(row: str, args, device, ids, floor_tps: float) -> dict:
         model.enable_input_require_grads()  # backward through every layer, no weight gradient
         opt = opt_step = None
     else:
+        if method.library == "leanlora" and args.lean_liger_kernels:
+            from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+            apply_liger_kernel_to_llama(model=model, fused_linear_cross_entropy=False)  # rope, rms_norm, swiglu
+            result["liger_base_kernels"] = True
+            result["method"] += " + Liger RMSNorm, SwiGLU, RoPE"
         model, groups, hook = apply(method, model, shape, "CAUSAL_LM", torch.bfloat16)
         prior = method.library == "leanlora" and method.has_prior
         impl = args.lean_optimizer if method.library == "leanlora" and args.lean_optimizer else args.optimizer
