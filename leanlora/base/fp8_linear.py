@@ -17,8 +17,9 @@ Decisions:
     each row uses the whole e4m3 range. In the backward that scale runs along the contracted
     dimension, where a rowwise GEMM cannot apply it; it is folded into grad_output before that
     is quantized (``g · diag(s)``), which is exact algebra and costs no extra pass.
-  * The GEMM is ``torch._scaled_mm`` (fp32 accumulation, bf16 output) on a CUDA device of
-    compute capability 8.9 or newer. Elsewhere the same codes are multiplied in fp32 and
+  * The GEMM is ``torch._scaled_mm`` (bf16 output) on a CUDA device of compute capability 8.9
+    or newer; as in torchao's recipe the forward uses the tensor cores' fast accumulation and
+    the input gradient the fully promoted one. Elsewhere the same codes are multiplied in fp32 and
     scaled in the same order; the quantization, and so the error, is the same.
   * ``_scaled_mm`` wants its second operand column-major and both its dimensions, and the
     first operand's inner one, multiples of 16: in_features and out_features must be
@@ -68,11 +69,13 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def scaled_matmul(a: torch.Tensor, scale_a: torch.Tensor, b: torch.Tensor, scale_b: torch.Tensor,
-                  fast: bool) -> torch.Tensor:
+                  fast: bool, fast_accum: bool = False) -> torch.Tensor:
     """(a @ b) · scale_a · scale_b in fp32 accumulation: a (M, K) e4m3, scale_a (M, 1), b (K, N) e4m3,
-    scale_b (1, N). ``fast``: ``torch._scaled_mm`` (b column-major, bf16 out); else fp32 matmul (fp32 out)."""
+    scale_b (1, N). ``fast``: ``torch._scaled_mm`` (b column-major, bf16 out; ``fast_accum``: the
+    tensor cores' faster, less often promoted accumulation); else fp32 matmul (fp32 out)."""
     if fast:
-        return torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=torch.bfloat16)
+        return torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=torch.bfloat16,
+                                use_fast_accum=fast_accum)
     with torch.autocast(a.device.type, enabled=False):  # fp32 even inside the training loop's autocast
         return (a.float() @ b.float()) * scale_a * scale_b
 
@@ -88,7 +91,7 @@ class _FrozenFP8Linear(torch.autograd.Function):
         ctx.fast, ctx.x_dtype = fast, x.dtype
         x2 = x.reshape(-1, x.shape[-1])                                # (M, K)
         xq, t = quantize_rows(x2)
-        y = scaled_matmul(xq, t, codes.t(), scale[None, :], fast)     # (M, N)
+        y = scaled_matmul(xq, t, codes.t(), scale[None, :], fast, fast_accum=True)  # (M, N)
         return y.to(x.dtype).reshape(*x.shape[:-1], codes.shape[0])
 
     @staticmethod
