@@ -7,7 +7,7 @@ Formats (all scales fp32, all codes ``torch.float8_e4m3fn``, largest finite valu
     g'[m, :]  ≈ u_m · gq[m, :]         g' = g · diag(s), u_m as t_m            per row of grad_output
 
 Forward:   y = (xq Wq^T) · t ⊗ s                        (M, N)
-Backward:  dx = (g diag(s)) W0q = (gq Wq) · u ⊗ 1        (M, K); no weight gradient (W0 is frozen)
+Backward:  dx = g W0 = (g diag(s)) Wq ≈ (gq Wq) · u        (M, K); no weight gradient (W0 is frozen)
 
 Decisions:
   * Activations and gradients follow torchao's float8 "rowwise" training recipe: e4m3 for
@@ -23,7 +23,7 @@ Decisions:
     scaled in the same order; the quantization, and so the error, is the same.
   * ``_scaled_mm`` wants its second operand column-major and both its dimensions, and the
     first operand's inner one, multiples of 16: in_features and out_features must be
-    multiples of 16 (checked when the base is built). The backward's column-major W0q is a
+    multiples of 16 (checked when the base is built). The backward's column-major Wq is a
     transposed copy made in the backward (1 byte a weight), not a second stored copy.
 
 Error bound: e4m3 keeps 3 mantissa bits, so a round-to-nearest cast of a normal value has
