@@ -310,3 +310,16 @@ def test_cuda_scaled_mm_path_and_inductor_compiled_layers():
 def _grad_of(t):
     g, t.grad = t.grad, None
     return g
+
+
+def test_run_config_and_preflight_take_the_fp8_base():
+    from leanlora.train.preflight import PreflightError, check_adapter
+    from leanlora.train.runconfig import load_run_config
+
+    run = load_run_config(None, ["data.task=causal_lm", "adapter.base=fp8", "adapter.target_modules=[q_proj]",
+                                 "train.fused_loss=off"])
+    assert run.adapter.base == "fp8" and run.train.fused_loss == "off"
+    check_adapter(run, tiny_llama())
+    odd = tiny_llama(hidden_size=40, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2)
+    with pytest.raises(PreflightError, match=r"adapter: module 'model\.layers\.0\.self_attn\.q_proj' has in_features=40"):
+        check_adapter(run, odd)
