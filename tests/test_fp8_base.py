@@ -243,7 +243,8 @@ def test_bert_and_gpt2_conv1d_targets():
 
 def test_shapes_that_scaled_mm_cannot_take_are_refused_by_name():
     model = tiny_llama(hidden_size=40, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2)
-    with pytest.raises(leanlora.ConfigError, match=r"model\.layers\.0\.self_attn\.q_proj.*in_features=40.*multiples of 16"):
+    q_proj = r"model\.layers\.0\.self_attn\.q_proj"
+    with pytest.raises(leanlora.ConfigError, match=q_proj + r".*in_features=40.*multiples of 16"):
         leanlora.inject(model, _config())
     assert not any(True for _ in leanlora.adapted_layers(model))  # checked before anything changed
     with pytest.raises(leanlora.ConfigError, match="allowed: 'dense', 'nf4', 'fp8'"):
@@ -322,5 +323,6 @@ def test_run_config_and_preflight_take_the_fp8_base():
     assert run.adapter.base == "fp8" and run.train.fused_loss == "off"
     check_adapter(run, tiny_llama())
     odd = tiny_llama(hidden_size=40, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2)
-    with pytest.raises(PreflightError, match=r"adapter: module 'model\.layers\.0\.self_attn\.q_proj' has in_features=40"):
+    with pytest.raises(PreflightError, match=r"adapter: module 'model\.layers\.0\.self_attn\.q_proj' "
+                                             r"has in_features=40"):
         check_adapter(run, odd)

@@ -149,8 +149,8 @@ GPU = torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is 
 def test_liger_loss_and_gradients_match_the_plain_loss_on_cuda(compiled):
     """bf16 model: Liger against the plain loss (logits in bf16, CE in fp32). Its loss agrees to
     bf16 rounding of the logits; the gradients of the hidden states and of all adapter tensors
-    together within 2% of their norm (each tensor within 10%). ``compiled``: each decoder layer compiled (the training loop's default), the
-    loss outside them as the loop runs it."""
+    together within 2% of their norm (each tensor within 10%). ``compiled``: each decoder layer
+    compiled (the training loop's default), the loss outside them as the loop runs it."""
     from leanlora.train.compiled import CompiledRegions
 
     cuda = torch.device("cuda")
