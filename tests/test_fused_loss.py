@@ -134,7 +134,7 @@ def test_a_training_run_with_the_chunked_loss_logs_the_plain_losses(tmp_path):
                 f"data.train_file={train_file}", "data.eval_file=", "data.prompt_template={question}",
                 "data.response_column=answer", "data.max_length=32", "adapter.target_modules=[q_proj, v_proj]",
                 "adapter.modules_to_save=[]", "adapter.r=4", "train.max_steps=3", "train.batch_size=8",
-                "train.lr=5e-2", "train.num_threads=1", f"train.fused_loss={how}"]
+                "train.lr=5e-2", "train.num_threads=1", "train.device=cpu", f"train.fused_loss={how}"]
         assert main(args) == 0
         losses[how] = json.loads((out / "metrics.json").read_text())["train_losses"]
     assert len(losses["off"]) == 3
