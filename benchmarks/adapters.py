@@ -22,6 +22,7 @@ _AXIS_MODULES = {
     "gated": "leanlora.ranks.gated",
     "learned": "leanlora.precision.learned",
     "nf4": "leanlora.base.nf4",
+    "fp8": "leanlora.base.fp8",
 }
 
 
@@ -35,6 +36,9 @@ class Method:
     kind: str = "lora"  # peft: lora | qlora | vblora | adalora
     overrides: dict[str, Any] = field(default_factory=dict)  # leanlora AdapterConfig fields
     peft_kwargs: dict[str, Any] = field(default_factory=dict)  # extra get_peft_model arguments
+    # Liger-Kernel on the Llama model before PEFT wraps it: RMSNorm, SwiGLU, RoPE and the fused
+    # linear cross-entropy (its RoPE patch is process-wide: such a row needs a process of its own)
+    liger: bool = False
 
     @property
     def has_prior(self) -> bool:
@@ -47,6 +51,8 @@ METHODS = {
     # which is what leanlora's adapter path does on bf16 activations (fp32 master weights there).
     "peft_lora_bf16": Method("PEFT LoRA (bf16 adapters)", "peft", kind="lora",
                              peft_kwargs={"autocast_adapter_dtype": False}),
+    "peft_lora_bf16_liger": Method("PEFT LoRA (bf16 adapters) + Liger-Kernel", "peft", kind="lora",
+                                   peft_kwargs={"autocast_adapter_dtype": False}, liger=True),
     "peft_qlora": Method("PEFT QLoRA (bnb nf4)", "peft", kind="qlora"),
     "peft_vblora": Method("PEFT VB-LoRA", "peft", kind="vblora"),
     "peft_adalora": Method("PEFT AdaLoRA", "peft", kind="adalora"),
@@ -66,6 +72,11 @@ METHODS = {
                                overrides={"nested": {"scale": "max"}}),
     "lean_qdylora_sqrt": Method("leanlora QDyLoRA, scale alpha/sqrt(b r)", "leanlora", axes=("nf4", "nested"),
                                 overrides={"nested": {"scale": "sqrt"}}),
+    "lean_lora_fp8": Method("leanlora LoRA, fp8 base", "leanlora", axes=("fp8",)),
+    "lean_dylora_fp8": Method("leanlora DyLoRA (nested), fp8 base", "leanlora", axes=("fp8", "nested")),
+    "lean_vblora_fp8": Method("leanlora VB-LoRA (bank), fp8 base", "leanlora", axes=("fp8", "bank")),
+    "lean_blora_fp8": Method("leanlora B-LoRA (gated + learned bits), fp8 base", "leanlora",
+                             axes=("fp8", "gated", "learned")),
     # Gate locations start at 6.0 and close below about -0.94: ~7 units of travel, at about
     # gate_lr per Adam step, halved on average by the linear decay. The default 1e-2 needs ~1,400
     # steps; runs of a few hundred steps need ~5e-2 for the prior to act at all.
@@ -87,6 +98,8 @@ def unavailable(method: Method) -> str | None:
         needed.append("torchao")
     if method.kind == "qlora":
         needed.append("bitsandbytes")
+    if method.liger:
+        needed.append("liger_kernel.transformers")
     for mod in needed:
         try:
             importlib.import_module(mod)
@@ -129,6 +142,8 @@ def leanlora_config(method: Method, shape: Shape):
         kw["precision"] = "learned"
     if "nf4" in method.axes:
         kw["base"] = "nf4"
+    if "fp8" in method.axes:
+        kw["base"] = "fp8"
     for key, value in method.overrides.items():  # a dict edits the default sub-config of that name
         kw[key] = dataclasses.replace(getattr(leanlora.AdapterConfig(), key), **value) if isinstance(value, dict) else value
     return leanlora.AdapterConfig(**kw)
@@ -186,6 +201,10 @@ def apply(method: Method, model: nn.Module, shape: Shape, task_type: str, dtype:
         return model, groups, None
     import peft
 
+    if method.liger:
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+        apply_liger_kernel_to_llama(model=model)  # rope, rms_norm, swiglu, fused_linear_cross_entropy
     if method.kind == "qlora":
         to_bnb_nf4(model, shape.targets, dtype)
     model = peft.get_peft_model(model, peft_config(method, shape, task_type), **method.peft_kwargs)

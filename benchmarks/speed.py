@@ -12,6 +12,13 @@ path come on top), so ``floor tokens/s = rate / (4 N)`` with the bf16 matmul rat
 
     python -u benchmarks/speed.py --preset 1b --out $OUT/speed.jsonl       # issue 7's shape
     python -u benchmarks/speed.py --preset small --rows peft_lora,lean_lora  # quick check
+
+The strongest PEFT setups are ``peft_lora_bf16@compiled`` (bf16 adapters, per-layer compile) and
+``peft_lora_bf16_liger`` (bf16 adapters, Liger-Kernel's RMSNorm, SwiGLU, RoPE and fused linear
+cross-entropy; its patches are process-wide, so run it in its own process, the default). leanlora
+rows take their loss as ``leanlora train`` does (``--lean-fused-loss auto``: Liger's fused loss on
+CUDA when installed); ``lean_*_fp8`` rows hold the frozen base in float8 (``base: fp8``). The
+table gives each row's speed over ``peft_lora_bf16@compiled`` and its step time over the floor's.
 """
 
 from __future__ import annotations
@@ -89,6 +96,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--lean-optimizer", choices=ADAMW_IMPLS, default=None,
                     help="AdamW implementation for leanlora rows only (default: --optimizer's); flat is what "
                          "leanlora's training loop builds")
+    ap.add_argument("--lean-fused-loss", choices=("auto", "liger", "chunked", "off"), default="auto",
+                    help="causal-LM loss of leanlora rows, as train.fused_loss (leanlora.train.fused_loss): auto = "
+                         "Liger's fused linear cross-entropy on CUDA when liger-kernel is installed, as `leanlora "
+                         "train` does; PEFT rows use the model's own loss (Liger's for the +Liger row)")
+    ap.add_argument("--lean-liger-kernels", action="store_true",
+                    help="leanlora rows: Liger-Kernel's RMSNorm, SwiGLU and RoPE on the base model before inject "
+                         "(the loss stays --lean-fused-loss's): to measure whether they beat inductor's fusions")
     ap.add_argument("--profile", default="", help="comma list of row-name substrings to profile for one extra step")
     ap.add_argument("--cprofile", default="",
                     help="comma list of row-name substrings: run --steps more steps of those rows under cProfile "
@@ -204,6 +218,12 @@ def run_row(row: str, args, device, ids, floor_tps: float) -> dict:
         model.enable_input_require_grads()  # backward through every layer, no weight gradient
         opt = opt_step = None
     else:
+        if method.library == "leanlora" and args.lean_liger_kernels:
+            from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+            apply_liger_kernel_to_llama(model=model, fused_linear_cross_entropy=False)  # rope, rms_norm, swiglu
+            result["liger_base_kernels"] = True
+            result["method"] += " + Liger RMSNorm, SwiGLU, RoPE"
         model, groups, hook = apply(method, model, shape, "CAUSAL_LM", torch.bfloat16)
         prior = method.library == "leanlora" and method.has_prior
         impl = args.lean_optimizer if method.library == "leanlora" and args.lean_optimizer else args.optimizer
@@ -211,6 +231,9 @@ def run_row(row: str, args, device, ids, floor_tps: float) -> dict:
         opt, opt_step = adamw_step(groups, impl)
     model.train()
     result["trainable"] = trainable_count(model)
+    fused = lean_fused_loss(args, method if name != "base" else None, model, device, mode)
+    result["fused_loss"] = fused if name != "base" and method.library == "leanlora" else (
+        "liger (patched forward)" if name != "base" and method.liger else "off")
     if mode == "graphed" and (opt is None or hook is not None or args.compile_mode == "reduce-overhead"):
         result["skipped"] = "a whole-step CUDA graph needs an optimizer, no per-step host hook (AdaLoRA) and " \
                             "no per-region CUDA graphs"
@@ -234,12 +257,19 @@ def run_row(row: str, args, device, ids, floor_tps: float) -> dict:
         refresh = vectorizer.refresh
         vectorizer.refresh = lambda m: host.timed("vectorize", refresh, m)
 
+    def loss_of(batch: dict):
+        if fused == "off":
+            return fwd(**batch).loss
+        from leanlora.train.fused_loss import causal_lm_loss
+
+        return causal_lm_loss(model, batch, fused)  # the body's compiled layers, no logits tensor
+
     whole = None
     if mode == "graphed":
         from leanlora.train.step_graph import StepGraph
 
         def captured_step(batch):
-            loss = fwd(**batch).loss
+            loss = loss_of(batch)
             if prior:
                 loss = loss + regularize(model).to(loss.device)
             loss.backward()
@@ -265,7 +295,7 @@ def run_row(row: str, args, device, ids, floor_tps: float) -> dict:
             with record_function("phase: whole step (CUDA graph)"):
                 return float(host.timed("step", whole, {"input_ids": ids, "labels": ids}))
         with record_function("phase: forward"):
-            loss = host.timed("forward", lambda: fwd(input_ids=ids, labels=ids).loss)
+            loss = host.timed("forward", lambda: loss_of({"input_ids": ids, "labels": ids}))
         if prior:
             with record_function("phase: prior"):
                 loss = loss + host.timed("prior", regularize, model).to(loss.device)
@@ -327,6 +357,17 @@ def run_row(row: str, args, device, ids, floor_tps: float) -> dict:
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return result
+
+
+def lean_fused_loss(args, method, model, device, mode: str) -> str:
+    """The loss implementation of a leanlora row (``--lean-fused-loss`` resolved as the training loop
+    resolves train.fused_loss); "off" for PEFT and base rows and for a whole-model compile (the
+    fused loss calls the body, which would bypass the compiled wrapper)."""
+    if method is None or method.library != "leanlora" or (mode != "eager" and args.compile == "model"):
+        return "off"
+    from leanlora.train.fused_loss import choose
+
+    return choose(args.lean_fused_loss, model, device, cuda_graph=mode == "graphed")
 
 
 class HostClock:
@@ -461,20 +502,27 @@ def record(res: dict, rows: list[dict], out: Path | None) -> None:
 
 
 def table(rows: list[dict]) -> str:
+    """Markdown rows; the ratios are speed (tokens/s) over that of the named PEFT row, "floor ×" is
+    step time over the bf16 floor's (4·N·tokens / measured bf16 matmul rate)."""
     ref = {r["row"]: r.get("tokens_per_s") for r in rows}
-    eager, comp = ref.get("peft_lora"), ref.get("peft_lora@compiled")
-    lines = ["| row | tokens/s | × PEFT LoRA | × compiled PEFT LoRA | peak GiB | trainable | % floor | step ms (min–max) |",
-             "|---|---|---|---|---|---|---|---|"]
+    eager, comp, bf16 = ref.get("peft_lora"), ref.get("peft_lora@compiled"), ref.get("peft_lora_bf16@compiled")
+    lines = ["| row | tokens/s | × PEFT LoRA | × compiled PEFT LoRA | × compiled PEFT bf16 | peak GiB | trainable | "
+             "% floor | floor × | loss | step ms (min–max) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "skipped" in r or "error" in r:
             lines.append(f"| {r['row']} ({r.get('method', '')}) | {'skipped: ' + r['skipped'] if 'skipped' in r else 'error: ' + r['error']} "
-                         "| | | | | | |")
+                         "| | | | | | | | | |")
             continue
         tps = r["tokens_per_s"]
         x1 = f"{tps / eager:.2f}" if eager else "–"
         x2 = f"{tps / comp:.2f}" if comp else "–"
-        lines.append(f"| {r['row']} ({r['method']}) | {tps:,.0f} | {x1} | {x2} | {r['peak_gib']:.1f} | "
-                     f"{r['trainable']:,} | {r['pct_floor']:.0f} | {r['step_ms']:.1f} ({r['step_ms_min']:.1f}–{r['step_ms_max']:.1f}) |")
+        x3 = f"{tps / bf16:.2f}" if bf16 else "–"
+        floor_x = f"{100 / r['pct_floor']:.2f}" if r["pct_floor"] == r["pct_floor"] else "–"
+        loss = "" if r.get("fused_loss", "off") == "off" else f"fused: {r['fused_loss']}"
+        lines.append(f"| {r['row']} ({r['method']}) | {tps:,.0f} | {x1} | {x2} | {x3} | {r['peak_gib']:.1f} | "
+                     f"{r['trainable']:,} | {r['pct_floor']:.0f} | {floor_x} | {loss} | "
+                     f"{r['step_ms']:.1f} ({r['step_ms_min']:.1f}–{r['step_ms_max']:.1f}) |")
     return "\n".join(lines)
 
 

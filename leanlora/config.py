@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Literal
 FactorKind = Literal["dense", "bank"]
 RankKind = Literal["fixed", "nested", "gated"]
 PrecisionKind = Literal["float", "fixed", "learned"]
-BaseKind = Literal["dense", "nf4"]
+BaseKind = Literal["dense", "nf4", "fp8"]
 
 ALLOWED_BITS = (2, 4, 8, 16, 32)
 
@@ -258,7 +258,8 @@ class AdapterConfig:
     precision: PrecisionKind = "float"
     """factor precision: "float", "fixed" bits, or "learned" bits (Bayesian Bits)."""
     base: BaseKind = "dense"
-    """frozen base weight: "dense" (as loaded) or "nf4" (quantized on injection)."""
+    """frozen base weight: "dense" (as loaded), "nf4" (4-bit NormalFloat) or "fp8" (float8 e4m3 with
+    per-channel scales, float8 GEMMs on GPUs of compute capability 8.9+), quantized on injection."""
     adapter_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """dtype of the adapter parameters (fp32 keeps small updates from rounding away)."""
     bank: BankConfig = field(default_factory=BankConfig)
@@ -308,7 +309,7 @@ class AdapterConfig:
                  "allowed: 'fixed', 'nested', 'gated'")
         _require(self.precision in ("float", "fixed", "learned"), "precision", self.precision,
                  "allowed: 'float', 'fixed', 'learned'")
-        _require(self.base in ("dense", "nf4"), "base", self.base, "allowed: 'dense', 'nf4'")
+        _require(self.base in ("dense", "nf4", "fp8"), "base", self.base, "allowed: 'dense', 'nf4', 'fp8'")
         _require(self.vectorize in ("auto", "always", "never"), "vectorize", self.vectorize,
                  "allowed: 'auto', 'always', 'never'")
         _require(self.adapter_dtype in ("float32", "bfloat16", "float16"), "adapter_dtype",

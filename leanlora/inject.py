@@ -43,6 +43,12 @@ def _check_shape(name: str, module: nn.Module, config: AdapterConfig) -> None:
 
         if not is_linear4bit(module):  # a bitsandbytes 4-bit layer is kept as it is
             check_nf4_shape(name, in_f, out_f, config.nf4)
+    if config.base == "fp8":
+        from leanlora.base.bnb4 import is_linear4bit
+        from leanlora.base.fp8 import check_fp8_shape
+
+        if not is_linear4bit(module):
+            check_fp8_shape(name, in_f, out_f)
 
 
 AUTO_VECTOR_LENGTHS = (256, 128, 64, 32, 16, 8)
@@ -67,7 +73,7 @@ def inject(model: nn.Module, config: AdapterConfig, *, filter_fn: FilterFn | Non
            quantize_base: bool = True) -> nn.Module:
     """Wrap the target linear layers of ``model`` in place, freeze everything else, return ``model``.
 
-    ``filter_fn(module, name)`` can veto a match. ``quantize_base=False`` defers an NF4 base
+    ``filter_fn(module, name)`` can veto a match. ``quantize_base=False`` defers an NF4 or FP8 base
     (used by :func:`leanlora.load` so that a failed load leaves the model untouched).
     """
     if not isinstance(config, AdapterConfig):
@@ -103,6 +109,10 @@ def inject(model: nn.Module, config: AdapterConfig, *, filter_fn: FilterFn | Non
         from leanlora.base.nf4 import quantize_bases
 
         quantize_bases(model, config.nf4)
+    if quantize_base and config.base == "fp8":
+        from leanlora.base.fp8 import quantize_bases_fp8
+
+        quantize_bases_fp8(model)
     return model
 
 
@@ -154,7 +164,7 @@ def unload(model: nn.Module) -> nn.Module:
 
 
 def merge(model: nn.Module, keep_unmerge_copy: bool = True) -> dict[str, dict[str, float]]:
-    """Merge every adapter into its base; returns per-module storage error (NF4 bases)."""
+    """Merge every adapter into its base; returns per-module storage error (NF4 and FP8 bases)."""
     shared_state(model)
     return {name: layer.merge(keep_unmerge_copy) for name, layer in adapted_layers(model)}
 

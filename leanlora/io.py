@@ -207,7 +207,7 @@ def load(model: nn.Module, directory: str | os.PathLike, *, check_base: bool = T
     Raises :class:`AdapterLoadError` naming the file and problem; the model is unchanged then.
     ``check_base=False`` skips the base digests (:class:`BaseMismatchError`), nothing else.
     ``trainable=False`` leaves every parameter frozen (inference). ``quantize_base=False`` keeps
-    the base dense even for an NF4 adapter (the cost report loads onto a weightless skeleton).
+    the base dense even for an NF4 or FP8 adapter (the cost report loads onto a weightless skeleton).
     """
     directory = Path(directory)
     if hasattr(model, SHARED_ATTR):
@@ -242,6 +242,10 @@ def load(model: nn.Module, directory: str | os.PathLike, *, check_base: bool = T
         from leanlora.base.nf4 import quantize_bases
 
         quantize_bases(model, config.nf4)
+    if config.base == "fp8" and quantize_base:
+        from leanlora.base.fp8 import quantize_bases_fp8
+
+        quantize_bases_fp8(model)
     if not trainable:
         for p in model.parameters():
             p.requires_grad_(False)

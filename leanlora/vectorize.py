@@ -171,7 +171,8 @@ def activation_dtype(layer: AdaptedLinear) -> torch.dtype | None:
     to it once, inside its fused kernels, instead of each layer launching its own casts (and
     their backward) around every GEMM: about 450 launches fewer per step for a 1B B-LoRA.
     """
-    dtype = getattr(getattr(layer.base, "weight", None), "dtype", None)
+    # an FP8 base's codes are float8: its ``dtype`` is the one it computes in
+    dtype = getattr(layer.base, "dtype", None) or getattr(getattr(layer.base, "weight", None), "dtype", None)
     return dtype if dtype in (torch.bfloat16, torch.float16) else None
 
 

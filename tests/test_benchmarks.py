@@ -16,11 +16,14 @@ def test_speed_rows_tiny(tmp_path):
 
     out, fresh = tmp_path / "speed.jsonl", tmp_path / "fresh" / "speed.jsonl"
     common = ["--preset", "tiny", "--steps", "2", "--warmup", "1", "--device", "cpu"]
-    speed.main(common + ["--same-process", "--rows", "base,peft_lora,lean_blora", "--out", str(out)])
+    speed.main(common + ["--same-process", "--rows", "base,peft_lora,lean_blora,lean_lora_fp8", "--out", str(out),
+                         "--lean-fused-loss", "chunked"])
     speed.main(common + ["--rows", "lean_lora", "--out", str(fresh)])  # the default: the row in a child process
     rows = {r["row"]: r for f in (out, fresh) for r in map(json.loads, f.read_text().splitlines()) if "row" in r}
     assert (fresh.parent / "row_lean_lora.jsonl").is_file()  # the child's own file, kept beside the results
-    assert set(rows) == {"base", "peft_lora", "lean_lora", "lean_blora"}
+    assert set(rows) == {"base", "peft_lora", "lean_lora", "lean_blora", "lean_lora_fp8"}
+    assert rows["lean_lora_fp8"]["fused_loss"] == rows["lean_blora"]["fused_loss"] == "chunked"
+    assert rows["lean_lora"]["fused_loss"] == "off" and rows["peft_lora"]["fused_loss"] == "off"  # auto on CPU
     assert rows["base"]["trainable"] == 0
     # same adapter shape as PEFT: identical trainable parameter counts and a finite loss
     assert rows["peft_lora"]["trainable"] == rows["lean_lora"]["trainable"] > 0

@@ -40,6 +40,7 @@ from leanlora.io import atomic_write_bytes, read_adapter_tensors
 from leanlora.optim import adamw
 from leanlora.train.checkpoint import clean_leftovers, latest_checkpoint, load_checkpoint, save_checkpoint
 from leanlora.train.finite import FiniteGuard, TrainingDiverged, advice
+from leanlora.train.fused_loss import configure as configure_fused_loss
 from leanlora.train.head import require_saved_head
 from leanlora.train.lr_schedule import advance_schedule, build_scheduler
 from leanlora.train.guard import stall_warning, task_verdict
@@ -157,6 +158,10 @@ def train(run: RunConfig | None, run_dir: str | Path, *, resume: bool = False, p
     model.train()
     dist.sync_rank_sampler(model)              # the same nested rank b on every rank in a step
     wrapped = dist.wrap(model, tc.distributed)  # DDP wrapper, or the model itself sharded by FSDP2
+    fused = configure_fused_loss(task, tc.fused_loss, model, device, distributed=tc.distributed,
+                                 cuda_graph=tc.cuda_graph)
+    if fused != "off":
+        log(f"causal-LM loss: fused linear cross-entropy ({fused}), no logits tensor")
     if dist.is_distributed():
         torch.manual_seed(dist.rank_seed(tc.seed))  # same init everywhere; gate noise differs per rank
 

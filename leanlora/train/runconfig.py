@@ -226,6 +226,11 @@ class TrainConfig:
     a CUDA device, one process, grad_accum 1, compile_mode other than reduce-overhead and SDPA
     attention; every batch is padded to data.max_length (one shape, one graph; a smaller last
     batch runs uncaptured), and a non-finite loss is found after its optimizer step, not before."""
+    fused_loss: Literal["auto", "liger", "chunked", "off", False] = "auto"
+    """causal-LM loss without a logits tensor (leanlora.train.fused_loss): "liger" (Liger-Kernel's fused
+    linear cross-entropy; CUDA, pip install liger-kernel), "chunked" (the same in plain PyTorch, any
+    device), "off" (logits, then cross-entropy), "auto": liger where it can run, else off. Classification
+    tasks ignore "auto" and refuse the others. (YAML's bare `off` reads as false, which means "off" here.)"""
     num_threads: int = 0
     """CPU threads for torch; 0: torch's default."""
     distributed: Literal["none", "ddp", "fsdp2"] = "none"
@@ -244,6 +249,10 @@ class TrainConfig:
                  "train.compile_mode", self.compile_mode,
                  "allowed: 'default', 'reduce-overhead', 'max-autotune-no-cudagraphs'")
         _require(self.cuda_graph in (True, False), "train.cuda_graph", self.cuda_graph, "allowed: true, false")
+        if self.fused_loss is False:  # YAML reads a bare `off` as false
+            object.__setattr__(self, "fused_loss", "off")
+        _require(self.fused_loss in ("auto", "liger", "chunked", "off"), "train.fused_loss", self.fused_loss,
+                 "allowed: 'auto', 'liger', 'chunked', 'off'")
         if self.cuda_graph:
             _require(self.grad_accum == 1, "train.grad_accum", self.grad_accum,
                      "train.cuda_graph captures one micro-batch per step; set grad_accum=1 (raise batch_size)")

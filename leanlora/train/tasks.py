@@ -221,6 +221,8 @@ class CausalLMTask:
 
     def __init__(self, cfg: DataConfig, tokenizer, need_train: bool = True, sources: Sources | None = None) -> None:
         self.cfg, self.tokenizer, self.sources = cfg, tokenizer, sources or {}
+        # the training loss's implementation (leanlora.train.fused_loss): "off" builds the logits
+        self.fused_loss = "off"
         self.labels: tuple[str, ...] = ()
         if tokenizer.eos_token_id is None:
             raise DataError("the tokenizer has no end-of-sequence token; causal_lm needs one to end responses")
@@ -252,10 +254,16 @@ class CausalLMTask:
         extra = {"position_ids": batch["position_ids"]} if "position_ids" in batch else {}   # packed
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra).logits
         # position t predicts token t+1; prompt and padding positions carry label -100.
-        return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+        # At least fp32 (float64 stays float64: the fused loss is tested against this one there).
+        wide = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))
+        return F.cross_entropy(wide.reshape(-1, logits.shape[-1]),
                                batch["labels"][:, 1:].reshape(-1), ignore_index=-100, reduction=reduction)
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.fused_loss != "off":
+            from leanlora.train.fused_loss import causal_lm_loss
+
+            return causal_lm_loss(model, batch, self.fused_loss)
         return self._token_loss(model, batch, "mean")
 
     def evaluate(self, model: nn.Module, batch_size: int, device: torch.device,
