@@ -240,6 +240,12 @@ def run_row(row: str, args, device, ids, floor_tps: float) -> dict:
         return result
     fwd = compile_model(model, args.compile, args.compile_mode) if compiled else model
     graphs = compiled and args.compile_mode == "reduce-overhead"
+    if name != "base" and method.library == "leanlora":
+        import leanlora
+
+        # as `leanlora train` does: "auto" gives a gated adapter its budget controller (not under a
+        # whole-step CUDA graph), whose schedule spans the steps timed here
+        leanlora.budget.start(model, args.warmup + 2 + args.steps, auto=mode != "graphed")
     if prior:
         import leanlora
 
