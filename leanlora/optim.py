@@ -9,7 +9,7 @@ Roles and their defaults (learning rate, weight decay):
     head     lr,               weight_decay     a classifier trained in full
     bank     bank.bank_lr,     0                VB-LoRA vector bank (default 1e-2; paper 1e-3; no decay)
     logits   bank.logits_lr,   0                VB-LoRA top-k logits (paper: 1e-2, no decay)
-    gates    gated.gate_lr,    0                hard-concrete rank / bit gates
+    gates    gates.lr,         0                hard-concrete rank / bit gates
     scales   lr,               0                learned quantizer ranges
 """
 
@@ -54,7 +54,7 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0,
 
     config = shared_state(model).config
     lrs = {"adapter": lr, "head": lr, "scales": lr, "bank": config.bank.bank_lr,
-           "logits": config.bank.logits_lr, "gates": config.gated.gate_lr}
+           "logits": config.bank.logits_lr, "gates": config.gates.lr}
     lrs.update(role_lr or {})
     roles = parameter_roles(model)
     adapter_ids = {id(p) for m in model.modules() if isinstance(m, AdaptedLinear)

@@ -84,7 +84,12 @@ def regularizer(model: nn.Module) -> torch.Tensor:
     if not others:  # on the model's device: a CPU zero added to a GPU loss is a blocking copy per step
         return torch.zeros((), device=next((p.device for p in model.parameters()), None))
     summed = others[0] if len(others) == 1 else torch.stack([o.to(others[0].device) for o in others]).sum()
-    return shared.config.quant.lmbda * summed
+    return prior_weight(model) * summed
+
+
+def prior_weight(model: nn.Module) -> float:
+    """λ of the gate prior (``adapter.prior.lmbda``), for every caller that weighs summed priors."""
+    return shared_state(model).config.prior.lmbda
 
 
 def advance(model: nn.Module, step: int) -> None:

@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 import yaml
 
-from leanlora.config import AdapterConfig, ConfigError, canonical_keys, check_field_types, from_plain, to_plain
+from leanlora.config import MOVED_KEYS, AdapterConfig, ConfigError, canonical_keys, check_field_types, from_plain, to_plain
 from leanlora.train import lr_schedule
 from leanlora.train.data import label_text, not_utf8
 from leanlora.train.precision import PRECISIONS
@@ -433,8 +433,21 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
             for alias, name in AdapterConfig.ALIASES.items():
                 if keys[1] in (alias, name):
                     node.pop(name if keys[1] == alias else alias, None)
+        if len(keys) == 3 and keys[0] == "adapter":
+            _drop_other_spellings(data["adapter"], ".".join(keys[1:]))
         where[".".join(keys)] = text
     return where
+
+
+def _drop_other_spellings(adapter: dict[str, Any], key: str) -> None:
+    """An override of a moved key (``gated.gate_lr``) or of its new key (``gates.lr``) removes the
+    file's other spellings of the same setting, as an override of ``alpha`` removes ``lora_alpha``."""
+    new = MOVED_KEYS.get(key, key)
+    for other in {old for old, to in MOVED_KEYS.items() if to == new} | {new}:
+        if other != key:
+            section, name = other.split(".")
+            if isinstance(adapter.get(section), dict):
+                adapter[section].pop(name, None)
 
 
 def _fix_yaml_floats(data: Any) -> Any:
