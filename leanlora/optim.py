@@ -76,10 +76,9 @@ def adamw(groups: list[dict[str, Any]], **kwargs) -> torch.optim.Optimizer:
     """AdamW over ``groups``: :class:`~leanlora.flat_adamw.FlatAdamW` (torch's fused update on CUDA)
     when every parameter is a plain dense floating-point tensor, else torch's AdamW.
 
-    B-LoRA holds ten tensors per adapted module (1,120 at the 1B benchmark shape, LoRA 224), many
-    of them a handful of values; torch's AdamW spends host time per tensor at every step, and
-    FlatAdamW steps one flat tensor per group instead (B-LoRA at 1.1B on an H200: 2.4 against 5.0 ms
-    of host time a step, ``benchmarks/optimizer_step.py``). Sharded (DTensor) parameters keep torch's.
+    B-LoRA holds ten tensors per adapted module, many of them a handful of values; torch's AdamW
+    spends host time per tensor at every step, and FlatAdamW steps one flat tensor per group
+    instead. Sharded (DTensor) parameters keep torch's: a bucket holds plain dense tensors only.
     """
     params = [p for g in groups for p in g["params"]]
     if params and all(flattenable(p) for p in params):
