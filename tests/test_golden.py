@@ -28,6 +28,16 @@ def _needs(point: str) -> None:
         pytest.importorskip("torchao")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tensors this small gain nothing from a second thread, and on a busy CPU two threads that
+    wait on each other make each step many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def outputs() -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file

@@ -14,7 +14,9 @@ README (``advance``, loss + ``regularizer``). Written under ``tests/golden/``:
 Every setting that has a default likely to move is given explicitly (``budget=None``: the gates
 follow the λ-weighted prior alone), so the goldens pin the computation, not today's defaults.
 
-Run from the repository root: ``.venv/bin/python tests/golden/make_goldens.py``.
+Run from the repository root: ``.venv/bin/python tests/golden/make_goldens.py``. Regenerate only
+for a change of results that is meant, and say in the commit why the numbers moved; the adapter
+folders are the files earlier versions wrote, so keep them unless their format is retired.
 """
 
 from __future__ import annotations
