@@ -439,9 +439,12 @@ def _apply_moved(c: "AdapterConfig") -> None:
 
 def _one_value(c: "AdapterConfig", new: str, olds: dict[str, Any]) -> tuple[str, Any]:
     """The one value of ``new`` among old keys (two for gates.threshold): those of gates this
-    adapter has decide; when they differ, which one was meant is unknown and nothing is guessed."""
+    adapter has decide; when they differ, which one was meant is unknown and nothing is guessed.
+    An adapter without gates uses neither, and keeps the first."""
     present = {"gated": c.ranks == "gated", "quant": c.precision == "learned"}
-    relevant = {old: v for old, v in olds.items() if present[old.split(".")[0]]} or olds
+    relevant = {old: v for old, v in olds.items() if present[old.split(".")[0]]}
+    if not relevant:
+        return next(iter(olds.items()))
     if len(set(relevant.values())) > 1:
         given = " and ".join(f"adapter.{old}={v!r}" for old, v in relevant.items())
         raise ConfigError(f"{given} differ, and one adapter.{new} now serves rank and bit gates: "

@@ -63,6 +63,7 @@ def test_two_old_thresholds_become_one_only_where_that_is_unambiguous():
         # only rank gates exist: the bit threshold never acted, the rank one is meant
         assert AdapterConfig.from_dict({"ranks": "gated", **both}).gates.threshold == 0.5
         assert AdapterConfig.from_dict({"precision": "learned", **both}).gates.threshold == 0.34
+        assert AdapterConfig.from_dict(both).gates.threshold == 0.5   # no gates: neither acts
 
 
 def test_a_bad_old_value_is_named_as_given():
