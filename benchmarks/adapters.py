@@ -81,11 +81,11 @@ METHODS = {
     # gate_lr per Adam step, halved on average by the linear decay. The default 1e-2 needs ~1,400
     # steps; runs of a few hundred steps need ~5e-2 for the prior to act at all.
     "lean_blora_short": Method("leanlora B-LoRA, gate lr 5e-2 (short runs)", "leanlora", axes=("gated", "learned"),
-                               overrides={"gated": {"gate_lr": 5e-2}}),
+                               overrides={"gates": {"lr": 5e-2}}),
     # Runs of 500-800 steps (the quality benchmark's GLUE schedule): gates start to close without
     # the prior overtaking the task (MRPC, 3 seeds: BENCHMARKS section 2b).
     "lean_blora_mid": Method("leanlora B-LoRA, gate lr 2.5e-2", "leanlora", axes=("gated", "learned"),
-                             overrides={"gated": {"gate_lr": 2.5e-2}}),
+                             overrides={"gates": {"lr": 2.5e-2}}),
     "lean_combo": Method("leanlora bank + gated + learned on nf4", "leanlora",
                          axes=("bank", "gated", "learned", "nf4")),
 }

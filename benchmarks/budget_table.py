@@ -1,6 +1,6 @@
 """Is the BOPs budget met? MiniLM on SST-2 with ``adapter.budget``, across run lengths and gate learning rates.
 
-For each run length and ``gated.gate_lr`` this trains B-LoRA (``ranks: gated, precision: learned``)
+For each run length and ``gates.lr`` this trains B-LoRA (``ranks: gated, precision: learned``)
 with ``adapter.budget`` through leanlora's own loop and reads the finalized adapter's cost from
 its ``metrics.json`` (``cost.bops_vs_lora16``: BOPs over a plain LoRA of the same modules and r at
 16-bit factors). With ``--lora`` it also trains plain LoRA at each run length for the dev accuracy
@@ -35,7 +35,7 @@ def minilm() -> str:
 
 
 def run_config(args, steps: int, gate_lr: float | None):
-    from leanlora.config import AdapterConfig, GatedConfig
+    from leanlora.config import AdapterConfig, GatesConfig
     from leanlora.train.runconfig import ModelConfig, RunConfig, TrainConfig
     from leanlora.train.tasks import glue_data
 
@@ -44,7 +44,7 @@ def run_config(args, steps: int, gate_lr: float | None):
         adapter = AdapterConfig(**common)
     else:
         adapter = AdapterConfig(**common, ranks="gated", precision="learned", budget=args.budget,
-                                gated=GatedConfig(gate_lr=gate_lr))
+                                gates=GatesConfig(lr=gate_lr))
     data = glue_data(Path(args.glue) / "SST-2", max_length=args.max_length)
     train = TrainConfig(seed=args.seed, max_steps=steps, batch_size=args.batch_size, lr=args.lr, eval_batch_size=64,
                         log_every=max(1, steps // 20), num_threads=args.threads, device=args.device)

@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import leanlora  # noqa: E402
 from leanlora import distributed as D  # noqa: E402
-from leanlora.config import AdapterConfig, NF4Config, QuantConfig  # noqa: E402
+from leanlora.config import AdapterConfig, NF4Config, PriorConfig  # noqa: E402
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SIZES = {  # Llama-2 geometries (70B: grouped-query attention), 32k vocabulary
@@ -77,7 +77,7 @@ def adapter_config(method: str, r: int, scaler_block_size: int) -> AdapterConfig
     if method == "qdylora":
         return AdapterConfig(target_modules=TARGETS, r=r, alpha=2.0 * r, ranks="nested", base="nf4", nf4=nf4)
     return AdapterConfig(target_modules=TARGETS, r=r, alpha=2.0 * r, ranks="gated", precision="learned",
-                         base="nf4", nf4=nf4, quant=QuantConfig(lmbda=1e-3))
+                         base="nf4", nf4=nf4, prior=PriorConfig(lmbda=1e-3))
 
 
 def build_model(shape: dict, device: torch.device, dtype: torch.dtype, seed: int = 0):

@@ -183,7 +183,7 @@ def run_job(args, task: str, name: str, seed: int, data_cache: dict) -> dict:
     method = METHODS[name]
     if args.gate_lr and "gated" in method.axes:  # e.g. a shorter or longer run than the row's default
         method = dataclasses.replace(method, name=f"{method.name} [gate lr {args.gate_lr:g}]",
-                                     overrides={**method.overrides, "gated": {"gate_lr": args.gate_lr}})
+                                     overrides={**method.overrides, "gates": {"lr": args.gate_lr}})
     res = {"task": task, "method": name, "label": method.name, "seed": seed}
     why = unavailable(method)
     if why:

@@ -22,8 +22,11 @@ _EXPORTS = {
     "BankConfig": "leanlora.config",
     "ConfigError": "leanlora.config",
     "GatedConfig": "leanlora.config",
+    "GatesConfig": "leanlora.config",
+    "MovedKeyWarning": "leanlora.config",
     "NestedConfig": "leanlora.config",
     "NF4Config": "leanlora.config",
+    "PriorConfig": "leanlora.config",
     "QuantConfig": "leanlora.config",
     "CostReport": "leanlora.cost",
     "cost_report": "leanlora.cost",
@@ -106,7 +109,8 @@ if TYPE_CHECKING:  # static type checkers and IDEs see the eager imports
     from leanlora import budget, distributed
     from leanlora.budget_sweep import export_budget, sweep_budgets
     from leanlora.base.nf4 import quantize_bases
-    from leanlora.config import DEFAULT_TARGET_MODULES, AdapterConfig, BankConfig, ConfigError, GatedConfig, NestedConfig, NF4Config, QuantConfig
+    from leanlora.config import (DEFAULT_TARGET_MODULES, AdapterConfig, BankConfig, ConfigError, GatedConfig, GatesConfig,
+                                 MovedKeyWarning, NestedConfig, NF4Config, PriorConfig, QuantConfig)
     from leanlora.cost import CostReport, cost_report
     from leanlora.export import ExportError, export, export_peft
     from leanlora.export_merged import export_merged

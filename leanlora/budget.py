@@ -23,9 +23,9 @@ fractions (t_s, t_e, t_f) of ``budget_schedule`` and C_0 the expected cost at th
 
 The gap is relative to the budget and the step is per ramp length, so a gap of one budget held
 over the whole ramp raises λ by κ whatever β and T are. λ is in units of task loss per LoRA-16
-fraction, so it does not depend on ``gate_lr``: Adam moves each gate at about its learning rate
+fraction, so it does not depend on ``gates.lr``: Adam moves each gate at about its learning rate
 in the direction of its summed gradient, and λ sets only how the cost gradient weighs against
-the task's. How *fast* gates can move does depend on ``gate_lr``; that is why the end is a projection.
+the task's. How *fast* gates can move does depend on ``gates.lr``; that is why the end is a projection.
 
 **Freeze and projection** at t_f·T. The structure is fixed by one global order over the
 components and bit levels of all modules (:func:`removal_order`): the prefix of it whose removal
@@ -47,7 +47,7 @@ moved; price is the BOPs the removal saves in the current structure (a rank comp
 16 (in·b_A + out·b_B + b_E), a bit level of A 16·in·k·(b_j - b_{j-1})); distortion is what the
 removal does to the layer's update, ``scale·‖ΔW - ΔW'‖_F`` (a component: ``|d_i|·‖b_i‖·‖a_i‖``; a
 bit level of A: ``‖B D (A_j - A_{j-1})‖_F``), so that gates which had no time to move (short runs,
-a small ``gate_lr``) still remove float residuals before 8-bit ones and components that do
+a small ``gates.lr``) still remove float residuals before 8-bit ones and components that do
 little before those that do much. Ties break by module order.
 """
 

@@ -39,7 +39,7 @@ class Shared(nn.Module):
         # set by leanlora.finalize: gates thresholded, ranks pruned, factors packed (io.save records it)
         self.finalized = False
         # largest full-rank adapter MACs/token over the layers, raised by build_layer as it goes:
-        # the normaliser of the BOP-aware gate priors (quant.reg_type="bop")
+        # the normaliser of the BOP-aware gate priors (prior.reg_type="bop")
         self.prior_scale = PriorScale()
         # the model's modules, kept between the per-step passes over them (advance, regularizer, vectorize)
         self.module_index = ModuleIndex()
@@ -99,9 +99,9 @@ def build_layer(module: nn.Module, name: str, config: AdapterConfig, shared: Sha
         g = config.gated
         # E (r,) is consumed by r MACs/token; a component costs in + out + 1 MACs/token
         quant_e = _build_quantizer(config, dtype, r, shared.prior_scale, device) if g.diag else None
-        ranks = GatedRanks(r, alpha, diag=g.diag, init_log_alpha=g.init_log_alpha,
-                           threshold=g.threshold, nested=g.nested, prior=g.prior,
-                           rslora=rslora, quant_e=quant_e, reg_type=config.quant.reg_type,
+        ranks = GatedRanks(r, alpha, diag=g.diag, init_log_alpha=config.gates.rank_init_log_alpha,
+                           threshold=config.gates.threshold, nested=g.nested, prior=g.prior,
+                           rslora=rslora, quant_e=quant_e, reg_type=config.prior.reg_type,
                            component_macs=in_f + out_f + 1, prior_scale=shared.prior_scale,
                            dtype=dtype, device=device)
 
@@ -127,5 +127,5 @@ def _build_quantizer(config: AdapterConfig, dtype: torch.dtype, macs: int, prior
         return FixedBits(q.bits)
     from leanlora.precision.learned import LearnedBits
 
-    return LearnedBits(q.bit_set, init_log_alpha=q.init_log_alpha, threshold=q.threshold,
-                       reg_type=q.reg_type, macs=macs, prior_scale=prior_scale, device=device)
+    return LearnedBits(q.bit_set, init_log_alpha=config.gates.bit_init_log_alpha, threshold=config.gates.threshold,
+                       reg_type=config.prior.reg_type, macs=macs, prior_scale=prior_scale, device=device)

@@ -350,8 +350,30 @@ def quiet_dependencies() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
+def moved_keys_in_one_line() -> None:
+    """A config key that moved (``adapter.gated.gate_lr``) is reported as one ``leanlora:`` line
+    naming its new key, not as a warning with a source line of leanlora's own."""
+    import warnings
+
+    from leanlora.config import MovedKeyWarning
+
+    shown = warnings.showwarning
+    if getattr(shown, "moved_keys_in_one_line", False):
+        return
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, MovedKeyWarning):
+            print(f"leanlora: warning: {message}", file=sys.stderr)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    show.moved_keys_in_one_line = True
+    warnings.showwarning = show
+
+
 def main(argv: list[str] | None = None) -> int:
     quiet_dependencies()
+    moved_keys_in_one_line()
     parser = build_parser()
     # Positionals may follow options (`train --out d cfg.yaml train.lr=1e-4`): collect the leftovers.
     args, extra = parser.parse_known_args(argv)

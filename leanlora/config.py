@@ -14,6 +14,7 @@ import numbers
 import types
 import typing
 import re
+import warnings
 from dataclasses import InitVar, dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -159,47 +160,52 @@ class NestedConfig:
 
 @dataclass(frozen=True)
 class GatedConfig:
-    """B-LoRA hard-concrete rank gates (used when ``ranks="gated"``)."""
+    """B-LoRA hard-concrete rank gates (used when ``ranks="gated"``); the gates' own settings are
+    in :class:`GatesConfig`, their prior's in :class:`PriorConfig`."""
 
     diag: bool = True
     """AdaLoRA-style B·diag(E)·A (True, the B-LoRA port's default) or plain B·A (False)."""
-    init_log_alpha: float = 6.0
-    """initial gate location log(alpha); 6.0 gives P(on) ~ 0.9995 (B-LoRA config default)."""
-    threshold: float = 0.34
-    """eval: a gate is on when P(z = 0) < threshold (Bayesian Bits' deterministic rule)."""
+    init_log_alpha: InitVar[float | None] = None  # the moved keys keep their places for positional calls
+    """moved to ``gates.rank_init_log_alpha``."""
+    threshold: InitVar[float | None] = None
+    """moved to ``gates.threshold``."""
     nested: bool = True
     """gates nest through a cumulative product: component i lives only if all before it live."""
     prior: Literal["nested", "individual"] = "nested"
     """rank prior prices the nested (cumulative-product) probabilities or each gate alone."""
-    gate_lr: float = 1e-2
-    """learning rate of the gate parameter group."""
+    gate_lr: InitVar[float | None] = None
+    """moved to ``gates.lr``."""
+    MOVED: ClassVar[tuple[str, ...]] = ("init_log_alpha", "threshold", "gate_lr")
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, init_log_alpha: float | None = None, threshold: float | None = None,
+                      gate_lr: float | None = None) -> None:
         check_field_types(self, "gated.")
-        _require(0.0 < self.threshold < 1.0, "gated.threshold", self.threshold, "must be in (0, 1)")
         _require(self.prior in ("nested", "individual"), "gated.prior", self.prior,
                  "allowed: 'nested', 'individual'")
-        _require(self.gate_lr > 0, "gated.gate_lr", self.gate_lr, "must be > 0")
+        _keep_moved(self, "gated", init_log_alpha=init_log_alpha, threshold=threshold, gate_lr=gate_lr)
 
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """Precision of the low-rank factors (used when ``precision`` is "fixed" or "learned")."""
+    """Precision of the low-rank factors (used when ``precision`` is "fixed" or "learned"); the
+    bit gates' own settings are in :class:`GatesConfig`, their prior's in :class:`PriorConfig`."""
 
     bits: int = 8
     """bit-width of the "fixed" precision strategy."""
     bit_set: tuple[int, ...] = (2, 4, 8, 16, 32)
     """bit-widths the "learned" quantizer chooses from; 32 means float (no quantization)."""
-    init_log_alpha: float = 6.0
-    """initial location of every bit gate (6.0: starts at the widest width)."""
-    threshold: float = 0.34
-    """eval: a bit gate is on when P(z = 0) < threshold."""
-    lmbda: float = 1e-3
-    """lambda: weight of the gate prior in the loss (B-LoRA default 1e-3)."""
-    reg_type: Literal["const", "bop"] = "const"
-    """prior cost weights: 1 per gate ("const") or MACs-and-bits aware ("bop")."""
+    init_log_alpha: InitVar[float | None] = None
+    """moved to ``gates.bit_init_log_alpha``."""
+    threshold: InitVar[float | None] = None
+    """moved to ``gates.threshold``."""
+    lmbda: InitVar[float | None] = None
+    """moved to ``prior.lmbda``."""
+    reg_type: InitVar[str | None] = None
+    """moved to ``prior.reg_type``."""
+    MOVED: ClassVar[tuple[str, ...]] = ("init_log_alpha", "threshold", "lmbda", "reg_type")
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, init_log_alpha: float | None = None, threshold: float | None = None,
+                      lmbda: float | None = None, reg_type: str | None = None) -> None:
         check_field_types(self, "quant.")
         _require(self.bits in ALLOWED_BITS, "quant.bits", self.bits, f"allowed: {ALLOWED_BITS}")
         bit_set = tuple(self.bit_set)
@@ -207,10 +213,48 @@ class QuantConfig:
                  "quant.bit_set", self.bit_set,
                  f"must be a non-empty subset of {ALLOWED_BITS} that contains 2")
         object.__setattr__(self, "bit_set", tuple(sorted(set(bit_set))))
-        _require(0.0 < self.threshold < 1.0, "quant.threshold", self.threshold, "must be in (0, 1)")
-        _require(self.lmbda >= 0, "quant.lmbda", self.lmbda, "must be >= 0")
-        _require(self.reg_type in ("const", "bop"), "quant.reg_type", self.reg_type,
-                 "allowed: 'const', 'bop'")
+        _keep_moved(self, "quant", init_log_alpha=init_log_alpha, threshold=threshold, lmbda=lmbda,
+                    reg_type=reg_type)
+
+
+@dataclass(frozen=True)
+class GatesConfig:
+    """Hard-concrete gates of gated ranks and of learned bits (:mod:`leanlora.hardconcrete`).
+
+    Both kinds are the same gate with one eval rule, trained in one optimizer group; the budget
+    controller orders them on one scale. Only where they start differs: a rank gate decides
+    whether a component exists, a bit gate whether a residual refines it."""
+
+    lr: float = 1e-2
+    """learning rate of the gate parameter group (rank and bit gates; no weight decay)."""
+    threshold: float = 0.34
+    """eval: a gate is on when P(z = 0) < threshold (Bayesian Bits' deterministic rule,
+    arXiv:2005.07093), for rank and bit gates alike."""
+    rank_init_log_alpha: float = 6.0
+    """initial location log(alpha) of every rank gate; 6.0 gives P(on) ~ 0.9995: all components start on."""
+    bit_init_log_alpha: float = 6.0
+    """initial location of every bit gate; 6.0: every residual starts on, the widest width of quant.bit_set."""
+
+    def __post_init__(self) -> None:
+        check_field_types(self, "gates.")
+        _require(self.lr > 0, "gates.lr", self.lr, "must be > 0")
+        _require(0.0 < self.threshold < 1.0, "gates.threshold", self.threshold, "must be in (0, 1)")
+
+
+@dataclass(frozen=True)
+class PriorConfig:
+    """The gate prior that :func:`leanlora.regularizer` adds to the loss (Bayesian-LoRA,
+    arXiv:2406.13046); with ``budget`` the budget controller's term replaces it."""
+
+    lmbda: float = 1e-3
+    """lambda: weight of the prior of rank and bit gates in the loss (B-LoRA default 1e-3)."""
+    reg_type: Literal["const", "bop"] = "const"
+    """what closing a gate saves: 1 per gate ("const") or its MACs times bits ("bop"), for rank and bit gates."""
+
+    def __post_init__(self) -> None:
+        check_field_types(self, "prior.")
+        _require(self.lmbda >= 0, "prior.lmbda", self.lmbda, "must be >= 0")
+        _require(self.reg_type in ("const", "bop"), "prior.reg_type", self.reg_type, "allowed: 'const', 'bop'")
 
 
 @dataclass(frozen=True)
@@ -266,6 +310,8 @@ class AdapterConfig:
     nested: NestedConfig = field(default_factory=NestedConfig)
     gated: GatedConfig = field(default_factory=GatedConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
+    gates: GatesConfig = field(default_factory=GatesConfig)
+    prior: PriorConfig = field(default_factory=PriorConfig)
     nf4: NF4Config = field(default_factory=NF4Config)
     vectorize: Literal["auto", "always", "never"] = "auto"
     """compute the adapter pieces (gated, quantized or bank-composed A and B) of all layers of the
@@ -298,6 +344,7 @@ class AdapterConfig:
                          f"{name}={getattr(self, name)!r} is also given; name one of {name} and {alias}")
                 object.__setattr__(self, name, value)
         check_field_types(self, "")
+        _apply_moved(self)
         object.__setattr__(self, "target_modules", _module_spec("target_modules", self.target_modules, True))
         object.__setattr__(self, "exclude_modules", _module_spec("exclude_modules", self.exclude_modules, True))
         object.__setattr__(self, "modules_to_save", _module_spec("modules_to_save", self.modules_to_save, False))
@@ -340,6 +387,84 @@ class AdapterConfig:
 
 
 _FIELD_DEFAULTS = {"alpha": 16.0, "dropout": 0.0}
+
+
+# --- keys that moved: the gates and their prior have sections of their own -------------------
+
+MOVED_KEYS = {
+    "gated.init_log_alpha": "gates.rank_init_log_alpha",
+    "gated.threshold": "gates.threshold",
+    "gated.gate_lr": "gates.lr",
+    "quant.init_log_alpha": "gates.bit_init_log_alpha",
+    "quant.threshold": "gates.threshold",
+    "quant.lmbda": "prior.lmbda",
+    "quant.reg_type": "prior.reg_type",
+}
+"""old adapter key -> its key now. Each old key still sets its new one, with a MovedKeyWarning."""
+
+
+class MovedKeyWarning(FutureWarning):
+    """An adapter config key that moved: it still works, under its new name. A FutureWarning, so
+    that the command line shows it (Python hides DeprecationWarning outside ``__main__``)."""
+
+
+def _keep_moved(cfg: Any, section: str, **given: Any) -> None:
+    """Hold the moved keys a section was given until :func:`_apply_moved` sets their new keys."""
+    moved = {f"{section}.{name}": value for name, value in given.items() if value is not None}
+    for old, value in moved.items():
+        new = MOVED_KEYS[old]
+        warnings.warn(f"adapter.{old} is deprecated: it is adapter.{new} now", MovedKeyWarning, stacklevel=5)
+        target, key = new.split(".")
+        try:  # a bad value is named as given, at once
+            _SECTION_CLASSES[target](**{key: value})
+        except ConfigError as err:
+            head = f"{new}={value!r} is invalid"
+            message = str(err)
+            raise ConfigError(f"{old}={value!r} is invalid (it is {new} now){message[len(head):]}"
+                              if message.startswith(head) else f"{old}: {message}") from None
+    object.__setattr__(cfg, "_moved", moved)
+
+
+def _apply_moved(c: "AdapterConfig") -> None:
+    """Set ``gates`` and ``prior`` from the moved keys of ``gated`` and ``quant``; an old key that
+    contradicts its new key, or two old keys that became one with different values, is refused."""
+    by_new: dict[str, dict[str, Any]] = {}
+    for sub in (c.gated, c.quant):
+        for old, value in getattr(sub, "_moved", {}).items():
+            by_new.setdefault(MOVED_KEYS[old], {})[old] = value
+    if not by_new:
+        return
+    updates: dict[str, dict[str, Any]] = {"gates": {}, "prior": {}}
+    for new, olds in by_new.items():
+        old, value = _one_value(c, new, olds)
+        section, key = new.split(".")
+        current, default = getattr(getattr(c, section), key), getattr(_SECTION_DEFAULTS[section], key)
+        _require(current in (default, value), f"adapter.{old}", value,
+                 f"adapter.{new}={current!r} is also given, and adapter.{old} is its old name: keep only adapter.{new}")
+        updates[section][key] = value
+    object.__setattr__(c, "gates", dataclasses.replace(c.gates, **updates["gates"]))
+    object.__setattr__(c, "prior", dataclasses.replace(c.prior, **updates["prior"]))
+    object.__setattr__(c, "gated", dataclasses.replace(c.gated))  # without the moved keys
+    object.__setattr__(c, "quant", dataclasses.replace(c.quant))
+
+
+def _one_value(c: "AdapterConfig", new: str, olds: dict[str, Any]) -> tuple[str, Any]:
+    """The one value of ``new`` among old keys (two for gates.threshold): those of gates this
+    adapter has decide; when they differ, which one was meant is unknown and nothing is guessed.
+    An adapter without gates uses neither, and keeps the first."""
+    present = {"gated": c.ranks == "gated", "quant": c.precision == "learned"}
+    relevant = {old: v for old, v in olds.items() if present[old.split(".")[0]]}
+    if not relevant:
+        return next(iter(olds.items()))
+    if len(set(relevant.values())) > 1:
+        given = " and ".join(f"adapter.{old}={v!r}" for old, v in relevant.items())
+        raise ConfigError(f"{given} differ, and one adapter.{new} now serves rank and bit gates: "
+                          f"set adapter.{new} instead")
+    return next(iter(relevant.items()))
+
+
+_SECTION_CLASSES = {"gates": GatesConfig, "prior": PriorConfig}
+_SECTION_DEFAULTS = {name: cls() for name, cls in _SECTION_CLASSES.items()}
 
 
 def _module_spec(name: str, value: Any, regex_ok: bool) -> Any:
@@ -433,7 +558,7 @@ def from_plain(cls: type, data: Any, path: str) -> Any:
     data = canonical_keys(cls, data, path)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(set(data) - set(fields) - set(getattr(cls, "MOVED", ())))
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {unknown}; allowed: {sorted(fields)}")
     kwargs = {name: _coerce(hints[name], value, f"{path}.{name}") for name, value in data.items()}
@@ -441,6 +566,8 @@ def from_plain(cls: type, data: Any, path: str) -> Any:
 
 
 def _coerce(hint: Any, value: Any, path: str) -> Any:
+    if isinstance(hint, dataclasses.InitVar):  # a moved key (MOVED_KEYS), read as its type
+        hint = hint.type
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if dataclasses.is_dataclass(hint):

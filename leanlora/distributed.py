@@ -449,9 +449,8 @@ def regularizer(model: nn.Module) -> torch.Tensor:
     gathered) and consumes them: call it once per forward, after the forward.
     """
     import leanlora
-    from leanlora.inject import shared_state
     from leanlora.layer import AdaptedLinear
-    from leanlora.schedule import HasPrior, implements
+    from leanlora.schedule import HasPrior, implements, prior_weight
 
     inner = unwrap(model)
     if mode_of(model) != "fsdp2":
@@ -467,7 +466,7 @@ def regularizer(model: nn.Module) -> torch.Tensor:
                  if implements(m, HasPrior) and id(m) not in under_layers and m is not inner)
     if not terms:  # on the model's device, as leanlora.regularizer's
         return torch.zeros((), device=next((p.device for p in inner.parameters()), None))
-    return shared_state(inner).config.quant.lmbda * torch.stack(terms).sum()
+    return prior_weight(inner) * torch.stack(terms).sum()
 
 
 # Whole tensors for saving, finalizing and resuming live in their own file; one namespace here.

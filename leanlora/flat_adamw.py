@@ -1,15 +1,14 @@
 """AdamW whose moments live in one flat tensor per bucket of parameters.
 
-B-LoRA holds ten parameter tensors per adapted module, most of them a handful of values (1,120 at
-the 1B benchmark shape, LoRA 224). torch's AdamW, fused or not, walks its tensors one by one in
-Python at every step (state lookup, lists, a step counter per tensor): 5.8-10.0 ms of host time
-per step on an H200's host for B-LoRA, 1.3-2.2 ms for LoRA (``benchmarks/speed.py`` host_ms),
-in a step whose host work is about its GPU time. Here the tensors of one param group, device and
-dtype form a bucket with one flat first moment, one flat second moment and one step counter. A
-step copies the bucket's parameters and gradients into flat buffers (one foreach copy each),
-runs torch's own AdamW (``torch.optim.adamw.adamw``, fused on CUDA) on the flat tensors and copies
-the parameters back (B-LoRA at 1.1B, H200: 2.4 ms of host time a step against torch's fused
-5.0; BENCHMARKS.md §1h). The model's parameters are not touched otherwise: no storage is shared,
+B-LoRA holds ten parameter tensors per adapted module, most of them a handful of values, five
+times as many as LoRA. torch's AdamW, fused or not, walks its tensors one by one in Python at
+every step (state lookup, lists, a step counter per tensor), so its host time grows with the
+number of tensors, not with their size, and a small adapter's step can be paced by it. Here the
+tensors of one param group, device and dtype form a bucket with one flat first moment, one flat
+second moment and one step counter. A step copies the bucket's parameters and gradients into flat
+buffers (one foreach copy each), runs torch's own AdamW (``torch.optim.adamw.adamw``, fused on
+CUDA) on the flat tensors and copies the parameters back: host work per bucket, not per tensor.
+The model's parameters are not touched otherwise: no storage is shared,
 nothing in the model's layout changes, and hyperparameters are read from ``param_groups`` at every
 step, so learning-rate schedulers, gradient clipping and ``GradScaler`` work as with torch's.
 

@@ -1,4 +1,4 @@
-"""Hard-concrete (L0) gates, Louizos, Welling & Kingma 2018, as Bayesian Bits and B-LoRA use them.
+"""Hard-concrete (L0) gates (arXiv:1712.01312), as Bayesian Bits and B-LoRA use them.
 
 A gate has one learnable location ``log_alpha``. With the stretch (gamma, zeta) = (-0.1, 1.1) and
 temperature beta = 2/3 (the constants of both papers and of the B-LoRA code):

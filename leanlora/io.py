@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from leanlora.atomic import atomic_folder, atomic_save_tensors, atomic_write_byt
 from leanlora.base.dense import DenseBase
 from leanlora.base_check import check_architecture, check_module_shapes, record_base_digests, verify_base
 from leanlora.checksum import CHECKSUM_KEY, CONFIG_CHECKSUM_KEY, config_sha256, tensors_sha256
-from leanlora.config import AdapterConfig, ConfigError
+from leanlora.config import AdapterConfig, ConfigError, MovedKeyWarning
 from leanlora.finite import first_nonfinite
 from leanlora.inject import SHARED_ATTR, InjectError, adapted_layers, inject, shared_state, unload
 
@@ -169,7 +170,9 @@ def read_adapter_config(directory: str | os.PathLike) -> tuple[AdapterConfig, di
     if "adapter" not in meta:
         raise AdapterLoadError(f"{path}: adapter: missing (the file is incomplete or was edited)")
     try:
-        config = AdapterConfig.from_dict(meta["adapter"])
+        with warnings.catch_warnings():  # a file of an earlier version spells moved keys the old way
+            warnings.simplefilter("ignore", MovedKeyWarning)
+            config = AdapterConfig.from_dict(meta["adapter"])
     except (ConfigError, KeyError, TypeError, ValueError, AttributeError, RecursionError) as err:
         raise AdapterLoadError(f"{path}: invalid adapter section: {err}") from None
     check_adapter_meta(meta, config, str(path))

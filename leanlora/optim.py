@@ -9,7 +9,7 @@ Roles and their defaults (learning rate, weight decay):
     head     lr,               weight_decay     a classifier trained in full
     bank     bank.bank_lr,     0                VB-LoRA vector bank (default 1e-2; paper 1e-3; no decay)
     logits   bank.logits_lr,   0                VB-LoRA top-k logits (paper: 1e-2, no decay)
-    gates    gated.gate_lr,    0                hard-concrete rank / bit gates
+    gates    gates.lr,         0                hard-concrete rank / bit gates
     scales   lr,               0                learned quantizer ranges
 """
 
@@ -54,7 +54,7 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0,
 
     config = shared_state(model).config
     lrs = {"adapter": lr, "head": lr, "scales": lr, "bank": config.bank.bank_lr,
-           "logits": config.bank.logits_lr, "gates": config.gated.gate_lr}
+           "logits": config.bank.logits_lr, "gates": config.gates.lr}
     lrs.update(role_lr or {})
     roles = parameter_roles(model)
     adapter_ids = {id(p) for m in model.modules() if isinstance(m, AdaptedLinear)
@@ -76,10 +76,9 @@ def adamw(groups: list[dict[str, Any]], **kwargs) -> torch.optim.Optimizer:
     """AdamW over ``groups``: :class:`~leanlora.flat_adamw.FlatAdamW` (torch's fused update on CUDA)
     when every parameter is a plain dense floating-point tensor, else torch's AdamW.
 
-    B-LoRA holds ten tensors per adapted module (1,120 at the 1B benchmark shape, LoRA 224), many
-    of them a handful of values; torch's AdamW spends host time per tensor at every step, and
-    FlatAdamW steps one flat tensor per group instead (B-LoRA at 1.1B on an H200: 2.4 against 5.0 ms
-    of host time a step, ``benchmarks/optimizer_step.py``). Sharded (DTensor) parameters keep torch's.
+    B-LoRA holds ten tensors per adapted module, many of them a handful of values; torch's AdamW
+    spends host time per tensor at every step, and FlatAdamW steps one flat tensor per group
+    instead. Sharded (DTensor) parameters keep torch's: a bucket holds plain dense tensors only.
     """
     params = [p for g in groups for p in g["params"]]
     if params and all(flattenable(p) for p in params):

@@ -1,9 +1,9 @@
 """The adapter pieces of many layers, computed together once per forward (``AdapterConfig.vectorize``).
 
 B-LoRA's gates and quantizers, and VB-LoRA's bank composition, are dozens of operators on small
-tensors per adapted layer. Layer by layer that is 52 extra kernels per module in a compiled
-training step on an H200 (7,743 launches against LoRA's 1,914 at the 1B shape), each launched
-from the host: the step is host-bound. But the work is the same function for every layer of the
+tensors per adapted layer. Layer by layer that is dozens of extra kernels per module in a
+compiled training step, each launched from the host, so on a fast GPU the step waits on its
+host. But the work is the same function for every layer of the
 same shape and strategy (q and o, k and v, gate and up, down: four groups in a Llama), only with
 other parameter values. So at the start of the model's forward, each such group is computed in
 one go: its parameters are stacked and ``torch.func.vmap`` runs the layers' own
@@ -129,9 +129,9 @@ def groups(layers: list[AdaptedLinear], mode: str) -> list[list[AdaptedLinear]]:
 class _Slots:
     """Where a layer's strategy tensors live, so that each step reads them without walking modules.
 
-    Walking the strategy modules and naming ~17 tensors per layer, at every training forward,
-    was a few ms of host time at the 1B shape; reading them from their registries is a tenth of
-    that. :meth:`read` answers None when the modules changed shape (a strategy module replaced, a
+    Walking the strategy modules and naming each of a layer's tensors at every training forward
+    costs a Python frame per module and a string per tensor; reading them from the registries
+    they were found in costs neither. :meth:`read` answers None when the modules changed shape (a strategy module replaced, a
     tensor added or removed), and the grouping is then built again.
     """
 
@@ -169,7 +169,7 @@ def activation_dtype(layer: AdaptedLinear) -> torch.dtype | None:
     :meth:`AdaptedLinear.forward` runs the adapter path in the activations' dtype when that is
     half precision; the activations of a bf16 layer are bf16, so the group casts A~, B~ and d
     to it once, inside its fused kernels, instead of each layer launching its own casts (and
-    their backward) around every GEMM: about 450 launches fewer per step for a 1B B-LoRA.
+    their backward) around every GEMM: a few launches per group instead of per layer.
     """
     # an FP8 base's codes are float8: its ``dtype`` is the one it computes in
     dtype = getattr(layer.base, "dtype", None) or getattr(getattr(layer.base, "weight", None), "dtype", None)
@@ -308,13 +308,13 @@ class Vectorizer:
 
     def use_compiler(self, compile_mode: str | None, backend="inductor") -> None:
         """Compile the grouped computation (``None``: eager again); the compiled training path calls
-        this. Eager vmap runs each operator through functorch's batching layer from Python, about
-        50 ms of host time per step at the 1B shape; compiled, each group is a few fused kernels.
+        this. Eager vmap runs each operator through functorch's batching layer from Python, host
+        time per operator and per step; compiled, each group is a few fused kernels.
 
         Under CUDA graphs ("reduce-overhead") the layers compute their own pieces instead: the
         graphs replay without the host anyway, and grouped pieces would be graph inputs whose
         gradients outlive the layer graphs that produce them, which CUDA-graph trees answer by
-        recording again (2.6 s a step measured on an H200, against 0.11 s layer by layer).
+        recording again at every step, far slower than computing layer by layer.
         """
         self.off_for_graphs = compile_mode == "reduce-overhead"
         if compile_mode is None:
@@ -355,9 +355,8 @@ class Vectorizer:
 
         The stacks are new leaves, and a hook hands each member its slice once the stack's
         gradient is in (:func:`_hand_out`): a differentiable ``torch.stack`` would put a stack
-        node and an accumulation node per parameter into every backward, 1,120 of them for a 1B
-        B-LoRA, which the autograd engine runs one by one from the host (BENCHMARKS.md section
-        1i has the step before and after). With torch.distributed running, the stack stays
+        node and an accumulation node per parameter into every backward (ten per adapted layer
+        for B-LoRA), which the autograd engine runs one by one from the host. With torch.distributed running, the stack stays
         differentiable: DDP learns that a gradient is ready from each parameter's own
         accumulation node.
         """
@@ -394,7 +393,7 @@ class Vectorizer:
         if off or not model.training or not torch.is_grad_enabled() or not layers or _sharded(layers[0]):
             return
         tensors = self._current(layers)
-        if tensors is None:  # the signatures (a few ms at 1B) only when something changed
+        if tensors is None:  # the signatures (a walk over every layer) only when something changed
             tensors = self._regroup(layers)
         try:
             stacks = self._stack(tensors)

@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 import leanlora  # noqa: E402
 from leanlora import distributed as D  # noqa: E402
-from leanlora.config import AdapterConfig, BankConfig, NF4Config, NestedConfig, QuantConfig  # noqa: E402
+from leanlora.config import AdapterConfig, BankConfig, GatesConfig, NF4Config, NestedConfig, PriorConfig  # noqa: E402
 from leanlora.finalize import finalize  # noqa: E402
 from leanlora.io import adapter_state_dict  # noqa: E402
 
@@ -53,7 +53,7 @@ def method_configs(have_gated: bool) -> dict[str, AdapterConfig]:
     }
     if have_gated:
         configs["blora"] = AdapterConfig(target_modules=TARGETS, r=4, alpha=8.0, ranks="gated",
-                                         precision="learned", quant=QuantConfig(lmbda=0.05))
+                                         precision="learned", prior=PriorConfig(lmbda=0.05))
     return configs
 
 
@@ -199,11 +199,10 @@ def run_resume(config: AdapterConfig, mode: str, out: Path) -> dict:
 
 def run_gate_noise(mode: str) -> dict:
     """B-LoRA in training mode: gate samples differ per rank, the trained and finalized adapter do not."""
-    from leanlora.config import GatedConfig
     from leanlora.inject import adapted_layers
 
     config = AdapterConfig(target_modules=TARGETS, r=4, alpha=8.0, ranks="gated", precision="learned",
-                           gated=GatedConfig(init_log_alpha=0.0), quant=QuantConfig(lmbda=0.05))
+                           gates=GatesConfig(rank_init_log_alpha=0.0), prior=PriorConfig(lmbda=0.05))
     model = build(config)
     model.train()                                  # stochastic gates this time
     call = D.wrap(model, mode)

@@ -135,7 +135,7 @@ ROWS = [
     ("lr-inf", "cfg", lambda c, t: _fresh(c, t, "train.lr=.inf"), "train.lr=inf is invalid: must be a finite number"),
     ("lr-nan", "cfg", lambda c, t: _fresh(c, t, "train.lr=.nan"), "train.lr=nan is invalid"),
     ("alpha-inf", "cfg", lambda c, t: _fresh(c, t, "adapter.alpha=.inf"), "'adapter.alpha=.inf': alpha=inf is invalid"),
-    ("gate-lr-inf", "cfg", lambda c, t: _fresh(c, t, "adapter.gated.gate_lr=.inf"), "gated.gate_lr=inf is invalid"),
+    ("gate-lr-inf", "cfg", lambda c, t: _fresh(c, t, "adapter.gates.lr=.inf"), "gates.lr=inf is invalid"),
     ("alpha-text", "cfg", lambda c, t: _fresh(c, t, "adapter.alpha=abc"), "adapter.alpha: expected a number"),
     # 3. resume refuses what cannot change, with the reason
     ("resume-adapter-r", "run", lambda r, t: ["train", "--resume", str(_copy(r, t)), "adapter.r=8"],

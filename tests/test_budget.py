@@ -75,7 +75,7 @@ def test_expected_cost_is_the_cost_tables_bops_when_gates_are_certain():
 
 
 def test_expected_cost_has_a_gradient_on_every_gate():
-    model = gated_bert(gated=leanlora.GatedConfig(init_log_alpha=1.0), quant=leanlora.QuantConfig(init_log_alpha=1.0))
+    model = gated_bert(gates=leanlora.GatesConfig(rank_init_log_alpha=1.0, bit_init_log_alpha=1.0))
     bud.expected_cost(model).backward()
     for c in bud.gate_chains(model)[1]:
         assert c.log_alpha.grad is not None and bool((c.log_alpha.grad > 0).all()), c.name
@@ -152,7 +152,7 @@ QUIET = dict(progress=False, log=lambda *_: None)
 
 @pytest.mark.parametrize("gate_lr", ["3e-3", "3e-2"])
 def test_the_loop_meets_the_budget_and_records_the_cost(config, tmp_path, gate_lr):
-    run = load_run_config(config, [*BUDGET_RUN, f"adapter.gated.gate_lr={gate_lr}"])
+    run = load_run_config(config, [*BUDGET_RUN, f"adapter.gates.lr={gate_lr}"])
     result = train(run, tmp_path / "run", **QUIET)
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     cost = metrics["cost"]

@@ -255,7 +255,7 @@ def test_demo_sizes_blora_by_a_budget_not_by_the_run_length():
     short, long = demo_run(max_train=256, max_eval=16), demo_run(max_train=4096, max_eval=16)
     assert short.adapter == long.adapter                            # nothing depends on the run's length
     assert short.adapter.ranks == "gated" and short.adapter.budget == DEMO_BUDGET
-    assert short.adapter.gated.gate_lr == 1e-2                      # the B-LoRA default
+    assert short.adapter.gates.lr == 1e-2                           # the B-LoRA default
     lora = demo_run(method="lora").adapter
     assert lora.ranks == "fixed" and resolved(lora) is None
 

@@ -56,7 +56,7 @@ def test_gated_learned_closed_form():
 
 
 def test_bop_prior_uses_layer_macs():
-    cfg = _config(ranks="gated", precision="learned", quant=leanlora.QuantConfig(reg_type="bop"))
+    cfg = _config(ranks="gated", precision="learned", prior=leanlora.PriorConfig(reg_type="bop"))
     model = leanlora.inject(tiny_llama(), cfg)
     q_a = model.model.layers[0].self_attn.q_proj.quant_a
     v_b = model.model.layers[0].self_attn.v_proj.quant_b

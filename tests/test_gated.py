@@ -80,10 +80,12 @@ def test_select_scales_and_diag():
     assert d.tolist() == [1.0, 1.0, 0.0]
 
 
-def _gated_model(lmbda=1e-3, **gated):
+def _gated_model(lmbda=1e-3, init_log_alpha=6.0, **gated):
     model = tiny_llama()
     cfg = leanlora.AdapterConfig(target_modules=("q_proj", "v_proj"), r=4, ranks="gated",
-                                 gated=leanlora.GatedConfig(**gated), quant=leanlora.QuantConfig(lmbda=lmbda))
+                                 gated=leanlora.GatedConfig(**gated),
+                                 gates=leanlora.GatesConfig(rank_init_log_alpha=init_log_alpha),
+                                 prior=leanlora.PriorConfig(lmbda=lmbda))
     leanlora.inject(model, cfg)
     randomize_adapters(model)
     return model
@@ -137,7 +139,7 @@ def test_regularizer_lowers_expected_ranks_only_when_lambda_is_large():
 def test_gates_and_scales_have_their_own_optimizer_groups():
     model = tiny_llama()
     leanlora.inject(model, leanlora.AdapterConfig(target_modules=("q_proj",), r=4, ranks="gated",
-                                                  precision="learned", gated=leanlora.GatedConfig(gate_lr=0.05)))
+                                                  precision="learned", gates=leanlora.GatesConfig(lr=0.05)))
     groups = {g["role"]: g for g in leanlora.param_groups(model, lr=1e-4)}
     assert groups["gates"]["lr"] == 0.05 and groups["gates"]["weight_decay"] == 0.0
     n_gates = sum(p.numel() for p in groups["gates"]["params"])
@@ -160,8 +162,6 @@ def test_training_forward_compiles_without_graph_breaks():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(threshold=0.0), "gated.threshold=0.0 is invalid: must be in (0, 1)"),
-    (dict(threshold=1.5), "gated.threshold=1.5 is invalid: must be in (0, 1)"),
     (dict(prior="sum"), "gated.prior='sum' is invalid: allowed: 'nested', 'individual'"),
 ])
 def test_gated_config_errors(kwargs, message):
@@ -170,11 +170,22 @@ def test_gated_config_errors(kwargs, message):
     assert str(err.value) == message
 
 
+@pytest.mark.parametrize("cls, kwargs, message", [
+    ("GatesConfig", dict(threshold=0.0), "gates.threshold=0.0 is invalid: must be in (0, 1)"),
+    ("GatesConfig", dict(threshold=1.5), "gates.threshold=1.5 is invalid: must be in (0, 1)"),
+    ("GatesConfig", dict(lr=0.0), "gates.lr=0.0 is invalid: must be > 0"),
+    ("PriorConfig", dict(lmbda=-1e-3), "prior.lmbda=-0.001 is invalid: must be >= 0"),
+    ("PriorConfig", dict(reg_type="l1"), "prior.reg_type='l1' is invalid: allowed: 'const', 'bop'"),
+])
+def test_gates_and_prior_config_errors(cls, kwargs, message):
+    with pytest.raises(leanlora.ConfigError) as err:
+        getattr(leanlora, cls)(**kwargs)
+    assert str(err.value) == message
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(bit_set=(2, 3)), "quant.bit_set=(2, 3) is invalid: must be a non-empty subset of (2, 4, 8, 16, 32)"),
     (dict(bit_set=(4, 8)), "quant.bit_set=(4, 8) is invalid: must be a non-empty subset of (2, 4, 8, 16, 32)"),
-    (dict(lmbda=-1e-3), "quant.lmbda=-0.001 is invalid: must be >= 0"),
-    (dict(threshold=1.0), "quant.threshold=1.0 is invalid: must be in (0, 1)"),
     (dict(bits=3), "quant.bits=3 is invalid: allowed: (2, 4, 8, 16, 32)"),
 ])
 def test_quant_config_errors(kwargs, message):

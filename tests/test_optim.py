@@ -17,7 +17,7 @@ def test_adamw_keeps_the_role_groups_and_steps_flat_buckets_for_plain_parameters
     opt = adamw(groups, lr=1e-3)
     assert isinstance(opt, FlatAdamW)
     assert [g["role"] for g in opt.param_groups] == [g["role"] for g in groups]
-    assert {g["role"]: g["lr"] for g in opt.param_groups}["gates"] == model.leanlora_shared.config.gated.gate_lr
+    assert {g["role"]: g["lr"] for g in opt.param_groups}["gates"] == model.leanlora_shared.config.gates.lr
     assert [len(b) for b in opt.buckets()] == [1] * len(groups)  # one flat bucket per role
 
 

@@ -18,7 +18,7 @@ def _blora(reg_type: str, layers: int = 2, **gated):
     model = tiny_llama(num_hidden_layers=layers)
     cfg = leanlora.AdapterConfig(target_modules=ALL, r=6, ranks="gated", precision="learned",
                                  gated=leanlora.GatedConfig(**gated),
-                                 quant=leanlora.QuantConfig(lmbda=0.3, reg_type=reg_type))
+                                 prior=leanlora.PriorConfig(lmbda=0.3, reg_type=reg_type))
     leanlora.inject(model, cfg)
     torch.manual_seed(1)
     with torch.no_grad():  # gates spread over open, undecided and closed, so every term matters
@@ -30,7 +30,7 @@ def _blora(reg_type: str, layers: int = 2, **gated):
 
 def _per_module(model) -> torch.Tensor:
     """The reference: each module's own prior(), one at a time, in float64."""
-    lmbda = shared_state(model).config.quant.lmbda
+    lmbda = shared_state(model).config.prior.lmbda
     terms = []
     for m in model.modules():
         if isinstance(m, HasPrior) and m is not model:

@@ -35,7 +35,7 @@ def test_the_named_optimizer_gets_leanlora_groups(tmp_path, optim, cls, extra):
     got = roles(opt)
     config = trainer.model.leanlora_shared.config
     assert {"adapter", "head", "gates"} <= set(got)
-    assert got["gates"]["lr"] == config.gated.gate_lr and got["gates"]["weight_decay"] == 0.0
+    assert got["gates"]["lr"] == config.gates.lr and got["gates"]["weight_decay"] == 0.0
     assert got["adapter"]["lr"] == trainer.args.learning_rate
     for key, value in extra.items():
         assert (opt.fused if key == "fused" else opt.defaults[key]) == value, key  # FlatAdamW keeps fused apart

@@ -7,7 +7,7 @@ from transformers import TrainingArguments
 
 import leanlora
 from conftest import tiny_bert
-from leanlora.config import AdapterConfig, GatedConfig, QuantConfig
+from leanlora.config import AdapterConfig, GatesConfig, PriorConfig
 
 
 class Rows(torch.utils.data.Dataset):
@@ -28,7 +28,7 @@ class Rows(torch.utils.data.Dataset):
 def gated_config(**kw) -> AdapterConfig:
     """B-LoRA (gated ranks, learned bits) on query/value with the classifier trained in full."""
     base = dict(target_modules=("query", "value"), modules_to_save=("classifier",), r=4, ranks="gated",
-                precision="learned", gated=GatedConfig(init_log_alpha=2.0), quant=QuantConfig(lmbda=0.1))
+                precision="learned", gates=GatesConfig(rank_init_log_alpha=2.0), prior=PriorConfig(lmbda=0.1))
     return AdapterConfig(**{**base, **kw})
 
 

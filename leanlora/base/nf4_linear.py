@@ -3,9 +3,7 @@
 torchao's ``NF4Tensor`` is a tensor subclass: a compiled region that takes one as an input
 flattens it into its five inner tensors, checks their metadata and rebuilds it on every call,
 forward and backward. That is host time per adapted layer per step, in a training step that is
-already paced by the host: at the 1B shape on an H200, a compiled QLoRA step spent 37.2 ms of
-host time in its forward with the subclass and 29.1 ms with the parts (BENCHMARKS.md section 1i).
-Handing the compiled code the parts (plain tensors) and dequantizing them with the same
+already paced by the host. Handing the compiled code the parts (plain tensors) and dequantizing them with the same
 operators as ``NF4Tensor.get_original_weight`` gives the same weight bit for bit and the same
 kernels on the GPU; only the subclass's wrapping at each call is gone.
 

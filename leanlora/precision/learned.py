@@ -1,4 +1,4 @@
-"""Learned bit-width: the Bayesian Bits nested residual quantizer (van Baalen et al. 2020), as B-LoRA.
+"""Learned bit-width: the Bayesian Bits nested residual quantizer (arXiv:2005.07093), as B-LoRA.
 
 For a bit set b_0 = 2 < b_1 < ... (a subset of {2, 4, 8, 16, 32}; 32 means float) and a range
 x_max, the grids s_b = 2 x_max / (2^b - 1) nest (2^a - 1 divides 2^b - 1 when a divides b), so a

@@ -7,7 +7,7 @@ from torch import nn
 
 
 def lora_scale(alpha: float, rank: int | torch.Tensor, rslora: bool) -> float | torch.Tensor:
-    """alpha / r, or alpha / sqrt(r) (rsLoRA, Kalajdzievski 2023); r may be a tensor (nested ranks)."""
+    """alpha / r, or alpha / sqrt(r) (rsLoRA, arXiv:2312.03732); r may be a tensor (nested ranks)."""
     return alpha / (rank ** 0.5 if rslora else rank)
 
 

@@ -1,12 +1,11 @@
 """The compiled training path: ``torch.compile`` per decoder layer, with an eager fallback.
 
-Regional compilation (each repeated block compiled once and reused by its siblings) is what the
-speed benchmark measures: it compiles in seconds where whole-model compilation takes a minute,
-and it composes with DDP and FSDP2 (each ``fully_shard``-ed layer is one compiled region). A
+Regional compilation (each repeated block compiled once and reused by its siblings) compiles
+one block's graph instead of the whole model's, so compile time does not grow with depth, and it
+composes with DDP and FSDP2 (each ``fully_shard``-ed layer is one compiled region). A
 model without a known repeated block is compiled whole.
 
-Inductor can still fail on a graph (a Triton pass crashing on one fused kernel has been seen on
-an H100). A run must not die for a speed option, so :class:`CompiledRegions` runs the first step
+Inductor can still fail on a graph (a Triton pass crashing on one fused kernel, say). A run must not die for a speed option, so :class:`CompiledRegions` runs the first step
 under a guard: if compiling raises, it restores the eager forward of every region, drops the
 half-made gradients, warns once with the compiler's message, and the step is run again eagerly.
 """

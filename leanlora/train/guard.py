@@ -92,7 +92,7 @@ def likely_cause(config: AdapterConfig) -> str:
                 "or compare the smaller ranks with `leanlora sweep`")
     if config.ranks == "gated" or config.precision == "learned":
         return ("the rank and bit gates may have closed before the task was learned: lower the prior's "
-                "weight (adapter.quant.lmbda) or the gate learning rate (adapter.gated.gate_lr), or train longer")
+                "weight (adapter.prior.lmbda) or the gate learning rate (adapter.gates.lr), or train longer")
     return ("the adapter moved too little for this data in this many steps: train longer "
             "(train.epochs / train.max_steps) or raise train.lr")
 

@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 import yaml
 
-from leanlora.config import AdapterConfig, ConfigError, canonical_keys, check_field_types, from_plain, to_plain
+from leanlora.config import MOVED_KEYS, AdapterConfig, ConfigError, canonical_keys, check_field_types, from_plain, to_plain
 from leanlora.train import lr_schedule
 from leanlora.train.data import label_text, not_utf8
 from leanlora.train.precision import PRECISIONS
@@ -51,7 +51,7 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """dtype of the frozen base weights."""
     gradient_checkpointing: bool = False
-    """recompute activations in backward (less memory, ~30% more time)."""
+    """recompute activations in backward (less memory, one more forward pass per step)."""
 
 
 @dataclass(frozen=True)
@@ -215,14 +215,13 @@ class TrainConfig:
     If compiling fails, the first step says why and the run continues eagerly."""
     compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "default"
     """torch.compile mode of the compiled layers. "reduce-overhead" adds CUDA graphs, which
-    removes kernel-launch cost from the host: on an H200 (1B Llama, batch 8x1024) B-LoRA ran at
-    0.99x of PEFT LoRA's speed in that mode and 0.76-1.04x in the default one (0.97-1.04x in the
-    latest readings, BENCHMARKS.md 1e-1i). A graph is recorded per input shape, so prefer it when
-    batches have few distinct lengths."""
+    removes kernel-launch cost from the host, the cost that paces methods of many small kernels
+    (gates, quantizers, the bank). A graph is recorded per input shape, so prefer it when batches
+    have few distinct lengths."""
     cuda_graph: bool = False
     """capture the whole training step (forward, backward, clipping, AdamW) as one CUDA graph
-    and replay it (leanlora.train.StepGraph): the host no longer issues the step's kernels. On an
-    H200 this took every method to 1.14-1.20x compiled PEFT LoRA at 1B (BENCHMARKS.md 1k). Needs
+    and replay it (leanlora.train.StepGraph): the host no longer issues the step's kernels, so a
+    step costs its GPU time alone. Needs
     a CUDA device, one process, grad_accum 1, compile_mode other than reduce-overhead and SDPA
     attention; every batch is padded to data.max_length (one shape, one graph; a smaller last
     batch runs uncaptured), and a non-finite loss is found after its optimizer step, not before."""
@@ -442,8 +441,21 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
             for alias, name in AdapterConfig.ALIASES.items():
                 if keys[1] in (alias, name):
                     node.pop(name if keys[1] == alias else alias, None)
+        if len(keys) == 3 and keys[0] == "adapter":
+            _drop_other_spellings(data["adapter"], ".".join(keys[1:]))
         where[".".join(keys)] = text
     return where
+
+
+def _drop_other_spellings(adapter: dict[str, Any], key: str) -> None:
+    """An override of a moved key (``gated.gate_lr``) or of its new key (``gates.lr``) removes the
+    file's other spellings of the same setting, as an override of ``alpha`` removes ``lora_alpha``."""
+    new = MOVED_KEYS.get(key, key)
+    for other in {old for old, to in MOVED_KEYS.items() if to == new} | {new}:
+        if other != key:
+            section, name = other.split(".")
+            if isinstance(adapter.get(section), dict):
+                adapter[section].pop(name, None)
 
 
 def _fix_yaml_floats(data: Any) -> Any:

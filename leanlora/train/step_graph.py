@@ -1,11 +1,10 @@
 """A whole training step (forward, backward, optimizer) captured as one CUDA graph and replayed.
 
-Why: on a GPU that outruns its host, a step is paced by Python issuing kernels. At the 1B
-benchmark shape a compiled B-LoRA step launches about 2,100 kernels for 86 ms of GPU work, and
-issuing them takes its host 83-107 ms (BENCHMARKS.md section 1i). ``torch.compile``'s own CUDA
-graphs ("reduce-overhead") cover each compiled region separately, and cannot hold the adapter
-pieces that leanlora computes for a group of layers before the layers run (section 1e). One graph
-around the whole step holds all of it: a replay is one launch.
+Why: on a GPU that outruns its host, a step is paced by Python issuing kernels, and a compiled
+B-LoRA step issues thousands of small ones. ``torch.compile``'s own CUDA graphs
+("reduce-overhead") cover each compiled region separately, and cannot hold the adapter pieces
+that leanlora computes for a group of layers before the layers run (:mod:`leanlora.vectorize`).
+One graph around the whole step holds all of it: a replay is one launch.
 
 This is PyTorch's documented whole-network capture (``torch.cuda.graph``), with what a training
 loop needs around it:
@@ -32,11 +31,9 @@ source is not the user's code: Hugging Face transformers' mask creation reads te
 outside a capture and takes another branch inside one (a causal LM called without a cache and
 without an attention mask checks its position ids for packed sequences; a padding mask is
 checked for being all ones). The check declines such a step; capturing it anyway would, on a
-compiled model, mean compiling the other branch inside the capture, which fails (seen: PEFT LoRA
-and leanlora LoRA, compiled, 1B shape). Measured on an H200 (BENCHMARKS.md section 1j):
-graphed training equals plain training for LoRA, B-LoRA, DyLoRA and the bank with gates and
-learned bits (tests/test_step_graph.py); at the 1B benchmark shape the transformers check
-declined the capture, so the speed of a captured 1B step is not measured yet.
+compiled model, mean compiling the other branch inside the capture, which fails. Graphed
+training equals plain training for LoRA, B-LoRA, DyLoRA and the bank with gates and learned
+bits (tests/test_step_graph.py).
 """
 
 from __future__ import annotations
