@@ -14,7 +14,7 @@ from leanlora.base.dense import DenseBase, linear_shape
 from leanlora.config import AdapterConfig
 from leanlora.factors.dense import DenseFactors
 from leanlora.layer import AdaptedLinear
-from leanlora.module_index import ModuleIndex
+from leanlora.speed.module_index import ModuleIndex
 from leanlora.precision.full import FullPrecision
 from leanlora.precision.learned import PriorScale
 from leanlora.ranks.fixed import FixedRanks
@@ -111,7 +111,7 @@ def build_layer(module: nn.Module, name: str, config: AdapterConfig, shared: Sha
     quant_b = _build_quantizer(config, dtype, out_f * r, shared.prior_scale, device)
     base = Bnb4Base(module, name) if is_linear4bit(module) else DenseBase(module)
     layer = AdaptedLinear(base, factors, ranks, quant_a, quant_b, dropout=config.dropout, name=name)
-    layer.base_digest = None  # recorded once, at the first save (leanlora.identity.record_layer_digest)
+    layer.base_digest = None  # recorded once, at the first save (leanlora.artifact.identity.record_layer_digest)
     layer.train(module.training)  # a model in eval mode stays in eval mode (dropout, sampled ranks)
     return layer
 

@@ -19,7 +19,7 @@ from leanlora.build import Shared, build_layer, build_shared
 from leanlora.config import AdapterConfig, ConfigError
 from leanlora.layer import AdaptedLinear
 from leanlora.targets import FilterFn, InjectError, find_modules_to_save, find_targets, module_matches
-from leanlora.vectorize import Vectorizer, refresh_pieces, wanted
+from leanlora.speed.vectorize import Vectorizer, refresh_pieces, wanted
 
 SHARED_ATTR = "leanlora_shared"
 
@@ -184,8 +184,8 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     from leanlora.base.dense import DenseBase
     from leanlora.layer import MergeError
 
-    from leanlora.finite import first_nonfinite
-    from leanlora.io import adapter_state_dict
+    from leanlora.artifact.finite import first_nonfinite
+    from leanlora.artifact.io import adapter_state_dict
 
     shared_state(model)
     bad = first_nonfinite(adapter_state_dict(model).items())

@@ -44,7 +44,7 @@ class AdaptedLinear(nn.Module):
         self.merged = False
         self._unmerge_copy: object | None = None
         # (A~, B~, d, scale) of this forward when computed with the layer's group
-        # (leanlora.vectorize); None: the layer computes its own
+        # (leanlora.speed.vectorize); None: the layer computes its own
         self.pieces: tuple | None = None
 
     def __getstate__(self) -> dict:
@@ -105,8 +105,8 @@ class AdaptedLinear(nn.Module):
         """
         if self.merged:
             return {}
-        from leanlora.finite import first_nonfinite
-        from leanlora.identity import record_layer_digest
+        from leanlora.artifact.finite import first_nonfinite
+        from leanlora.artifact.identity import record_layer_digest
 
         own = [(f"{self.name}.{k}", v) for k, v in self.state_dict().items() if not k.startswith("base.")]
         bad = first_nonfinite(own)

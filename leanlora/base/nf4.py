@@ -220,7 +220,7 @@ def quantize_bases(model: nn.Module, nf4_config: NF4Config | None = None) -> dic
         if layer.merged:
             raise ValueError(f"{name}: unmerge the adapter before quantizing its base to NF4")
         check_nf4_shape(name, layer.in_features, layer.out_features, config)
-    from leanlora.identity import record_layer_digest
+    from leanlora.artifact.identity import record_layer_digest
 
     sizes = {}
     for name, layer in layers:

@@ -34,9 +34,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from leanlora import hardconcrete as hc
-from leanlora import priors
-from leanlora.hardconcrete import round_ste
+from leanlora.gates import hardconcrete as hc
+from leanlora.gates import priors
+from leanlora.gates.hardconcrete import round_ste
 from leanlora.precision.full import FullPrecision
 from leanlora.precision.learned import PriorScale
 from leanlora.ranks.fixed import lora_scale
@@ -137,7 +137,7 @@ class GatedRanks(nn.Module):
         return torch.zeros((), device=self._anchor.device) if terms is None else priors.evaluate(terms)
 
     def prior_terms(self) -> priors.PriorTerms | None:
-        """R as data (:mod:`leanlora.priors`), None once finalized (the gates are gone)."""
+        """R as data (:mod:`leanlora.gates.priors`), None once finalized (the gates are gone)."""
         if self.finalized:
             return None
         cost = 1.0

@@ -20,7 +20,7 @@ the cheapest forward at a chosen rank).
 
 Components are ordered: component i is trained whenever b > i, so the first ones learn the most
 and any prefix is a usable adapter. One trained adapter therefore yields an adapter at every
-rank, picked after training by a sweep (:mod:`leanlora.sweep`).
+rank, picked after training by a sweep (:mod:`leanlora.reports.sweep`).
 
 "Frozen" mode (``frozen=True``) is what the released DyLoRA training callback runs: in a step at
 rank b only component b-1 (row b-1 of A, column b-1 of B) receives a gradient; components

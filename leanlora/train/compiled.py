@@ -18,8 +18,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from leanlora.compile_errors import is_compile_error, root_cause
-from leanlora.vectorize import compile_pieces
+from leanlora.speed.compile_errors import is_compile_error, root_cause
+from leanlora.speed.vectorize import compile_pieces
 
 
 def wants_compile(mode: bool | str, device: torch.device) -> bool:
@@ -62,7 +62,7 @@ class CompiledRegions:
                 region.compile(backend=backend)
             else:
                 region.compile(mode=mode)
-        compile_pieces(model, mode, backend)  # the grouped adapter pieces (leanlora.vectorize) too
+        compile_pieces(model, mode, backend)  # the grouped adapter pieces (leanlora.speed.vectorize) too
         self.mode = mode
         self.compiled, self._proven = True, False
 

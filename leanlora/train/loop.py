@@ -36,7 +36,7 @@ from leanlora import budget
 from leanlora import distributed as dist
 from leanlora.train.compiled import CompiledRegions, shape_advice, wants_compile
 from leanlora.config import ConfigError
-from leanlora.io import atomic_write_bytes, read_adapter_tensors
+from leanlora.artifact.io import atomic_write_bytes, read_adapter_tensors
 from leanlora.optim import adamw
 from leanlora.train.checkpoint import clean_leftovers, latest_checkpoint, load_checkpoint, save_checkpoint
 from leanlora.train.finite import FiniteGuard, TrainingDiverged, advice
@@ -182,8 +182,8 @@ def train(run: RunConfig | None, run_dir: str | Path, *, resume: bool = False, p
     advice = shape_advice(tc.compile_mode, run.data.pad_to_multiple_of, run.data.max_length) if compiled else None
     if advice:
         log(advice)
-    # the prior of grouped layers comes with their pieces (leanlora.vectorize, compiled with them);
-    # the rest stays eager: stacked model-wide (leanlora.priors) it is a dozen kernels, and
+    # the prior of grouped layers comes with their pieces (leanlora.speed.vectorize, compiled with them);
+    # the rest stays eager: stacked model-wide (leanlora.gates.priors) it is a dozen kernels, and
     # compiling it would cost a graph as large as the model's gate count for nothing
     prior = dist.regularizer
     autocast, scaler = precision.autocast(), precision.grad_scaler()
@@ -365,7 +365,7 @@ def cost_table(model: nn.Module) -> str:
     report = getattr(leanlora, "cost_report", None)
     if report is None:
         try:
-            from leanlora.cost import cost_report as report  # type: ignore[no-redef]
+            from leanlora.reports.cost import cost_report as report  # type: ignore[no-redef]
         except ImportError:
             return "(cost report skipped: leanlora.cost_report is not available in this install)"
     return report(model).format_table()

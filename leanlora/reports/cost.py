@@ -11,7 +11,7 @@ Per adapted layer, for the adapter path only (the frozen base is the same for ev
   leanlora quantizes activations): ``16·(in·k·b_A + k·b_E + k·out·b_B)`` (Bayesian-LoRA, arXiv:2406.13046).
 * ``stored_bytes``: the tensor payload of the finalized artifact. Dense factors: packed codes,
   ceil(n·b/8) bytes + a 4-byte fp32 scale per quantized tensor, or n · element size for float
-  ones (:func:`leanlora.packing.stored_nbytes`); E likewise; a mask of 4-byte floats if any. Bank
+  ones (:func:`leanlora.artifact.packing.stored_nbytes`); E likewise; a mask of 4-byte floats if any. Bank
   factors: their top-k form (k-1 weights and k indices per sub-vector, what
   ``save(..., topk_only=True)`` writes) plus a 4-byte scale per quantized factor; the bank itself
   is counted once in ``shared_bytes``. ``modules_to_save`` tensors count in ``head_bytes``.
@@ -38,7 +38,7 @@ from leanlora.build import adapter_dtype
 from leanlora.factors.dense import DenseFactors
 from leanlora.inject import adapted_layers, shared_state
 from leanlora.layer import AdaptedLinear
-from leanlora.packing import SCALE_BYTES, PackedFactors, stored_nbytes
+from leanlora.artifact.packing import SCALE_BYTES, PackedFactors, stored_nbytes
 
 ACT_BITS = 16
 
@@ -118,7 +118,7 @@ def _fit(name: str, width: int) -> str:
 
 def _stored_components(layer: AdaptedLinear) -> tuple[int, int, bool]:
     """(effective rank, stored rank, masked) as finalize keeps them."""
-    from leanlora.finalize import kept_components
+    from leanlora.artifact.finalize import kept_components
     from leanlora.ranks.gated import GatedRanks
 
     ranks = layer.ranks

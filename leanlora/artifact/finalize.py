@@ -6,7 +6,7 @@ For every adapted layer, with all strategies in eval mode:
    prefix when nested), the chosen rank of nested ranks, all r of fixed ranks.
 2. Each quantizer is frozen at its eval bit-width. The grid's scale is taken from the *full*
    r-row factor, exactly as the eval-mode model quantized it, so pruning rows moves nothing.
-3. Dense factors are replaced by :class:`~leanlora.packing.PackedFactors`: the integer codes of
+3. Dense factors are replaced by :class:`~leanlora.artifact.packing.PackedFactors`: the integer codes of
    the kept rows of A and columns of B, bit-packed, plus one fp32 scale each (float factors are
    kept as float). Factors composed at run time (the VB-LoRA bank) keep their own compact form;
    they are pruned to the kept prefix and their quantizers become fixed-scale fake-quantizers.
@@ -28,7 +28,7 @@ from torch import nn
 from leanlora.factors.dense import DenseFactors
 from leanlora.inject import adapted_layers, shared_state
 from leanlora.layer import AdaptedLinear, MergeError, _eval_mode
-from leanlora.packing import PackedFactors, StoredTensor
+from leanlora.artifact.packing import PackedFactors, StoredTensor
 from leanlora.precision.fixed import FrozenBits
 from leanlora.ranks.gated import GatedRanks
 

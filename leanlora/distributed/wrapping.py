@@ -1,11 +1,4 @@
-"""Multi-process training on PyTorch's own engine: torchrun / accelerate launch, DDP and FSDP2.
-
-    torchrun --nproc_per_node N -m leanlora train run.yaml train.distributed=ddp
-    accelerate launch --num_processes N -m leanlora train run.yaml train.distributed=fsdp2
-
-Both launchers export RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; :func:`init`
-reads them (gloo on CPU, nccl on CUDA). Nothing here is a home-made engine: ``wrap`` hands the
-model to ``DistributedDataParallel`` or to FSDP2's ``fully_shard``.
+"""Hand an adapted model to DDP or FSDP2 (``fully_shard``); nothing here is a home-made engine.
 
 Decisions, each forced by what the adapter shares between layers:
   * FSDP2 groups: one per decoder layer (``model._no_split_modules``), then the root. The
@@ -30,225 +23,17 @@ Decisions, each forced by what the adapter shares between layers:
 
 from __future__ import annotations
 
-import functools
-import os
-import sys
-from datetime import timedelta
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from leanlora.config import ConfigError
+from leanlora.distributed.process import (MODES, DistributedError, is_distributed, launched, rank, sync_seed,
+                                          world_size)
 
-__all__ = [
-    "MODES", "DistributedError", "all_reduce_mean", "barrier", "broadcast_object", "data_sampler",
-    "decoder_layers", "full_adapter_state", "full_optimizer_state", "full_params", "init", "init_run",
-    "is_distributed", "is_main_process", "launched", "load_adapter_state", "load_full_optimizer_state",
-    "local_rank", "main_process_only", "mode_of", "rank", "rank_seed", "regularizer", "save_adapter", "shard",
-    "shutdown", "sync_rank_sampler", "sync_seed", "unwrap", "world_size", "wrap",
-]
-
-MODES = ("none", "ddp", "fsdp2")
 _MODE_ATTR = "_leanlora_distributed"      # set on the wrapped model: "ddp" | "fsdp2"
 _PRIORS_ATTR = "_leanlora_prior_terms"    # FSDP2: priors captured in each adapted layer's forward
-
-
-class DistributedError(ConfigError):
-    """The run cannot be distributed as asked; the message names the setting and the fix."""
-
-
-# --- process group --------------------------------------------------------------------------
-
-
-def launched() -> bool:
-    """True when a launcher (torchrun, accelerate launch) started this process."""
-    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
-
-
-def init(device: str | torch.device = "auto", timeout_s: float = 1800.0) -> torch.device:
-    """Join the process group the launcher describes and return this process's device.
-
-    No launcher: no group; the device is ``device`` ("auto": CUDA when present). Under a
-    launcher: gloo on CPU, nccl on CUDA with ``cuda:LOCAL_RANK``. Idempotent.
-    """
-    device = torch.device("cuda" if str(device) == "auto" and torch.cuda.is_available()
-                          else "cpu" if str(device) == "auto" else device)
-    if not launched():
-        return device
-    if not dist.is_available():
-        raise DistributedError("a launcher set WORLD_SIZE but this torch build has no torch.distributed")
-    if device.type == "cuda" and device.index is not None and int(os.environ["WORLD_SIZE"]) > 1:
-        raise DistributedError(f"train.device={str(device)!r} would put every process on one GPU; use "
-                               "'auto' or 'cuda': each process takes cuda:LOCAL_RANK")
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank())
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        if backend == "gloo" and not dist.is_gloo_available():
-            raise DistributedError("a CPU run with WORLD_SIZE > 1 needs the gloo backend, which this torch lacks")
-        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s),
-                                **({"device_id": device} if device.type == "cuda" else {}))
-    return device
-
-
-def init_run(mode: str, device: str | torch.device = "auto") -> torch.device:
-    """:func:`init` for a run with ``train.distributed=mode``, refusing launcher/mode mismatches."""
-    if mode not in MODES:
-        raise DistributedError(f"train.distributed={mode!r} is invalid: allowed {list(MODES)}")
-    n = int(os.environ.get("WORLD_SIZE", "1"))
-    if mode == "none" and n > 1:
-        raise DistributedError(f"{n} processes were launched but train.distributed='none', so each would train "
-                               "and write the same run; set train.distributed=ddp or fsdp2")
-    if mode != "none" and not launched():
-        raise DistributedError(f"train.distributed={mode!r} needs a launcher: `torchrun --nproc_per_node N -m "
-                               "leanlora train ...` or `accelerate launch --num_processes N -m leanlora train ...`")
-    return init(device)
-
-
-def shutdown() -> None:
-    if is_distributed():
-        dist.destroy_process_group()
-
-
-def end_process(code: int) -> None:
-    """Leave a launched process once its run is complete: barrier, destroy the group, exit.
-
-    The hard exit (after flushing) skips interpreter teardown, where gloo's worker threads can
-    still abort the process ("terminate called without an active exception", SIGABRT) after a
-    run that finished and wrote everything: seen about once in ten 2-process CPU runs with
-    torch 2.13. Only for entry points: a library call never ends the caller's process.
-    """
-    if not is_distributed():
-        return
-    barrier()
-    shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
-def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def rank() -> int:
-    """This process's rank; the launcher's RANK before :func:`init` has run."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank()
-    return int(os.environ.get("RANK", "0")) if launched() else 0
-
-
-def world_size() -> int:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return int(os.environ.get("WORLD_SIZE", "1")) if launched() else 1
-
-
-def local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", "0"))
-
-
-def is_main_process() -> bool:
-    """Rank 0 (or the only process): the one that writes checkpoints, reports and plots."""
-    return rank() == 0
-
-
-def barrier() -> None:
-    if is_distributed():
-        dist.barrier()
-
-
-def main_process_only(fn: Callable) -> Callable:
-    """Run ``fn`` on rank 0 only (None elsewhere), then wait until every rank got here.
-
-    The barrier makes "rank 0 writes, every rank reads" safe: no rank reads a file early.
-    """
-    @functools.wraps(fn)
-    def guarded(*args, **kwargs):
-        result = fn(*args, **kwargs) if is_main_process() else None
-        barrier()
-        return result
-    return guarded
-
-
-# --- small collectives ------------------------------------------------------------------------
-
-
-def _comm_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-
-
-def all_reduce_mean(value: float | torch.Tensor) -> float | torch.Tensor:
-    """Mean of ``value`` over ranks (a metric: loss, accuracy); a float stays a float."""
-    if not is_distributed():
-        return value
-    t = torch.as_tensor(value, dtype=torch.float64).to(_comm_device())
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    t = t / world_size()
-    return float(t) if not isinstance(value, torch.Tensor) else t.to(value.device, value.dtype)
-
-
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    """Rank ``src``'s ``obj`` on every rank (any picklable object; small things only)."""
-    if not is_distributed():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src, device=_comm_device())
-    return box[0]
-
-
-def sync_seed(seed: int | None = None) -> int:
-    """Rank 0's seed on every rank; ``None`` lets rank 0 draw one. Returns the common seed."""
-    if seed is None and is_main_process():
-        seed = int(torch.randint(0, 2 ** 31 - 1, ()).item())
-    return int(broadcast_object(seed))
-
-
-def rank_seed(seed: int) -> int:
-    """A per-rank seed for noise (gate samples, dropout) after the common init: ranks differ."""
-    return (int(seed) + 1_000_003 * rank()) % (2 ** 63)
-
-
-def sync_rank_sampler(model: nn.Module) -> int | None:
-    """Give the nested-rank sampler rank 0's seed, so b of step t is the same on every rank."""
-    shared = getattr(unwrap(model), "leanlora_shared", None)
-    sampler = getattr(shared, "rank_sampler", None)
-    if sampler is None:
-        return None
-    sampler.seed = sync_seed(sampler.seed)
-    return sampler.seed
-
-
-def shard(indices: Sequence[int]) -> list[int]:
-    """This rank's share of one global micro-batch: every world_size-th index from ``rank``.
-
-    A batch whose length N does not divide is padded by wrapping around (DistributedSampler's
-    rule), so every rank gets ceil(len / N) examples and no rank is left without data.
-    """
-    indices = list(indices)
-    n = world_size()
-    if n == 1 or not indices:
-        return indices
-    per_rank = -(-len(indices) // n)
-    padded = (indices * (1 + n * per_rank // len(indices)))[: n * per_rank]
-    return padded[rank()::n]
-
-
-def data_sampler(dataset, shuffle: bool = True, seed: int = 0, drop_last: bool = False):
-    """A ``DistributedSampler`` over ``dataset`` when distributed, else a plain one (DataLoader users)."""
-    from torch.utils.data import DistributedSampler, RandomSampler, SequentialSampler
-
-    if is_distributed():
-        return DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
-    if shuffle:
-        return RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
-    return SequentialSampler(dataset)
-
-
-# --- wrapping -------------------------------------------------------------------------------
 
 
 def mode_of(model: nn.Module) -> str:
@@ -289,7 +74,7 @@ def wrap(model: nn.Module, mode: str, *, layer_classes: Sequence[str | type] | N
                                           find_unused_parameters=find_unused_parameters)
         setattr(wrapped, _MODE_ATTR, "ddp")
         return wrapped
-    from leanlora.base_check import record_base_digests
+    from leanlora.artifact.base_check import record_base_digests
 
     if hasattr(model, "leanlora_shared"):
         record_base_digests(model)  # of the whole base, now: after sharding no rank holds it whole
@@ -363,7 +148,7 @@ def decoder_layers(model: nn.Module, layer_classes: Sequence[str | type] | None 
             names = [type(blocks[0]).__name__]
     if not names:
         raise DistributedError(f"{type(model).__name__} has no _no_split_modules and no list of repeated blocks; "
-                               "pass layer_classes= (the transformer block class) to leanlora.distributed.wrap")
+                               "pass layer_classes= (the transformer block class) to leanlora.distributed.wrapping")
     wanted = {n if isinstance(n, str) else n.__name__ for n in names}
     found: list[nn.Module] = []
     for _, module in model.named_modules():
@@ -427,7 +212,7 @@ def _nf4_as_parameters(model: nn.Module) -> list[str]:
 
 def _capture_priors(model: nn.Module) -> None:
     from leanlora.layer import AdaptedLinear
-    from leanlora.schedule import HasPrior, implements
+    from leanlora.gates.schedule import HasPrior, implements
 
     for layer in model.modules():
         if isinstance(layer, AdaptedLinear) and any(implements(m, HasPrior) for m in layer.modules()):
@@ -435,7 +220,7 @@ def _capture_priors(model: nn.Module) -> None:
 
 
 def _record_priors(layer: nn.Module, args, output) -> None:
-    from leanlora.schedule import HasPrior, implements
+    from leanlora.gates.schedule import HasPrior, implements
 
     if torch.is_grad_enabled():
         terms = [m.prior().reshape(()) for m in layer.modules() if implements(m, HasPrior) and m is not layer]
@@ -450,7 +235,7 @@ def regularizer(model: nn.Module) -> torch.Tensor:
     """
     import leanlora
     from leanlora.layer import AdaptedLinear
-    from leanlora.schedule import HasPrior, implements, prior_weight
+    from leanlora.gates.schedule import HasPrior, implements, prior_weight
 
     inner = unwrap(model)
     if mode_of(model) != "fsdp2":
@@ -468,13 +253,12 @@ def regularizer(model: nn.Module) -> torch.Tensor:
         return torch.zeros((), device=next((p.device for p in inner.parameters()), None))
     return prior_weight(inner) * torch.stack(terms).sum()
 
+def sync_rank_sampler(model: nn.Module) -> int | None:
+    """Give the nested-rank sampler rank 0's seed, so b of step t is the same on every rank."""
+    shared = getattr(unwrap(model), "leanlora_shared", None)
+    sampler = getattr(shared, "rank_sampler", None)
+    if sampler is None:
+        return None
+    sampler.seed = sync_seed(sampler.seed)
+    return sampler.seed
 
-# Whole tensors for saving, finalizing and resuming live in their own file; one namespace here.
-from leanlora.distributed_state import (  # noqa: E402  (it imports the helpers above)
-    full_adapter_state,
-    full_optimizer_state,
-    full_params,
-    load_adapter_state,
-    load_full_optimizer_state,
-    save_adapter,
-)

@@ -4,7 +4,7 @@ A code c of a symmetric b-bit grid satisfies |c| <= 2^(b-1) - 1; it is stored as
 u = c + 2^(b-1) in exactly b bits, little-end first: 4 codes per byte at 2 bits, 2 at 4 bits,
 1 at 8 bits, and 2 bytes per code at 16 bits. A tensor of n codes takes ceil(n·b/8) bytes
 plus one fp32 scale (4 bytes); a float tensor takes n · element size. These are the numbers
-:mod:`leanlora.cost` counts and what ``leanlora_adapter.safetensors`` holds after :func:`leanlora.finalize`.
+:mod:`leanlora.reports.cost` counts and what ``leanlora_adapter.safetensors`` holds after :func:`leanlora.finalize`.
 """
 
 from __future__ import annotations
