@@ -142,7 +142,7 @@ def gate_chains(model: nn.Module) -> tuple[list[LayerShape], list[Chain]]:
 
 
 def lora16_bops(shapes: list[LayerShape]) -> int:
-    """BOPs of a plain LoRA of the same modules at rank r with 16-bit factors (:func:`leanlora.reports.cost.lora_bops`)."""
+    """BOPs of a plain LoRA of the same modules at rank r with 16-bit factors."""
     return sum((s.in_f + s.out_f) * s.r * LORA_BITS * ACT_BITS for s in shapes)
 
 

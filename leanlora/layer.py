@@ -4,6 +4,9 @@
 
 The layer knows nothing about LoRA, VB-LoRA, DyLoRA or B-LoRA by name; the strategies it holds
 decide where A and B come from, which components are on and at what precision they live.
+Each axis package declares the contract its strategies keep (:class:`leanlora.factors.Factors`,
+:class:`leanlora.ranks.RankSelector`, :class:`leanlora.precision.Quantizer`,
+:class:`leanlora.base.BaseWeight`); the layer, finalize and the cost report use nothing else.
 """
 
 from __future__ import annotations

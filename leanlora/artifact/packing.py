@@ -126,6 +126,8 @@ class StoredTensor(nn.Module):
 class PackedFactors(nn.Module):
     """Finalized dense factors: A (k, in) and B (out, k) held as :class:`StoredTensor`."""
 
+    stores_rows = True
+
     def __init__(self, a: StoredTensor, b: StoredTensor) -> None:
         super().__init__()
         self.a, self.b = a, b

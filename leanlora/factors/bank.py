@@ -86,6 +86,7 @@ class BankFactors(nn.Module):
     """A (r, in) and B (out, r) composed from the shared bank by per-sub-vector top-k logits."""
 
     PARAM_ROLES = {"logits": "logits"}
+    stores_rows = False  # composed at run time: finalize keeps a prefix and masks closed components
 
     def __init__(self, bank: VectorBank, in_features: int, out_features: int, rank: int, topk: int,
                  logits_init_std: float = 0.01, name: str = "", dtype: torch.dtype = torch.float32,

@@ -11,6 +11,8 @@ from torch import nn
 class DenseFactors(nn.Module):
     """A (r, in) and B (out, r) as plain parameters."""
 
+    stores_rows = True  # finalize can keep any subset of rows: the factors are the matrices themselves
+
     def __init__(self, in_features: int, out_features: int, rank: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> None:
         super().__init__()

@@ -65,6 +65,9 @@ class GatedRanks(nn.Module):
         self.prior_scale = prior_scale or PriorScale()
         self.scale = lora_scale(alpha, rank, rslora)
         self.finalized = False
+        # the finalized layout (finalize_): a mask of closed stored components and the stored E
+        self.register_buffer("keep_mask", None)
+        self.e_store = None
         # follows .to(device) without entering the state dict: a device for gate-free results
         self.register_buffer("_anchor", torch.zeros((), device=device), persistent=False)
         self.log_alpha = nn.Parameter(torch.full((rank - 1,), float(init_log_alpha), device=device))
@@ -145,6 +148,10 @@ class GatedRanks(nn.Module):
             cost = self.component_macs * NOMINAL_BITS / self.prior_scale.value
         return priors.PriorTerms(self.log_alpha, (cost,) * self.log_alpha.numel(),
                                  chain=self.prior_kind == "nested" and self.nested)
+
+    def diagonal(self) -> tuple[torch.Tensor, nn.Module] | None:
+        """(E, its quantizer) while training with a diagonal; None without one or once finalized."""
+        return (self.E, self.quant_e) if self.diag and not self.finalized else None
 
     def diag_quantizer(self) -> nn.Module | None:
         """The quantizer of E (None without diag): cost accounting reads its bits from here."""

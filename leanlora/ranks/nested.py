@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from leanlora.ranks.fixed import lora_scale
+from leanlora.ranks.fixed import PrefixRanks, lora_scale
 
 DISTRIBUTIONS = ("uniform", "geometric")
 
@@ -106,7 +106,7 @@ class RankSampler(nn.Module):
 SCALES = ("max", "sampled", "sqrt")
 
 
-class NestedRanks(nn.Module):
+class NestedRanks(PrefixRanks, nn.Module):
     """Truncate A (r, in) to its first b rows and B (out, r) to its first b columns; scale alpha / b
     (``scale="sampled"``) or alpha / r (``scale="max"``)."""
 

@@ -35,10 +35,9 @@ import torch
 from torch import nn
 
 from leanlora.build import adapter_dtype
-from leanlora.factors.dense import DenseFactors
 from leanlora.inject import adapted_layers, shared_state
 from leanlora.layer import AdaptedLinear
-from leanlora.artifact.packing import SCALE_BYTES, PackedFactors, stored_nbytes
+from leanlora.artifact.packing import SCALE_BYTES, stored_nbytes
 
 ACT_BITS = 16
 
@@ -118,13 +117,10 @@ def _fit(name: str, width: int) -> str:
 
 def _stored_components(layer: AdaptedLinear) -> tuple[int, int, bool]:
     """(effective rank, stored rank, masked) as finalize keeps them."""
-    from leanlora.artifact.finalize import kept_components
-    from leanlora.ranks.gated import GatedRanks
-
     ranks = layer.ranks
-    if isinstance(ranks, GatedRanks) and ranks.finalized:
+    if ranks.finalized:
         return ranks.active_rank(), ranks.rank, ranks.keep_mask is not None
-    keep = kept_components(layer)
+    keep = ranks.keep_indices()
     k = int(keep.numel())
     if _packs_rows(layer) or bool(torch.equal(keep, torch.arange(k))):
         return k, k, False
@@ -133,7 +129,7 @@ def _stored_components(layer: AdaptedLinear) -> tuple[int, int, bool]:
 
 def _packs_rows(layer: AdaptedLinear) -> bool:
     """Factors stored as the matrices themselves (dense, or already packed)."""
-    return isinstance(layer.factors, (DenseFactors, PackedFactors))
+    return layer.factors.stores_rows
 
 
 def _bank_layer_bytes(factors: nn.Module, rank: int, elem: int) -> int:
@@ -161,13 +157,11 @@ def _factor_bytes(layer: AdaptedLinear, k: int, elem: int) -> int:
 
 
 def layer_cost(name: str, layer: AdaptedLinear, r: int, elem: int) -> LayerCost:
-    from leanlora.ranks.gated import GatedRanks
-
     ranks = layer.ranks
     rank, k, masked = _stored_components(layer)
     in_f, out_f = layer.in_features, layer.out_features
     qa, qb = layer.quant_a, layer.quant_b
-    qe = ranks.diag_quantizer() if isinstance(ranks, GatedRanks) else None
+    qe = ranks.diag_quantizer()
     bits_a, bits_b = qa.bits(), qb.bits()
     bits_e = qe.bits() if qe is not None else None
     macs = in_f * k + k * out_f + (k if qe is not None else 0)
