@@ -18,7 +18,7 @@ from leanlora.base.dense import linear_shape
 from leanlora.build import Shared, build_layer, build_shared
 from leanlora.config import AdapterConfig, ConfigError
 from leanlora.layer import AdaptedLinear
-from leanlora.targets import FilterFn, InjectError, find_modules_to_save, find_targets, module_matches
+from leanlora.targets import FilterFn, InjectError, find_modules_to_save, find_targets
 from leanlora.speed.vectorize import Vectorizer, refresh_pieces, wanted
 
 SHARED_ATTR = "leanlora_shared"

@@ -29,8 +29,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from leanlora.distributed.process import (MODES, DistributedError, is_distributed, launched, rank, sync_seed,
+from leanlora.distributed.process import (MODES, DistributedError, is_distributed, launched, sync_seed,
                                           world_size)
+from leanlora.targets import repeated_blocks
 
 _MODE_ATTR = "_leanlora_distributed"      # set on the wrapped model: "ddp" | "fsdp2"
 _PRIORS_ATTR = "_leanlora_prior_terms"    # FSDP2: priors captured in each adapted layer's forward
@@ -135,33 +136,17 @@ def _average_grad(p: torch.Tensor) -> None:
 def decoder_layers(model: nn.Module, layer_classes: Sequence[str | type] | None = None) -> list[nn.Module]:
     """The transformer blocks, outermost first, in model order: one FSDP2 group each.
 
-    Found by class name: ``layer_classes``, else the model's ``_no_split_modules``; else the
-    children of the largest ``nn.ModuleList`` whose members share one class (``layers``,
-    ``layer``, ``h`` in Llama, BERT, GPT-2).
+    Found by :func:`leanlora.targets.repeated_blocks` (``layer_classes``, else the model's
+    ``_no_split_modules``, else its largest list of same-class blocks), the rule regional
+    compilation uses too.
     """
-    names = layer_classes if layer_classes is not None else getattr(model, "_no_split_modules", None)
-    if not names:
-        lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0
-                 and len({type(c) for c in m}) == 1]
-        if lists:
-            blocks = max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
-            names = [type(blocks[0]).__name__]
-    if not names:
-        raise DistributedError(f"{type(model).__name__} has no _no_split_modules and no list of repeated blocks; "
-                               "pass layer_classes= (the transformer block class) to leanlora.distributed.wrapping")
-    wanted = {n if isinstance(n, str) else n.__name__ for n in names}
-    found: list[nn.Module] = []
-    for _, module in model.named_modules():
-        if type(module).__name__ in wanted and not any(_contains(f, module) for f in found):
-            found.append(module)
+    found = repeated_blocks(model, layer_classes)
     if not found:
-        raise DistributedError(f"no module of {type(model).__name__} has a class in {sorted(wanted)}; "
-                               "pass layer_classes= naming its transformer block")
+        rule = (f"no module has a class in {sorted(c if isinstance(c, str) else c.__name__ for c in layer_classes)}"
+                if layer_classes is not None else "neither its _no_split_modules nor a list of same-class blocks names one")
+        raise DistributedError(f"found no transformer block in {type(model).__name__}: {rule}; "
+                               "pass layer_classes= (the block's class) to leanlora.distributed.wrap")
     return found
-
-
-def _contains(outer: nn.Module, inner: nn.Module) -> bool:
-    return any(m is inner for m in outer.modules())
 
 
 def _broadcast_from_main(model: nn.Module) -> None:

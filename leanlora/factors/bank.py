@@ -133,15 +133,6 @@ class BankFactors(nn.Module):
         return self.logits[:, :s_in], self.logits[:, s_in:].transpose(0, 1)
 
     @torch.no_grad()
-    def load_peft_logits_(self, logits_a: torch.Tensor, logits_b: torch.Tensor) -> None:
-        """Copy PEFT-layout logits (r, in/b, h) and (out/b, r, h) into this layer."""
-        view_a, view_b = self.peft_logits()
-        for what, src, dst in (("logits_A", logits_a, view_a), ("logits_B", logits_b, view_b)):
-            if tuple(src.shape) != tuple(dst.shape):
-                raise ValueError(f"{self.name}: {what} has shape {tuple(src.shape)}, expected {tuple(dst.shape)}")
-            dst.copy_(src)
-
-    @torch.no_grad()
     def prune_(self, keep: int) -> None:
         """Keep components 0..keep-1: row k of the logits holds every sub-vector of a_k and b_k."""
         self.logits = nn.Parameter(self.logits[:keep].clone(), requires_grad=self.logits.requires_grad)

@@ -49,7 +49,6 @@ from torch import nn
 
 from leanlora.gates import hardconcrete as hc
 from leanlora.gates import priors
-from leanlora.gates.hardconcrete import round_ste
 from leanlora.precision.fixed import FLOAT_BITS, _TINY
 
 ALLOWED = (2, 4, 8, 16, 32)

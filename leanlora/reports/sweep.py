@@ -20,7 +20,8 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from leanlora.inject import adapted_layers, module_matches, shared_state
+from leanlora.inject import adapted_layers, shared_state
+from leanlora.targets import module_matches
 
 
 def _nested(name: str, layer: nn.Module):

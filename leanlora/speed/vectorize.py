@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn

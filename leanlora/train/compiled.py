@@ -20,6 +20,7 @@ from torch import nn
 
 from leanlora.speed.compile_errors import is_compile_error, root_cause
 from leanlora.speed.vectorize import compile_pieces
+from leanlora.targets import repeated_blocks
 
 
 def wants_compile(mode: bool | str, device: torch.device) -> bool:
@@ -36,14 +37,6 @@ def shape_advice(compile_mode: str, pad_to_multiple_of: int, max_length: int) ->
     return (f"note: train.compile_mode=reduce-overhead records one CUDA graph per batch shape, and batches are "
             f"padded to their longest example (up to {max_length} lengths); data.pad_to_multiple_of=32 leaves "
             f"{-(-max_length // 32)} shapes")
-
-
-def repeated_blocks(model: nn.Module) -> list[nn.Module]:
-    """The model's repeated blocks (``_no_split_modules``, e.g. LlamaDecoderLayer, BertLayer)."""
-    names: set[str] = set()
-    for m in model.modules():
-        names.update(getattr(m, "_no_split_modules", None) or ())
-    return [m for m in model.modules() if type(m).__name__ in names]
 
 
 class CompiledRegions:
