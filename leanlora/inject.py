@@ -73,8 +73,8 @@ def inject(model: nn.Module, config: AdapterConfig, *, filter_fn: FilterFn | Non
            quantize_base: bool = True) -> nn.Module:
     """Wrap the target linear layers of ``model`` in place, freeze everything else, return ``model``.
 
-    ``filter_fn(module, name)`` can veto a match. ``quantize_base=False`` defers an NF4 or FP8 base
-    (used by :func:`leanlora.load` so that a failed load leaves the model untouched).
+    ``filter_fn(module, name)`` can veto a match. ``quantize_base=False`` builds an NF4 or FP8 base
+    dense for now (used by :func:`leanlora.load` so that a failed load leaves the model untouched).
     """
     if not isinstance(config, AdapterConfig):
         raise TypeError(f"config must be a leanlora.AdapterConfig, got {type(config).__name__}")
@@ -96,7 +96,7 @@ def inject(model: nn.Module, config: AdapterConfig, *, filter_fn: FilterFn | Non
     for p in model.parameters():
         p.requires_grad_(False)
     for name in targets:
-        layer = build_layer(modules[name], name, config, shared)
+        layer = build_layer(modules[name], name, config, shared, quantize_base=quantize_base)
         _set_submodule(model, name, layer)
     model.add_module(SHARED_ATTR, shared)
     shared.vectorizer = Vectorizer(config.vectorize, shared.module_index)
@@ -105,14 +105,6 @@ def inject(model: nn.Module, config: AdapterConfig, *, filter_fn: FilterFn | Non
     for name in save_names:
         for p in modules[name].parameters():
             p.requires_grad_(True)
-    if quantize_base and config.base == "nf4":
-        from leanlora.base.nf4 import quantize_bases
-
-        quantize_bases(model, config.nf4)
-    if quantize_base and config.base == "fp8":
-        from leanlora.base.fp8 import quantize_bases_fp8
-
-        quantize_bases_fp8(model)
     return model
 
 
