@@ -41,7 +41,7 @@ _EXPORTS = {
     "unload": "leanlora.inject",
     "unmerge": "leanlora.inject",
     "quantize_bases": "leanlora.base.nf4",
-    "ExportError": "leanlora.artifact.export",
+    "ExportError": "leanlora.artifact.errors",
     "export": "leanlora.artifact.export",
     "export_peft": "leanlora.artifact.export",
     "export_merged": "leanlora.artifact.export_merged",
@@ -112,7 +112,8 @@ if TYPE_CHECKING:  # static type checkers and IDEs see the eager imports
     from leanlora.config import (DEFAULT_TARGET_MODULES, AdapterConfig, BankConfig, ConfigError, GatedConfig, GatesConfig,
                                  MovedKeyWarning, NestedConfig, NF4Config, PriorConfig, QuantConfig)
     from leanlora.reports.cost import CostReport, cost_report
-    from leanlora.artifact.export import ExportError, export, export_peft
+    from leanlora.artifact.errors import ExportError
+    from leanlora.artifact.export import export, export_peft
     from leanlora.artifact.export_merged import export_merged
     from leanlora.factors.bank_storage import topk_stored_bytes
     from leanlora.artifact.finalize import finalize

@@ -62,10 +62,10 @@ def full_params(model: nn.Module) -> Iterator[nn.Module]:
 
 def save_adapter(model: nn.Module, directory) -> None:
     """``leanlora.save`` of a model wrapped in any mode: whole tensors, written by rank 0 alone."""
-    import leanlora
+    from leanlora.artifact.io import save
 
     with full_params(model) as plain:
-        main_process_only(leanlora.save)(plain, directory)
+        main_process_only(save)(plain, directory)
 
 
 def full_adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -218,13 +218,13 @@ def regularizer(model: nn.Module) -> torch.Tensor:
     Under FSDP2 it sums the priors the adapted layers computed in the last forward (parameters
     gathered) and consumes them: call it once per forward, after the forward.
     """
-    import leanlora
-    from leanlora.layer import AdaptedLinear
     from leanlora.gates.schedule import HasPrior, implements, prior_weight
+    from leanlora.gates.schedule import regularizer as plain_regularizer
+    from leanlora.layer import AdaptedLinear
 
     inner = unwrap(model)
     if mode_of(model) != "fsdp2":
-        return leanlora.regularizer(inner)
+        return plain_regularizer(inner)
     terms: list[torch.Tensor] = []
     under_layers: set[int] = set()
     for layer in inner.modules():
