@@ -137,6 +137,9 @@ class PackedFactors(nn.Module):
     def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.a(), self.b()  # (k, in), (out, k)
 
+    def compact_nbytes(self, rank: int, elem: int) -> None:
+        return None  # the rows themselves: their bytes follow from the quantizers' bits
+
     @torch.no_grad()
     def prune_(self, keep: int) -> None:
         idx = torch.arange(keep)

@@ -23,6 +23,11 @@ class Factors(Protocol):
 
     def __call__(self) -> tuple[torch.Tensor, torch.Tensor]: ...
 
+    def compact_nbytes(self, rank: int, elem: int) -> int | None:
+        """Bytes of its own compact form at ``rank`` components (``elem`` bytes a float), or None
+        when it stores the rows themselves, whose bytes follow from the quantizers' bits."""
+        ...
+
     def prune_(self, keep: int) -> None:
         """Keep only components 0..keep-1 for good (finalize)."""
         ...

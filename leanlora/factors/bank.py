@@ -63,6 +63,17 @@ def check_divides(vector_length: int, in_features: int, out_features: int, name:
                              f"of module {name or '?'!r}")
 
 
+def index_dtype(num_vectors: int) -> torch.dtype:
+    """Smallest integer dtype that holds indices 0..h-1 (PEFT's thresholds)."""
+    if num_vectors < 2**8:
+        return torch.uint8
+    if num_vectors < 2**15:
+        return torch.int16
+    if num_vectors < 2**31:
+        return torch.int32
+    raise ValueError(f"num_vectors={num_vectors} needs 64-bit indices; top-k-only storage supports h < 2^31")
+
+
 class VectorBank(nn.Module):
     """The one bank of h vectors of length b shared by every adapted module, A and B alike."""
 
@@ -131,6 +142,13 @@ class BankFactors(nn.Module):
         """Views in PEFT's layout: logits_A (r, in/b, h) and logits_B (out/b, r, h)."""
         s_in = self.in_features // self.bank.vector_length
         return self.logits[:, :s_in], self.logits[:, s_in:].transpose(0, 1)
+
+    def compact_nbytes(self, rank: int, elem: int) -> int:
+        """Bytes of the top-k-only form at ``rank`` components: per sub-vector, k - 1 weights of
+        ``elem`` bytes and k indices (:mod:`leanlora.factors.bank_storage`)."""
+        n_sub = rank * (self.in_features + self.out_features) // self.bank.vector_length
+        idx = torch.empty((), dtype=index_dtype(self.bank.num_vectors)).element_size()
+        return n_sub * (self.topk - 1) * elem + n_sub * self.topk * idx
 
     @torch.no_grad()
     def prune_(self, keep: int) -> None:

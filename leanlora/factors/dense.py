@@ -25,6 +25,9 @@ class DenseFactors(nn.Module):
     def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.lora_A, self.lora_B  # (r, in), (out, r)
 
+    def compact_nbytes(self, rank: int, elem: int) -> None:
+        return None  # the rows themselves: their bytes follow from the quantizers' bits
+
     @torch.no_grad()
     def prune_(self, keep: int) -> None:
         self.lora_A = nn.Parameter(self.lora_A[:keep].clone(), requires_grad=self.lora_A.requires_grad)

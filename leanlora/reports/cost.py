@@ -132,28 +132,13 @@ def _packs_rows(layer: AdaptedLinear) -> bool:
     return layer.factors.stores_rows
 
 
-def _bank_layer_bytes(factors: nn.Module, rank: int, elem: int) -> int:
-    from leanlora.factors.bank_storage import index_dtype
-
-    bank = factors.bank
-    n_sub = rank * (factors.in_features + factors.out_features) // bank.vector_length
-    idx = torch.empty((), dtype=index_dtype(bank.num_vectors)).element_size()
-    return n_sub * (factors.topk - 1) * elem + n_sub * factors.topk * idx
-
-
 def _factor_bytes(layer: AdaptedLinear, k: int, elem: int) -> int:
     qa, qb = layer.quant_a, layer.quant_b
-    if _packs_rows(layer):
+    own = layer.factors.compact_nbytes(k, elem)
+    if own is None:
         return (stored_nbytes(k * layer.in_features, qa.bits(), qa.quantized(), elem)
                 + stored_nbytes(layer.out_features * k, qb.bits(), qb.quantized(), elem))
-    scales = SCALE_BYTES * (int(qa.quantized()) + int(qb.quantized()))
-    from leanlora.factors.bank import BankFactors
-
-    if isinstance(layer.factors, BankFactors):
-        return _bank_layer_bytes(layer.factors, k, elem) + scales
-    # unknown factor source: what its state dict holds now, scaled to the kept components
-    held = sum(t.numel() * t.element_size() for t in layer.factors.state_dict().values())
-    return held * k // max(layer.factors.rank, 1) + scales
+    return own + SCALE_BYTES * (int(qa.quantized()) + int(qb.quantized()))
 
 
 def layer_cost(name: str, layer: AdaptedLinear, r: int, elem: int) -> LayerCost:
