@@ -134,6 +134,22 @@ def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLinear]]:
             yield name, module
 
 
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor of the adapter: adapted layers (base excluded), shared state, modules_to_save."""
+    shared = shared_state(model)
+    state: dict[str, torch.Tensor] = {}
+    for name, layer in adapted_layers(model):
+        for key, value in layer.state_dict(prefix=f"{name}.").items():
+            if not key.startswith(f"{name}.base."):
+                state[key] = value
+    for key, value in shared.state_dict(prefix=f"{SHARED_ATTR}.").items():
+        state[key] = value
+    modules = dict(model.named_modules())
+    for name in shared.modules_to_save_names:
+        state.update(modules[name].state_dict(prefix=f"{name}."))
+    return state
+
+
 def trainable_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
     return ((n, p) for n, p in model.named_parameters() if p.requires_grad)
 
@@ -177,7 +193,6 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     from leanlora.layer import MergeError
 
     from leanlora.artifact.finite import first_nonfinite
-    from leanlora.artifact.io import adapter_state_dict
 
     shared_state(model)
     bad = first_nonfinite(adapter_state_dict(model).items())

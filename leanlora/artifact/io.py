@@ -33,7 +33,7 @@ from leanlora.artifact.base_check import check_architecture, check_module_shapes
 from leanlora.artifact.checksum import CHECKSUM_KEY, CONFIG_CHECKSUM_KEY, config_sha256, tensors_sha256
 from leanlora.config import AdapterConfig, ConfigError, MovedKeyWarning
 from leanlora.artifact.finite import first_nonfinite
-from leanlora.inject import SHARED_ATTR, InjectError, adapted_layers, inject, shared_state, unload
+from leanlora.inject import SHARED_ATTR, InjectError, adapted_layers, adapter_state_dict, inject, shared_state, unload
 
 FORMAT = "leanlora-adapter"
 FORMAT_VERSION = 1
@@ -48,22 +48,6 @@ __all__ = ["AdapterError", "AdapterLoadError", "AdapterSaveError", "BaseMismatch
 
 
 # --- what an adapter consists of ------------------------------------------------------------
-
-
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every tensor of the adapter: adapted layers (base excluded), shared state, modules_to_save."""
-    shared = shared_state(model)
-    state: dict[str, torch.Tensor] = {}
-    for name, layer in adapted_layers(model):
-        for key, value in layer.state_dict(prefix=f"{name}.").items():
-            if not key.startswith(f"{name}.base."):
-                state[key] = value
-    for key, value in shared.state_dict(prefix=f"{SHARED_ATTR}.").items():
-        state[key] = value
-    modules = dict(model.named_modules())
-    for name in shared.modules_to_save_names:
-        state.update(modules[name].state_dict(prefix=f"{name}."))
-    return state
 
 
 def base_identity(model: nn.Module) -> dict[str, Any]:

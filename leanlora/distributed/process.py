@@ -4,8 +4,8 @@
     accelerate launch --num_processes N -m leanlora train run.yaml train.distributed=fsdp2
 
 Both launchers export RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; :func:`init`
-reads them (gloo on CPU, nccl on CUDA). This file holds the process group and its small collectives; :mod:`leanlora.distributed.wrapping`
-hands the model to DDP or FSDP2.
+reads them (gloo on CPU, nccl on CUDA). This file holds the process group and its small
+collectives; :mod:`leanlora.distributed.wrapping` hands the model to DDP or FSDP2.
 """
 
 from __future__ import annotations

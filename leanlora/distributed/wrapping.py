@@ -142,8 +142,10 @@ def decoder_layers(model: nn.Module, layer_classes: Sequence[str | type] | None 
     """
     found = repeated_blocks(model, layer_classes)
     if not found:
-        rule = (f"no module has a class in {sorted(c if isinstance(c, str) else c.__name__ for c in layer_classes)}"
-                if layer_classes is not None else "neither its _no_split_modules nor a list of same-class blocks names one")
+        if layer_classes is not None:
+            rule = f"no module has a class in {sorted(c if isinstance(c, str) else c.__name__ for c in layer_classes)}"
+        else:
+            rule = "neither its _no_split_modules nor a list of same-class blocks names one"
         raise DistributedError(f"found no transformer block in {type(model).__name__}: {rule}; "
                                "pass layer_classes= (the block's class) to leanlora.distributed.wrap")
     return found
