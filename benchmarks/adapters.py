@@ -241,8 +241,8 @@ def adamw_step(groups: list[dict], impl: str, lr: float = 1e-4):
     keeps its step counters on the device)."""
     if impl not in ADAMW_IMPLS:
         raise SystemExit(f"AdamW implementation {impl!r}: allowed {', '.join(ADAMW_IMPLS)}")
-    if impl == "flat":  # leanlora's: one flat bucket per group (leanlora.flat_adamw), fused on CUDA
-        from leanlora.flat_adamw import FlatAdamW
+    if impl == "flat":  # leanlora's: one flat bucket per group (leanlora.speed.flat_adamw), fused on CUDA
+        from leanlora.speed.flat_adamw import FlatAdamW
 
         opt = FlatAdamW([dict(g) for g in groups], lr=lr)
         return opt, opt.step

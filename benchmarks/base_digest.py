@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from leanlora.identity import tensor_digest
+from leanlora.artifact.identity import tensor_digest
 
 SEVEN_B_PARAMS = 6.74e9
 

@@ -167,7 +167,7 @@ def _time_fn(fn, warmup: int, reps: int) -> float:
 def compile_model(model, how: str, mode: str = "default"):
     import torch._dynamo
 
-    from leanlora.vectorize import compile_pieces
+    from leanlora.speed.vectorize import compile_pieces
 
     torch._dynamo.config.cache_size_limit = 64  # regional compile: one entry per distinct layer guard set
     compile_pieces(model, mode)  # leanlora's grouped adapter pieces, as its training loop does (no-op for PEFT)

@@ -28,8 +28,8 @@ _EXPORTS = {
     "NF4Config": "leanlora.config",
     "PriorConfig": "leanlora.config",
     "QuantConfig": "leanlora.config",
-    "CostReport": "leanlora.cost",
-    "cost_report": "leanlora.cost",
+    "CostReport": "leanlora.reports.cost",
+    "cost_report": "leanlora.reports.cost",
     "InjectError": "leanlora.inject",
     "adapted_layers": "leanlora.inject",
     "disable_adapters": "leanlora.inject",
@@ -41,30 +41,30 @@ _EXPORTS = {
     "unload": "leanlora.inject",
     "unmerge": "leanlora.inject",
     "quantize_bases": "leanlora.base.nf4",
-    "ExportError": "leanlora.export",
-    "export": "leanlora.export",
-    "export_peft": "leanlora.export",
-    "export_merged": "leanlora.export_merged",
-    "finalize": "leanlora.finalize",
+    "ExportError": "leanlora.artifact.errors",
+    "export": "leanlora.artifact.export",
+    "export_peft": "leanlora.artifact.export",
+    "export_merged": "leanlora.artifact.export_merged",
+    "finalize": "leanlora.artifact.finalize",
     "topk_stored_bytes": "leanlora.factors.bank_storage",
-    "AdapterError": "leanlora.io",
-    "AdapterLoadError": "leanlora.io",
-    "AdapterSaveError": "leanlora.io",
-    "BaseMismatchError": "leanlora.io",
-    "load": "leanlora.io",
-    "save": "leanlora.io",
+    "AdapterError": "leanlora.artifact.io",
+    "AdapterLoadError": "leanlora.artifact.io",
+    "AdapterSaveError": "leanlora.artifact.io",
+    "BaseMismatchError": "leanlora.artifact.io",
+    "load": "leanlora.artifact.io",
+    "save": "leanlora.artifact.io",
     "param_groups": "leanlora.optim",
-    "write_report": "leanlora.report",
-    "advance": "leanlora.schedule",
-    "regularizer": "leanlora.schedule",
-    "gate_summary": "leanlora.summary",
-    "SweepResult": "leanlora.sweep",
-    "export_rank": "leanlora.sweep",
-    "plot_sweep": "leanlora.sweep",
-    "set_rank": "leanlora.sweep",
-    "sweep_ranks": "leanlora.sweep",
-    "export_budget": "leanlora.budget_sweep",
-    "sweep_budgets": "leanlora.budget_sweep",
+    "write_report": "leanlora.reports.report",
+    "advance": "leanlora.gates.schedule",
+    "regularizer": "leanlora.gates.schedule",
+    "gate_summary": "leanlora.reports.summary",
+    "SweepResult": "leanlora.reports.sweep",
+    "export_rank": "leanlora.reports.sweep",
+    "plot_sweep": "leanlora.reports.sweep",
+    "set_rank": "leanlora.reports.sweep",
+    "sweep_ranks": "leanlora.reports.sweep",
+    "export_budget": "leanlora.reports.budget_sweep",
+    "sweep_budgets": "leanlora.reports.budget_sweep",
 }
 # distributed: torchrun / accelerate launch, DDP and FSDP2 (leanlora.distributed.wrap);
 # budget: the BOPs budget controller of adapter.budget (leanlora.budget.start)
@@ -107,21 +107,22 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # static type checkers and IDEs see the eager imports
     from leanlora import budget, distributed
-    from leanlora.budget_sweep import export_budget, sweep_budgets
+    from leanlora.reports.budget_sweep import export_budget, sweep_budgets
     from leanlora.base.nf4 import quantize_bases
     from leanlora.config import (DEFAULT_TARGET_MODULES, AdapterConfig, BankConfig, ConfigError, GatedConfig, GatesConfig,
                                  MovedKeyWarning, NestedConfig, NF4Config, PriorConfig, QuantConfig)
-    from leanlora.cost import CostReport, cost_report
-    from leanlora.export import ExportError, export, export_peft
-    from leanlora.export_merged import export_merged
+    from leanlora.reports.cost import CostReport, cost_report
+    from leanlora.artifact.errors import ExportError
+    from leanlora.artifact.export import export, export_peft
+    from leanlora.artifact.export_merged import export_merged
     from leanlora.factors.bank_storage import topk_stored_bytes
-    from leanlora.finalize import finalize
+    from leanlora.artifact.finalize import finalize
     from leanlora.inject import (InjectError, adapted_layers, disable_adapters, get_model, inject, merge, merge_and_unload,
                                  trainable_parameters, unload, unmerge)
-    from leanlora.io import AdapterError, AdapterLoadError, AdapterSaveError, BaseMismatchError, load, save
+    from leanlora.artifact.io import AdapterError, AdapterLoadError, AdapterSaveError, BaseMismatchError, load, save
     from leanlora.layer import AdaptedLinear, MergeError
     from leanlora.optim import param_groups
-    from leanlora.report import write_report
-    from leanlora.schedule import advance, regularizer
-    from leanlora.summary import gate_summary
-    from leanlora.sweep import SweepResult, export_rank, plot_sweep, set_rank, sweep_ranks
+    from leanlora.reports.report import write_report
+    from leanlora.gates.schedule import advance, regularizer
+    from leanlora.reports.summary import gate_summary
+    from leanlora.reports.sweep import SweepResult, export_rank, plot_sweep, set_rank, sweep_ranks

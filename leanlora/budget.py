@@ -1,12 +1,12 @@
 """A BOPs budget for gated ranks and learned bits: the user says how small, the controller gets there.
 
 ``AdapterConfig(budget=β)`` asks for a finalized adapter whose BOPs are β times those of a plain
-LoRA on the same modules at the same r with 16-bit factors (``lora_bops`` of :mod:`leanlora.cost`).
+LoRA on the same modules at the same r with 16-bit factors (``lora_bops`` of :mod:`leanlora.reports.cost`).
 
-**Cost.** Per adapted layer, as :mod:`leanlora.cost` counts it (16-bit activations),
+**Cost.** Per adapted layer, as :mod:`leanlora.reports.cost` counts it (16-bit activations),
 ``bops = 16 (in·k·b_A + k·out·b_B + k·b_E)`` (the E term only with gated ``diag``), and
 ``C = Σ bops / Σ 16·16·(in + out)·r``. The *expected* cost replaces k and b by their expectations
-under the gate open-probabilities q (:mod:`leanlora.hardconcrete`): ``E[k] = 1 + Σ_i q_1···q_i``
+under the gate open-probabilities q (:mod:`leanlora.gates.hardconcrete`): ``E[k] = 1 + Σ_i q_1···q_i``
 (nested rank gates; ``Σ_i q_i`` when independent), ``E[b] = b_0 + Σ_j q_1···q_j (b_j - b_{j-1})``,
 and E[k·b] = E[k]·E[b] (rank and bit gates are independent). It is differentiable in every gate.
 
@@ -35,7 +35,7 @@ eval threshold agree, and their gradient through the clamp is 0), λ is 0, and t
 steps fine-tune the factors to the final structure. A pinned gate's value is its place in the
 removal order (kept ones high, closed ones low), so a trained adapter carries its order: the
 budget sweep re-thresholds it without the factors it has since fine-tuned changing the order, and
-its own budget gives back the trained adapter (:mod:`leanlora.budget_sweep`).
+its own budget gives back the trained adapter (:mod:`leanlora.reports.budget_sweep`).
 
 **Order.** Items are removed from the end of each chain (nesting: a component or bit level goes
 only after every one behind it), lowest key first, with
@@ -60,7 +60,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from leanlora import hardconcrete as hc
+from leanlora.gates import hardconcrete as hc
 from leanlora.config import ConfigError
 from leanlora.inject import adapted_layers, shared_state
 
@@ -142,7 +142,7 @@ def gate_chains(model: nn.Module) -> tuple[list[LayerShape], list[Chain]]:
 
 
 def lora16_bops(shapes: list[LayerShape]) -> int:
-    """BOPs of a plain LoRA of the same modules at rank r with 16-bit factors (cost.py's lora_bops)."""
+    """BOPs of a plain LoRA of the same modules at rank r with 16-bit factors."""
     return sum((s.in_f + s.out_f) * s.r * LORA_BITS * ACT_BITS for s in shapes)
 
 
@@ -556,7 +556,7 @@ def structure_ready(model: nn.Module) -> bool:
 
 def cost_summary(model: nn.Module) -> dict[str, Any]:
     """The ``cost`` object of metrics.json: the finalized adapter's BOPs, bytes and ranks."""
-    from leanlora.cost import cost_report
+    from leanlora.reports.cost import cost_report
 
     t = cost_report(model).total
     out = {"bops": t["bops"], "bops_lora16": t["lora_bops"], "bops_vs_lora16": t["bops_vs_lora"],

@@ -14,7 +14,7 @@ from leanlora.base.dense import DenseBase, linear_shape
 from leanlora.config import AdapterConfig
 from leanlora.factors.dense import DenseFactors
 from leanlora.layer import AdaptedLinear
-from leanlora.module_index import ModuleIndex
+from leanlora.speed.module_index import ModuleIndex
 from leanlora.precision.full import FullPrecision
 from leanlora.precision.learned import PriorScale
 from leanlora.ranks.fixed import FixedRanks
@@ -66,8 +66,10 @@ def build_shared(config: AdapterConfig, device: torch.device | None) -> Shared:
     return shared
 
 
-def build_layer(module: nn.Module, name: str, config: AdapterConfig, shared: Shared) -> AdaptedLinear:
-    """Wrap one supported linear module; its weight is not copied or changed."""
+def build_layer(module: nn.Module, name: str, config: AdapterConfig, shared: Shared,
+                quantize_base: bool = True) -> AdaptedLinear:
+    """Wrap one supported linear module; its weight is not changed (an NF4 or FP8 base is a
+    quantized copy of it). ``quantize_base=False`` keeps the base dense for now (see :func:`_build_base`)."""
     in_f, out_f = linear_shape(module)
     device = module.weight.device
     dtype = adapter_dtype(config)
@@ -111,9 +113,31 @@ def build_layer(module: nn.Module, name: str, config: AdapterConfig, shared: Sha
     quant_b = _build_quantizer(config, dtype, out_f * r, shared.prior_scale, device)
     base = Bnb4Base(module, name) if is_linear4bit(module) else DenseBase(module)
     layer = AdaptedLinear(base, factors, ranks, quant_a, quant_b, dropout=config.dropout, name=name)
-    layer.base_digest = None  # recorded once, at the first save (leanlora.identity.record_layer_digest)
+    layer.base_digest = None  # recorded once, at the first save (leanlora.artifact.identity.record_layer_digest)
+    if quantize_base and isinstance(base, DenseBase) and config.base in ("nf4", "fp8"):
+        _quantize_base(layer, name, config)
     layer.train(module.training)  # a model in eval mode stays in eval mode (dropout, sampled ranks)
     return layer
+
+
+def _quantize_base(layer: AdaptedLinear, name: str, config: AdapterConfig) -> None:
+    """Give ``layer`` the NF4 or FP8 copy of its dense base; the digest of the plain weight is taken
+    first, since that is what a later load compares against.
+
+    :func:`leanlora.load` builds with ``quantize_base=False`` and quantizes only after every tensor
+    loaded (:func:`leanlora.base.nf4.quantize_bases`), so that a failed load leaves the model as it was.
+    """
+    from leanlora.artifact.identity import record_layer_digest
+
+    record_layer_digest(layer)
+    if config.base == "nf4":
+        from leanlora.base.nf4 import NF4Base
+
+        layer.base = NF4Base.from_dense(layer.base, config.nf4.block_size, config.nf4.scaler_block_size, name=name)
+    else:
+        from leanlora.base.fp8 import FP8Base
+
+        layer.base = FP8Base.from_dense(layer.base, name=name)
 
 
 def _build_quantizer(config: AdapterConfig, dtype: torch.dtype, macs: int, prior_scale: PriorScale,

@@ -106,7 +106,7 @@ def load_trained(run_dir: str | Path, overrides: list[str] = (), adapter: str | 
                  check_base: bool = True):
     """(run config, model with the trained adapter, tokenizer, task) of a finished run folder."""
     import leanlora
-    from leanlora.io import BaseMismatchError
+    from leanlora.artifact.io import BaseMismatchError
     from leanlora.train.loop import RUN_CONFIG, load_for_run
     from leanlora.train.runconfig import load_run_config
 
@@ -206,7 +206,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def _sweep_budgets(args, run, model, eval_fn, metric: str) -> int:
     """The budget sweep of a gated / learned-bits run: the same table, plot and --export as the rank sweep."""
     import leanlora
-    from leanlora.budget_sweep import export_budget, sweep_budgets
+    from leanlora.reports.budget_sweep import export_budget, sweep_budgets
 
     if args.ranks:
         raise CLIError("--ranks picks nested ranks; this run has gated ranks or learned bits (use --budgets)")
@@ -238,12 +238,12 @@ DEFAULT_BUDGETS = "0.05,0.1,0.2,0.3"
 
 def cmd_report(args: argparse.Namespace) -> int:
     try:
-        from leanlora.report import write_report
+        from leanlora.reports.report import write_report
     except ImportError:
-        raise CLIError("leanlora.report.write_report is not available in this install; "
+        raise CLIError("leanlora.reports.report.write_report is not available in this install; "
                        "`leanlora report` needs it") from None
     # The report needs the adapter only (shapes, ranks, bits), not the base model.
-    from leanlora.io import CONFIG_NAME, LEGACY_CONFIG_NAME
+    from leanlora.artifact.io import CONFIG_NAME, LEGACY_CONFIG_NAME
 
     def holds_adapter(path: Path) -> bool:
         return (path / CONFIG_NAME).is_file() or (path / LEGACY_CONFIG_NAME).is_file()
@@ -261,7 +261,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from leanlora.demo import run_demo
+    from leanlora.train.demo import run_demo
 
     return run_demo(data=args.data, out=args.out, method=args.method, max_train=args.train_examples,
                     max_eval=args.eval_examples, epochs=args.epochs, progress=not args.no_progress,
@@ -397,9 +397,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     errors, each naming the key, file or module, and the operating system's (a folder that cannot
     be written, a full disk), which name the path."""
     from leanlora.config import ConfigError
-    from leanlora.export import ExportError
+    from leanlora.artifact.export import ExportError
     from leanlora.inject import InjectError
-    from leanlora.io import AdapterLoadError
+    from leanlora.artifact.io import AdapterLoadError
     from leanlora.layer import MergeError
     from leanlora.train.checkpoint import CheckpointError
     from leanlora.train.finite import TrainingDiverged

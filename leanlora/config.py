@@ -219,7 +219,7 @@ class QuantConfig:
 
 @dataclass(frozen=True)
 class GatesConfig:
-    """Hard-concrete gates of gated ranks and of learned bits (:mod:`leanlora.hardconcrete`).
+    """Hard-concrete gates of gated ranks and of learned bits (:mod:`leanlora.gates.hardconcrete`).
 
     Both kinds are the same gate with one eval rule, trained in one optimizer group; the budget
     controller orders them on one scale. Only where they start differs: a rank gate decides
@@ -315,7 +315,7 @@ class AdapterConfig:
     nf4: NF4Config = field(default_factory=NF4Config)
     vectorize: Literal["auto", "always", "never"] = "auto"
     """compute the adapter pieces (gated, quantized or bank-composed A and B) of all layers of the
-    same shape together, once per training forward (:mod:`leanlora.vectorize`): "auto" where
+    same shape together, once per training forward (:mod:`leanlora.speed.vectorize`): "auto" where
     they take work of their own, "always", or "never" (each layer computes its own)."""
     lora_alpha: InitVar[float | None] = None
     """PEFT's name of ``alpha`` (not stored: it sets alpha)."""

@@ -18,8 +18,8 @@ from leanlora.base.dense import linear_shape
 from leanlora.build import Shared, build_layer, build_shared
 from leanlora.config import AdapterConfig, ConfigError
 from leanlora.layer import AdaptedLinear
-from leanlora.targets import FilterFn, InjectError, find_modules_to_save, find_targets, module_matches
-from leanlora.vectorize import Vectorizer, refresh_pieces, wanted
+from leanlora.targets import FilterFn, InjectError, find_modules_to_save, find_targets
+from leanlora.speed.vectorize import Vectorizer, refresh_pieces, wanted
 
 SHARED_ATTR = "leanlora_shared"
 
@@ -73,8 +73,8 @@ def inject(model: nn.Module, config: AdapterConfig, *, filter_fn: FilterFn | Non
            quantize_base: bool = True) -> nn.Module:
     """Wrap the target linear layers of ``model`` in place, freeze everything else, return ``model``.
 
-    ``filter_fn(module, name)`` can veto a match. ``quantize_base=False`` defers an NF4 or FP8 base
-    (used by :func:`leanlora.load` so that a failed load leaves the model untouched).
+    ``filter_fn(module, name)`` can veto a match. ``quantize_base=False`` builds an NF4 or FP8 base
+    dense for now (used by :func:`leanlora.load` so that a failed load leaves the model untouched).
     """
     if not isinstance(config, AdapterConfig):
         raise TypeError(f"config must be a leanlora.AdapterConfig, got {type(config).__name__}")
@@ -96,7 +96,7 @@ def inject(model: nn.Module, config: AdapterConfig, *, filter_fn: FilterFn | Non
     for p in model.parameters():
         p.requires_grad_(False)
     for name in targets:
-        layer = build_layer(modules[name], name, config, shared)
+        layer = build_layer(modules[name], name, config, shared, quantize_base=quantize_base)
         _set_submodule(model, name, layer)
     model.add_module(SHARED_ATTR, shared)
     shared.vectorizer = Vectorizer(config.vectorize, shared.module_index)
@@ -105,14 +105,6 @@ def inject(model: nn.Module, config: AdapterConfig, *, filter_fn: FilterFn | Non
     for name in save_names:
         for p in modules[name].parameters():
             p.requires_grad_(True)
-    if quantize_base and config.base == "nf4":
-        from leanlora.base.nf4 import quantize_bases
-
-        quantize_bases(model, config.nf4)
-    if quantize_base and config.base == "fp8":
-        from leanlora.base.fp8 import quantize_bases_fp8
-
-        quantize_bases_fp8(model)
     return model
 
 
@@ -140,6 +132,22 @@ def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLinear]]:
     for name, module in model.named_modules():
         if isinstance(module, AdaptedLinear):
             yield name, module
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor of the adapter: adapted layers (base excluded), shared state, modules_to_save."""
+    shared = shared_state(model)
+    state: dict[str, torch.Tensor] = {}
+    for name, layer in adapted_layers(model):
+        for key, value in layer.state_dict(prefix=f"{name}.").items():
+            if not key.startswith(f"{name}.base."):
+                state[key] = value
+    for key, value in shared.state_dict(prefix=f"{SHARED_ATTR}.").items():
+        state[key] = value
+    modules = dict(model.named_modules())
+    for name in shared.modules_to_save_names:
+        state.update(modules[name].state_dict(prefix=f"{name}."))
+    return state
 
 
 def trainable_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
@@ -184,8 +192,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     from leanlora.base.dense import DenseBase
     from leanlora.layer import MergeError
 
-    from leanlora.finite import first_nonfinite
-    from leanlora.io import adapter_state_dict
+    from leanlora.artifact.finite import first_nonfinite
 
     shared_state(model)
     bad = first_nonfinite(adapter_state_dict(model).items())

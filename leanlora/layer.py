@@ -4,6 +4,9 @@
 
 The layer knows nothing about LoRA, VB-LoRA, DyLoRA or B-LoRA by name; the strategies it holds
 decide where A and B come from, which components are on and at what precision they live.
+Each axis package declares the contract its strategies keep (:class:`leanlora.factors.Factors`,
+:class:`leanlora.ranks.RankSelector`, :class:`leanlora.precision.Quantizer`,
+:class:`leanlora.base.BaseWeight`); the layer, finalize and the cost report use nothing else.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ class AdaptedLinear(nn.Module):
         self.merged = False
         self._unmerge_copy: object | None = None
         # (A~, B~, d, scale) of this forward when computed with the layer's group
-        # (leanlora.vectorize); None: the layer computes its own
+        # (leanlora.speed.vectorize); None: the layer computes its own
         self.pieces: tuple | None = None
 
     def __getstate__(self) -> dict:
@@ -105,8 +108,8 @@ class AdaptedLinear(nn.Module):
         """
         if self.merged:
             return {}
-        from leanlora.finite import first_nonfinite
-        from leanlora.identity import record_layer_digest
+        from leanlora.artifact.finite import first_nonfinite
+        from leanlora.artifact.identity import record_layer_digest
 
         own = [(f"{self.name}.{k}", v) for k, v in self.state_dict().items() if not k.startswith("base.")]
         bad = first_nonfinite(own)

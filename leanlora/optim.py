@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from leanlora.flat_adamw import FlatAdamW, flattenable
+from leanlora.speed.flat_adamw import FlatAdamW, flattenable
 from leanlora.inject import shared_state
 
 NO_DECAY_ROLES = ("bank", "logits", "gates", "scales")
@@ -73,7 +73,7 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0,
 
 
 def adamw(groups: list[dict[str, Any]], **kwargs) -> torch.optim.Optimizer:
-    """AdamW over ``groups``: :class:`~leanlora.flat_adamw.FlatAdamW` (torch's fused update on CUDA)
+    """AdamW over ``groups``: :class:`~leanlora.speed.flat_adamw.FlatAdamW` (torch's fused update on CUDA)
     when every parameter is a plain dense floating-point tensor, else torch's AdamW.
 
     B-LoRA holds ten tensors per adapted module, many of them a handful of values; torch's AdamW

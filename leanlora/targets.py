@@ -140,3 +140,32 @@ def find_modules_to_save(model: nn.Module, config: AdapterConfig) -> list[str]:
         # keep only outermost matches: saving "classifier" already saves "classifier.dense"
         found.extend(h for h in hits if not any(h.startswith(f + ".") for f in hits if f != h))
     return sorted(set(found))
+
+
+def repeated_blocks(model: nn.Module, layer_classes=None) -> list[nn.Module]:
+    """The model's repeated blocks (transformer layers), outermost first, in model order.
+
+    One rule for every caller (regional ``torch.compile``, one FSDP2 group per block): the blocks
+    are the modules whose class is named in ``layer_classes``, else in any module's
+    ``_no_split_modules`` (transformers' list of blocks never to split, e.g. LlamaDecoderLayer,
+    BertLayer); else the members of the largest ``nn.ModuleList`` whose members share one class
+    (``layers``, ``layer``, ``h`` in Llama, BERT, GPT-2). A block inside another is part of it.
+    Empty when the model has none.
+    """
+    if layer_classes is not None:
+        names = {n if isinstance(n, str) else n.__name__ for n in layer_classes}
+    else:
+        names = {n for m in model.modules() for n in (getattr(m, "_no_split_modules", None) or ())}
+    if not names:
+        lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0
+                 and len({type(c) for c in m}) == 1]
+        if lists:
+            names = {type(max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))[0]).__name__}
+    found: list[nn.Module] = []
+    inside: set[int] = set()  # ids of every module within a block already found
+    for module in model.modules():
+        if id(module) in inside or type(module).__name__ not in names:
+            continue
+        found.append(module)
+        inside.update(id(m) for m in module.modules())
+    return found

@@ -26,8 +26,8 @@ sys.path.insert(0, str(ROOT))
 import leanlora  # noqa: E402
 from leanlora import distributed as D  # noqa: E402
 from leanlora.config import AdapterConfig, BankConfig, GatesConfig, NF4Config, NestedConfig, PriorConfig  # noqa: E402
-from leanlora.finalize import finalize  # noqa: E402
-from leanlora.io import adapter_state_dict  # noqa: E402
+from leanlora.artifact.finalize import finalize  # noqa: E402
+from leanlora.artifact.io import adapter_state_dict  # noqa: E402
 
 
 def _conftest():
@@ -59,7 +59,7 @@ def method_configs(have_gated: bool) -> dict[str, AdapterConfig]:
 
 def fix_gates(model) -> None:
     """B-LoRA comparison: gates and bit gates deterministic (eval), the rest in train mode."""
-    from leanlora.schedule import HasPrior
+    from leanlora.gates.schedule import HasPrior
 
     for m in model.modules():
         if isinstance(m, HasPrior):
@@ -227,7 +227,7 @@ def run_budget(mode: str) -> dict:
     import copy
 
     from leanlora import budget
-    from leanlora.cost import cost_report
+    from leanlora.reports.cost import cost_report
 
     config = AdapterConfig(target_modules=TARGETS, r=4, alpha=8.0, ranks="gated", precision="learned", budget=0.25)
     batches = global_batches(8)

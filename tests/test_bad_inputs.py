@@ -102,7 +102,7 @@ def _eval_tampered(edit):
 def _edit_rank(folder: Path) -> None:
     import json
 
-    from leanlora.io import CONFIG_NAME
+    from leanlora.artifact.io import CONFIG_NAME
 
     meta = json.loads((folder / CONFIG_NAME).read_text())
     next(iter(meta["modules"].values()))["rank"] = "x"

@@ -197,7 +197,7 @@ def test_budget_refuses_a_captured_step(config, tmp_path):
 
 
 def test_a_budget_sweep_costs_less_as_the_budget_falls_and_gives_the_trained_adapter_back(config, tmp_path):
-    from leanlora.budget_sweep import sweep_budgets
+    from leanlora.reports.budget_sweep import sweep_budgets
     from leanlora.cli import main
 
     out = tmp_path / "run"

@@ -250,7 +250,7 @@ def test_demo_runs_end_to_end_on_a_tiny_subset(capsys, tmp_path, monkeypatch):
 
 
 def test_demo_sizes_blora_by_a_budget_not_by_the_run_length():
-    from leanlora.demo import DEMO_BUDGET, demo_run
+    from leanlora.train.demo import DEMO_BUDGET, demo_run
 
     short, long = demo_run(max_train=256, max_eval=16), demo_run(max_train=4096, max_eval=16)
     assert short.adapter == long.adapter                            # nothing depends on the run's length

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import leanlora
-from leanlora.train.compiled import CompiledRegions, repeated_blocks, shape_advice, wants_compile
+from leanlora.targets import repeated_blocks
+from leanlora.train.compiled import CompiledRegions, shape_advice, wants_compile
 from conftest import tiny_llama, token_batch
 
 

@@ -16,7 +16,7 @@ import pytest
 
 import leanlora
 from leanlora.config import MOVED_KEYS, AdapterConfig, ConfigError, MovedKeyWarning
-from leanlora.io import read_adapter_config
+from leanlora.artifact.io import read_adapter_config
 from leanlora.train.runconfig import load_run_config, to_commented_yaml
 
 GATED = dict(ranks="gated", precision="learned")

@@ -87,7 +87,7 @@ def test_every_combination_reports_and_finalize_keeps_the_numbers(factors, ranks
 
 
 def test_cost_table_cuts_long_module_names_at_the_front_and_marks_the_cut():
-    from leanlora.cost import _fit
+    from leanlora.reports.cost import _fit
 
     long = "bert.encoder.layer.0.attention.self.query.extra"
     assert _fit("model.layers.0.q_proj", 40) == "model.layers.0.q_proj"

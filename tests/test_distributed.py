@@ -19,6 +19,8 @@ import pytest
 import torch
 
 from leanlora import distributed as D
+from leanlora.distributed import process
+from leanlora.distributed.wrapping import _refuse_bnb4
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "dist_worker.py"
@@ -236,10 +238,10 @@ def test_benchmark_script_runs_on_two_cpu_processes(tmp_path):
 
 
 def test_shard_splits_a_batch_evenly_and_pads_the_last(monkeypatch):
-    monkeypatch.setattr(D, "world_size", lambda: 2)
+    monkeypatch.setattr(process, "world_size", lambda: 2)
     parts = {}
     for r in (0, 1):
-        monkeypatch.setattr(D, "rank", lambda r=r: r)
+        monkeypatch.setattr(process, "rank", lambda r=r: r)
         parts[r] = D.shard([10, 11, 12, 13, 14])
     assert parts == {0: [10, 12, 14], 1: [11, 13, 10]}     # every rank gets ceil(5/2); 10 wraps around
     assert sorted(parts[0] + parts[1])[:5] == [10, 10, 11, 12, 13]
@@ -249,4 +251,4 @@ def test_fsdp2_refuses_a_bitsandbytes_base_by_name():
     Linear4bit = type("Linear4bit", (torch.nn.Linear,), {"__module__": "bitsandbytes.nn.modules"})
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), Linear4bit(4, 4))
     with pytest.raises(D.DistributedError, match="Linear4bit base of '1'.*adapter.base='nf4'"):
-        D._refuse_bnb4(model)
+        _refuse_bnb4(model)

@@ -12,7 +12,7 @@ from safetensors import safe_open
 
 import leanlora
 from conftest import randomize_adapters, randomize_gates, tiny_bert, tiny_llama, token_batch
-from leanlora.export import ExportError
+from leanlora.artifact.export import ExportError
 
 peft = pytest.importorskip("peft")
 

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from leanlora.flat_adamw import FlatAdamW
+from leanlora.speed.flat_adamw import FlatAdamW
 
 
 def _params(seed=0):

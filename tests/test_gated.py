@@ -7,7 +7,7 @@ import torch
 
 import leanlora
 from conftest import randomize_adapters, tiny_llama, token_batch
-from leanlora import hardconcrete as hc
+from leanlora.gates import hardconcrete as hc
 from leanlora.precision.learned import PriorScale
 from leanlora.ranks.gated import GatedRanks
 

@@ -17,7 +17,7 @@ import torch
 
 import leanlora
 from golden import make_goldens as golden
-from leanlora.io import adapter_state_dict, read_adapter_tensors
+from leanlora.artifact.io import adapter_state_dict, read_adapter_tensors
 
 RTOL, ATOL = 1e-5, 1e-6
 RECORD = json.loads(golden.LOSSES.read_text())

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from leanlora import hardconcrete as hc
+from leanlora.gates import hardconcrete as hc
 
 
 def test_constants_are_the_papers():

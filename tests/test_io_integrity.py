@@ -12,8 +12,8 @@ from torch import nn
 
 import leanlora
 from conftest import randomize_adapters, tiny_bert, tiny_llama, token_batch
-from leanlora.checksum import CHECKSUM_KEY
-from leanlora.io import CONFIG_NAME, WEIGHTS_NAME
+from leanlora.artifact.checksum import CHECKSUM_KEY
+from leanlora.artifact.io import CONFIG_NAME, WEIGHTS_NAME
 
 FIXTURES = Path(__file__).parent / "fixtures" / "legacy_v1"
 
@@ -96,7 +96,7 @@ def _noise(model):
 
 
 def _all_but_sampled(model):
-    from leanlora.identity import PROBE_SIZE
+    from leanlora.artifact.identity import PROBE_SIZE
 
     w = model.model.layers[0].self_attn.q_proj.weight.view(-1)
     keep = torch.linspace(0, w.numel() - 1, steps=PROBE_SIZE).round().long()
@@ -222,7 +222,7 @@ def test_bad_tensor_values_and_kinds_are_refused_with_the_tensor_name(tmp_path, 
         tensors[key].view(-1)[0] = value
     else:
         tensors[key] = torch.full(tensors[key].shape, value)
-    leanlora.io.atomic_save_tensors(tensors, f, metadata={"format": "leanlora-adapter"})  # a valid checksum
+    leanlora.artifact.io.atomic_save_tensors(tensors, f, metadata={"format": "leanlora-adapter"})  # a valid checksum
     model = tiny_llama()
     with pytest.raises(leanlora.AdapterLoadError, match=rf"tensor '{key}' {message}"):
         leanlora.load(model, path)
@@ -260,7 +260,7 @@ def test_merge_refuses_non_finite_adapters_naming_the_tensor(merge):
 
 
 def _crash_after_first_file(monkeypatch):
-    import leanlora.io as io
+    import leanlora.artifact.io as io
 
     def boom(path, data):
         raise KeyboardInterrupt("killed")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from leanlora.module_index import ModuleIndex
+from leanlora.speed.module_index import ModuleIndex
 
 
 def tree() -> nn.Module:

@@ -327,3 +327,35 @@ def test_a_model_with_nf4_bases_deep_copies_to_the_same_function():
     base, twin_base = (m.get_submodule("model.layers.0.self_attn.q_proj.base") for m in (model, twin))
     assert twin_base.weight is not base.weight
     assert twin_base.weight.quantized_data.data_ptr() != base.weight.quantized_data.data_ptr()
+
+
+def test_inject_builds_the_nf4_base_with_the_plain_weights_digest():
+    model = tiny_llama()
+    plain = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    leanlora.inject(model, nf4_config())
+    for name, layer in leanlora.adapted_layers(model):
+        assert isinstance(layer.base, NF4Base), name
+        assert layer.base_digest is not None, name      # of the weight before rounding: what load compares
+    q = model.model.layers[0].self_attn.q_proj.base.dense_weight()
+    assert not torch.equal(q, plain) and torch.allclose(q, plain, atol=0.1)
+
+
+def test_a_failed_nf4_load_leaves_the_model_untouched(tmp_path, monkeypatch):
+    from leanlora.artifact import io
+
+    model = tiny_llama()
+    leanlora.inject(model, nf4_config())
+    randomize_adapters(model)
+    leanlora.save(model, tmp_path / "adapter")
+    target = tiny_llama()
+    before = {n: p.detach().clone() for n, p in target.state_dict().items()}
+
+    def broken(*args, **kwargs):
+        raise io.AdapterLoadError("a tensor failed to load")
+
+    monkeypatch.setattr(io, "_restore_tensors", broken)
+    with pytest.raises(io.AdapterLoadError, match="failed to load"):
+        leanlora.load(target, tmp_path / "adapter")
+    assert not list(leanlora.adapted_layers(target)) and not hasattr(target, "leanlora_shared")
+    after = target.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[n], before[n]) for n in before)

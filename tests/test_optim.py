@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 import leanlora
-from leanlora.flat_adamw import FlatAdamW
+from leanlora.speed.flat_adamw import FlatAdamW
 from leanlora.optim import adamw
 from conftest import tiny_llama
 

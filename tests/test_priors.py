@@ -7,9 +7,9 @@ import torch
 
 import leanlora
 from conftest import OpCount, tiny_llama
-from leanlora import priors
+from leanlora.gates import priors
 from leanlora.inject import shared_state
-from leanlora.schedule import HasPrior
+from leanlora.gates.schedule import HasPrior
 
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

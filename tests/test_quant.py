@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from leanlora import hardconcrete as hc
-from leanlora.packing import StoredTensor, pack_codes, packed_nbytes, unpack_codes
+from leanlora.gates import hardconcrete as hc
+from leanlora.artifact.packing import StoredTensor, pack_codes, packed_nbytes, unpack_codes
 from leanlora.precision.fixed import FixedBits, FrozenBits
 from leanlora.precision.learned import LearnedBits, PriorScale, grid_scale
 

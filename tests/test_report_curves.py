@@ -3,7 +3,7 @@ eval loss, cost as a share of LoRA-16, rank and bits; a run without log records 
 
 from __future__ import annotations
 
-from leanlora.report import curves, plot_curves
+from leanlora.reports.report import curves, plot_curves
 
 METRICS = {
     "train_losses": [0.9, 0.8, 0.7, 0.65],

@@ -150,7 +150,7 @@ def test_the_loss_is_read_back_once_per_optimizer_step(config, tmp_path, adapter
 
     package = str(ROOT / "leanlora")
     # what the log records read (rank, bits, cost, the gradient norm), on log steps only
-    log_records = {str(ROOT / "leanlora" / f) for f in ("summary.py", "cost.py", "train/step_log.py")}
+    log_records = {str(ROOT / "leanlora" / f) for f in ("reports/summary.py", "reports/cost.py", "train/step_log.py")}
     readers: Counter = Counter()
 
     class ScalarReads(TorchDispatchMode):
@@ -182,10 +182,10 @@ def test_the_loss_is_read_back_once_per_optimizer_step(config, tmp_path, adapter
     # the finite-weight flag rides on the loss read each step, and is read alone only before a save (one here)
     assert readers["train/finite.py"] == 1, readers
     # besides: save's all-finite check (one read per saved adapter), the log record of the one log
-    # step (the last), and flat_adamw.py: the optimizer's step counter, read when the final checkpoint
+    # step (the last), and speed/flat_adamw.py: the optimizer's step counter, read when the final checkpoint
     # is written (once per bucket), and the cost of the final adapter, once, for metrics.json
-    assert readers["finite.py"] <= 1, readers
-    assert set(readers) <= {"train/loop.py", "train/finite.py", "finite.py", "log records (log steps)",
-                            "torch or transformers", "flat_adamw.py",
+    assert readers["artifact/finite.py"] <= 1, readers
+    assert set(readers) <= {"train/loop.py", "train/finite.py", "artifact/finite.py", "log records (log steps)",
+                            "torch or transformers", "speed/flat_adamw.py",
                             "cost of the final adapter (metrics.json)", "the budget's freeze (once a run)",
                             "the budget's state in a checkpoint"}, readers

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import leanlora
-from leanlora.sweep import choose_rank, rank_cost
+from leanlora.reports.sweep import choose_rank, rank_cost
 from conftest import assets_dir, minilm_dir, randomize_adapters, tiny_llama, token_batch
 
 TARGETS = ("q_proj", "v_proj", "down_proj")
@@ -109,7 +109,7 @@ def test_export_chosen_rank_as_plain_adapter_and_as_peft(tmp_path):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
     leanlora.export_rank(model, 3, tmp_path / "plain")
-    tensors = leanlora.io.read_adapter_tensors(tmp_path / "plain")
+    tensors = leanlora.artifact.io.read_adapter_tensors(tmp_path / "plain")
     assert tensors["model.layers.0.self_attn.q_proj.factors.lora_A"].shape == (3, 64)
     loaded = leanlora.load(tiny_llama(), tmp_path / "plain")
     assert all(l.ranks.active_rank() == 3 for _, l in leanlora.adapted_layers(loaded))

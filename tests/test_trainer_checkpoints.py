@@ -11,7 +11,7 @@ from transformers import AutoModelForSequenceClassification, Trainer, TrainerCal
 
 import leanlora
 from conftest import tiny_bert
-from leanlora.io import AdapterLoadError, restore
+from leanlora.artifact.io import AdapterLoadError, restore
 from leanlora.train import callbacks as cb
 from trainer_fixtures import Rows, arguments, gated_config, gated_model, trainable
 
@@ -37,7 +37,7 @@ def test_a_checkpoint_holds_the_adapter_and_the_training_state(tmp_path):
     assert not names & set(MODEL_FILES), names & set(MODEL_FILES)
     # the adapter alone: no tensor of the frozen base is stored
     fresh = leanlora.load(tiny_bert(seed=0), ckpt, trainable=True)
-    assert not any(".base." in n for n in leanlora.io.read_adapter_tensors(ckpt))
+    assert not any(".base." in n for n in leanlora.artifact.io.read_adapter_tensors(ckpt))
     final = tmp_path / "checkpoint-4"
     fresh4 = leanlora.load(tiny_bert(seed=0), final)
     for name, p in trainable(model).items():  # the last checkpoint is the trained model's adapter

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers.optimization import Adafactor
 
-from leanlora.flat_adamw import FlatAdamW
+from leanlora.speed.flat_adamw import FlatAdamW
 from leanlora.train import callbacks as cb
 from leanlora.train.trainer_optim import UnsupportedOptimizer
 from trainer_fixtures import Rows, arguments, gated_model, trainable

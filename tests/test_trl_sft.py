@@ -11,8 +11,8 @@ from trl import SFTConfig
 
 import leanlora
 from conftest import tiny_llama
-from leanlora.flat_adamw import FlatAdamW
-from leanlora.io import adapter_state_dict
+from leanlora.speed.flat_adamw import FlatAdamW
+from leanlora.artifact.io import adapter_state_dict
 from leanlora.train.sft import LeanLoraSFTTrainer
 from trainer_fixtures import scalars
 

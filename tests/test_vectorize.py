@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import leanlora
-from leanlora import hardconcrete as hc
-from leanlora import vectorize
+from leanlora.gates import hardconcrete as hc
+from leanlora.speed import vectorize
 from leanlora.layer import AdaptedLinear
 from conftest import OpCount, tiny_llama, token_batch
 
@@ -248,7 +248,7 @@ def test_a_model_with_nothing_to_group_gets_no_hook():
 
 
 def _gated_modules(model):
-    from leanlora.schedule import HasPrior, implements
+    from leanlora.gates.schedule import HasPrior, implements
 
     return {id(m) for m in model.modules() if implements(m, HasPrior)}
 

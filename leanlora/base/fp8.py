@@ -126,10 +126,11 @@ def quantize_bases_fp8(model: nn.Module) -> dict[str, int]:
     All shapes are checked before any layer changes; bases that are already quantized (NF4,
     FP8, a bitsandbytes ``Linear4bit``) are left as they are. Returns {module: base bytes}.
     """
-    from leanlora.identity import record_layer_digest
-    from leanlora.inject import adapted_layers
+    from leanlora.artifact.identity import record_layer_digest
+    from leanlora.layer import AdaptedLinear
 
-    layers = [(n, l) for n, l in adapted_layers(model) if isinstance(l.base, DenseBase)]
+    layers = [(n, m) for n, m in model.named_modules()
+              if isinstance(m, AdaptedLinear) and isinstance(m.base, DenseBase)]
     for name, layer in layers:
         if layer.merged:
             raise ValueError(f"{name}: unmerge the adapter before quantizing its base to fp8")

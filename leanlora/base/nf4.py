@@ -212,15 +212,16 @@ def quantize_bases(model: nn.Module, nf4_config: NF4Config | None = None) -> dic
     bitsandbytes ``Linear4bit`` the user loaded) are left as they are. The dense weight is
     released, so memory drops once nothing else refers to it. Returns {module: base bytes}.
     """
-    from leanlora.inject import adapted_layers
+    from leanlora.layer import AdaptedLinear
 
     config = nf4_config or NF4Config()
-    layers = [(n, l) for n, l in adapted_layers(model) if isinstance(l.base, DenseBase)]
+    layers = [(n, m) for n, m in model.named_modules()
+              if isinstance(m, AdaptedLinear) and isinstance(m.base, DenseBase)]
     for name, layer in layers:
         if layer.merged:
             raise ValueError(f"{name}: unmerge the adapter before quantizing its base to NF4")
         check_nf4_shape(name, layer.in_features, layer.out_features, config)
-    from leanlora.identity import record_layer_digest
+    from leanlora.artifact.identity import record_layer_digest
 
     sizes = {}
     for name, layer in layers:

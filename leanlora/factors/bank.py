@@ -63,6 +63,17 @@ def check_divides(vector_length: int, in_features: int, out_features: int, name:
                              f"of module {name or '?'!r}")
 
 
+def index_dtype(num_vectors: int) -> torch.dtype:
+    """Smallest integer dtype that holds indices 0..h-1 (PEFT's thresholds)."""
+    if num_vectors < 2**8:
+        return torch.uint8
+    if num_vectors < 2**15:
+        return torch.int16
+    if num_vectors < 2**31:
+        return torch.int32
+    raise ValueError(f"num_vectors={num_vectors} needs 64-bit indices; top-k-only storage supports h < 2^31")
+
+
 class VectorBank(nn.Module):
     """The one bank of h vectors of length b shared by every adapted module, A and B alike."""
 
@@ -86,6 +97,7 @@ class BankFactors(nn.Module):
     """A (r, in) and B (out, r) composed from the shared bank by per-sub-vector top-k logits."""
 
     PARAM_ROLES = {"logits": "logits"}
+    stores_rows = False  # composed at run time: finalize keeps a prefix and masks closed components
 
     def __init__(self, bank: VectorBank, in_features: int, out_features: int, rank: int, topk: int,
                  logits_init_std: float = 0.01, name: str = "", dtype: torch.dtype = torch.float32,
@@ -131,14 +143,12 @@ class BankFactors(nn.Module):
         s_in = self.in_features // self.bank.vector_length
         return self.logits[:, :s_in], self.logits[:, s_in:].transpose(0, 1)
 
-    @torch.no_grad()
-    def load_peft_logits_(self, logits_a: torch.Tensor, logits_b: torch.Tensor) -> None:
-        """Copy PEFT-layout logits (r, in/b, h) and (out/b, r, h) into this layer."""
-        view_a, view_b = self.peft_logits()
-        for what, src, dst in (("logits_A", logits_a, view_a), ("logits_B", logits_b, view_b)):
-            if tuple(src.shape) != tuple(dst.shape):
-                raise ValueError(f"{self.name}: {what} has shape {tuple(src.shape)}, expected {tuple(dst.shape)}")
-            dst.copy_(src)
+    def compact_nbytes(self, rank: int, elem: int) -> int:
+        """Bytes of the top-k-only form at ``rank`` components: per sub-vector, k - 1 weights of
+        ``elem`` bytes and k indices (:mod:`leanlora.factors.bank_storage`)."""
+        n_sub = rank * (self.in_features + self.out_features) // self.bank.vector_length
+        idx = torch.empty((), dtype=index_dtype(self.bank.num_vectors)).element_size()
+        return n_sub * (self.topk - 1) * elem + n_sub * self.topk * idx
 
     @torch.no_grad()
     def prune_(self, keep: int) -> None:

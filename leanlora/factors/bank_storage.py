@@ -25,22 +25,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from leanlora.factors.bank import BankFactors
+from leanlora.factors.bank import BankFactors, index_dtype
 
 INDICES, WEIGHTS, LOGITS = "topk_indices", "topk_weights", "logits"
 REOPEN_GAP = 1.0
 """nats between the smallest kept log-weight and the floor given to the discarded logits."""
-
-
-def index_dtype(num_vectors: int) -> torch.dtype:
-    """Smallest integer dtype that holds indices 0..h-1 (PEFT's thresholds)."""
-    if num_vectors < 2**8:
-        return torch.uint8
-    if num_vectors < 2**15:
-        return torch.int16
-    if num_vectors < 2**31:
-        return torch.int32
-    raise ValueError(f"num_vectors={num_vectors} needs 64-bit indices; top-k-only storage supports h < 2^31")
 
 
 def pack_topk(logits: torch.Tensor, topk: int, num_vectors: int) -> tuple[torch.Tensor, torch.Tensor]:

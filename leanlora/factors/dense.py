@@ -11,6 +11,8 @@ from torch import nn
 class DenseFactors(nn.Module):
     """A (r, in) and B (out, r) as plain parameters."""
 
+    stores_rows = True  # finalize can keep any subset of rows: the factors are the matrices themselves
+
     def __init__(self, in_features: int, out_features: int, rank: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> None:
         super().__init__()
@@ -22,6 +24,9 @@ class DenseFactors(nn.Module):
 
     def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.lora_A, self.lora_B  # (r, in), (out, r)
+
+    def compact_nbytes(self, rank: int, elem: int) -> None:
+        return None  # the rows themselves: their bytes follow from the quantizers' bits
 
     @torch.no_grad()
     def prune_(self, keep: int) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from leanlora.hardconcrete import round_ste
+from leanlora.gates.hardconcrete import round_ste
 
 FLOAT_BITS = 32
 _TINY = 1e-12  # an all-zero tensor (LoRA's B at init) gets a tiny positive scale, not 0/0

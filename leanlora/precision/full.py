@@ -21,7 +21,7 @@ class FullPrecision(nn.Module):
         return float(self.dtype_bits)
 
     def quantized(self) -> bool:
-        """False: the factor is stored as float values, not integer codes (see leanlora.packing)."""
+        """False: the factor is stored as float values, not integer codes (see leanlora.artifact.packing)."""
         return False
 
     def encode(self, w: torch.Tensor) -> None:

@@ -8,7 +8,7 @@ b_k-bit value is the b_{k-1}-bit value plus a rounded residual (Bayesian Bits eq
     r_0 = s_{b_0} ⌊x_c / s_{b_0}⌉,   r_k = s_{b_k} ⌊(x_c - r_0 - ... - r_{k-1}) / s_{b_k}⌉
     w~ = r_0 + z_1 (r_1 + z_2 (r_2 + ... + z_K r_float))
 
-with one hard-concrete gate z_k per step above 2 bits (:mod:`leanlora.hardconcrete`), stochastic in
+with one hard-concrete gate z_k per step above 2 bits (:mod:`leanlora.gates.hardconcrete`), stochastic in
 training and thresholded in eval; ⌊·⌉ is straight-through in training.
 
 **Computed in closed form, all levels at once.** Because r_0 + ... + r_{k-1} lies on the
@@ -23,7 +23,7 @@ dozen kernels instead of one chain per level. In eval the gates are 0/1, π is o
 sum returns the chosen level exactly (the float level is ``w`` bit for bit). The width in use is
 b_k for the last open gate of the chain; its codes fit a signed b-bit integer
 (|code| <= 2^(b-1) - 1, clamped so that fp32 rounding of x_c / s at 16 bits cannot step past the
-grid), which is what :mod:`leanlora.packing` stores.
+grid), which is what :mod:`leanlora.artifact.packing` stores.
 
 **Range (fixes the B-LoRA port's gap).** The port fixes x_max from the tensor's max at its first
 forward, with no clipping and no learned scale. Here x_max = exp(log_scale) · max|w| with the
@@ -47,9 +47,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from leanlora import hardconcrete as hc
-from leanlora import priors
-from leanlora.hardconcrete import round_ste
+from leanlora.gates import hardconcrete as hc
+from leanlora.gates import priors
 from leanlora.precision.fixed import FLOAT_BITS, _TINY
 
 ALLOWED = (2, 4, 8, 16, 32)
@@ -190,7 +189,7 @@ class LearnedBits(nn.Module):
         return priors.evaluate(self.prior_terms())
 
     def prior_terms(self) -> priors.PriorTerms:
-        """R as data (:mod:`leanlora.priors`): the open chain of the gates, priced per step."""
+        """R as data (:mod:`leanlora.gates.priors`): the open chain of the gates, priced per step."""
         if self.reg_type == "const":
             weights = (1.0,) * self.log_alpha.numel()
         else:

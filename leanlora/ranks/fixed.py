@@ -11,7 +11,32 @@ def lora_scale(alpha: float, rank: int | torch.Tensor, rslora: bool) -> float | 
     return alpha / (rank ** 0.5 if rslora else rank)
 
 
-class FixedRanks(nn.Module):
+class PrefixRanks:
+    """The finalize side of a selector whose kept components are a prefix 0..k-1 (fixed, nested).
+
+    Such a selector has no gates and no diagonal E: finalizing it is pruning to the kept prefix.
+    """
+
+    finalized = False    # no gate-free state of its own: pruning is its finalize
+    keep_mask = None     # every stored component is on
+    e_store = None       # no diagonal E
+
+    def keep_indices(self) -> torch.Tensor:
+        return torch.arange(self.active_rank())
+
+    def diag_quantizer(self) -> None:
+        return None
+
+    def diagonal(self) -> None:
+        return None
+
+    def finalize_(self, keep: int, e_store: nn.Module | None = None, e_bits: int = 32, e_quantized: bool = False,
+                  keep_mask: torch.Tensor | None = None) -> None:
+        if keep < self.rank:
+            self.prune_(keep)
+
+
+class FixedRanks(PrefixRanks, nn.Module):
     def __init__(self, rank: int, alpha: float, rslora: bool = False) -> None:
         super().__init__()
         self.rank, self.alpha, self.rslora = rank, alpha, rslora

@@ -34,9 +34,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from leanlora import hardconcrete as hc
-from leanlora import priors
-from leanlora.hardconcrete import round_ste
+from leanlora.gates import hardconcrete as hc
+from leanlora.gates import priors
+from leanlora.gates.hardconcrete import round_ste
 from leanlora.precision.full import FullPrecision
 from leanlora.precision.learned import PriorScale
 from leanlora.ranks.fixed import lora_scale
@@ -65,6 +65,9 @@ class GatedRanks(nn.Module):
         self.prior_scale = prior_scale or PriorScale()
         self.scale = lora_scale(alpha, rank, rslora)
         self.finalized = False
+        # the finalized layout (finalize_): a mask of closed stored components and the stored E
+        self.register_buffer("keep_mask", None)
+        self.e_store = None
         # follows .to(device) without entering the state dict: a device for gate-free results
         self.register_buffer("_anchor", torch.zeros((), device=device), persistent=False)
         self.log_alpha = nn.Parameter(torch.full((rank - 1,), float(init_log_alpha), device=device))
@@ -137,7 +140,7 @@ class GatedRanks(nn.Module):
         return torch.zeros((), device=self._anchor.device) if terms is None else priors.evaluate(terms)
 
     def prior_terms(self) -> priors.PriorTerms | None:
-        """R as data (:mod:`leanlora.priors`), None once finalized (the gates are gone)."""
+        """R as data (:mod:`leanlora.gates.priors`), None once finalized (the gates are gone)."""
         if self.finalized:
             return None
         cost = 1.0
@@ -145,6 +148,10 @@ class GatedRanks(nn.Module):
             cost = self.component_macs * NOMINAL_BITS / self.prior_scale.value
         return priors.PriorTerms(self.log_alpha, (cost,) * self.log_alpha.numel(),
                                  chain=self.prior_kind == "nested" and self.nested)
+
+    def diagonal(self) -> tuple[torch.Tensor, nn.Module] | None:
+        """(E, its quantizer) while training with a diagonal; None without one or once finalized."""
+        return (self.E, self.quant_e) if self.diag and not self.finalized else None
 
     def diag_quantizer(self) -> nn.Module | None:
         """The quantizer of E (None without diag): cost accounting reads its bits from here."""

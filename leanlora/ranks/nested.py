@@ -20,7 +20,7 @@ the cheapest forward at a chosen rank).
 
 Components are ordered: component i is trained whenever b > i, so the first ones learn the most
 and any prefix is a usable adapter. One trained adapter therefore yields an adapter at every
-rank, picked after training by a sweep (:mod:`leanlora.sweep`).
+rank, picked after training by a sweep (:mod:`leanlora.reports.sweep`).
 
 "Frozen" mode (``frozen=True``) is what the released DyLoRA training callback runs: in a step at
 rank b only component b-1 (row b-1 of A, column b-1 of B) receives a gradient; components
@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from leanlora.ranks.fixed import lora_scale
+from leanlora.ranks.fixed import PrefixRanks, lora_scale
 
 DISTRIBUTIONS = ("uniform", "geometric")
 
@@ -106,7 +106,7 @@ class RankSampler(nn.Module):
 SCALES = ("max", "sampled", "sqrt")
 
 
-class NestedRanks(nn.Module):
+class NestedRanks(PrefixRanks, nn.Module):
     """Truncate A (r, in) to its first b rows and B (out, r) to its first b columns; scale alpha / b
     (``scale="sampled"``) or alpha / r (``scale="max"``)."""
 

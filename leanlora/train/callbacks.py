@@ -32,7 +32,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from leanlora import budget
-from leanlora.schedule import advance, regularizer
+from leanlora.gates.schedule import advance, regularizer
 from leanlora.train.step_log import adapter_values
 from leanlora.train.trainer_checkpoint import AdapterCheckpoints, unwrap
 from leanlora.train.trainer_optim import leanlora_optimizer

@@ -7,7 +7,7 @@ Layout of a run folder::
                                      state.json (optimizer structure, scheduler, python/numpy RNG,
                                      loop state, the budget controller's state)
 
-Every file is written to a temporary name and renamed (``leanlora.io`` atomic writes), and
+Every file is written to a temporary name and renamed (``leanlora.artifact.io`` atomic writes), and
 ``latest.json`` moves to a new step folder only once that folder is complete, so a run killed
 at any instant resumes from the last complete checkpoint. Older step folders are removed after
 ``latest.json`` has moved.
@@ -30,7 +30,7 @@ from torch import nn
 from leanlora import budget
 from leanlora.distributed import (barrier, full_adapter_state, full_optimizer_state, is_main_process,
                                   load_adapter_state, load_full_optimizer_state)
-from leanlora.io import adapter_state_dict, atomic_save_tensors, atomic_write_bytes
+from leanlora.artifact.io import adapter_state_dict, atomic_save_tensors, atomic_write_bytes
 
 CKPT_DIR = "checkpoints"
 LATEST = "latest.json"
@@ -126,10 +126,10 @@ def _read_json(path: Path, keys: tuple[str, ...]) -> dict[str, Any]:
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     """A checkpoint's safetensors file (safetensors' own parser: no code runs from the file), its
-    tensors checked against the sha256 it carries (:mod:`leanlora.checksum`)."""
+    tensors checked against the sha256 it carries (:mod:`leanlora.artifact.checksum`)."""
     from safetensors import safe_open
 
-    from leanlora.checksum import CHECKSUM_KEY, tensors_sha256
+    from leanlora.artifact.checksum import CHECKSUM_KEY, tensors_sha256
 
     if not path.is_file():
         raise _damaged(path, "file not found")
@@ -229,7 +229,7 @@ def load_checkpoint(folder: str | Path, model: nn.Module, optimizer: torch.optim
 
 def clean_leftovers(run_dir: str | Path) -> list[Path]:
     """Remove what a killed write leaves in a run folder: temporary files and folders (``.NAME.*.tmp``,
-    the names :mod:`leanlora.io` writes under) and step folders that ``latest.json`` does not name
+    the names :mod:`leanlora.artifact.io` writes under) and step folders that ``latest.json`` does not name
     (a checkpoint cut short). Returns what was removed."""
     run_dir = Path(run_dir)
     removed: list[Path] = []

@@ -18,8 +18,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from leanlora.compile_errors import is_compile_error, root_cause
-from leanlora.vectorize import compile_pieces
+from leanlora.speed.compile_errors import is_compile_error, root_cause
+from leanlora.speed.vectorize import compile_pieces
+from leanlora.targets import repeated_blocks
 
 
 def wants_compile(mode: bool | str, device: torch.device) -> bool:
@@ -38,14 +39,6 @@ def shape_advice(compile_mode: str, pad_to_multiple_of: int, max_length: int) ->
             f"{-(-max_length // 32)} shapes")
 
 
-def repeated_blocks(model: nn.Module) -> list[nn.Module]:
-    """The model's repeated blocks (``_no_split_modules``, e.g. LlamaDecoderLayer, BertLayer)."""
-    names: set[str] = set()
-    for m in model.modules():
-        names.update(getattr(m, "_no_split_modules", None) or ())
-    return [m for m in model.modules() if type(m).__name__ in names]
-
-
 class CompiledRegions:
     """Compile ``model``'s repeated blocks in place; :meth:`run_step` falls back to eager once."""
 
@@ -62,7 +55,7 @@ class CompiledRegions:
                 region.compile(backend=backend)
             else:
                 region.compile(mode=mode)
-        compile_pieces(model, mode, backend)  # the grouped adapter pieces (leanlora.vectorize) too
+        compile_pieces(model, mode, backend)  # the grouped adapter pieces (leanlora.speed.vectorize) too
         self.mode = mode
         self.compiled, self._proven = True, False
 

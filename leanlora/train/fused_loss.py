@@ -160,8 +160,8 @@ def choose(mode: str, model: nn.Module, device: torch.device, *, distributed: st
 
 def _refresh_grouped_pieces(model: nn.Module) -> None:
     """Run leanlora's forward pre-hook of the adapted model (the grouped adapter pieces and their
-    prior, :mod:`leanlora.vectorize`): calling the body directly skips the root's hooks."""
-    from leanlora.vectorize import refresh_pieces
+    prior, :mod:`leanlora.speed.vectorize`): calling the body directly skips the root's hooks."""
+    from leanlora.speed.vectorize import refresh_pieces
 
     if any(hook is refresh_pieces for hook in model._forward_pre_hooks.values()):
         refresh_pieces(model, ())

@@ -36,7 +36,7 @@ from leanlora import budget
 from leanlora import distributed as dist
 from leanlora.train.compiled import CompiledRegions, shape_advice, wants_compile
 from leanlora.config import ConfigError
-from leanlora.io import atomic_write_bytes, read_adapter_tensors
+from leanlora.artifact.io import atomic_write_bytes, read_adapter_tensors
 from leanlora.optim import adamw
 from leanlora.train.checkpoint import clean_leftovers, latest_checkpoint, load_checkpoint, save_checkpoint
 from leanlora.train.finite import FiniteGuard, TrainingDiverged, advice
@@ -120,19 +120,46 @@ def train(run: RunConfig | None, run_dir: str | Path, *, resume: bool = False, p
     run_dir = Path(run_dir)
     if not dist.is_main_process():
         log = lambda *args, **kwargs: None  # noqa: E731  (rank 0 speaks for the run)
-    checkpoint = latest_checkpoint(run_dir) if resume else None
-    if resume:
-        if not (run_dir / RUN_CONFIG).is_file():
-            raise ConfigError(f"--resume {run_dir}: no {RUN_CONFIG} there; is it a leanlora run folder?")
-        if dist.is_main_process():  # the one process that writes the run folder
-            clean_leftovers(run_dir)  # temporary files of a write that a kill interrupted
-        run = resume_config(run_dir / RUN_CONFIG, overrides)
-    elif latest_checkpoint(run_dir) is not None:
-        raise ConfigError(f"{run_dir} already holds a run with checkpoints; continue it with --resume {run_dir} "
-                          "or choose another --out folder")
-    assert run is not None
+    run, checkpoint = _open_run_dir(run, run_dir, resume, overrides)
+    backends = resolve_backends(run.train.report_to) if dist.is_main_process() else []  # refused before loading
+    run, device = _start_processes(run, log)
+    precision = resolve_precision(run.train, device, log)
+    check_adapter(run)  # a pattern that matches nothing fails here, before weights and data load
+    model, _, task = load_for_run(run, sources=sources)
+    run = run.replace(data=task.resolved_config())
+    if not resume and dist.is_main_process():
+        atomic_write_bytes(run_dir / RUN_CONFIG, to_commented_yaml(run).encode())
+    wrapped = _adapt(run, model, task, device, log)
+    loop = _plan(run, run_dir, model, wrapped, task, device, precision, log)
+    if checkpoint is not None:
+        _restore(loop, checkpoint, overrides)
+    if resume and overrides and dist.is_main_process():  # run.yaml: the settings now in effect
+        atomic_write_bytes(run_dir / RUN_CONFIG, to_commented_yaml(run).encode())
+    _arm(loop, backends, progress)
+    step = _run_steps(loop)
+    return _finish(loop, step)
+
+
+def _open_run_dir(run: RunConfig | None, run_dir: Path, resume: bool,
+                  overrides: Sequence[str]) -> tuple[RunConfig, Path | None]:
+    """(the run's config, the checkpoint to continue from or None); refuses a folder that holds a run."""
+    if not resume:
+        if latest_checkpoint(run_dir) is not None:
+            raise ConfigError(f"{run_dir} already holds a run with checkpoints; continue it with --resume {run_dir} "
+                              "or choose another --out folder")
+        assert run is not None
+        return run, None
+    checkpoint = latest_checkpoint(run_dir)
+    if not (run_dir / RUN_CONFIG).is_file():
+        raise ConfigError(f"--resume {run_dir}: no {RUN_CONFIG} there; is it a leanlora run folder?")
+    if dist.is_main_process():  # the one process that writes the run folder
+        clean_leftovers(run_dir)  # temporary files of a write that a kill interrupted
+    return resume_config(run_dir / RUN_CONFIG, overrides), checkpoint
+
+
+def _start_processes(run: RunConfig, log) -> tuple[RunConfig, torch.device]:
+    """Threads, seeds and the process group; the device this process trains on."""
     tc = run.train
-    backends = resolve_backends(tc.report_to) if dist.is_main_process() else []  # refused before loading
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
     seed_everything(tc.seed)
@@ -146,12 +173,12 @@ def train(run: RunConfig | None, run_dir: str | Path, *, resume: bool = False, p
             run = run.replace(data=dataclasses.replace(run.data, pad_to_multiple_of=run.data.max_length))
             log(f"train.cuda_graph: batches are padded to data.max_length={run.data.max_length}, so that every "
                 "full batch has one shape")
-    precision = resolve_precision(tc, device, log)
-    check_adapter(run)  # a pattern that matches nothing fails here, before weights and data load
-    model, tokenizer, task = load_for_run(run, sources=sources)
-    run = run.replace(data=task.resolved_config())
-    if not resume and dist.is_main_process():
-        atomic_write_bytes(run_dir / RUN_CONFIG, to_commented_yaml(run).encode())
+    return run, device
+
+
+def _adapt(run: RunConfig, model: nn.Module, task, device: torch.device, log) -> nn.Module:
+    """Inject the adapter and hand the model to DDP/FSDP2; returns the model the steps call."""
+    tc = run.train
     budget.check_run(run.adapter.budget, tc.distributed, tc.cuda_graph)
     leanlora.inject(model, run.adapter)
     require_saved_head(model, run.adapter, run.data.task)  # after inject: a modules_to_save typo is named there
@@ -164,7 +191,46 @@ def train(run: RunConfig | None, run_dir: str | Path, *, resume: bool = False, p
         log(f"causal-LM loss: fused linear cross-entropy ({fused}), no logits tensor")
     if dist.is_distributed():
         torch.manual_seed(dist.rank_seed(tc.seed))  # same init everywhere; gate noise differs per rank
+    return wrapped
 
+
+@dataclass
+class _Loop:
+    """What every step of one run reads and updates."""
+
+    run: RunConfig
+    run_dir: Path
+    model: nn.Module
+    wrapped: nn.Module          # what the steps call: the model, or its DDP wrapper
+    task: Any
+    device: torch.device
+    precision: Any
+    log: Any
+    n: int                      # training examples
+    micro_per_epoch: int
+    steps_per_epoch: int
+    total: int                  # optimizer steps of the whole run
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    compiled: CompiledRegions | None
+    prior: Any                  # model -> λ · Σ priors
+    autocast: Any
+    scaler: Any
+    step: int = 0
+    state: dict[str, Any] = field(default_factory=lambda: {
+        "best_step": None, "best_score": None, "best_metrics": {}, "history": [], "train_losses": [],
+        "log_history": []})
+    guard: FiniteGuard | None = None
+    graphed: Any = None
+    result: TrainResult | None = None
+    trackers: list = field(default_factory=list)
+    bar: Any = None
+
+
+def _plan(run: RunConfig, run_dir: Path, model: nn.Module, wrapped: nn.Module, task, device: torch.device,
+          precision, log) -> _Loop:
+    """The run's length, the budget's schedule, the optimizer and its schedule, the compiled regions."""
+    tc = run.train
     n = len(task.train)
     micro_per_epoch = math.ceil(n / tc.batch_size)
     steps_per_epoch = math.ceil(micro_per_epoch / tc.grad_accum)
@@ -182,166 +248,197 @@ def train(run: RunConfig | None, run_dir: str | Path, *, resume: bool = False, p
     advice = shape_advice(tc.compile_mode, run.data.pad_to_multiple_of, run.data.max_length) if compiled else None
     if advice:
         log(advice)
-    # the prior of grouped layers comes with their pieces (leanlora.vectorize, compiled with them);
-    # the rest stays eager: stacked model-wide (leanlora.priors) it is a dozen kernels, and
+    # the prior of grouped layers comes with their pieces (leanlora.speed.vectorize, compiled with them);
+    # the rest stays eager: stacked model-wide (leanlora.gates.priors) it is a dozen kernels, and
     # compiling it would cost a graph as large as the model's gate count for nothing
-    prior = dist.regularizer
-    autocast, scaler = precision.autocast(), precision.grad_scaler()
+    return _Loop(run, run_dir, model, wrapped, task, device, precision, log, n, micro_per_epoch, steps_per_epoch,
+                 total, optimizer, scheduler, compiled, prior=dist.regularizer, autocast=precision.autocast(),
+                 scaler=precision.grad_scaler())
 
-    step = 0
-    loop_state = {"best_step": None, "best_score": None, "best_metrics": {}, "history": [], "train_losses": [],
-                  "log_history": []}
-    if checkpoint is not None:
-        base_lrs = list(scheduler.base_lrs)  # this run's, before the checkpoint's replace them
-        restored = load_checkpoint(checkpoint, model, optimizer, scheduler)
-        retune(optimizer, scheduler, base_lrs)  # a changed train.lr or schedule reaches the restored step
-        step, loop_state = restored["step"], {"log_history": [], **restored["loop"]}
-        check_total(total, step)
-        if scaler is not None and "grad_scaler" in loop_state:
-            scaler.load_state_dict(loop_state["grad_scaler"])
-        if dist.is_distributed():  # every rank restored rank 0's generator: split the noise again
-            torch.manual_seed(dist.rank_seed(tc.seed + step))
-        log(f"resumed {run_dir} at step {step} of {total}" + (f" with {' '.join(overrides)}" if overrides else ""))
-    if resume and overrides and dist.is_main_process():  # run.yaml: the settings now in effect
-        atomic_write_bytes(run_dir / RUN_CONFIG, to_commented_yaml(run).encode())
-    # after the checkpoint: the graph's warm-up steps must see the restored optimizer state
-    guard = FiniteGuard(model.named_parameters(), device)  # no NaN/inf weight is evaluated or saved
-    graphed = graphed_training_step(wrapped, task, optimizer, prior, autocast, tc.max_grad_norm, log,
-                                    after_update=guard.update) if tc.cuda_graph else None
-    result = TrainResult(run_dir=run_dir, steps=step, history=list(loop_state["history"]))
-    trackers = open_trackers(backends, run_dir, resumed_at=step, model=model)
-    metric = task.metric
 
+def _restore(loop: _Loop, checkpoint: Path, overrides: Sequence[str]) -> None:
+    """Continue from ``checkpoint``: weights, optimizer, schedule, loop state and random streams."""
+    tc = loop.run.train
+    base_lrs = list(loop.scheduler.base_lrs)  # this run's, before the checkpoint's replace them
+    restored = load_checkpoint(checkpoint, loop.model, loop.optimizer, loop.scheduler)
+    retune(loop.optimizer, loop.scheduler, base_lrs)  # a changed train.lr or schedule reaches the restored step
+    loop.step, loop.state = restored["step"], {"log_history": [], **restored["loop"]}
+    check_total(loop.total, loop.step)
+    if loop.scaler is not None and "grad_scaler" in loop.state:
+        loop.scaler.load_state_dict(loop.state["grad_scaler"])
+    if dist.is_distributed():  # every rank restored rank 0's generator: split the noise again
+        torch.manual_seed(dist.rank_seed(tc.seed + loop.step))
+    loop.log(f"resumed {loop.run_dir} at step {loop.step} of {loop.total}"
+             + (f" with {' '.join(overrides)}" if overrides else ""))
+
+
+def _arm(loop: _Loop, backends: list[str], progress: bool) -> None:
+    """The finite-weight guard, the captured step, the trackers and the progress bar."""
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, initial=step, disable=not progress or not dist.is_main_process(), desc="train",
-               dynamic_ncols=True, file=sys.stderr)
+    tc = loop.run.train
+    # after the checkpoint: the graph's warm-up steps must see the restored optimizer state
+    loop.guard = FiniteGuard(loop.model.named_parameters(), loop.device)  # no NaN/inf weight is evaluated or saved
+    if tc.cuda_graph:
+        loop.graphed = graphed_training_step(loop.wrapped, loop.task, loop.optimizer, loop.prior, loop.autocast,
+                                             tc.max_grad_norm, loop.log, after_update=loop.guard.update)
+    loop.result = TrainResult(run_dir=loop.run_dir, steps=loop.step, history=list(loop.state["history"]))
+    loop.trackers = open_trackers(backends, loop.run_dir, resumed_at=loop.step, model=loop.model)
+    loop.bar = tqdm(total=loop.total, initial=loop.step, disable=not progress or not dist.is_main_process(),
+                    desc="train", dynamic_ncols=True, file=sys.stderr)
+
+
+def _run_steps(loop: _Loop) -> int:
+    """Every remaining optimizer step, with its logging, evaluation and checkpoint; the last step."""
+    tc, step = loop.run.train, loop.step
     order_epoch, order = -1, []
-    while step < total:
+    while step < loop.total:
         started = time.perf_counter()
-        epoch, k = divmod(step, steps_per_epoch)
+        epoch, k = divmod(step, loop.steps_per_epoch)
         if epoch != order_epoch:  # drawn once per epoch: a permutation of a large set costs ms per step
-            order_epoch = epoch
-            order = epoch_order(n, tc.seed, epoch)
-        micro = range(k * tc.grad_accum, min((k + 1) * tc.grad_accum, micro_per_epoch))
-        leanlora.advance(model, step)
-
-        def micro_batch(m: int) -> dict:
-            idx = dist.shard(order[m * tc.batch_size:(m + 1) * tc.batch_size])  # this rank's share
-            return next(batches(task.train, tc.batch_size, task.collate, device, idx))
-
-        def forward_backward() -> float:
-            """Forward and backward of every micro-batch of this optimizer step; the mean loss.
-
-            The loss is read back once per step, after the last backward: reading it per
-            micro-batch (or before its backward) makes the host wait for the GPU with the
-            backward still to launch, which on a launch-bound model costs a large share of a step.
-            A non-finite loss still stops the run before the optimizer touches the weights.
-            """
-            step_loss = torch.zeros((), device=device)
-            for m in micro:
-                batch = micro_batch(m)
-                with autocast:
-                    loss = task.loss(wrapped, batch) + prior(wrapped).to(device)
-                (loss / len(micro) if scaler is None else scaler.scale(loss / len(micro))).backward()
-                step_loss += loss.detach().float() / len(micro)
-            value = guard.fold(step_loss).item()  # NaN too when the last update broke a weight
-            if dist.all_reduce_mean(float(math.isfinite(value))) < 1.0:  # every rank stops together
-                bar.close()
-                guard.raise_if_tripped(step, run_dir, tc.lr)
-                raise _diverged(value, step, epoch, run_dir, tc.lr, updated=False)
-            return value
-
-        def graphed_step() -> float:
-            """The same step, optimizer included, as one CUDA-graph replay (train.cuda_graph: one
-            micro-batch per step, one process)."""
-            nonlocal grad_norm
-            out = graphed(micro_batch(k))  # [loss, grad norm], read after the replay: the update has run
-            value, grad_norm = float(guard.fold(out[0])), out[1]
-            if not math.isfinite(value):
-                bar.close()
-                guard.raise_if_tripped(step + 1, run_dir, tc.lr)
-                raise _diverged(value, step, epoch, run_dir, tc.lr, updated=True)
-            return value
-
-        end_of_epoch = (step + 1) % steps_per_epoch == 0
-        evaluate = bool(task.eval) and ((tc.eval_every and (step + 1) % tc.eval_every == 0)
-                                        or (not tc.eval_every and end_of_epoch) or step + 1 == total)
-        logging = (step + 1) % tc.log_every == 0 or evaluate or step + 1 == total
-        grad_norm = None
-        run_step = forward_backward if graphed is None else graphed_step
-        if compiled is not None:
-            compiled.begin_step()
-            step_loss = compiled.run_step(run_step, lambda: optimizer.zero_grad(set_to_none=True))
-        else:
-            step_loss = run_step()
-        if graphed is None:
-            step_loss = dist.all_reduce_mean(step_loss)
-            grad_norm = optimizer_step(optimizer, scaler, tc.max_grad_norm, want_norm=logging,
-                                       after_update=guard.update)
-        advance_schedule(scheduler)
-        result.step_seconds.append(time.perf_counter() - started)
+            order_epoch, order = epoch, epoch_order(loop.n, tc.seed, epoch)
+        leanlora.advance(loop.model, step)
+        end_of_epoch = (step + 1) % loop.steps_per_epoch == 0
+        evaluate = bool(loop.task.eval) and ((tc.eval_every and (step + 1) % tc.eval_every == 0)
+                                             or (not tc.eval_every and end_of_epoch) or step + 1 == loop.total)
+        logging = (step + 1) % tc.log_every == 0 or evaluate or step + 1 == loop.total
+        step_loss, grad_norm = _train_step(loop, step, order, want_norm=logging)
+        advance_schedule(loop.scheduler)
+        loop.result.step_seconds.append(time.perf_counter() - started)
         step += 1
-        result.losses.append(step_loss)
-        loop_state["train_losses"].append(step_loss)
-        bar.update(1)
-
+        loop.result.losses.append(step_loss)
+        loop.state["train_losses"].append(step_loss)
+        loop.bar.update(1)
         if logging:
-            with dist.full_params(wrapped) as plain:
-                logged = step_record(step, loop_state["train_losses"], last_logged_step(loop_state["log_history"]),
-                                     optimizer, grad_norm, plain, scaler)
-            loop_state["log_history"].append(logged)
-            for tracker in trackers:
-                tracker.log(tracked(logged), step)
-            bar.set_postfix(loss=f"{logged['loss']:.4f}", score=_fmt(loop_state["best_score"]),
-                            rank=f"{logged['leanlora/rank']:.2f}", bits=f"{logged['leanlora/bits']:.1f}",
-                            **budget.postfix({k[len("leanlora/"):]: v for k, v in logged.items()
-                                              if k.startswith("leanlora/")}), refresh=False)
-        save = (tc.save_every and step % tc.save_every == 0) or (not tc.save_every and evaluate) or step == total
+            _log_step(loop, step, grad_norm)
+        save = (tc.save_every and step % tc.save_every == 0) or (not tc.save_every and evaluate) or step == loop.total
         if evaluate or save:
-            guard.raise_if_tripped(step, run_dir, tc.lr)
+            loop.guard.raise_if_tripped(step, loop.run_dir, tc.lr)
         if evaluate:
-            scores = task.evaluate(model, tc.eval_batch_size, device, precision.autocast())
-            with dist.full_params(wrapped) as plain:
-                record = {"step": step, "epoch": step / steps_per_epoch, **scores, **leanlora.gate_summary(plain)}
-            loop_state["history"].append(record)
-            result.history.append(record)
-            # with a budget, only the final structure may become the adapter
-            if budget.structure_ready(model) and _better(metric, scores[metric], loop_state["best_score"]):
-                loop_state.update(best_step=step, best_score=scores[metric], best_metrics=scores)
-                dist.save_adapter(wrapped, run_dir / "best")
-            bar.set_postfix(loss=f"{step_loss:.4f}", score=_fmt(scores[metric]), rank=f"{record['rank']:.2f}",
-                            bits=f"{record['bits']:.1f}", **budget.postfix(record), refresh=True)
-            log(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in scores.items()))
-            for tracker in trackers:
-                tracker.log({f"eval_{k}": float(v) for k, v in scores.items()}, step)
+            _evaluate(loop, step, step_loss)
         if save:
-            if scaler is not None:
-                loop_state["grad_scaler"] = scaler.state_dict()
-            save_checkpoint(run_dir, step, model, optimizer, scheduler, loop_state)
-    bar.close()
-    for tracker in trackers:
-        tracker.close()
+            if loop.scaler is not None:
+                loop.state["grad_scaler"] = loop.scaler.state_dict()
+            save_checkpoint(loop.run_dir, step, loop.model, loop.optimizer, loop.scheduler, loop.state)
+    return step
 
+
+def _train_step(loop: _Loop, step: int, order: list[int], want_norm: bool) -> tuple[float, Any]:
+    """One optimizer step over its micro-batches: (mean loss over every rank, gradient norm or None)."""
+    tc = loop.run.train
+    epoch, k = divmod(step, loop.steps_per_epoch)
+    micro = range(k * tc.grad_accum, min((k + 1) * tc.grad_accum, loop.micro_per_epoch))
+    grad_norm = None
+
+    def micro_batch(m: int) -> dict:
+        idx = dist.shard(order[m * tc.batch_size:(m + 1) * tc.batch_size])  # this rank's share
+        return next(batches(loop.task.train, tc.batch_size, loop.task.collate, loop.device, idx))
+
+    def forward_backward() -> float:
+        """Forward and backward of every micro-batch of this optimizer step; the mean loss.
+
+        The loss is read back once per step, after the last backward: reading it per
+        micro-batch (or before its backward) makes the host wait for the GPU with the
+        backward still to launch, which on a launch-bound model costs a large share of a step.
+        A non-finite loss still stops the run before the optimizer touches the weights.
+        """
+        step_loss = torch.zeros((), device=loop.device)
+        for m in micro:
+            batch = micro_batch(m)
+            with loop.autocast:
+                loss = loop.task.loss(loop.wrapped, batch) + loop.prior(loop.wrapped).to(loop.device)
+            (loss / len(micro) if loop.scaler is None else loop.scaler.scale(loss / len(micro))).backward()
+            step_loss += loss.detach().float() / len(micro)
+        value = loop.guard.fold(step_loss).item()  # NaN too when the last update broke a weight
+        if dist.all_reduce_mean(float(math.isfinite(value))) < 1.0:  # every rank stops together
+            loop.bar.close()
+            loop.guard.raise_if_tripped(step, loop.run_dir, tc.lr)
+            raise _diverged(value, step, epoch, loop.run_dir, tc.lr, updated=False)
+        return value
+
+    def graphed_step() -> float:
+        """The same step, optimizer included, as one CUDA-graph replay (train.cuda_graph: one
+        micro-batch per step, one process)."""
+        nonlocal grad_norm
+        out = loop.graphed(micro_batch(k))  # [loss, grad norm], read after the replay: the update has run
+        value, grad_norm = float(loop.guard.fold(out[0])), out[1]
+        if not math.isfinite(value):
+            loop.bar.close()
+            loop.guard.raise_if_tripped(step + 1, loop.run_dir, tc.lr)
+            raise _diverged(value, step, epoch, loop.run_dir, tc.lr, updated=True)
+        return value
+
+    run_step = forward_backward if loop.graphed is None else graphed_step
+    if loop.compiled is not None:
+        loop.compiled.begin_step()
+        step_loss = loop.compiled.run_step(run_step, lambda: loop.optimizer.zero_grad(set_to_none=True))
+    else:
+        step_loss = run_step()
+    if loop.graphed is None:
+        step_loss = dist.all_reduce_mean(step_loss)
+        grad_norm = optimizer_step(loop.optimizer, loop.scaler, tc.max_grad_norm, want_norm=want_norm,
+                                   after_update=loop.guard.update)
+    return step_loss, grad_norm
+
+
+def _log_step(loop: _Loop, step: int, grad_norm) -> None:
+    """A log record (loss, lr, grad norm, rank, bits, cost) to the trackers and the progress bar."""
+    with dist.full_params(loop.wrapped) as plain:
+        logged = step_record(step, loop.state["train_losses"], last_logged_step(loop.state["log_history"]),
+                             loop.optimizer, grad_norm, plain, loop.scaler)
+    loop.state["log_history"].append(logged)
+    for tracker in loop.trackers:
+        tracker.log(tracked(logged), step)
+    loop.bar.set_postfix(loss=f"{logged['loss']:.4f}", score=_fmt(loop.state["best_score"]),
+                         rank=f"{logged['leanlora/rank']:.2f}", bits=f"{logged['leanlora/bits']:.1f}",
+                         **budget.postfix({k[len("leanlora/"):]: v for k, v in logged.items()
+                                           if k.startswith("leanlora/")}), refresh=False)
+
+
+def _evaluate(loop: _Loop, step: int, step_loss: float) -> None:
+    """Score the eval set; keep the adapter in ``best/`` when it is the best so far."""
+    tc, metric = loop.run.train, loop.task.metric
+    scores = loop.task.evaluate(loop.model, tc.eval_batch_size, loop.device, loop.precision.autocast())
+    with dist.full_params(loop.wrapped) as plain:
+        record = {"step": step, "epoch": step / loop.steps_per_epoch, **scores, **leanlora.gate_summary(plain)}
+    loop.state["history"].append(record)
+    loop.result.history.append(record)
+    # with a budget, only the final structure may become the adapter
+    if budget.structure_ready(loop.model) and _better(metric, scores[metric], loop.state["best_score"]):
+        loop.state.update(best_step=step, best_score=scores[metric], best_metrics=scores)
+        dist.save_adapter(loop.wrapped, loop.run_dir / "best")
+    loop.bar.set_postfix(loss=f"{step_loss:.4f}", score=_fmt(scores[metric]), rank=f"{record['rank']:.2f}",
+                         bits=f"{record['bits']:.1f}", **budget.postfix(record), refresh=True)
+    loop.log(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in scores.items()))
+    for tracker in loop.trackers:
+        tracker.log({f"eval_{k}": float(v) for k, v in scores.items()}, step)
+
+
+def _finish(loop: _Loop, step: int) -> TrainResult:
+    """The final adapter (the best one when there was an eval set), ``metrics.json``, the result."""
+    loop.bar.close()
+    for tracker in loop.trackers:
+        tracker.close()
+    result, state, task = loop.result, loop.state, loop.task
     result.steps = step
-    result.best_step, result.best_metrics = loop_state["best_step"], loop_state["best_metrics"]
-    if loop_state["best_step"] is not None:
-        _load_adapter_tensors(model, run_dir / "best")
-    dist.save_adapter(wrapped, run_dir / "adapter")
-    with dist.full_params(wrapped) as plain:
+    result.best_step, result.best_metrics = state["best_step"], state["best_metrics"]
+    if state["best_step"] is not None:
+        _load_adapter_tensors(loop.model, loop.run_dir / "best")
+    dist.save_adapter(loop.wrapped, loop.run_dir / "adapter")
+    with dist.full_params(loop.wrapped) as plain:
         cost = budget.cost_summary(plain)
     summary = {"steps": step, "best_step": result.best_step, "best_metrics": result.best_metrics,
-               "metric": metric, "cost": cost, "history": loop_state["history"],
-               "train_losses": loop_state["train_losses"], "log_history": loop_state["log_history"]}
+               "metric": task.metric, "cost": cost, "history": state["history"],
+               "train_losses": state["train_losses"], "log_history": state["log_history"]}
     result.verdict = task_verdict(task, result.best_metrics)
     if result.verdict is not None:
         summary["constant_predictor"] = {"score": result.verdict.chance, "standard_error": result.verdict.standard_error,
                                          "stalled": result.verdict.stalled}
         if result.verdict.stalled:
-            result.warning = stall_warning(result.verdict, run.adapter, step)
+            result.warning = stall_warning(result.verdict, loop.run.adapter, step)
     if dist.is_main_process():
-        atomic_write_bytes(run_dir / "metrics.json", json.dumps(summary, indent=2).encode())
-    result.model, result.task = model, task
+        atomic_write_bytes(loop.run_dir / "metrics.json", json.dumps(summary, indent=2).encode())
+    result.model, result.task = loop.model, task
     return result
 
 
@@ -365,7 +462,7 @@ def cost_table(model: nn.Module) -> str:
     report = getattr(leanlora, "cost_report", None)
     if report is None:
         try:
-            from leanlora.cost import cost_report as report  # type: ignore[no-redef]
+            from leanlora.reports.cost import cost_report as report  # type: ignore[no-redef]
         except ImportError:
             return "(cost report skipped: leanlora.cost_report is not available in this install)"
     return report(model).format_table()

@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from leanlora.cost import cost_report
+from leanlora.reports.cost import cost_report
 from leanlora import budget
-from leanlora.summary import gate_summary
+from leanlora.reports.summary import gate_summary
 
 
 def adapter_values(model: nn.Module) -> dict[str, float]:

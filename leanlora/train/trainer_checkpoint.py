@@ -9,7 +9,7 @@ These overrides of ``Trainer``'s model hooks write and read the adapter instead:
   and the training arguments; no ``config.json`` and no model weights, so no loader takes the folder
   for a full model.
 * ``_load_from_checkpoint`` (``resume_from_checkpoint``) and ``_load_best_model``
-  (``load_best_model_at_end``): :func:`leanlora.io.restore` copies the tensors into the live
+  (``load_best_model_at_end``): :func:`leanlora.artifact.io.restore` copies the tensors into the live
   adapter, so the optimizer's state keeps pointing at the same parameters.
 
 Optimizer, scheduler, scaler and RNG state stay ``Trainer``'s own files (``optimizer.pt``,
@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from leanlora.io import AdapterLoadError, read_adapter_config, restore, save
+from leanlora.artifact.io import AdapterLoadError, read_adapter_config, restore, save
 
 TRAINING_ARGS_NAME = "training_args.bin"
 # the model files Trainer writes and loads itself (transformers.utils names)

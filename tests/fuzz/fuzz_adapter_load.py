@@ -46,8 +46,8 @@ def _import_leanlora():
     # imported (and instrumented) here
     import leanlora
     import leanlora.factors.bank_storage  # noqa: F401
-    import leanlora.finalize  # noqa: F401
-    import leanlora.io
+    import leanlora.artifact.finalize  # noqa: F401
+    import leanlora.artifact.io
 
     return leanlora
 
@@ -58,7 +58,7 @@ if atheris is not None and __name__ == "__main__":
 else:
     leanlora = _import_leanlora()
 
-CONFIG, WEIGHTS = leanlora.io.CONFIG_NAME, leanlora.io.WEIGHTS_NAME
+CONFIG, WEIGHTS = leanlora.artifact.io.CONFIG_NAME, leanlora.artifact.io.WEIGHTS_NAME
 PALETTE = [None, True, False, 0, -1, 1, 2, 3, 4, 99, 2 ** 63, -(2 ** 31), 1.5, math.nan, math.inf, "", "x", "float32",
            "int64", "packed", "own", "topk", [], {}, [1], [2, 2], {"bits": 4}, "0", "2"]
 DTYPES = ["F32", "F16", "BF16", "I64", "I32", "U8", "BOOL", "F64", "I8", "F8_E4M3", "X", ""]

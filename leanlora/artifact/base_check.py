@@ -1,6 +1,6 @@
 """Record the base model's digests at save, and refuse another base at load.
 
-What is recorded (see :mod:`leanlora.identity` for the digest itself):
+What is recorded (see :mod:`leanlora.artifact.identity` for the digest itself):
 
 * each adapted layer's frozen weight and bias, under ``modules[NAME].digest``;
 * every other parameter and persistent buffer of the model (embeddings, norms, the layers not
@@ -20,9 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from leanlora.adapter_errors import AdapterLoadError, BaseMismatchError
+from leanlora.artifact.errors import AdapterLoadError, BaseMismatchError
 from leanlora.base.dense import linear_shape
-from leanlora.identity import digest_mismatch, probes_match, record_layer_digest, tensor_digest, weight_probe
+from leanlora.artifact.identity import digest_mismatch, probes_match, record_layer_digest, tensor_digest, weight_probe
 from leanlora.inject import SHARED_ATTR, adapted_layers, shared_state
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from leanlora import hardconcrete as hc
+from leanlora.gates import hardconcrete as hc
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ Per adapted layer, for the adapter path only (the frozen base is the same for ev
   leanlora quantizes activations): ``16·(in·k·b_A + k·b_E + k·out·b_B)`` (Bayesian-LoRA, arXiv:2406.13046).
 * ``stored_bytes``: the tensor payload of the finalized artifact. Dense factors: packed codes,
   ceil(n·b/8) bytes + a 4-byte fp32 scale per quantized tensor, or n · element size for float
-  ones (:func:`leanlora.packing.stored_nbytes`); E likewise; a mask of 4-byte floats if any. Bank
+  ones (:func:`leanlora.artifact.packing.stored_nbytes`); E likewise; a mask of 4-byte floats if any. Bank
   factors: their top-k form (k-1 weights and k indices per sub-vector, what
   ``save(..., topk_only=True)`` writes) plus a 4-byte scale per quantized factor; the bank itself
   is counted once in ``shared_bytes``. ``modules_to_save`` tensors count in ``head_bytes``.
@@ -35,10 +35,9 @@ import torch
 from torch import nn
 
 from leanlora.build import adapter_dtype
-from leanlora.factors.dense import DenseFactors
 from leanlora.inject import adapted_layers, shared_state
 from leanlora.layer import AdaptedLinear
-from leanlora.packing import SCALE_BYTES, PackedFactors, stored_nbytes
+from leanlora.artifact.packing import SCALE_BYTES, stored_nbytes
 
 ACT_BITS = 16
 
@@ -118,13 +117,10 @@ def _fit(name: str, width: int) -> str:
 
 def _stored_components(layer: AdaptedLinear) -> tuple[int, int, bool]:
     """(effective rank, stored rank, masked) as finalize keeps them."""
-    from leanlora.finalize import kept_components
-    from leanlora.ranks.gated import GatedRanks
-
     ranks = layer.ranks
-    if isinstance(ranks, GatedRanks) and ranks.finalized:
+    if ranks.finalized:
         return ranks.active_rank(), ranks.rank, ranks.keep_mask is not None
-    keep = kept_components(layer)
+    keep = ranks.keep_indices()
     k = int(keep.numel())
     if _packs_rows(layer) or bool(torch.equal(keep, torch.arange(k))):
         return k, k, False
@@ -133,41 +129,24 @@ def _stored_components(layer: AdaptedLinear) -> tuple[int, int, bool]:
 
 def _packs_rows(layer: AdaptedLinear) -> bool:
     """Factors stored as the matrices themselves (dense, or already packed)."""
-    return isinstance(layer.factors, (DenseFactors, PackedFactors))
-
-
-def _bank_layer_bytes(factors: nn.Module, rank: int, elem: int) -> int:
-    from leanlora.factors.bank_storage import index_dtype
-
-    bank = factors.bank
-    n_sub = rank * (factors.in_features + factors.out_features) // bank.vector_length
-    idx = torch.empty((), dtype=index_dtype(bank.num_vectors)).element_size()
-    return n_sub * (factors.topk - 1) * elem + n_sub * factors.topk * idx
+    return layer.factors.stores_rows
 
 
 def _factor_bytes(layer: AdaptedLinear, k: int, elem: int) -> int:
     qa, qb = layer.quant_a, layer.quant_b
-    if _packs_rows(layer):
+    own = layer.factors.compact_nbytes(k, elem)
+    if own is None:
         return (stored_nbytes(k * layer.in_features, qa.bits(), qa.quantized(), elem)
                 + stored_nbytes(layer.out_features * k, qb.bits(), qb.quantized(), elem))
-    scales = SCALE_BYTES * (int(qa.quantized()) + int(qb.quantized()))
-    from leanlora.factors.bank import BankFactors
-
-    if isinstance(layer.factors, BankFactors):
-        return _bank_layer_bytes(layer.factors, k, elem) + scales
-    # unknown factor source: what its state dict holds now, scaled to the kept components
-    held = sum(t.numel() * t.element_size() for t in layer.factors.state_dict().values())
-    return held * k // max(layer.factors.rank, 1) + scales
+    return own + SCALE_BYTES * (int(qa.quantized()) + int(qb.quantized()))
 
 
 def layer_cost(name: str, layer: AdaptedLinear, r: int, elem: int) -> LayerCost:
-    from leanlora.ranks.gated import GatedRanks
-
     ranks = layer.ranks
     rank, k, masked = _stored_components(layer)
     in_f, out_f = layer.in_features, layer.out_features
     qa, qb = layer.quant_a, layer.quant_b
-    qe = ranks.diag_quantizer() if isinstance(ranks, GatedRanks) else None
+    qe = ranks.diag_quantizer()
     bits_a, bits_b = qa.bits(), qb.bits()
     bits_e = qe.bits() if qe is not None else None
     macs = in_f * k + k * out_f + (k if qe is not None else 0)

@@ -14,7 +14,7 @@ chosen rank, surviving gates) and at whatever precision, the deployed update of 
   padded components add zero to the update. No patterns; ``modules_to_save`` are refused unless
   asked for, since a LoRA runtime has nowhere to put a full replacement module.
 
-The merged model is written by :mod:`leanlora.export_merged`.
+The merged model is written by :mod:`leanlora.artifact.export_merged`.
 """
 
 from __future__ import annotations
@@ -27,21 +27,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from leanlora.adapter_errors import AdapterSaveError
-from leanlora.atomic import atomic_folder, atomic_save_tensors, atomic_write_bytes
-from leanlora.finite import first_nonfinite
+from leanlora.artifact.errors import AdapterSaveError, ExportError
+from leanlora.artifact.atomic import atomic_folder, atomic_save_tensors, atomic_write_bytes
+from leanlora.artifact.export_merged import export_merged
+from leanlora.artifact.finite import first_nonfinite
 from leanlora.inject import adapted_layers, shared_state
-from leanlora.io import base_identity
+from leanlora.artifact.io import base_identity
 
 PEFT_PREFIX = "base_model.model."
 # PEFT's file names (what PeftModel.from_pretrained looks for): change them here only.
 PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 FORMATS = ("peft", "peft-uniform", "merged")
-
-
-class ExportError(ValueError):
-    """The adapter cannot be written in the asked format; the message says why and what to use."""
 
 
 def _module_factors(model: nn.Module) -> tuple[list[tuple[str, torch.Tensor, torch.Tensor, float]], bool]:
@@ -146,7 +143,5 @@ def export(model: nn.Module, directory: str | os.PathLike, format: str = "peft",
     if format not in FORMATS:
         raise ExportError(f"format={format!r} is invalid: allowed {list(FORMATS)}")
     if format == "merged":
-        from leanlora.export_merged import export_merged
-
         return export_merged(model, directory, tokenizer=tokenizer, in_place=in_place)
     return export_peft(model, directory, uniform=format == "peft-uniform", modules_to_save=modules_to_save)

@@ -6,7 +6,7 @@ For every adapted layer, with all strategies in eval mode:
    prefix when nested), the chosen rank of nested ranks, all r of fixed ranks.
 2. Each quantizer is frozen at its eval bit-width. The grid's scale is taken from the *full*
    r-row factor, exactly as the eval-mode model quantized it, so pruning rows moves nothing.
-3. Dense factors are replaced by :class:`~leanlora.packing.PackedFactors`: the integer codes of
+3. Dense factors are replaced by :class:`~leanlora.artifact.packing.PackedFactors`: the integer codes of
    the kept rows of A and columns of B, bit-packed, plus one fp32 scale each (float factors are
    kept as float). Factors composed at run time (the VB-LoRA bank) keep their own compact form;
    they are pruned to the kept prefix and their quantizers become fixed-scale fake-quantizers.
@@ -25,19 +25,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from leanlora.factors.dense import DenseFactors
 from leanlora.inject import adapted_layers, shared_state
 from leanlora.layer import AdaptedLinear, MergeError, _eval_mode
-from leanlora.packing import PackedFactors, StoredTensor
+from leanlora.artifact.packing import PackedFactors, StoredTensor
 from leanlora.precision.fixed import FrozenBits
-from leanlora.ranks.gated import GatedRanks
 
 
 def kept_components(layer: AdaptedLinear) -> torch.Tensor:
     """Indices (long, ascending) of the components the eval-mode layer uses."""
-    if isinstance(layer.ranks, GatedRanks):
-        return layer.ranks.keep_indices()
-    return torch.arange(layer.ranks.active_rank())
+    return layer.ranks.keep_indices()
 
 
 def finalize(model: nn.Module) -> dict[str, dict[str, Any]]:
@@ -75,10 +71,10 @@ def finalize_layer_(layer: AdaptedLinear) -> None:
         bits_a, bits_b = layer.quant_a.bits(), layer.quant_b.bits()
         ranks = layer.ranks
         e_args = None
-        if isinstance(ranks, GatedRanks) and ranks.diag:
-            e, qe = ranks.E, ranks.quant_e
+        if (diagonal := ranks.diagonal()) is not None:
+            e, qe = diagonal
             e_args = (e.detach(), qe.encode(e), qe.bits())
-    dense = isinstance(layer.factors, DenseFactors)
+    dense = layer.factors.stores_rows
     k = int(keep.numel())
     contiguous = bool(torch.equal(keep, torch.arange(k)))
     # Dense factors can keep any subset of rows; others only a prefix, with closed ones masked.
@@ -93,14 +89,11 @@ def finalize_layer_(layer: AdaptedLinear) -> None:
             layer.factors.prune_(int(stored.numel()))
         layer.quant_a = FrozenBits(bits_a, None if enc_a is None else enc_a[1], quantized=enc_a is not None)
         layer.quant_b = FrozenBits(bits_b, None if enc_b is None else enc_b[1], quantized=enc_b is not None)
-    if isinstance(ranks, GatedRanks):
-        e_store, e_bits, e_quant = None, 32, False
-        if e_args is not None:
-            e, enc_e, e_bits = e_args
-            e_store, e_quant = _store(e, enc_e, e_bits, stored, 0), enc_e is not None
-        ranks.finalize_(int(stored.numel()), e_store, e_bits, e_quant, mask)
-    elif k < ranks.rank:
-        ranks.prune_(k)
+    e_store, e_bits, e_quant = None, 32, False
+    if e_args is not None:
+        e, enc_e, e_bits = e_args
+        e_store, e_quant = _store(e, enc_e, e_bits, stored, 0), enc_e is not None
+    ranks.finalize_(int(stored.numel()), e_store, e_bits, e_quant, mask)
 
 
 def _quant_spec(q: nn.Module) -> dict[str, Any]:
@@ -111,7 +104,7 @@ def layer_spec(layer: AdaptedLinear) -> dict[str, Any]:
     """The finalized layout of one layer, as recorded in leanlora_config.json."""
     ranks = layer.ranks
     e = None
-    if isinstance(ranks, GatedRanks) and ranks.diag:
+    if ranks.e_store is not None:
         e = {"bits": ranks.e_store.bits, "quantized": ranks.e_store.quantized}
     return {
         "rank": int(layer.factors.rank),
@@ -120,7 +113,7 @@ def layer_spec(layer: AdaptedLinear) -> dict[str, Any]:
         "a": _quant_spec(layer.quant_a),
         "b": _quant_spec(layer.quant_b),
         "e": e,
-        "mask": isinstance(ranks, GatedRanks) and ranks.keep_mask is not None,
+        "mask": ranks.keep_mask is not None,
     }
 
 
@@ -145,11 +138,7 @@ def rebuild_finalized_(layer: AdaptedLinear, spec: dict[str, Any]) -> None:
     elif k < layer.factors.rank:
         layer.factors.prune_(k)
     layer.quant_a, layer.quant_b = frozen(sa), frozen(sb)
-    ranks = layer.ranks
-    if isinstance(ranks, GatedRanks):
-        se = spec.get("e")
-        e_store = None if se is None else StoredTensor((k,), int(se["bits"]), bool(se["quantized"]), dtype, device)
-        mask = torch.ones(k, device=device) if spec.get("mask") else None
-        ranks.finalize_(k, e_store, 32 if se is None else int(se["bits"]), bool(se and se["quantized"]), mask)
-    elif k < ranks.rank:
-        ranks.prune_(k)
+    se = spec.get("e")
+    e_store = None if se is None else StoredTensor((k,), int(se["bits"]), bool(se["quantized"]), dtype, device)
+    mask = torch.ones(k, device=device) if spec.get("mask") else None
+    layer.ranks.finalize_(k, e_store, 32 if se is None else int(se["bits"]), bool(se and se["quantized"]), mask)

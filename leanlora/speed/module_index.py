@@ -2,7 +2,7 @@
 
 Three things run over every module of the model at every training step: :func:`leanlora.advance`
 (the schedules), :func:`leanlora.regularizer` (the priors) and the grouped pieces' pre-hook
-(:mod:`leanlora.vectorize`). A walk costs a Python frame per module, and a B-LoRA model of a
+(:mod:`leanlora.speed.vectorize`). A walk costs a Python frame per module, and a B-LoRA model of a
 billion parameters has over a thousand modules; on a GPU that outruns its host that cost paces
 the step. The tree rarely changes, so each walk's result is kept with a flat record of the tree
 it came from: every module's child registry, its size, and the child under

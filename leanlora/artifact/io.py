@@ -6,10 +6,10 @@ written under the earlier names (``adapter_config.json`` in leanlora's schema +
 ``adapter.safetensors``) still load.
 
 A load is checked before anything is changed: the JSON parses, has a known format version and
-every key it needs with a valid value (:mod:`leanlora.adapter_schema`); the tensor file opens
+every key it needs with a valid value (:mod:`leanlora.artifact.schema`); the tensor file opens
 and matches the sha256 it carries, and the JSON matches the config checksum the tensor file
-carries (:mod:`leanlora.checksum`); the base model is the one the adapter was saved with
-(:mod:`leanlora.base_check`); and every tensor has the shape and kind the model expects and
+carries (:mod:`leanlora.artifact.checksum`); the base model is the one the adapter was saved with
+(:mod:`leanlora.artifact.base_check`); and every tensor has the shape and kind the model expects and
 finite values. Only then is the model injected; any later failure unloads it again, so a failed
 load leaves the model as it was. Files written before checksums existed still load.
 """
@@ -25,15 +25,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from leanlora.adapter_errors import AdapterError, AdapterLoadError, AdapterSaveError, BaseMismatchError
-from leanlora.adapter_schema import check_adapter_meta
-from leanlora.atomic import atomic_folder, atomic_save_tensors, atomic_write_bytes
+from leanlora.artifact.errors import AdapterError, AdapterLoadError, AdapterSaveError, BaseMismatchError
+from leanlora.artifact.schema import check_adapter_meta
+from leanlora.artifact.atomic import atomic_folder, atomic_save_tensors, atomic_write_bytes
 from leanlora.base.dense import DenseBase
-from leanlora.base_check import check_architecture, check_module_shapes, record_base_digests, verify_base
-from leanlora.checksum import CHECKSUM_KEY, CONFIG_CHECKSUM_KEY, config_sha256, tensors_sha256
+from leanlora.artifact.base_check import check_architecture, check_module_shapes, record_base_digests, verify_base
+from leanlora.artifact.checksum import CHECKSUM_KEY, CONFIG_CHECKSUM_KEY, config_sha256, tensors_sha256
 from leanlora.config import AdapterConfig, ConfigError, MovedKeyWarning
-from leanlora.finite import first_nonfinite
-from leanlora.inject import SHARED_ATTR, InjectError, adapted_layers, inject, shared_state, unload
+from leanlora.artifact.finite import first_nonfinite
+from leanlora.inject import SHARED_ATTR, InjectError, adapted_layers, adapter_state_dict, inject, shared_state, unload
 
 FORMAT = "leanlora-adapter"
 FORMAT_VERSION = 1
@@ -48,22 +48,6 @@ __all__ = ["AdapterError", "AdapterLoadError", "AdapterSaveError", "BaseMismatch
 
 
 # --- what an adapter consists of ------------------------------------------------------------
-
-
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every tensor of the adapter: adapted layers (base excluded), shared state, modules_to_save."""
-    shared = shared_state(model)
-    state: dict[str, torch.Tensor] = {}
-    for name, layer in adapted_layers(model):
-        for key, value in layer.state_dict(prefix=f"{name}.").items():
-            if not key.startswith(f"{name}.base."):
-                state[key] = value
-    for key, value in shared.state_dict(prefix=f"{SHARED_ATTR}.").items():
-        state[key] = value
-    modules = dict(model.named_modules())
-    for name in shared.modules_to_save_names:
-        state.update(modules[name].state_dict(prefix=f"{name}."))
-    return state
 
 
 def base_identity(model: nn.Module) -> dict[str, Any]:
@@ -116,7 +100,7 @@ def adapter_meta(model: nn.Module, topk_only: bool = False) -> dict[str, Any]:
             "digest": layer_digests[name],
         }
         if shared.finalized:  # packed layout and bits of each factor, to rebuild it on load
-            from leanlora.finalize import layer_spec
+            from leanlora.artifact.finalize import layer_spec
 
             modules[name]["finalized"] = layer_spec(layer)
     meta = {
@@ -151,7 +135,7 @@ def adapter_files(directory: str | os.PathLike) -> tuple[Path, Path]:
 
 
 def read_adapter_config(directory: str | os.PathLike) -> tuple[AdapterConfig, dict[str, Any]]:
-    """(config, the whole JSON) of an adapter folder, every key checked (:mod:`leanlora.adapter_schema`)."""
+    """(config, the whole JSON) of an adapter folder, every key checked (:mod:`leanlora.artifact.schema`)."""
     path, _ = adapter_files(directory)
     if not path.is_file():
         raise AdapterLoadError(f"{path}: not found (an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME})")
@@ -303,7 +287,7 @@ def _restore_tensors(model: nn.Module, meta: dict[str, Any], tensors: dict[str, 
     for name, info in meta["modules"].items():
         layer = layers[name]
         if "finalized" in info:  # packed codes and frozen quantizers: lay out that structure first
-            from leanlora.finalize import rebuild_finalized_
+            from leanlora.artifact.finalize import rebuild_finalized_
 
             rebuild_finalized_(layer, info["finalized"])
         elif info["rank"] != layer.factors.rank:

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from leanlora.adapter_errors import AdapterLoadError
+from leanlora.artifact.errors import AdapterLoadError
 from leanlora.config import AdapterConfig
-from leanlora.identity import DIGEST
-from leanlora.packing import PACK_BITS
+from leanlora.artifact.identity import DIGEST
+from leanlora.artifact.packing import PACK_BITS
 
 _DTYPES = {"float32", "float64", "float16", "bfloat16", "int8", "uint8", "int16", "int32", "int64", "bool",
            "float8_e4m3fn", "float8_e5m2"}

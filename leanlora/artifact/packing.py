@@ -4,7 +4,7 @@ A code c of a symmetric b-bit grid satisfies |c| <= 2^(b-1) - 1; it is stored as
 u = c + 2^(b-1) in exactly b bits, little-end first: 4 codes per byte at 2 bits, 2 at 4 bits,
 1 at 8 bits, and 2 bytes per code at 16 bits. A tensor of n codes takes ceil(n·b/8) bytes
 plus one fp32 scale (4 bytes); a float tensor takes n · element size. These are the numbers
-:mod:`leanlora.cost` counts and what ``leanlora_adapter.safetensors`` holds after :func:`leanlora.finalize`.
+:mod:`leanlora.reports.cost` counts and what ``leanlora_adapter.safetensors`` holds after :func:`leanlora.finalize`.
 """
 
 from __future__ import annotations
@@ -126,6 +126,8 @@ class StoredTensor(nn.Module):
 class PackedFactors(nn.Module):
     """Finalized dense factors: A (k, in) and B (out, k) held as :class:`StoredTensor`."""
 
+    stores_rows = True
+
     def __init__(self, a: StoredTensor, b: StoredTensor) -> None:
         super().__init__()
         self.a, self.b = a, b
@@ -134,6 +136,9 @@ class PackedFactors(nn.Module):
 
     def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.a(), self.b()  # (k, in), (out, k)
+
+    def compact_nbytes(self, rank: int, elem: int) -> None:
+        return None  # the rows themselves: their bytes follow from the quantizers' bits
 
     @torch.no_grad()
     def prune_(self, keep: int) -> None:

@@ -21,7 +21,7 @@ from typing import Iterator
 import torch
 from safetensors.torch import save_file
 
-from leanlora.checksum import CHECKSUM_KEY, tensors_sha256
+from leanlora.artifact.checksum import CHECKSUM_KEY, tensors_sha256
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2

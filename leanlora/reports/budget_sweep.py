@@ -9,7 +9,7 @@ No retraining: the gates are set (pinned) to each structure and restored afterwa
 :func:`leanlora.budget.removal_order`'s: by gate probability, price and distortion for an adapter
 trained without a budget, and the frozen order itself for one trained with ``adapter.budget``, so
 that its own budget gives back exactly the structure it was trained to. The rows are the nested-rank
-sweep's (:class:`leanlora.sweep.SweepResult`), with the budget and the BOPs over LoRA-16 filled in.
+sweep's (:class:`leanlora.reports.sweep.SweepResult`), with the budget and the BOPs over LoRA-16 filled in.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from torch import nn
 
 from leanlora import budget as bud
 from leanlora.inject import shared_state
-from leanlora.sweep import SweepResult, SweepRow, choose_rank
+from leanlora.reports.sweep import SweepResult, SweepRow, choose_rank
 
 
 def _gated_chains(model: nn.Module) -> list[bud.Chain]:
@@ -64,7 +64,7 @@ class BudgetPoints:
 
 
 def _row(model: nn.Module, budget: float, score: float) -> SweepRow:
-    from leanlora.cost import cost_report
+    from leanlora.reports.cost import cost_report
 
     t = cost_report(model).total
     return SweepRow(float(t["mean_rank"]), score, int(t["adapter_bytes"]), int(t["macs"]), float(t["bops_vs_lora"]),
@@ -95,9 +95,9 @@ def sweep_budgets(model: nn.Module, eval_fn: Callable[[nn.Module], float], budge
 def export_budget(model: nn.Module, budget: float, directory: str | os.PathLike, *, peft: bool = False) -> Path:
     """Write the adapter at ``budget``, finalized (pruned, packed): a leanlora adapter, or a PEFT LoRA
     with ``peft=True``. The model's gates are pinned to that structure and it is finalized in place."""
-    from leanlora.export import export_peft
-    from leanlora.finalize import finalize
-    from leanlora.io import save
+    from leanlora.artifact.export import export_peft
+    from leanlora.artifact.finalize import finalize
+    from leanlora.artifact.io import save
 
     BudgetPoints(model).set(budget)
     finalize(model)

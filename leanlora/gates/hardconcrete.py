@@ -54,7 +54,7 @@ def open_chain(log_alpha: torch.Tensor, dim: int = 0) -> torch.Tensor:
     Computed as exp(cumsum(log q)) with log q = logsigmoid(·): the same values as
     ``cumprod(prob_open(·))`` (q never reaches 0), but whose backward is three small kernels
     where cumprod's, which must allow for zeros, takes about twenty (the gate prior evaluates
-    one chain per gate vector, stacked over the model in :mod:`leanlora.priors`).
+    one chain per gate vector, stacked over the model in :mod:`leanlora.gates.priors`).
     """
     return torch.exp(torch.cumsum(F.logsigmoid(log_alpha - _OPEN_SHIFT), dim))
 

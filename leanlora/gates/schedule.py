@@ -12,7 +12,9 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from leanlora import budget, priors
+from leanlora import budget
+
+from leanlora.gates import priors
 from leanlora.inject import shared_state
 
 
@@ -53,8 +55,8 @@ def regularizer(model: nn.Module) -> torch.Tensor:
 
     Add it to the task loss: ``loss = task_loss + leanlora.regularizer(model)``. Priors stated as
     data (``prior_terms()``) are evaluated together, a few kernels for the whole model
-    (:mod:`leanlora.priors`); any other ``HasPrior`` module adds its own ``prior()``. Layers whose
-    pieces were computed in groups (:mod:`leanlora.vectorize`) had their priors evaluated with them
+    (:mod:`leanlora.gates.priors`); any other ``HasPrior`` module adds its own ``prior()``. Layers whose
+    pieces were computed in groups (:mod:`leanlora.speed.vectorize`) had their priors evaluated with them
     in the model's forward; those are used until the backward reaches their gates.
 
     With ``adapter.budget`` the term is the budget controller's λ_t · E[cost] instead
@@ -65,7 +67,7 @@ def regularizer(model: nn.Module) -> torch.Tensor:
     if ctl is not None:
         return ctl.penalty(model)
     stated: list[priors.PriorTerms] = []
-    # the grouped layers' priors, evaluated with their pieces in this forward (leanlora.vectorize)
+    # the grouped layers' priors, evaluated with their pieces in this forward (leanlora.speed.vectorize)
     vectorizer = getattr(shared, "vectorizer", None)
     grouped, covered = vectorizer.prior_for(model) if vectorizer is not None else ([], frozenset())
     others: list[torch.Tensor] = list(grouped)

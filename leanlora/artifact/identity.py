@@ -69,7 +69,8 @@ def digest_mismatch(saved: dict[str, Any], t: torch.Tensor) -> str | None:
 def record_layer_digest(layer, weight: torch.Tensor | None = None) -> dict[str, Any] | None:
     """The digest of an adapted layer's base (weight and bias), computed once and kept on the layer.
 
-    The base is frozen, so one pass per run suffices. :func:`leanlora.base.nf4.quantize_bases` and
+    The base is frozen, so one pass per run suffices. Building an NF4 or FP8 base (:mod:`leanlora.build`,
+    :func:`leanlora.base.nf4.quantize_bases`) and
     :meth:`AdaptedLinear.merge` call this before they change the base, so what is recorded is
     always the plain weight the model was given.
     """

@@ -20,7 +20,8 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from leanlora.inject import adapted_layers, module_matches, shared_state
+from leanlora.inject import adapted_layers, shared_state
+from leanlora.targets import module_matches
 
 
 def _nested(name: str, layer: nn.Module):
@@ -123,7 +124,7 @@ class SweepResult:
 
 
 def _bops_vs_lora16(model: nn.Module) -> float:
-    from leanlora.cost import cost_report
+    from leanlora.reports.cost import cost_report
 
     return float(cost_report(model).total["bops_vs_lora"])
 
@@ -202,8 +203,8 @@ def plot_sweep(result: SweepResult, path: str | os.PathLike) -> Path:
 def export_rank(model: nn.Module, b: int, directory: str | os.PathLike, *, peft: bool = False) -> Path:
     """Write the adapter at rank ``b``: a PEFT LoRA (``peft=True``, model unchanged apart from its
     eval rank) or a plain leanlora adapter pruned to b (the model's adapters are pruned in place)."""
-    from leanlora.export import export_peft
-    from leanlora.io import save
+    from leanlora.artifact.export import export_peft
+    from leanlora.artifact.io import save
 
     set_rank(model, b)
     if peft:

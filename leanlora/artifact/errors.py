@@ -24,3 +24,7 @@ class BaseMismatchError(AdapterLoadError):
 
 class AdapterSaveError(AdapterError):
     """The adapter cannot be written (it holds NaN/inf, or the folder cannot be replaced)."""
+
+
+class ExportError(ValueError):
+    """The adapter cannot be written in the asked format; the message says why and what to use."""

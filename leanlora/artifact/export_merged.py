@@ -20,7 +20,7 @@ from typing import Any
 
 from torch import nn
 
-from leanlora.export import ExportError
+from leanlora.artifact.errors import ExportError
 from leanlora.inject import merge_and_unload, shared_state
 
 

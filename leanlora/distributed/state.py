@@ -1,4 +1,4 @@
-"""Whole tensors out of (and back into) a model wrapped by :func:`leanlora.distributed.wrap`.
+"""Whole tensors out of (and back into) a model wrapped by :func:`leanlora.distributed.wrapping`.
 
 Saving, summaries, finalize and resume need every adapter tensor whole, while FSDP2 keeps each
 rank's shard as a DTensor. These helpers gather what is needed on every rank (collectives: every
@@ -15,7 +15,8 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from leanlora.distributed import DistributedError, main_process_only, mode_of, unwrap
+from leanlora.distributed.process import DistributedError, main_process_only
+from leanlora.distributed.wrapping import mode_of, unwrap
 
 
 def _fsdp_modules(model: nn.Module) -> list[nn.Module]:
@@ -36,7 +37,7 @@ def full_params(model: nn.Module) -> Iterator[nn.Module]:
     """
     from torch.distributed.tensor import DTensor
 
-    from leanlora.io import adapter_state_dict
+    from leanlora.artifact.io import adapter_state_dict
 
     inner = unwrap(model)
     if mode_of(model) != "fsdp2":
@@ -61,17 +62,17 @@ def full_params(model: nn.Module) -> Iterator[nn.Module]:
 
 def save_adapter(model: nn.Module, directory) -> None:
     """``leanlora.save`` of a model wrapped in any mode: whole tensors, written by rank 0 alone."""
-    import leanlora
+    from leanlora.artifact.io import save
 
     with full_params(model) as plain:
-        main_process_only(leanlora.save)(plain, directory)
+        main_process_only(save)(plain, directory)
 
 
 def full_adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``leanlora.io.adapter_state_dict`` with whole tensors on every rank (collective under FSDP2)."""
+    """``leanlora.artifact.io.adapter_state_dict`` with whole tensors on every rank (collective under FSDP2)."""
     from torch.distributed.tensor import DTensor
 
-    from leanlora.io import adapter_state_dict
+    from leanlora.artifact.io import adapter_state_dict
 
     state = adapter_state_dict(unwrap(model))
     return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach() for k, v in state.items()}
@@ -82,7 +83,7 @@ def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None
     """Copy whole adapter tensors (every rank read rank 0's checkpoint) into a wrapped model."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
-    from leanlora.io import adapter_state_dict
+    from leanlora.artifact.io import adapter_state_dict
 
     current = adapter_state_dict(unwrap(model))
     missing = sorted(set(current) - set(state))

@@ -37,16 +37,16 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
-from leanlora import priors
-from leanlora.compile_errors import is_compile_error, root_cause
+from leanlora.gates import priors
+from leanlora.speed.compile_errors import is_compile_error, root_cause
 from leanlora.factors.dense import DenseFactors
 from leanlora.layer import AdaptedLinear
-from leanlora.module_index import ModuleIndex
+from leanlora.speed.module_index import ModuleIndex
 from leanlora.precision.fixed import FrozenBits
 from leanlora.precision.full import FullPrecision
 from leanlora.ranks.fixed import FixedRanks
@@ -187,7 +187,7 @@ def batched_lowrank(template: _Pieces, stacked: dict[str, torch.Tensor], prior_p
     in ``cast`` when given (:func:`activation_dtype`): the same values the layers' own casts make.
 
     d and scale appear when the template's own lowrank returns them as tensors (:func:`layout`).
-    The prior of each planned gate tensor is :func:`leanlora.priors.evaluate` over the stacked
+    The prior of each planned gate tensor is :func:`leanlora.gates.priors.evaluate` over the stacked
     rows, (stacked key, chain) in ``prior_plan`` and the prices in ``prior_weights``: computed here
     it fuses with the pieces, and the stacked gates' gradient from pieces and prior is summed
     before it is split among the members (instead of one more addition per gate tensor).

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from leanlora.cost import CostReport, cost_report
+from leanlora.reports.cost import CostReport, cost_report
 
 
 def _skeleton(meta: dict, tensors: dict[str, torch.Tensor]) -> nn.Module:
@@ -55,7 +55,7 @@ def _skeleton(meta: dict, tensors: dict[str, torch.Tensor]) -> nn.Module:
 
 def load_for_report(directory: str | os.PathLike) -> nn.Module:
     """The adapter in ``directory`` on a weightless skeleton (no base model needed)."""
-    from leanlora.io import load, read_adapter_config, read_adapter_tensors
+    from leanlora.artifact.io import load, read_adapter_config, read_adapter_tensors
 
     _, meta = read_adapter_config(directory)
     skeleton = _skeleton(meta, read_adapter_tensors(directory))

@@ -1,0 +1,251 @@
+"""Hand an adapted model to DDP or FSDP2 (``fully_shard``); nothing here is a home-made engine.
+
+Decisions, each forced by what the adapter shares between layers:
+  * FSDP2 groups: one per decoder layer (``model._no_split_modules``), then the root. The
+    VB-LoRA bank and the nested-rank sampler live in ``model.leanlora_shared``, a child of the
+    root and of no layer, so they fall in the root group. The root is not resharded after
+    forward, so the bank stays gathered while every layer reads it, its gradient accumulates
+    over all layers in backward, and one reduce-scatter at the end averages it over ranks.
+  * Gate priors under FSDP2: a layer's gate parameters are sharded DTensors outside its forward,
+    so ``prior()`` cannot run after the forward as :func:`leanlora.regularizer` does. ``wrap``
+    hooks every adapted layer to compute its priors inside its forward (parameters gathered);
+    :func:`regularizer` sums them. With DDP and without wrapping it is leanlora.regularizer.
+  * NF4 bases under FSDP2: torchao's ``NF4Tensor`` implements the FSDP2 all-gather hooks, but
+    :class:`~leanlora.base.nf4.NF4Base` keeps its tensor as a plain attribute (so ``.to(dtype)``
+    cannot dequantize it). ``wrap`` registers it as a frozen parameter so that it is sharded;
+    call ``wrap`` after every ``.to()``.
+  * Same init on every rank: DDP broadcasts rank 0's parameters; for FSDP2 ``wrap`` does it
+    before sharding (the NF4 tensors are quantized from identical dense weights).
+  * Nested ranks draw b from (seed, step) alone (:mod:`leanlora.ranks.nested`); :func:`sync_seed`
+    makes the seed rank 0's, so every rank trains the same b in a step. Gate noise is drawn
+    from torch's global generator: :func:`rank_seed` gives each rank its own stream after init.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from leanlora.distributed.process import (MODES, DistributedError, is_distributed, launched, sync_seed,
+                                          world_size)
+from leanlora.targets import repeated_blocks
+
+_MODE_ATTR = "_leanlora_distributed"      # set on the wrapped model: "ddp" | "fsdp2"
+_PRIORS_ATTR = "_leanlora_prior_terms"    # FSDP2: priors captured in each adapted layer's forward
+
+
+def mode_of(model: nn.Module) -> str:
+    return getattr(model, _MODE_ATTR, "none")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model leanlora's functions take (DDP's ``.module``; FSDP2 wraps in place)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def wrap(model: nn.Module, mode: str, *, layer_classes: Sequence[str | type] | None = None,
+         find_unused_parameters: bool = False, sync_params: bool = True,
+         mp_policy: Any = None) -> nn.Module:
+    """Hand ``model`` (adapted, on its device) to DDP or FSDP2; returns the model to call.
+
+    ``mode``: "none" (returned as is), "ddp" (a ``DistributedDataParallel`` wrapper; leanlora's
+    functions take :func:`unwrap` of it) or "fsdp2" (``fully_shard`` per decoder layer, then the
+    root; the model object stays the same). ``layer_classes`` overrides the decoder-layer classes
+    (default: the model's ``_no_split_modules``).
+    """
+    if mode not in MODES:
+        raise DistributedError(f"train.distributed={mode!r} is invalid: allowed {list(MODES)}")
+    if mode == "none" or (launched() and world_size() == 1):  # one launched process: nothing to split
+        return model
+    if not is_distributed():
+        raise DistributedError(f"train.distributed={mode!r} needs several processes; launch with "
+                               "`torchrun --nproc_per_node N -m leanlora train ...` or `accelerate launch`")
+    if mode_of(model) != "none":
+        raise DistributedError(f"the model is already wrapped for {mode_of(model)!r}")
+    if mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        device = _model_device(model)
+        wrapped = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
+                                          find_unused_parameters=find_unused_parameters)
+        setattr(wrapped, _MODE_ATTR, "ddp")
+        return wrapped
+    from leanlora.artifact.base_check import record_base_digests
+
+    if hasattr(model, "leanlora_shared"):
+        record_base_digests(model)  # of the whole base, now: after sharding no rank holds it whole
+    return _wrap_fsdp2(model, layer_classes, sync_params, mp_policy)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+def _wrap_fsdp2(model: nn.Module, layer_classes, sync_params: bool, mp_policy) -> nn.Module:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    _refuse_bnb4(model)
+    device = _model_device(model)
+    mesh = init_device_mesh(device.type, (world_size(),))
+    nf4_names = _nf4_as_parameters(model)
+    if sync_params:
+        _broadcast_from_main(model)
+    layers = decoder_layers(model, layer_classes)
+    kwargs: dict[str, Any] = {"mesh": mesh}
+    if mp_policy is not None:
+        kwargs["mp_policy"] = mp_policy
+    scalars = _replicate_scalars(model)
+    if scalars:
+        kwargs["ignored_params"] = scalars
+    for layer in layers:
+        fully_shard(layer, reshard_after_forward=True, **kwargs)
+    # The root holds leanlora_shared (bank, sampler): gathered from the root's forward until the
+    # end of backward, so the bank's gradient sums over every layer before one reduce-scatter.
+    fully_shard(model, reshard_after_forward=False, **kwargs)
+    _capture_priors(model)
+    setattr(model, _MODE_ATTR, "fsdp2")
+    model._leanlora_nf4_params = nf4_names
+    return model
+
+
+def _replicate_scalars(model: nn.Module) -> set[nn.Parameter]:
+    """fully_shard refuses 0-dim parameters (a learned quantizer range): keep them replicated.
+
+    They stay whole on every rank and their gradient is averaged over ranks as soon as it has
+    been accumulated (DDP's rule), so every copy takes the same optimizer step.
+    """
+    scalars = {p for p in model.parameters() if p.dim() == 0 and p.requires_grad}
+    for p in scalars:
+        p.register_post_accumulate_grad_hook(_average_grad)
+    return scalars
+
+
+def _average_grad(p: torch.Tensor) -> None:
+    # Micro-batch k adds its local gradient to an average that is already the same on every rank,
+    # so averaging again after each accumulation still yields the mean of all ranks' sums.
+    dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+    p.grad.div_(world_size())
+
+
+def decoder_layers(model: nn.Module, layer_classes: Sequence[str | type] | None = None) -> list[nn.Module]:
+    """The transformer blocks, outermost first, in model order: one FSDP2 group each.
+
+    Found by :func:`leanlora.targets.repeated_blocks` (``layer_classes``, else the model's
+    ``_no_split_modules``, else its largest list of same-class blocks), the rule regional
+    compilation uses too.
+    """
+    found = repeated_blocks(model, layer_classes)
+    if not found:
+        if layer_classes is not None:
+            rule = f"no module has a class in {sorted(c if isinstance(c, str) else c.__name__ for c in layer_classes)}"
+        else:
+            rule = "neither its _no_split_modules nor a list of same-class blocks names one"
+        raise DistributedError(f"found no transformer block in {type(model).__name__}: {rule}; "
+                               "pass layer_classes= (the block's class) to leanlora.distributed.wrap")
+    return found
+
+
+def _broadcast_from_main(model: nn.Module) -> None:
+    """Copy rank 0's plain parameters and buffers to every rank (FSDP2 does not, DDP does)."""
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            if type(t) in (torch.Tensor, nn.Parameter) and t.is_floating_point():
+                dist.broadcast(t.data, src=0)
+
+
+def _refuse_bnb4(model: nn.Module) -> None:
+    from leanlora.base.bnb4 import is_linear4bit
+
+    names = [n for n, m in model.named_modules() if is_linear4bit(m)]
+    if names:
+        raise DistributedError(
+            f"train.distributed='fsdp2' cannot shard the bitsandbytes Linear4bit base of {names[0]!r} "
+            f"({len(names)} such modules): its packed Params4bit keeps its quantization state outside the "
+            "tensor, which FSDP2's all-gather does not carry. Load the model in bf16 with adapter.base='nf4' "
+            "(torchao NF4, sharded by FSDP2), or use train.distributed='ddp'")
+
+
+def _nf4_as_parameters(model: nn.Module) -> list[str]:
+    """Register every NF4 base tensor as a frozen parameter so that fully_shard shards it."""
+    try:
+        from leanlora.base.nf4 import NF4Base
+    except ImportError:
+        return []
+    n = world_size()
+    names = []
+    for name, module in model.named_modules():
+        if not isinstance(module, NF4Base) or "weight" in module._parameters:
+            continue
+        w = module.weight
+        groups = w.quantization_factor.numel()
+        if w.size(0) % n or groups % n:
+            raise DistributedError(
+                f"FSDP2 cannot shard the NF4 weight of {name!r} ({tuple(w.shape)}, {groups} scaler groups) "
+                f"over {n} processes: rows and scaler groups must divide by {n}; lower "
+                f"adapter.nf4.scaler_block_size (now {module.scaler_block_size}) or use train.distributed=ddp")
+        module.as_parameter()
+        names.append(f"{name}.weight")
+    return names
+
+
+# --- gate priors under FSDP2 ----------------------------------------------------------------
+
+
+def _capture_priors(model: nn.Module) -> None:
+    from leanlora.layer import AdaptedLinear
+    from leanlora.gates.schedule import HasPrior, implements
+
+    for layer in model.modules():
+        if isinstance(layer, AdaptedLinear) and any(implements(m, HasPrior) for m in layer.modules()):
+            layer.register_forward_hook(_record_priors)
+
+
+def _record_priors(layer: nn.Module, args, output) -> None:
+    from leanlora.gates.schedule import HasPrior, implements
+
+    if torch.is_grad_enabled():
+        terms = [m.prior().reshape(()) for m in layer.modules() if implements(m, HasPrior) and m is not layer]
+        setattr(layer, _PRIORS_ATTR, terms)
+
+
+def regularizer(model: nn.Module) -> torch.Tensor:
+    """λ · Σ priors, as :func:`leanlora.regularizer`, for a model wrapped in any mode.
+
+    Under FSDP2 it sums the priors the adapted layers computed in the last forward (parameters
+    gathered) and consumes them: call it once per forward, after the forward.
+    """
+    from leanlora.gates.schedule import HasPrior, implements, prior_weight
+    from leanlora.gates.schedule import regularizer as plain_regularizer
+    from leanlora.layer import AdaptedLinear
+
+    inner = unwrap(model)
+    if mode_of(model) != "fsdp2":
+        return plain_regularizer(inner)
+    terms: list[torch.Tensor] = []
+    under_layers: set[int] = set()
+    for layer in inner.modules():
+        if isinstance(layer, AdaptedLinear):
+            under_layers.update(id(m) for m in layer.modules())
+            terms.extend(layer.__dict__.pop(_PRIORS_ATTR, []))
+    # priors outside adapted layers (none today) live in the root group: gathered after forward
+    terms.extend(m.prior().reshape(()) for m in inner.modules()
+                 if implements(m, HasPrior) and id(m) not in under_layers and m is not inner)
+    if not terms:  # on the model's device, as leanlora.regularizer's
+        return torch.zeros((), device=next((p.device for p in inner.parameters()), None))
+    return prior_weight(inner) * torch.stack(terms).sum()
+
+def sync_rank_sampler(model: nn.Module) -> int | None:
+    """Give the nested-rank sampler rank 0's seed, so b of step t is the same on every rank."""
+    shared = getattr(unwrap(model), "leanlora_shared", None)
+    sampler = getattr(shared, "rank_sampler", None)
+    if sampler is None:
+        return None
+    sampler.seed = sync_seed(sampler.seed)
+    return sampler.seed
+
