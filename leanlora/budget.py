@@ -155,24 +155,85 @@ def _layer_bops(s: LayerShape, k, bits: dict[str, Any]):
 
 # --- expected cost (differentiable) -----------------------------------------------------------
 
+_KINDS = ("rank", "a", "b", "e")
+
+
+class CostPlan:
+    """The expected cost of a model's gates as one batched expression.
+
+    The gate vectors (chains) are laid out as rows of one padded matrix, so the open-probabilities
+    of every chain (prefix products for nested chains, plain q for independent ones) take a few
+    kernels for the whole model, and each layer's E[k] and E[b] are scatter-sums of the row sums
+    into per-layer vectors. Padding is +PAD log-odds (q = 1 in the prefix product) with weight 0.
+    Built from :func:`gate_chains`; valid while the adapter's structure is unchanged (a training
+    run: finalize and pruning come after it).
+    """
+
+    PAD = 1e4
+
+    def __init__(self, shapes: list[LayerShape], chains: list[Chain]) -> None:
+        self.shapes, self.chains = shapes, chains
+        self.lora16 = lora16_bops(shapes)
+        self.fixed = {"rank": [1.0 if any(c.layer == i and c.kind == "rank" for c in chains) else float(s.rank)
+                               for i, s in enumerate(shapes)]}
+        for kind in ("a", "b", "e"):
+            self.fixed[kind] = [s.bits.get(kind, s.base_bits.get(kind, 0.0)) for s in shapes]
+        self.in_f = [float(s.in_f) for s in shapes]
+        self.out_f = [float(s.out_f) for s in shapes]
+        self.has_e = [1.0 if s.has_e else 0.0 for s in shapes]
+        self.width = max((c.log_alpha.numel() for c in chains), default=0)
+        self.rows = [i for i, c in enumerate(chains) for _ in range(c.log_alpha.numel())]
+        self.cols = [j for c in chains for j in range(c.log_alpha.numel())]
+        self.weights = [[float(w) for w in (c.steps or (1.0,) * c.log_alpha.numel())] + [0.0] * (self.width - c.log_alpha.numel())
+                        for c in chains]
+        self.nested = [c.nested for c in chains]
+        self._device_tensors: dict[Any, dict[str, torch.Tensor]] = {}
+
+    @classmethod
+    def of(cls, model: nn.Module) -> "CostPlan":
+        return cls(*gate_chains(model))
+
+    def _tensors(self, device: torch.device) -> dict[str, torch.Tensor]:
+        if device not in self._device_tensors:  # host lists become device tensors once per device
+            as_t = lambda v, dtype=torch.float32: torch.tensor(v, dtype=dtype, device=device)  # noqa: E731
+            t = {k: as_t(v) for k, v in self.fixed.items()}
+            t.update(in_f=as_t(self.in_f), out_f=as_t(self.out_f), has_e=as_t(self.has_e),
+                     rows=as_t(self.rows, torch.long), cols=as_t(self.cols, torch.long),
+                     weights=as_t(self.weights), nested=as_t(self.nested, torch.bool).reshape(-1, 1),
+                     layer=as_t([c.layer for c in self.chains], torch.long))
+            for kind in _KINDS:
+                t[f"is_{kind}"] = as_t([c.kind == kind for c in self.chains], torch.bool)
+            self._device_tensors[device] = t
+        return self._device_tensors[device]
+
+    def expected(self) -> torch.Tensor:
+        """E[BOPs] / LoRA-16 BOPs (a scalar with a gradient to every gate)."""
+        if not self.chains:
+            return torch.tensor(sum(_layer_bops(s, float(s.rank), s.bits) for s in self.shapes) / self.lora16)
+        device = self.chains[0].log_alpha.device
+        t = self._tensors(device)
+        flat = torch.cat([c.log_alpha.reshape(-1).float() for c in self.chains])
+        grid = torch.full((len(self.chains), self.width), self.PAD, device=device).index_put((t["rows"], t["cols"]), flat)
+        opened = torch.where(t["nested"], hc.open_chain(grid, dim=1), hc.prob_open(grid))
+        sums = (opened * t["weights"]).sum(1)                                  # one per chain
+        per_layer = {kind: t[kind].index_add(0, t["layer"][t[f"is_{kind}"]], sums[t[f"is_{kind}"]])
+                     for kind in _KINDS}
+        k = per_layer["rank"]
+        bops = t["in_f"] * k * per_layer["a"] + k * t["out_f"] * per_layer["b"] + t["has_e"] * k * per_layer["e"]
+        return ACT_BITS * bops.sum() / self.lora16
+
 
 def expected_cost(model: nn.Module) -> torch.Tensor:
-    """E[BOPs] / LoRA-16 BOPs under the current gate probabilities (a scalar with gradient)."""
-    shapes, chains = gate_chains(model)
-    ks: dict[int, Any] = {}
-    bits: dict[int, dict[str, Any]] = {i: dict(s.bits) for i, s in enumerate(shapes)}
-    for c in chains:
-        probs = hc.open_chain(c.log_alpha) if c.nested else hc.prob_open(c.log_alpha)
-        if c.kind == "rank":
-            ks[c.layer] = 1.0 + probs.sum()
-        else:
-            steps = torch.tensor(c.steps, dtype=probs.dtype, device=probs.device)
-            bits[c.layer][c.kind] = shapes[c.layer].base_bits[c.kind] + (probs * steps).sum()
-    total = sum(_layer_bops(s, ks.get(i, float(s.rank)), bits[i]) for i, s in enumerate(shapes))
-    if not isinstance(total, torch.Tensor):  # nothing gated: a constant
-        device = next((p.device for p in model.parameters()), None)
-        total = torch.tensor(float(total), device=device)
-    return total / lora16_bops(shapes)
+    """E[BOPs] / LoRA-16 BOPs under the current gate probabilities (a scalar with gradient).
+
+    ``E[k] = 1 + Σ_i q_1···q_i`` (nested rank gates; ``Σ_i q_i`` when independent) and
+    ``E[b] = b_0 + Σ_j q_1···q_j (b_j - b_{j-1})`` per layer, summed as :mod:`leanlora.cost` sums BOPs
+    (:class:`CostPlan`)."""
+    plan = CostPlan.of(model)
+    cost = plan.expected()
+    if not plan.chains:  # nothing gated: a constant, on the model's device
+        cost = cost.to(next((p.device for p in model.parameters()), None))
+    return cost
 
 
 # --- the global order and the projection ------------------------------------------------------
@@ -387,6 +448,12 @@ class BudgetController:
         self.frozen = False
         self.final_cost: float | None = None
         self.pins: dict[str, torch.Tensor] | None = None
+        self._plan: CostPlan | None = None  # the gates' layout, fixed while the run trains
+
+    def plan(self, model: nn.Module) -> CostPlan:
+        if self._plan is None:
+            self._plan = CostPlan.of(model)
+        return self._plan
 
     # schedule ---------------------------------------------------------------------------------
 
@@ -422,13 +489,13 @@ class BudgetController:
         run computes what an uninterrupted one does)."""
         s, e, freeze = self.steps()
         if self.frozen:
-            apply_pins(gate_chains(model)[1], self.pins)  # undo what Adam's momentum moved since
+            apply_pins(self.plan(model).chains, self.pins)  # undo what Adam's momentum moved since
             return
         if step >= freeze:
             self.freeze(model)
             return
         with torch.no_grad():
-            cost = expected_cost(model).detach().float()
+            cost = self.plan(model).expected().detach()
         self.cost = cost
         self.full = cost if self.full is None else torch.as_tensor(self.full, dtype=cost.dtype).to(cost.device)
         self.target = self.target_at(step)
@@ -446,7 +513,7 @@ class BudgetController:
         while λ is 0. Its gradient is λ_t ∇E[C]; the target only keeps the logged loss readable."""
         if self.frozen or (not isinstance(self.lmbda, torch.Tensor) and self.lmbda == 0.0):
             return torch.zeros((), device=next((p.device for p in model.parameters()), None))
-        return self.lmbda * (expected_cost(model) - self.target)
+        return self.lmbda * (self.plan(model).expected() - self.target)
 
     # checkpoint ---------------------------------------------------------------------------------
 
