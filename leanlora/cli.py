@@ -129,7 +129,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not task.eval:
         raise CLIError("data.eval_file is empty; pass data.eval_file=PATH")
     scores = task.evaluate(model, run.train.eval_batch_size, resolve_device(run.train.device))
-    print(f"{len(task.eval)} examples from {run.data.eval_file}")
+    source = run.data.eval_file or (f"{run.data.holdout} rows held out of {run.data.train_file} (data.holdout)"
+                                    if run.data.holdout else "the task's eval split")
+    print(f"{len(task.eval)} examples from {source}")
     for k, v in scores.items():
         print(f"  {k:>12}: {v:.4f}")
     return 0

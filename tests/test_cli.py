@@ -289,3 +289,10 @@ def test_help_answers_without_importing_torch():
             "import leanlora\nheavy = [m for m in ('torch', 'transformers', 'torchao') if m in sys.modules]\n"
             "assert not heavy, heavy\n")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+def test_eval_on_held_out_rows_says_where_they_come_from(trained, capsys):
+    capsys.readouterr()
+    assert main(["eval", str(trained), "data.eval_file=", "data.holdout=4"]) == 0
+    out = capsys.readouterr().out
+    assert "4 examples from 4 rows held out of " in out and "(data.holdout)" in out

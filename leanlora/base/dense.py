@@ -70,3 +70,20 @@ class DenseBase(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{'Conv1D' if self.transposed else 'Linear'}, dtype={self.layer.weight.dtype}"
+
+
+def as_linear(weight: torch.Tensor, bias: nn.Parameter | None, transposed: bool) -> nn.Module:
+    """A frozen dense ``nn.Linear`` (``Conv1D`` when ``transposed``) over ``weight`` (out, in) and
+    ``bias``: what a quantized base hands back when it is merged or unloaded."""
+    out_features, in_features = weight.shape
+    if transposed:
+        from transformers.pytorch_utils import Conv1D
+
+        module = Conv1D(out_features, in_features).to(device=weight.device, dtype=weight.dtype)
+        module.weight = nn.Parameter(weight.T.contiguous(), requires_grad=False)
+    else:
+        module = nn.Linear(in_features, out_features, bias=bias is not None, device=weight.device, dtype=weight.dtype)
+        module.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        module.bias = bias
+    return module

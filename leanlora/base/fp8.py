@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from leanlora.base.dense import DenseBase, is_conv1d
+from leanlora.base.dense import DenseBase, as_linear, is_conv1d
 from leanlora.base.fp8_linear import dequantize_weight, fp8_gemm_available, linear_fp8, quantize_weight
 from leanlora.config import ConfigError
 
@@ -91,19 +91,7 @@ class FP8Base(nn.Module):
 
     def as_module(self) -> nn.Module:
         """A dense ``nn.Linear`` (or ``Conv1D``) holding the dequantized weight and the same bias."""
-        w = self.dense_weight().detach()
-        if self.transposed:
-            from transformers.pytorch_utils import Conv1D
-
-            module = Conv1D(self.out_features, self.in_features).to(device=w.device, dtype=w.dtype)
-            module.weight = nn.Parameter(w.T.contiguous(), requires_grad=False)
-        else:
-            module = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                               device=w.device, dtype=w.dtype)
-            module.weight = nn.Parameter(w, requires_grad=False)
-        if self.bias is not None:
-            module.bias = self.bias
-        return module
+        return as_linear(self.dense_weight().detach(), self.bias, self.transposed)
 
     def _apply(self, fn, recurse: bool = True):
         # See where fn sends a float tensor: follow its device; a dtype change moves the dtype

@@ -27,7 +27,7 @@ import math
 import torch
 from torch import nn
 
-from leanlora.base.dense import DenseBase, is_conv1d
+from leanlora.base.dense import DenseBase, as_linear, is_conv1d
 from leanlora.base.nf4_linear import NF4Parts, linear_nf4_parts
 from leanlora.config import ConfigError, NF4Config
 
@@ -147,19 +147,7 @@ class NF4Base(nn.Module):
 
     def as_module(self) -> nn.Module:
         """A dense ``nn.Linear`` (or ``Conv1D``) holding the dequantized weight and the same bias."""
-        w = self.dense_weight().detach()
-        if self.transposed:
-            from transformers.pytorch_utils import Conv1D
-
-            module = Conv1D(self.out_features, self.in_features).to(device=w.device, dtype=w.dtype)
-            module.weight = nn.Parameter(w.T.contiguous(), requires_grad=False)
-        else:
-            module = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                               device=w.device, dtype=w.dtype)
-            module.weight = nn.Parameter(w.clone(), requires_grad=False)
-        if self.bias is not None:
-            module.bias = self.bias
-        return module
+        return as_linear(self.dense_weight().detach().clone(), self.bias, self.transposed)
 
     def __deepcopy__(self, memo: dict) -> "NF4Base":
         # torchao's NF4Tensor deep-copies by quantizing again with its default scaler block size,

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from leanlora import budget
 from leanlora.config import AdapterConfig
-from leanlora.train.runconfig import DataConfig, ModelConfig, RunConfig, TrainConfig
+from leanlora.train.runconfig import DataConfig, ModelConfig, RunConfig, TrainConfig, default_modules_to_save
 from leanlora.train.tasks import boolq_data, glue_data
 
 DEMO_TRAIN = 1024
@@ -34,7 +34,7 @@ DEMO_BUDGET = 0.25      # of a LoRA-16's BOPs on the same modules and r
 def demo_adapter(method: str) -> AdapterConfig:
     """Plain LoRA, or B-LoRA sized by a BOPs budget (:mod:`leanlora.budget`): the user says how
     small, the run's schedule and a final projection get there whatever its length."""
-    common = dict(target_modules=("query", "value"), modules_to_save=("classifier",), r=8, alpha=16.0)
+    common = dict(target_modules=("query", "value"), modules_to_save=default_modules_to_save("classification"), r=8, alpha=16.0)
     if method == "lora":
         return AdapterConfig(**common)
     return AdapterConfig(**common, ranks="gated", precision="learned", budget=DEMO_BUDGET)
