@@ -244,8 +244,9 @@ def run_row(row: str, args, device, ids, floor_tps: float) -> dict:
         import leanlora
 
         # as `leanlora train` does: "auto" gives a gated adapter its budget controller (not under a
-        # whole-step CUDA graph), whose schedule spans the steps timed here
-        leanlora.budget.start(model, args.warmup + 2 + args.steps, auto=mode != "graphed")
+        # whole-step CUDA graph). A run twice as long as the steps run here puts the timed steps in
+        # the budget's ramp (λ acting every step) and its one-off freeze after them.
+        leanlora.budget.start(model, 2 * (args.warmup + 2 + args.steps), auto=mode != "graphed")
     if prior:
         import leanlora
 
