@@ -174,8 +174,8 @@ class CostPlan:
     def __init__(self, shapes: list[LayerShape], chains: list[Chain]) -> None:
         self.shapes, self.chains = shapes, chains
         self.lora16 = lora16_bops(shapes)
-        self.fixed = {"rank": [1.0 if any(c.layer == i and c.kind == "rank" for c in chains) else float(s.rank)
-                               for i, s in enumerate(shapes)]}
+        rank_gated = {c.layer for c in chains if c.kind == "rank"}
+        self.fixed = {"rank": [1.0 if i in rank_gated else float(s.rank) for i, s in enumerate(shapes)]}
         for kind in ("a", "b", "e"):
             self.fixed[kind] = [s.bits.get(kind, s.base_bits.get(kind, 0.0)) for s in shapes]
         self.in_f = [float(s.in_f) for s in shapes]
@@ -199,10 +199,10 @@ class CostPlan:
             t = {k: as_t(v) for k, v in self.fixed.items()}
             t.update(in_f=as_t(self.in_f), out_f=as_t(self.out_f), has_e=as_t(self.has_e),
                      rows=as_t(self.rows, torch.long), cols=as_t(self.cols, torch.long),
-                     weights=as_t(self.weights), nested=as_t(self.nested, torch.bool).reshape(-1, 1),
-                     layer=as_t([c.layer for c in self.chains], torch.long))
-            for kind in _KINDS:
-                t[f"is_{kind}"] = as_t([c.kind == kind for c in self.chains], torch.bool)
+                     weights=as_t(self.weights), nested=as_t(self.nested, torch.bool).reshape(-1, 1))
+            for kind in _KINDS:  # which chains feed which layer's E[k] or E[b], as indices (masks would sync)
+                t[f"chains_{kind}"] = as_t([i for i, c in enumerate(self.chains) if c.kind == kind], torch.long)
+                t[f"layers_{kind}"] = as_t([c.layer for c in self.chains if c.kind == kind], torch.long)
             self._device_tensors[device] = t
         return self._device_tensors[device]
 
@@ -216,7 +216,7 @@ class CostPlan:
         grid = torch.full((len(self.chains), self.width), self.PAD, device=device).index_put((t["rows"], t["cols"]), flat)
         opened = torch.where(t["nested"], hc.open_chain(grid, dim=1), hc.prob_open(grid))
         sums = (opened * t["weights"]).sum(1)                                  # one per chain
-        per_layer = {kind: t[kind].index_add(0, t["layer"][t[f"is_{kind}"]], sums[t[f"is_{kind}"]])
+        per_layer = {kind: t[kind].index_add(0, t[f"layers_{kind}"], sums.index_select(0, t[f"chains_{kind}"]))
                      for kind in _KINDS}
         k = per_layer["rank"]
         bops = t["in_f"] * k * per_layer["a"] + k * t["out_f"] * per_layer["b"] + t["has_e"] * k * per_layer["e"]
@@ -540,16 +540,12 @@ def _number(x: float | torch.Tensor | None) -> float | None:
 # --- the functions the loops call -------------------------------------------------------------
 
 
-def is_gated(config: Any) -> bool:
-    return getattr(config, "ranks", None) == "gated" or getattr(config, "precision", None) == "learned"
-
-
 def resolved(config: Any) -> float | None:
     """The budget a training loop that calls :func:`start` applies: the configured fraction,
     ``DEFAULT_BUDGET`` for "auto" on a gated adapter, else None."""
     budget = getattr(config, "budget", None)
     if budget == "auto":
-        return DEFAULT_BUDGET if is_gated(config) else None
+        return DEFAULT_BUDGET if config.is_gated else None
     return budget
 
 
@@ -571,11 +567,10 @@ def start(model: nn.Module, total_steps: int, auto: bool = True) -> None:
     """Tell the budget controller how long the run is; with ``adapter.budget: auto`` on a gated
     adapter this is what turns the default budget on (``auto=False`` leaves it off: settings the
     controller does not support). No-op without a budget."""
-    config = shared_state(model).config
-    if getattr(config, "budget", None) == "auto" and auto and resolved(config) is not None:
-        shared = shared_state(model)
-        if getattr(shared, "budget_controller", None) is None:
-            shared.budget_controller = BudgetController(DEFAULT_BUDGET, config.budget_schedule)
+    shared = shared_state(model)
+    default = resolved(shared.config) if shared.config.budget == "auto" and auto else None
+    if default is not None and getattr(shared, "budget_controller", None) is None:
+        shared.budget_controller = BudgetController(default, shared.config.budget_schedule)
     ctl = controller(model)
     if ctl is None:
         return
