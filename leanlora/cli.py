@@ -170,7 +170,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         raise CLIError("leanlora.sweep_ranks is not available in this install (it comes with nested ranks, "
                        "QDyLoRA); `leanlora sweep` needs it")
     run, model, _, task = load_trained(args.run_dir, args.overrides, args.adapter, check_base=not args.no_base_check)
-    by_budget = run.adapter.ranks == "gated" or run.adapter.precision == "learned"
+    by_budget = run.adapter.is_gated
     if run.adapter.ranks != "nested" and not by_budget:
         raise CLIError(f"{args.run_dir} trained adapter.ranks={run.adapter.ranks!r}, adapter.precision="
                        f"{run.adapter.precision!r}; a sweep needs one adapter trained with adapter.ranks=nested "

@@ -374,6 +374,11 @@ class AdapterConfig:
                      "nested.eval_rank", self.nested.eval_rank, f"must be <= r={self.r}")
 
     @property
+    def is_gated(self) -> bool:
+        """Whether anything is gated (ranks or bit-widths): what a budget or a gate prior acts on."""
+        return self.ranks == "gated" or self.precision == "learned"
+
+    @property
     def scaling(self) -> float:
         """alpha / r, or alpha / sqrt(r) with rslora (at the full rank r); 1 for an unscaled bank."""
         if self.factors == "bank" and not self.bank.scaled:
@@ -518,7 +523,7 @@ def _check_budget(c: "AdapterConfig") -> None:
         return
     _require(isinstance(c.budget, (int, float)) and not isinstance(c.budget, bool) and 0 < c.budget <= 1,
              "adapter.budget", c.budget, "must be a fraction of LoRA-16 BOPs in (0, 1], 'auto' or 'off'")
-    _require(c.ranks == "gated" or c.precision == "learned", "adapter.budget", c.budget,
+    _require(c.is_gated, "adapter.budget", c.budget,
              f"needs something to gate: adapter.ranks='gated' or adapter.precision='learned' "
              f"(this adapter has ranks={c.ranks!r}, precision={c.precision!r})")
 

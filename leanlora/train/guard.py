@@ -90,7 +90,7 @@ def likely_cause(config: AdapterConfig) -> str:
         return ("nested ranks train the full rank only in the steps that draw it, so it sees fewer "
                 "updates than a LoRA of the same length: train longer (train.epochs / train.max_steps), "
                 "or compare the smaller ranks with `leanlora sweep`")
-    if config.ranks == "gated" or config.precision == "learned":
+    if config.is_gated:
         return ("the rank and bit gates may have closed before the task was learned: lower the prior's "
                 "weight (adapter.prior.lmbda) or the gate learning rate (adapter.gates.lr), or train longer")
     return ("the adapter moved too little for this data in this many steps: train longer "
