@@ -122,7 +122,7 @@ class Shape:
     r: int = 16
     alpha: float = 32.0
     bank_vectors: int = 256
-    bank_length: int = 256
+    bank_length: int | str = 256  # or "auto" (leanlora rows)
     topk: int = 2
     adalora_target_r: int = 8
     total_step: int = 1000

@@ -172,8 +172,14 @@ def lean_cost(model, method) -> dict:
     return out
 
 
-def lean_name(name: str) -> bool:
-    return METHODS[name].library == "leanlora"
+def default_bank(model: torch.nn.Module):
+    """leanlora's default bank with its ``vector_length: auto`` made concrete for the targeted layers."""
+    import leanlora
+    from leanlora.inject import resolve_vector_length
+
+    shapes = {n: (m.in_features, m.out_features) for n, m in model.named_modules()
+              if isinstance(m, torch.nn.Linear) and n.endswith(TARGETS)}
+    return resolve_vector_length(leanlora.AdapterConfig(factors="bank"), shapes).bank
 
 
 def run_job(args, task: str, name: str, seed: int, data_cache: dict) -> dict:
@@ -207,10 +213,11 @@ def run_job(args, task: str, name: str, seed: int, data_cache: dict) -> dict:
         train["labels"] = train["labels"].long()
     import leanlora
 
-    bank_default = leanlora.BankConfig()  # PEFT's VB-LoRA row gets the same bank as leanlora's default
+    bank = default_bank(model) if method.library == "peft" else None  # PEFT's VB-LoRA: leanlora's default bank
     shape = Shape(targets=TARGETS, r=args.r, alpha=2.0 * args.r,
-                  bank_vectors=args.bank_vectors or (0 if lean_name(name) else bank_default.num_vectors),
-                  bank_length=args.bank_length or bank_default.vector_length, topk=2, adalora_target_r=args.r // 2,
+                  bank_vectors=args.bank_vectors or (bank.num_vectors if bank else 0),
+                  bank_length=args.bank_length or (bank.vector_length if bank else "auto"), topk=2,
+                  adalora_target_r=args.r // 2,
                   total_step=n_steps, modules_to_save=("classifier",))
     model, groups, hook = apply(method, model, shape, "SEQ_CLS", torch.float32, lr=args.lr)
     if method.kind == "vblora":  # leanlora's bank / logits learning rates (BankConfig defaults), by name
