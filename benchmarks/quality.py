@@ -75,6 +75,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--out", default="quality.jsonl")
     ap.add_argument("--plot", default=None, help="Pareto plot PNG (score vs BOPs and vs bytes)")
     ap.add_argument("--gate-lr", type=float, default=0.0, help="gate learning rate of gated rows (0: the row's own)")
+    ap.add_argument("--max-grad-norm", type=float, default=1.0,
+                    help="clip the global gradient norm to this (0: no clipping); 1.0 is leanlora train's and "
+                         "the HF Trainer's default")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return ap.parse_args(argv)
 
@@ -237,6 +240,8 @@ def run_job(args, task: str, name: str, seed: int, data_cache: dict) -> dict:
     n = train["labels"].shape[0]
     perm, pos = torch.randperm(n, generator=g), 0
     model.train()
+    params = [p for pg in opt.param_groups for p in pg["params"]]
+    norms, losses = [], []  # kept on the device, read once after the run
     if lean:
         leanlora.budget.start(model, n_steps)  # a budget's schedule is in fractions of the run
     if device.type == "cuda":
@@ -256,6 +261,8 @@ def run_job(args, task: str, name: str, seed: int, data_cache: dict) -> dict:
         if lean and method.has_prior:
             loss = loss + leanlora.regularizer(model).to(loss.device)
         loss.backward()
+        norms.append(torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm or math.inf))
+        losses.append(loss.detach())
         opt.step()
         if hook is not None:
             hook(step)
@@ -265,6 +272,8 @@ def run_job(args, task: str, name: str, seed: int, data_cache: dict) -> dict:
     res["train_s"] = time.perf_counter() - t0
     res["steps"] = n_steps
     res["final_loss"] = float(loss.detach())
+    res["max_grad_norm"] = args.max_grad_norm
+    res.update(training_trace(torch.stack(norms).float().cpu(), torch.stack(losses).float().cpu()))
     if not math.isfinite(res["final_loss"]):
         res["error"] = "training diverged (non-finite loss)"
     metric = TASKS[task][4]
@@ -284,6 +293,15 @@ def run_job(args, task: str, name: str, seed: int, data_cache: dict) -> dict:
         res["cost_error"] = f"{type(err).__name__}: {str(err)[:200]}"
     del model, opt
     return res
+
+
+def training_trace(norms: torch.Tensor, losses: torch.Tensor) -> dict:
+    """What the gradient norm (before clipping) and the loss did: spikes and the curve in tenths."""
+    med = float(norms.median())
+    tenths = [float(c.mean()) for c in losses.chunk(10)]
+    return {"grad_norm": {"median": med, "p99": float(norms.quantile(0.99)), "max": float(norms.max()),
+                          "argmax": int(norms.argmax()), "over_10x_median": int((norms > 10 * med).sum())},
+            "loss_tenths": [round(x, 4) for x in tenths]}
 
 
 # --- driver --------------------------------------------------------------------------------------
