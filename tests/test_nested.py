@@ -230,3 +230,20 @@ def test_set_rank_on_fixed_ranks_is_refused():
     leanlora.inject(model, leanlora.AdapterConfig(target_modules=TARGETS, r=4))
     with pytest.raises(TypeError, match=r"q_proj.*FixedRanks.*nested"):
         leanlora.set_rank(model, 2)
+
+
+def test_an_unclipped_nested_run_is_warned_at_its_start_and_a_clipped_one_is_not(tmp_path):
+    from conftest import minilm_dir
+    from leanlora.train.loop import train
+    from leanlora.train.runconfig import load_run_config
+    from train_fixtures import classification_yaml, tiny_bert_dir
+
+    config = classification_yaml(tmp_path, tiny_bert_dir(tmp_path, minilm_dir()), max_steps=1)
+    for clip, warned in (("0", True), ("1.0", False)):
+        lines: list[str] = []
+        run = load_run_config(config, ["adapter.ranks=nested", f"train.max_grad_norm={clip}"])
+        train(run, tmp_path / f"run{clip}", progress=False, log=lines.append)
+        hits = [line for line in lines if "max_grad_norm=0" in line]
+        assert bool(hits) == warned, lines
+        if warned:
+            assert "adapter.ranks=nested" in hits[0] and "train.max_grad_norm=1.0" in hits[0]

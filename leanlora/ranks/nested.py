@@ -18,6 +18,11 @@ per sampled rank (a slice at a Python int b specialises the graph on b). The cos
 GEMMs at r instead of b columns, r (in + out) MACs per token. Eval slices (exact truncation, and
 the cheapest forward at a chosen rank).
 
+Train with the global gradient norm clipped (``train.max_grad_norm``, 1.0 by default here and in
+the HF Trainer). A step that draws a small b scales the update by alpha / b, r times the full
+rank's at b = 1, and on a regression loss those steps throw gradient spikes far above a LoRA's;
+unclipped, they can hold the loss on a plateau for most of a short run.
+
 Components are ordered: component i is trained whenever b > i, so the first ones learn the most
 and any prefix is a usable adapter. One trained adapter therefore yields an adapter at every
 rank, picked after training by a sweep (:mod:`leanlora.reports.sweep`).

@@ -240,6 +240,10 @@ def _plan(run: RunConfig, run_dir: Path, model: nn.Module, wrapped: nn.Module, t
     if budget.resolved(run.adapter) is not None and budget.controller(model) is None:
         log(f"adapter.budget=auto: no budget with train.distributed={tc.distributed!r} / cuda_graph={tc.cuda_graph}; "
             "the gates follow their prior alone")
+    if run.adapter.ranks == "nested" and tc.max_grad_norm <= 0:
+        log("warning: train.max_grad_norm=0 with adapter.ranks=nested: steps that draw a small rank scale "
+            "the update by alpha / b and can throw gradient spikes that stall a short run; "
+            "train.max_grad_norm=1.0 (the default) clips them")
     optimizer = adamw(leanlora.param_groups(model, tc.lr, tc.weight_decay), lr=tc.lr)
     check_trainable_dtype(precision, optimizer)
     scheduler = build_scheduler(optimizer, tc, total, log)
