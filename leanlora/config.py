@@ -307,7 +307,8 @@ class AdapterConfig:
     """frozen base weight: "dense" (as loaded), "nf4" (4-bit NormalFloat) or "fp8" (float8 e4m3 with
     per-channel scales, float8 GEMMs on GPUs of compute capability 8.9+), quantized on injection."""
     adapter_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """dtype of the adapter parameters (fp32 keeps small updates from rounding away)."""
+    """dtype of the adapter parameters (fp32 keeps small updates from rounding away). float16 is for
+    inference and export only: AdamW refuses to train it (its moments underflow in float16)."""
     bank: BankConfig = field(default_factory=BankConfig)
     nested: NestedConfig = field(default_factory=NestedConfig)
     gated: GatedConfig = field(default_factory=GatedConfig)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from leanlora.speed.flat_adamw import FlatAdamW, flattenable
+from leanlora.config import ConfigError
 from leanlora.inject import shared_state
 
 NO_DECAY_ROLES = ("bank", "logits", "gates", "scales")
@@ -81,6 +82,13 @@ def adamw(groups: list[dict[str, Any]], **kwargs) -> torch.optim.Optimizer:
     instead. Sharded (DTensor) parameters keep torch's: a bucket holds plain dense tensors only.
     """
     params = [p for g in groups for p in g["params"]]
+    half = next((g.get("role", "?") for g in groups for p in g["params"] if p.dtype == torch.float16), None)
+    if half is not None:
+        # AdamW keeps its moments in the parameter's dtype: fp16 rounds eps (1e-8) to 0, and a
+        # gradient of 0 (LoRA's A while B is still 0) then makes the first update 0 / 0
+        raise ConfigError(f"AdamW cannot train float16 weights (the {half!r} group holds some): its second moment "
+                          "and eps underflow in float16 and the first update turns them NaN; train them in float32 "
+                          "or bfloat16 (adapter.adapter_dtype, and a float32 model.dtype for trained heads)")
     if params and all(flattenable(p) for p in params):
         return FlatAdamW(groups, **kwargs)
     return torch.optim.AdamW(groups, **kwargs)

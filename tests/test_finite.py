@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 import leanlora
 from conftest import minilm_dir, tiny_bert
 from leanlora.cli import main
+from leanlora.config import ConfigError
 from leanlora.train.finite import FiniteGuard, TrainingDiverged
 from leanlora.train.loop import train
 from leanlora.train.runconfig import load_run_config
@@ -163,10 +164,20 @@ def test_a_nonfinite_update_is_never_saved(config, tmp_path, monkeypatch):
     assert not (out / "adapter").exists()
 
 
-def test_fp16_factors_at_a_huge_learning_rate_stop_before_anything_is_written(config, tmp_path):
-    """The issue's run: it used to exit 0 with NaN in adapter/, best/ and the checkpoint."""
-    run = load_run_config(config, ["train.lr=1e6", "adapter.adapter_dtype=float16", "train.max_steps=1",
-                                   "train.warmup_ratio=0"])
+def test_an_update_that_turns_weights_non_finite_stops_before_anything_is_written(config, tmp_path, monkeypatch):
+    """Such a run used to exit 0 with NaN in adapter/, best/ and the checkpoint."""
+    from leanlora.speed.flat_adamw import FlatAdamW
+
+    step = FlatAdamW.step
+
+    def overflowing(self, *args, **kwargs):
+        out = step(self, *args, **kwargs)
+        with torch.no_grad():
+            self.param_groups[0]["params"][0].fill_(float("inf"))
+        return out
+
+    monkeypatch.setattr(FlatAdamW, "step", overflowing)
+    run = load_run_config(config, ["train.max_steps=1", "train.warmup_ratio=0"])
     with pytest.raises(TrainingDiverged, match=r"update of step 1 made trained weights non-finite.*"
                                                r"No checkpoint was written before it"):
         train(run, tmp_path / "r1", **QUIET)
@@ -283,3 +294,12 @@ def test_a_graphed_run_stops_at_the_replay_that_broke_a_weight(config, tmp_path,
         train(run, tmp_path / "g", progress=False, log=lines.append)
     assert any("captured the training step" in line for line in lines), lines
     assert not (tmp_path / "g" / "adapter").exists()
+
+
+def test_float16_factors_are_refused_before_training_with_the_reason(config, tmp_path):
+    """AdamW's moments in float16 turn the first update NaN (eps rounds to 0; LoRA's A has a 0 gradient)."""
+    run = load_run_config(config, ["adapter.adapter_dtype=float16", "train.max_steps=1"])
+    with pytest.raises(ConfigError, match=r"AdamW cannot train float16 weights \(the 'adapter' group.*"
+                                          r"float32 or bfloat16"):
+        train(run, tmp_path / "half", **QUIET)
+    assert sorted(p.name for p in (tmp_path / "half").iterdir()) == ["run.yaml"]

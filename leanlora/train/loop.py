@@ -244,8 +244,9 @@ def _plan(run: RunConfig, run_dir: Path, model: nn.Module, wrapped: nn.Module, t
         log("warning: train.max_grad_norm=0 with adapter.ranks=nested: steps that draw a small rank scale "
             "the update by alpha / b and can throw gradient spikes that stall a short run; "
             "train.max_grad_norm=1.0 (the default) clips them")
-    optimizer = adamw(leanlora.param_groups(model, tc.lr, tc.weight_decay), lr=tc.lr)
-    check_trainable_dtype(precision, optimizer)
+    groups = leanlora.param_groups(model, tc.lr, tc.weight_decay)
+    check_trainable_dtype(precision, groups)
+    optimizer = adamw(groups, lr=tc.lr)
     scheduler = build_scheduler(optimizer, tc, total, log)
     # compiled per decoder layer on CUDA by default; the first step falls back to eager if inductor fails
     compiled = CompiledRegions(model, log=log, mode=tc.compile_mode) if wants_compile(tc.compile, device) else None

@@ -72,12 +72,12 @@ def _check_fp16(tc) -> None:
                           "is not wired for sharded gradients here); use bf16, or distributed=ddp")
 
 
-def check_trainable_dtype(precision: Precision, optimizer: torch.optim.Optimizer) -> None:
+def check_trainable_dtype(precision: Precision, groups: list[dict]) -> None:
     """fp16 scaling unscales the gradients in place; gradients held in fp16 cannot take that
-    (torch refuses), so the trained weights must be float32 or bfloat16."""
+    (torch refuses), so the trained weights of the optimizer ``groups`` must be float32 or bfloat16."""
     if precision.name != "fp16":
         return
-    for group in optimizer.param_groups:
+    for group in groups:
         for p in group["params"]:
             if p.dtype == torch.float16:
                 raise ConfigError("train.precision=fp16 needs trained weights in float32 (the gradient scaler "
