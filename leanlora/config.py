@@ -44,6 +44,15 @@ def _require(ok: bool, name: str, value: Any, allowed: str) -> None:
         raise ConfigError(f"{name}={value!r} is invalid: {allowed}")
 
 
+# torch's optimizers compute with the learning rate as a float32 scalar: a larger one overflows
+MAX_LR = 3.0e38
+
+
+def require_lr(name: str, value: float) -> None:
+    """A learning rate: > 0 and within float32's range."""
+    _require(0 < value <= MAX_LR, name, value, f"must be > 0 and at most {MAX_LR:g} (optimizers use float32)")
+
+
 @functools.cache
 def _field_hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
@@ -122,8 +131,8 @@ class BankConfig:
                  f"must be in [1, bank.num_vectors={self.num_vectors}]")
         _require(self.logits_init_std > 0, "bank.logits_init_std", self.logits_init_std, "must be > 0")
         _require(self.bank_init_range > 0, "bank.bank_init_range", self.bank_init_range, "must be > 0")
-        _require(self.bank_lr > 0, "bank.bank_lr", self.bank_lr, "must be > 0")
-        _require(self.logits_lr > 0, "bank.logits_lr", self.logits_lr, "must be > 0")
+        require_lr("bank.bank_lr", self.bank_lr)
+        require_lr("bank.logits_lr", self.logits_lr)
 
 
 @dataclass(frozen=True)
@@ -239,7 +248,7 @@ class GatesConfig:
 
     def __post_init__(self) -> None:
         check_field_types(self, "gates.")
-        _require(self.lr > 0, "gates.lr", self.lr, "must be > 0")
+        require_lr("gates.lr", self.lr)
         _require(0.0 < self.threshold < 1.0, "gates.threshold", self.threshold, "must be in (0, 1)")
 
 

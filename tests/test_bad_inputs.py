@@ -133,6 +133,10 @@ ROWS = [
     # 2. non-finite settings refused at validation
     ("lr-inf", "cfg", lambda c, t: _fresh(c, t, "train.lr=.inf"), "train.lr=inf is invalid: must be a finite number"),
     ("lr-nan", "cfg", lambda c, t: _fresh(c, t, "train.lr=.nan"), "train.lr=nan is invalid"),
+    ("lr-over-float32", "cfg", lambda c, t: _fresh(c, t, "train.lr=1e39"),
+     "train.lr=1e+39 is invalid: must be > 0 and at most 3e+38 (optimizers use float32)"),
+    ("gate-lr-over-float32", "cfg", lambda c, t: _fresh(c, t, "adapter.ranks=gated", "adapter.gates.lr=1e39"),
+     "gates.lr=1e+39 is invalid: must be > 0 and at most 3e+38"),
     ("alpha-inf", "cfg", lambda c, t: _fresh(c, t, "adapter.alpha=.inf"), "'adapter.alpha=.inf': alpha=inf is invalid"),
     ("gate-lr-inf", "cfg", lambda c, t: _fresh(c, t, "adapter.gates.lr=.inf"), "gates.lr=inf is invalid"),
     ("alpha-text", "cfg", lambda c, t: _fresh(c, t, "adapter.alpha=abc"), "adapter.alpha: expected a number"),

@@ -24,7 +24,8 @@ from typing import Any, Literal
 
 import yaml
 
-from leanlora.config import MOVED_KEYS, AdapterConfig, ConfigError, canonical_keys, check_field_types, from_plain, to_plain
+from leanlora.config import (MOVED_KEYS, AdapterConfig, ConfigError, canonical_keys, check_field_types, from_plain,
+                             require_lr, to_plain)
 from leanlora.train import lr_schedule
 from leanlora.train.data import label_text, not_utf8
 from leanlora.train.precision import PRECISIONS
@@ -264,7 +265,7 @@ class TrainConfig:
             _require(getattr(self, name) >= 1, f"train.{name}", getattr(self, name), "must be >= 1")
         for name in ("max_steps", "eval_every", "save_every", "num_threads"):
             _require(getattr(self, name) >= 0, f"train.{name}", getattr(self, name), "must be >= 0")
-        _require(self.lr > 0, "train.lr", self.lr, "must be > 0")
+        require_lr("train.lr", self.lr)
         _require(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "must be >= 0")
         _require(0 <= self.warmup_ratio < 1, "train.warmup_ratio", self.warmup_ratio, "must be in [0, 1)")
         _require(self.max_grad_norm >= 0, "train.max_grad_norm", self.max_grad_norm, "must be >= 0")
