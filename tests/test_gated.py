@@ -173,7 +173,7 @@ def test_gated_config_errors(kwargs, message):
 @pytest.mark.parametrize("cls, kwargs, message", [
     ("GatesConfig", dict(threshold=0.0), "gates.threshold=0.0 is invalid: must be in (0, 1)"),
     ("GatesConfig", dict(threshold=1.5), "gates.threshold=1.5 is invalid: must be in (0, 1)"),
-    ("GatesConfig", dict(lr=0.0), "gates.lr=0.0 is invalid: must be > 0"),
+    ("GatesConfig", dict(lr=0.0), "gates.lr=0.0 is invalid: must be > 0 and at most 3e+38 (optimizers use float32)"),
     ("PriorConfig", dict(lmbda=-1e-3), "prior.lmbda=-0.001 is invalid: must be >= 0"),
     ("PriorConfig", dict(reg_type="l1"), "prior.reg_type='l1' is invalid: allowed: 'const', 'bop'"),
 ])
