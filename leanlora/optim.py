@@ -73,6 +73,11 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0,
             for role, params in grouped.items()]
 
 
+def float16_role(groups: list[dict[str, Any]]) -> str | None:
+    """The role of the first optimizer group holding a float16 parameter, or None."""
+    return next((g.get("role", "?") for g in groups for p in g["params"] if p.dtype == torch.float16), None)
+
+
 def adamw(groups: list[dict[str, Any]], **kwargs) -> torch.optim.Optimizer:
     """AdamW over ``groups``: :class:`~leanlora.speed.flat_adamw.FlatAdamW` (torch's fused update on CUDA)
     when every parameter is a plain dense floating-point tensor, else torch's AdamW.
@@ -82,7 +87,7 @@ def adamw(groups: list[dict[str, Any]], **kwargs) -> torch.optim.Optimizer:
     instead. Sharded (DTensor) parameters keep torch's: a bucket holds plain dense tensors only.
     """
     params = [p for g in groups for p in g["params"]]
-    half = next((g.get("role", "?") for g in groups for p in g["params"] if p.dtype == torch.float16), None)
+    half = float16_role(groups)
     if half is not None:
         # AdamW keeps its moments in the parameter's dtype: fp16 rounds eps (1e-8) to 0, and a
         # gradient of 0 (LoRA's A while B is still 0) then makes the first update 0 / 0

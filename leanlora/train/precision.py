@@ -75,14 +75,12 @@ def _check_fp16(tc) -> None:
 def check_trainable_dtype(precision: Precision, groups: list[dict]) -> None:
     """fp16 scaling unscales the gradients in place; gradients held in fp16 cannot take that
     (torch refuses), so the trained weights of the optimizer ``groups`` must be float32 or bfloat16."""
-    if precision.name != "fp16":
-        return
-    for group in groups:
-        for p in group["params"]:
-            if p.dtype == torch.float16:
-                raise ConfigError("train.precision=fp16 needs trained weights in float32 (the gradient scaler "
-                                  "unscales their gradients); set adapter.adapter_dtype=float32 and keep "
-                                  "modules_to_save out of an fp16 base (model.dtype)")
+    from leanlora.optim import float16_role
+
+    if precision.name == "fp16" and float16_role(groups) is not None:
+        raise ConfigError("train.precision=fp16 needs trained weights in float32 (the gradient scaler "
+                          "unscales their gradients); set adapter.adapter_dtype=float32 and keep "
+                          "modules_to_save out of an fp16 base (model.dtype)")
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
