@@ -239,20 +239,20 @@ def trainable_count(model: nn.Module) -> int:
     return n
 
 
-ADAMW_IMPLS = ("foreach", "fused", "flat", "compiled")
+ADAMW_IMPLS = ("foreach", "fused", "leanlora", "compiled")
 
 
 def adamw_step(groups: list[dict], impl: str, lr: float = 1e-4):
     """(AdamW over ``groups``, its step function) for one implementation: torch's foreach or fused,
-    leanlora's "flat", or "compiled": ``torch.compile`` of the step, PyTorch's compiled-optimizer recipe (learning rates
+    "leanlora" (:func:`leanlora.optim.adamw`, what its loop builds: fused on CUDA), or "compiled": ``torch.compile`` of the step, PyTorch's compiled-optimizer recipe (learning rates
     as 0-d tensors so a scheduler does not recompile; ``capturable`` on CUDA, as the compiled update
     keeps its step counters on the device)."""
     if impl not in ADAMW_IMPLS:
         raise SystemExit(f"AdamW implementation {impl!r}: allowed {', '.join(ADAMW_IMPLS)}")
-    if impl == "flat":  # leanlora's: one flat bucket per group (leanlora.speed.flat_adamw), fused on CUDA
-        from leanlora.speed.flat_adamw import FlatAdamW
+    if impl == "leanlora":
+        from leanlora.optim import adamw
 
-        opt = FlatAdamW([dict(g) for g in groups], lr=lr)
+        opt = adamw([dict(g) for g in groups], lr=lr)
         return opt, opt.step
     if impl != "compiled":
         opt = torch.optim.AdamW([dict(g) for g in groups], lr=lr, **{impl: True})

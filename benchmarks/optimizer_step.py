@@ -6,7 +6,7 @@ gates and three quantizers' gates and ranges, several of them a handful of value
 An optimizer step is memory-bound (about 28 bytes of traffic per fp32 value: param, grad and two
 moments read, param and moments written), so its floor is the same for every method; what
 differs is how many launches the per-tensor work takes. This measures it, for torch's default
-AdamW (foreach), ``fused=True``, leanlora's ``FlatAdamW`` (one flat tensor per group) and a compiled step, with random gradients on the model of ``speed.py``:
+AdamW (foreach), ``fused=True``, leanlora's (:func:`leanlora.optim.adamw`) and a compiled step, with random gradients on the model of ``speed.py``:
 device time per step (CUDA events) and the host's time to issue one.
 
     python -u benchmarks/optimizer_step.py --preset 1b --out $OUT/optimizer.jsonl
@@ -42,7 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--bank-vectors", type=int, default=256, help="VB-LoRA bank size h, as in speed.py")
     ap.add_argument("--bank-length", type=int, default=256, help="VB-LoRA vector length b (must divide every dim)")
     ap.add_argument("--impls", default="foreach,fused",
-                    help="comma list of AdamW implementations: foreach, fused, flat (leanlora's FlatAdamW), "
+                    help="comma list of AdamW implementations: foreach, fused, leanlora (leanlora.optim.adamw), "
                          "compiled (torch.compile of the "
                          "step: 53 s to compile for LoRA's 224 tensors at the 1b shape, minutes for B-LoRA's 1,120)")
     add_timing_args(ap, steps=20)

@@ -24,6 +24,7 @@ table gives each row's speed over ``peft_lora_bf16@compiled`` and its step time 
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -91,10 +92,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--adapter-dtype", choices=("float32", "bfloat16"), default="float32",
                     help="leanlora adapter dtype (PEFT keeps fp32 adapters on a bf16 model by default)")
     ap.add_argument("--optimizer", choices=ADAMW_IMPLS, default="foreach",
-                    help="AdamW implementation for every row: foreach (torch's default on GPU), fused, flat "
-                         "(leanlora's FlatAdamW), or compiled (torch.compile of the step; see optimizer_step.py)")
+                    help="AdamW implementation for every row: foreach (torch's default on GPU), fused, leanlora "
+                         "(leanlora.optim.adamw), or compiled (torch.compile of the step; see optimizer_step.py)")
     ap.add_argument("--lean-optimizer", choices=ADAMW_IMPLS, default=None,
-                    help="AdamW implementation for leanlora rows only (default: --optimizer's); flat is what "
+                    help="AdamW implementation for leanlora rows only (default: --optimizer's); leanlora is what "
                          "leanlora's training loop builds")
     ap.add_argument("--lean-fused-loss", choices=("auto", "liger", "chunked", "off"), default="auto",
                     help="causal-LM loss of leanlora rows, as train.fused_loss (leanlora.train.fused_loss): auto = "
@@ -167,7 +168,7 @@ def _time_fn(fn, warmup: int, reps: int) -> float:
 def compile_model(model, how: str, mode: str = "default"):
     import torch._dynamo
 
-    from leanlora.speed.vectorize import compile_pieces
+    from leanlora.groups.stacking import compile_pieces
 
     torch._dynamo.config.cache_size_limit = 64  # regional compile: one entry per distinct layer guard set
     compile_pieces(model, mode)  # leanlora's grouped adapter pieces, as its training loop does (no-op for PEFT)
@@ -250,7 +251,7 @@ def run_row(row: str, args, device, ids, floor_tps: float) -> dict:
     if prior:
         import leanlora
 
-        # as the training loop does: grouped layers' priors come with their pieces, the rest eager
+        # as the training loop does: eager, stated by group as stacked rows
         regularize = leanlora.regularizer
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -259,10 +260,10 @@ def run_row(row: str, args, device, ids, floor_tps: float) -> dict:
         torch._dynamo.utils.counters.clear()
 
     host = HostClock()
-    vectorizer = getattr(getattr(model, "leanlora_shared", None), "vectorizer", None)
-    if vectorizer is not None:  # the grouped pieces' host time, inside the forward's
-        refresh = vectorizer.refresh
-        vectorizer.refresh = lambda m: host.timed("vectorize", refresh, m)
+    pre_hooks = model._forward_pre_hooks
+    for key, pre_hook in list(pre_hooks.items()):  # the grouped pieces' host time, inside the forward's
+        if getattr(pre_hook, "__name__", "") == "refresh_pieces":
+            pre_hooks[key] = functools.wraps(pre_hook)(lambda m, a, fn=pre_hook: host.timed("pieces", fn, m, a))
 
     def loss_of(batch: dict):
         if fused == "off":

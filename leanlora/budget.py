@@ -87,9 +87,14 @@ class Chain:
     name: str                  # parameter name, e.g. "encoder.layer.0.query.ranks.log_alpha"
     layer: int                 # index into the layers' list
     kind: str                  # "rank", "a", "b" or "e"
-    log_alpha: nn.Parameter
+    owner: nn.Module           # the strategy module whose log_alpha this is
     nested: bool
     steps: tuple[float, ...] = ()   # bits: b_j - b_{j-1} for each gate; rank: ()
+
+    @property
+    def log_alpha(self) -> torch.Tensor:
+        """Read at each use: a row of its group's stack is a fresh view of the stack as it is now."""
+        return self.owner.log_alpha
 
 
 @dataclass
@@ -109,8 +114,7 @@ def _quant_chain(name: str, i: int, kind: str, q: nn.Module) -> Chain | None:
     if not isinstance(q, LearnedBits):
         return None
     steps = tuple(float(b - a) for a, b in zip(q.bit_set, q.bit_set[1:]))
-    return Chain(f"{name}.{'quant_' + kind if kind != 'e' else 'ranks.quant_e'}.log_alpha", i, kind,
-                 q.log_alpha, True, steps)
+    return Chain(f"{name}.{'quant_' + kind if kind != 'e' else 'ranks.quant_e'}.log_alpha", i, kind, q, True, steps)
 
 
 def gate_chains(model: nn.Module) -> tuple[list[LayerShape], list[Chain]]:
@@ -127,7 +131,7 @@ def gate_chains(model: nn.Module) -> tuple[list[LayerShape], list[Chain]]:
         shape = LayerShape(layer.in_features, layer.out_features, r, ranks.rank if gated else ranks.active_rank(),
                            has_e=qe is not None)
         if gated and ranks.log_alpha.numel():
-            chains.append(Chain(f"{name}.ranks.log_alpha", i, "rank", ranks.log_alpha, ranks.nested))
+            chains.append(Chain(f"{name}.ranks.log_alpha", i, "rank", ranks, ranks.nested))
         for kind, q in (("a", layer.quant_a), ("b", layer.quant_b), ("e", qe)):
             if q is None:
                 continue

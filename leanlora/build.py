@@ -14,7 +14,6 @@ from leanlora.base.dense import DenseBase, linear_shape
 from leanlora.config import AdapterConfig
 from leanlora.factors.dense import DenseFactors
 from leanlora.layer import AdaptedLinear
-from leanlora.speed.module_index import ModuleIndex
 from leanlora.precision.full import FullPrecision
 from leanlora.precision.learned import PriorScale
 from leanlora.ranks.fixed import FixedRanks
@@ -41,8 +40,10 @@ class Shared(nn.Module):
         # largest full-rank adapter MACs/token over the layers, raised by build_layer as it goes:
         # the normaliser of the BOP-aware gate priors (prior.reg_type="bop")
         self.prior_scale = PriorScale()
-        # the model's modules, kept between the per-step passes over them (advance, regularizer, vectorize)
-        self.module_index = ModuleIndex()
+        # the groups of layers that share stacked parameters (leanlora.groups.stacking)
+        self.groups = nn.ModuleList()
+        # set by leanlora.groups.stacking.compile_pieces under CUDA graphs: layers compute their own pieces
+        self.off_for_graphs = False
 
     def forward(self, x):
         # A holder, not a layer; identity so that a plain nn.Sequential root still computes the same.

@@ -326,9 +326,10 @@ class AdapterConfig:
     prior: PriorConfig = field(default_factory=PriorConfig)
     nf4: NF4Config = field(default_factory=NF4Config)
     vectorize: Literal["auto", "always", "never"] = "auto"
-    """compute the adapter pieces (gated, quantized or bank-composed A and B) of all layers of the
-    same shape together, once per training forward (:mod:`leanlora.speed.vectorize`): "auto" where
-    they take work of their own, "always", or "never" (each layer computes its own)."""
+    """compute the adapter pieces (gated, quantized or bank-composed A and B) of each group of
+    layers that share stacked parameters together, once per training forward
+    (:mod:`leanlora.groups.stacking`): "auto" and "always" do, "never" has each layer compute its
+    own from its rows (the same values; for debugging a strategy)."""
     lora_alpha: InitVar[float | None] = None
     """PEFT's name of ``alpha`` (not stored: it sets alpha)."""
     lora_dropout: InitVar[float | None] = None

@@ -19,7 +19,7 @@ from leanlora.build import Shared, build_layer, build_shared
 from leanlora.config import AdapterConfig, ConfigError
 from leanlora.layer import AdaptedLinear
 from leanlora.targets import FilterFn, InjectError, find_modules_to_save, find_targets
-from leanlora.speed.vectorize import Vectorizer, refresh_pieces, wanted
+from leanlora.groups.stacking import form_groups, refresh_pieces
 
 SHARED_ATTR = "leanlora_shared"
 
@@ -95,13 +95,17 @@ def inject(model: nn.Module, config: AdapterConfig, *, filter_fn: FilterFn | Non
     shared.modules_to_save_names = save_names
     for p in model.parameters():
         p.requires_grad_(False)
+    layers = []
     for name in targets:
-        layer = build_layer(modules[name], name, config, shared, quantize_base=quantize_base)
-        _set_submodule(model, name, layer)
+        layers.append(build_layer(modules[name], name, config, shared, quantize_base=quantize_base))
+        _set_submodule(model, name, layers[-1])
     model.add_module(SHARED_ATTR, shared)
-    shared.vectorizer = Vectorizer(config.vectorize, shared.module_index)
-    if wanted([layer for _, layer in adapted_layers(model)], config.vectorize):
-        model.register_forward_pre_hook(refresh_pieces)  # no per-step walk for models with nothing to group
+    form_groups(layers, shared)
+    # plain lists, not submodules: the layers in model order, and the modules whose
+    # gradient_checkpointing flag Hugging Face sets (no grouped pieces while it is on)
+    shared.__dict__["layers"] = layers
+    shared.__dict__["checkpointable"] = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
+    model.register_forward_pre_hook(refresh_pieces)
     for name in save_names:
         for p in modules[name].parameters():
             p.requires_grad_(True)

@@ -46,8 +46,12 @@ class AdaptedLinear(nn.Module):
         self.enabled = True
         self.merged = False
         self._unmerge_copy: object | None = None
-        # (A~, B~, d, scale) of this forward when computed with the layer's group
-        # (leanlora.speed.vectorize); None: the layer computes its own
+        # the group whose stacked parameters this layer's strategies read, and its row there
+        # (leanlora.groups.stacking); None once it holds parameters of its own
+        self.group: nn.Module | None = None
+        self.group_index = 0
+        # (A~, B~, d, scale) of this forward when computed with the layer's group; None: the
+        # layer computes its own
         self.pieces: tuple | None = None
 
     def __getstate__(self) -> dict:
@@ -143,16 +147,21 @@ class AdaptedLinear(nn.Module):
         """Drop components keep..r-1 for good; the update of the kept ones is unchanged."""
         if not 1 <= keep <= self.factors.rank:
             raise ValueError(f"{self.name}: cannot prune to rank {keep}; allowed 1..{self.factors.rank}")
+        from leanlora.groups.stacking import ungroup
+
+        ungroup(self)  # its rank now differs from the group's
         self.factors.prune_(keep)
         self.ranks.prune_(keep)
 
     # --- bookkeeping ---------------------------------------------------------------------------
 
-    def adapter_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        """Trainable parameters of the adapter path (the frozen base excluded)."""
+    def adapter_parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Trainable tensors of the adapter path (the frozen base excluded): the layer's own
+        parameters, or its rows of its group's stacks."""
+        from leanlora.groups.rows import row_parameters
+
         for part in ("factors", "ranks", "quant_a", "quant_b"):
-            for name, p in getattr(self, part).named_parameters(prefix=part):
-                yield name, p
+            yield from row_parameters(getattr(self, part), prefix=part)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, rank={self.ranks.active_rank()}/"

@@ -20,7 +20,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from leanlora.speed.flat_adamw import FlatAdamW, flattenable
 from leanlora.config import ConfigError
 from leanlora.inject import shared_state
 
@@ -58,8 +57,10 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0,
            "logits": config.bank.logits_lr, "gates": config.gates.lr}
     lrs.update(role_lr or {})
     roles = parameter_roles(model)
+    shared = shared_state(model)
     adapter_ids = {id(p) for m in model.modules() if isinstance(m, AdaptedLinear)
                    for _, p in m.adapter_parameters()}
+    adapter_ids |= {id(p) for p in shared.groups.parameters()}  # the stacked rows of the layers
     grouped: dict[str, list[nn.Parameter]] = {}
     seen: set[int] = set()
     for _, p in model.named_parameters():
@@ -79,12 +80,10 @@ def float16_role(groups: list[dict[str, Any]]) -> str | None:
 
 
 def adamw(groups: list[dict[str, Any]], **kwargs) -> torch.optim.Optimizer:
-    """AdamW over ``groups``: :class:`~leanlora.speed.flat_adamw.FlatAdamW` (torch's fused update on CUDA)
-    when every parameter is a plain dense floating-point tensor, else torch's AdamW.
+    """torch's AdamW over ``groups``, fused when every parameter is a plain CUDA tensor.
 
-    B-LoRA holds ten tensors per adapted module, many of them a handful of values; torch's AdamW
-    spends host time per tensor at every step, and FlatAdamW steps one flat tensor per group
-    instead. Sharded (DTensor) parameters keep torch's: a bucket holds plain dense tensors only.
+    The adapter's parameters are a few stacked tensors per group of layers
+    (:mod:`leanlora.groups.stacking`), so torch's per-tensor host work stays small.
     """
     params = [p for g in groups for p in g["params"]]
     half = float16_role(groups)
@@ -94,6 +93,6 @@ def adamw(groups: list[dict[str, Any]], **kwargs) -> torch.optim.Optimizer:
         raise ConfigError(f"AdamW cannot train float16 weights (the {half!r} group holds some): its second moment "
                           "and eps underflow in float16 and the first update turns them NaN; train them in float32 "
                           "or bfloat16 (adapter.adapter_dtype, and a float32 model.dtype for trained heads)")
-    if params and all(flattenable(p) for p in params):
-        return FlatAdamW(groups, **kwargs)
+    if "fused" not in kwargs and params and all(type(p) in (torch.Tensor, nn.Parameter) and p.is_cuda for p in params):
+        kwargs["fused"] = True
     return torch.optim.AdamW(groups, **kwargs)

@@ -66,9 +66,24 @@ def randomize_adapters(model, seed: int = 0, std: float = 0.05) -> None:
     """Give every trainable adapter tensor non-zero values so that updates are visible in outputs."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for name, p in adapter_tensors(model):
             if "lora_B" in name or "lora_A" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def adapter_tensors(model):
+    """(name, tensor) of every trained tensor in model order, layer by layer: a layer's rows of its
+    group's stacks (writes reach the stacks) or its own parameters, then everything else."""
+    from leanlora.layer import AdaptedLinear
+
+    stacks = {id(p) for n, p in model.named_parameters() if ".groups." in n or n.startswith("groups.")}
+    for name, module in model.named_modules():
+        if isinstance(module, AdaptedLinear):
+            yield from ((f"{name}.{k}", t) for k, t in module.adapter_parameters())
+    for name, p in model.named_parameters():
+        if id(p) not in stacks and ".base." not in name and not any(
+                name.startswith(f"{n}.") for n, m in model.named_modules() if isinstance(m, AdaptedLinear)):
+            yield name, p
 
 
 def randomize_gates(model, seed: int = 0) -> None:
@@ -76,7 +91,7 @@ def randomize_gates(model, seed: int = 0) -> None:
     different rank and bit-width per module."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for name, p in adapter_tensors(model):
             if name.endswith("log_alpha"):
                 p.copy_(torch.randn(p.shape, generator=g) * 3)
             elif name.endswith(".E"):

@@ -134,7 +134,7 @@ def nf4_shards(model) -> dict[str, list[int]]:
 def run_method(name: str, config: AdapterConfig, mode: str, out: Path) -> dict:
     batches = global_batches(STEPS)
     reference = build(config)
-    init = {n: p.detach().clone() for n, p in reference.named_parameters() if p.requires_grad}
+    init = {k: t.clone() for k, t in adapter_state_dict(reference).items()}  # per layer: rows of the stacks
     train(reference, reference, batches)
     ref_state = {k: v.detach().clone() for k, v in adapter_state_dict(reference).items()}
     # how far training moved each trainable tensor: the comparison below must be far tighter

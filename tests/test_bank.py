@@ -131,7 +131,9 @@ def test_bank_is_registered_once_and_param_groups_use_bank_and_logits_lrs():
     assert len(groups["bank"]["params"]) == 1 and groups["bank"]["params"][0] is model.leanlora_shared.bank.vectors
     assert groups["bank"]["lr"] == 2e-3 and groups["logits"]["lr"] == 3e-2
     assert groups["bank"]["weight_decay"] == 0.0 and groups["logits"]["weight_decay"] == 0.0
-    assert len(groups["logits"]["params"]) == 2 * len(ALL_PROJ)
+    # one stacked logits tensor per group of layers, a row for each of the 2 x 7 adapted layers
+    assert len(groups["logits"]["params"]) == len(model.leanlora_shared.groups)
+    assert sum(p.shape[0] for p in groups["logits"]["params"]) == 2 * len(ALL_PROJ)
 
 
 def test_deepcopy_layers_follow_the_copied_bank():
@@ -208,7 +210,7 @@ def test_topk_only_adapter_frozen_refuses_training_and_trainable_reload_trains(t
     leanlora.unmerge(frozen)
     frozen.train()
     out(frozen)                                  # frozen logits: a train-mode forward is harmless
-    layer.factors.logits.requires_grad_(True)
+    layer.group.factors.logits.requires_grad_(True)  # the stack the layer's logits are a row of
     with pytest.raises(RuntimeError, match="top-k-only.*trainable=True"):
         frozen(token_batch())
 

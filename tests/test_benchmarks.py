@@ -29,8 +29,9 @@ def test_speed_rows_tiny(tmp_path):
     assert rows["peft_lora"]["trainable"] == rows["lean_lora"]["trainable"] > 0
     assert all(r["tokens_per_s"] > 0 and r["loss"] == r["loss"] for r in rows.values())
     # host time per phase: grouped pieces and the prior only where B-LoRA has them
-    assert {"vectorize", "prior", "forward", "backward", "optimizer"} <= set(rows["lean_blora"]["host_ms"])
-    assert "vectorize" not in rows["lean_lora"]["host_ms"] and "prior" not in rows["peft_lora"]["host_ms"]
+    assert {"pieces", "prior", "forward", "backward", "optimizer"} <= set(rows["lean_blora"]["host_ms"])
+    assert "pieces" in rows["lean_lora"]["host_ms"] and "pieces" not in rows["peft_lora"]["host_ms"]
+    assert "prior" not in rows["peft_lora"]["host_ms"]
     assert all(r["gc_ms_per_step"] >= 0 for r in rows.values())
 
 
@@ -54,9 +55,10 @@ def test_quality_reads_glue_and_summarizes():
 def test_launch_counts_against_peft(capsys):
     import launches
 
-    rows = {r["row"]: r for r in (launches.count_row(n, layers=1, r=4) for n in ("peft_lora", "lean_lora", "lean_blora"))}
-    # leanlora LoRA dispatches no more operators than PEFT's; B-LoRA's gates and quantizers are
-    # what makes eager B-LoRA launch-bound (the reason for the compiled path)
+    rows = {r["row"]: r for r in (launches.count_row(n, layers=2, r=4) for n in ("peft_lora", "lean_lora", "lean_blora"))}
+    # leanlora LoRA dispatches no more operators than PEFT's (its grouped pieces cost a few per group
+    # of layers and save a few per layer: from two layers on it is fewer); B-LoRA's gates and
+    # quantizers are what makes eager B-LoRA launch-bound (the reason for the compiled path)
     assert rows["lean_lora"]["kernels"] <= rows["peft_lora"]["kernels"]
     assert rows["lean_blora"]["kernels"] > 5 * rows["peft_lora"]["kernels"]
     launches.main(["--rows", "peft_lora,lean_lora", "--layers", "1", "--r", "4"])

@@ -5,20 +5,21 @@ from __future__ import annotations
 import torch
 
 import leanlora
-from leanlora.speed.flat_adamw import FlatAdamW
 from leanlora.optim import adamw
 from conftest import tiny_llama
 
 
-def test_adamw_keeps_the_role_groups_and_steps_flat_buckets_for_plain_parameters():
+def test_adamw_keeps_the_role_groups_and_steps_one_stack_per_group_and_name():
     model = leanlora.inject(tiny_llama(), leanlora.AdapterConfig(target_modules=("q_proj",), ranks="gated",
                                                                 precision="learned"))
     groups = leanlora.param_groups(model, lr=1e-3)
     opt = adamw(groups, lr=1e-3)
-    assert isinstance(opt, FlatAdamW)
+    assert type(opt) is torch.optim.AdamW
     assert [g["role"] for g in opt.param_groups] == [g["role"] for g in groups]
     assert {g["role"]: g["lr"] for g in opt.param_groups}["gates"] == model.leanlora_shared.config.gates.lr
-    assert [len(b) for b in opt.buckets()] == [1] * len(groups)  # one flat bucket per role
+    # q_proj of both layers is one group: A, B, E, rank gates, bit gates and ranges of A, B, E
+    assert sum(len(g["params"]) for g in opt.param_groups) == 10
+    assert all(p.shape[0] == 2 for g in opt.param_groups for p in g["params"])  # a row per layer
 
 
 def test_adamw_training_steps_equal_torch_adamw_on_an_adapted_model():

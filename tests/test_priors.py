@@ -32,8 +32,8 @@ def _per_module(model) -> torch.Tensor:
     """The reference: each module's own prior(), one at a time, in float64."""
     lmbda = shared_state(model).config.prior.lmbda
     terms = []
-    for m in model.modules():
-        if isinstance(m, HasPrior) and m is not model:
+    for m in model.modules():  # the layers' own strategy modules, not their groups' stacked templates
+        if isinstance(m, HasPrior) and m is not model and not m.stacked:
             t = m.prior_terms()
             if t is not None:
                 t = priors.PriorTerms(t.log_alpha.double(), t.weights, t.chain)

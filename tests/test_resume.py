@@ -182,10 +182,9 @@ def test_the_loss_is_read_back_once_per_optimizer_step(config, tmp_path, adapter
     # the finite-weight flag rides on the loss read each step, and is read alone only before a save (one here)
     assert readers["train/finite.py"] == 1, readers
     # besides: save's all-finite check (one read per saved adapter), the log record of the one log
-    # step (the last), and speed/flat_adamw.py: the optimizer's step counter, read when the final checkpoint
-    # is written (once per bucket), and the cost of the final adapter, once, for metrics.json
+    # step (the last), and the cost of the final adapter, once, for metrics.json
     assert readers["artifact/finite.py"] <= 1, readers
     assert set(readers) <= {"train/loop.py", "train/finite.py", "artifact/finite.py", "log records (log steps)",
-                            "torch or transformers", "speed/flat_adamw.py",
+                            "torch or transformers",
                             "cost of the final adapter (metrics.json)", "the budget's freeze (once a run)",
                             "the budget's state in a checkpoint"}, readers

@@ -6,7 +6,6 @@ import pytest
 import torch
 from transformers.optimization import Adafactor
 
-from leanlora.speed.flat_adamw import FlatAdamW
 from leanlora.train import callbacks as cb
 from leanlora.train.trainer_optim import UnsupportedOptimizer
 from trainer_fixtures import Rows, arguments, gated_model, trainable
@@ -22,8 +21,8 @@ def roles(optimizer) -> dict[str, dict]:
 
 
 @pytest.mark.parametrize("optim, cls, extra", [
-    ("adamw_torch", FlatAdamW, {}),
-    ("adamw_torch_fused", FlatAdamW, {"fused": True}),
+    ("adamw_torch", torch.optim.AdamW, {}),
+    ("adamw_torch_fused", torch.optim.AdamW, {"fused": True}),
     ("sgd", torch.optim.SGD, {"momentum": 0.0}),
     ("adagrad", torch.optim.Adagrad, {}),
     ("rmsprop", torch.optim.RMSprop, {}),
@@ -38,7 +37,7 @@ def test_the_named_optimizer_gets_leanlora_groups(tmp_path, optim, cls, extra):
     assert got["gates"]["lr"] == config.gates.lr and got["gates"]["weight_decay"] == 0.0
     assert got["adapter"]["lr"] == trainer.args.learning_rate
     for key, value in extra.items():
-        assert (opt.fused if key == "fused" else opt.defaults[key]) == value, key  # FlatAdamW keeps fused apart
+        assert opt.defaults[key] == value, key
     n_trainable = sum(1 for p in trainer.model.parameters() if p.requires_grad)
     assert sum(len(g["params"]) for g in opt.param_groups) == n_trainable
 

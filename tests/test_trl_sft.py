@@ -11,7 +11,6 @@ from trl import SFTConfig
 
 import leanlora
 from conftest import tiny_llama
-from leanlora.speed.flat_adamw import FlatAdamW
 from leanlora.artifact.io import adapter_state_dict
 from leanlora.train.sft import LeanLoraSFTTrainer
 from trainer_fixtures import scalars
@@ -67,7 +66,7 @@ def test_sft_trainer_recipe(tmp_path):
     written = scalars(tmp_path)
     assert [s for s, _ in written["train/leanlora/bops_vs_lora16"]][:3] == [1, 2, 3], sorted(written)
     assert isinstance(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer,
-                      FlatAdamW)
+                      torch.optim.AdamW)
     assert start and all(".q_proj." in n or ".v_proj." in n or n.startswith("leanlora_shared") for n in start)
     assert any(not torch.equal(p, start[n]) for n, p in model.named_parameters() if n in start)
     for name, p in model.named_parameters():  # the frozen base never changes

@@ -42,8 +42,12 @@ def finalize(model: nn.Module) -> dict[str, dict[str, Any]]:
     Idempotent. Refuses a merged adapter (unmerge first). Training further is not possible
     afterwards: the gates are gone and the factors are buffers.
     """
+    from leanlora.groups.stacking import ungroup_all
+
     shared = shared_state(model)
     specs: dict[str, dict[str, Any]] = {}
+    if not shared.finalized and not any(layer.merged for _, layer in adapted_layers(model)):
+        ungroup_all(shared)  # each layer keeps its own ranks and bits from here on
     for name, layer in adapted_layers(model):
         if not shared.finalized:
             if layer.merged:
@@ -120,6 +124,9 @@ def layer_spec(layer: AdaptedLinear) -> dict[str, Any]:
 @torch.no_grad()
 def rebuild_finalized_(layer: AdaptedLinear, spec: dict[str, Any]) -> None:
     """Give a freshly injected layer the empty finalized structure of ``spec`` (for load)."""
+    from leanlora.groups.stacking import ungroup
+
+    ungroup(layer)
     k = int(spec["rank"])
     ref = next(layer.factors.parameters(), None)
     dtype = ref.dtype if ref is not None else torch.float32

@@ -26,16 +26,17 @@ def _fsdp_modules(model: nn.Module) -> list[nn.Module]:
 
 
 @contextlib.contextmanager
-def full_params(model: nn.Module) -> Iterator[nn.Module]:
+def full_params(model: nn.Module, write_back: bool = False) -> Iterator[nn.Module]:
     """Inside the block the adapter's parameters are whole on every rank; yields the plain model.
 
-    For saving (``leanlora.save``), summaries and reports. Collective: every rank must enter.
-    Under FSDP2 each sharded adapter parameter is swapped for a whole copy and swapped back on
-    exit; the frozen base stays sharded (nothing here needs it: the base digests are recorded
-    before sharding). Not FSDP's ``unshard()``: a ``state_dict()`` call reshards what that gathered.
-    Writes into the copies are lost; finalize a replica loaded from :func:`full_adapter_state`.
+    For saving (``leanlora.save``), summaries, reports and loading. Collective: every rank must
+    enter. Under FSDP2 each sharded adapter parameter (the groups' stacks among them) is swapped
+    for a whole copy and swapped back on exit; with ``write_back`` each rank first copies its
+    shard of the whole tensor back (every rank must have written the same values). The frozen
+    base stays sharded (nothing here needs it: the base digests are recorded before sharding).
+    Not FSDP's ``unshard()``: a ``state_dict()`` call reshards what that gathered.
     """
-    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor import DTensor, distribute_tensor
 
     from leanlora.artifact.io import adapter_state_dict
 
@@ -48,7 +49,7 @@ def full_params(model: nn.Module) -> Iterator[nn.Module]:
     wanted = set(adapter_state_dict(inner))
     swapped = []
     for fqn, p in list(inner.named_parameters()):
-        if fqn in wanted and isinstance(p, DTensor):
+        if (fqn in wanted or fqn.startswith("leanlora_shared.")) and isinstance(p, DTensor):
             owner, _, leaf = fqn.rpartition(".")
             module = inner.get_submodule(owner)
             module._parameters[leaf] = nn.Parameter(p.full_tensor().detach(), requires_grad=p.requires_grad)
@@ -57,6 +58,10 @@ def full_params(model: nn.Module) -> Iterator[nn.Module]:
         yield inner
     finally:
         for module, leaf, p in swapped:
+            if write_back:
+                whole = module._parameters[leaf].detach()
+                with torch.no_grad():
+                    p.to_local().copy_(distribute_tensor(whole, p.device_mesh, p.placements).to_local())
             module._parameters[leaf] = p
 
 
@@ -81,21 +86,15 @@ def full_adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Copy whole adapter tensors (every rank read rank 0's checkpoint) into a wrapped model."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
     from leanlora.artifact.io import adapter_state_dict
 
-    current = adapter_state_dict(unwrap(model))
-    missing = sorted(set(current) - set(state))
-    if missing:
-        raise DistributedError(f"the adapter state lacks {missing[:4]} ({len(missing)} tensors)")
-    for key, dst in current.items():
-        src = state[key]
-        if isinstance(dst, DTensor):
-            local = distribute_tensor(src.to(dst.device_mesh.device_type), dst.device_mesh, dst.placements)
-            dst.to_local().copy_(local.to_local())
-        else:
-            dst.copy_(src)
+    with full_params(model, write_back=True) as inner:
+        current = adapter_state_dict(inner)
+        missing = sorted(set(current) - set(state))
+        if missing:
+            raise DistributedError(f"the adapter state lacks {missing[:4]} ({len(missing)} tensors)")
+        for key, dst in current.items():
+            dst.copy_(state[key].to(dst.device, dst.dtype))
 
 
 def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:

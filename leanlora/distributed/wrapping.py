@@ -34,7 +34,6 @@ from leanlora.distributed.process import (MODES, DistributedError, is_distribute
 from leanlora.targets import repeated_blocks
 
 _MODE_ATTR = "_leanlora_distributed"      # set on the wrapped model: "ddp" | "fsdp2"
-_PRIORS_ATTR = "_leanlora_prior_terms"    # FSDP2: priors captured in each adapted layer's forward
 
 
 def mode_of(model: nn.Module) -> str:
@@ -108,7 +107,6 @@ def _wrap_fsdp2(model: nn.Module, layer_classes, sync_params: bool, mp_policy) -
     # The root holds leanlora_shared (bank, sampler): gathered from the root's forward until the
     # end of backward, so the bank's gradient sums over every layer before one reduce-scatter.
     fully_shard(model, reshard_after_forward=False, **kwargs)
-    _capture_priors(model)
     setattr(model, _MODE_ATTR, "fsdp2")
     model._leanlora_nf4_params = nf4_names
     return model
@@ -194,51 +192,16 @@ def _nf4_as_parameters(model: nn.Module) -> list[str]:
     return names
 
 
-# --- gate priors under FSDP2 ----------------------------------------------------------------
-
-
-def _capture_priors(model: nn.Module) -> None:
-    from leanlora.layer import AdaptedLinear
-    from leanlora.gates.schedule import HasPrior, implements
-
-    for layer in model.modules():
-        if isinstance(layer, AdaptedLinear) and any(implements(m, HasPrior) for m in layer.modules()):
-            layer.register_forward_hook(_record_priors)
-
-
-def _record_priors(layer: nn.Module, args, output) -> None:
-    from leanlora.gates.schedule import HasPrior, implements
-
-    if torch.is_grad_enabled():
-        terms = [m.prior().reshape(()) for m in layer.modules() if implements(m, HasPrior) and m is not layer]
-        setattr(layer, _PRIORS_ATTR, terms)
-
-
 def regularizer(model: nn.Module) -> torch.Tensor:
     """λ · Σ priors, as :func:`leanlora.regularizer`, for a model wrapped in any mode.
 
-    Under FSDP2 it sums the priors the adapted layers computed in the last forward (parameters
-    gathered) and consumes them: call it once per forward, after the forward.
+    Under FSDP2 the groups' stacked gates live in the root, which stays gathered from its forward
+    to the end of its backward: call it after the forward, as in one process.
     """
-    from leanlora.gates.schedule import HasPrior, implements, prior_weight
     from leanlora.gates.schedule import regularizer as plain_regularizer
-    from leanlora.layer import AdaptedLinear
 
-    inner = unwrap(model)
-    if mode_of(model) != "fsdp2":
-        return plain_regularizer(inner)
-    terms: list[torch.Tensor] = []
-    under_layers: set[int] = set()
-    for layer in inner.modules():
-        if isinstance(layer, AdaptedLinear):
-            under_layers.update(id(m) for m in layer.modules())
-            terms.extend(layer.__dict__.pop(_PRIORS_ATTR, []))
-    # priors outside adapted layers (none today) live in the root group: gathered after forward
-    terms.extend(m.prior().reshape(()) for m in inner.modules()
-                 if implements(m, HasPrior) and id(m) not in under_layers and m is not inner)
-    if not terms:  # on the model's device, as leanlora.regularizer's
-        return torch.zeros((), device=next((p.device for p in inner.parameters()), None))
-    return prior_weight(inner) * torch.stack(terms).sum()
+    return plain_regularizer(unwrap(model))
+
 
 def sync_rank_sampler(model: nn.Module) -> int | None:
     """Give the nested-rank sampler rank 0's seed, so b of step t is the same on every rank."""

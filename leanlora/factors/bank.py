@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from leanlora.groups.rows import StackedRows
+
 
 def compose(logits: torch.Tensor, bank: torch.Tensor, topk: int) -> torch.Tensor:
     """Top-k admixture of bank vectors for every sub-vector at once (VB-LoRA, arXiv:2405.15179).
@@ -74,7 +76,7 @@ def index_dtype(num_vectors: int) -> torch.dtype:
     raise ValueError(f"num_vectors={num_vectors} needs 64-bit indices; top-k-only storage supports h < 2^31")
 
 
-class VectorBank(nn.Module):
+class VectorBank(StackedRows, nn.Module):
     """The one bank of h vectors of length b shared by every adapted module, A and B alike."""
 
     PARAM_ROLES = {"vectors": "bank"}
@@ -93,7 +95,7 @@ class VectorBank(nn.Module):
         return f"h={self.num_vectors}, b={self.vector_length}"
 
 
-class BankFactors(nn.Module):
+class BankFactors(StackedRows, nn.Module):
     """A (r, in) and B (out, r) composed from the shared bank by per-sub-vector top-k logits."""
 
     PARAM_ROLES = {"logits": "logits"}
@@ -134,9 +136,10 @@ class BankFactors(nn.Module):
                 f"{self.name}: this VB-LoRA adapter was loaded from a top-k-only save, so its logits are -inf "
                 "outside the stored top k and the selection can never change; load it with "
                 "leanlora.load(..., trainable=True) to train it further (finite logits, same outputs)")
-        m = compose(self.logits, self.bank.vectors, self.topk)    # (r, (in+out)/b, b)
-        m = m.reshape(m.shape[0], -1)                              # (r, in + out)
-        return m[:, :self.in_features], m[:, self.in_features:].T  # (r, in), (out, r)
+        m = compose(self.logits, self.bank.vectors, self.topk)    # (..., r, (in+out)/b, b)
+        m = m.flatten(-2)                                          # (..., r, in + out)
+        # (..., r, in), (..., out, r)
+        return m[..., :self.in_features], m[..., self.in_features:].transpose(-1, -2)
 
     def peft_logits(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Views in PEFT's layout: logits_A (r, in/b, h) and logits_B (out/b, r, h)."""

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from leanlora.factors.bank import BankFactors, index_dtype
+from leanlora.groups.rows import stack_holders
 
 INDICES, WEIGHTS, LOGITS = "topk_indices", "topk_weights", "logits"
 REOPEN_GAP = 1.0
@@ -133,4 +134,6 @@ def unpack_state(model: nn.Module, tensors: dict[str, torch.Tensor], *, trainabl
         out[f"{name}.factors.{LOGITS}"] = unpack_topk(index, weights.float(), h,
                                                       REOPEN_GAP if trainable else None)
         factors.topk_only = not trainable
+        for template in stack_holders(factors):  # its group's template composes the training forward
+            template.topk_only = not trainable
     return out

@@ -7,8 +7,10 @@ import math
 import torch
 from torch import nn
 
+from leanlora.groups.rows import StackedRows
 
-class DenseFactors(nn.Module):
+
+class DenseFactors(StackedRows, nn.Module):
     """A (r, in) and B (out, r) as plain parameters."""
 
     stores_rows = True  # finalize can keep any subset of rows: the factors are the matrices themselves
@@ -23,7 +25,7 @@ class DenseFactors(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
     def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.lora_A, self.lora_B  # (r, in), (out, r)
+        return self.lora_A, self.lora_B  # (..., r, in), (..., out, r)
 
     def compact_nbytes(self, rank: int, elem: int) -> None:
         return None  # the rows themselves: their bytes follow from the quantizers' bits

@@ -60,7 +60,7 @@ def open_chain(log_alpha: torch.Tensor, dim: int = 0) -> torch.Tensor:
 
 
 def prefix_product(z: torch.Tensor) -> torch.Tensor:
-    """z_1, z_1 z_2, ..., z_1···z_K along dim 0 (= ``torch.cumprod(z, 0)``), for gate samples.
+    """z_1, z_1 z_2, ..., z_1···z_K along the last dim (= ``torch.cumprod(z, -1)``), for gate samples.
 
     On CUDA and under ``torch.compile`` the products are unrolled. cumprod's backward asks the
     device whether any input is zero and waits for the answer: a host synchronisation per gate
@@ -69,13 +69,13 @@ def prefix_product(z: torch.Tensor) -> torch.Tensor:
     backward a dozen more, where K multiplications fuse into the gate sampling and the quantizer
     around them. Gate chains are short (K < r, K < 5 for bits). On the CPU cumprod is one call.
     """
-    n = z.shape[0]
+    n = z.shape[-1]
     if n <= 1 or not (z.is_cuda or torch.compiler.is_compiling()):
-        return torch.cumprod(z, 0)
-    out = [z[0]]
+        return torch.cumprod(z, -1)
+    out = [z[..., 0]]
     for k in range(1, n):
-        out.append(out[-1] * z[k])
-    return torch.stack(out)
+        out.append(out[-1] * z[..., k])
+    return torch.stack(out, -1)
 
 
 def prob_one(log_alpha: torch.Tensor) -> torch.Tensor:

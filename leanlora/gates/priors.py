@@ -25,8 +25,8 @@ from leanlora.gates import hardconcrete as hc
 class PriorTerms:
     """R = Σ_k weights_k · f(log_alpha)_k; f = open chain when ``chain`` else the open probabilities."""
 
-    log_alpha: torch.Tensor          # (K,) gate locations, with gradient
-    weights: tuple[float, ...]       # (K,) constant prices
+    log_alpha: torch.Tensor          # (K,) gate locations, with gradient, or (G, K): a group's stack
+    weights: tuple[float, ...]       # (K,) constant prices, the same for every row
     chain: bool
 
 
@@ -82,9 +82,11 @@ def total(all_terms: list[PriorTerms]) -> torch.Tensor | None:
         key = (t.chain, t.log_alpha.shape[-1], t.log_alpha.dtype, t.log_alpha.device)
         groups.setdefault(key, []).append(t)
     sums = []
-    for (chain, _, dtype, device), members in groups.items():
-        log_alpha = torch.stack([t.log_alpha for t in members])                  # (G, K)
-        weights = _PRICES.get(tuple(t.weights for t in members), dtype, device)   # (G, K)
+    for (chain, width, dtype, device), members in groups.items():
+        rows = [t.log_alpha.reshape(-1, width) for t in members]
+        log_alpha = rows[0] if len(rows) == 1 else torch.cat(rows)                # (rows, K)
+        prices = tuple(t.weights for t, r in zip(members, rows) for _ in range(r.shape[0]))
+        weights = _PRICES.get(prices, dtype, device)                              # (rows, K)
         sums.append((open_probs(log_alpha, chain) * weights).sum())
     if not sums:
         return None

@@ -32,32 +32,13 @@ class Steppable(Protocol):
         ...
 
 
-_IMPLEMENTS: dict[tuple[type, type], bool] = {}
-
-
-def implements(module: object, protocol: type) -> bool:
-    """``isinstance(module, protocol)``, decided once per class.
-
-    A runtime-checkable protocol's isinstance inspects the instance's attributes on every call,
-    and :func:`advance` and :func:`regularizer` ask it of every module at every step, host time
-    during which the GPU waits. The protocols here are about methods, which live on the class, so
-    the answer per class never changes.
-    """
-    key = (type(module), protocol)
-    hit = _IMPLEMENTS.get(key)
-    if hit is None:
-        hit = _IMPLEMENTS[key] = isinstance(module, protocol)
-    return hit
-
-
 def regularizer(model: nn.Module) -> torch.Tensor:
     """lambda · Σ priors over every gated strategy of the model (0 when nothing is gated).
 
-    Add it to the task loss: ``loss = task_loss + leanlora.regularizer(model)``. Priors stated as
-    data (``prior_terms()``) are evaluated together, a few kernels for the whole model
-    (:mod:`leanlora.gates.priors`); any other ``HasPrior`` module adds its own ``prior()``. Layers whose
-    pieces were computed in groups (:mod:`leanlora.speed.vectorize`) had their priors evaluated with them
-    in the model's forward; those are used until the backward reaches their gates.
+    Add it to the task loss: ``loss = task_loss + leanlora.regularizer(model)``. This is the one
+    place the prior is summed: each group states the priors of all its members as stacked rows
+    (:meth:`leanlora.groups.stacking.AdapterGroup.prior_terms`), a layer on parameters of its own
+    states its own, and :func:`leanlora.gates.priors.total` evaluates them all in a few kernels.
 
     With ``adapter.budget`` the term is the budget controller's λ_t · E[cost] instead
     (:mod:`leanlora.budget`).
@@ -67,19 +48,20 @@ def regularizer(model: nn.Module) -> torch.Tensor:
     if ctl is not None:
         return ctl.penalty(model)
     stated: list[priors.PriorTerms] = []
-    # the grouped layers' priors, evaluated with their pieces in this forward (leanlora.speed.vectorize)
-    vectorizer = getattr(shared, "vectorizer", None)
-    grouped, covered = vectorizer.prior_for(model) if vectorizer is not None else ([], frozenset())
-    others: list[torch.Tensor] = list(grouped)
-    for m in shared.module_index.select(model, "priors", lambda m: implements(m, HasPrior)):
-        if id(m) in covered:
+    others: list[torch.Tensor] = []
+    for group in shared.groups:
+        stated.extend(group.prior_terms())
+    for layer in shared.__dict__.get("layers", ()):
+        if layer.group is not None:
             continue
-        if hasattr(m, "prior_terms"):
-            terms = m.prior_terms()
+        for m in layer.modules():
+            if m is layer or not isinstance(m, HasPrior):
+                continue
+            terms = m.prior_terms() if hasattr(m, "prior_terms") else None
             if terms is not None:
                 stated.append(terms)
-        else:
-            others.append(m.prior().reshape(()))
+            elif not hasattr(m, "prior_terms"):
+                others.append(m.prior().reshape(()))
     together = priors.total(stated)
     if together is not None:
         others.append(together)
@@ -96,10 +78,9 @@ def prior_weight(model: nn.Module) -> float:
 
 def advance(model: nn.Module, step: int) -> None:
     """Advance every schedule of the adapter (call once per optimizer step, before the forward)."""
-    steppable = shared_state(model).module_index.select(
-        model, "steppable", lambda m: m is not model and implements(m, Steppable))
-    for m in steppable:  # each module once: the index holds no duplicates
-        m.advance(step)
+    for m in shared_state(model).modules():  # the schedules are model-wide: the nested-rank sampler
+        if isinstance(m, Steppable):
+            m.advance(step)
     ctl = budget.controller(model)
     if ctl is not None:
         ctl.advance(model, step)

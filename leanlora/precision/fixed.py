@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from leanlora.gates.hardconcrete import round_ste
+from leanlora.groups.rows import StackedRows
 
 FLOAT_BITS = 32
 _TINY = 1e-12  # an all-zero tensor (LoRA's B at init) gets a tiny positive scale, not 0/0
@@ -26,9 +27,10 @@ def qmax(bits: int) -> int:
     return 2 ** (bits - 1) - 1
 
 
-def absmax_scale(w: torch.Tensor, bits: int) -> torch.Tensor:
-    """Per-tensor scale max|w| / qmax(bits), a detached fp32 scalar."""
-    return w.detach().abs().amax().float().clamp_min(_TINY) / qmax(bits)
+def absmax_scale(w: torch.Tensor, bits: int, dims: tuple[int, ...] | None = None) -> torch.Tensor:
+    """Per-tensor scale max|w| / qmax(bits), detached fp32: a scalar, or over ``dims`` (kept) per member."""
+    peak = w.detach().abs().amax() if dims is None else w.detach().abs().amax(dims, keepdim=True)
+    return peak.float().clamp_min(_TINY) / qmax(bits)
 
 
 def fake_quant(w: torch.Tensor, scale: torch.Tensor, bits: int, round_fn=round_ste) -> torch.Tensor:
@@ -44,7 +46,7 @@ def quant_codes(w: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor
     return torch.round(w.detach().float() / scale).clamp(-n, n).to(torch.int32)
 
 
-class FixedBits(nn.Module):
+class FixedBits(StackedRows, nn.Module):
     """Fake-quantizer at one bit-width in {2, 4, 8, 16, 32}; 32 is float (identity)."""
 
     def __init__(self, bits: int) -> None:
@@ -57,7 +59,7 @@ class FixedBits(nn.Module):
         if self.nbits == FLOAT_BITS:
             return w
         round_fn = round_ste if self.training else torch.round
-        return fake_quant(w, absmax_scale(w, self.nbits), self.nbits, round_fn)
+        return fake_quant(w, absmax_scale(w, self.nbits, self.member_dims(w)), self.nbits, round_fn)
 
     def bits(self) -> int:
         return self.nbits
@@ -81,7 +83,7 @@ class FixedBits(nn.Module):
         return f"bits={self.nbits}"
 
 
-class FrozenBits(nn.Module):
+class FrozenBits(StackedRows, nn.Module):
     """A finalized quantizer: fixed bits and, when the factor is not stored packed, a frozen scale.
 
     ``scale=None`` makes it an identity that only reports its width (the factor it follows is

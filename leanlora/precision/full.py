@@ -5,8 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from leanlora.groups.rows import StackedRows
 
-class FullPrecision(nn.Module):
+
+class FullPrecision(StackedRows, nn.Module):
     def __init__(self, dtype_bits: int = 32) -> None:
         super().__init__()
         self.dtype_bits = dtype_bits

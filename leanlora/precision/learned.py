@@ -49,6 +49,7 @@ from torch import nn
 
 from leanlora.gates import hardconcrete as hc
 from leanlora.gates import priors
+from leanlora.groups.rows import StackedRows
 from leanlora.precision.fixed import FLOAT_BITS, _TINY
 
 ALLOWED = (2, 4, 8, 16, 32)
@@ -91,28 +92,29 @@ def level_values(w: torch.Tensor, x_max: torch.Tensor, steps: torch.Tensor, qmax
     lim = x_max * _CLIP
     xc = torch.minimum(torch.maximum(wf, -lim), lim)
     view = (-1,) + (1,) * w.dim()
-    s = (x_max * steps).view(view)                                       # (K', 1, ...)
+    s = x_max.unsqueeze(0) * steps.view(view)                            # (K', 1 or G, 1, ...)
     q = s * _round_codes(xc.unsqueeze(0) / s, qmax.view(view), straight_through)  # (K', *shape)
     return torch.cat([q, wf.unsqueeze(0)]) if has_float else q
 
 
 def level_weights(gates: torch.Tensor) -> torch.Tensor:
-    """π_k = c_k - c_{k+1} with c = [1, z_1, z_1 z_2, ..., z_1···z_K, 0]: (K + 1,) from z (K,)."""
-    one = torch.ones(1, dtype=gates.dtype, device=gates.device)
-    chain = torch.cat([one, hc.prefix_product(gates)])                     # (K + 1,) c_0..c_K
-    return chain - torch.cat([chain[1:], torch.zeros_like(one)])
+    """π_k = c_k - c_{k+1} with c = [1, z_1, z_1 z_2, ..., z_1···z_K, 0]: (..., K + 1) from z (..., K)."""
+    one = gates.new_ones(gates.shape[:-1] + (1,))
+    chain = torch.cat([one, hc.prefix_product(gates)], -1)                 # (..., K + 1) c_0..c_K
+    return chain - torch.cat([chain[..., 1:], torch.zeros_like(one)], -1)
 
 
 def mix_levels(levels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Σ_k weights_k levels_k: (L, *shape), (L,) -> shape."""
+    """Σ_k weights_k levels_k: (L, *shape), (L,) or (G, L) with shape (G, ...) -> shape."""
     # a broadcast product and a sum over the few levels, not tensordot: tensordot is a GEMM, which
     # inductor cannot fuse, so the (L, *shape) stack would be written out and read back, and
     # its backward would be two more GEMMs; this way the levels never leave the fused kernel
-    w = weights.to(levels.dtype).view((-1,) + (1,) * (levels.dim() - 1))
+    w = weights.to(levels.dtype).movedim(-1, 0)
+    w = w.reshape(w.shape + (1,) * (levels.dim() - w.dim()))
     return (w * levels).sum(0)
 
 
-class LearnedBits(nn.Module):
+class LearnedBits(StackedRows, nn.Module):
     """Bayesian Bits quantizer of one factor over ``bit_set``; see the module docstring."""
 
     PARAM_ROLES = {"log_alpha": "gates", "log_scale": "scales"}
@@ -143,8 +145,11 @@ class LearnedBits(nn.Module):
     # --- forward -------------------------------------------------------------------------------
 
     def x_max(self, w: torch.Tensor) -> torch.Tensor:
-        """exp(log_scale) · max|w| (max detached): the clipping range, an fp32 scalar."""
-        return self.log_scale.exp() * w.detach().abs().amax().float().clamp_min(_TINY)
+        """exp(log_scale) · max|w| (max detached): the clipping range, fp32, one per member."""
+        dims = self.member_dims(w)
+        peak = w.detach().abs().amax(dims, keepdim=True).float().clamp_min(_TINY) if dims else \
+            w.detach().abs().float().clamp_min(_TINY)
+        return self.per_member(self.log_scale.exp(), peak) * peak
 
     def gates(self, training: bool | None = None) -> torch.Tensor:
         """z_1..z_K: sampled in training, thresholded (0/1) in eval (``training`` defaults to the mode)."""
@@ -191,7 +196,7 @@ class LearnedBits(nn.Module):
     def prior_terms(self) -> priors.PriorTerms:
         """R as data (:mod:`leanlora.gates.priors`): the open chain of the gates, priced per step."""
         if self.reg_type == "const":
-            weights = (1.0,) * self.log_alpha.numel()
+            weights = (1.0,) * self.log_alpha.shape[-1]
         else:
             weights = tuple(b * self.macs / self.prior_scale.value for b in self.bit_set[1:])
         return priors.PriorTerms(self.log_alpha, weights, chain=True)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from leanlora.groups.rows import StackedRows
+
 
 def lora_scale(alpha: float, rank: int | torch.Tensor, rslora: bool) -> float | torch.Tensor:
     """alpha / r, or alpha / sqrt(r) (rsLoRA, arXiv:2312.03732); r may be a tensor (nested ranks)."""
@@ -36,7 +38,7 @@ class PrefixRanks:
             self.prune_(keep)
 
 
-class FixedRanks(PrefixRanks, nn.Module):
+class FixedRanks(PrefixRanks, StackedRows, nn.Module):
     def __init__(self, rank: int, alpha: float, rslora: bool = False) -> None:
         super().__init__()
         self.rank, self.alpha, self.rslora = rank, alpha, rslora

@@ -37,6 +37,7 @@ from torch import nn
 from leanlora.gates import hardconcrete as hc
 from leanlora.gates import priors
 from leanlora.gates.hardconcrete import round_ste
+from leanlora.groups.rows import StackedRows
 from leanlora.precision.full import FullPrecision
 from leanlora.precision.learned import PriorScale
 from leanlora.ranks.fixed import lora_scale
@@ -44,7 +45,7 @@ from leanlora.ranks.fixed import lora_scale
 NOMINAL_BITS = 16
 
 
-class GatedRanks(nn.Module):
+class GatedRanks(StackedRows, nn.Module):
     PARAM_ROLES = {"log_alpha": "gates"}
 
     def __init__(self, rank: int, alpha: float, *, diag: bool = True, init_log_alpha: float = 6.0,
@@ -88,9 +89,9 @@ class GatedRanks(nn.Module):
         return hc.prefix_product(z) if self.nested else z
 
     def mask(self) -> torch.Tensor:
-        """m = [1, ⌊z~_1⌉, ..., ⌊z~_{r-1}⌉] (r,), straight-through rounding; fp32."""
-        one = torch.ones(1, device=self.log_alpha.device)
-        return torch.cat([one, round_ste(self.gates())])
+        """m = [1, ⌊z~_1⌉, ..., ⌊z~_{r-1}⌉] (..., r), straight-through rounding; fp32."""
+        z = round_ste(self.gates())
+        return torch.cat([z.new_ones(z.shape[:-1] + (1,)), z], -1)
 
     def select(self, a: torch.Tensor, b: torch.Tensor):
         """(A (r, in), B (out, r), d (r,), scale): all components, closed ones weighted 0.
@@ -146,7 +147,7 @@ class GatedRanks(nn.Module):
         cost = 1.0
         if self.reg_type == "bop":
             cost = self.component_macs * NOMINAL_BITS / self.prior_scale.value
-        return priors.PriorTerms(self.log_alpha, (cost,) * self.log_alpha.numel(),
+        return priors.PriorTerms(self.log_alpha, (cost,) * self.log_alpha.shape[-1],
                                  chain=self.prior_kind == "nested" and self.nested)
 
     def diagonal(self) -> tuple[torch.Tensor, nn.Module] | None:

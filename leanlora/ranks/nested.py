@@ -40,6 +40,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from leanlora.groups.rows import StackedRows
 from leanlora.ranks.fixed import PrefixRanks, lora_scale
 
 DISTRIBUTIONS = ("uniform", "geometric")
@@ -111,7 +112,7 @@ class RankSampler(nn.Module):
 SCALES = ("max", "sampled", "sqrt")
 
 
-class NestedRanks(PrefixRanks, nn.Module):
+class NestedRanks(PrefixRanks, StackedRows, nn.Module):
     """Truncate A (r, in) to its first b rows and B (out, r) to its first b columns; scale alpha / b
     (``scale="sampled"``) or alpha / r (``scale="max"``)."""
 
@@ -150,7 +151,7 @@ class NestedRanks(PrefixRanks, nn.Module):
                 self._check(self.sampler.rank(), "sampled rank")
             return self._masked(a, b_mat, self.sampler.current_rank)
         b = self.eval_rank()
-        return a[:b], b_mat[:, :b], None, self.scale_at(b)  # (b, in), (out, b)
+        return a[..., :b, :], b_mat[..., :b], None, self.scale_at(b)  # (..., b, in), (..., out, b)
 
     def scale_at(self, b: int | torch.Tensor) -> float | torch.Tensor:
         """The update's scale at rank b: alpha / b, alpha / r with ``scale="max"``, or their geometric
@@ -165,8 +166,8 @@ class NestedRanks(PrefixRanks, nn.Module):
         if self.frozen:
             # Only component b-1 learns this step; the earlier ones pass through detached.
             learns = self._index == rank - 1
-            a = torch.where(learns[:, None], a, a.detach())
-            b_mat = torch.where(learns[None, :], b_mat, b_mat.detach())
+            a = torch.where(learns[:, None], a, a.detach())       # over (..., r, in)
+            b_mat = torch.where(learns, b_mat, b_mat.detach())    # over (..., out, r)
         return a, b_mat, on.to(torch.float32) * scale, 1.0
 
     def active_rank(self) -> int:

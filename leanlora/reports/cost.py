@@ -174,7 +174,8 @@ def cost_report(model: nn.Module) -> CostReport:
     elem = torch.empty((), dtype=adapter_dtype(config)).element_size()
     rows = [layer_cost(name, layer, config.r, elem) for name, layer in adapted_layers(model)]
     shared_bytes = sum(t.numel() * t.element_size() for t in shared.state_dict().values())
-    shared_params = sum(p.numel() for p in shared.parameters())
+    # the groups' stacks are the layers' rows, counted per layer
+    shared_params = sum(p.numel() for n, p in shared.named_parameters() if not n.startswith("groups."))
     modules = dict(model.named_modules())
     head = [t for n in shared.modules_to_save_names for t in modules[n].state_dict().values()]
     head_bytes = sum(t.numel() * t.element_size() for t in head)

@@ -211,6 +211,7 @@ def load_checkpoint(folder: str | Path, model: nn.Module, optimizer: torch.optim
     opt_tensors = {k: v.to(device) if not k.endswith(".step") else v
                    for k, v in _read_tensors(folder / "optimizer.safetensors").items()}
     rng = _read_tensors(folder / "rng.safetensors")
+    _check_layout(folder, state["optimizer"], optimizer)
     try:
         load_full_optimizer_state(optimizer, _join_optimizer(opt_tensors, state["optimizer"]))
         scheduler.load_state_dict(state["scheduler"])
@@ -225,6 +226,26 @@ def load_checkpoint(folder: str | Path, model: nn.Module, optimizer: torch.optim
             raise CheckpointError(f"{folder}: this run has adapter.budget but the checkpoint holds no budget state")
         ctl.load_state_dict(state["budget"])
     return {"step": state["step"], "loop": state["loop"]}
+
+
+def _check_layout(folder: Path, saved: Any, optimizer: torch.optim.Optimizer) -> None:
+    """Refuse, by name, optimizer state of a per-layer parameter layout (one tensor per layer and name).
+
+    Adapters are trained as one stacked tensor per group of layers (:mod:`leanlora.groups.stacking`);
+    a checkpoint of a version that trained every layer's tensors apart holds moments for many more
+    tensors, which cannot be mapped onto the stacks without the order they were saved in.
+    """
+    groups = saved.get("param_groups") if isinstance(saved, dict) else None
+    if not isinstance(groups, list):
+        return  # _damaged reports a malformed state below
+    have = sum(len(g.get("params", ())) for g in groups if isinstance(g, dict))
+    want = sum(len(g["params"]) for g in optimizer.param_groups)
+    if have > want:
+        raise CheckpointError(
+            f"{folder}: its optimizer state holds {have} tensors, this run trains {want}: it was written by a "
+            "leanlora that kept every adapted layer's parameters apart, and adapters now train as one stacked "
+            "tensor per group of layers. Its adapter loads as it is (leanlora.load, or leanlora.restore on a "
+            "model of the same config); resuming its optimizer state is not supported: start the run again")
 
 
 def clean_leftovers(run_dir: str | Path) -> list[Path]:

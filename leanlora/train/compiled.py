@@ -18,8 +18,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from leanlora.speed.compile_errors import is_compile_error, root_cause
-from leanlora.speed.vectorize import compile_pieces
+from leanlora.train.compile_errors import is_compile_error, root_cause
+from leanlora.groups.stacking import compile_pieces
 from leanlora.targets import repeated_blocks
 
 
@@ -55,7 +55,7 @@ class CompiledRegions:
                 region.compile(backend=backend)
             else:
                 region.compile(mode=mode)
-        compile_pieces(model, mode, backend)  # the grouped adapter pieces (leanlora.speed.vectorize) too
+        compile_pieces(model, mode, backend)  # the grouped adapter pieces (leanlora.groups.stacking) too
         self.mode = mode
         self.compiled, self._proven = True, False
 

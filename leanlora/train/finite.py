@@ -48,8 +48,12 @@ def _by_device(tensors: Iterable[torch.Tensor]) -> list[list[torch.Tensor]]:
 class FiniteGuard:
     """A device flag raised when any trained tensor holds NaN/inf after an optimizer step."""
 
-    def __init__(self, named_params: Iterable[tuple[str, torch.Tensor]], device: torch.device) -> None:
+    def __init__(self, named_params: Iterable[tuple[str, torch.Tensor]], device: torch.device,
+                 rows: dict[int, list[str | None]] | None = None) -> None:
+        """``rows``: for a stacked parameter (by id), the names of its rows, so that a message names the
+        layer's tensor (:func:`leanlora.groups.stacking.row_names`)."""
         named = [(n, p) for n, p in named_params if p.requires_grad]
+        self.rows = rows or {}
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
         self.tripped = torch.zeros((), dtype=torch.bool, device=device)
@@ -79,7 +83,9 @@ class FiniteGuard:
         for name, p in zip(self.names, self.params):
             t = _local(p).detach()
             if t.numel() and not bool(torch.isfinite(t).all()):
-                return name
+                rows = self.rows.get(id(p), ())
+                bad = [n for n, row in zip(rows, t) if n is not None and not bool(torch.isfinite(row).all())]
+                return bad[0] if bad else name
         return None
 
     def raise_if_tripped(self, step: int, run_dir: Path, lr: float) -> None:

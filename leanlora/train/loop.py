@@ -253,8 +253,7 @@ def _plan(run: RunConfig, run_dir: Path, model: nn.Module, wrapped: nn.Module, t
     advice = shape_advice(tc.compile_mode, run.data.pad_to_multiple_of, run.data.max_length) if compiled else None
     if advice:
         log(advice)
-    # the prior of grouped layers comes with their pieces (leanlora.speed.vectorize, compiled with them);
-    # the rest stays eager: stacked model-wide (leanlora.gates.priors) it is a dozen kernels, and
+    # the prior stays eager: stated by group as stacked rows (leanlora.gates.priors) it is a dozen kernels, and
     # compiling it would cost a graph as large as the model's gate count for nothing
     return _Loop(run, run_dir, model, wrapped, task, device, precision, log, n, micro_per_epoch, steps_per_epoch,
                  total, optimizer, scheduler, compiled, prior=dist.regularizer, autocast=precision.autocast(),
@@ -283,7 +282,11 @@ def _arm(loop: _Loop, backends: list[str], progress: bool) -> None:
 
     tc = loop.run.train
     # after the checkpoint: the graph's warm-up steps must see the restored optimizer state
-    loop.guard = FiniteGuard(loop.model.named_parameters(), loop.device)  # no NaN/inf weight is evaluated or saved
+    from leanlora.groups.stacking import row_names
+    from leanlora.inject import shared_state
+
+    # no NaN/inf weight is evaluated or saved; a stack's message names the layer whose row it is
+    loop.guard = FiniteGuard(loop.model.named_parameters(), loop.device, row_names(shared_state(loop.model)))
     if tc.cuda_graph:
         loop.graphed = graphed_training_step(loop.wrapped, loop.task, loop.optimizer, loop.prior, loop.autocast,
                                              tc.max_grad_norm, loop.log, after_update=loop.guard.update)

@@ -3,7 +3,7 @@
 Why: on a GPU that outruns its host, a step is paced by Python issuing kernels, and a compiled
 B-LoRA step issues thousands of small ones. ``torch.compile``'s own CUDA graphs
 ("reduce-overhead") cover each compiled region separately, and cannot hold the adapter pieces
-that leanlora computes for a group of layers before the layers run (:mod:`leanlora.speed.vectorize`).
+that leanlora computes for a group of layers before the layers run (:mod:`leanlora.groups.stacking`).
 One graph around the whole step holds all of it: a replay is one launch.
 
 This is PyTorch's documented whole-network capture (``torch.cuda.graph``), with what a training
@@ -44,7 +44,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from leanlora.speed.compile_errors import root_cause
+from leanlora.train.compile_errors import root_cause
 
 Batch = Mapping[str, torch.Tensor]
 
@@ -54,11 +54,9 @@ def capturable_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimi
 
     A captured update must not read anything from the host: torch's optimizers do so unless built
     with ``fused=True`` or ``capturable=True`` (their step counters live on the CPU otherwise);
-    leanlora's :class:`~leanlora.speed.flat_adamw.FlatAdamW` is fused on CUDA. A float learning rate
+    :func:`leanlora.optim.adamw` builds it fused on CUDA. A float learning rate
     would be frozen into the graph; as a tensor, a scheduler's update reaches every replay.
     """
-    from leanlora.speed.flat_adamw import FlatAdamW
-
     for i, group in enumerate(optimizer.param_groups):
         device = next((p.device for p in group["params"]), None)
         if device is None:
@@ -66,8 +64,7 @@ def capturable_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimi
         if device.type != "cuda":
             raise ValueError(f"StepGraph: param group {i} of {type(optimizer).__name__} is on {device}; "
                              "a CUDA graph needs the trained tensors on a CUDA device")
-        on_device = (isinstance(optimizer, FlatAdamW) and optimizer._uses_fused(device)) \
-            or group.get("fused") or group.get("capturable")
+        on_device = group.get("fused") or group.get("capturable")
         if not on_device:
             raise ValueError(f"StepGraph: param group {i} of {type(optimizer).__name__} steps with host-side "
                              "counters; build it with fused=True or capturable=True (or use leanlora.optim.adamw)")

@@ -5,7 +5,7 @@ VB-LoRA bank and logits and the hard-concrete gates at their own learning rates,
 decay). Any optimizer that takes parameter groups gets them: the class and keyword arguments are
 the ones ``Trainer.get_optimizer_cls_and_kwargs`` returns for ``args.optim`` (and ``args.optim_args``),
 or the user's ``optimizer_cls_and_kwargs``. torch's AdamW (``adamw_torch``, ``adamw_torch_fused``)
-runs as :func:`leanlora.optim.adamw`, the same update over one flat tensor per group.
+runs as :func:`leanlora.optim.adamw` (fused on CUDA).
 
 Optimizers that build their own groups from the model's layers (GaLore, APOLLO, LOMO, the
 layer-wise variants, optimizer factories such as Muon's) would drop those roles, and are refused
@@ -28,8 +28,8 @@ SUPPORTED = ("adamw_torch (default), adamw_torch_fused, adafactor, sgd, adagrad,
              "ones (adamw_8bit, paged_adamw_8bit, lion_8bit, ...), the torchao ones (adamw_torch_4bit, "
              "adamw_torch_8bit), schedule_free_*, stable_adamw, grokadamw: any optim whose optimizer takes "
              "parameter groups")
-# keyword arguments torch's AdamW and leanlora's flat AdamW take alike
-FLAT_ADAMW_KWARGS = frozenset({"lr", "betas", "eps", "weight_decay", "fused"})
+# keyword arguments leanlora.optim.adamw passes on to torch's AdamW
+ADAMW_KWARGS = frozenset({"lr", "betas", "eps", "weight_decay", "fused"})
 
 
 class UnsupportedOptimizer(ValueError):
@@ -78,6 +78,6 @@ def leanlora_optimizer(model: nn.Module, args,
     """
     cls, kwargs = optimizer_class_and_kwargs(args, model, cls_and_kwargs)
     groups = param_groups(model, kwargs.get("lr", args.learning_rate), args.weight_decay)
-    if cls is torch.optim.AdamW and set(kwargs) <= FLAT_ADAMW_KWARGS:
+    if cls is torch.optim.AdamW and set(kwargs) <= ADAMW_KWARGS:
         return adamw(groups, **kwargs)
     return cls(groups, **kwargs)

@@ -1,17 +1,20 @@
-"""Adapter pieces computed per group of layers (one vmap) equal the pieces computed layer by layer."""
+"""Layers grouped at inject share stacked parameters; a group's pieces equal each layer's own.
+
+"never" (``AdapterConfig.vectorize``) has every layer compute its pieces from its rows, which is
+the reference the grouped computation must equal in value and gradient.
+"""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import warnings
 
 import pytest
 import torch
 
 import leanlora
 from leanlora.gates import hardconcrete as hc
-from leanlora.speed import vectorize
+from leanlora.groups import stacking
 from leanlora.layer import AdaptedLinear
 from conftest import OpCount, tiny_llama, token_batch
 
@@ -24,6 +27,7 @@ POINTS = [  # (factors, ranks, precision, base)
     ("dense", "nested", "learned", "dense"),
     ("bank", "nested", "fixed", "dense"),
     ("dense", "gated", "float", "dense"),
+    ("dense", "fixed", "float", "dense"),     # LoRA
 ]
 
 
@@ -78,24 +82,6 @@ def test_grouped_pieces_equal_layer_by_layer_in_value_and_gradient(point, monkey
         torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_groups_are_the_layers_of_one_shape():
-    model = _model(POINTS[0], "auto", layers=3)
-    layers = [m for m in model.modules() if isinstance(m, AdaptedLinear)]
-    found = vectorize.groups(layers, "auto")
-    leaves = sorted(tuple(sorted({m.name.rsplit(".", 1)[-1] for m in g})) for g in found)
-    # q and o are 64 -> 64, k and v 64 -> 32, gate and up 64 -> 128, down 128 -> 64
-    assert leaves == [("down_proj",), ("gate_proj", "up_proj"), ("k_proj", "v_proj"), ("o_proj", "q_proj")]
-    assert sorted(len(g) for g in found) == [3, 6, 6, 6]
-
-
-def test_plain_lora_is_left_alone_in_auto_and_batched_when_asked():
-    x = token_batch()
-    for mode, expect in (("auto", False), ("always", True)):
-        model = _model(("dense", "fixed", "float", "dense"), mode)
-        model(x)
-        assert all((m.pieces is not None) == expect for m in model.modules() if isinstance(m, AdaptedLinear))
-
-
 def _ops_per_step(model, x):
     with OpCount() as count:
         leanlora.advance(model, 0)
@@ -130,39 +116,6 @@ def test_eval_no_grad_and_checkpointing_compute_per_layer():
     assert all(m.pieces is None for m in layers)
 
 
-def test_a_layer_group_vmap_cannot_batch_warns_once_and_runs_layer_by_layer(monkeypatch):
-    x = token_batch()
-    model = _model(POINTS[0], "auto")
-
-    def refuse(*args, **kwargs):
-        raise RuntimeError("no batching rule for this op")
-
-    monkeypatch.setattr(torch.func, "vmap", lambda fn, **kw: refuse)
-    with pytest.warns(RuntimeWarning, match="could not be computed together.*no batching rule"):
-        model(x, labels=x).loss.backward()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        model(x, labels=x).loss.backward()   # said once per group, not per step
-    assert all(m.pieces is None for m in model.modules() if isinstance(m, AdaptedLinear))
-
-
-def test_regrouping_follows_pruning_and_the_hook_goes_with_unload():
-    x = token_batch()
-    model = _model(POINTS[0], "auto")
-    model(x, labels=x).loss.backward()
-    first = next(m for m in model.modules() if isinstance(m, AdaptedLinear))
-    first.prune_(2)                               # now unlike its group: computes its own
-    model(x, labels=x).loss.backward()
-    assert first.pieces is None
-    others = [m for m in model.modules() if isinstance(m, AdaptedLinear) and m is not first]
-    assert all(m.pieces is not None for m in others)
-    twin = copy.deepcopy(model)
-    twin(x)
-    assert all(m.pieces is not None for m in twin.modules() if isinstance(m, AdaptedLinear) and m.name != first.name)
-    leanlora.unload(model)
-    assert not model._forward_pre_hooks
-
-
 def test_compiled_layers_do_not_recompile_for_new_pieces():
     import torch._dynamo.testing
 
@@ -180,11 +133,6 @@ def test_compiled_layers_do_not_recompile_for_new_pieces():
     torch._dynamo.reset()
 
 
-def test_config_rejects_an_unknown_mode():
-    with pytest.raises(leanlora.ConfigError, match="vectorize.*'auto', 'always', 'never'"):
-        dataclasses.replace(leanlora.AdapterConfig(), vectorize="sometimes")
-
-
 def test_compiled_grouped_pieces_equal_eager_ones_and_compile_once(monkeypatch):
     import torch._dynamo.testing
 
@@ -194,103 +142,51 @@ def test_compiled_grouped_pieces_equal_eager_ones_and_compile_once(monkeypatch):
     model = _model(POINTS[1], "auto")
     counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
     torch._dynamo.reset()
-    vectorize.compile_pieces(model, "default", backend=counter)
+    stacking.compile_pieces(model, "default", backend=counter)
     _, got = _loss_and_grads(model, x)
     for name in ref:
         torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-6, msg=name)
     frames = counter.frame_count
-    assert frames == len(model.leanlora_shared.vectorizer._groups) == 4   # one graph per group
+    assert frames == len(model.leanlora_shared.groups) == 4             # one graph per group
     for step in range(2):
         model.zero_grad()
         _loss_and_grads(model, x)
     assert counter.frame_count == frames                                # and none per step
     dense = _model(POINTS[0], "auto")   # (deepcopy of torchao's NF4 tensors re-quantizes with its defaults)
-    vectorize.compile_pieces(dense, "default", backend=counter)
+    stacking.compile_pieces(dense, "default", backend=counter)
     dense(x)
     twin = copy.deepcopy(dense)                                         # copies regroup, eagerly
     twin(x)
-    assert twin.leanlora_shared.vectorizer.batched is vectorize.batched_lowrank
+    assert all(g.compiled is None for g in twin.leanlora_shared.groups)
     assert all(m.pieces is not None for m in twin.modules() if isinstance(m, AdaptedLinear))
     torch._dynamo.reset()
 
 
-def test_a_failing_compiler_for_the_pieces_falls_back_to_eager_vmap():
+def test_a_failing_compiler_for_the_pieces_falls_back_to_eager():
     def broken(gm, example_inputs):
         raise RuntimeError("PassManager::run failed")
 
     x = token_batch()
     model = _model(POINTS[0], "auto")
     torch._dynamo.reset()
-    vectorize.compile_pieces(model, "default", backend=broken)
+    stacking.compile_pieces(model, "default", backend=broken)
     with pytest.warns(RuntimeWarning, match="compiling the grouped adapter pieces failed"):
         model(x, labels=x).loss.backward()
     assert all(m.pieces is not None for m in model.modules() if isinstance(m, AdaptedLinear))
-    assert model.leanlora_shared.vectorizer.batched is vectorize.batched_lowrank
+    assert all(g.compiled is None for g in model.leanlora_shared.groups)
     torch._dynamo.reset()
 
 
 def test_cuda_graph_mode_leaves_the_pieces_to_the_layers():
     x = token_batch()
     model = _model(POINTS[0], "auto")
-    vectorize.compile_pieces(model, "reduce-overhead", backend="eager")
+    stacking.compile_pieces(model, "reduce-overhead", backend="eager")
     model(x)
     assert all(m.pieces is None for m in model.modules() if isinstance(m, AdaptedLinear))
-    vectorize.compile_pieces(model, None)
+    stacking.compile_pieces(model, None)
     model(x)
     assert all(m.pieces is not None for m in model.modules() if isinstance(m, AdaptedLinear))
 
-
-
-def test_a_model_with_nothing_to_group_gets_no_hook():
-    assert not _model(("dense", "nested", "float", "dense"), "auto")._forward_pre_hooks
-    assert _model(("dense", "nested", "float", "dense"), "always")._forward_pre_hooks
-    assert _model(POINTS[0], "auto")._forward_pre_hooks
-
-
-def _gated_modules(model):
-    from leanlora.gates.schedule import HasPrior, implements
-
-    return {id(m) for m in model.modules() if implements(m, HasPrior)}
-
-
-def test_the_forward_evaluates_the_grouped_priors_and_the_backward_spends_them(monkeypatch):
-    monkeypatch.setattr(hc, "sample", _fixed_noise)
-    x = token_batch()
-    model = _model(POINTS[0], "auto")
-    vectorizer = model.leanlora_shared.vectorizer
-    loss = model(x, labels=x).loss
-    terms, covered = vectorizer.prior_for(model)
-    assert len(terms) == 4 and covered == _gated_modules(model)   # 4 groups: every gate covered
-    with OpCount() as after_forward:
-        prior = leanlora.regularizer(model)
-    vectorizer.pending_prior = None                               # as if evaluated module by module
-    with OpCount() as module_by_module:
-        reference = leanlora.regularizer(model)
-    torch.testing.assert_close(prior, reference, rtol=1e-5, atol=1e-7)
-    assert after_forward.n < module_by_module.n / 3, (after_forward.n, module_by_module.n)
-    model(x, labels=x)                                            # a new forward: pending again
-    loss = model(x, labels=x).loss
-    assert vectorizer.prior_for(model)[0]
-    assert vectorizer.prior_for(model.model)[0] == []             # another module's call: its own walk
-    (loss + leanlora.regularizer(model)).backward()
-    assert vectorizer.prior_for(model)[0] == []                   # spent by the backward
-    leanlora.regularizer(model).backward()                        # evaluated afresh: a graph of its own
-    with torch.no_grad():
-        model(x)
-    assert vectorizer.prior_for(model)[0] == []
-
-
-def test_a_replaced_strategy_module_is_read_from_the_next_forward():
-    x = token_batch()
-    model = _model(POINTS[0], "auto")
-    model(x, labels=x).loss.backward()
-    model.zero_grad()
-    layer = next(m for m in model.modules() if isinstance(m, AdaptedLinear))
-    old = layer.quant_a
-    layer.quant_a = copy.deepcopy(old, {id(old.prior_scale): old.prior_scale})   # new tensors, same kind
-    (model(x, labels=x).loss + leanlora.regularizer(model)).backward()
-    assert layer.pieces is not None
-    assert layer.quant_a.log_alpha.grad is not None and old.log_alpha.grad is None
 
 
 @pytest.mark.parametrize("point", POINTS[:3], ids=["-".join(p) for p in POINTS[:3]])
@@ -316,18 +212,15 @@ def test_an_fp32_base_keeps_fp32_pieces():
     model = _model(POINTS[0], "always")
     _loss_and_grads(model, token_batch())
     assert all(m.pieces[0].dtype == torch.float32 for m in model.modules() if isinstance(m, AdaptedLinear))
-    assert vectorize.activation_dtype(next(m for m in model.modules() if isinstance(m, AdaptedLinear))) is None
+    assert stacking.activation_dtype(next(m for m in model.modules() if isinstance(m, AdaptedLinear))) is None
 
 
-def test_a_base_cast_to_another_dtype_regroups():
+def test_a_base_cast_to_another_dtype_casts_the_pieces_to_it():
     model = _model(POINTS[0], "always")
     _loss_and_grads(model, token_batch())
     model.zero_grad()
     model.to(torch.bfloat16)  # same Parameter objects, new data: the strategies' tensors keep their ids
-    for m in model.modules():  # the adapter's master weights back to fp32, as leanlora builds them
-        if isinstance(m, AdaptedLinear):
-            for part in vectorize._PARTS:
-                getattr(m, part).float()
+    model.leanlora_shared.groups.float()  # the adapter's master weights back to fp32, as leanlora builds them
     _loss_and_grads(model, token_batch())
     assert all(m.pieces[0].dtype == torch.bfloat16 for m in model.modules() if isinstance(m, AdaptedLinear))
 
@@ -352,29 +245,85 @@ def test_gradients_accumulate_over_micro_batches_as_layer_by_layer(zero_in_place
         torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def _leaves(tensor):
-    """The leaf tensors the autograd graph of ``tensor`` accumulates into."""
-    found, todo, seen = [], [tensor.grad_fn], set()
-    while todo:
-        node = todo.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        if hasattr(node, "variable"):
-            found.append(node.variable)
-        todo.extend(n for n, _ in node.next_functions)
-    return found
 
 
-def test_the_stacks_are_leaves_fed_by_a_hook_unless_torch_distributed_runs(monkeypatch):
+def test_groups_are_the_layers_of_one_shape_and_hold_every_trainable_tensor():
+    model = _model(POINTS[0], "auto", layers=3)
+    groups = model.leanlora_shared.groups
+    leaves = sorted(tuple(sorted({m.name.rsplit(".", 1)[-1] for m in g.members})) for g in groups)
+    # q and o are 64 -> 64, k and v 64 -> 32, gate and up 64 -> 128, down 128 -> 64
+    assert leaves == [("down_proj",), ("gate_proj", "up_proj"), ("k_proj", "v_proj"), ("o_proj", "q_proj")]
+    assert sorted(len(g.members) for g in groups) == [3, 6, 6, 6]
+    layers = [m for m in model.modules() if isinstance(m, AdaptedLinear)]
+    assert not any(p.requires_grad for layer in layers for p in layer.parameters())
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    # B-LoRA: A, B, rank gates, E, and the bit gates and range of A, B and E: 10 stacks per group
+    assert len(trained) == 10 * len(groups) and all(n.startswith("leanlora_shared.groups.") for n in trained)
+    layer = groups[1].members[2]
+    stack = groups[1].factors.lora_A
+    assert layer.factors.lora_A.shape == stack.shape[1:]
+    assert layer.factors.lora_A.data_ptr() == stack[2].data_ptr()      # a row of the stack, not a copy
+
+
+def test_the_state_dict_stays_per_module_and_loads_into_the_rows():
+    model = _model(POINTS[0], "auto")
+    layer = model.leanlora_shared.groups[0].members[1]
+    state = layer.state_dict()
+    assert {"factors.lora_A", "factors.lora_B", "ranks.log_alpha", "ranks.E", "quant_a.log_alpha",
+            "quant_a.log_scale", "ranks.quant_e.log_scale"} <= set(state)
+    assert not any(k.startswith("leanlora_shared.groups") for k in model.state_dict())
+    state["factors.lora_A"] = torch.full_like(state["factors.lora_A"], 0.25)
+    layer.load_state_dict(state)
+    assert torch.equal(model.leanlora_shared.groups[0].factors.lora_A[1], state["factors.lora_A"])
+    del state["ranks.E"]
+    result = layer.load_state_dict(state, strict=False)
+    assert result.missing_keys == ["ranks.E"]
+    with pytest.raises(RuntimeError, match="size mismatch for factors.lora_B"):
+        layer.load_state_dict({**state, "factors.lora_B": torch.zeros(3, 3)}, strict=False)
+
+
+def test_a_row_cannot_be_replaced_while_grouped_and_pruning_takes_the_layer_out():
     x = token_batch()
-    model = _model(POINTS[0], "always")
-    leanlora.advance(model, 0)
-    model(x, labels=x)
-    layer = next(m for m in model.modules() if isinstance(m, AdaptedLinear))
-    params = {id(p) for p in model.parameters()}
-    assert not any(id(t) in params for t in _leaves(layer.pieces[0]))  # the stacks, not the parameters
+    model = _model(POINTS[0], "auto")
+    layer = model.leanlora_shared.groups[0].members[0]
+    with pytest.raises(AttributeError, match="row of its group's stacked parameter"):
+        layer.factors.lora_A = torch.nn.Parameter(torch.zeros(4, 64))
+    before = layer.delta_weight()
+    layer.prune_(4)                                   # the full rank: the update is unchanged
+    assert layer.group is None and model.leanlora_shared.groups[0].members[0] is None
+    assert isinstance(layer.factors.lora_A, torch.nn.Parameter)
+    torch.testing.assert_close(layer.delta_weight(), before)
+    (model(x, labels=x).loss + leanlora.regularizer(model)).backward()
+    assert layer.pieces is None and layer.factors.lora_A.grad is not None
+    assert model.leanlora_shared.groups[0].members[1].pieces is not None
 
-    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)  # as under DDP
-    model(x, labels=x)
-    assert id(layer.factors.lora_A) in {id(t) for t in _leaves(layer.pieces[0])}  # DDP's hooks see each parameter
+
+def test_the_regularizer_of_the_stacks_equals_the_sum_of_every_layers_own_prior():
+    model = _model(POINTS[0], "auto")
+    got = leanlora.regularizer(model)
+    want = sum(m.prior() for layer in model.modules() if isinstance(layer, AdaptedLinear)
+               for m in layer.modules() if m is not layer and hasattr(m, "prior_terms"))
+    torch.testing.assert_close(got, model.leanlora_shared.config.prior.lmbda * want)
+
+
+def test_a_copy_trains_on_stacks_of_its_own():
+    x = token_batch()
+    model = _model(POINTS[0], "auto")
+    twin = copy.deepcopy(model)
+    _loss_and_grads(twin, x)
+    assert all(p.grad is None for p in model.parameters())
+    row = twin.leanlora_shared.groups[0].members[0].factors.lora_A
+    assert row.data_ptr() == twin.leanlora_shared.groups[0].factors.lora_A.data_ptr()
+
+
+def test_optimizer_state_of_per_layer_parameters_is_refused_by_name(tmp_path):
+    from leanlora.train.checkpoint import CheckpointError, _check_layout
+
+    model = _model(POINTS[0], "auto")
+    from leanlora.optim import adamw
+
+    optimizer = adamw(leanlora.param_groups(model, 1e-3), lr=1e-3)
+    per_layer = {"param_groups": [{"params": list(range(10 * 14))}], "state": {}}  # ten tensors a layer
+    with pytest.raises(CheckpointError, match="holds 140 tensors, this run trains 40.*one stacked tensor per group"):
+        _check_layout(tmp_path, per_layer, optimizer)
+    _check_layout(tmp_path, optimizer.state_dict(), optimizer)  # this version's own state passes

@@ -1,7 +1,7 @@
 """What a failed ``torch.compile`` says: whether an error came from the compiler, and its root cause.
 
 Shared by the compiled layers (:mod:`leanlora.train.compiled`), the compiled grouped pieces
-(:mod:`leanlora.speed.vectorize`) and the captured training step (:mod:`leanlora.train.step_graph`),
+(:mod:`leanlora.groups.stacking`) and the captured training step (:mod:`leanlora.train.step_graph`),
 which all fall back to plainer code and say why.
 """
 
