@@ -162,6 +162,30 @@ def _layer_bops(s: LayerShape, k, bits: dict[str, Any]):
 _KINDS = ("rank", "a", "b", "e")
 
 
+def _gate_sources(chains: list[Chain]) -> tuple[list[nn.Module], list[int]]:
+    """(modules whose ``log_alpha`` holds the gates, the flat index of each chain's gates among them).
+
+    A grouped layer's gates are a row of its group's stacked ``log_alpha`` (:mod:`leanlora.groups`):
+    the stack is read once per expression instead of one row at a time.
+    """
+    sources: dict[int, tuple[int, nn.Module]] = {}
+    offsets: list[int] = []
+    picks: list[int] = []
+    total = 0
+    for c in chains:
+        rows = c.owner.__dict__.get("_rows") or {}
+        holder, row = rows["log_alpha"] if "log_alpha" in rows else (c.owner, None)
+        if id(holder) not in sources:
+            sources[id(holder)] = (len(offsets), holder)
+            offsets.append(total)
+            total += holder.log_alpha.numel()
+        start = offsets[sources[id(holder)][0]]
+        width = c.log_alpha.numel()
+        first = start + (0 if row is None else row * width)
+        picks.extend(range(first, first + width))
+    return [holder for _, holder in sources.values()], picks
+
+
 class CostPlan:
     """The expected cost of a model's gates as one batched expression.
 
@@ -191,6 +215,7 @@ class CostPlan:
         self.weights = [[float(w) for w in (c.steps or (1.0,) * c.log_alpha.numel())] + [0.0] * (self.width - c.log_alpha.numel())
                         for c in chains]
         self.nested = [c.nested for c in chains]
+        self._sources, self.picks = _gate_sources(chains)
         self._device_tensors: dict[Any, dict[str, torch.Tensor]] = {}
 
     @classmethod
@@ -201,7 +226,7 @@ class CostPlan:
         if device not in self._device_tensors:  # host lists become device tensors once per device
             as_t = lambda v, dtype=torch.float32: torch.tensor(v, dtype=dtype, device=device)  # noqa: E731
             t = {k: as_t(v) for k, v in self.fixed.items()}
-            t.update(in_f=as_t(self.in_f), out_f=as_t(self.out_f), has_e=as_t(self.has_e),
+            t.update(in_f=as_t(self.in_f), out_f=as_t(self.out_f), has_e=as_t(self.has_e), picks=as_t(self.picks, torch.long),
                      rows=as_t(self.rows, torch.long), cols=as_t(self.cols, torch.long),
                      weights=as_t(self.weights), nested=as_t(self.nested, torch.bool).reshape(-1, 1))
             for kind in _KINDS:  # which chains feed which layer's E[k] or E[b], as indices (masks would sync)
@@ -216,7 +241,9 @@ class CostPlan:
             return torch.tensor(sum(_layer_bops(s, float(s.rank), s.bits) for s in self.shapes) / self.lora16)
         device = self.chains[0].log_alpha.device
         t = self._tensors(device)
-        flat = torch.cat([c.log_alpha.reshape(-1).float() for c in self.chains])
+        # every group's stacked gates read once, then each chain's row picked out in chain order
+        stores = [getattr(owner, "log_alpha").reshape(-1) for owner in self._sources]
+        flat = (stores[0] if len(stores) == 1 else torch.cat(stores)).float().index_select(0, t["picks"])
         grid = torch.full((len(self.chains), self.width), self.PAD, device=device).index_put((t["rows"], t["cols"]), flat)
         opened = torch.where(t["nested"], hc.open_chain(grid, dim=1), hc.prob_open(grid))
         sums = (opened * t["weights"]).sum(1)                                  # one per chain

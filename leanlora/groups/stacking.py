@@ -111,15 +111,23 @@ class AdapterGroup(nn.Module):
             a, b, d = a.to(self.cast), b.to(self.cast), (None if d is None else d.to(self.cast))
         return a, b, d, scale
 
+    def does_work(self) -> bool:
+        """False when the pieces are the stacks themselves (LoRA, nested ranks in float): a compiled
+        call would cost more than the two views it returns."""
+        from leanlora.factors.dense import DenseFactors
+        from leanlora.precision.full import FullPrecision
+        from leanlora.ranks.fixed import FixedRanks
+        from leanlora.ranks.nested import NestedRanks
+
+        plain = (DenseFactors, FixedRanks, NestedRanks, FullPrecision)
+        return any(not isinstance(m, plain) for m in self.modules() if m is not self)
+
     def prior_terms(self) -> list[priors.PriorTerms]:
         """The gate priors of every member, as stacked rows (:mod:`leanlora.gates.priors`)."""
-        out = []
-        for module in self.modules():
-            state = getattr(module, "prior_terms", None)
-            terms = state() if state is not None and module is not self else None
-            if terms is not None:
-                out.append(terms)
-        return out
+        priced = self.__dict__.get("_priced")
+        if priced is None:  # the templates' modules never change: found once
+            priced = self.__dict__["_priced"] = [m for m in self.modules() if m is not self and hasattr(m, "prior_terms")]
+        return [t for t in (m.prior_terms() for m in priced) if t is not None]
 
     def extra_repr(self) -> str:
         live = sum(m is not None for m in self.__dict__.get("members", ()))
@@ -281,5 +289,5 @@ def compile_pieces(model: nn.Module, compile_mode: str | None = "default", backe
         return
     shared.off_for_graphs = compile_mode == "reduce-overhead"
     for group in shared.groups:
-        group.compiled = None if compile_mode is None else torch.compile(
+        group.compiled = None if compile_mode is None or not group.does_work() else torch.compile(
             group.pieces, backend=backend, fullgraph=True, dynamic=False)
