@@ -1,8 +1,9 @@
 """Model-wide training hooks: the prior term of the loss and the per-step schedules.
 
-Strategies opt in through two small protocols instead of being probed by name:
+Strategies opt in instead of being probed by name:
   * :class:`HasPrior` — a module whose gates carry a prior (``prior()`` returns its unscaled cost);
-  * :class:`Steppable` — a module with a schedule advanced once per optimizer step.
+  * a model-wide module with a schedule (the nested-rank sampler) defines ``advance(step)``, called
+    once per optimizer step.
 """
 
 from __future__ import annotations
@@ -22,13 +23,6 @@ from leanlora.inject import shared_state
 class HasPrior(Protocol):
     def prior(self) -> torch.Tensor:
         """The gate prior of this module (before lambda), a scalar tensor with gradient."""
-        ...
-
-
-@runtime_checkable
-class Steppable(Protocol):
-    def advance(self, step: int) -> None:
-        """Move the schedule to optimizer step ``step`` (sample a rank, anneal a temperature)."""
         ...
 
 
@@ -79,7 +73,7 @@ def prior_weight(model: nn.Module) -> float:
 def advance(model: nn.Module, step: int) -> None:
     """Advance every schedule of the adapter (call once per optimizer step, before the forward)."""
     for m in shared_state(model).modules():  # the schedules are model-wide: the nested-rank sampler
-        if callable(getattr(type(m), "advance", None)):  # Steppable, asked of the class (a protocol check is slow)
+        if callable(getattr(type(m), "advance", None)):  # asked of the class: a protocol check per module is slow
             m.advance(step)
     ctl = budget.controller(model)
     if ctl is not None:
