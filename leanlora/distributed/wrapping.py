@@ -1,15 +1,13 @@
 """Hand an adapted model to DDP or FSDP2 (``fully_shard``); nothing here is a home-made engine.
 
 Decisions, each forced by what the adapter shares between layers:
-  * FSDP2 groups: one per decoder layer (``model._no_split_modules``), then the root. The
-    VB-LoRA bank and the nested-rank sampler live in ``model.leanlora_shared``, a child of the
-    root and of no layer, so they fall in the root group. The root is not resharded after
-    forward, so the bank stays gathered while every layer reads it, its gradient accumulates
-    over all layers in backward, and one reduce-scatter at the end averages it over ranks.
-  * Gate priors under FSDP2: a layer's gate parameters are sharded DTensors outside its forward,
-    so ``prior()`` cannot run after the forward as :func:`leanlora.regularizer` does. ``wrap``
-    hooks every adapted layer to compute its priors inside its forward (parameters gathered);
-    :func:`regularizer` sums them. With DDP and without wrapping it is leanlora.regularizer.
+  * FSDP2 groups: one per decoder layer (``model._no_split_modules``), then the root. Every
+    trained tensor of the adapted layers lives in ``model.leanlora_shared`` (their stacked
+    parameters, the VB-LoRA bank, the nested-rank sampler), a child of the root and of no layer,
+    so it falls in the root group; the decoder-layer groups shard the frozen base. The root is
+    not resharded after forward, so the stacks stay gathered while every layer reads its rows,
+    each stack's gradient accumulates over its layers in backward, one reduce-scatter at the end
+    averages it over ranks, and :func:`regularizer` reads whole gates after the forward.
   * NF4 bases under FSDP2: torchao's ``NF4Tensor`` implements the FSDP2 all-gather hooks, but
     :class:`~leanlora.base.nf4.NF4Base` keeps its tensor as a plain attribute (so ``.to(dtype)``
     cannot dequantize it). ``wrap`` registers it as a frozen parameter so that it is sharded;
@@ -104,8 +102,7 @@ def _wrap_fsdp2(model: nn.Module, layer_classes, sync_params: bool, mp_policy) -
         kwargs["ignored_params"] = scalars
     for layer in layers:
         fully_shard(layer, reshard_after_forward=True, **kwargs)
-    # The root holds leanlora_shared (bank, sampler): gathered from the root's forward until the
-    # end of backward, so the bank's gradient sums over every layer before one reduce-scatter.
+    # The root holds leanlora_shared (the groups' stacks, the bank, the sampler): see the module docstring.
     fully_shard(model, reshard_after_forward=False, **kwargs)
     setattr(model, _MODE_ATTR, "fsdp2")
     model._leanlora_nf4_params = nf4_names

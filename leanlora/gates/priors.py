@@ -3,12 +3,13 @@
 Every prior in leanlora has one shape: ``R = Σ_k w_k f(log_alpha)_k`` with ``f`` either the open
 chain q_1, q_1 q_2, ... (nested gates, learned bits) or the single open probabilities q_k
 (independent gates), and ``w`` constants fixed at build time (1, or a BOP price). A strategy
-states its prior as :class:`PriorTerms`; :func:`total` stacks the gate vectors of every module that
-shares (f, length, device) into one matrix and evaluates the group at once.
+states its prior as :class:`PriorTerms`, one gate vector or, for a group of layers
+(:mod:`leanlora.groups.stacking`), the stacked rows of all of them; :func:`total` joins the rows of
+every term that shares (f, length, device) into one matrix and evaluates them at once.
 
 Why: a B-LoRA Llama layer has 7 adapted modules with 4 gate vectors each. Evaluated one by one,
 the prior of a 16-layer model is 448 tiny chains, each a few kernels forward and backward and
-its own nodes in a compiled graph; stacked, it is about ten kernels forward and backward,
+its own nodes in a compiled graph; as one matrix it is about ten kernels forward and backward,
 whatever the model's size.
 """
 

@@ -15,11 +15,12 @@ takes its row (``AdaptedLinear.pieces``). A B-LoRA layer's gates, quantizers and
 composition are dozens of small operators; computed per group they are dozens per group instead
 of per layer, and a handful of fused kernels when compiled (:func:`compile_pieces`).
 
-Elsewhere the members compute their own pieces from their rows, with the same values: in eval
-mode, with gradients off, under FSDP2 (a sharded stack is whole only inside the model's
-forward), with Hugging Face gradient checkpointing (a re-entrant recompute would run the
-group's backward once per block) and under CUDA graphs (the captured step replays without the
-host anyway). The pieces of the last training forward are kept until the next one, so that a
+Under FSDP2 the stacks live in the root, whose gathering pre-forward hook runs before this one,
+so groups compute there too. Elsewhere the members compute their own pieces from their rows,
+with the same values: in eval mode (a member may hold its own eval rank), with gradients off,
+when a stack is still sharded, with Hugging Face gradient checkpointing (a re-entrant recompute
+would run the group's backward once per block) and under CUDA graphs (the captured step replays
+without the host anyway). The pieces of the last training forward are kept until the next one, so that a
 non-re-entrant recompute sees the same gate draws; calling an inner module directly in training
 mode would read them: go through the model.
 

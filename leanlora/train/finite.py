@@ -57,9 +57,8 @@ class FiniteGuard:
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
         self.tripped = torch.zeros((), dtype=torch.bool, device=device)
-        # plain parameters are grouped once (their values change in place; B-LoRA has ten tensors per
-        # adapted module, and regrouping them every step would cost host time); a DTensor's shard is
-        # taken per step
+        # plain parameters are grouped by device once (their values change in place); a DTensor's
+        # shard is taken per step
         sharded = any(hasattr(p, "to_local") for p in self.params)
         self._groups = None if sharded else _by_device(self.params)
 
