@@ -145,6 +145,8 @@ def run_method(name: str, config: AdapterConfig, mode: str, out: Path) -> dict:
     call = D.wrap(model, mode)
     result = {"nf4": nf4_shards(model) if mode == "fsdp2" else {}, "moved": sorted(moved.values())}
     train(model, call, batches, shard=True)
+    layers = [m for m in model.modules() if isinstance(m, leanlora.layer.AdaptedLinear)]
+    result["grouped"] = [sum(m.pieces is not None for m in layers), len(layers)]  # pieces of the last forward
     state = D.full_adapter_state(call)
     result["max_abs_diff"] = max_diff(state, ref_state)
     result["ranks_trained"] = gather(digest(state))

@@ -69,6 +69,7 @@ def test_adapter_equals_single_process(launched, method):
         pytest.skip(f"{method} is not in this tree yet")
     r = results["methods"][method]
     assert r["max_abs_diff"] < TOL, r
+    assert r["grouped"][0] == r["grouped"][1] > 0, r["grouped"]  # each group computed its layers' pieces
     # The comparison means something only if training moved the adapter far more than that. With
     # B-LoRA's gates held deterministic, the learned quantizer ranges get no gradient and stay.
     moved = [m for m in r["moved"] if m > 0]
