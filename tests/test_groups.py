@@ -111,9 +111,22 @@ def test_eval_no_grad_and_checkpointing_compute_per_layer():
     model(x)
     assert all(m.pieces is None for m in layers)
     model.train()
-    model.gradient_checkpointing_enable()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     model(x, labels=x).loss.backward()
     assert all(m.pieces is None for m in layers)
+
+
+def test_non_reentrant_checkpointing_uses_the_groups_with_the_same_gradients(monkeypatch):
+    monkeypatch.setattr(hc, "sample", _fixed_noise)
+    x = token_batch()
+    plain, checkpointed = _model(POINTS[0], "auto"), _model(POINTS[0], "auto")
+    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    loss_ref, ref = _loss_and_grads(plain, x)
+    loss, got = _loss_and_grads(checkpointed, x)
+    assert all(m.pieces is not None for m in checkpointed.modules() if isinstance(m, AdaptedLinear))
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-6, atol=1e-7)
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
 def test_compiled_layers_do_not_recompile_for_new_pieces():

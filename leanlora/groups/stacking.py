@@ -18,9 +18,10 @@ of per layer, and a handful of fused kernels when compiled (:func:`compile_piece
 Under FSDP2 the stacks live in the root, whose gathering pre-forward hook runs before this one,
 so groups compute there too. Elsewhere the members compute their own pieces from their rows,
 with the same values: in eval mode (a member may hold its own eval rank), with gradients off,
-when a stack is still sharded, with Hugging Face gradient checkpointing (a re-entrant recompute
-would run the group's backward once per block) and under CUDA graphs (the captured step replays
-without the host anyway). The pieces of the last training forward are kept until the next one, so that a
+when a stack is still sharded, with re-entrant gradient checkpointing (its recompute would run the
+group's backward once per block; a non-re-entrant one, transformers' default, reads the pieces of
+the forward it recomputes) and under CUDA graphs (the captured step replays without the host
+anyway). The pieces of the last training forward are kept until the next one, so that a
 non-re-entrant recompute sees the same gate draws; calling an inner module directly in training
 mode would read them: go through the model.
 
@@ -233,10 +234,18 @@ def _grouped_forward(model: nn.Module, shared: nn.Module) -> bool:
     if not (model.training and torch.is_grad_enabled()) or shared.off_for_graphs or not shared.groups \
             or shared.config.vectorize == "never":
         return False
-    if any(m.__dict__.get("gradient_checkpointing") is True for m in shared.__dict__.get("checkpointable", ())):
+    if any(m.__dict__.get("gradient_checkpointing") is True and _reentrant(m)
+           for m in shared.__dict__.get("checkpointable", ())):
         return False
     stack = next(shared.groups[0].parameters(), None)
     return stack is None or type(stack) in (torch.Tensor, nn.Parameter)  # a DTensor: sharded (FSDP2)
+
+
+def _reentrant(block: nn.Module) -> bool:
+    """Whether a checkpointed block recomputes re-entrantly: unless its checkpoint function says
+    ``use_reentrant=False`` (Hugging Face's default in transformers 5), assume it does."""
+    fn = block.__dict__.get("_gradient_checkpointing_func")
+    return getattr(fn, "keywords", {}).get("use_reentrant", True) is not False
 
 
 @torch.compiler.disable
