@@ -261,6 +261,20 @@ def run_budget(mode: str) -> dict:
             "resumed_controller_equal": budget.controller(second).state_dict() == ctl}
 
 
+def run_reentrant_checkpointing(config: AdapterConfig) -> float:
+    """Max |gradient difference| of the stacks between one process and DDP with re-entrant
+    checkpointing, every rank on the same batch: each block's recompute accumulates into a stack
+    that other blocks share, which DDP must still reduce once and right."""
+    x = global_batches(1)[0]
+    reference = build(config)
+    reference(input_ids=x, labels=x).loss.backward()
+    model = build(config)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    D.wrap(model, "ddp")(input_ids=x, labels=x).loss.backward()
+    pairs = zip(model.leanlora_shared.groups.parameters(), reference.leanlora_shared.groups.parameters())
+    return max(float((a.grad - b.grad).abs().max()) for a, b in pairs)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--mode", choices=["ddp", "fsdp2"], required=True)
@@ -280,6 +294,8 @@ def main() -> None:
         results["gate_noise"] = run_gate_noise(args.mode)
     if args.mode == "ddp" and importlib.util.find_spec("leanlora.budget") is not None:
         results["budget"] = run_budget(args.mode)
+    if args.mode == "ddp":
+        results["reentrant_checkpointing_diff"] = run_reentrant_checkpointing(configs["lora"])
     results["mean_of_ranks"] = D.all_reduce_mean(float(D.rank()))
     results["sync_seed"] = gather(D.sync_seed(1234 + D.rank()))
     if D.is_main_process():

@@ -76,6 +76,13 @@ def test_adapter_equals_single_process(launched, method):
     assert len(moved) >= 0.5 * len(r["moved"]) and min(moved) > 100 * TOL, r["moved"]
 
 
+def test_ddp_with_reentrant_checkpointing_reduces_the_shared_stacks_once(launched):
+    mode, _, results = launched
+    if mode != "ddp":
+        pytest.skip("a DDP question")
+    assert results["reentrant_checkpointing_diff"] < TOL, results["reentrant_checkpointing_diff"]
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_every_rank_has_the_same_trained_and_finalized_adapter(launched, method):
     _, _, results = launched
