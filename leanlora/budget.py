@@ -62,6 +62,7 @@ from torch import nn
 
 from leanlora.gates import hardconcrete as hc
 from leanlora.config import ConfigError
+from leanlora.groups.rows import row_of
 from leanlora.inject import adapted_layers, shared_state
 
 # The budget of ``adapter.budget: auto`` (the default) on a gated adapter. The bar it answers to
@@ -173,8 +174,7 @@ def _gate_sources(chains: list[Chain]) -> tuple[list[nn.Module], list[int]]:
     picks: list[int] = []
     total = 0
     for c in chains:
-        rows = c.owner.__dict__.get("_rows") or {}
-        holder, row = rows["log_alpha"] if "log_alpha" in rows else (c.owner, None)
+        holder, row = row_of(c.owner, "log_alpha")
         if id(holder) not in sources:
             sources[id(holder)] = (len(offsets), holder)
             offsets.append(total)

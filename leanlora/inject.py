@@ -102,7 +102,7 @@ def inject(model: nn.Module, config: AdapterConfig, *, filter_fn: FilterFn | Non
     model.add_module(SHARED_ATTR, shared)
     form_groups(layers, shared)
     # plain lists, not submodules: the layers in model order, and the modules whose
-    # gradient_checkpointing flag Hugging Face sets (no grouped pieces while it is on)
+    # gradient_checkpointing flag Hugging Face sets (no grouped pieces while a re-entrant one is on)
     shared.__dict__["layers"] = layers
     shared.__dict__["checkpointable"] = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
     model.register_forward_pre_hook(refresh_pieces)

@@ -51,10 +51,11 @@ def regularizer(model: nn.Module) -> torch.Tensor:
         for m in layer.modules():
             if m is layer or not isinstance(m, HasPrior):
                 continue
-            terms = m.prior_terms() if hasattr(m, "prior_terms") else None
-            if terms is not None:
-                stated.append(terms)
-            elif not hasattr(m, "prior_terms"):
+            if hasattr(m, "prior_terms"):
+                terms = m.prior_terms()
+                if terms is not None:
+                    stated.append(terms)
+            else:
                 others.append(m.prior().reshape(()))
     together = priors.total(stated)
     if together is not None:

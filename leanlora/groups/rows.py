@@ -88,13 +88,18 @@ def stack_holders(module: nn.Module) -> list[nn.Module]:
     return list({id(t): t for t, _ in rows.values()}.values())
 
 
+def row_of(module: nn.Module, name: str) -> tuple[nn.Module, int | None]:
+    """Where ``module.<name>`` is held: (its group's template, its row), or (``module``, None) for a
+    parameter of its own."""
+    hit = (module.__dict__.get("_rows") or {}).get(name)
+    return (module, None) if hit is None else hit
+
+
 def row_grad(module: nn.Module, name: str) -> torch.Tensor | None:
     """The gradient of ``module.<name>``: its row of the stack's gradient, or its own parameter's."""
-    hit = (module.__dict__.get("_rows") or {}).get(name)
-    if hit is None:
-        return getattr(module, name).grad
-    grad = getattr(hit[0], name).grad
-    return None if grad is None else grad[hit[1]]
+    holder, row = row_of(module, name)
+    grad = getattr(holder, name).grad
+    return grad if grad is None or row is None else grad[row]
 
 
 def row_parameters(module: nn.Module, prefix: str = "") -> list[tuple[str, torch.Tensor]]:

@@ -27,10 +27,15 @@ def qmax(bits: int) -> int:
     return 2 ** (bits - 1) - 1
 
 
+def member_peak(w: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """max|w| over ``dims`` (kept: one per group member), detached fp32, never 0."""
+    return w.detach().abs().amax(dims, keepdim=True).float().clamp_min(_TINY)
+
+
 def absmax_scale(w: torch.Tensor, bits: int, dims: tuple[int, ...] | None = None) -> torch.Tensor:
     """Per-tensor scale max|w| / qmax(bits), detached fp32: a scalar, or over ``dims`` (kept) per member."""
-    peak = w.detach().abs().amax() if dims is None else w.detach().abs().amax(dims, keepdim=True)
-    return peak.float().clamp_min(_TINY) / qmax(bits)
+    peak = w.detach().abs().amax().float().clamp_min(_TINY) if dims is None else member_peak(w, dims)
+    return peak / qmax(bits)
 
 
 def fake_quant(w: torch.Tensor, scale: torch.Tensor, bits: int, round_fn=round_ste) -> torch.Tensor:

@@ -50,7 +50,7 @@ from torch import nn
 from leanlora.gates import hardconcrete as hc
 from leanlora.gates import priors
 from leanlora.groups.rows import StackedRows
-from leanlora.precision.fixed import FLOAT_BITS, _TINY
+from leanlora.precision.fixed import FLOAT_BITS, member_peak
 
 ALLOWED = (2, 4, 8, 16, 32)
 _CLIP = 1.0 - 1e-7
@@ -146,9 +146,7 @@ class LearnedBits(StackedRows, nn.Module):
 
     def x_max(self, w: torch.Tensor) -> torch.Tensor:
         """exp(log_scale) · max|w| (max detached): the clipping range, fp32, one per member."""
-        dims = self.member_dims(w)
-        peak = w.detach().abs().amax(dims, keepdim=True).float().clamp_min(_TINY) if dims else \
-            w.detach().abs().float().clamp_min(_TINY)
+        peak = member_peak(w, self.member_dims(w))
         return self.per_member(self.log_scale.exp(), peak) * peak
 
     def gates(self, training: bool | None = None) -> torch.Tensor:
