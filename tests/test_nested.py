@@ -196,7 +196,7 @@ def test_r_min_above_r_max_is_refused():
         leanlora.AdapterConfig(r=4, ranks="nested", nested=leanlora.NestedConfig(r_min=5))
     with pytest.raises(leanlora.ConfigError, match=r"nested\.decay"):
         leanlora.NestedConfig(distribution="geometric", decay=1.5)
-    with pytest.raises(leanlora.ConfigError, match=r"nested\.scale='half'.*'max', 'sampled'"):
+    with pytest.raises(leanlora.ConfigError, match=r"nested\.scale='half'.*'sampled', 'max', 'sqrt'"):
         leanlora.NestedConfig(scale="half")
 
 

@@ -28,7 +28,6 @@ from leanlora.config import (MOVED_KEYS, AdapterConfig, ConfigError, canonical_k
                              require_lr, to_plain)
 from leanlora.train import lr_schedule
 from leanlora.train.data import label_text, not_utf8
-from leanlora.train.precision import PRECISIONS
 
 TaskKind = Literal["classification", "regression", "causal_lm"]
 
@@ -121,8 +120,6 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         check_field_types(self, "data.")
-        _require(self.task in ("classification", "regression", "causal_lm"), "data.task", self.task,
-                 "allowed: 'classification', 'regression', 'causal_lm'")
         if self.task != "causal_lm":
             _require(1 <= len(self.text_columns) <= 2, "data.text_columns", self.text_columns,
                      "name one column (single sentence) or two (sentence pair)")
@@ -132,10 +129,6 @@ class DataConfig:
         _require(self.task != "classification" or len(labels) != 1, "data.labels", self.labels,
                  "a classifier needs at least two classes (empty: the distinct labels of data.train_file)")
         object.__setattr__(self, "labels", labels)
-        _require(self.format in ("prompt_response", "alpaca", "sharegpt", "messages"), "data.format", self.format,
-                 "allowed: 'prompt_response', 'alpaca', 'sharegpt', 'messages'")
-        _require(self.chat_template in ("auto", True, False), "data.chat_template", self.chat_template,
-                 "allowed: 'auto', true, false")
         _require(self.format == "prompt_response" or self.task == "causal_lm", "data.format", self.format,
                  "only data.task=causal_lm reads instruction formats; a classifier reads data.text_columns")
         _require(not self.packing or self.task == "causal_lm", "data.packing", self.packing,
@@ -241,14 +234,6 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_field_types(self, "train.")
-        _require(self.distributed in ("none", "ddp", "fsdp2"), "train.distributed", self.distributed,
-                 "allowed: 'none', 'ddp', 'fsdp2'")
-        _require(self.compile in ("auto", True, False), "train.compile", self.compile,
-                 "allowed: 'auto', true, false")
-        _require(self.compile_mode in ("default", "reduce-overhead", "max-autotune-no-cudagraphs"),
-                 "train.compile_mode", self.compile_mode,
-                 "allowed: 'default', 'reduce-overhead', 'max-autotune-no-cudagraphs'")
-        _require(self.cuda_graph in (True, False), "train.cuda_graph", self.cuda_graph, "allowed: true, false")
         if self.fused_loss is False:  # YAML reads a bare `off` as false
             object.__setattr__(self, "fused_loss", "off")
         _require(self.fused_loss in ("auto", "liger", "chunked", "off"), "train.fused_loss", self.fused_loss,
@@ -269,7 +254,6 @@ class TrainConfig:
         _require(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "must be >= 0")
         _require(0 <= self.warmup_ratio < 1, "train.warmup_ratio", self.warmup_ratio, "must be in [0, 1)")
         _require(self.max_grad_norm >= 0, "train.max_grad_norm", self.max_grad_norm, "must be >= 0")
-        _require(self.precision in PRECISIONS, "train.precision", self.precision, f"allowed: {list(PRECISIONS)}")
         lr_schedule.validate(self)
         _require(re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device) is not None, "train.device",
                  self.device, "allowed: 'auto', 'cpu', 'cuda', 'cuda:N', 'mps'")
