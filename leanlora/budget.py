@@ -339,7 +339,7 @@ def _layer_distortions(layer: nn.Module, chains: list[tuple[int, Chain]]) -> dic
         a, b = (t.float() for t in layer.factors())                          # (r, in), (out, r)
         ranks = layer.ranks
         e = ranks.E.detach().float() if getattr(ranks, "E", None) is not None else torch.ones(a.shape[0])
-        scale = float(ranks.scale)
+        scale = float(ranks.select(a, b)[3])  # eval mode: the full structure's scale
         levels = {}
         for kind, q, w in (("a", layer.quant_a, a), ("b", layer.quant_b, b), ("e", ranks.diag_quantizer(), e)):
             if q is not None and hasattr(q, "bit_set"):

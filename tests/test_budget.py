@@ -114,6 +114,18 @@ def test_projection_lands_on_the_budget(budget):
     assert abs(cost / budget - 1) <= 0.1
 
 
+@pytest.mark.parametrize("factors", ["dense", "bank"])
+@pytest.mark.parametrize("ranks", ["fixed", "nested"])
+def test_learned_bits_alone_are_projected_onto_the_budget(ranks, factors):
+    """Learned bits over fixed or nested ranks: the budget prices bit levels alone, and each rank
+    selector gives the update's scale for the distortion (only gated ranks store one)."""
+    kw = dict(bank=leanlora.BankConfig(num_vectors=8, vector_length=8)) if factors == "bank" else {}
+    model = gated_bert(ranks=ranks, factors=factors, **kw)
+    done = bud.project(model, 0.25)
+    cost = leanlora.cost_report(model).total["bops_vs_lora"]
+    assert cost == pytest.approx(done["cost"]) and abs(cost / 0.25 - 1) <= 0.1
+
+
 def test_untrained_gates_give_up_float_residuals_before_rank():
     """Equal gates: distortion per BOP decides, and a float residual distorts far less than a component."""
     model = gated_bert()
@@ -290,7 +302,7 @@ def test_the_controller_reads_nothing_back_from_the_device_between_log_steps():
     model = gated_bert()
     bud.start(model, 40)
     ctl = bud.controller(model)
-    for step in range(12):                                  # through the ramp's start (step 4)
+    for step in range(8):                                   # into the ramp (step 2 to 8), before the freeze (10)
         leanlora.advance(model, step)
     assert isinstance(ctl.lmbda, torch.Tensor) and isinstance(ctl.cost, torch.Tensor)
     state = json.loads(json.dumps(ctl.state_dict()))        # numbers in a checkpoint, tensors again after it

@@ -25,7 +25,7 @@ class Seen(TrainerCallback):
 
 
 def test_tensorboard_and_every_callback_get_the_adapter_keys(tmp_path):
-    config = gated_config(budget=0.25)
+    config = gated_config(budget=0.25, budget_schedule=(0.1, 0.5, 0.7))  # the ramp within the logged steps
     model = gated_model(config=config)
     seen = Seen()
     trainer = cb.LeanLoraTrainer(model=model, args=arguments(tmp_path, report_to=["tensorboard"], logging_steps=2),
