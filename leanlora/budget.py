@@ -54,6 +54,7 @@ little before those that do much. Ties break by module order.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -449,6 +450,16 @@ def apply_pins(chains: list[Chain], pins: dict[str, torch.Tensor]) -> None:
         c.log_alpha.copy_(pins[c.name].to(c.log_alpha.device, c.log_alpha.dtype))
 
 
+def floor_cost(model: nn.Module) -> float:
+    """The smallest cost (over LoRA-16) the gates can reach: every removable component and bit level off."""
+    shapes, chains = gate_chains(model)
+    st = _Structure(shapes, chains, [[0.0] * c.log_alpha.numel() for c in chains])
+    for ci, c in enumerate(chains):
+        for j in range(c.log_alpha.numel()):
+            st.remove(Item(ci, j))
+    return st.cost
+
+
 def project(model: nn.Module, budget: float) -> dict[str, Any]:
     """Pin the gates to the structure of ``budget`` by the global order; returns the pins and costs."""
     order, costs, full, chains = removal_order(model)
@@ -608,6 +619,24 @@ def start(model: nn.Module, total_steps: int, auto: bool = True) -> None:
     if total_steps < 1:
         raise ConfigError(f"adapter.budget needs a run of at least 1 step, got {total_steps}")
     ctl.total = int(total_steps)
+    _check_reachable(model, ctl, explicit=default is None)
+
+
+def _check_reachable(model: nn.Module, ctl: BudgetController, explicit: bool) -> None:
+    """A budget below the cheapest structure the gates allow would finalize above it: an explicit
+    one is refused, the default one is raised to that floor with a warning."""
+    floor = floor_cost(model)
+    if ctl.budget >= floor * (1 - 1e-6):
+        return
+    cfg = shared_state(model).config
+    how = ("learn the bits (adapter.precision=learned)" if cfg.precision != "learned" else
+           "gate the ranks (adapter.ranks=gated)" if cfg.ranks != "gated" else "raise adapter.r")
+    message = (f"adapter.budget={ctl.budget:g} is below the smallest cost this adapter can reach, {floor:.3g} of "
+               f"LoRA-16's BOPs (ranks={cfg.ranks!r}, precision={cfg.precision!r}, r={cfg.r})")
+    if explicit:
+        raise ConfigError(f"{message}; set adapter.budget >= {math.ceil(floor * 1000) / 1000:g}, or {how}")
+    warnings.warn(f"{message}: it finalizes at {floor:.3g}; to go lower, {how}", UserWarning, stacklevel=3)
+    ctl.budget = floor
 
 
 def supported(distributed: str, cuda_graph: bool = False) -> bool:

@@ -7,6 +7,8 @@ finalize — on a tiny Llama.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import itertools
 
 import pytest
@@ -108,3 +110,31 @@ def test_every_adapter_tensor_lives_on_the_base_weights_device(factors, ranks, p
     leanlora.inject(model, _config(factors, ranks, precision, "dense"))
     placed = {name: t.device.type for name, t in itertools.chain(model.named_parameters(), model.named_buffers())}
     assert set(placed.values()) == {"meta"}, {n: d for n, d in placed.items() if d != "meta"}
+
+
+GATED_GRID = [c for c in GRID if c[1] == "gated" or c[2] == "learned"]
+
+
+@pytest.mark.parametrize("factors, ranks, precision, base", GATED_GRID, ids=["-".join(c) for c in GATED_GRID])
+def test_the_default_budget_runs_through_its_freeze_on_every_gated_point(factors, ranks, precision, base):
+    """Every point with something to gate, under ``adapter.budget: auto`` as ``leanlora train``
+    runs it: the ramp, the freeze's projection, the fine-tuning after it, then finalize lands on
+    the budget, or on the cheapest structure the point allows, with a warning that says so."""
+    if base == "nf4":
+        pytest.importorskip("torchao")
+    model = leanlora.inject(tiny_llama(), _config(factors, ranks, precision, base))
+    floor = leanlora.budget.floor_cost(model)
+    unreachable = floor > leanlora.budget.DEFAULT_BUDGET
+    with pytest.warns(UserWarning, match="smallest cost") if unreachable else contextlib.nullcontext():
+        leanlora.budget.start(model, 8)
+    _train_a_few_steps(model, steps=8)
+    assert leanlora.budget.controller(model).frozen
+    leanlora.finalize(model)
+    cost = leanlora.cost_report(model).total["bops_vs_lora"]
+    assert abs(cost / max(floor, leanlora.budget.DEFAULT_BUDGET) - 1) <= 0.1
+
+
+def test_an_explicit_budget_below_what_the_adapter_can_reach_is_refused_by_name():
+    model = leanlora.inject(tiny_llama(), dataclasses.replace(_config("dense", "gated", "float", "dense"), budget=0.1))
+    with pytest.raises(leanlora.ConfigError, match=r"adapter\.budget=0\.1 is below .* 0\.50.*adapter\.precision=learned"):
+        leanlora.budget.start(model, 8)
