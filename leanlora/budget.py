@@ -76,6 +76,7 @@ LORA_BITS = 16
 # their place in the removal order; far past saturation, so samples and the eval threshold agree
 KEPT, CLOSED, SPAN = 100.0, -300.0, 100.0
 PINNED = 50.0          # every gate beyond ±this: the adapter carries a frozen order
+BUDGET_TOLERANCE = 0.1  # the finalized cost is "on budget" within this relative distance
 KAPPA = 1.0            # dual step: λ gain per budget-relative gap held over the ramp
 
 
@@ -623,10 +624,11 @@ def start(model: nn.Module, total_steps: int, auto: bool = True) -> None:
 
 
 def _check_reachable(model: nn.Module, ctl: BudgetController, explicit: bool) -> None:
-    """A budget below the cheapest structure the gates allow would finalize above it: an explicit
-    one is refused, the default one is raised to that floor with a warning."""
+    """A budget that the cheapest structure the gates allow misses by more than the projection's
+    tolerance (10 %) would finalize above it: an explicit one is refused, the default one is raised
+    to that floor with a warning."""
     floor = floor_cost(model)
-    if ctl.budget >= floor * (1 - 1e-6):
+    if floor <= ctl.budget * (1 + BUDGET_TOLERANCE):
         return
     cfg = shared_state(model).config
     how = ("learn the bits (adapter.precision=learned)" if cfg.precision != "learned" else

@@ -356,7 +356,7 @@ class AdapterConfig:
     freeze comes early because in runs of a few hundred steps the gates hardly change the removal
     order, so the projection at the freeze sets the structure (often float factors to 4 bits in
     one step), and what the score depends on is how long the factors then train at that
-    structure; a freeze at 70 % left a short-run classifier near its majority class on one seed."""
+    structure."""
 
     def __post_init__(self, lora_alpha: float | None = None, lora_dropout: float | None = None) -> None:
         # alpha / dropout at their defaults count as not given, so the PEFT spelling alone sets them.
