@@ -253,3 +253,12 @@ def test_stored_tensor_dequantizes_and_counts_bytes():
     st.select_(torch.tensor([0, 2]), 0)
     assert st.shape == (2, 24)
     torch.testing.assert_close(st(), (codes.float() * scale)[[0, 2]])
+
+
+def test_a_member_of_one_number_keeps_its_own_peak():
+    """Stacked members that are one number each (a (G,) stack): no dim to reduce, one peak per member."""
+    from leanlora.precision.fixed import member_peak
+
+    w = torch.tensor([1.0, -3.0, 2.0])
+    torch.testing.assert_close(member_peak(w, ()), torch.tensor([1.0, 3.0, 2.0]))
+    torch.testing.assert_close(member_peak(w.reshape(3, 1), (1,)), torch.tensor([[1.0], [3.0], [2.0]]))

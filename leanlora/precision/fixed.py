@@ -28,8 +28,10 @@ def qmax(bits: int) -> int:
 
 
 def member_peak(w: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
-    """max|w| over ``dims`` (kept: one per group member), detached fp32, never 0."""
-    return w.detach().abs().amax(dims, keepdim=True).float().clamp_min(_TINY)
+    """max|w| over ``dims`` (kept: one per group member), detached fp32, never 0. No dims (a member
+    is one number) reduces nothing: torch's ``amax`` over ``()`` would reduce over every dim."""
+    peak = w.detach().abs()
+    return (peak.amax(dims, keepdim=True) if dims else peak).float().clamp_min(_TINY)
 
 
 def absmax_scale(w: torch.Tensor, bits: int, dims: tuple[int, ...] | None = None) -> torch.Tensor:
