@@ -451,9 +451,10 @@ def apply_pins(chains: list[Chain], pins: dict[str, torch.Tensor]) -> None:
         c.log_alpha.copy_(pins[c.name].to(c.log_alpha.device, c.log_alpha.dtype))
 
 
-def floor_cost(model: nn.Module) -> float:
-    """The smallest cost (over LoRA-16) the gates can reach: every removable component and bit level off."""
-    shapes, chains = gate_chains(model)
+def floor_cost(model: nn.Module, plan: CostPlan | None = None) -> float:
+    """The smallest cost (over LoRA-16) the gates can reach: every removable component and bit level
+    off. ``plan``: the model's gates already laid out (the controller's), instead of walking it again."""
+    shapes, chains = (plan.shapes, plan.chains) if plan is not None else gate_chains(model)
     st = _Structure(shapes, chains, [[0.0] * c.log_alpha.numel() for c in chains])
     for ci, c in enumerate(chains):
         for j in range(c.log_alpha.numel()):
@@ -627,7 +628,7 @@ def _check_reachable(model: nn.Module, ctl: BudgetController, explicit: bool) ->
     """A budget that the cheapest structure the gates allow misses by more than the projection's
     tolerance (10 %) would finalize above it: an explicit one is refused, the default one is raised
     to that floor with a warning."""
-    floor = floor_cost(model)
+    floor = floor_cost(model, ctl.plan(model))
     if floor <= ctl.budget * (1 + BUDGET_TOLERANCE):
         return
     cfg = shared_state(model).config
