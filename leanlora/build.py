@@ -63,7 +63,7 @@ def build_shared(config: AdapterConfig, device: torch.device | None) -> Shared:
 
         n = config.nested
         shared.rank_sampler = RankSampler(n.r_min, config.r, n.distribution, decay=n.decay, seed=n.seed,
-                                          device=device)
+                                          device=device, full_share=n.full_share)
     return shared
 
 

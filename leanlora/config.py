@@ -163,6 +163,11 @@ class NestedConfig:
     """rank used in eval mode; None means the full rank r."""
     decay: float = 0.8
     """geometric only: p(b) ∝ decay^(b - r_min), so rank r_min is drawn most often."""
+    full_share: float = 0.0
+    """share of the training steps drawn at the full rank r before the distribution above shares out
+    the rest (0: the distribution alone, as DyLoRA). Component i learns in the steps that draw b > i,
+    so under a uniform draw the last component learns in 1 / (r - r_min + 1) of them; a share here
+    gives the full-rank adapter more of the run at the price of the small ranks."""
     seed: int = 0
     """seed of the rank draws: b at step t depends only on (seed, t), the same in every process."""
     scale: Literal["sampled", "max", "sqrt"] = "sampled"
@@ -177,6 +182,8 @@ class NestedConfig:
         _require(self.eval_rank is None or self.eval_rank >= 1, "nested.eval_rank", self.eval_rank,
                  "must be None or >= 1")
         _require(0.0 < self.decay < 1.0, "nested.decay", self.decay, "must be in (0, 1)")
+        _require(0.0 <= self.full_share < 1.0, "nested.full_share", self.full_share,
+                 "must be in [0, 1) (every step at the full rank is ranks: fixed)")
 
 
 @dataclass(frozen=True)

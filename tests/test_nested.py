@@ -108,6 +108,17 @@ def test_uniform_and_geometric_distributions():
     assert RankSampler(1, 4).mean() == pytest.approx(2.5)
 
 
+def test_full_share_draws_the_full_rank_that_often_and_shares_the_rest_by_the_distribution():
+    p = rank_probabilities(1, 4, "uniform", full_share=0.5)
+    torch.testing.assert_close(p, torch.tensor([0.125, 0.125, 0.125, 0.625], dtype=torch.float64))
+    draws = collections.Counter(RankSampler(1, 4, full_share=0.5).draw(t) for t in range(4000))
+    assert abs(draws[4] / 4000 - 0.625) < 0.03 and all(abs(draws[k] / 4000 - 0.125) < 0.03 for k in (1, 2, 3))
+    model = nested_model(full_share=0.5)
+    assert model.leanlora_shared.rank_sampler.mean() == pytest.approx(0.5 * 8 + 0.5 * 4.5)
+    with pytest.raises(leanlora.ConfigError, match=r"nested.full_share=1.0 .*ranks: fixed"):
+        leanlora.NestedConfig(full_share=1.0)
+
+
 def _sgd_step_at(model, b: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """One SGD step (no momentum, no decay) at rank b; returns the factors from before it."""
     sampler = model.leanlora_shared.rank_sampler

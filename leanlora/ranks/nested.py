@@ -46,19 +46,25 @@ from leanlora.ranks.fixed import PrefixRanks, lora_scale
 DISTRIBUTIONS = ("uniform", "geometric")
 
 
-def rank_probabilities(r_min: int, r_max: int, distribution: str = "uniform", decay: float = 0.8) -> torch.Tensor:
+def rank_probabilities(r_min: int, r_max: int, distribution: str = "uniform", decay: float = 0.8,
+                       full_share: float = 0.0) -> torch.Tensor:
     """p_B over ranks r_min..r_max, shape (r_max - r_min + 1,), summing to 1.
 
     uniform:   p(b) = 1 / (r_max - r_min + 1)            (the DyLoRA code)
     geometric: p(b) ∝ decay^(b - r_min)                   (small ranks more often)
+    then:      p ← (1 - full_share) p + full_share [b = r_max]
     """
     n = r_max - r_min + 1
     if distribution == "uniform":
-        return torch.full((n,), 1.0 / n, dtype=torch.float64)
-    if distribution == "geometric":
+        p = torch.full((n,), 1.0 / n, dtype=torch.float64)
+    elif distribution == "geometric":
         p = torch.tensor([decay ** k for k in range(n)], dtype=torch.float64)
-        return p / p.sum()
-    raise ValueError(f"nested rank distribution={distribution!r} is unknown; allowed: {DISTRIBUTIONS}")
+        p = p / p.sum()
+    else:
+        raise ValueError(f"nested rank distribution={distribution!r} is unknown; allowed: {DISTRIBUTIONS}")
+    p = p * (1.0 - full_share)
+    p[-1] += full_share
+    return p
 
 
 class RankSampler(nn.Module):
@@ -70,12 +76,13 @@ class RankSampler(nn.Module):
     """
 
     def __init__(self, r_min: int, r_max: int, distribution: str = "uniform", decay: float = 0.8,
-                 seed: int = 0, device: torch.device | None = None) -> None:
+                 seed: int = 0, device: torch.device | None = None, full_share: float = 0.0) -> None:
         super().__init__()
         if not 1 <= r_min <= r_max:
             raise ValueError(f"nested ranks need 1 <= r_min <= r_max, got r_min={r_min}, r_max={r_max}")
         self.r_min, self.r_max, self.distribution, self.decay, self.seed = r_min, r_max, distribution, decay, seed
-        self.probs = rank_probabilities(r_min, r_max, distribution, decay)  # validates distribution
+        self.full_share = full_share
+        self.probs = rank_probabilities(r_min, r_max, distribution, decay, full_share)  # validates distribution
         self.current: int | None = None
         self.step: int | None = None
         # b on the device for the masked training forward; 0 until the first advance (a forward
@@ -105,7 +112,8 @@ class RankSampler(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"b in [{self.r_min}, {self.r_max}], {self.distribution}"
-                f"{f' decay={self.decay:g}' if self.distribution == 'geometric' else ''}, seed={self.seed}, "
+                f"{f' decay={self.decay:g}' if self.distribution == 'geometric' else ''}"
+                f"{f' full_share={self.full_share:g}' if self.full_share else ''}, seed={self.seed}, "
                 f"step={self.step}, b={self.current}")
 
 
