@@ -219,6 +219,7 @@ class CostPlan:
         self.nested = [c.nested for c in chains]
         self._sources, self.picks = _gate_sources(chains)
         self._device_tensors: dict[Any, dict[str, torch.Tensor]] = {}
+        self._pinned: tuple[int, list[torch.Tensor]] | None = None  # (id of the pins, each store's values)
 
     @classmethod
     def of(cls, model: nn.Module) -> "CostPlan":
@@ -254,6 +255,21 @@ class CostPlan:
         k = per_layer["rank"]
         bops = t["in_f"] * k * per_layer["a"] + k * t["out_f"] * per_layer["b"] + t["has_e"] * k * per_layer["e"]
         return ACT_BITS * bops.sum() / self.lora16
+
+
+    @torch.no_grad()
+    def pin(self, pins: dict[str, torch.Tensor]) -> None:
+        """Write ``pins`` (per chain name) into the gates: one copy for all stores, not one per chain
+        (a run re-pins every step after the freeze). Entries of a store outside every chain keep the
+        values they had when these pins were first written."""
+        stores = [owner.log_alpha for owner in self._sources]
+        if self._pinned is None or self._pinned[0] != id(pins):
+            flat = torch.cat([s.detach().reshape(-1).float() for s in stores])
+            picks = torch.tensor(self.picks, dtype=torch.long, device=flat.device)
+            flat[picks] = torch.cat([pins[c.name].reshape(-1).float() for c in self.chains]).to(flat.device)
+            values = [v.view_as(s).to(s.dtype) for v, s in zip(flat.split([s.numel() for s in stores]), stores)]
+            self._pinned = (id(pins), values)
+        torch._foreach_copy_([s.detach() for s in stores], self._pinned[1])
 
 
 def expected_cost(model: nn.Module) -> torch.Tensor:
@@ -533,7 +549,7 @@ class BudgetController:
         run computes what an uninterrupted one does)."""
         s, e, freeze = self.steps()
         if self.frozen:
-            apply_pins(self.plan(model).chains, self.pins)  # undo what Adam's momentum moved since
+            self.plan(model).pin(self.pins)  # undo what Adam's momentum moved since
             return
         if step >= freeze:
             self.freeze(model)

@@ -151,6 +151,25 @@ def test_the_order_nests_and_a_pinned_adapter_gives_its_order_back():
     assert bud.removal_order(model)[0] == order
 
 
+def test_after_the_freeze_each_advance_puts_every_gate_back_on_its_pin():
+    model = gated_bert(target_modules=("query", "key", "value", "dense"))  # stacked groups and a lone layer
+    ctl = bud.BudgetController(0.3, (0.05, 0.2, 0.25))
+    model.leanlora_shared.budget, ctl.total = ctl, 8
+    ctl.advance(model, 2)  # at the freeze: the projection sets the pins
+    chains = ctl.plan(model).chains
+    pinned = {c.name: c.log_alpha.detach().clone() for c in chains}
+    assert {c.name for c in chains} == set(ctl.pins)
+    for c in chains:
+        torch.testing.assert_close(pinned[c.name], ctl.pins[c.name])
+    with torch.no_grad():  # what Adam's momentum does to gates after the freeze
+        for _, p in leanlora.trainable_parameters(model):
+            p.add_(0.01)
+    for step in (3, 4):
+        ctl.advance(model, step)
+        for c in chains:
+            assert torch.equal(c.log_alpha.detach(), pinned[c.name]), c.name
+
+
 # --- the loop ---------------------------------------------------------------------------------------
 
 

@@ -261,20 +261,29 @@ def refresh_pieces(model: nn.Module, args: tuple) -> None:
     if not _grouped_forward(model, shared):
         return
     with torch.profiler.record_function("leanlora: group pieces"):
+        live = []
         for group in shared.groups:
             first = next((m for m in group.members if m is not None), None)
             if first is not None:
                 group.cast = activation_dtype(first)  # the base may have been cast since inject
-                for layer, pieces in zip(group.members, _split(_run(group, shared), len(group.members))):
-                    if layer is not None:
-                        layer.__dict__["pieces"] = pieces
+                live.append(group)
+        compiled = tuple(g for g in live if g.compiled is not None)
+        done = dict(zip(map(id, compiled), _run(compiled, shared))) if compiled else {}
+        for group in live:
+            outs = done.get(id(group)) or group.pieces()
+            for layer, pieces in zip(group.members, _split(outs, len(group.members))):
+                if layer is not None:
+                    layer.__dict__["pieces"] = pieces
 
 
-def _run(group: AdapterGroup, shared: nn.Module) -> tuple:
-    if group.compiled is None:
-        return group.pieces()
+def _pieces_of(groups: tuple[AdapterGroup, ...]) -> tuple:
+    return tuple(g.pieces() for g in groups)
+
+
+def _run(groups: tuple[AdapterGroup, ...], shared: nn.Module) -> tuple:
+    """Every compiled group's pieces in one compiled call: one graph, one autograd node for all."""
     try:
-        return group.compiled()
+        return groups[0].compiled(groups)
     except Exception as err:
         from leanlora.train.compile_errors import is_compile_error, root_cause
 
@@ -282,13 +291,15 @@ def _run(group: AdapterGroup, shared: nn.Module) -> tuple:
             raise
         warnings.warn(f"leanlora: compiling the grouped adapter pieces failed ({root_cause(err)}); "
                       "they are computed eagerly", RuntimeWarning, stacklevel=3)
-        for other in shared.groups:  # the same compiler would fail for every group: say it once
+        for other in shared.groups:
             other.compiled = None
-        return group.pieces()
+        return _pieces_of(groups)
 
 
 def compile_pieces(model: nn.Module, compile_mode: str | None = "default", backend="inductor") -> None:
-    """Compile each group's pieces (``None``: eager again); the compiled training path calls this.
+    """Compile the pieces of every group that computes any (``None``: eager again) as one function,
+    so that a step pays one compiled call and one backward node for all groups; the compiled
+    training path calls this.
 
     Under CUDA graphs ("reduce-overhead") the members compute their own pieces instead: grouped
     pieces would be graph inputs whose gradients outlive the layer graphs that produce them,
@@ -298,6 +309,6 @@ def compile_pieces(model: nn.Module, compile_mode: str | None = "default", backe
     if shared is None:
         return
     shared.off_for_graphs = compile_mode == "reduce-overhead"
+    fn = None if compile_mode is None else torch.compile(_pieces_of, backend=backend, fullgraph=True, dynamic=False)
     for group in shared.groups:
-        group.compiled = None if compile_mode is None or not group.does_work() else torch.compile(
-            group.pieces, backend=backend, fullgraph=True, dynamic=False)
+        group.compiled = fn if group.does_work() else None
