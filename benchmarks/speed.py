@@ -104,6 +104,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--lean-liger-kernels", action="store_true",
                     help="leanlora rows: Liger-Kernel's RMSNorm, SwiGLU and RoPE on the base model before inject "
                          "(the loss stays --lean-fused-loss's): to measure whether they beat inductor's fusions")
+    ap.add_argument("--budget-phase", choices=("frozen", "ramp"), default="frozen",
+                    help="leanlora rows with a budget: time the steps after its freeze or during its ramp")
     ap.add_argument("--profile", default="", help="comma list of row-name substrings to profile for one extra step")
     ap.add_argument("--cprofile", default="",
                     help="comma list of row-name substrings: run --steps more steps of those rows under cProfile "
@@ -245,9 +247,12 @@ def run_row(row: str, args, device, ids, floor_tps: float) -> dict:
         import leanlora
 
         # as `leanlora train` does: "auto" gives a gated adapter its budget controller (not under a
-        # whole-step CUDA graph). A run twice as long as the steps run here puts the timed steps in
-        # the budget's ramp (λ acting every step) and its one-off freeze after them.
-        leanlora.budget.start(model, 2 * (args.warmup + 2 + args.steps), auto=mode != "graphed")
+        # whole-step CUDA graph). The run length puts every timed step after the freeze (where a run
+        # spends three quarters of its steps; the one-off projection falls in the warm-up), or, with
+        # --budget-phase ramp, before it (λ acting every step).
+        ran = args.warmup + 2 + args.steps
+        total = 2 * args.warmup + 2 if args.budget_phase == "frozen" else 5 * ran  # freeze at a quarter of it
+        leanlora.budget.start(model, total, auto=mode != "graphed")
     if prior:
         import leanlora
 
