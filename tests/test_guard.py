@@ -8,7 +8,8 @@ import random
 import pytest
 
 import leanlora
-from leanlora.train.guard import check, likely_cause, stall_warning, standard_error, task_verdict
+from leanlora.train.guard import (BANK_EXAMPLES_NEEDED, check, likely_cause, short_run_notice, stall_warning,
+                                  standard_error, task_verdict)
 from leanlora.train.metrics import classification_metrics, regression_metrics
 
 
@@ -98,3 +99,28 @@ def test_task_verdict_reads_the_dev_labels_of_a_task():
     assert task_verdict(Task(), {"accuracy": 0.7}) is None  # the metric was not scored
     Task.eval = []
     assert task_verdict(Task(), {"matthews": 0.0}) is None   # no dev set
+
+
+def test_a_vb_lora_run_shorter_than_it_needs_is_told_at_its_start_with_the_steps_it_needs():
+    bank = leanlora.AdapterConfig(factors="bank")
+    text = short_run_notice(bank, steps=126, examples_per_step=32)
+    need = math.ceil(BANK_EXAMPLES_NEEDED / 32)
+    assert "126 steps" in text and f"{need} steps here" in text and "train.max_steps" in text
+    assert f"{math.ceil(BANK_EXAMPLES_NEEDED / 64)} steps here" in short_run_notice(bank, 126, 64)
+    assert short_run_notice(bank, steps=need, examples_per_step=32) is None          # long enough
+    for other in (leanlora.AdapterConfig(), leanlora.AdapterConfig(ranks="nested"),
+                  leanlora.AdapterConfig(ranks="gated", precision="learned")):
+        assert short_run_notice(other, steps=10, examples_per_step=8) is None        # no known need
+
+
+def test_the_training_loop_prints_the_notice_when_the_run_starts(tmp_path):
+    from conftest import minilm_dir
+    from leanlora.train.loop import train
+    from leanlora.train.runconfig import load_run_config
+    from train_fixtures import classification_yaml, tiny_bert_dir
+
+    config = classification_yaml(tmp_path, tiny_bert_dir(tmp_path, minilm_dir()), max_steps=2, eval_every=2)
+    lines: list[str] = []
+    train(load_run_config(config, ["adapter.factors=bank", "adapter.bank.vector_length=8"]), tmp_path / "run",
+          progress=False, log=lines.append)
+    assert any("adapter.factors=bank (VB-LoRA) learns more slowly" in line and "2 steps" in line for line in lines)

@@ -43,7 +43,7 @@ from leanlora.train.finite import FiniteGuard, TrainingDiverged, advice
 from leanlora.train.fused_loss import configure as configure_fused_loss
 from leanlora.train.head import require_saved_head
 from leanlora.train.lr_schedule import advance_schedule, build_scheduler
-from leanlora.train.guard import stall_warning, task_verdict
+from leanlora.train.guard import short_run_notice, stall_warning, task_verdict
 from leanlora.train.models import load_model, load_tokenizer
 from leanlora.train.precision import check_trainable_dtype, optimizer_step, resolve_precision
 from leanlora.train.resume import check_total, resume_config, retune
@@ -244,6 +244,9 @@ def _plan(run: RunConfig, run_dir: Path, model: nn.Module, wrapped: nn.Module, t
         log("warning: train.max_grad_norm=0 with adapter.ranks=nested: steps that draw a small rank scale "
             "the update by alpha / b and can throw gradient spikes that stall a short run; "
             "train.max_grad_norm=1.0 (the default) clips them")
+    notice = short_run_notice(run.adapter, total, tc.batch_size * tc.grad_accum)  # batch_size: all ranks together
+    if notice:
+        log(notice)
     groups = leanlora.param_groups(model, tc.lr, tc.weight_decay)
     check_trainable_dtype(precision, groups)
     optimizer = adamw(groups, lr=tc.lr)
