@@ -78,6 +78,8 @@ METHODS = {
                                overrides={"nested": {"scale": "max"}}),
     "lean_qdylora_sqrt": Method("leanlora QDyLoRA, scale alpha/sqrt(b r)", "leanlora", axes=("nf4", "nested"),
                                 overrides={"nested": {"scale": "sqrt"}}),
+    "lean_qdylora_uniform": Method("leanlora QDyLoRA, DyLoRA's uniform draw (full_share 0)", "leanlora",
+                                   axes=("nf4", "nested"), overrides={"nested": {"full_share": 0.0}}),
     "lean_qdylora_full50": Method("leanlora QDyLoRA, half the steps at the full rank", "leanlora",
                                   axes=("nf4", "nested"), overrides={"nested": {"full_share": 0.5}}),
     "lean_dylora_full50": Method("leanlora DyLoRA, half the steps at the full rank", "leanlora",

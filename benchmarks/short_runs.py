@@ -36,7 +36,7 @@ from quality import TARGETS, TASKS, encode, read_task, take  # noqa: E402
 
 # The defaults before this change, pinned so that the table can set old beside new.
 OLD_BANK = {"bank_lr": 1e-3, "logits_lr": 1e-2, "logits_init_std": 0.01, "scaled": False}
-OLD_NESTED = {"scale": "sampled"}  # unchanged: alpha / r was measured and not adopted
+OLD_NESTED = {"scale": "sampled", "full_share": 0.0}  # DyLoRA's uniform draw (alpha / r was measured and not adopted)
 
 # name -> (axes, {sub-config name: overrides}); axes as in benchmarks/adapters.py
 VARIANTS: dict[str, tuple[tuple[str, ...], dict]] = {

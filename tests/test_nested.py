@@ -190,9 +190,12 @@ def test_prune_keeps_the_update_at_the_chosen_rank(scale):
 
 
 def test_expected_rank_is_the_distribution_mean_in_training():
-    model = nested_model(r_min=2)
+    model = nested_model(r_min=2, full_share=0.0)
     model.train()
     assert leanlora.gate_summary(model)["rank"] == pytest.approx(5.0)
+    model = nested_model(r_min=2)  # by default half the steps draw the full rank
+    model.train()
+    assert leanlora.gate_summary(model)["rank"] == pytest.approx(0.5 * 8 + 0.5 * 5.0)
     model.eval()
     assert leanlora.gate_summary(model)["rank"] == 8
 

@@ -1,6 +1,7 @@
 """Nested ranks (DyLoRA, QDyLoRA): train every rank 1..r at once by truncating at a sampled b.
 
     training step t:  b_t ~ p_B over {r_min..r_max}, one draw shared by every layer
+                      p_B = full_share · [b = r_max] + (1 - full_share) · uniform (or geometric)
     forward:          h = W0 x + s · B[:, :b] A[:b] x
     eval:             the same at b = the rank set by ``set_rank`` (default ``eval_rank`` or r)
 
@@ -24,7 +25,10 @@ rank's at b = 1, and on a regression loss those steps throw gradient spikes far 
 unclipped, they can hold the loss on a plateau for most of a short run.
 
 Components are ordered: component i is trained whenever b > i, so the first ones learn the most
-and any prefix is a usable adapter. One trained adapter therefore yields an adapter at every
+and any prefix is a usable adapter. Under DyLoRA's uniform draw the full rank, the adapter used
+unless a sweep picks another, trains in only 1/r of the steps, and in short runs it ends below the
+middle ranks and, in some seeds, at the majority class; so by default half the steps draw it
+(``nested.full_share``, see :class:`leanlora.config.NestedConfig`). One trained adapter therefore yields an adapter at every
 rank, picked after training by a sweep (:mod:`leanlora.reports.sweep`).
 
 "Frozen" mode (``frozen=True``) is what the released DyLoRA training callback runs: in a step at
