@@ -28,8 +28,8 @@ Components are ordered: component i is trained whenever b > i, so the first ones
 and any prefix is a usable adapter. Under DyLoRA's uniform draw the full rank, the adapter used
 unless a sweep picks another, trains in only 1/r of the steps, and in short runs it ends below the
 middle ranks and, in some seeds, at the majority class; so by default half the steps draw it
-(``nested.full_share``, see :class:`leanlora.config.NestedConfig`). One trained adapter therefore yields an adapter at every
-rank, picked after training by a sweep (:mod:`leanlora.reports.sweep`).
+(``nested.full_share``, see :class:`leanlora.config.NestedConfig`). One trained adapter therefore
+yields an adapter at every rank, picked after training by a sweep (:mod:`leanlora.reports.sweep`).
 
 "Frozen" mode (``frozen=True``) is what the released DyLoRA training callback runs: in a step at
 rank b only component b-1 (row b-1 of A, column b-1 of B) receives a gradient; components

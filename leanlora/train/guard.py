@@ -81,10 +81,10 @@ def check(metric: str, score: float, labels: Sequence[float], regression: bool, 
 
 
 BANK_EXAMPLES_NEEDED = 1600 * 32
-"""Training examples (optimizer steps x examples a step) that VB-LoRA with its default bank needed
-to come within 2 points of LoRA trained for half as long on CoLA (MiniLM, batch 32; the runs are
-in BENCHMARKS.md). VB-LoRA composes both factors from a bank that starts near zero, so its update
-grows more slowly than LoRA's; on RTE it stayed below LoRA even at four times LoRA's steps."""
+"""Training examples (optimizer steps x examples a step) below which VB-LoRA with its default bank
+is not expected to reach a LoRA trained half as long. Both factors are composed from a bank that
+starts near zero, so the update grows more slowly than LoRA's, and a short run ends before the
+model moves; on some tasks a longer run does not close the gap either."""
 
 
 def likely_cause(config: AdapterConfig) -> str:
@@ -93,11 +93,11 @@ def likely_cause(config: AdapterConfig) -> str:
         return ("VB-LoRA builds every factor from one small shared bank, and its update grows from "
                 "near zero through the product of two bank-made factors, so it needs more steps than "
                 f"LoRA before the model moves: train longer (train.epochs / train.max_steps; about "
-                f"{BANK_EXAMPLES_NEEDED:,} examples on CoLA), or use adapter.factors=dense")
+                f"{BANK_EXAMPLES_NEEDED:,} examples), or use adapter.factors=dense")
     if config.ranks == "nested":
         return ("nested ranks train the full rank only in the steps that draw it, so it sees fewer "
                 "updates than a LoRA of the same length: train longer (train.epochs / train.max_steps), "
-                "give the full rank a share of the steps (adapter.nested.full_share=0.5), or compare the "
+                "give the full rank a larger share of the steps (raise adapter.nested.full_share), or compare the "
                 "smaller ranks with `leanlora sweep`")
     if config.is_gated:
         return ("the rank and bit gates may have closed before the task was learned: lower the prior's "
@@ -113,9 +113,9 @@ def short_run_notice(config: AdapterConfig, steps: int, examples_per_step: int) 
         return None
     need = math.ceil(BANK_EXAMPLES_NEEDED / max(examples_per_step, 1))
     return (f"note: adapter.factors=bank (VB-LoRA) learns more slowly than LoRA: this run trains {steps} steps "
-            f"of {examples_per_step} examples; on CoLA VB-LoRA needed about {BANK_EXAMPLES_NEEDED:,} examples "
+            f"of {examples_per_step} examples; VB-LoRA needs about {BANK_EXAMPLES_NEEDED:,} examples "
             f"({need} steps here) to come within 2 points of a LoRA trained half as long, and on some tasks "
-            "(RTE) more steps did not close the gap. Set train.max_steps / train.epochs higher, or "
+            "more steps do not close the gap. Set train.max_steps / train.epochs higher, or "
             "adapter.factors=dense for LoRA")
 
 
