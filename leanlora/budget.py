@@ -56,7 +56,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -111,21 +111,12 @@ class LayerShape:
     has_e: bool = False
 
 
-def _quant_chain(name: str, i: int, kind: str, q: nn.Module) -> Chain | None:
-    from leanlora.precision.learned import LearnedBits
-
-    if not isinstance(q, LearnedBits):
-        return None
-    steps = tuple(float(b - a) for a, b in zip(q.bit_set, q.bit_set[1:]))
-    return Chain(f"{name}.{'quant_' + kind if kind != 'e' else 'ranks.quant_e'}.log_alpha", i, kind, q, True, steps)
-
-
 def gate_chains(model: nn.Module) -> tuple[list[LayerShape], list[Chain]]:
     """Every adapted layer's shape and every gate chain the budget can act on."""
+    from leanlora.precision.learned import LearnedBits
     from leanlora.ranks.gated import GatedRanks
 
-    shapes: list[LayerShape] = []
-    chains: list[Chain] = []
+    shapes, chains = [], []
     r = shared_state(model).config.r
     for i, (name, layer) in enumerate(adapted_layers(model)):
         ranks = layer.ranks
@@ -135,15 +126,14 @@ def gate_chains(model: nn.Module) -> tuple[list[LayerShape], list[Chain]]:
                            has_e=qe is not None)
         if gated and ranks.log_alpha.numel():
             chains.append(Chain(f"{name}.ranks.log_alpha", i, "rank", ranks, ranks.nested))
-        for kind, q in (("a", layer.quant_a), ("b", layer.quant_b), ("e", qe)):
-            if q is None:
-                continue
-            chain = _quant_chain(name, i, kind, q)
-            if chain is None:
-                shape.bits[kind] = float(q.bits())
-            else:
+        quantizers = (("a", layer.quant_a, "quant_a"), ("b", layer.quant_b, "quant_b"), ("e", qe, "ranks.quant_e"))
+        for kind, q, path in quantizers:
+            if isinstance(q, LearnedBits):
                 shape.base_bits[kind] = float(q.bit_set[0])
-                chains.append(chain)
+                steps = tuple(float(b - a) for a, b in zip(q.bit_set, q.bit_set[1:]))
+                chains.append(Chain(f"{name}.{path}.log_alpha", i, kind, q, True, steps))
+            elif q is not None:
+                shape.bits[kind] = float(q.bits())
         shapes.append(shape)
     return shapes, chains
 
@@ -151,13 +141,6 @@ def gate_chains(model: nn.Module) -> tuple[list[LayerShape], list[Chain]]:
 def lora16_bops(shapes: list[LayerShape]) -> int:
     """BOPs of a plain LoRA of the same modules at rank r with 16-bit factors."""
     return sum((s.in_f + s.out_f) * s.r * LORA_BITS * ACT_BITS for s in shapes)
-
-
-def _layer_bops(s: LayerShape, k, bits: dict[str, Any]):
-    bops = s.in_f * k * bits["a"] + k * s.out_f * bits["b"]
-    if s.has_e:
-        bops = bops + k * bits["e"]
-    return ACT_BITS * bops
 
 
 # --- expected cost (differentiable) -----------------------------------------------------------
@@ -171,19 +154,16 @@ def _gate_sources(chains: list[Chain]) -> tuple[list[nn.Module], list[int]]:
     A grouped layer's gates are a row of its group's stacked ``log_alpha`` (:mod:`leanlora.groups`):
     the stack is read once per expression instead of one row at a time.
     """
-    sources: dict[int, tuple[int, nn.Module]] = {}
-    offsets: list[int] = []
+    sources: dict[int, tuple[int, nn.Module]] = {}  # id of each holder -> (its offset, the holder)
     picks: list[int] = []
     total = 0
     for c in chains:
         holder, row = row_of(c.owner, "log_alpha")
         if id(holder) not in sources:
-            sources[id(holder)] = (len(offsets), holder)
-            offsets.append(total)
+            sources[id(holder)] = (total, holder)
             total += holder.log_alpha.numel()
-        start = offsets[sources[id(holder)][0]]
         width = c.log_alpha.numel()
-        first = start + (0 if row is None else row * width)
+        first = sources[id(holder)][0] + (0 if row is None else row * width)
         picks.extend(range(first, first + width))
     return [holder for _, holder in sources.values()], picks
 
@@ -204,44 +184,37 @@ class CostPlan:
     def __init__(self, shapes: list[LayerShape], chains: list[Chain]) -> None:
         self.shapes, self.chains = shapes, chains
         self.lora16 = lora16_bops(shapes)
+        self._sources, picks = _gate_sources(chains)
+        sizes = [c.log_alpha.numel() for c in chains]
+        self.width = max(sizes, default=0)
         rank_gated = {c.layer for c in chains if c.kind == "rank"}
-        self.fixed = {"rank": [1.0 if i in rank_gated else float(s.rank) for i, s in enumerate(shapes)]}
+        floats = {key: [float(getattr(s, key)) for s in shapes] for key in ("in_f", "out_f", "has_e")}
+        floats.update(rank=[1.0 if i in rank_gated else float(s.rank) for i, s in enumerate(shapes)],
+                      weights=[[float(w) for w in (c.steps or (1.0,) * n)] + [0.0] * (self.width - n)
+                               for c, n in zip(chains, sizes)])
         for kind in ("a", "b", "e"):
-            self.fixed[kind] = [s.bits.get(kind, s.base_bits.get(kind, 0.0)) for s in shapes]
-        self.in_f = [float(s.in_f) for s in shapes]
-        self.out_f = [float(s.out_f) for s in shapes]
-        self.has_e = [1.0 if s.has_e else 0.0 for s in shapes]
-        self.width = max((c.log_alpha.numel() for c in chains), default=0)
-        self.rows = [i for i, c in enumerate(chains) for _ in range(c.log_alpha.numel())]
-        self.cols = [j for c in chains for j in range(c.log_alpha.numel())]
-        self.weights = [[float(w) for w in (c.steps or (1.0,) * c.log_alpha.numel())] + [0.0] * (self.width - c.log_alpha.numel())
-                        for c in chains]
-        self.nested = [c.nested for c in chains]
-        self._sources, self.picks = _gate_sources(chains)
+            floats[kind] = [s.bits.get(kind, s.base_bits.get(kind, 0.0)) for s in shapes]
+        indices = {"picks": picks, "rows": [i for i, n in enumerate(sizes) for _ in range(n)],
+                   "cols": [j for n in sizes for j in range(n)]}
+        for kind in _KINDS:  # which chains feed which layer's E[k] or E[b], as indices (masks would sync)
+            indices[f"chains_{kind}"] = [i for i, c in enumerate(chains) if c.kind == kind]
+            indices[f"layers_{kind}"] = [c.layer for c in chains if c.kind == kind]
+        # host lists by the dtype of their device tensors (nested: one row per chain)
+        nested = {"nested": [[c.nested] for c in chains]}
+        self._host = ((floats, torch.float32), (indices, torch.long), (nested, torch.bool))
         self._device_tensors: dict[Any, dict[str, torch.Tensor]] = {}
         self._pinned: tuple[int, list[torch.Tensor]] | None = None  # (id of the pins, each store's values)
 
-    @classmethod
-    def of(cls, model: nn.Module) -> "CostPlan":
-        return cls(*gate_chains(model))
-
     def _tensors(self, device: torch.device) -> dict[str, torch.Tensor]:
         if device not in self._device_tensors:  # host lists become device tensors once per device
-            as_t = lambda v, dtype=torch.float32: torch.tensor(v, dtype=dtype, device=device)  # noqa: E731
-            t = {k: as_t(v) for k, v in self.fixed.items()}
-            t.update(in_f=as_t(self.in_f), out_f=as_t(self.out_f), has_e=as_t(self.has_e), picks=as_t(self.picks, torch.long),
-                     rows=as_t(self.rows, torch.long), cols=as_t(self.cols, torch.long),
-                     weights=as_t(self.weights), nested=as_t(self.nested, torch.bool).reshape(-1, 1))
-            for kind in _KINDS:  # which chains feed which layer's E[k] or E[b], as indices (masks would sync)
-                t[f"chains_{kind}"] = as_t([i for i, c in enumerate(self.chains) if c.kind == kind], torch.long)
-                t[f"layers_{kind}"] = as_t([c.layer for c in self.chains if c.kind == kind], torch.long)
-            self._device_tensors[device] = t
+            self._device_tensors[device] = {k: torch.tensor(v, dtype=dtype, device=device)
+                                            for values, dtype in self._host for k, v in values.items()}
         return self._device_tensors[device]
 
     def expected(self) -> torch.Tensor:
         """E[BOPs] / LoRA-16 BOPs (a scalar with a gradient to every gate)."""
         if not self.chains:
-            return torch.tensor(sum(_layer_bops(s, float(s.rank), s.bits) for s in self.shapes) / self.lora16)
+            return torch.tensor(_Structure(self.shapes, []).cost)  # the fixed structure's thresholded cost
         device = self.chains[0].log_alpha.device
         t = self._tensors(device)
         # every group's stacked gates read once, then each chain's row picked out in chain order
@@ -277,7 +250,7 @@ def expected_cost(model: nn.Module) -> torch.Tensor:
     ``E[k] = 1 + Σ_i q_1···q_i`` (nested rank gates; ``Σ_i q_i`` when independent) and
     ``E[b] = b_0 + Σ_j q_1···q_j (b_j - b_{j-1})`` per layer, summed as :mod:`leanlora.cost` sums BOPs
     (:class:`CostPlan`)."""
-    plan = CostPlan.of(model)
+    plan = CostPlan(*gate_chains(model))
     cost = plan.expected()
     if not plan.chains:  # nothing gated: a constant, on the model's device
         cost = cost.to(next((p.device for p in model.parameters()), None))
@@ -287,8 +260,7 @@ def expected_cost(model: nn.Module) -> torch.Tensor:
 # --- the global order and the projection ------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Item:
+class Item(NamedTuple):
     chain: int      # index into the chains
     index: int      # gate index within the chain
 
@@ -296,19 +268,23 @@ class Item:
 class _Structure:
     """Open items per chain and the thresholded cost of that structure, as items are removed."""
 
-    def __init__(self, shapes: list[LayerShape], chains: list[Chain], logits: list[list[float]]) -> None:
-        self.shapes, self.chains, self.logits = shapes, chains, logits
-        self.open = [[True] * len(lg) for lg in logits]
+    def __init__(self, shapes: list[LayerShape], chains: list[Chain]) -> None:
+        self.shapes, self.chains = shapes, chains
+        self.open = [[True] * c.log_alpha.numel() for c in chains]
         self.k = [float(s.rank) for s in shapes]
         self.bits = [dict(s.bits) for s in shapes]
-        for ci, c in enumerate(chains):
+        for c in chains:
             if c.kind != "rank":
                 self.bits[c.layer][c.kind] = shapes[c.layer].base_bits[c.kind] + sum(c.steps)
         self.lora = lora16_bops(shapes)
         self.bops = sum(self.layer_bops(i) for i in range(len(shapes)))
 
     def layer_bops(self, i: int) -> float:
-        return float(_layer_bops(self.shapes[i], self.k[i], self.bits[i]))
+        s, k, bits = self.shapes[i], self.k[i], self.bits[i]
+        bops = s.in_f * k * bits["a"] + k * s.out_f * bits["b"]
+        if s.has_e:
+            bops = bops + k * bits["e"]
+        return float(ACT_BITS * bops)
 
     def price(self, item: Item) -> float:
         c = self.chains[item.chain]
@@ -320,11 +296,8 @@ class _Structure:
 
     def candidates(self, ci: int) -> list[Item]:
         """Items of chain ``ci`` that may go next: the last open one when nested, any open one otherwise."""
-        flags = self.open[ci]
-        if self.chains[ci].nested:
-            last = max((j for j, on in enumerate(flags) if on), default=None)
-            return [] if last is None else [Item(ci, last)]
-        return [Item(ci, j) for j, on in enumerate(flags) if on]
+        items = [Item(ci, j) for j, on in enumerate(self.open[ci]) if on]
+        return items[-1:] if self.chains[ci].nested else items
 
     def remove(self, item: Item) -> None:
         c = self.chains[item.chain]
@@ -347,8 +320,8 @@ def _fro2(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def _layer_distortions(layer: nn.Module, chains: list[tuple[int, Chain]]) -> dict[tuple[int, int], float]:
-    """scale·‖ΔW - ΔW'‖_F of removing each item of this layer's chains from the full structure."""
+def _layer_distortions(layer: nn.Module, chains: list[Chain], picked: list[int]) -> dict[Item, float]:
+    """scale·‖ΔW - ΔW'‖_F of removing each item of this layer's chains (``picked``) from the full structure."""
     from leanlora.layer import _eval_mode
     from leanlora.precision.learned import level_values
 
@@ -357,39 +330,27 @@ def _layer_distortions(layer: nn.Module, chains: list[tuple[int, Chain]]) -> dic
         ranks = layer.ranks
         e = ranks.E.detach().float() if getattr(ranks, "E", None) is not None else torch.ones(a.shape[0])
         scale = float(ranks.select(a, b)[3])  # eval mode: the full structure's scale
+        full = {"a": a, "b": b, "e": e}
         levels = {}
-        for kind, q, w in (("a", layer.quant_a, a), ("b", layer.quant_b, b), ("e", ranks.diag_quantizer(), e)):
+        for kind, q in (("a", layer.quant_a), ("b", layer.quant_b), ("e", ranks.diag_quantizer())):
             if q is not None and hasattr(q, "bit_set"):
+                w = full[kind]
                 levels[kind] = level_values(w, q.x_max(w), q._steps, q._qmax, q.has_float, False)
-        a_top, b_top = levels["a"][-1] if "a" in levels else a, levels["b"][-1] if "b" in levels else b
-        e_top = levels["e"][-1] if "e" in levels else e
+        a_top, b_top, e_top = (levels[kind][-1] if kind in levels else full[kind] for kind in ("a", "b", "e"))
         bd = b_top * e_top.to(b_top.device)                                   # B D (out, r)
         out = {}
-        for ci, c in chains:
+        for ci in picked:
+            c = chains[ci]
             for j in range(c.log_alpha.numel()):
                 if c.kind == "rank":  # gate j closes component j + 1
-                    i = j + 1
-                    d2 = float(bd[:, i].norm() ** 2 * a_top[i].norm() ** 2)
-                else:
+                    d2 = float(bd[:, j + 1].norm() ** 2 * a_top[j + 1].norm() ** 2)
+                else:  # ‖x y‖_F² of the factors with level j + 1 of this quantizer's tensor dropped to level j
                     step = levels[c.kind][j + 1] - levels[c.kind][j]
                     if c.kind == "a":
                         d2 = _fro2(bd, step)
-                    elif c.kind == "b":
-                        d2 = _fro2(step * e_top, a_top)
                     else:
-                        d2 = _fro2(b_top * step, a_top)
-                out[(ci, j)] = scale * math.sqrt(max(d2, 0.0))
-    return out
-
-
-def _distortions(model: nn.Module, chains: list[Chain]) -> dict[tuple[int, int], float]:
-    per_layer: dict[int, list[tuple[int, Chain]]] = {}
-    for ci, c in enumerate(chains):
-        per_layer.setdefault(c.layer, []).append((ci, c))
-    out: dict[tuple[int, int], float] = {}
-    for i, (_, layer) in enumerate(adapted_layers(model)):
-        if i in per_layer:
-            out.update(_layer_distortions(layer, per_layer[i]))
+                        d2 = _fro2(step * e_top if c.kind == "b" else b_top * step, a_top)
+                out[Item(ci, j)] = scale * math.sqrt(max(d2, 0.0))
     return out
 
 
@@ -402,36 +363,35 @@ def removal_order(model: nn.Module) -> tuple[list[Item], list[float], float, lis
     """(items in removal order, cost after each removal, full cost, chains): see the module docstring."""
     shapes, chains = gate_chains(model)
     logits = [c.log_alpha.detach().float().cpu().tolist() for c in chains]
-    st = _Structure(shapes, chains, logits)
+    st = _Structure(shapes, chains)
     full = st.cost
-    if is_pinned(chains):  # the frozen order, read back from the values
-        st.key = lambda item: st.logits[item.chain][item.index]
-    else:
-        dist = _distortions(model, chains)
-        st.key = lambda item: (st.logits[item.chain][item.index] + math.log(dist[(item.chain, item.index)] + 1e-12)
-                               - math.log(max(st.price(item), 1e-30)))
     by_layer: dict[int, list[int]] = {}
     for ci, c in enumerate(chains):
         by_layer.setdefault(c.layer, []).append(ci)
-    best: dict[int, tuple[float, int, Item] | None] = {}
+    if is_pinned(chains):  # the frozen order, read back from the values
+        key = lambda item: logits[item.chain][item.index]  # noqa: E731
+    else:
+        dist: dict[Item, float] = {}
+        for i, (_, layer) in enumerate(adapted_layers(model)):
+            if i in by_layer:
+                dist.update(_layer_distortions(layer, chains, by_layer[i]))
+        key = lambda item: (logits[item.chain][item.index] + math.log(dist[item] + 1e-12)  # noqa: E731
+                            - math.log(max(st.price(item), 1e-30)))
 
-    def refresh(layer: int) -> None:  # prices change within a layer only
-        options = [(st.key(it), it.chain, it) for ci in by_layer[layer] for it in st.candidates(ci)]
-        best[layer] = min(options, key=lambda o: (o[0], o[1], -o[2].index)) if options else None
+    def best(layer: int) -> tuple[float, int, int, Item] | None:
+        """The layer's next item, with its sort key (ties: lower chain, then later gate); prices change
+        within a layer only."""
+        return min(((key(it), it.chain, -it.index, it) for ci in by_layer[layer] for it in st.candidates(ci)),
+                   default=None)
 
-    for layer in by_layer:
-        refresh(layer)
+    heads = {layer: best(layer) for layer in by_layer}
     order, costs = [], []
-    while True:
-        live = [(v[0], v[1], -v[2].index, layer) for layer, v in best.items() if v is not None]
-        if not live:
-            break
-        layer = min(live)[3]
-        item = best[layer][2]
+    while live := [head for head in heads.values() if head is not None]:
+        item = min(live)[3]
         st.remove(item)
         order.append(item)
         costs.append(st.cost)
-        refresh(layer)
+        heads[chains[item.chain].layer] = best(chains[item.chain].layer)
     return order, costs, full, chains
 
 
@@ -443,9 +403,8 @@ def closed_items(order: list[Item], costs: list[float], full: float, budget: flo
     """
     if full <= budget:
         return []
-    for n, cost in enumerate(costs, start=1):
+    for n, (before, cost) in enumerate(zip([full, *costs], costs), start=1):
         if cost <= budget:
-            before = full if n == 1 else costs[n - 2]
             return order[:n] if budget - cost <= before - budget else order[:n - 1]
     return list(order)
 
@@ -470,7 +429,7 @@ def floor_cost(model: nn.Module, plan: CostPlan | None = None) -> float:
     """The smallest cost (over LoRA-16) the gates can reach: every removable component and bit level
     off. ``plan``: the model's gates already laid out (the controller's), instead of walking it again."""
     shapes, chains = (plan.shapes, plan.chains) if plan is not None else gate_chains(model)
-    st = _Structure(shapes, chains, [[0.0] * c.log_alpha.numel() for c in chains])
+    st = _Structure(shapes, chains)
     for ci, c in enumerate(chains):
         for j in range(c.log_alpha.numel()):
             st.remove(Item(ci, j))
@@ -511,7 +470,7 @@ class BudgetController:
 
     def plan(self, model: nn.Module) -> CostPlan:
         if self._plan is None:
-            self._plan = CostPlan.of(model)
+            self._plan = CostPlan(*gate_chains(model))
         return self._plan
 
     # schedule ---------------------------------------------------------------------------------
@@ -523,8 +482,8 @@ class BudgetController:
                                "leanlora.budget.start(model, total_steps) before training (leanlora's loop "
                                "and LeanLoraTrainer do)")
         t = self.total
-        s, e = round(self.start_frac * t), round(self.end_frac * t)
-        e = max(e, s + 1)
+        s = round(self.start_frac * t)
+        e = max(round(self.end_frac * t), s + 1)
         # the freeze happens within the run, however short: its last step at the latest
         return s, e, min(max(round(self.freeze_frac * t), e), t - 1)
 
@@ -549,18 +508,17 @@ class BudgetController:
         s, e, freeze = self.steps()
         if self.frozen:
             self.plan(model).pin(self.pins)  # undo what Adam's momentum moved since
-            return
-        if step >= freeze:
+        elif step >= freeze:
             self.freeze(model)
-            return
-        with torch.no_grad():
-            cost = self.plan(model).expected().detach()
-        self.cost = cost
-        self.full = cost if self.full is None else torch.as_tensor(self.full, dtype=cost.dtype).to(cost.device)
-        self.target = self.target_at(step)
-        if step >= s:
-            lmbda = torch.as_tensor(self.lmbda, dtype=cost.dtype).to(cost.device)
-            self.lmbda = torch.clamp(lmbda + KAPPA * (cost - self.target) / self.budget / (e - s), min=0.0)
+        else:
+            with torch.no_grad():
+                cost = self.plan(model).expected().detach()
+            self.cost = cost
+            self.full = cost if self.full is None else torch.as_tensor(self.full, dtype=cost.dtype).to(cost.device)
+            self.target = self.target_at(step)
+            if step >= s:
+                lmbda = torch.as_tensor(self.lmbda, dtype=cost.dtype).to(cost.device)
+                self.lmbda = torch.clamp(lmbda + KAPPA * (cost - self.target) / self.budget / (e - s), min=0.0)
 
     def freeze(self, model: nn.Module) -> None:
         done = project(model, self.budget)

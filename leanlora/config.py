@@ -18,11 +18,6 @@ import warnings
 from dataclasses import InitVar, dataclass, field
 from typing import Any, ClassVar, Literal
 
-FactorKind = Literal["dense", "bank"]
-RankKind = Literal["fixed", "nested", "gated"]
-PrecisionKind = Literal["float", "fixed", "learned"]
-BaseKind = Literal["dense", "nf4", "fp8"]
-
 ALLOWED_BITS = (2, 4, 8, 16, 32)
 
 ALL_LINEAR = "all-linear"
@@ -208,10 +203,9 @@ class GatedConfig:
     """moved to ``gates.lr``."""
     MOVED: ClassVar[tuple[str, ...]] = ("init_log_alpha", "threshold", "gate_lr")
 
-    def __post_init__(self, init_log_alpha: float | None = None, threshold: float | None = None,
-                      gate_lr: float | None = None) -> None:
+    def __post_init__(self, *moved: float | None) -> None:  # the InitVars, in the order of MOVED
         check_field_types(self, "gated.")
-        _keep_moved(self, "gated", init_log_alpha=init_log_alpha, threshold=threshold, gate_lr=gate_lr)
+        _keep_moved(self, "gated", **dict(zip(self.MOVED, moved)))
 
 
 @dataclass(frozen=True)
@@ -233,17 +227,14 @@ class QuantConfig:
     """moved to ``prior.reg_type``."""
     MOVED: ClassVar[tuple[str, ...]] = ("init_log_alpha", "threshold", "lmbda", "reg_type")
 
-    def __post_init__(self, init_log_alpha: float | None = None, threshold: float | None = None,
-                      lmbda: float | None = None, reg_type: str | None = None) -> None:
+    def __post_init__(self, *moved: float | str | None) -> None:  # the InitVars, in the order of MOVED
         check_field_types(self, "quant.")
         _require(self.bits in ALLOWED_BITS, "quant.bits", self.bits, f"allowed: {ALLOWED_BITS}")
-        bit_set = tuple(self.bit_set)
-        _require(len(bit_set) > 0 and set(bit_set) <= set(ALLOWED_BITS) and 2 in bit_set,
-                 "quant.bit_set", self.bit_set,
+        bits = set(self.bit_set)
+        _require(2 in bits and bits <= set(ALLOWED_BITS), "quant.bit_set", self.bit_set,
                  f"must be a non-empty subset of {ALLOWED_BITS} that contains 2")
-        object.__setattr__(self, "bit_set", tuple(sorted(set(bit_set))))
-        _keep_moved(self, "quant", init_log_alpha=init_log_alpha, threshold=threshold, lmbda=lmbda,
-                    reg_type=reg_type)
+        object.__setattr__(self, "bit_set", tuple(sorted(bits)))
+        _keep_moved(self, "quant", **dict(zip(self.MOVED, moved)))
 
 
 @dataclass(frozen=True)
@@ -297,8 +288,7 @@ class NF4Config:
     def __post_init__(self) -> None:
         check_field_types(self, "nf4.")
         _require(self.block_size >= 1, "nf4.block_size", self.block_size, "must be >= 1")
-        _require(self.scaler_block_size >= 1, "nf4.scaler_block_size", self.scaler_block_size,
-                 "must be >= 1")
+        _require(self.scaler_block_size >= 1, "nf4.scaler_block_size", self.scaler_block_size, "must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -323,13 +313,13 @@ class AdapterConfig:
     """dropout on the adapter input, in [0, 1); PEFT's name ``lora_dropout`` is accepted too."""
     rslora: bool = False
     """rank-stabilised scaling alpha / sqrt(r)."""
-    factors: FactorKind = "dense"
+    factors: Literal["dense", "bank"] = "dense"
     """where A and B come from: "dense" matrices (LoRA) or the shared "bank" (VB-LoRA)."""
-    ranks: RankKind = "fixed"
+    ranks: Literal["fixed", "nested", "gated"] = "fixed"
     """which components are on: "fixed" (all), "nested" (DyLoRA), "gated" (B-LoRA)."""
-    precision: PrecisionKind = "float"
+    precision: Literal["float", "fixed", "learned"] = "float"
     """factor precision: "float", "fixed" bits, or "learned" bits (Bayesian Bits)."""
-    base: BaseKind = "dense"
+    base: Literal["dense", "nf4", "fp8"] = "dense"
     """frozen base weight: "dense" (as loaded), "nf4" (4-bit NormalFloat) or "fp8" (float8 e4m3 with
     per-channel scales, float8 GEMMs on GPUs of compute capability 8.9+), quantized on injection."""
     adapter_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -373,16 +363,15 @@ class AdapterConfig:
         for alias, value in (("lora_alpha", lora_alpha), ("lora_dropout", lora_dropout)):
             if value is not None:
                 name = PEFT_ALIASES[alias]
-                default = _FIELD_DEFAULTS[name]
+                default = self.__dataclass_fields__[name].default
                 _require(getattr(self, name) in (default, value), alias, value,
                          f"{name}={getattr(self, name)!r} is also given; name one of {name} and {alias}")
                 object.__setattr__(self, name, value)
         check_field_types(self, "")
         _apply_moved(self)
-        object.__setattr__(self, "target_modules", _module_spec("target_modules", self.target_modules, True))
-        object.__setattr__(self, "exclude_modules", _module_spec("exclude_modules", self.exclude_modules, True))
-        object.__setattr__(self, "modules_to_save", _module_spec("modules_to_save", self.modules_to_save, False))
-        _require(isinstance(self.r, int) and self.r > 0, "r", self.r, "must be an integer > 0")
+        for name in ("target_modules", "exclude_modules", "modules_to_save"):
+            object.__setattr__(self, name, _module_spec(name, getattr(self, name)))
+        _require(self.r > 0, "r", self.r, "must be an integer > 0")  # check_field_types saw an integer
         _require(self.alpha > 0, "alpha", self.alpha, "must be > 0")
         _require(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "must be in [0, 1)")
         if self.factors == "bank" and not self.bank.scaled:
@@ -390,8 +379,7 @@ class AdapterConfig:
                      "has no effect with factors='bank' unless bank.scaled=True (VB-LoRA has no alpha/r scale)")
         _check_budget(self)
         if self.ranks == "nested":
-            _require(self.nested.r_min <= self.r, "nested.r_min", self.nested.r_min,
-                     f"must be <= r={self.r}")
+            _require(self.nested.r_min <= self.r, "nested.r_min", self.nested.r_min, f"must be <= r={self.r}")
             _require(self.nested.eval_rank is None or self.nested.eval_rank <= self.r,
                      "nested.eval_rank", self.nested.eval_rank, f"must be <= r={self.r}")
 
@@ -413,9 +401,6 @@ class AdapterConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "AdapterConfig":
         return from_plain(cls, data, "adapter")
-
-
-_FIELD_DEFAULTS = {"alpha": 16.0, "dropout": 0.0}
 
 
 # --- keys that moved: the gates and their prior have sections of their own -------------------
@@ -446,11 +431,9 @@ def _keep_moved(cfg: Any, section: str, **given: Any) -> None:
         target, key = new.split(".")
         try:  # a bad value is named as given, at once
             _SECTION_CLASSES[target](**{key: value})
-        except ConfigError as err:
-            head = f"{new}={value!r} is invalid"
-            message = str(err)
-            raise ConfigError(f"{old}={value!r} is invalid (it is {new} now){message[len(head):]}"
-                              if message.startswith(head) else f"{old}: {message}") from None
+        except ConfigError as err:  # "gates.threshold=2 is invalid: ..." names the value given, as every check does
+            detail = str(err).removeprefix(f"{new}={value!r} is invalid")
+            raise ConfigError(f"{old}={value!r} is invalid (it is {new} now){detail}") from None
     object.__setattr__(cfg, "_moved", moved)
 
 
@@ -463,18 +446,17 @@ def _apply_moved(c: "AdapterConfig") -> None:
             by_new.setdefault(MOVED_KEYS[old], {})[old] = value
     if not by_new:
         return
-    updates: dict[str, dict[str, Any]] = {"gates": {}, "prior": {}}
+    # gated and quant are rebuilt without their moved keys
+    updates: dict[str, dict[str, Any]] = {"gates": {}, "prior": {}, "gated": {}, "quant": {}}
     for new, olds in by_new.items():
         old, value = _one_value(c, new, olds)
         section, key = new.split(".")
-        current, default = getattr(getattr(c, section), key), getattr(_SECTION_DEFAULTS[section], key)
+        current, default = getattr(getattr(c, section), key), getattr(_SECTION_CLASSES[section](), key)
         _require(current in (default, value), f"adapter.{old}", value,
                  f"adapter.{new}={current!r} is also given, and adapter.{old} is its old name: keep only adapter.{new}")
         updates[section][key] = value
-    object.__setattr__(c, "gates", dataclasses.replace(c.gates, **updates["gates"]))
-    object.__setattr__(c, "prior", dataclasses.replace(c.prior, **updates["prior"]))
-    object.__setattr__(c, "gated", dataclasses.replace(c.gated))  # without the moved keys
-    object.__setattr__(c, "quant", dataclasses.replace(c.quant))
+    for section, values in updates.items():
+        object.__setattr__(c, section, dataclasses.replace(getattr(c, section), **values))
 
 
 def _one_value(c: "AdapterConfig", new: str, olds: dict[str, Any]) -> tuple[str, Any]:
@@ -483,21 +465,19 @@ def _one_value(c: "AdapterConfig", new: str, olds: dict[str, Any]) -> tuple[str,
     An adapter without gates uses neither, and keeps the first."""
     present = {"gated": c.ranks == "gated", "quant": c.precision == "learned"}
     relevant = {old: v for old, v in olds.items() if present[old.split(".")[0]]}
-    if not relevant:
-        return next(iter(olds.items()))
     if len(set(relevant.values())) > 1:
         given = " and ".join(f"adapter.{old}={v!r}" for old, v in relevant.items())
         raise ConfigError(f"{given} differ, and one adapter.{new} now serves rank and bit gates: "
                           f"set adapter.{new} instead")
-    return next(iter(relevant.items()))
+    return next(iter((relevant or olds).items()))
 
 
 _SECTION_CLASSES = {"gates": GatesConfig, "prior": PriorConfig}
-_SECTION_DEFAULTS = {name: cls() for name, cls in _SECTION_CLASSES.items()}
 
 
-def _module_spec(name: str, value: Any, regex_ok: bool) -> Any:
-    """A module list as a tuple, or (where allowed) one regex string; PEFT's forms only."""
+def _module_spec(name: str, value: Any) -> Any:
+    """A module list as a tuple, or (but for modules_to_save) one regex string; PEFT's forms only."""
+    regex_ok = name != "modules_to_save"
     if value is None and name == "target_modules":
         return None
     if isinstance(value, str) and regex_ok:
@@ -532,8 +512,6 @@ def _as_regex(entry: str) -> str:
     return "(.*\\.)?" + re.escape(entry).replace("\\*", "[^.]*").replace("\\?", "[^.]")
 
 
-
-
 def _check_budget(c: "AdapterConfig") -> None:
     s = tuple(c.budget_schedule)
     _require(len(s) == 3 and all(isinstance(v, (int, float)) for v in s) and 0 <= s[0] < s[1] <= s[2] <= 1,
@@ -565,18 +543,14 @@ def to_plain(obj: Any) -> Any:
 def canonical_keys(cls: type, data: dict[str, Any], path: str) -> dict[str, Any]:
     """``data`` with the class's alias keys (``lora_alpha``) renamed to its fields (``alpha``);
     both spellings with different values is an error."""
-    aliases = getattr(cls, "ALIASES", {})
-    if not any(a in data for a in aliases):
-        return data
     data = dict(data)
-    for alias, name in aliases.items():
-        if alias not in data:
-            continue
-        value = data.pop(alias)
-        if name in data and data[name] != value:
-            raise ConfigError(f"{path}.{alias}={value!r} is invalid: {path}.{name}={data[name]!r} is also given; "
-                              f"{alias} is PEFT's name of {name}, give one of them")
-        data[name] = value
+    for alias, name in getattr(cls, "ALIASES", {}).items():
+        if alias in data:
+            value = data.pop(alias)
+            if name in data and data[name] != value:
+                raise ConfigError(f"{path}.{alias}={value!r} is invalid: {path}.{name}={data[name]!r} is also "
+                                  f"given; {alias} is PEFT's name of {name}, give one of them")
+            data[name] = value
     return data
 
 
@@ -585,13 +559,12 @@ def from_plain(cls: type, data: Any, path: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping, got {type(data).__name__} {data!r}")
     data = canonical_keys(cls, data, path)
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(data) - set(fields) - set(getattr(cls, "MOVED", ())))
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {unknown}; allowed: {sorted(fields)}")
-    kwargs = {name: _coerce(hints[name], value, f"{path}.{name}") for name, value in data.items()}
-    return cls(**kwargs)
+    hints = _field_hints(cls)
+    return cls(**{name: _coerce(hints[name], value, f"{path}.{name}") for name, value in data.items()})
 
 
 def _coerce(hint: Any, value: Any, path: str) -> Any:
@@ -610,7 +583,7 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
                 return _coerce(arg, value, path)
             except ConfigError as err:
                 errors.append(str(err))
-        raise ConfigError("; or ".join(errors) if errors else f"{path}: cannot be {value!r}")
+        raise ConfigError("; or ".join(errors))
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{path}={value!r} is invalid: allowed {list(args)}")
@@ -620,28 +593,14 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
             value = [value]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{path}: expected a list, got {type(value).__name__} {value!r}")
-        item = args[0] if args else Any
-        return tuple(_coerce(item, v, f"{path}[{i}]") for i, v in enumerate(value))
-    if origin is dict or hint is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__} {value!r}")
-        return dict(value)
-    if hint is Any:
-        return value
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{path}: expected true/false, got {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{path}: expected an integer, got {type(value).__name__} {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{path}: expected a number, got {type(value).__name__} {value!r}")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{path}: expected a string, got {type(value).__name__} {value!r}")
-        return value
-    return value
+        return tuple(_coerce(args[0], v, f"{path}[{i}]") for i, v in enumerate(value))
+    if hint in _SCALARS:
+        kinds, what = _SCALARS[hint]
+        if not isinstance(value, kinds) or (isinstance(value, bool) and hint is not bool):
+            raise ConfigError(f"{path}: expected {what}, got {type(value).__name__} {value!r}")
+    return float(value) if hint is float else value
+
+
+# the scalar field types of the configs: the values each accepts (never a bool for a number), named
+_SCALARS = {bool: (bool, "true/false"), int: (int, "an integer"), float: ((int, float), "a number"),
+            str: (str, "a string")}

@@ -14,6 +14,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from leanlora.base.bnb4 import is_linear4bit
 from leanlora.base.dense import linear_shape
 from leanlora.build import Shared, build_layer, build_shared
 from leanlora.config import AdapterConfig, ConfigError
@@ -30,24 +31,16 @@ def _check_shape(name: str, module: nn.Module, config: AdapterConfig) -> None:
         raise ConfigError(f"r={config.r} is invalid for module {name!r} ({in_f}->{out_f}): "
                           f"r must be <= min(in, out) = {min(in_f, out_f)}")
     if config.factors == "bank":
-        vl = config.bank.vector_length
-        for dim_name, dim in (("in_features", in_f), ("out_features", out_f)):
-            if dim % vl:
-                divisors = [d for d in range(1, 1025) if in_f % d == 0 and out_f % d == 0][-6:]
-                raise ConfigError(
-                    f"bank.vector_length={vl} does not divide {dim_name}={dim} of module {name!r}; "
-                    f"vector lengths that divide every dimension of this module include {divisors}")
-    if config.base == "nf4":
-        from leanlora.base.bnb4 import is_linear4bit
+        from leanlora.factors.bank import check_divides
+
+        check_divides(config.bank.vector_length, in_f, out_f, name)
+    if config.base in ("nf4", "fp8") and not is_linear4bit(module):  # a bitsandbytes 4-bit layer is kept as it is
+        from leanlora.base.fp8 import check_fp8_shape
         from leanlora.base.nf4 import check_nf4_shape
 
-        if not is_linear4bit(module):  # a bitsandbytes 4-bit layer is kept as it is
+        if config.base == "nf4":
             check_nf4_shape(name, in_f, out_f, config.nf4)
-    if config.base == "fp8":
-        from leanlora.base.bnb4 import is_linear4bit
-        from leanlora.base.fp8 import check_fp8_shape
-
-        if not is_linear4bit(module):
+        else:
             check_fp8_shape(name, in_f, out_f)
 
 
@@ -87,11 +80,9 @@ def inject(model: nn.Module, config: AdapterConfig, *, filter_fn: FilterFn | Non
         _check_shape(name, modules[name], config)
     save_names = find_modules_to_save(model, config)
 
+    shared = build_shared(config, next((p.device for p in model.parameters()), None))
     # Remember every flag we change so that unload can hand back the model as it was.
-    original_flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    device = next((p.device for p in model.parameters()), None)
-    shared = build_shared(config, device)
-    shared.original_requires_grad = original_flags
+    shared.original_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     shared.modules_to_save_names = save_names
     for p in model.parameters():
         p.requires_grad_(False)
@@ -133,9 +124,7 @@ def shared_state(model: nn.Module) -> Shared:
 
 
 def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLinear]]:
-    for name, module in model.named_modules():
-        if isinstance(module, AdaptedLinear):
-            yield name, module
+    return ((name, module) for name, module in model.named_modules() if isinstance(module, AdaptedLinear))
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -143,11 +132,9 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     shared = shared_state(model)
     state: dict[str, torch.Tensor] = {}
     for name, layer in adapted_layers(model):
-        for key, value in layer.state_dict(prefix=f"{name}.").items():
-            if not key.startswith(f"{name}.base."):
-                state[key] = value
-    for key, value in shared.state_dict(prefix=f"{SHARED_ATTR}.").items():
-        state[key] = value
+        own = layer.state_dict(prefix=f"{name}.")
+        state.update((key, value) for key, value in own.items() if not key.startswith(f"{name}.base."))
+    state.update(shared.state_dict(prefix=f"{SHARED_ATTR}."))
     modules = dict(model.named_modules())
     for name in shared.modules_to_save_names:
         state.update(modules[name].state_dict(prefix=f"{name}."))
@@ -194,21 +181,13 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     computed and checked for NaN/inf before any weight changes.
     """
     from leanlora.base.dense import DenseBase
-    from leanlora.layer import MergeError
+    from leanlora.layer import checked_delta, refuse_nonfinite
 
-    from leanlora.artifact.finite import first_nonfinite
-
-    shared_state(model)
-    bad = first_nonfinite(adapter_state_dict(model).items())
-    if bad is not None:
-        raise MergeError(f"adapter tensor {bad[0]!r} holds {bad[1]}; refusing to merge it into the base")
+    refuse_nonfinite(adapter_state_dict(model).items())
     layers = list(adapted_layers(model))
     for _, layer in layers:
         layer.unmerge()
-    deltas = {name: layer.delta_weight().detach() for name, layer in layers}
-    for name, delta in deltas.items():
-        if not torch.isfinite(delta).all():
-            raise MergeError(f"{name}: the adapter update holds NaN/inf; refusing to merge it into the base")
+    deltas = {name: checked_delta(layer, name).detach() for name, layer in layers}
     for name, layer in layers:
         plain = layer.base.as_module()
         DenseBase(plain).add_delta_(deltas[name])
@@ -219,12 +198,11 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module):
     """Run the base model alone inside the block (the adapters stay in place)."""
-    layers = [layer for _, layer in adapted_layers(model)]
-    flags = [layer.enabled for layer in layers]
-    for layer in layers:
+    flags = {layer: layer.enabled for _, layer in adapted_layers(model)}
+    for layer in flags:
         layer.enabled = False
     try:
         yield model
     finally:
-        for layer, flag in zip(layers, flags):
+        for layer, flag in flags.items():
             layer.enabled = flag

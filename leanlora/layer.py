@@ -24,16 +24,8 @@ class MergeError(RuntimeError):
 
 
 class AdaptedLinear(nn.Module):
-    def __init__(
-        self,
-        base: nn.Module,
-        factors: nn.Module,
-        ranks: nn.Module,
-        quant_a: nn.Module,
-        quant_b: nn.Module,
-        dropout: float = 0.0,
-        name: str = "",
-    ) -> None:
+    def __init__(self, base: nn.Module, factors: nn.Module, ranks: nn.Module, quant_a: nn.Module, quant_b: nn.Module,
+                 dropout: float = 0.0, name: str = "") -> None:
         super().__init__()
         self.base = base
         self.factors = factors
@@ -112,20 +104,14 @@ class AdaptedLinear(nn.Module):
         """
         if self.merged:
             return {}
-        from leanlora.artifact.finite import first_nonfinite
         from leanlora.artifact.identity import record_layer_digest
 
-        own = [(f"{self.name}.{k}", v) for k, v in self.state_dict().items() if not k.startswith("base.")]
-        bad = first_nonfinite(own)
-        if bad is not None:
-            raise MergeError(f"adapter tensor {bad[0]!r} holds {bad[1]}; refusing to merge it into the base")
-        delta = self.delta_weight()
-        if not torch.isfinite(delta).all():
-            raise MergeError(f"{self.name}: the adapter update holds NaN/inf; refusing to merge it into the base")
-        if not keep_unmerge_copy:
-            record_layer_digest(self)  # of W0 before it changes (else from the copy): what a save records
+        refuse_nonfinite((f"{self.name}.{k}", v) for k, v in self.state_dict().items() if not k.startswith("base."))
+        delta = checked_delta(self, self.name)
         if keep_unmerge_copy:
             self._unmerge_copy = self.base.snapshot()
+        else:
+            record_layer_digest(self)  # of W0 before it changes (else from the copy): what a save records
         report = self.base.add_delta_(delta)
         self.merged = True
         return report
@@ -167,6 +153,23 @@ class AdaptedLinear(nn.Module):
         return (f"in={self.in_features}, out={self.out_features}, rank={self.ranks.active_rank()}/"
                 f"{self.factors.rank}, bits(A,B)=({self.quant_a.bits()},{self.quant_b.bits()})"
                 f"{', merged' if self.merged else ''}{'' if self.enabled else ', disabled'}")
+
+
+def refuse_nonfinite(tensors) -> None:
+    """Raise MergeError naming the first of the (name, adapter tensor) pairs that holds NaN/inf."""
+    from leanlora.artifact.finite import first_nonfinite
+
+    bad = first_nonfinite(tensors)
+    if bad is not None:
+        raise MergeError(f"adapter tensor {bad[0]!r} holds {bad[1]}; refusing to merge it into the base")
+
+
+def checked_delta(layer: AdaptedLinear, name: str) -> torch.Tensor:
+    """``layer.delta_weight()``; MergeError naming the module (``name``) when it holds NaN/inf."""
+    delta = layer.delta_weight()
+    if not torch.isfinite(delta).all():
+        raise MergeError(f"{name}: the adapter update holds NaN/inf; refusing to merge it into the base")
+    return delta
 
 
 @contextlib.contextmanager

@@ -30,21 +30,13 @@ def parameter_roles(model: nn.Module) -> dict[int, str]:
     """id(parameter) -> role, for every parameter declared by a strategy's PARAM_ROLES."""
     roles: dict[int, str] = {}
     for module in model.modules():
-        declared = getattr(type(module), "PARAM_ROLES", None)
-        if not declared:
-            continue
-        for attr, role in declared.items():
-            for p in _params_of(module, attr):
-                roles[id(p)] = role
+        for attr, role in getattr(type(module), "PARAM_ROLES", {}).items():
+            value = getattr(module, attr, None)
+            if isinstance(value, nn.Parameter):
+                roles[id(value)] = role
+            elif isinstance(value, nn.Module):
+                roles.update((id(p), role) for p in value.parameters())
     return roles
-
-
-def _params_of(module: nn.Module, attr: str):
-    value = getattr(module, attr, None)
-    if isinstance(value, nn.Parameter):
-        yield value
-    elif isinstance(value, nn.Module):
-        yield from value.parameters()
 
 
 def param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0,
@@ -52,21 +44,18 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0,
     """AdamW-ready groups; each group carries ``role`` so schedulers and logs can tell them apart."""
     from leanlora.layer import AdaptedLinear
 
-    config = shared_state(model).config
-    lrs = {"adapter": lr, "head": lr, "scales": lr, "bank": config.bank.bank_lr,
-           "logits": config.bank.logits_lr, "gates": config.gates.lr}
-    lrs.update(role_lr or {})
-    roles = parameter_roles(model)
     shared = shared_state(model)
+    config = shared.config
+    lrs = {"adapter": lr, "head": lr, "scales": lr, "bank": config.bank.bank_lr,
+           "logits": config.bank.logits_lr, "gates": config.gates.lr, **(role_lr or {})}
+    roles = parameter_roles(model)
     adapter_ids = {id(p) for m in model.modules() if isinstance(m, AdaptedLinear)
                    for _, p in m.adapter_parameters()}
     adapter_ids |= {id(p) for p in shared.groups.parameters()}  # the stacked rows of the layers
     grouped: dict[str, list[nn.Parameter]] = {}
-    seen: set[int] = set()
-    for _, p in model.named_parameters():
-        if not p.requires_grad or id(p) in seen:
+    for p in model.parameters():  # each parameter once, however many modules share it
+        if not p.requires_grad:
             continue
-        seen.add(id(p))
         role = roles.get(id(p)) or ("adapter" if id(p) in adapter_ids else "head")
         grouped.setdefault(role, []).append(p)
     return [{"params": params, "lr": lrs.get(role, lr), "role": role,

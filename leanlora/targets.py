@@ -40,18 +40,19 @@ def module_matches(spec: str | tuple[str, ...] | list[str], name: str) -> bool:
     return any(name == entry or name.endswith("." + entry) for entry in spec)
 
 
-def _near_misses(entry: str, names: list[str]) -> list[str]:
+def _did_you_mean(entry: str, names: list[str]) -> str:
+    """"; did you mean one of [...]?" with the module leaf names closest to ``entry``, or ""."""
     leaves = sorted({n.rsplit(".", 1)[-1] for n in names if n})
-    return difflib.get_close_matches(entry.rsplit(".", 1)[-1].strip("*.^$"), leaves, n=5, cutoff=0.5)
+    hint = difflib.get_close_matches(entry.rsplit(".", 1)[-1].strip("*.^$"), leaves, n=5, cutoff=0.5)
+    return f"; did you mean one of {hint}?" if hint else ""
 
 
 def all_linear_names(model: nn.Module) -> list[str]:
     """PEFT's ``all-linear``: every linear layer but the output layer and a classifier head."""
-    heads = []
     get_output = getattr(model, "get_output_embeddings", None)
-    output = get_output() if callable(get_output) else None
-    heads += [output] if output is not None else []
-    heads += [getattr(model, attr) for attr in CLASSIFIER_HEADS if isinstance(getattr(model, attr, None), nn.Module)]
+    # identity against the modules: a missing head (None) or a non-module attribute matches nothing
+    heads = [get_output() if callable(get_output) else None]
+    heads += [getattr(model, attr, None) for attr in CLASSIFIER_HEADS]
     skip = {n for n, m in model.named_modules() if any(m is h for h in heads)}
     return [n for n, m in model.named_modules()
             if n and supported_linear(m) and not any(n == s or n.startswith(s + ".") for s in skip)]
@@ -95,11 +96,9 @@ def check_spec_matches(model: nn.Module, spec: str | tuple[str, ...]) -> None:
         return
     for entry in spec:
         if not any(module_matches((entry,), n) for n in names):
-            hint = _near_misses(entry, names)
             raise InjectError(
                 f"target_modules entry {entry!r} matches no module of {type(model).__name__}"
-                + (f"; did you mean one of {hint}?" if hint else "")
-                + f" (linear layer names present: {_linear_leaves(model)})")
+                + _did_you_mean(entry, names) + f" (linear layer names present: {_linear_leaves(model)})")
 
 
 def find_targets(model: nn.Module, config: AdapterConfig, filter_fn: FilterFn | None = None) -> list[str]:
@@ -134,9 +133,7 @@ def find_modules_to_save(model: nn.Module, config: AdapterConfig) -> list[str]:
     for entry in config.modules_to_save:
         hits = [n for n in names if module_matches((entry,), n)]
         if not hits:
-            hint = _near_misses(entry, names)
-            raise InjectError(f"modules_to_save entry {entry!r} matches no module"
-                              + (f"; did you mean one of {hint}?" if hint else ""))
+            raise InjectError(f"modules_to_save entry {entry!r} matches no module" + _did_you_mean(entry, names))
         # keep only outermost matches: saving "classifier" already saves "classifier.dense"
         found.extend(h for h in hits if not any(h.startswith(f + ".") for f in hits if f != h))
     return sorted(set(found))

@@ -38,11 +38,7 @@ def _fsync_dir(path: Path) -> None:
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temporary file in the same folder, fsync, then rename over ``path``."""
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            f.write(data)
-
-    _write_then_rename(Path(path), write)
+    _write_then_rename(Path(path), lambda tmp: Path(tmp).write_bytes(data))
 
 
 def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
@@ -72,32 +68,15 @@ def _write_then_rename(path: Path, write) -> None:
 def _exchange(a: Path, b: Path) -> bool:
     """Swap two existing paths in one step; False where the OS or filesystem cannot."""
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.renameat2
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
     except (OSError, AttributeError):
         return False
     fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
     return fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0
 
 
-def _swap_in(new: Path, target: Path) -> None:
-    if not target.exists():
-        os.rename(new, target)
-    elif _exchange(new, target):
-        shutil.rmtree(new)  # now holds the previous folder
-    else:
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.rename(target, old)
-        os.rename(new, target)
-        shutil.rmtree(old)
-    _fsync_dir(target.parent)
-
-
 def clean_stale(target: Path) -> None:
     """Remove the hidden siblings a killed folder write left behind (``.NAME.tmp-*``, ``.NAME.old-*``)."""
-    target = Path(target)
-    if not target.parent.is_dir():
-        return
     for leftover in target.parent.glob(f".{target.name}.*-*"):
         if leftover.name.startswith((f".{target.name}.tmp-", f".{target.name}.old-")) and leftover.is_dir():
             shutil.rmtree(leftover, ignore_errors=True)
@@ -109,7 +88,8 @@ def atomic_folder(target: str | os.PathLike, owned: tuple[str, ...]) -> Iterator
 
     ``owned`` names the files this writer produces. A ``target`` that already holds anything
     else (the user's own files) is not replaced as a whole: the new files are moved into it one
-    by one, each atomically, so nothing of the user's is deleted.
+    by one, each atomically, so nothing of the user's is deleted. Write the files with
+    :func:`atomic_write_bytes` and :func:`atomic_save_tensors`: they fsync each file.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -117,20 +97,25 @@ def atomic_folder(target: str | os.PathLike, owned: tuple[str, ...]) -> Iterator
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
     try:
         yield tmp
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
         _fsync_dir(tmp)
-        foreign = target.is_dir() and any(p.name not in owned for p in target.iterdir())
-        if foreign or (target.exists() and not target.is_dir()):
-            if not target.is_dir():
-                raise NotADirectoryError(f"{target}: exists and is not a folder")
+        if target.exists() and not target.is_dir():
+            raise NotADirectoryError(f"{target}: exists and is not a folder")
+        if target.is_dir() and any(p.name not in owned for p in target.iterdir()):
             for f in sorted(tmp.iterdir()):
                 os.replace(f, target / f.name)
             _fsync_dir(target)
             tmp.rmdir()
-        else:
-            _swap_in(tmp, target)
+            return
+        if not target.exists():
+            os.rename(tmp, target)
+        elif _exchange(tmp, target):
+            shutil.rmtree(tmp)  # now holds the previous folder
+        else:  # no atomic exchange: the old folder sits under a hidden name between two renames
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.rename(target, old)
+            os.rename(tmp, target)
+            shutil.rmtree(old)
+        _fsync_dir(target.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

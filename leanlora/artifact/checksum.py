@@ -33,10 +33,13 @@ def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def config_sha256(meta: dict[str, Any]) -> str:
-    """sha256 of the output-deciding sections of an adapter config, in canonical JSON."""
-    modules = {name: {k: v for k, v in info.items() if k in ("in_features", "out_features", "rank", "finalized")}
-               for name, info in meta.get("modules", {}).items()} if isinstance(meta.get("modules"), dict) else None
+    """sha256 of the output-deciding sections of an adapter config, in canonical JSON.
+
+    ``meta`` is one :func:`leanlora.artifact.io.adapter_meta` wrote or
+    :func:`leanlora.artifact.schema.check_adapter_meta` checked.
+    """
     part = {key: meta.get(key) for key in ("adapter", "modules_to_save", "finalized", "bank_storage")}
-    part["modules"] = modules
+    keys = ("in_features", "out_features", "rank", "finalized")
+    part["modules"] = {name: {k: v for k, v in info.items() if k in keys} for name, info in meta["modules"].items()}
     text = json.dumps(part, sort_keys=True, separators=(",", ":"), allow_nan=True, default=repr)
     return hashlib.sha256(text.encode()).hexdigest()

@@ -32,7 +32,7 @@ from leanlora.artifact.atomic import atomic_folder, atomic_save_tensors, atomic_
 from leanlora.artifact.export_merged import export_merged
 from leanlora.artifact.finite import first_nonfinite
 from leanlora.inject import adapted_layers, shared_state
-from leanlora.artifact.io import base_identity
+from leanlora.artifact.identity import base_identity
 
 PEFT_PREFIX = "base_model.model."
 # PEFT's file names (what PeftModel.from_pretrained looks for): change them here only.
@@ -43,22 +43,11 @@ FORMATS = ("peft", "peft-uniform", "merged")
 
 def _module_factors(model: nn.Module) -> tuple[list[tuple[str, torch.Tensor, torch.Tensor, float]], bool]:
     """[(name, A (r_i, in), B (out, r_i), scale_i)] in model order, and PEFT's fan_in_fan_out flag."""
-    factors, transposed = [], set()
-    for name, layer in adapted_layers(model):
-        a, b, scale = layer.export_factors()
-        factors.append((name, a, b, scale))
-        transposed.add(bool(getattr(layer.base, "transposed", False)))
+    factors = [(name, *layer.export_factors()) for name, layer in adapted_layers(model)]
+    transposed = {bool(getattr(layer.base, "transposed", False)) for _, layer in adapted_layers(model)}
     if len(transposed) > 1:
         raise ExportError("PEFT's fan_in_fan_out is one flag per adapter; this model mixes Conv1D and Linear targets")
     return factors, transposed.pop()
-
-
-def _uniform(a: torch.Tensor, b: torch.Tensor, scale: float, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, B) padded to ``rank`` with zero rows of A and zero columns of B, ``scale`` folded into B."""
-    pad = rank - a.shape[0]
-    a = torch.cat([a, a.new_zeros(pad, a.shape[1])]) if pad else a
-    b = torch.cat([b * scale, b.new_zeros(b.shape[0], pad)], dim=1) if pad else b * scale
-    return a, b
 
 
 def peft_lora_state(model: nn.Module, *, uniform: bool = False,
@@ -81,16 +70,17 @@ def peft_lora_state(model: nn.Module, *, uniform: bool = False,
     rank_pattern: dict[str, int] = {}
     alpha_pattern: dict[str, float] = {}
     for name, a, b, scale in factors:
-        if uniform:
-            a, b = _uniform(a, b, scale, top_rank)
+        if uniform:  # A padded with zero rows and B with zero columns to top_rank, scale folded into B
+            pad = top_rank - a.shape[0]
+            a = torch.cat([a, a.new_zeros(pad, a.shape[1])])
+            b = torch.cat([b * scale, b.new_zeros(b.shape[0], pad)], dim=1)
         else:
             rank_pattern[name] = a.shape[0]
             alpha_pattern[name] = scale * a.shape[0]    # PEFT: scaling = lora_alpha / r
         tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = a.contiguous()
         tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = b.contiguous()
-    modules = dict(model.named_modules())
     for name in keep_saved:
-        for key, value in modules[name].state_dict().items():
+        for key, value in model.get_submodule(name).state_dict().items():
             tensors[f"{PEFT_PREFIX}{name}.{key}"] = value
     first = factors[0][0]
     config = {
@@ -103,13 +93,8 @@ def peft_lora_state(model: nn.Module, *, uniform: bool = False,
         "alpha_pattern": alpha_pattern,
         "target_modules": [name for name, *_ in factors],
         "modules_to_save": keep_saved or None,
-        "lora_dropout": 0.0,
-        "bias": "none",
-        "fan_in_fan_out": fan_in_fan_out,
-        "use_rslora": False,
-        "use_dora": False,
-        "init_lora_weights": True,
-        "inference_mode": True,
+        "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": fan_in_fan_out,
+        "use_rslora": False, "use_dora": False, "init_lora_weights": True, "inference_mode": True,
     }
     return config, tensors
 

@@ -69,8 +69,7 @@ def export_merged(model: nn.Module, directory: str | os.PathLike, *, tokenizer: 
     if method not in (None, "gguf"):
         raise ExportError(f"the base model is quantized with {method} outside leanlora; a merged export needs "
                           "dense weights (load the base unquantized, or use base='nf4' in the adapter config)")
-    target = model if in_place else copy.deepcopy(model)
-    merged = merge_and_unload(target)
+    merged = merge_and_unload(model if in_place else copy.deepcopy(model))
     if method == "gguf":
         merged = _without_gguf_marker(merged)
     directory = Path(directory)

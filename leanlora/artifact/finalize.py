@@ -31,11 +31,6 @@ from leanlora.artifact.packing import PackedFactors, StoredTensor
 from leanlora.precision.fixed import FrozenBits
 
 
-def kept_components(layer: AdaptedLinear) -> torch.Tensor:
-    """Indices (long, ascending) of the components the eval-mode layer uses."""
-    return layer.ranks.keep_indices()
-
-
 def finalize(model: nn.Module) -> dict[str, dict[str, Any]]:
     """Finalize every adapted layer of ``model`` in place; returns :func:`layer_spec` per module.
 
@@ -70,34 +65,28 @@ def _store(w: torch.Tensor, encoded, bits: int, index: torch.Tensor, dim: int) -
 def finalize_layer_(layer: AdaptedLinear) -> None:
     with _eval_mode(layer):
         a, b = layer.factors()                               # (r, in), (out, r)
-        keep = kept_components(layer)                        # (k,)
+        keep = layer.ranks.keep_indices()                    # (k,) ascending: the components eval uses
         enc_a, enc_b = layer.quant_a.encode(a), layer.quant_b.encode(b)
         bits_a, bits_b = layer.quant_a.bits(), layer.quant_b.bits()
-        ranks = layer.ranks
-        e_args = None
-        if (diagonal := ranks.diagonal()) is not None:
+        e_store, e_bits, e_quant = None, 32, False
+        if (diagonal := layer.ranks.diagonal()) is not None:
             e, qe = diagonal
-            e_args = (e.detach(), qe.encode(e), qe.bits())
+            enc_e, e_bits = qe.encode(e), qe.bits()
     dense = layer.factors.stores_rows
-    k = int(keep.numel())
-    contiguous = bool(torch.equal(keep, torch.arange(k)))
     # Dense factors can keep any subset of rows; others only a prefix, with closed ones masked.
-    stored = keep if (dense or contiguous) else torch.arange(int(keep.max()) + 1)
-    mask = None if (dense or contiguous) else torch.isin(stored, keep).float()
+    as_kept = dense or bool(torch.equal(keep, torch.arange(int(keep.numel()))))
+    stored = keep if as_kept else torch.arange(int(keep.max()) + 1)
+    mask = None if as_kept else torch.isin(stored, keep).float()
     if dense:
         layer.factors = PackedFactors(_store(a, enc_a, bits_a, stored, 0), _store(b, enc_b, bits_b, stored, 1))
-        layer.quant_a = FrozenBits(bits_a, None, quantized=enc_a is not None)
-        layer.quant_b = FrozenBits(bits_b, None, quantized=enc_b is not None)
-    else:
-        if int(stored.numel()) < layer.factors.rank:
-            layer.factors.prune_(int(stored.numel()))
-        layer.quant_a = FrozenBits(bits_a, None if enc_a is None else enc_a[1], quantized=enc_a is not None)
-        layer.quant_b = FrozenBits(bits_b, None if enc_b is None else enc_b[1], quantized=enc_b is not None)
-    e_store, e_bits, e_quant = None, 32, False
-    if e_args is not None:
-        e, enc_e, e_bits = e_args
-        e_store, e_quant = _store(e, enc_e, e_bits, stored, 0), enc_e is not None
-    ranks.finalize_(int(stored.numel()), e_store, e_bits, e_quant, mask)
+    elif int(stored.numel()) < layer.factors.rank:
+        layer.factors.prune_(int(stored.numel()))
+    # Packed factors dequantize themselves; factors composed at run time keep a fixed-scale fake-quantizer.
+    layer.quant_a = FrozenBits(bits_a, None if dense or enc_a is None else enc_a[1], quantized=enc_a is not None)
+    layer.quant_b = FrozenBits(bits_b, None if dense or enc_b is None else enc_b[1], quantized=enc_b is not None)
+    if diagonal is not None:
+        e_store, e_quant = _store(e.detach(), enc_e, e_bits, stored, 0), enc_e is not None
+    layer.ranks.finalize_(int(stored.numel()), e_store, e_bits, e_quant, mask)
 
 
 def _quant_spec(q: nn.Module) -> dict[str, Any]:
@@ -107,18 +96,11 @@ def _quant_spec(q: nn.Module) -> dict[str, Any]:
 def layer_spec(layer: AdaptedLinear) -> dict[str, Any]:
     """The finalized layout of one layer, as recorded in leanlora_config.json."""
     ranks = layer.ranks
-    e = None
-    if ranks.e_store is not None:
-        e = {"bits": ranks.e_store.bits, "quantized": ranks.e_store.quantized}
-    return {
-        "rank": int(layer.factors.rank),
-        "effective_rank": int(ranks.active_rank()),
-        "factors": "packed" if isinstance(layer.factors, PackedFactors) else "own",
-        "a": _quant_spec(layer.quant_a),
-        "b": _quant_spec(layer.quant_b),
-        "e": e,
-        "mask": ranks.keep_mask is not None,
-    }
+    e = None if ranks.e_store is None else {"bits": ranks.e_store.bits, "quantized": ranks.e_store.quantized}
+    return {"rank": int(layer.factors.rank), "effective_rank": int(ranks.active_rank()),
+            "factors": "packed" if isinstance(layer.factors, PackedFactors) else "own",
+            "a": _quant_spec(layer.quant_a), "b": _quant_spec(layer.quant_b), "e": e,
+            "mask": ranks.keep_mask is not None}
 
 
 @torch.no_grad()
@@ -129,23 +111,22 @@ def rebuild_finalized_(layer: AdaptedLinear, spec: dict[str, Any]) -> None:
     ungroup(layer)
     k = int(spec["rank"])
     ref = next(layer.factors.parameters(), None)
-    dtype = ref.dtype if ref is not None else torch.float32
-    device = ref.device if ref is not None else None
-    sa, sb = spec["a"], spec["b"]
+    dtype, device = (torch.float32, None) if ref is None else (ref.dtype, ref.device)
 
     def frozen(s):
         scale = torch.ones((), device=device) if s["scale"] else None
         return FrozenBits(int(s["bits"]), scale, quantized=bool(s["quantized"]))
 
+    def stored(shape, s):
+        return StoredTensor(shape, int(s["bits"]), bool(s["quantized"]), dtype, device)
+
     if spec["factors"] == "packed":
-        in_f, out_f = layer.in_features, layer.out_features
-        layer.factors = PackedFactors(
-            StoredTensor((k, in_f), int(sa["bits"]), bool(sa["quantized"]), dtype, device),
-            StoredTensor((out_f, k), int(sb["bits"]), bool(sb["quantized"]), dtype, device))
+        layer.factors = PackedFactors(stored((k, layer.in_features), spec["a"]),
+                                      stored((layer.out_features, k), spec["b"]))
     elif k < layer.factors.rank:
         layer.factors.prune_(k)
-    layer.quant_a, layer.quant_b = frozen(sa), frozen(sb)
+    layer.quant_a, layer.quant_b = frozen(spec["a"]), frozen(spec["b"])
     se = spec.get("e")
-    e_store = None if se is None else StoredTensor((k,), int(se["bits"]), bool(se["quantized"]), dtype, device)
+    e_store = None if se is None else stored((k,), se)
     mask = torch.ones(k, device=device) if spec.get("mask") else None
     layer.ranks.finalize_(k, e_store, 32 if se is None else int(se["bits"]), bool(se and se["quantized"]), mask)

@@ -13,12 +13,8 @@ import torch
 MASK_LEAVES = ("logits",)
 
 
-def _masked(name: str) -> bool:
-    return name.rsplit(".", 1)[-1] in MASK_LEAVES
-
-
 def _magnitude(name: str, t: torch.Tensor) -> torch.Tensor:
-    if _masked(name):
+    if name.rsplit(".", 1)[-1] in MASK_LEAVES:
         t = t.masked_fill(t == float("-inf"), 0)
     return t.reshape(-1).abs().amax().float()
 

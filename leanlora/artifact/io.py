@@ -9,7 +9,7 @@ A load is checked before anything is changed: the JSON parses, has a known forma
 every key it needs with a valid value (:mod:`leanlora.artifact.schema`); the tensor file opens
 and matches the sha256 it carries, and the JSON matches the config checksum the tensor file
 carries (:mod:`leanlora.artifact.checksum`); the base model is the one the adapter was saved with
-(:mod:`leanlora.artifact.base_check`); and every tensor has the shape and kind the model expects and
+(:mod:`leanlora.artifact.identity`); and every tensor has the shape and kind the model expects and
 finite values. Only then is the model injected; any later failure unloads it again, so a failed
 load leaves the model as it was. Files written before checksums existed still load.
 """
@@ -28,8 +28,8 @@ from torch import nn
 from leanlora.artifact.errors import AdapterError, AdapterLoadError, AdapterSaveError, BaseMismatchError
 from leanlora.artifact.schema import check_adapter_meta
 from leanlora.artifact.atomic import atomic_folder, atomic_save_tensors, atomic_write_bytes
-from leanlora.base.dense import DenseBase
-from leanlora.artifact.base_check import check_architecture, check_module_shapes, record_base_digests, verify_base
+from leanlora.artifact.identity import (base_identity, check_architecture, check_module_shapes, keep_verified_digests,
+                                        record_base_digests, verify_base)
 from leanlora.artifact.checksum import CHECKSUM_KEY, CONFIG_CHECKSUM_KEY, config_sha256, tensors_sha256
 from leanlora.config import AdapterConfig, ConfigError, MovedKeyWarning
 from leanlora.artifact.finite import first_nonfinite
@@ -48,16 +48,6 @@ __all__ = ["AdapterError", "AdapterLoadError", "AdapterSaveError", "BaseMismatch
 
 
 # --- what an adapter consists of ------------------------------------------------------------
-
-
-def base_identity(model: nn.Module) -> dict[str, Any]:
-    config = getattr(model, "config", None)
-    archs = getattr(config, "architectures", None) or [type(model).__name__]
-    return {
-        "architecture": archs[0],
-        "model_type": getattr(config, "model_type", None),
-        "name_or_path": getattr(config, "_name_or_path", None) or None,
-    }
 
 
 def save(model: nn.Module, directory: str | os.PathLike, *, topk_only: bool = False) -> Path:
@@ -93,25 +83,15 @@ def adapter_meta(model: nn.Module, topk_only: bool = False) -> dict[str, Any]:
     layer_digests, other_digests = record_base_digests(model)
     modules: dict[str, Any] = {}
     for name, layer in adapted_layers(model):
-        modules[name] = {
-            "in_features": layer.in_features,
-            "out_features": layer.out_features,
-            "rank": layer.factors.rank,
-            "digest": layer_digests[name],
-        }
+        modules[name] = {"in_features": layer.in_features, "out_features": layer.out_features,
+                         "rank": layer.factors.rank, "digest": layer_digests[name]}
         if shared.finalized:  # packed layout and bits of each factor, to rebuild it on load
             from leanlora.artifact.finalize import layer_spec
 
             modules[name]["finalized"] = layer_spec(layer)
-    meta = {
-        "format": FORMAT,
-        "version": FORMAT_VERSION,
-        "adapter": shared.config.to_dict(),
-        "base_model": {**base_identity(model), "digests": other_digests},
-        "modules": modules,
-        "modules_to_save": list(shared.modules_to_save_names),
-        "finalized": bool(shared.finalized),
-    }
+    meta = {"format": FORMAT, "version": FORMAT_VERSION, "adapter": shared.config.to_dict(),
+            "base_model": {**base_identity(model), "digests": other_digests}, "modules": modules,
+            "modules_to_save": list(shared.modules_to_save_names), "finalized": bool(shared.finalized)}
     if shared.config.factors == "bank":
         meta["bank_storage"] = "topk" if topk_only else "logits"
     return meta
@@ -211,17 +191,19 @@ def load(model: nn.Module, directory: str | os.PathLike, *, check_base: bool = T
         check_architecture(model, meta, directory)
     check_module_shapes(model, meta, directory)
     matched = verify_base(model, meta, directory) if check_base else {}
-    _check_finite(tensors, directory)
+    bad = first_nonfinite(tensors.items())
+    if bad is not None:
+        raise AdapterLoadError(f"{weights_path}: tensor {bad[0]!r} holds {bad[1]}; "
+                               "an adapter's values must be finite")
     targets = set(meta["modules"])
     try:
         inject(model, config, filter_fn=lambda _m, name: name in targets, quantize_base=False)
     except (InjectError, ConfigError) as err:
         raise AdapterLoadError(f"{directory}: the adapter's config does not apply to this model: {err}") from None
     try:
-        tensors = _unpack_bank(model, meta, tensors, directory, trainable)
-        _restore_tensors(model, meta, tensors, directory)
+        _restore_tensors(model, meta, tensors, weights_path, trainable)
         shared_state(model).finalized = bool(meta.get("finalized", False))
-        _keep_digests(model, matched)
+        keep_verified_digests(model, matched)
     except BaseException:
         unload(model)
         raise
@@ -234,39 +216,8 @@ def load(model: nn.Module, directory: str | os.PathLike, *, check_base: bool = T
 
         quantize_bases_fp8(model)
     if not trainable:
-        for p in model.parameters():
-            p.requires_grad_(False)
+        model.requires_grad_(False)
     return model
-
-
-def _keep_digests(model: nn.Module, matched: dict[str, Any]) -> None:
-    """Reuse the digests load just verified (same dtype) instead of hashing the base again."""
-    for name, layer in adapted_layers(model):
-        record = matched.get(name)
-        if (record is not None and isinstance(layer.base, DenseBase)
-                and record["weight"]["dtype"] == str(layer.base.weight.dtype).removeprefix("torch.")):
-            layer.base_digest = record
-
-
-def _unpack_bank(model: nn.Module, meta: dict[str, Any], tensors: dict[str, torch.Tensor],
-                 directory: Path, trainable: bool) -> dict[str, torch.Tensor]:
-    """Rebuild VB-LoRA logits from a top-k-only save (``"bank_storage": "topk"``)."""
-    layout = meta.get("bank_storage", "logits")
-    if layout == "logits":
-        return tensors
-    from leanlora.factors.bank_storage import unpack_state
-
-    try:
-        return unpack_state(model, tensors, trainable=trainable)
-    except (ValueError, KeyError, IndexError, RuntimeError) as err:
-        raise AdapterLoadError(f"{adapter_files(directory)[1]}: {err}") from None
-
-
-def _check_finite(tensors: dict[str, torch.Tensor], directory: Path) -> None:
-    bad = first_nonfinite(tensors.items())
-    if bad is not None:
-        raise AdapterLoadError(f"{adapter_files(directory)[1]}: tensor {bad[0]!r} holds {bad[1]}; "
-                               "an adapter's values must be finite")
 
 
 def _module_of(key: str, modules: dict[str, Any]) -> str:
@@ -279,11 +230,19 @@ def _module_of(key: str, modules: dict[str, Any]) -> str:
 
 
 def _restore_tensors(model: nn.Module, meta: dict[str, Any], tensors: dict[str, torch.Tensor],
-                     directory: Path) -> None:
+                     path: Path, trainable: bool) -> None:
+    """Copy the tensors read from ``path`` into the injected adapter, checking each first."""
+    if meta.get("bank_storage", "logits") == "topk":  # rebuild the VB-LoRA logits from a top-k-only save
+        from leanlora.factors.bank_storage import unpack_state
+
+        try:
+            tensors = unpack_state(model, tensors, trainable=trainable)
+        except (ValueError, KeyError, IndexError, RuntimeError) as err:
+            raise AdapterLoadError(f"{path}: {err}") from None
     layers = dict(adapted_layers(model))
     missing_modules = sorted(set(meta["modules"]) - set(layers))
     if missing_modules:
-        raise AdapterLoadError(f"{directory}: modules {missing_modules} could not be adapted in this model")
+        raise AdapterLoadError(f"{path.parent}: modules {missing_modules} could not be adapted in this model")
     for name, info in meta["modules"].items():
         layer = layers[name]
         if "finalized" in info:  # packed codes and frozen quantizers: lay out that structure first
@@ -295,7 +254,6 @@ def _restore_tensors(model: nn.Module, meta: dict[str, Any], tensors: dict[str, 
     expected = adapter_state_dict(model)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
-    path = adapter_files(directory)[1]
     if missing:
         raise AdapterLoadError(f"{path}: missing tensor(s) {missing[:8]}"
                                + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
@@ -307,9 +265,9 @@ def _restore_tensors(model: nn.Module, meta: dict[str, Any], tensors: dict[str, 
         if tuple(got.shape) != tuple(want.shape):
             raise AdapterLoadError(f"{path}: tensor {key!r} has shape {tuple(got.shape)}, the model expects "
                                    f"{tuple(want.shape)}{_module_of(key, meta['modules'])}")
-        if want.is_floating_point() != got.is_floating_point() or (not want.is_floating_point()
-                                                                   and got.dtype != want.dtype):
-            kind = "a floating-point tensor" if want.is_floating_point() else f"dtype {want.dtype}"
+        floating = want.is_floating_point()
+        if got.dtype != want.dtype and not (floating and got.is_floating_point()):  # any float for a float
+            kind = "a floating-point tensor" if floating else f"dtype {want.dtype}"
             raise AdapterLoadError(f"{path}: tensor {key!r} is {got.dtype}; {kind} was expected")
     with torch.no_grad():
         for key, want in expected.items():
@@ -339,6 +297,6 @@ def restore(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         if name in layers and info.get("rank") != layers[name].factors.rank:
             raise AdapterLoadError(f"{directory}: module {name!r} has rank {info.get('rank')} in the checkpoint, "
                                    f"{layers[name].factors.rank} in the model")
-    tensors = _unpack_bank(model, meta, read_adapter_tensors(directory), directory, trainable=True)
-    _restore_tensors(model, meta, tensors, directory)
+    path = adapter_files(directory)[1]
+    _restore_tensors(model, meta, read_checked_tensors(path)[0], path, trainable=True)
     return model

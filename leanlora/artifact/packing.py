@@ -96,9 +96,7 @@ class StoredTensor(nn.Module):
     def forward(self) -> torch.Tensor:
         if not self.quantized:
             return self.value
-        numel = math.prod(self.shape)
-        codes = unpack_codes(self.packed, self.bits, numel).reshape(self.shape)
-        return (codes.float() * self.scale).to(self.dtype)
+        return (self.codes().float() * self.scale).to(self.dtype)
 
     def codes(self) -> torch.Tensor:
         return unpack_codes(self.packed, self.bits, math.prod(self.shape)).reshape(self.shape)
@@ -142,13 +140,9 @@ class PackedFactors(nn.Module):
 
     @torch.no_grad()
     def prune_(self, keep: int) -> None:
-        idx = torch.arange(keep)
-        self.a.select_(idx, 0)
-        self.b.select_(idx, 1)
+        self.a.select_(torch.arange(keep), 0)
+        self.b.select_(torch.arange(keep), 1)
         self.rank = keep
-
-    def stored_nbytes(self) -> int:
-        return self.a.nbytes() + self.b.nbytes()
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, r={self.rank}"

@@ -26,11 +26,10 @@ class _Checker:
     def fail(self, key: str, problem: str) -> None:
         raise AdapterLoadError(f"{self.where}: {key}: {problem}")
 
-    def get(self, node: dict, key: str, path: str, required: bool = True) -> Any:
+    def get(self, node: dict, key: str, path: str) -> Any:
+        """``node[key]``, a required key; ``path`` is the prefix naming ``node`` in messages."""
         if key not in node:
-            if required:
-                self.fail(f"{path}{key}", "missing (the file is incomplete or was edited)")
-            return None
+            self.fail(f"{path}{key}", "missing (the file is incomplete or was edited)")
         return node[key]
 
     def mapping(self, value: Any, path: str) -> dict:
@@ -38,22 +37,22 @@ class _Checker:
             self.fail(path, f"expected a mapping, got {type(value).__name__} {_short(value)}")
         return value
 
-    def integer(self, value: Any, path: str, lo: int, hi: int | None = None) -> int:
-        if type(value) is not int or value < lo or (hi is not None and value > hi):
-            allowed = f"an integer >= {lo}" if hi is None else f"an integer in {lo}..{hi}"
-            self.fail(path, f"{_short(value)} is invalid; expected {allowed}")
+    def valid(self, ok: bool, value: Any, path: str, expected: str) -> Any:
+        """``value`` when ``ok``; else fail, naming ``path`` and what was ``expected`` there."""
+        if not ok:
+            self.fail(path, f"{_short(value)} is invalid; expected {expected}")
         return value
+
+    def integer(self, value: Any, path: str, lo: int, hi: int | None = None) -> int:
+        ok = type(value) is int and value >= lo and (hi is None or value <= hi)
+        return self.valid(ok, value, path, f"an integer >= {lo}" if hi is None else f"an integer in {lo}..{hi}")
 
     def flag(self, value: Any, path: str) -> bool:
-        if type(value) is not bool:
-            self.fail(path, f"{_short(value)} is invalid; expected true or false")
-        return value
+        return self.valid(type(value) is bool, value, path, "true or false")
 
     def string(self, value: Any, path: str, allowed: tuple[str, ...] | set[str] | None = None) -> str:
-        if not isinstance(value, str) or (allowed is not None and value not in allowed):
-            self.fail(path, f"{_short(value)} is invalid; expected "
-                            + (f"one of {sorted(allowed)}" if allowed is not None else "a string"))
-        return value
+        ok = isinstance(value, str) and (allowed is None or value in allowed)
+        return self.valid(ok, value, path, "a string" if allowed is None else f"one of {sorted(allowed)}")
 
 
 def _short(value: Any) -> str:
@@ -70,9 +69,9 @@ def check_adapter_meta(meta: dict[str, Any], config: AdapterConfig, where: str) 
     finalized = c.flag(meta.get("finalized", False), "finalized")
     for name, info in modules.items():
         _check_module(c, name, info, config, finalized)
-    saved = c.get(meta, "modules_to_save", "", required=False) or []
-    if not isinstance(saved, list) or not all(isinstance(n, str) for n in saved):
-        c.fail("modules_to_save", f"{_short(saved)} is invalid; expected a list of module names")
+    saved = meta.get("modules_to_save") or []
+    c.valid(isinstance(saved, list) and all(isinstance(n, str) for n in saved), saved, "modules_to_save",
+            "a list of module names")
     if "bank_storage" in meta:
         c.string(meta["bank_storage"], "bank_storage", ("logits", "topk"))
     base = c.mapping(meta.get("base_model", {}), "base_model")
@@ -86,9 +85,8 @@ def check_adapter_meta(meta: dict[str, Any], config: AdapterConfig, where: str) 
 def _check_module(c: _Checker, name: str, info: Any, config: AdapterConfig, finalized: bool) -> None:
     path = f"modules[{name!r}]"
     info = c.mapping(info, path)
-    c.integer(c.get(info, "in_features", path + "."), f"{path}.in_features", 1)
-    c.integer(c.get(info, "out_features", path + "."), f"{path}.out_features", 1)
-    c.integer(c.get(info, "rank", path + "."), f"{path}.rank", 1, config.r)
+    for key, most in (("in_features", None), ("out_features", None), ("rank", config.r)):
+        c.integer(c.get(info, key, path + "."), f"{path}.{key}", 1, most)
     probe = info.get("probe")
     if probe is not None and (not isinstance(probe, list)
                               or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in probe)):
@@ -138,8 +136,8 @@ def _check_digest(c: _Checker, record: Any, path: str, nullable: bool) -> None:
     record = c.mapping(record, path)
     dtype = c.string(c.get(record, "dtype", path + "."), f"{path}.dtype", _DTYPES)
     shape = c.get(record, "shape", path + ".")
-    if not isinstance(shape, list) or not all(type(n) is int and n >= 0 for n in shape):
-        c.fail(f"{path}.shape", f"{_short(shape)} is invalid; expected a list of sizes")
+    c.valid(isinstance(shape, list) and all(type(n) is int and n >= 0 for n in shape), shape, f"{path}.shape",
+            "a list of sizes")
     digests = c.mapping(c.get(record, DIGEST, path + "."), f"{path}.{DIGEST}")
     for key, value in digests.items():
         c.string(key, f"{path}.{DIGEST} key", _DTYPES)

@@ -73,22 +73,20 @@ class Bnb4Base(nn.Module):
         return self.layer(x)
 
     def dense_weight(self) -> torch.Tensor:
-        bnbF = _bnb_functional()
         w = self.layer.weight
-        return bnbF.dequantize_4bit(w.data, w.quant_state)  # (out, in)
+        return _bnb_functional().dequantize_4bit(w.data, w.quant_state)  # (out, in)
 
     @torch.no_grad()
     def add_delta_(self, delta: torch.Tensor) -> dict[str, float]:
         """W0 <- Q4(deq(W0) + delta) with the same block size, type and nesting; returns the added error."""
-        bnbF = _bnb_functional()
         w = self.layer.weight
         state = w.quant_state
         target = self.dense_weight().float() + delta.to(w.data.device, torch.float32)
         if not torch.isfinite(target).all():
             raise ValueError(f"{self.name}: W0 + delta holds NaN/inf; the 4-bit base was left unchanged")
-        data, new_state = bnbF.quantize_4bit(target.to(state.dtype), blocksize=state.blocksize,
-                                             compress_statistics=state.nested, quant_type=state.quant_type,
-                                             quant_storage=w.data.dtype)
+        data, new_state = _bnb_functional().quantize_4bit(target.to(state.dtype), blocksize=state.blocksize,
+                                                          compress_statistics=state.nested,
+                                                          quant_type=state.quant_type, quant_storage=w.data.dtype)
         # Rebind, not write in place, so a snapshot of the old (data, state) stays exact.
         w.data, w.quant_state = data, new_state
         err = (self.dense_weight().float() - target).abs()

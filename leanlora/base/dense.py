@@ -22,8 +22,7 @@ def supported_linear(module: nn.Module) -> bool:
 def linear_shape(module: nn.Module) -> tuple[int, int]:
     """(in_features, out_features) of an nn.Linear or Conv1D."""
     if is_conv1d(module):
-        in_f, out_f = module.weight.shape
-        return in_f, out_f
+        return tuple(module.weight.shape)  # Conv1D keeps W as (in, out)
     return module.in_features, module.out_features
 
 
@@ -72,18 +71,83 @@ class DenseBase(nn.Module):
         return f"{'Conv1D' if self.transposed else 'Linear'}, dtype={self.layer.weight.dtype}"
 
 
-def as_linear(weight: torch.Tensor, bias: nn.Parameter | None, transposed: bool) -> nn.Module:
-    """A frozen dense ``nn.Linear`` (``Conv1D`` when ``transposed``) over ``weight`` (out, in) and
-    ``bias``: what a quantized base hands back when it is merged or unloaded."""
-    out_features, in_features = weight.shape
-    if transposed:
-        from transformers.pytorch_utils import Conv1D
+class QuantizedBase(nn.Module):
+    """What the quantized bases (NF4, FP8) share: W0 (out, in) held in a quantized form beside the
+    original frozen bias, merging by requantizing, unloading to a dense layer.
 
-        module = Conv1D(out_features, in_features).to(device=weight.device, dtype=weight.dtype)
-        module.weight = nn.Parameter(weight.T.contiguous(), requires_grad=False)
-    else:
-        module = nn.Linear(in_features, out_features, bias=bias is not None, device=weight.device, dtype=weight.dtype)
-        module.weight = nn.Parameter(weight, requires_grad=False)
-    if bias is not None:
-        module.bias = bias
-    return module
+    A subclass names its format in ``KIND`` (for messages) and provides ``_linear(x)`` (x W0^T, no
+    bias, in x's dtype), ``dense_weight()``, ``_fp32_weight()`` (W0 dequantized to fp32) and
+    ``_requantize(w)`` (store fp32 ``w`` as the new W0).
+    """
+
+    KIND = "quantized"
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool, name: str) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.name = name
+        self.transposed = transposed  # the module came from a GPT-2 Conv1D (matters for unload only)
+        # The bias stays the original frozen parameter, so it follows model.to() like any other.
+        self.bias = bias
+
+    @classmethod
+    def from_dense(cls, base: DenseBase, name: str = "", **settings) -> QuantizedBase:
+        """The quantized copy of a dense base's W0 (out, in; a transposed view for Conv1D), same bias."""
+        layer = base.as_module()
+        return cls(base.dense_weight().detach(), layer.bias, transposed=is_conv1d(layer), name=name, **settings)
+
+    @classmethod
+    def replace_dense_bases(cls, model: nn.Module, check, **settings) -> dict[str, int]:
+        """Replace the dense base of every adapted layer of ``model`` by a ``cls``; returns {module: base bytes}.
+
+        ``check(name, in_features, out_features)`` sees every layer before any changes; bases that
+        are already quantized are left as they are.
+        """
+        from leanlora.artifact.identity import record_layer_digest
+        from leanlora.layer import AdaptedLinear
+
+        layers = [(n, m) for n, m in model.named_modules()
+                  if isinstance(m, AdaptedLinear) and isinstance(m.base, DenseBase)]
+        for name, layer in layers:
+            if layer.merged:
+                raise ValueError(f"{name}: unmerge the adapter before quantizing its base to {cls.KIND}")
+            check(name, layer.in_features, layer.out_features)
+        sizes = {}
+        for name, layer in layers:
+            record_layer_digest(layer)  # of the plain weight, before it is rounded (what load compares)
+            layer.base = cls.from_dense(layer.base, name=name, **settings)
+            layer.base.train(layer.training)
+            sizes[name] = layer.base.nbytes()
+        return sizes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._linear(x)                                   # (..., out) in x.dtype
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    @torch.no_grad()
+    def add_delta_(self, delta: torch.Tensor) -> dict[str, float]:
+        """W0 <- Q(deq(W0) + delta); returns the error requantization added: |Q(W) - W|."""
+        w0 = self._fp32_weight()
+        target = w0 + delta.to(w0.device, torch.float32)
+        if not torch.isfinite(target).all():
+            raise ValueError(f"{self.name}: W0 + delta holds NaN/inf; the {self.KIND} base was left unchanged")
+        self._requantize(target)
+        err = (self._fp32_weight() - target).abs()
+        return {"mean_abs": float(err.mean()), "max_abs": float(err.max())}
+
+    def as_module(self) -> nn.Module:
+        """A frozen dense ``nn.Linear`` (``Conv1D`` when the module came from one) holding the dequantized
+        weight and the same bias: what the base hands back when it is merged or unloaded."""
+        weight = self.dense_weight().detach().clone()                          # (out, in)
+        if self.transposed:
+            from transformers.pytorch_utils import Conv1D
+
+            module = Conv1D(self.out_features, self.in_features).to(device=weight.device, dtype=weight.dtype)
+            module.weight = nn.Parameter(weight.T.contiguous(), requires_grad=False)
+        else:
+            module = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=weight.device,
+                               dtype=weight.dtype)
+            module.weight = nn.Parameter(weight, requires_grad=False)
+        if self.bias is not None:
+            module.bias = self.bias
+        return module

@@ -22,12 +22,13 @@ Decisions:
 from __future__ import annotations
 
 import copy
+import functools
 import math
 
 import torch
 from torch import nn
 
-from leanlora.base.dense import DenseBase, as_linear, is_conv1d
+from leanlora.base.dense import QuantizedBase
 from leanlora.base.nf4_linear import NF4Parts, linear_nf4_parts
 from leanlora.config import ConfigError, NF4Config
 
@@ -76,22 +77,19 @@ def check_nf4_shape(name: str, in_features: int, out_features: int, config: NF4C
                           "torchao packs two codes per byte and needs an even count")
 
 
-class NF4Base(nn.Module):
+class NF4Base(QuantizedBase):
     """Frozen base ``x W0^T + bias`` with W0 stored as a torchao ``NF4Tensor``."""
+
+    KIND = "NF4"
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, block_size: int = 64,
                  scaler_block_size: int = 256, transposed: bool = False, name: str = "") -> None:
         """``weight`` is the dense (out, in) W0; it is quantized here and not kept."""
-        super().__init__()
-        self.out_features, self.in_features = weight.shape
-        self.name = name
+        super().__init__(weight, bias, transposed, name)
         self.block_size = block_size
         self.scaler_block_size = scaler_block_size  # configured; the group used is in .weight
-        self.transposed = transposed  # the module came from a GPT-2 Conv1D (matters for unload only)
         check_nf4_shape(name, self.in_features, self.out_features, NF4Config(block_size, scaler_block_size))
         self._set_weight(self._quantize(weight.detach()))
-        # The bias stays the original frozen parameter, so it follows model.to() like any other.
-        self.bias = bias
 
     # --- quantization --------------------------------------------------------------------------
 
@@ -100,37 +98,25 @@ class NF4Base(nn.Module):
         n_blocks = w.numel() // self.block_size
         return to_nf4(w.contiguous(), self.block_size, scaler_group_size(n_blocks, self.scaler_block_size))
 
-    @classmethod
-    def from_dense(cls, base: DenseBase, block_size: int, scaler_block_size: int, name: str = "") -> "NF4Base":
-        layer = base.as_module()
-        w = base.dense_weight().detach()          # (out, in), a transposed view for Conv1D
-        return cls(w, layer.bias, block_size, scaler_block_size, transposed=is_conv1d(layer), name=name)
-
     # --- BaseWeight protocol -------------------------------------------------------------------
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _linear(self, x: torch.Tensor) -> torch.Tensor:
         # Neither path builds a weight gradient: the backward is grad_y @ W0 alone.
         parts = self.__dict__.get("_parts")
         if parts is not None:  # the NF4 tensor's plain parts: no subclass at a compiled region's edge
-            y = linear_nf4_parts(x, parts)                   # (..., out) in x.dtype
-        else:  # registered as a parameter (FSDP2 shards it): torchao's own linear
-            _, linear_nf4 = _torchao_nf4()
-            y = linear_nf4(x, self.weight)
-        return y if self.bias is None else y + self.bias.to(y.dtype)
+            return linear_nf4_parts(x, parts)
+        _, linear_nf4 = _torchao_nf4()  # registered as a parameter (FSDP2 shards it): torchao's own linear
+        return linear_nf4(x, self.weight)
 
     def dense_weight(self) -> torch.Tensor:
         """Dequantized W0 (out, in) in the NF4 tensor's dtype."""
         return self.weight.get_original_weight()
 
-    @torch.no_grad()
-    def add_delta_(self, delta: torch.Tensor) -> dict[str, float]:
-        """W0 <- NF4(deq(W0) + delta); returns the error requantization added: |NF4(W) - W|."""
-        target = self.dense_weight().float() + delta.to(self.weight.device, torch.float32)
-        if not torch.isfinite(target).all():
-            raise ValueError(f"{self.name}: W0 + delta holds NaN/inf; the NF4 base was left unchanged")
-        self._set_weight(self._quantize(target.to(self.weight.dtype)))
-        err = (self.dense_weight().float() - target).abs()
-        return {"mean_abs": float(err.mean()), "max_abs": float(err.max())}
+    def _fp32_weight(self) -> torch.Tensor:
+        return self.dense_weight().float()
+
+    def _requantize(self, w: torch.Tensor) -> None:
+        self._set_weight(self._quantize(w.to(self.weight.dtype)))
 
     def snapshot(self) -> torch.Tensor:
         # add_delta_ replaces the NF4 tensor instead of writing into it, so the old one is exact.
@@ -141,13 +127,7 @@ class NF4Base(nn.Module):
 
     def nbytes(self) -> int:
         """Codes + int8 block scales + float group factors + mean + codebook, in bytes."""
-        w = self.weight
-        parts = (w.quantized_data, w.quantized_scalers, w.quantization_factor, w.scaler_mean, w.nf4)
-        return sum(t.numel() * t.element_size() for t in parts)
-
-    def as_module(self) -> nn.Module:
-        """A dense ``nn.Linear`` (or ``Conv1D``) holding the dequantized weight and the same bias."""
-        return as_linear(self.dense_weight().detach().clone(), self.bias, self.transposed)
+        return sum(t.numel() * t.element_size() for t in NF4Parts.of(self.weight)[:5])  # the five tensors
 
     def __deepcopy__(self, memo: dict) -> "NF4Base":
         # torchao's NF4Tensor deep-copies by quantizing again with its default scaler block size,
@@ -200,22 +180,6 @@ def quantize_bases(model: nn.Module, nf4_config: NF4Config | None = None) -> dic
     bitsandbytes ``Linear4bit`` the user loaded) are left as they are. The dense weight is
     released, so memory drops once nothing else refers to it. Returns {module: base bytes}.
     """
-    from leanlora.layer import AdaptedLinear
-
     config = nf4_config or NF4Config()
-    layers = [(n, m) for n, m in model.named_modules()
-              if isinstance(m, AdaptedLinear) and isinstance(m.base, DenseBase)]
-    for name, layer in layers:
-        if layer.merged:
-            raise ValueError(f"{name}: unmerge the adapter before quantizing its base to NF4")
-        check_nf4_shape(name, layer.in_features, layer.out_features, config)
-    from leanlora.artifact.identity import record_layer_digest
-
-    sizes = {}
-    for name, layer in layers:
-        record_layer_digest(layer)  # of the plain weight, before it is rounded to NF4 (what load compares)
-        layer.base = NF4Base.from_dense(layer.base, config.block_size, config.scaler_block_size, name=name)
-        layer.base.train(layer.training)
-        sizes[name] = layer.base.nbytes()
-    return sizes
-
+    return NF4Base.replace_dense_bases(model, functools.partial(check_nf4_shape, config=config),
+                                       block_size=config.block_size, scaler_block_size=config.scaler_block_size)

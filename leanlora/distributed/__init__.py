@@ -24,6 +24,5 @@ __all__ = [
     "decoder_layers", "full_adapter_state", "full_optimizer_state", "full_params", "init", "init_run",
     "is_distributed", "is_main_process", "launched", "load_adapter_state", "load_full_optimizer_state",
     "end_process", "local_rank", "main_process_only", "mode_of", "rank", "rank_seed", "regularizer", "save_adapter",
-    "shard",
-    "shutdown", "sync_rank_sampler", "sync_seed", "unwrap", "world_size", "wrap",
+    "shard", "shutdown", "sync_rank_sampler", "sync_seed", "unwrap", "world_size", "wrap",
 ]

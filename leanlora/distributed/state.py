@@ -15,14 +15,9 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from leanlora.artifact.io import adapter_state_dict, save
 from leanlora.distributed.process import DistributedError, main_process_only
 from leanlora.distributed.wrapping import mode_of, unwrap
-
-
-def _fsdp_modules(model: nn.Module) -> list[nn.Module]:
-    from torch.distributed.fsdp import FSDPModule
-
-    return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
 @contextlib.contextmanager
@@ -36,16 +31,16 @@ def full_params(model: nn.Module, write_back: bool = False) -> Iterator[nn.Modul
     base stays sharded (nothing here needs it: the base digests are recorded before sharding).
     Not FSDP's ``unshard()``: a ``state_dict()`` call reshards what that gathered.
     """
+    from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor, distribute_tensor
-
-    from leanlora.artifact.io import adapter_state_dict
 
     inner = unwrap(model)
     if mode_of(model) != "fsdp2":
         yield inner
         return
-    for m in _fsdp_modules(inner):
-        m.reshard()  # e.g. the root after an eval forward: every parameter is a sharded DTensor now
+    for m in inner.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()  # e.g. the root after an eval forward: every parameter is a sharded DTensor now
     wanted = set(adapter_state_dict(inner))
     swapped = []
     for fqn, p in list(inner.named_parameters()):
@@ -67,8 +62,6 @@ def full_params(model: nn.Module, write_back: bool = False) -> Iterator[nn.Modul
 
 def save_adapter(model: nn.Module, directory) -> None:
     """``leanlora.save`` of a model wrapped in any mode: whole tensors, written by rank 0 alone."""
-    from leanlora.artifact.io import save
-
     with full_params(model) as plain:
         main_process_only(save)(plain, directory)
 
@@ -77,8 +70,6 @@ def full_adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """``leanlora.artifact.io.adapter_state_dict`` with whole tensors on every rank (collective under FSDP2)."""
     from torch.distributed.tensor import DTensor
 
-    from leanlora.artifact.io import adapter_state_dict
-
     state = adapter_state_dict(unwrap(model))
     return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach() for k, v in state.items()}
 
@@ -86,8 +77,6 @@ def full_adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Copy whole adapter tensors (every rank read rank 0's checkpoint) into a wrapped model."""
-    from leanlora.artifact.io import adapter_state_dict
-
     with full_params(model, write_back=True) as inner:
         current = adapter_state_dict(inner)
         missing = sorted(set(current) - set(state))

@@ -27,8 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from leanlora.distributed.process import (MODES, DistributedError, is_distributed, launched, sync_seed,
-                                          world_size)
+from leanlora.distributed.process import MODES, DistributedError, is_distributed, launched, sync_seed, world_size
 from leanlora.targets import repeated_blocks
 
 _MODE_ATTR = "_leanlora_distributed"      # set on the wrapped model: "ddp" | "fsdp2"
@@ -46,8 +45,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def wrap(model: nn.Module, mode: str, *, layer_classes: Sequence[str | type] | None = None,
-         find_unused_parameters: bool = False, sync_params: bool = True,
-         mp_policy: Any = None) -> nn.Module:
+         find_unused_parameters: bool = False, sync_params: bool = True, mp_policy: Any = None) -> nn.Module:
     """Hand ``model`` (adapted, on its device) to DDP or FSDP2; returns the model to call.
 
     ``mode``: "none" (returned as is), "ddp" (a ``DistributedDataParallel`` wrapper; leanlora's
@@ -64,42 +62,30 @@ def wrap(model: nn.Module, mode: str, *, layer_classes: Sequence[str | type] | N
                                "`torchrun --nproc_per_node N -m leanlora train ...` or `accelerate launch`")
     if mode_of(model) != "none":
         raise DistributedError(f"the model is already wrapped for {mode_of(model)!r}")
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
     if mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
-        device = _model_device(model)
         wrapped = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
                                           find_unused_parameters=find_unused_parameters)
         setattr(wrapped, _MODE_ATTR, "ddp")
         return wrapped
-    from leanlora.artifact.base_check import record_base_digests
-
-    if hasattr(model, "leanlora_shared"):
-        record_base_digests(model)  # of the whole base, now: after sharding no rank holds it whole
-    return _wrap_fsdp2(model, layer_classes, sync_params, mp_policy)
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    return next((p.device for p in model.parameters()), torch.device("cpu"))
-
-
-def _wrap_fsdp2(model: nn.Module, layer_classes, sync_params: bool, mp_policy) -> nn.Module:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    from leanlora.artifact.identity import record_base_digests
+
+    if hasattr(model, "leanlora_shared"):
+        record_base_digests(model)  # of the whole base, now: after sharding no rank holds it whole
     _refuse_bnb4(model)
-    device = _model_device(model)
     mesh = init_device_mesh(device.type, (world_size(),))
     nf4_names = _nf4_as_parameters(model)
     if sync_params:
         _broadcast_from_main(model)
     layers = decoder_layers(model, layer_classes)
-    kwargs: dict[str, Any] = {"mesh": mesh}
+    kwargs: dict[str, Any] = {"mesh": mesh, "ignored_params": _replicate_scalars(model) or None}
     if mp_policy is not None:
         kwargs["mp_policy"] = mp_policy
-    scalars = _replicate_scalars(model)
-    if scalars:
-        kwargs["ignored_params"] = scalars
     for layer in layers:
         fully_shard(layer, reshard_after_forward=True, **kwargs)
     # The root holds leanlora_shared (the groups' stacks, the bank, the sampler): see the module docstring.
@@ -137,10 +123,9 @@ def decoder_layers(model: nn.Module, layer_classes: Sequence[str | type] | None 
     """
     found = repeated_blocks(model, layer_classes)
     if not found:
-        if layer_classes is not None:
-            rule = f"no module has a class in {sorted(c if isinstance(c, str) else c.__name__ for c in layer_classes)}"
-        else:
-            rule = "neither its _no_split_modules nor a list of same-class blocks names one"
+        names = sorted(c if isinstance(c, str) else c.__name__ for c in layer_classes or ())
+        rule = (f"no module has a class in {names}" if layer_classes is not None
+                else "neither its _no_split_modules nor a list of same-class blocks names one")
         raise DistributedError(f"found no transformer block in {type(model).__name__}: {rule}; "
                                "pass layer_classes= (the block's class) to leanlora.distributed.wrap")
     return found
@@ -168,10 +153,8 @@ def _refuse_bnb4(model: nn.Module) -> None:
 
 def _nf4_as_parameters(model: nn.Module) -> list[str]:
     """Register every NF4 base tensor as a frozen parameter so that fully_shard shards it."""
-    try:
-        from leanlora.base.nf4 import NF4Base
-    except ImportError:
-        return []
+    from leanlora.base.nf4 import NF4Base  # torchao itself is imported only when an NF4 base is built
+
     n = world_size()
     names = []
     for name, module in model.named_modules():
@@ -202,8 +185,7 @@ def regularizer(model: nn.Module) -> torch.Tensor:
 
 def sync_rank_sampler(model: nn.Module) -> int | None:
     """Give the nested-rank sampler rank 0's seed, so b of step t is the same on every rank."""
-    shared = getattr(unwrap(model), "leanlora_shared", None)
-    sampler = getattr(shared, "rank_sampler", None)
+    sampler = getattr(getattr(unwrap(model), "leanlora_shared", None), "rank_sampler", None)
     if sampler is None:
         return None
     sampler.seed = sync_seed(sampler.seed)

@@ -1,6 +1,7 @@
 """Factor strategies: where A (r, in) and B (out, r) come from.
 
-Every strategy satisfies :class:`Factors`; the layer, finalize and the cost report use nothing else.
+Every strategy (in :mod:`~leanlora.factors.dense` and :mod:`~leanlora.factors.bank`) satisfies
+:class:`Factors`; the layer, finalize and the cost report use nothing else.
 """
 
 from __future__ import annotations
@@ -26,14 +27,6 @@ class Factors(Protocol):
     def compact_nbytes(self, rank: int, elem: int) -> int | None:
         """Bytes of its own compact form at ``rank`` components (``elem`` bytes a float), or None
         when it stores the rows themselves, whose bytes follow from the quantizers' bits."""
-        ...
 
     def prune_(self, keep: int) -> None:
         """Keep only components 0..keep-1 for good (finalize)."""
-        ...
-
-
-from leanlora.factors.bank import BankFactors, VectorBank
-from leanlora.factors.dense import DenseFactors
-
-__all__ = ["Factors", "BankFactors", "DenseFactors", "VectorBank"]

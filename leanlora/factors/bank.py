@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from leanlora.config import ConfigError
 from leanlora.groups.rows import StackedRows
 
 
@@ -59,20 +60,20 @@ def composition_cost(rank: int, in_features: int, out_features: int, vector_leng
 
 
 def check_divides(vector_length: int, in_features: int, out_features: int, name: str = "") -> None:
+    """Raise ConfigError naming the module, the dimension and the lengths that would divide it."""
     for dim_name, dim in (("in_features", in_features), ("out_features", out_features)):
         if dim % vector_length:
-            raise ValueError(f"bank vector_length={vector_length} does not divide {dim_name}={dim} "
-                             f"of module {name or '?'!r}")
+            divisors = [d for d in range(1, 1025) if in_features % d == 0 and out_features % d == 0][-6:]
+            raise ConfigError(
+                f"bank.vector_length={vector_length} does not divide {dim_name}={dim} of module {name or '?'!r}; "
+                f"vector lengths that divide every dimension of this module include {divisors}")
 
 
 def index_dtype(num_vectors: int) -> torch.dtype:
     """Smallest integer dtype that holds indices 0..h-1 (PEFT's thresholds)."""
-    if num_vectors < 2**8:
-        return torch.uint8
-    if num_vectors < 2**15:
-        return torch.int16
-    if num_vectors < 2**31:
-        return torch.int32
+    for limit, dtype in ((2**8, torch.uint8), (2**15, torch.int16), (2**31, torch.int32)):
+        if num_vectors < limit:
+            return dtype
     raise ValueError(f"num_vectors={num_vectors} needs 64-bit indices; top-k-only storage supports h < 2^31")
 
 
@@ -87,9 +88,6 @@ class VectorBank(StackedRows, nn.Module):
         self.num_vectors, self.vector_length = num_vectors, vector_length
         self.vectors = nn.Parameter(torch.empty(num_vectors, vector_length, dtype=dtype, device=device))
         nn.init.uniform_(self.vectors, -init_range, init_range)   # VB-LoRA (arXiv:2405.15179): U(-0.02, 0.02)
-
-    def forward(self) -> torch.Tensor:
-        return self.vectors  # (h, b)
 
     def extra_repr(self) -> str:
         return f"h={self.num_vectors}, b={self.vector_length}"
@@ -114,9 +112,8 @@ class BankFactors(StackedRows, nn.Module):
         self.name = name
         # A plain tuple, not a submodule: the bank is registered once, in model.leanlora_shared.
         self._bank = (bank,)
-        b = bank.vector_length
-        self.logits = nn.Parameter(torch.empty(rank, (in_features + out_features) // b, bank.num_vectors,
-                                               dtype=dtype, device=device))
+        subvectors = (in_features + out_features) // bank.vector_length  # per component
+        self.logits = nn.Parameter(torch.empty(rank, subvectors, bank.num_vectors, dtype=dtype, device=device))
         nn.init.normal_(self.logits, 0.0, logits_init_std)
         # True after loading a top-k-only adapter frozen: logits are -inf outside the stored top k.
         self.topk_only = False
@@ -150,8 +147,7 @@ class BankFactors(StackedRows, nn.Module):
         """Bytes of the top-k-only form at ``rank`` components: per sub-vector, k - 1 weights of
         ``elem`` bytes and k indices (:mod:`leanlora.factors.bank_storage`)."""
         n_sub = rank * (self.in_features + self.out_features) // self.bank.vector_length
-        idx = torch.empty((), dtype=index_dtype(self.bank.num_vectors)).element_size()
-        return n_sub * (self.topk - 1) * elem + n_sub * self.topk * idx
+        return n_sub * (self.topk - 1) * elem + n_sub * self.topk * index_dtype(self.bank.num_vectors).itemsize
 
     @torch.no_grad()
     def prune_(self, keep: int) -> None:

@@ -29,8 +29,7 @@ from leanlora.factors.bank import BankFactors, index_dtype
 from leanlora.groups.rows import stack_holders
 
 INDICES, WEIGHTS, LOGITS = "topk_indices", "topk_weights", "logits"
-REOPEN_GAP = 1.0
-"""nats between the smallest kept log-weight and the floor given to the discarded logits."""
+REOPEN_GAP = 1.0  # nats between the smallest kept log-weight and the floor given to the discarded logits
 
 
 def pack_topk(logits: torch.Tensor, topk: int, num_vectors: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,9 +62,8 @@ def topk_bytes(num_vectors: int, vector_length: int, num_subvectors: int, topk: 
                float_bytes: int = 4) -> int:
     """Exact bytes of a top-k-only VB-LoRA payload: bank h·b and n·(k-1) weights in floats of
     ``float_bytes``, n·k indices of :func:`index_dtype` (tensor data only, no file header)."""
-    index_bytes = torch.empty((), dtype=index_dtype(num_vectors)).element_size()
     floats = num_vectors * vector_length + num_subvectors * (topk - 1)
-    return floats * float_bytes + num_subvectors * topk * index_bytes
+    return floats * float_bytes + num_subvectors * topk * index_dtype(num_vectors).itemsize
 
 
 def float32_equivalents(num_vectors: int, vector_length: int, num_subvectors: int, topk: int) -> float:

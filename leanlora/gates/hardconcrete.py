@@ -36,9 +36,7 @@ def sample(log_alpha: torch.Tensor, u: torch.Tensor | None = None) -> torch.Tens
 
     ``u`` (uniform in (0, 1), same shape) may be given for reproducible tests.
     """
-    if u is None:
-        u = torch.rand_like(log_alpha)
-    u = u.clamp(_EPS, 1.0 - _EPS)
+    u = (torch.rand_like(log_alpha) if u is None else u).clamp(_EPS, 1.0 - _EPS)
     s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / BETA)
     return (s * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
 

@@ -36,58 +36,48 @@ def open_probs(log_alpha: torch.Tensor, chain: bool) -> torch.Tensor:
     return hc.open_chain(log_alpha, -1) if chain else hc.prob_open(log_alpha)
 
 
-class WeightCache:
-    """Device copies of the constant price matrices, one per group, reused across steps.
+# Device copies of the price matrices, shared by every model: entries are keyed by value, not by owner.
+# One entry per distinct price row set: a module's own (FSDP2 evaluates per module) or a stacked
+# group's; a few hundred for a large model, so the bound only stops leaks.
+_PRICES: dict[tuple, torch.Tensor] = {}
+_MAX_PRICES = 4096
 
-    Building them each step would copy host memory to the GPU every step, and a copy from
+
+def _prices(rows: tuple[tuple[float, ...], ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The constant price matrix ``rows`` on ``device``, reused across steps.
+
+    Building it each step would copy host memory to the GPU every step, and a copy from
     pageable memory waits for the stream: the prior would stall the launch queue. Keyed by the
     prices themselves, so a changed price (a pruned model, a new scale) makes a new entry.
     """
-
-    def __init__(self, max_entries: int = 4096) -> None:
-        # one entry per distinct price row set: a module's own (FSDP2 evaluates per module) or a
-        # stacked group's; a few hundred for a large model, so the bound only stops leaks
-        self._tensors: dict[tuple, torch.Tensor] = {}
-        self.max_entries = max_entries
-
-    def get(self, rows: tuple[tuple[float, ...], ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        if torch.compiler.is_compiling():  # a traced graph keeps its constants; no cache writes in a trace
-            return torch.tensor(rows, dtype=dtype, device=device)
-        key = (rows, dtype, device)
-        hit = self._tensors.get(key)
-        if hit is None:
-            if len(self._tensors) >= self.max_entries:  # prices change only when a model does
-                self._tensors.clear()
-            hit = self._tensors[key] = torch.tensor(rows, dtype=dtype, device=device)
-        return hit
-
-
-_PRICES = WeightCache()  # shared by every model: entries are keyed by value, not by owner
-
-
-def price_row(weights: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """One module's prices as a device tensor (K,), from the shared cache."""
-    return _PRICES.get((weights,), dtype, device)[0]
+    if torch.compiler.is_compiling():  # a traced graph keeps its constants; no cache writes in a trace
+        return torch.tensor(rows, dtype=dtype, device=device)
+    key = (rows, dtype, device)
+    hit = _PRICES.get(key)
+    if hit is None:
+        if len(_PRICES) >= _MAX_PRICES:  # prices change only when a model does
+            _PRICES.clear()
+        hit = _PRICES[key] = torch.tensor(rows, dtype=dtype, device=device)
+    return hit
 
 
 def evaluate(terms: PriorTerms) -> torch.Tensor:
     """One module's prior, a scalar (the reference :func:`total` must agree with)."""
     probs = open_probs(terms.log_alpha, terms.chain)
-    return (probs * price_row(terms.weights, probs.dtype, probs.device)).sum()
+    return (probs * _prices((terms.weights,), probs.dtype, probs.device)[0]).sum()
 
 
 def total(all_terms: list[PriorTerms]) -> torch.Tensor | None:
     """Σ over modules of their priors, evaluated per group of equal (f, K, dtype, device); None if empty."""
     groups: dict[tuple, list[PriorTerms]] = {}
     for t in all_terms:
-        key = (t.chain, t.log_alpha.shape[-1], t.log_alpha.dtype, t.log_alpha.device)
-        groups.setdefault(key, []).append(t)
+        groups.setdefault((t.chain, t.log_alpha.shape[-1], t.log_alpha.dtype, t.log_alpha.device), []).append(t)
     sums = []
     for (chain, width, dtype, device), members in groups.items():
         rows = [t.log_alpha.reshape(-1, width) for t in members]
         log_alpha = rows[0] if len(rows) == 1 else torch.cat(rows)                # (rows, K)
         prices = tuple(t.weights for t, r in zip(members, rows) for _ in range(r.shape[0]))
-        weights = _PRICES.get(prices, dtype, device)                              # (rows, K)
+        weights = _prices(prices, dtype, device)                                  # (rows, K)
         sums.append((open_probs(log_alpha, chain) * weights).sum())
     if not sums:
         return None

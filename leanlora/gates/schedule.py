@@ -41,34 +41,25 @@ def regularizer(model: nn.Module) -> torch.Tensor:
     ctl = budget.controller(model)
     if ctl is not None:
         return ctl.penalty(model)
-    stated: list[priors.PriorTerms] = []
+    stated: list[priors.PriorTerms] = [terms for group in shared.groups for terms in group.prior_terms()]
     others: list[torch.Tensor] = []
-    for group in shared.groups:
-        stated.extend(group.prior_terms())
     for layer in shared.__dict__.get("layers", ()):
-        if layer.group is not None:
+        if layer.group is not None:  # a group's members: stated by the group
             continue
         for m in layer.modules():
             if m is layer or not isinstance(m, HasPrior):
                 continue
-            if hasattr(m, "prior_terms"):
-                terms = m.prior_terms()
-                if terms is not None:
-                    stated.append(terms)
-            else:
+            if not hasattr(m, "prior_terms"):
                 others.append(m.prior().reshape(()))
+            elif (terms := m.prior_terms()) is not None:
+                stated.append(terms)
     together = priors.total(stated)
     if together is not None:
         others.append(together)
     if not others:  # on the model's device: a CPU zero added to a GPU loss is a blocking copy per step
         return torch.zeros((), device=next((p.device for p in model.parameters()), None))
     summed = others[0] if len(others) == 1 else torch.stack([o.to(others[0].device) for o in others]).sum()
-    return prior_weight(model) * summed
-
-
-def prior_weight(model: nn.Module) -> float:
-    """λ of the gate prior (``adapter.prior.lmbda``), for every caller that weighs summed priors."""
-    return shared_state(model).config.prior.lmbda
+    return shared.config.prior.lmbda * summed  # λ of the gate prior
 
 
 def advance(model: nn.Module, step: int) -> None:

@@ -27,16 +27,13 @@ class StackedRows:
     stacked = False
 
     def __getattr__(self, name: str):
-        rows = self.__dict__.get("_rows")
-        if rows:
-            hit = rows.get(name)
-            if hit is not None:
-                return getattr(hit[0], name)[hit[1]]
+        hit = (self.__dict__.get("_rows") or {}).get(name)
+        if hit is not None:
+            return getattr(hit[0], name)[hit[1]]
         return super().__getattr__(name)
 
     def __setattr__(self, name: str, value) -> None:
-        rows = self.__dict__.get("_rows")
-        if rows and name in rows:
+        if name in (self.__dict__.get("_rows") or {}):
             raise AttributeError(f"{type(self).__name__}.{name} is a row of its group's stacked parameter; "
                                  "take the layer out of its group first (leanlora.groups.ungroup)")
         super().__setattr__(name, value)
@@ -84,8 +81,7 @@ class StackedRows:
 
 def stack_holders(module: nn.Module) -> list[nn.Module]:
     """The group templates whose stacks ``module``'s rows belong to (none once it holds its own)."""
-    rows = module.__dict__.get("_rows") or {}
-    return list({id(t): t for t, _ in rows.values()}.values())
+    return list({id(t): t for t, _ in (module.__dict__.get("_rows") or {}).values()}.values())
 
 
 def row_of(module: nn.Module, name: str) -> tuple[nn.Module, int | None]:

@@ -132,8 +132,7 @@ class AdapterGroup(nn.Module):
         return [t for t in (m.prior_terms() for m in priced) if t is not None]
 
     def extra_repr(self) -> str:
-        live = sum(m is not None for m in self.__dict__.get("members", ()))
-        return f"members={live}"
+        return f"members={sum(m is not None for m in self.__dict__.get('members', ()))}"
 
 
 def _stack(members: list[AdaptedLinear], shared: nn.Module) -> AdapterGroup:
@@ -211,11 +210,8 @@ def ungroup_all(shared: nn.Module) -> None:
 
 def row_names(shared: nn.Module) -> dict[int, list[str | None]]:
     """id(stacked parameter) -> the name each row has in the state dict (None for an unused row)."""
-    out = {}
-    for group in shared.groups:
-        for key, stack in group.named_parameters():
-            out[id(stack)] = [None if m is None else f"{m.name}.{key}" for m in group.members]
-    return out
+    return {id(stack): [None if m is None else f"{m.name}.{key}" for m in group.members]
+            for group in shared.groups for key, stack in group.named_parameters()}
 
 
 def _split(outs: tuple, size: int) -> list[tuple]:

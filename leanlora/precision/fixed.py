@@ -13,10 +13,9 @@ bit-width and a scale frozen from the full-rank tensor, so that pruning rows doe
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from leanlora.gates.hardconcrete import round_ste
-from leanlora.groups.rows import StackedRows
+from leanlora.precision.full import FixedWidth
 
 FLOAT_BITS = 32
 _TINY = 1e-12  # an all-zero tensor (LoRA's B at init) gets a tiny positive scale, not 0/0
@@ -53,7 +52,7 @@ def quant_codes(w: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor
     return torch.round(w.detach().float() / scale).clamp(-n, n).to(torch.int32)
 
 
-class FixedBits(StackedRows, nn.Module):
+class FixedBits(FixedWidth):
     """Fake-quantizer at one bit-width in {2, 4, 8, 16, 32}; 32 is float (identity)."""
 
     def __init__(self, bits: int) -> None:
@@ -68,12 +67,6 @@ class FixedBits(StackedRows, nn.Module):
         round_fn = round_ste if self.training else torch.round
         return fake_quant(w, absmax_scale(w, self.nbits, self.member_dims(w)), self.nbits, round_fn)
 
-    def bits(self) -> int:
-        return self.nbits
-
-    def expected_bits(self) -> float:
-        return float(self.nbits)
-
     def quantized(self) -> bool:
         """True when the stored form is integer codes plus a scale (not float)."""
         return self.nbits < FLOAT_BITS
@@ -86,11 +79,8 @@ class FixedBits(StackedRows, nn.Module):
         scale = absmax_scale(w, self.nbits)
         return quant_codes(w, scale, self.nbits), scale
 
-    def extra_repr(self) -> str:
-        return f"bits={self.nbits}"
 
-
-class FrozenBits(StackedRows, nn.Module):
+class FrozenBits(FixedWidth):
     """A finalized quantizer: fixed bits and, when the factor is not stored packed, a frozen scale.
 
     ``scale=None`` makes it an identity that only reports its width (the factor it follows is
@@ -110,14 +100,7 @@ class FrozenBits(StackedRows, nn.Module):
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if self.scale is None:
             return w
-        n = qmax(self.nbits)
-        return ((w.float() / self.scale).round().clamp(-n, n) * self.scale).to(w.dtype)
-
-    def bits(self) -> int:
-        return self.nbits
-
-    def expected_bits(self) -> float:
-        return float(self.nbits)
+        return fake_quant(w, self.scale, self.nbits, torch.round)
 
     def quantized(self) -> bool:
         return self._quantized

@@ -8,19 +8,26 @@ from torch import nn
 from leanlora.groups.rows import StackedRows
 
 
-class FullPrecision(StackedRows, nn.Module):
+class FixedWidth(StackedRows, nn.Module):
+    """A quantizer whose width is one number, ``nbits``: what it reports, now and expected."""
+
+    def bits(self) -> int:
+        return self.nbits
+
+    def expected_bits(self) -> float:
+        return float(self.nbits)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.nbits}"
+
+
+class FullPrecision(FixedWidth):
     def __init__(self, dtype_bits: int = 32) -> None:
         super().__init__()
-        self.dtype_bits = dtype_bits
+        self.nbits = dtype_bits
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         return w
-
-    def bits(self) -> int:
-        return self.dtype_bits
-
-    def expected_bits(self) -> float:
-        return float(self.dtype_bits)
 
     def quantized(self) -> bool:
         """False: the factor is stored as float values, not integer codes (see leanlora.artifact.packing)."""
@@ -29,6 +36,3 @@ class FullPrecision(StackedRows, nn.Module):
     def encode(self, w: torch.Tensor) -> None:
         """No integer codes: finalize stores a float factor as it is."""
         return None
-
-    def extra_repr(self) -> str:
-        return f"bits={self.dtype_bits}"

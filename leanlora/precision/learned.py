@@ -44,18 +44,21 @@ The always-on 2-bit base has no gate and contributes a constant, left out.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
 from leanlora.gates import hardconcrete as hc
 from leanlora.gates import priors
 from leanlora.groups.rows import StackedRows
-from leanlora.precision.fixed import FLOAT_BITS, member_peak
+from leanlora.precision.fixed import FLOAT_BITS, member_peak, quant_codes
 
 ALLOWED = (2, 4, 8, 16, 32)
 _CLIP = 1.0 - 1e-7
 
 
+@dataclasses.dataclass(eq=False)
 class PriorScale:
     """Model-wide normaliser of BOP-aware prior weights: the largest full-rank adapter MACs/token.
 
@@ -63,11 +66,18 @@ class PriorScale:
     it builds each layer, before any forward or prior is computed.
     """
 
-    def __init__(self) -> None:
-        self.value = 1.0
+    value: float = 1.0
 
     def update(self, macs: float) -> None:
         self.value = max(self.value, float(macs))
+
+
+def check_gate_settings(owner: str, threshold: float, reg_type: str) -> None:
+    """The settings every gated strategy shares: a threshold in (0, 1) and a known prior weighting."""
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"{owner}: threshold={threshold!r} is invalid: must be in (0, 1)")
+    if reg_type not in ("const", "bop"):
+        raise ValueError(f"{owner}: reg_type={reg_type!r} is invalid: allowed 'const', 'bop'")
 
 
 def grid_scale(x_max: torch.Tensor, bits: int) -> torch.Tensor:
@@ -126,10 +136,7 @@ class LearnedBits(StackedRows, nn.Module):
         bit_set = tuple(sorted(set(bit_set)))
         if not bit_set or not set(bit_set) <= set(ALLOWED) or bit_set[0] != 2:
             raise ValueError(f"LearnedBits: bit_set={bit_set!r} is invalid: must be a subset of {ALLOWED} containing 2")
-        if not 0.0 < threshold < 1.0:
-            raise ValueError(f"LearnedBits: threshold={threshold!r} is invalid: must be in (0, 1)")
-        if reg_type not in ("const", "bop"):
-            raise ValueError(f"LearnedBits: reg_type={reg_type!r} is invalid: allowed 'const', 'bop'")
+        check_gate_settings("LearnedBits", threshold, reg_type)
         self.bit_set, self.threshold, self.reg_type, self.macs = bit_set, threshold, reg_type, float(macs)
         self.prior_scale = prior_scale or PriorScale()
         self.log_alpha = nn.Parameter(torch.full((len(bit_set) - 1,), float(init_log_alpha), device=device))
@@ -149,24 +156,15 @@ class LearnedBits(StackedRows, nn.Module):
         peak = member_peak(w, self.member_dims(w))
         return self.per_member(self.log_scale.exp(), peak) * peak
 
-    def gates(self, training: bool | None = None) -> torch.Tensor:
-        """z_1..z_K: sampled in training, thresholded (0/1) in eval (``training`` defaults to the mode)."""
-        if training is None:
-            training = self.training
-        if training:
-            return hc.sample(self.log_alpha)
-        return hc.deterministic(self.log_alpha, self.threshold)
-
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         return self._quantize(w, self.training).to(w.dtype)
 
-    def _eval_value(self, w: torch.Tensor) -> torch.Tensor:
-        return self._quantize(w, False)
-
     def _quantize(self, w: torch.Tensor, training: bool) -> torch.Tensor:
-        """Σ_k π_k q_k in fp32: sampled gates and straight-through rounding when ``training``."""
+        """Σ_k π_k q_k in fp32: sampled gates z_1..z_K and straight-through rounding when ``training``,
+        else gates thresholded to 0/1."""
         levels = level_values(w, self.x_max(w), self._steps, self._qmax, self.has_float, training)
-        return mix_levels(levels, level_weights(self.gates(training)))
+        gates = hc.sample(self.log_alpha) if training else hc.deterministic(self.log_alpha, self.threshold)
+        return mix_levels(levels, level_weights(gates))
 
     # --- what it chose -------------------------------------------------------------------------
 
@@ -193,10 +191,8 @@ class LearnedBits(StackedRows, nn.Module):
 
     def prior_terms(self) -> priors.PriorTerms:
         """R as data (:mod:`leanlora.gates.priors`): the open chain of the gates, priced per step."""
-        if self.reg_type == "const":
-            weights = (1.0,) * self.log_alpha.shape[-1]
-        else:
-            weights = tuple(b * self.macs / self.prior_scale.value for b in self.bit_set[1:])
+        weights = ((1.0,) * self.log_alpha.shape[-1] if self.reg_type == "const"
+                   else tuple(b * self.macs / self.prior_scale.value for b in self.bit_set[1:]))
         return priors.PriorTerms(self.log_alpha, weights, chain=True)
 
     @torch.no_grad()
@@ -209,10 +205,8 @@ class LearnedBits(StackedRows, nn.Module):
         b = self.bits()
         if b == FLOAT_BITS:
             return None
-        wq = self._eval_value(w)
         scale = grid_scale(self.x_max(w), b)
-        n = 2 ** (b - 1) - 1
-        return torch.round(wq / scale).clamp(-n, n).to(torch.int32), scale.reshape(())
+        return quant_codes(self._quantize(w, False), scale, b), scale.reshape(())
 
     def extra_repr(self) -> str:
         return f"bit_set={self.bit_set}, reg={self.reg_type}"

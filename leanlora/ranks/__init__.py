@@ -1,6 +1,7 @@
 """Rank strategies: which of the r components are on, and the scale of the update.
 
-Every strategy satisfies :class:`RankSelector`; the layer, finalize and the cost report use
+Every strategy (in :mod:`~leanlora.ranks.fixed`, :mod:`~leanlora.ranks.nested` and
+:mod:`~leanlora.ranks.gated`) satisfies :class:`RankSelector`; the layer, finalize and the cost report use
 nothing else.
 """
 
@@ -21,42 +22,27 @@ class RankSelector(Protocol):
     keep_mask: torch.Tensor | None   # finalized: zeros stored components that are closed
     e_store: nn.Module | None        # finalized: the stored diagonal E, if any
 
-    def select(
-        self, a: torch.Tensor, b: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float | torch.Tensor]: ...
+    def select(self, a: torch.Tensor,
+               b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float | torch.Tensor]: ...
 
     def active_rank(self) -> int:
         """Components in use now (eval semantics): r, the chosen b, or the open gates."""
-        ...
 
     def expected_rank(self) -> float:
         """Expected number of components in use under the current (possibly random) rule."""
-        ...
 
     def keep_indices(self) -> torch.Tensor:
         """Indices (long, ascending) of the components the eval-mode layer uses."""
-        ...
 
     def diagonal(self) -> tuple[torch.Tensor, nn.Module] | None:
         """(E, its quantizer) of a trainable diagonal between B and A; None without one."""
-        ...
 
     def diag_quantizer(self) -> nn.Module | None:
         """The quantizer of E, trained or frozen (cost accounting reads its bits); None without E."""
-        ...
 
     def prune_(self, keep: int) -> None:
         """Keep components 0..keep-1 for good, leaving their update unchanged."""
-        ...
 
     def finalize_(self, keep: int, e_store: nn.Module | None, e_bits: int, e_quantized: bool,
                   keep_mask: torch.Tensor | None) -> None:
         """Hold ``keep`` components for good, E as ``e_store``; ``keep_mask`` zeros closed ones."""
-        ...
-
-
-from leanlora.ranks.fixed import FixedRanks
-from leanlora.ranks.gated import GatedRanks
-from leanlora.ranks.nested import NestedRanks, RankSampler
-
-__all__ = ["RankSelector", "FixedRanks", "GatedRanks", "NestedRanks", "RankSampler"]

@@ -29,8 +29,7 @@ class PrefixRanks:
     def diag_quantizer(self) -> None:
         return None
 
-    def diagonal(self) -> None:
-        return None
+    diagonal = diag_quantizer  # no diagonal E, so no (E, quantizer) pair either
 
     def finalize_(self, keep: int, e_store: nn.Module | None = None, e_bits: int = 32, e_quantized: bool = False,
                   keep_mask: torch.Tensor | None = None) -> None:

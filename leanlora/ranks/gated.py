@@ -39,7 +39,7 @@ from leanlora.gates import priors
 from leanlora.gates.hardconcrete import round_ste
 from leanlora.groups.rows import StackedRows
 from leanlora.precision.full import FullPrecision
-from leanlora.precision.learned import PriorScale
+from leanlora.precision.learned import PriorScale, check_gate_settings
 from leanlora.ranks.fixed import lora_scale
 
 NOMINAL_BITS = 16
@@ -54,12 +54,9 @@ class GatedRanks(StackedRows, nn.Module):
                  component_macs: float = 1.0, prior_scale: PriorScale | None = None,
                  dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> None:
         super().__init__()
-        if not 0.0 < threshold < 1.0:
-            raise ValueError(f"GatedRanks: threshold={threshold!r} is invalid: must be in (0, 1)")
+        check_gate_settings("GatedRanks", threshold, reg_type)
         if prior not in ("nested", "individual"):
             raise ValueError(f"GatedRanks: prior={prior!r} is invalid: allowed 'nested', 'individual'")
-        if reg_type not in ("const", "bop"):
-            raise ValueError(f"GatedRanks: reg_type={reg_type!r} is invalid: allowed 'const', 'bop'")
         self.rank, self.max_rank = rank, rank
         self.diag, self.nested, self.prior_kind, self.threshold = diag, nested, prior, threshold
         self.reg_type, self.component_macs = reg_type, float(component_macs)
@@ -82,10 +79,7 @@ class GatedRanks(StackedRows, nn.Module):
 
     def gates(self) -> torch.Tensor:
         """z_1..z_{r-1}: sampled in training, 0/1 in eval; nested through the cumulative product."""
-        if self.training:
-            z = hc.sample(self.log_alpha)
-        else:
-            z = hc.deterministic(self.log_alpha, self.threshold)
+        z = hc.sample(self.log_alpha) if self.training else hc.deterministic(self.log_alpha, self.threshold)
         return hc.prefix_product(z) if self.nested else z
 
     def mask(self) -> torch.Tensor:
@@ -130,10 +124,8 @@ class GatedRanks(StackedRows, nn.Module):
         if self.finalized:
             return float(self.active_rank())
         with torch.no_grad():
-            return float(1.0 + self._on_probs().sum())
-
-    def _on_probs(self) -> torch.Tensor:
-        return hc.open_chain(self.log_alpha) if self.nested else hc.prob_open(self.log_alpha)
+            on = hc.open_chain(self.log_alpha) if self.nested else hc.prob_open(self.log_alpha)
+            return float(1.0 + on.sum())
 
     def prior(self) -> torch.Tensor:
         """The rank prior R (scalar with gradient); see the module docstring."""
@@ -144,9 +136,7 @@ class GatedRanks(StackedRows, nn.Module):
         """R as data (:mod:`leanlora.gates.priors`), None once finalized (the gates are gone)."""
         if self.finalized:
             return None
-        cost = 1.0
-        if self.reg_type == "bop":
-            cost = self.component_macs * NOMINAL_BITS / self.prior_scale.value
+        cost = self.component_macs * NOMINAL_BITS / self.prior_scale.value if self.reg_type == "bop" else 1.0
         return priors.PriorTerms(self.log_alpha, (cost,) * self.log_alpha.shape[-1],
                                  chain=self.prior_kind == "nested" and self.nested)
 
@@ -192,10 +182,8 @@ class GatedRanks(StackedRows, nn.Module):
             self.E = None
             self.e_store = e_store
             self.quant_e = FrozenBits(e_bits, None, quantized=e_quantized)
-        if keep_mask is not None:
-            self.register_buffer("keep_mask", keep_mask.float().clone().to(self._anchor.device))
-        else:
-            self.keep_mask = None
+        mask = None if keep_mask is None else keep_mask.float().clone().to(self._anchor.device)
+        self.register_buffer("keep_mask", mask)
 
     def extra_repr(self) -> str:
         return (f"r={self.rank}/{self.max_rank}, diag={self.diag}, nested={self.nested}, "

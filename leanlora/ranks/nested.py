@@ -139,10 +139,8 @@ class NestedRanks(PrefixRanks, StackedRows, nn.Module):
         self.scale_mode, self.max_rank = scale, rank
         # A plain attribute, not a submodule: the sampler is shared and registered once, on the model.
         object.__setattr__(self, "sampler", sampler)
-        self.chosen: int | None = None
         self.register_buffer("_index", torch.arange(rank, device=device), persistent=False)  # component numbers
-        if eval_rank is not None:
-            self.set_rank(eval_rank)
+        self.set_rank(eval_rank)  # sets ``chosen``: None is the full rank
 
     def _check(self, b: int, what: str) -> int:
         if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= self.rank:
@@ -155,6 +153,8 @@ class NestedRanks(PrefixRanks, StackedRows, nn.Module):
 
     def eval_rank(self) -> int:
         return self.rank if self.chosen is None else self.chosen
+
+    active_rank = eval_rank  # components in use now (eval semantics): the eval rank
 
     def select(self, a: torch.Tensor, b_mat: torch.Tensor):
         """Training: (A, B, m_b · scale_b, 1) masked at the sampled b. Eval: (A[:b], B[:, :b], None, scale_b)."""
@@ -181,9 +181,6 @@ class NestedRanks(PrefixRanks, StackedRows, nn.Module):
             a = torch.where(learns[:, None], a, a.detach())       # over (..., r, in)
             b_mat = torch.where(learns, b_mat, b_mat.detach())    # over (..., out, r)
         return a, b_mat, on.to(torch.float32) * scale, 1.0
-
-    def active_rank(self) -> int:
-        return self.eval_rank()
 
     def expected_rank(self) -> float:
         return min(self.sampler.mean(), float(self.rank)) if self.training else float(self.eval_rank())

@@ -14,44 +14,25 @@ sweep's (:class:`leanlora.reports.sweep.SweepResult`), with the budget and the B
 
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
-import torch
 from torch import nn
 
 from leanlora import budget as bud
 from leanlora.inject import shared_state
-from leanlora.reports.sweep import SweepResult, SweepRow, choose_rank
-
-
-def _gated_chains(model: nn.Module) -> list[bud.Chain]:
-    chains = bud.gate_chains(model)[1]
-    if not chains:
-        config = shared_state(model).config
-        raise ValueError(f"a budget sweep needs gated ranks or learned bits; this adapter has ranks={config.ranks!r}, "
-                         f"precision={config.precision!r}")
-    return chains
-
-
-@contextlib.contextmanager
-def restored_gates(model: nn.Module) -> Iterator[None]:
-    """Put every gate back as it was when the block exits."""
-    chains = _gated_chains(model)
-    saved = {c.name: c.log_alpha.detach().clone() for c in chains}
-    try:
-        yield
-    finally:
-        bud.apply_pins(chains, saved)
+from leanlora.reports.sweep import SweepResult, SweepRow, sweep_points
 
 
 class BudgetPoints:
     """The global order of one adapter, computed once; :meth:`set` pins the structure of any budget."""
 
     def __init__(self, model: nn.Module) -> None:
-        _gated_chains(model)
+        if not bud.gate_chains(model)[1]:
+            config = shared_state(model).config
+            raise ValueError(f"a budget sweep needs gated ranks or learned bits; this adapter has "
+                             f"ranks={config.ranks!r}, precision={config.precision!r}")
         self.order, self.costs, self.full, self.chains = bud.removal_order(model)
 
     def set(self, budget: float) -> int:
@@ -63,33 +44,24 @@ class BudgetPoints:
         return len(closed)
 
 
-def _row(model: nn.Module, budget: float, score: float) -> SweepRow:
-    from leanlora.reports.cost import cost_report
-
-    t = cost_report(model).total
-    return SweepRow(float(t["mean_rank"]), score, int(t["adapter_bytes"]), int(t["macs"]), float(t["bops_vs_lora"]),
-                    budget)
-
-
 def sweep_budgets(model: nn.Module, eval_fn: Callable[[nn.Module], float], budgets: Iterable[float],
                   tolerance: float = 0.0, higher_is_better: bool = True, metric: str = "score") -> SweepResult:
     """Evaluate ``eval_fn(model)`` (eval mode, no grad) at each budget; the gates are restored after."""
+    from leanlora.reports.cost import cost_report
+
     budgets = sorted({float(b) for b in budgets}, reverse=True)
     points = BudgetPoints(model)
-    was_training = model.training
-    model.eval()
-    rows, scores = [], {}
+    saved = {c.name: c.log_alpha.detach().clone() for c in points.chains}
+
+    def row(budget: float, score: float) -> SweepRow:
+        t = cost_report(model).total
+        return SweepRow(float(t["mean_rank"]), score, int(t["adapter_bytes"]), int(t["macs"]),
+                        float(t["bops_vs_lora"]), budget)
+
     try:
-        with restored_gates(model):
-            for b in budgets:
-                points.set(b)
-                with torch.no_grad():
-                    scores[b] = float(eval_fn(model))
-                rows.append(_row(model, b, scores[b]))
-    finally:
-        model.train(was_training)
-    best, chosen = choose_rank(scores, tolerance, higher_is_better)
-    return SweepResult(rows, best, chosen, tolerance, higher_is_better, metric)
+        return sweep_points(model, budgets, points.set, row, eval_fn, tolerance, higher_is_better, metric)
+    finally:  # every gate back as it was
+        bud.apply_pins(points.chains, saved)
 
 
 def export_budget(model: nn.Module, budget: float, directory: str | os.PathLike, *, peft: bool = False) -> Path:

@@ -26,9 +26,8 @@ Bits' baseline, Σ MACs × 32 × 32).
 
 from __future__ import annotations
 
-import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -79,7 +78,7 @@ class CostReport:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: {"layers": [...], "total": {...}, "act_bits": 16}."""
-        return {"layers": [dataclasses.asdict(r) for r in self.layers], "total": dict(self.total),
+        return {"layers": [asdict(r) for r in self.layers], "total": dict(self.total),
                 "shared_bytes": self.shared_bytes, "head_bytes": self.head_bytes, "act_bits": ACT_BITS}
 
     def to_json(self) -> str:
@@ -106,8 +105,7 @@ class CostReport:
                      f"mean rank {t['mean_rank']:.2f}, mean bits A/B {t['mean_bits_a']:.1f}/{t['mean_bits_b']:.1f}")
         return "\n".join(lines)
 
-    def __str__(self) -> str:
-        return self.format_table()
+    __str__ = format_table
 
 
 def _fit(name: str, width: int) -> str:
@@ -122,23 +120,10 @@ def _stored_components(layer: AdaptedLinear) -> tuple[int, int, bool]:
         return ranks.active_rank(), ranks.rank, ranks.keep_mask is not None
     keep = ranks.keep_indices()
     k = int(keep.numel())
-    if _packs_rows(layer) or bool(torch.equal(keep, torch.arange(k))):
+    # factors stored as the matrices themselves (dense, or already packed) keep the open rows alone
+    if layer.factors.stores_rows or bool(torch.equal(keep, torch.arange(k))):
         return k, k, False
     return k, int(keep.max()) + 1, True
-
-
-def _packs_rows(layer: AdaptedLinear) -> bool:
-    """Factors stored as the matrices themselves (dense, or already packed)."""
-    return layer.factors.stores_rows
-
-
-def _factor_bytes(layer: AdaptedLinear, k: int, elem: int) -> int:
-    qa, qb = layer.quant_a, layer.quant_b
-    own = layer.factors.compact_nbytes(k, elem)
-    if own is None:
-        return (stored_nbytes(k * layer.in_features, qa.bits(), qa.quantized(), elem)
-                + stored_nbytes(layer.out_features * k, qb.bits(), qb.quantized(), elem))
-    return own + SCALE_BYTES * (int(qa.quantized()) + int(qb.quantized()))
 
 
 def layer_cost(name: str, layer: AdaptedLinear, r: int, elem: int) -> LayerCost:
@@ -151,7 +136,12 @@ def layer_cost(name: str, layer: AdaptedLinear, r: int, elem: int) -> LayerCost:
     bits_e = qe.bits() if qe is not None else None
     macs = in_f * k + k * out_f + (k if qe is not None else 0)
     bops = ACT_BITS * (in_f * k * bits_a + k * out_f * bits_b + (k * bits_e if qe is not None else 0))
-    stored = _factor_bytes(layer, k, elem)
+    stored = layer.factors.compact_nbytes(k, elem)  # None: the factors are stored as tensors of their own
+    if stored is None:
+        stored = (stored_nbytes(k * in_f, bits_a, qa.quantized(), elem)
+                  + stored_nbytes(out_f * k, bits_b, qb.quantized(), elem))
+    else:
+        stored += SCALE_BYTES * (int(qa.quantized()) + int(qb.quantized()))
     if qe is not None:
         stored += stored_nbytes(k, bits_e, qe.quantized(), elem)
     if masked:
@@ -173,36 +163,36 @@ def cost_report(model: nn.Module) -> CostReport:
     config = shared.config
     elem = torch.empty((), dtype=adapter_dtype(config)).element_size()
     rows = [layer_cost(name, layer, config.r, elem) for name, layer in adapted_layers(model)]
-    shared_bytes = sum(t.numel() * t.element_size() for t in shared.state_dict().values())
-    # the groups' stacks are the layers' rows, counted per layer
-    shared_params = sum(p.numel() for n, p in shared.named_parameters() if not n.startswith("groups."))
     modules = dict(model.named_modules())
     head = [t for n in shared.modules_to_save_names for t in modules[n].state_dict().values()]
-    head_bytes = sum(t.numel() * t.element_size() for t in head)
-    report = CostReport(rows, shared_bytes=shared_bytes, head_bytes=head_bytes, shared_params=shared_params)
-    report.total = _totals(rows, shared_bytes, head_bytes, shared_params, config.r)
+    # the groups' stacks are the layers' rows, counted per layer
+    shared_params = sum(p.numel() for n, p in shared.named_parameters() if not n.startswith("groups."))
+    report = CostReport(rows, shared_bytes=_nbytes(shared.state_dict().values()), head_bytes=_nbytes(head),
+                        shared_params=shared_params)
+    report.total = _totals(report, config.r)
     return report
 
 
-def _totals(rows: list[LayerCost], shared_bytes: int, head_bytes: int, shared_params: int, r: int) -> dict[str, Any]:
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _totals(report: CostReport, r: int) -> dict[str, Any]:
+    rows = report.layers
+
     def s(key: str) -> int:
         return sum(getattr(row, key) for row in rows)
 
     n = max(len(rows), 1)
     t: dict[str, Any] = {k: s(k) for k in ("rank", "stored_rank", "macs", "bops", "params", "lora_macs",
                                             "lora_bops", "lora_bytes", "lora_params", "fp32_bops", "fp32_bytes")}
-    t["r"] = r * len(rows)
-    t["r_max"] = r
-    t["layers"] = len(rows)
-    t["stored_bytes"] = s("stored_bytes") + shared_bytes + head_bytes
-    t["adapter_bytes"] = s("stored_bytes") + shared_bytes
-    t["params"] += shared_params
-    t["mean_rank"] = t["rank"] / n
-    t["mean_expected_rank"] = s("expected_rank") / n
-    t["mean_bits_a"] = s("bits_a") / n
-    t["mean_bits_b"] = s("bits_b") / n
-    t["bops_vs_lora"] = t["bops"] / max(t["lora_bops"], 1)
-    t["bops_vs_fp32"] = t["bops"] / max(t["fp32_bops"], 1)
-    t["bytes_vs_lora"] = t["adapter_bytes"] / max(t["lora_bytes"], 1)
-    t["bytes_vs_fp32"] = t["adapter_bytes"] / max(t["fp32_bytes"], 1)
+    t.update(r=r * len(rows), r_max=r, layers=len(rows),
+             stored_bytes=s("stored_bytes") + report.shared_bytes + report.head_bytes,
+             adapter_bytes=s("stored_bytes") + report.shared_bytes)
+    t["params"] += report.shared_params
+    for key in ("rank", "expected_rank", "bits_a", "bits_b"):
+        t[f"mean_{key}"] = s(key) / n
+    for key, amount in (("bops", "bops"), ("bytes", "adapter_bytes")):  # e.g. bops_vs_lora = bops / lora_bops
+        for base in ("lora", "fp32"):
+            t[f"{key}_vs_{base}"] = t[amount] / max(t[f"{base}_{key}"], 1)
     return t

@@ -80,12 +80,9 @@ def plot_ranks_bits(report: CostReport, path: str | os.PathLike) -> Path:
             grid[kinds.index(r.module), idxs.index(_layer_index(r.name))] = float(getattr(r, key))
         im = ax.imshow(grid.numpy(), aspect="auto", cmap="viridis")
         mid = 0.5 * (float(grid.nan_to_num(float("inf")).min()) + float(grid.nan_to_num(float("-inf")).max()))
-        for i in range(len(kinds)):
-            for j in range(len(idxs)):
-                v = grid[i, j]
-                if not torch.isnan(v):  # dark text on the bright (yellow) end of viridis
-                    ax.text(j, i, f"{int(v)}", ha="center", va="center", fontsize=7,
-                            color="k" if float(v) > mid else "w")
+        for i, j in (~grid.isnan()).nonzero().tolist():  # dark text on the bright (yellow) end of viridis
+            v = float(grid[i, j])
+            ax.text(j, i, f"{int(v)}", ha="center", va="center", fontsize=7, color="k" if v > mid else "w")
         ax.set_yticks(range(len(kinds)), kinds)
         ax.set_xticks(range(len(idxs)), [str(i) for i in idxs])
         ax.set_xlabel("layer")
@@ -123,10 +120,8 @@ def curves(metrics: dict) -> dict[str, Series]:
         loss["train (mean)"] = series(logged, "loss")
     if any("loss" in r for r in evals):
         loss["eval"] = series(evals, "loss")
-    cost: Series = {}
-    if logged:
-        cost = {"BOPs": series(logged, "leanlora/bops_vs_lora16", 100),
-                "bytes": series(logged, "leanlora/bytes_vs_lora16", 100)}
+    cost: Series = {"BOPs": series(logged, "leanlora/bops_vs_lora16", 100),
+                    "bytes": series(logged, "leanlora/bytes_vs_lora16", 100)} if logged else {}
     # log records name the adapter's state under leanlora/ (step_log.adapter_values); evaluations
     # hold rank and bits too, under their plain names, in runs that kept no log records
     gates, prefix = (logged, "leanlora/") if logged else (evals, "")
@@ -164,9 +159,7 @@ def write_report(model_or_adapter_dir: nn.Module | str | os.PathLike, out_dir: s
     """Write cost.txt, cost.json and ranks_bits.png to ``out_dir``, and curves.png when ``metrics``
     names a run's metrics.json; returns their paths."""
     model = model_or_adapter_dir
-    if not isinstance(model, nn.Module):
-        model = load_for_report(model)
-    report = cost_report(model)
+    report = cost_report(model if isinstance(model, nn.Module) else load_for_report(model))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"table": out / "cost.txt", "json": out / "cost.json", "plot": out / "ranks_bits.png"}

@@ -46,10 +46,9 @@ def set_rank(model: nn.Module, b: int | None, modules: Iterable[str] | None = No
     if not picked:
         raise ValueError(f"set_rank: modules={patterns!r} match no adapted module")
     ranks = [(n, _nested(n, l)) for n, l in picked]
-    if b is not None:
-        for n, r in ranks:
-            if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= r.rank:
-                raise ValueError(f"set_rank: b={b!r} is outside the ranks 1..{r.rank} of module {n!r}")
+    for n, r in ranks:
+        if b is not None and (isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= r.rank):
+            raise ValueError(f"set_rank: b={b!r} is outside the ranks 1..{r.rank} of module {n!r}")
     for _, r in ranks:
         r.set_rank(b)
     return [n for n, _ in ranks]
@@ -110,8 +109,7 @@ class SweepResult:
                          f"| {mark} |")
         return "\n".join(lines)
 
-    def __str__(self) -> str:
-        return self.table()
+    __str__ = table
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -121,12 +119,6 @@ class SweepResult:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.to_dict(), indent=2))
         return path
-
-
-def _bops_vs_lora16(model: nn.Module) -> float:
-    from leanlora.reports.cost import cost_report
-
-    return float(cost_report(model).total["bops_vs_lora"])
 
 
 def choose_rank(scores: dict[int, float], tolerance: float = 0.0, higher_is_better: bool = True) -> tuple[int, int]:
@@ -146,25 +138,41 @@ def sweep_ranks(model: nn.Module, eval_fn: Callable[[nn.Module], float], ranks: 
 
     ``ranks`` defaults to 1..r. ``tolerance`` is absolute, in the units of the score.
     """
+    from leanlora.reports.cost import cost_report
+
     shared_state(model)
     layers = [(n, _nested(n, l)) for n, l in adapted_layers(model)]
     r_max = min(r.rank for _, r in layers)
     ranks = list(range(1, r_max + 1)) if ranks is None else sorted(set(int(b) for b in ranks))
     before = [(r, r.chosen) for _, r in layers]
-    was_training = model.training
-    model.eval()
-    scores: dict[int, float] = {}
-    rows = []
+
+    def row(b: int, score: float) -> SweepRow:
+        nbytes, macs = rank_cost(model)
+        return SweepRow(b, score, nbytes, macs, float(cost_report(model).total["bops_vs_lora"]))
+
     try:
-        for b in ranks:
-            set_rank(model, b)
-            with torch.no_grad():
-                scores[b] = float(eval_fn(model))
-            nbytes, macs = rank_cost(model)
-            rows.append(SweepRow(b, scores[b], nbytes, macs, _bops_vs_lora16(model)))
+        return sweep_points(model, ranks, lambda b: set_rank(model, b), row, eval_fn, tolerance, higher_is_better,
+                            metric)
     finally:
         for r, chosen in before:
             r.chosen = chosen
+
+
+def sweep_points(model: nn.Module, points: Iterable, set_point: Callable, row: Callable[..., SweepRow],
+                 eval_fn: Callable, tolerance: float, higher_is_better: bool, metric: str) -> SweepResult:
+    """The sweep of :func:`sweep_ranks` and :func:`leanlora.reports.budget_sweep.sweep_budgets`: at each
+    point ``set_point(point)``, then ``eval_fn(model)`` in eval mode without grad, and ``row(point, score)``
+    for the table; the model's train mode is restored after."""
+    was_training = model.training
+    model.eval()
+    rows, scores = [], {}
+    try:
+        for point in points:
+            set_point(point)
+            with torch.no_grad():
+                scores[point] = float(eval_fn(model))
+            rows.append(row(point, scores[point]))
+    finally:
         model.train(was_training)
     best, chosen = choose_rank(scores, tolerance, higher_is_better)
     return SweepResult(rows, best, chosen, tolerance, higher_is_better, metric)
@@ -172,11 +180,9 @@ def sweep_ranks(model: nn.Module, eval_fn: Callable[[nn.Module], float], ranks: 
 
 def plot_sweep(result: SweepResult, path: str | os.PathLike) -> Path:
     """PNG of score vs rank (left axis) and adapter bytes (right axis), chosen rank marked."""
-    import matplotlib
+    from leanlora.reports.report import _pyplot, _save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     ranks = [_point(r) for r in result.rows]
     by_budget = any(r.budget is not None for r in result.rows)
     name = "budget" if by_budget else "b"
@@ -192,12 +198,7 @@ def plot_sweep(result: SweepResult, path: str | os.PathLike) -> Path:
     ax2.plot(ranks, [r.adapter_bytes / 1024 for r in result.rows], "s:", color="tab:gray", ms=3)
     ax2.set_ylabel("adapter KiB", color="tab:gray")
     ax.legend(loc="best", fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path)
 
 
 def export_rank(model: nn.Module, b: int, directory: str | os.PathLike, *, peft: bool = False) -> Path:

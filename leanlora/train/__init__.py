@@ -4,26 +4,17 @@ The loop and the Trainer integration import transformers (and ``LeanLoraSFTTrain
 on first use.
 """
 
-from leanlora.train.runconfig import (
-    DataConfig,
-    ModelConfig,
-    RunConfig,
-    TrainConfig,
-    load_run_config,
-    to_commented_yaml,
-)
+from leanlora.train.runconfig import (DataConfig, ModelConfig, RunConfig, TrainConfig, load_run_config,
+                                      to_commented_yaml)
 
+# name -> the module that defines it, imported on first use
 _LAZY = {
-    "train": ("leanlora.train.loop", "train"),
-    "TrainResult": ("leanlora.train.loop", "TrainResult"),
-    "TrainingDiverged": ("leanlora.train.loop", "TrainingDiverged"),
-    "LeanLoraCallback": ("leanlora.train.callbacks", "LeanLoraCallback"),
-    "LeanLoraTrainer": ("leanlora.train.callbacks", "LeanLoraTrainer"),
-    "LeanLoraMixin": ("leanlora.train.callbacks", "LeanLoraMixin"),
-    "LeanLoraSFTTrainer": ("leanlora.train.sft", "LeanLoraSFTTrainer"),
-    "add_regularizer": ("leanlora.train.callbacks", "add_regularizer"),
-    "leanlora_optimizer": ("leanlora.train.trainer_optim", "leanlora_optimizer"),
-    "StepGraph": ("leanlora.train.step_graph", "StepGraph"),
+    **dict.fromkeys(("train", "TrainResult", "TrainingDiverged"), "leanlora.train.loop"),
+    **dict.fromkeys(("LeanLoraCallback", "LeanLoraTrainer", "LeanLoraMixin"), "leanlora.train.callbacks"),
+    "LeanLoraSFTTrainer": "leanlora.train.sft",
+    "add_regularizer": "leanlora.train.callbacks",
+    "leanlora_optimizer": "leanlora.train.trainer_optim",
+    "StepGraph": "leanlora.train.step_graph",
 }
 
 
@@ -31,10 +22,8 @@ def __getattr__(name: str):
     if name in _LAZY:
         import importlib
 
-        module, attr = _LAZY[name]
-        return getattr(importlib.import_module(module), attr)
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'leanlora.train' has no attribute {name!r}")
 
 
-__all__ = ["DataConfig", "ModelConfig", "RunConfig", "TrainConfig", "load_run_config", "to_commented_yaml",
-           *_LAZY]
+__all__ = ["DataConfig", "ModelConfig", "RunConfig", "TrainConfig", "load_run_config", "to_commented_yaml", *_LAZY]

@@ -37,14 +37,7 @@ from leanlora.train.step_log import adapter_values
 from leanlora.train.trainer_checkpoint import AdapterCheckpoints, unwrap
 from leanlora.train.trainer_optim import leanlora_optimizer
 
-__all__ = ["LeanLoraCallback", "LeanLoraMixin", "LeanLoraTrainer", "add_regularizer", "leanlora_optimizer",
-           "adapter_log_values"]
-
-
-def adapter_log_values(model: nn.Module) -> dict[str, float]:
-    """The adapter's state for a log record, under ``leanlora/`` (:func:`leanlora.train.step_log.adapter_values`,
-    which the CLI loop logs too)."""
-    return adapter_values(unwrap(model))
+__all__ = ["LeanLoraCallback", "LeanLoraMixin", "LeanLoraTrainer", "add_regularizer", "leanlora_optimizer"]
 
 
 class LeanLoraCallback(TrainerCallback, ExportableState):
@@ -88,7 +81,7 @@ class LeanLoraCallback(TrainerCallback, ExportableState):
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
         if model is None or logs is None or any(k.startswith(("eval_", "test_")) for k in logs):
             return  # evaluation records: the adapter is the one the last training record described
-        values = adapter_log_values(model)
+        values = adapter_values(unwrap(model))  # under leanlora/, as the CLI loop logs them (train.step_log)
         if self._prior_count:  # mean λ·R over the micro-batches since the last training log
             values["leanlora/prior"] = (self._prior_sum / self._prior_count).item()
             self._prior_sum, self._prior_count = None, 0
@@ -102,9 +95,7 @@ def install_callback(trainer: Trainer) -> LeanLoraCallback:
     """The trainer's :class:`LeanLoraCallback`, first in its list so every integration sees its log keys."""
     callbacks = trainer.callback_handler.callbacks
     ours = next((cb for cb in callbacks if isinstance(cb, LeanLoraCallback)), None) or LeanLoraCallback()
-    if ours in callbacks:
-        callbacks.remove(ours)
-    callbacks.insert(0, ours)
+    callbacks[:] = [ours, *(cb for cb in callbacks if cb is not ours)]  # in place: the handler keeps its list
     return ours
 
 
@@ -164,8 +155,7 @@ class LeanLoraMixin(AdapterCheckpoints):
         self._leanlora_callback = install_callback(self)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None, **kwargs):
-        base = super().compute_loss
-        return regularized_compute_loss(self, base, self._leanlora_callback)(
+        return regularized_compute_loss(self, super().compute_loss, self._leanlora_callback)(
             model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch, **kwargs)
 
     def create_optimizer(self, model=None):

@@ -18,7 +18,6 @@ Without a template, a single-turn example is the prompt text followed by the res
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,14 +36,6 @@ DEFAULT_MESSAGES_COLUMN = {"messages": "messages", "sharegpt": "conversations"}
 # Alpaca's own prompt (Taori et al., 2023), used when the tokenizer has no chat template
 ALPACA_PREAMBLE = ("Below is an instruction that describes a task{paired}. "
                    "Write a response that appropriately completes the request.\n\n")
-
-
-@dataclass(frozen=True)
-class Encoded:
-    input_ids: list[int]
-    labels: list[int]          # -100 outside the assistant turns
-    prompt_ids: list[int]      # everything before the last assistant turn (its generation prompt)
-    response: str              # the last assistant turn's text: the reference of exact match
 
 
 def uses_template(cfg: DataConfig, tokenizer) -> bool:
@@ -129,9 +120,8 @@ def encode(messages: list[Message], tokenizer, templated: bool) -> tuple[list[li
     done = ""
     for i, message in enumerate(messages):
         if message["role"] == "assistant":
-            _append(pieces, learn, tokenizer, done, _render(tokenizer, messages[:i], True), False)
-            done = _append(pieces, learn, tokenizer, _render(tokenizer, messages[:i], True),
-                           _render(tokenizer, messages[:i + 1], False), True)
+            prompt = _append(pieces, learn, tokenizer, done, _render(tokenizer, messages[:i], True), False)
+            done = _append(pieces, learn, tokenizer, prompt, _render(tokenizer, messages[:i + 1], False), True)
     return pieces, learn
 
 
@@ -154,8 +144,11 @@ def _append(pieces: list[list[int]], learn: list[bool], tokenizer, before: str, 
     return after
 
 
-def example(messages: list[Message], tokenizer, templated: bool, max_length: int) -> Encoded | None:
-    """Token ids, loss labels and the generation prompt of one conversation, cut to ``max_length``.
+def example(messages: list[Message], tokenizer, templated: bool, max_length: int) -> dict[str, Any] | None:
+    """Token ids, loss labels and the generation prompt of one conversation, cut to ``max_length``:
+    ``input_ids``, ``labels`` (-100 outside the assistant turns), ``prompt_ids`` (everything before
+    the last assistant turn: its generation prompt) and ``response`` (the last assistant turn's
+    text: the reference of exact match).
 
     A single exchange keeps its response whole when it fits and cuts the prompt from the left;
     a longer conversation is cut at the end. None when no assistant token is left to learn.
@@ -166,24 +159,22 @@ def example(messages: list[Message], tokenizer, templated: bool, max_length: int
     response = next(m["content"] for m in reversed(messages) if m["role"] == "assistant")
     if sum(learn) == 1 and len(pieces) == last + 1:
         r_ids = pieces[last][:max(1, max_length - min(len(prompt_ids), max_length // 2))]
-        p_ids = prompt_ids[-(max_length - len(r_ids)):]
-        return Encoded(p_ids + r_ids, [-100] * len(p_ids) + r_ids, p_ids, response)
-    ids = [t for p in pieces for t in p][:max_length]
-    labels = [t if flag else -100 for p, flag in zip(pieces, learn) for t in p][:max_length]
-    if all(t == -100 for t in labels):
-        return None
-    return Encoded(ids, labels, prompt_ids[-max_length:], response)
+        prompt_ids = prompt_ids[-(max_length - len(r_ids)):]
+        ids, labels = prompt_ids + r_ids, [-100] * len(prompt_ids) + r_ids
+    else:
+        ids = [t for p in pieces for t in p][:max_length]
+        labels = [t if flag else -100 for p, flag in zip(pieces, learn) for t in p][:max_length]
+        if all(t == -100 for t in labels):
+            return None
+        prompt_ids = prompt_ids[-max_length:]
+    return {"input_ids": ids, "labels": labels, "prompt_ids": prompt_ids, "response": response}
 
 
 def row_examples(cfg: DataConfig, tokenizer, path: Path, rows: list[Row]) -> list[dict[str, Any]]:
     """Each row as a causal-LM example; conversations whose assistant turns fall past max_length are dropped."""
     templated = uses_template(cfg, tokenizer)
-    out = []
-    for row in rows:
-        enc = example(messages_of(cfg, path, row, templated), tokenizer, templated, cfg.max_length)
-        if enc is not None:
-            out.append({"input_ids": enc.input_ids, "labels": enc.labels, "prompt_ids": enc.prompt_ids,
-                        "response": enc.response})
+    encoded = [example(messages_of(cfg, path, row, templated), tokenizer, templated, cfg.max_length) for row in rows]
+    out = [enc for enc in encoded if enc is not None]
     if not out:
         raise DataError(f"{path}: no example has an assistant token within data.max_length={cfg.max_length}")
     return out

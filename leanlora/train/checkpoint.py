@@ -44,10 +44,8 @@ class CheckpointError(RuntimeError):
 
 
 def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    tensors = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"cuda.{i}"] = s
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    tensors = {"torch": torch.get_rng_state(), **{f"cuda.{i}": s for i, s in enumerate(cuda)}}
     version, state, gauss = random.getstate()
     np_state = np.random.get_state()
     plain = {"python": [version, list(state), gauss],
@@ -70,16 +68,12 @@ def set_rng_state(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> No
 
 
 def _split_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    tensors: dict[str, torch.Tensor] = {}
-    plain_state: dict[str, dict[str, Any]] = {}
-    for idx, per_param in state["state"].items():
-        plain_state[str(idx)] = {}
-        for key, value in per_param.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{idx}.{key}"] = value
-            else:
-                plain_state[str(idx)][key] = value
-    return tensors, {"state": plain_state, "param_groups": state["param_groups"]}
+    per_param = state["state"].items()
+    tensors = {f"{idx}.{key}": value for idx, values in per_param for key, value in values.items()
+               if isinstance(value, torch.Tensor)}
+    plain = {str(idx): {key: value for key, value in values.items() if not isinstance(value, torch.Tensor)}
+             for idx, values in per_param}
+    return tensors, {"state": plain, "param_groups": state["param_groups"]}
 
 
 def _join_optimizer(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> dict[str, Any]:
@@ -88,18 +82,6 @@ def _join_optimizer(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> 
         idx, key = name.split(".", 1)
         state.setdefault(int(idx), {})[key] = value
     return {"state": state, "param_groups": plain["param_groups"]}
-
-
-def _plain(value: Any) -> Any:
-    """``value`` with its one-element tensors as numbers: a captured training step
-    (leanlora.train.step_graph) keeps learning rates as device tensors, and the scheduler copies them."""
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        return value.item()
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_plain(v) for v in value)
-    return value
 
 
 # --- save / load ------------------------------------------------------------------------------
@@ -118,8 +100,7 @@ def _read_json(path: Path, keys: tuple[str, ...]) -> dict[str, Any]:
         raise _damaged(path, "file not found") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise _damaged(path, f"not valid JSON ({err})") from None
-    missing = [k for k in keys if not isinstance(data, dict) or k not in data]
-    if missing:
+    if missing := [k for k in keys if not isinstance(data, dict) or k not in data]:
         raise _damaged(path, f"key(s) {missing} missing")
     return data
 
@@ -170,17 +151,17 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer:
         return folder
     if folder.exists():  # a half-written folder of a killed run, never pointed at
         shutil.rmtree(folder)
-    atomic_save_tensors(adapter, folder / "adapter.safetensors")
-    opt_tensors, opt_plain = _split_optimizer(optim)
-    atomic_save_tensors(opt_tensors, folder / "optimizer.safetensors")
-    rng_tensors, rng_plain = rng_state()
-    atomic_save_tensors(rng_tensors, folder / "rng.safetensors")
-    state = {"step": step, "loop": loop_state, "optimizer": _plain(opt_plain),
-             "scheduler": _plain(scheduler.state_dict()), "rng": rng_plain}
-    ctl = budget.controller(model)
-    if ctl is not None:  # λ, the schedule's C_0, the freeze and its pins: the run continues as it stood
+    (opt_tensors, opt_plain), (rng_tensors, rng_plain) = _split_optimizer(optim), rng_state()
+    for name, tensors in (("adapter", adapter), ("optimizer", opt_tensors), ("rng", rng_tensors)):
+        atomic_save_tensors(tensors, folder / f"{name}.safetensors")
+    state = {"step": step, "loop": loop_state, "optimizer": opt_plain, "scheduler": scheduler.state_dict(),
+             "rng": rng_plain}
+    # the budget's λ, the schedule's C_0, the freeze and its pins: the run continues as it stood
+    if (ctl := budget.controller(model)) is not None:
         state["budget"] = ctl.state_dict()
-    atomic_write_bytes(folder / "state.json", json.dumps(state).encode())
+    # one-element tensors as numbers: a captured training step (leanlora.train.step_graph) keeps
+    # learning rates as device tensors, and the scheduler copies them
+    atomic_write_bytes(folder / "state.json", json.dumps(state, default=torch.Tensor.item).encode())
     atomic_write_bytes(root / LATEST, json.dumps({"step": step, "dir": folder.name}).encode())
     for old in root.glob("step-*"):
         if old != folder and old.is_dir():
@@ -220,8 +201,7 @@ def load_checkpoint(folder: str | Path, model: nn.Module, optimizer: torch.optim
         # the JSON and tensors parsed but do not describe this run's optimizer, scheduler or RNG
         raise _damaged(folder, f"its optimizer, scheduler or RNG state does not fit this run "
                                f"({type(err).__name__}: {err})") from None
-    ctl = budget.controller(model)
-    if ctl is not None:
+    if (ctl := budget.controller(model)) is not None:
         if "budget" not in state:
             raise CheckpointError(f"{folder}: this run has adapter.budget but the checkpoint holds no budget state")
         ctl.load_state_dict(state["budget"])
@@ -253,9 +233,7 @@ def clean_leftovers(run_dir: str | Path) -> list[Path]:
     the names :mod:`leanlora.artifact.io` writes under) and step folders that ``latest.json`` does not name
     (a checkpoint cut short). Returns what was removed."""
     run_dir = Path(run_dir)
-    removed: list[Path] = []
-    for pattern in (".*.tmp", "*/.*.tmp", "*/*/.*.tmp"):
-        removed += sorted(run_dir.glob(pattern))
+    removed = [p for pattern in (".*.tmp", "*/.*.tmp", "*/*/.*.tmp") for p in sorted(run_dir.glob(pattern))]
     latest = latest_checkpoint(run_dir)
     removed += [p for p in sorted((run_dir / CKPT_DIR).glob("step-*")) if p.is_dir() and p != latest]
     for path in removed:

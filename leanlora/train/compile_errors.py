@@ -20,8 +20,7 @@ def root_cause(err: BaseException) -> str:
 
 def is_compile_error(err: BaseException) -> bool:
     """True for errors raised while compiling (dynamo, inductor, Triton), not by the model itself."""
-    module = type(err).__module__ or ""
-    if module.startswith(("torch._dynamo", "torch._inductor", "triton")):
+    if (type(err).__module__ or "").startswith(("torch._dynamo", "torch._inductor", "triton")):
         return True
     cause = err.__cause__ or err.__context__
     return cause is not None and cause is not err and is_compile_error(cause)

@@ -47,16 +47,11 @@ class CompiledRegions:
         """``mode`` is torch.compile's (inductor only); "reduce-overhead" records CUDA graphs."""
         if mode != "default" and backend != "inductor":
             raise ValueError(f"compile mode {mode!r} needs the inductor backend, not {backend!r}")
-        self.log = log
-        self.model = model
+        self.log, self.model, self.mode = log, model, mode
         self.regions = repeated_blocks(model) or [model]
-        for region in self.regions:
-            if mode == "default":
-                region.compile(backend=backend)
-            else:
-                region.compile(mode=mode)
+        for region in self.regions:  # torch.compile's mode=None is its "default"
+            region.compile(backend=backend, mode=None if mode == "default" else mode)
         compile_pieces(model, mode, backend)  # the grouped adapter pieces (leanlora.groups.stacking) too
-        self.mode = mode
         self.compiled, self._proven = True, False
 
     def begin_step(self) -> None:
@@ -77,7 +72,7 @@ class CompiledRegions:
         one, warn, go eager, clear gradients and run it again."""
         if self._proven or not self.compiled:
             return step()
-        rng = _rng_state()
+        rng = torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
         try:
             out = step()
         except Exception as err:  # the compiler's own exception types differ across torch versions
@@ -89,19 +84,9 @@ class CompiledRegions:
             self.log(f"warning: {message}")
             self.eager()
             zero_grad()
-            _set_rng_state(rng)  # the retry draws the same gate noise a plain eager step would
+            torch.set_rng_state(rng[0])  # the retry draws the same gate noise a plain eager step would
+            if rng[1] is not None:
+                torch.cuda.set_rng_state_all(rng[1])
             out = step()
         self._proven = True
         return out
-
-
-def _rng_state() -> tuple:
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-    return torch.get_rng_state(), cuda
-
-
-def _set_rng_state(state: tuple) -> None:
-    cpu, cuda = state
-    torch.set_rng_state(cpu)
-    if cuda is not None:
-        torch.cuda.set_rng_state_all(cuda)

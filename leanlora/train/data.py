@@ -94,13 +94,10 @@ def _read_delimited(path: Path, header: bool, tsv: bool) -> list[Row]:
             if header and names is None:
                 names = [v.strip() for v in values]
                 continue
-            if names is None:
-                keys = [str(i) for i in range(len(values))]
-            else:
-                if len(values) != len(names):
-                    raise DataError(f"{path} line {reader.line_num}: {len(values)} fields, the header has "
-                                    f"{len(names)} ({names})")
-                keys = names
+            if names is not None and len(values) != len(names):
+                raise DataError(f"{path} line {reader.line_num}: {len(values)} fields, the header has "
+                                f"{len(names)} ({names})")
+            keys = names or [str(i) for i in range(len(values))]  # no header: columns "0", "1", ...
             rows.append(Row(reader.line_num, dict(zip(keys, values))))
     return rows
 
@@ -156,31 +153,24 @@ def rows_from_records(records: Any, source: str) -> list[Row]:
     return rows
 
 
-def column_names(rows: list[Row]) -> list[str]:
-    return list(rows[0].fields) if rows else []
-
-
 def require_columns(path: Path, rows: list[Row], columns: list[tuple[str, str]]) -> None:
     """Each (config key, column) must exist in the first row; the error lists the columns present."""
     if not rows:
         return
-    present = column_names(rows)
     for key, column in columns:
         if column not in rows[0].fields:
             where = "header (line 1)" if rows[0].line > 1 else "first record"
-            raise DataError(f"{path}: column {column!r} ({key}) is not in the {where}; columns present: {present}"
+            raise DataError(f"{path}: column {column!r} ({key}) is not in the {where}; columns present: "
+                            f"{list(rows[0].fields)}"
                             + ("; for a file without a header set data.header=false (columns are then "
                                "named by number)" if column.isdigit() and where.startswith("header") else ""))
 
 
 def label_text(value: Any) -> str | None:
     """Labels compare as text so that 1, "1", True and "True" from different files agree."""
-    if value is None:
-        return None
     if isinstance(value, float) and value.is_integer():
         value = int(value)
-    text = str(value).strip()
-    return text or None
+    return None if value is None else str(value).strip() or None
 
 
 def subset(rows: list[Row], n: int, seed: int) -> list[Row]:

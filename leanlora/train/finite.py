@@ -54,13 +54,11 @@ class FiniteGuard:
         layer's tensor (:func:`leanlora.groups.stacking.row_names`)."""
         named = [(n, p) for n, p in named_params if p.requires_grad]
         self.rows = rows or {}
-        self.names = [n for n, _ in named]
-        self.params = [p for _, p in named]
+        self.names, self.params = [n for n, _ in named], [p for _, p in named]
         self.tripped = torch.zeros((), dtype=torch.bool, device=device)
         # plain parameters are grouped by device once (their values change in place); a DTensor's
         # shard is taken per step
-        sharded = any(hasattr(p, "to_local") for p in self.params)
-        self._groups = None if sharded else _by_device(self.params)
+        self._groups = None if any(hasattr(p, "to_local") for p in self.params) else _by_device(self.params)
 
     @torch.no_grad()
     def update(self) -> None:
@@ -104,8 +102,7 @@ def advice(run_dir: Path, lr: float) -> str:
     from leanlora.train.checkpoint import latest_checkpoint
 
     lower, run = f"{lr / 10:g}", shlex.quote(str(run_dir))
-    last = latest_checkpoint(run_dir)
-    if last is not None:
+    if (last := latest_checkpoint(run_dir)) is not None:
         return (f"The last good checkpoint is {last}; continue from it with a lower learning rate: "
                 f"`leanlora train --resume {run} train.lr={lower}`")
     return ("No checkpoint was written before it; start again with a lower learning rate: "

@@ -25,8 +25,6 @@ are: not adapted, no logit soft-capping or scaling.
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -37,11 +35,6 @@ MODES = ("auto", "liger", "chunked", "off")
 IGNORE_INDEX = -100
 # config fields of architectures that transform the output layer's logits before the loss
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
-
-
-def _chunk_tokens(vocab: int) -> int:
-    """Tokens per chunk so that one chunk's fp32 logits take about 256 MiB."""
-    return max(1, (1 << 26) // vocab)
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -88,8 +81,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 def chunked_linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                                  target: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
     """Mean over labelled tokens of CE(h W^T + b, target): h (N, H), weight (V, H), target (N,) with
-    -100 for ignored tokens; never holds more than ``chunk`` rows of logits."""
-    return _ChunkedLinearCrossEntropy.apply(h, weight, bias, target, chunk or _chunk_tokens(weight.shape[0]))
+    -100 for ignored tokens; never holds more than ``chunk`` rows of logits (by default as many as
+    make about 256 MiB of fp32 logits)."""
+    return _ChunkedLinearCrossEntropy.apply(h, weight, bias, target, chunk or max(1, (1 << 26) // weight.shape[0]))
 
 
 def liger_linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -98,15 +92,6 @@ def liger_linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: torc
     from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
     return liger_fused_linear_cross_entropy(h, weight, target, bias=bias, ignore_index=IGNORE_INDEX, reduction="mean")
-
-
-def liger_available() -> str | None:
-    """None when Liger-Kernel's fused loss can be imported here, else why not."""
-    try:
-        import liger_kernel.transformers.functional  # noqa: F401  (imports triton)
-    except Exception as err:  # ImportError, or triton failing to find a driver
-        return f"liger-kernel is not importable ({type(err).__name__}: {str(err)[:100]}); pip install liger-kernel"
-    return None
 
 
 def unsupported_head(model: nn.Module) -> str | None:
@@ -138,9 +123,7 @@ def choose(mode: str, model: nn.Module, device: torch.device, *, distributed: st
     reasons = []
     if distributed != "none":  # the fused path calls the body directly, around the DDP/FSDP2 wrapper
         reasons.append(f"train.distributed={distributed!r} (the fused loss runs in one process)")
-    head = unsupported_head(model)
-    if head:
-        reasons.append(head)
+    reasons.append(unsupported_head(model))
     if mode in ("auto", "liger"):
         if device.type != "cuda":
             reasons.append(f"liger needs a CUDA device (this run is on {device.type})")
@@ -148,9 +131,12 @@ def choose(mode: str, model: nn.Module, device: torch.device, *, distributed: st
             reasons.append("liger reads the token count back to the host, which train.cuda_graph cannot capture "
                            "(train.fused_loss='chunked' can)")
         else:
-            missing = liger_available()
-            if missing:
-                reasons.append(missing)
+            try:
+                import liger_kernel.transformers.functional  # noqa: F401  (imports triton)
+            except Exception as err:  # ImportError, or triton failing to find a driver
+                reasons.append(f"liger-kernel is not importable ({type(err).__name__}: {str(err)[:100]}); "
+                               "pip install liger-kernel")
+    reasons = [r for r in reasons if r]  # each check gives None when it passes
     if not reasons:
         return "liger" if mode == "auto" else mode
     if mode == "auto":
@@ -158,21 +144,17 @@ def choose(mode: str, model: nn.Module, device: torch.device, *, distributed: st
     raise ConfigError(f"train.fused_loss={mode!r} cannot run: {'; '.join(reasons)}; use 'auto' or 'off'")
 
 
-def _refresh_grouped_pieces(model: nn.Module) -> None:
-    """Run leanlora's forward pre-hook of the adapted model (the grouped adapter pieces,
-    :mod:`leanlora.groups.stacking`): calling the body directly skips the root's hooks."""
-    for hook in list(model._forward_pre_hooks.values()):
-        if getattr(hook, "__name__", "") == "refresh_pieces":  # leanlora's, or a profiler's wrapper of it
-            hook(model, ())
-
-
 def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], how: str) -> torch.Tensor:
     """Mean next-token cross-entropy of ``batch`` (labels -100 where not scored), with ``how``
     = liger or chunked: hidden states from the body, the output layer's weight, no logits tensor."""
-    loss_fn: Callable = liger_linear_cross_entropy if how == "liger" else chunked_linear_cross_entropy
+    loss_fn = liger_linear_cross_entropy if how == "liger" else chunked_linear_cross_entropy
     body = getattr(model, model.base_model_prefix)
     head = model.get_output_embeddings()
-    _refresh_grouped_pieces(model)
+    # calling the body directly skips the root's hooks: run leanlora's forward pre-hook of the adapted
+    # model (the grouped adapter pieces, leanlora.groups.stacking) here
+    for hook in list(model._forward_pre_hooks.values()):
+        if getattr(hook, "__name__", "") == "refresh_pieces":  # leanlora's, or a profiler's wrapper of it
+            hook(model, ())
     extra = {"position_ids": batch["position_ids"]} if "position_ids" in batch else {}   # packed
     hidden = body(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), **extra)[0]  # (B, T, H)
     # position t predicts token t+1, as in the plain loss

@@ -35,8 +35,7 @@ def require_saved_head(model: nn.Module, adapter: AdapterConfig, task: str) -> N
     if task == "causal_lm":
         return
     fresh = getattr(model, FRESH_ATTR, ())
-    loose = [k for k in fresh
-             if not any(module_matches(adapter.modules_to_save, owner) for owner in _owners(k))]
+    loose = [k for k in fresh if not any(module_matches(adapter.modules_to_save, owner) for owner in _owners(k))]
     if loose:
         modules = sorted({k.rsplit(".", 1)[0] for k in loose})
         raise ConfigError(

@@ -17,23 +17,21 @@ resumed CPU run bit-identical to an uninterrupted one.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import random
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NoReturn, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 import leanlora
-from leanlora import budget
-from leanlora import distributed as dist
+from leanlora import budget, distributed as dist
 from leanlora.train.compiled import CompiledRegions, shape_advice, wants_compile
 from leanlora.config import ConfigError
 from leanlora.artifact.io import atomic_write_bytes, read_adapter_tensors
@@ -49,7 +47,7 @@ from leanlora.train.precision import check_trainable_dtype, optimizer_step, reso
 from leanlora.train.resume import check_total, resume_config, retune
 from leanlora.train.preflight import check_adapter
 from leanlora.train.runconfig import RunConfig, to_commented_yaml
-from leanlora.train.step_log import last_logged_step, step_record, tracked
+from leanlora.train.step_log import step_record
 from leanlora.train.tasks import batches, build_task
 from leanlora.train.tracking import open_trackers, resolve_backends
 from leanlora.train.whole_step import graphed_training_step
@@ -99,12 +97,6 @@ def load_for_run(run: RunConfig, need_train: bool = True, sources: dict[str, Any
     task = build_task(run.data, tokenizer, need_train=need_train, sources=sources)
     model = load_model(run.model, run.data.task, task.num_labels, tokenizer)
     return model.to(resolve_device(run.train.device)), tokenizer, task
-
-
-def _better(metric: str, new: float, old: float | None) -> bool:
-    if old is None:
-        return True
-    return new < old if metric == "loss" else new > old
 
 
 def train(run: RunConfig | None, run_dir: str | Path, *, resume: bool = False, progress: bool = True,
@@ -170,7 +162,7 @@ def _start_processes(run: RunConfig, log) -> tuple[RunConfig, torch.device]:
                               "(train.device); set train.cuda_graph=false")
         if run.data.pad_to_multiple_of != run.data.max_length:
             # one batch shape, one graph: every batch padded to max_length
-            run = run.replace(data=dataclasses.replace(run.data, pad_to_multiple_of=run.data.max_length))
+            run = run.replace(data=replace(run.data, pad_to_multiple_of=run.data.max_length))
             log(f"train.cuda_graph: batches are padded to data.max_length={run.data.max_length}, so that every "
                 "full batch has one shape")
     return run, device
@@ -204,17 +196,14 @@ class _Loop:
     wrapped: nn.Module          # what the steps call: the model, or its DDP wrapper
     task: Any
     device: torch.device
-    precision: Any
     log: Any
-    n: int                      # training examples
-    micro_per_epoch: int
+    micro_per_epoch: int        # micro-batches of an epoch (of len(task.train) examples)
     steps_per_epoch: int
     total: int                  # optimizer steps of the whole run
     optimizer: torch.optim.Optimizer
     scheduler: Any
     compiled: CompiledRegions | None
-    prior: Any                  # model -> λ · Σ priors
-    autocast: Any
+    autocast: Any               # train.precision's autocast (reusable), for training and evaluation
     scaler: Any
     step: int = 0
     state: dict[str, Any] = field(default_factory=lambda: {
@@ -244,8 +233,8 @@ def _plan(run: RunConfig, run_dir: Path, model: nn.Module, wrapped: nn.Module, t
         log("warning: train.max_grad_norm=0 with adapter.ranks=nested: steps that draw a small rank scale "
             "the update by alpha / b and can throw gradient spikes that stall a short run; "
             "train.max_grad_norm=1.0 (the default) clips them")
-    notice = short_run_notice(run.adapter, total, tc.batch_size * tc.grad_accum)  # batch_size: all ranks together
-    if notice:
+    # batch_size: all ranks together
+    if notice := short_run_notice(run.adapter, total, tc.batch_size * tc.grad_accum):
         log(notice)
     groups = leanlora.param_groups(model, tc.lr, tc.weight_decay)
     check_trainable_dtype(precision, groups)
@@ -253,19 +242,17 @@ def _plan(run: RunConfig, run_dir: Path, model: nn.Module, wrapped: nn.Module, t
     scheduler = build_scheduler(optimizer, tc, total, log)
     # compiled per decoder layer on CUDA by default; the first step falls back to eager if inductor fails
     compiled = CompiledRegions(model, log=log, mode=tc.compile_mode) if wants_compile(tc.compile, device) else None
-    advice = shape_advice(tc.compile_mode, run.data.pad_to_multiple_of, run.data.max_length) if compiled else None
-    if advice:
+    if compiled and (advice := shape_advice(tc.compile_mode, run.data.pad_to_multiple_of, run.data.max_length)):
         log(advice)
-    # the prior stays eager: stated by group as stacked rows (leanlora.gates.priors) it is a dozen kernels, and
-    # compiling it would cost a graph as large as the model's gate count for nothing
-    return _Loop(run, run_dir, model, wrapped, task, device, precision, log, n, micro_per_epoch, steps_per_epoch,
-                 total, optimizer, scheduler, compiled, prior=dist.regularizer, autocast=precision.autocast(),
-                 scaler=precision.grad_scaler())
+    # the prior (dist.regularizer: λ · Σ priors) stays eager: stated by group as stacked rows
+    # (leanlora.gates.priors) it is a dozen kernels, and compiling it would cost a graph as large as the
+    # model's gate count for nothing
+    return _Loop(run, run_dir, model, wrapped, task, device, log, micro_per_epoch, steps_per_epoch, total,
+                 optimizer, scheduler, compiled, autocast=precision.autocast(), scaler=precision.grad_scaler())
 
 
 def _restore(loop: _Loop, checkpoint: Path, overrides: Sequence[str]) -> None:
     """Continue from ``checkpoint``: weights, optimizer, schedule, loop state and random streams."""
-    tc = loop.run.train
     base_lrs = list(loop.scheduler.base_lrs)  # this run's, before the checkpoint's replace them
     restored = load_checkpoint(checkpoint, loop.model, loop.optimizer, loop.scheduler)
     retune(loop.optimizer, loop.scheduler, base_lrs)  # a changed train.lr or schedule reaches the restored step
@@ -274,7 +261,7 @@ def _restore(loop: _Loop, checkpoint: Path, overrides: Sequence[str]) -> None:
     if loop.scaler is not None and "grad_scaler" in loop.state:
         loop.scaler.load_state_dict(loop.state["grad_scaler"])
     if dist.is_distributed():  # every rank restored rank 0's generator: split the noise again
-        torch.manual_seed(dist.rank_seed(tc.seed + loop.step))
+        torch.manual_seed(dist.rank_seed(loop.run.train.seed + loop.step))
     loop.log(f"resumed {loop.run_dir} at step {loop.step} of {loop.total}"
              + (f" with {' '.join(overrides)}" if overrides else ""))
 
@@ -283,16 +270,14 @@ def _arm(loop: _Loop, backends: list[str], progress: bool) -> None:
     """The finite-weight guard, the captured step, the trackers and the progress bar."""
     from tqdm.auto import tqdm
 
-    tc = loop.run.train
-    # after the checkpoint: the graph's warm-up steps must see the restored optimizer state
     from leanlora.groups.stacking import row_names
     from leanlora.inject import shared_state
 
     # no NaN/inf weight is evaluated or saved; a stack's message names the layer whose row it is
     loop.guard = FiniteGuard(loop.model.named_parameters(), loop.device, row_names(shared_state(loop.model)))
-    if tc.cuda_graph:
-        loop.graphed = graphed_training_step(loop.wrapped, loop.task, loop.optimizer, loop.prior, loop.autocast,
-                                             tc.max_grad_norm, loop.log, after_update=loop.guard.update)
+    if loop.run.train.cuda_graph:  # after the checkpoint: the warm-up steps see the restored optimizer state
+        loop.graphed = graphed_training_step(loop.wrapped, loop.task, loop.optimizer, dist.regularizer, loop.autocast,
+                                             loop.run.train.max_grad_norm, loop.log, after_update=loop.guard.update)
     loop.result = TrainResult(run_dir=loop.run_dir, steps=loop.step, history=list(loop.state["history"]))
     loop.trackers = open_trackers(backends, loop.run_dir, resumed_at=loop.step, model=loop.model)
     loop.bar = tqdm(total=loop.total, initial=loop.step, disable=not progress or not dist.is_main_process(),
@@ -305,9 +290,9 @@ def _run_steps(loop: _Loop) -> int:
     order_epoch, order = -1, []
     while step < loop.total:
         started = time.perf_counter()
-        epoch, k = divmod(step, loop.steps_per_epoch)
+        epoch = step // loop.steps_per_epoch
         if epoch != order_epoch:  # drawn once per epoch: a permutation of a large set costs ms per step
-            order_epoch, order = epoch, epoch_order(loop.n, tc.seed, epoch)
+            order_epoch, order = epoch, epoch_order(len(loop.task.train), tc.seed, epoch)
         leanlora.advance(loop.model, step)
         end_of_epoch = (step + 1) % loop.steps_per_epoch == 0
         evaluate = bool(loop.task.eval) and ((tc.eval_every and (step + 1) % tc.eval_every == 0)
@@ -337,7 +322,7 @@ def _run_steps(loop: _Loop) -> int:
 def _train_step(loop: _Loop, step: int, order: list[int], want_norm: bool) -> tuple[float, Any]:
     """One optimizer step over its micro-batches: (mean loss over every rank, gradient norm or None)."""
     tc = loop.run.train
-    epoch, k = divmod(step, loop.steps_per_epoch)
+    k = step % loop.steps_per_epoch
     micro = range(k * tc.grad_accum, min((k + 1) * tc.grad_accum, loop.micro_per_epoch))
     grad_norm = None
 
@@ -357,14 +342,12 @@ def _train_step(loop: _Loop, step: int, order: list[int], want_norm: bool) -> tu
         for m in micro:
             batch = micro_batch(m)
             with loop.autocast:
-                loss = loop.task.loss(loop.wrapped, batch) + loop.prior(loop.wrapped).to(loop.device)
+                loss = loop.task.loss(loop.wrapped, batch) + dist.regularizer(loop.wrapped).to(loop.device)
             (loss / len(micro) if loop.scaler is None else loop.scaler.scale(loss / len(micro))).backward()
             step_loss += loss.detach().float() / len(micro)
         value = loop.guard.fold(step_loss).item()  # NaN too when the last update broke a weight
         if dist.all_reduce_mean(float(math.isfinite(value))) < 1.0:  # every rank stops together
-            loop.bar.close()
-            loop.guard.raise_if_tripped(step, loop.run_dir, tc.lr)
-            raise _diverged(value, step, epoch, loop.run_dir, tc.lr, updated=False)
+            _stop(loop, value, step, updated=False)
         return value
 
     def graphed_step() -> float:
@@ -374,9 +357,7 @@ def _train_step(loop: _Loop, step: int, order: list[int], want_norm: bool) -> tu
         out = loop.graphed(micro_batch(k))  # [loss, grad norm], read after the replay: the update has run
         value, grad_norm = float(loop.guard.fold(out[0])), out[1]
         if not math.isfinite(value):
-            loop.bar.close()
-            loop.guard.raise_if_tripped(step + 1, loop.run_dir, tc.lr)
-            raise _diverged(value, step, epoch, loop.run_dir, tc.lr, updated=True)
+            _stop(loop, value, step, updated=True)
         return value
 
     run_step = forward_backward if loop.graphed is None else graphed_step
@@ -395,12 +376,13 @@ def _train_step(loop: _Loop, step: int, order: list[int], want_norm: bool) -> tu
 def _log_step(loop: _Loop, step: int, grad_norm) -> None:
     """A log record (loss, lr, grad norm, rank, bits, cost) to the trackers and the progress bar."""
     with dist.full_params(loop.wrapped) as plain:
-        logged = step_record(step, loop.state["train_losses"], last_logged_step(loop.state["log_history"]),
-                             loop.optimizer, grad_norm, plain, loop.scaler)
+        logged = step_record(step, loop.state["train_losses"], loop.state["log_history"], loop.optimizer, grad_norm,
+                             plain, loop.scaler)
     loop.state["log_history"].append(logged)
-    for tracker in loop.trackers:
-        tracker.log(tracked(logged), step)
-    loop.bar.set_postfix(loss=f"{logged['loss']:.4f}", score=_fmt(loop.state["best_score"]),
+    for tracker in loop.trackers:  # the record's scalars; the step travels separately
+        tracker.log({k: float(v) for k, v in logged.items() if k != "step"}, step)
+    best = loop.state["best_score"]
+    loop.bar.set_postfix(loss=f"{logged['loss']:.4f}", score="-" if best is None else f"{best:.4f}",
                          rank=f"{logged['leanlora/rank']:.2f}", bits=f"{logged['leanlora/bits']:.1f}",
                          **budget.postfix({k[len("leanlora/"):]: v for k, v in logged.items()
                                            if k.startswith("leanlora/")}), refresh=False)
@@ -409,16 +391,18 @@ def _log_step(loop: _Loop, step: int, grad_norm) -> None:
 def _evaluate(loop: _Loop, step: int, step_loss: float) -> None:
     """Score the eval set; keep the adapter in ``best/`` when it is the best so far."""
     tc, metric = loop.run.train, loop.task.metric
-    scores = loop.task.evaluate(loop.model, tc.eval_batch_size, loop.device, loop.precision.autocast())
+    scores = loop.task.evaluate(loop.model, tc.eval_batch_size, loop.device, loop.autocast)
     with dist.full_params(loop.wrapped) as plain:
         record = {"step": step, "epoch": step / loop.steps_per_epoch, **scores, **leanlora.gate_summary(plain)}
     loop.state["history"].append(record)
     loop.result.history.append(record)
+    best, new = loop.state["best_score"], scores[metric]
+    better = best is None or (new < best if metric == "loss" else new > best)
     # with a budget, only the final structure may become the adapter
-    if budget.structure_ready(loop.model) and _better(metric, scores[metric], loop.state["best_score"]):
-        loop.state.update(best_step=step, best_score=scores[metric], best_metrics=scores)
+    if budget.structure_ready(loop.model) and better:
+        loop.state.update(best_step=step, best_score=new, best_metrics=scores)
         dist.save_adapter(loop.wrapped, loop.run_dir / "best")
-    loop.bar.set_postfix(loss=f"{step_loss:.4f}", score=_fmt(scores[metric]), rank=f"{record['rank']:.2f}",
+    loop.bar.set_postfix(loss=f"{step_loss:.4f}", score=f"{new:.4f}", rank=f"{record['rank']:.2f}",
                          bits=f"{record['bits']:.1f}", **budget.postfix(record), refresh=True)
     loop.log(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in scores.items()))
     for tracker in loop.trackers:
@@ -431,49 +415,38 @@ def _finish(loop: _Loop, step: int) -> TrainResult:
     for tracker in loop.trackers:
         tracker.close()
     result, state, task = loop.result, loop.state, loop.task
-    result.steps = step
-    result.best_step, result.best_metrics = state["best_step"], state["best_metrics"]
-    if state["best_step"] is not None:
-        _load_adapter_tensors(loop.model, loop.run_dir / "best")
+    result.steps, result.best_step, result.best_metrics = step, state["best_step"], state["best_metrics"]
+    if state["best_step"] is not None:  # whole tensors, or this rank's shard
+        dist.load_adapter_state(loop.model, read_adapter_tensors(loop.run_dir / "best"))
     dist.save_adapter(loop.wrapped, loop.run_dir / "adapter")
     with dist.full_params(loop.wrapped) as plain:
         cost = budget.cost_summary(plain)
     summary = {"steps": step, "best_step": result.best_step, "best_metrics": result.best_metrics,
                "metric": task.metric, "cost": cost, "history": state["history"],
                "train_losses": state["train_losses"], "log_history": state["log_history"]}
-    result.verdict = task_verdict(task, result.best_metrics)
-    if result.verdict is not None:
-        summary["constant_predictor"] = {"score": result.verdict.chance, "standard_error": result.verdict.standard_error,
-                                         "stalled": result.verdict.stalled}
-        if result.verdict.stalled:
-            result.warning = stall_warning(result.verdict, loop.run.adapter, step)
+    verdict = result.verdict = task_verdict(task, result.best_metrics)
+    if verdict is not None:
+        summary["constant_predictor"] = {"score": verdict.chance, "standard_error": verdict.standard_error,
+                                         "stalled": verdict.stalled}
+        if verdict.stalled:
+            result.warning = stall_warning(verdict, loop.run.adapter, step)
     if dist.is_main_process():
         atomic_write_bytes(loop.run_dir / "metrics.json", json.dumps(summary, indent=2).encode())
     result.model, result.task = loop.model, task
     return result
 
 
-def _diverged(value: float, step: int, epoch: int, run_dir: Path, lr: float, updated: bool) -> TrainingDiverged:
-    return TrainingDiverged(
-        f"loss is {value} at step {step + 1} (epoch {epoch + 1}); training stopped"
+def _stop(loop: _Loop, value: float, step: int, updated: bool) -> NoReturn:
+    """Stop on the non-finite loss of 0-based ``step``: as a weight broken by an update (when the guard's
+    flag is up) or else as the loss; ``updated``: the captured step had applied its update already."""
+    loop.bar.close()
+    loop.guard.raise_if_tripped(step + 1 if updated else step, loop.run_dir, loop.run.train.lr)
+    raise TrainingDiverged(
+        f"loss is {value} at step {step + 1} (epoch {step // loop.steps_per_epoch + 1}); training stopped"
         + (" (the captured step had already applied its update to the weights in memory)" if updated else "")
-        + ". " + advice(run_dir, lr))
-
-
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4f}"
-
-
-def _load_adapter_tensors(model: nn.Module, directory: Path) -> None:
-    dist.load_adapter_state(model, read_adapter_tensors(directory))  # whole tensors, or this rank's shard
+        + ". " + advice(loop.run_dir, loop.run.train.lr))
 
 
 def cost_table(model: nn.Module) -> str:
-    """The adapter's cost table (``leanlora.cost_report``), or a one-line note when it is unavailable."""
-    report = getattr(leanlora, "cost_report", None)
-    if report is None:
-        try:
-            from leanlora.reports.cost import cost_report as report  # type: ignore[no-redef]
-        except ImportError:
-            return "(cost report skipped: leanlora.cost_report is not available in this install)"
-    return report(model).format_table()
+    """The adapter's cost table (``leanlora.cost_report``)."""
+    return leanlora.cost_report(model).format_table()

@@ -30,11 +30,6 @@ WITH_MIN_LR = ("cosine_with_min_lr", "warmup_stable_decay")
 DECAY_TYPES = ("cosine", "linear", "1-sqrt")
 
 
-def warmup_steps(tc, total: int) -> int:
-    """Optimizer steps of linear warm-up from 0: ``tc.warmup_steps``, else the ratio of ``total``."""
-    return tc.warmup_steps if tc.warmup_steps > 0 else math.ceil(tc.warmup_ratio * total)
-
-
 def _specific_kwargs(tc, total: int, warmup: int) -> dict:
     """What the schedule needs beyond warm-up and length (transformers' ``scheduler_specific_kwargs``)."""
     if tc.schedule == "cosine_with_min_lr":
@@ -54,7 +49,8 @@ def build_scheduler(optimizer: torch.optim.Optimizer, tc, total: int,
     """The scheduler of ``tc`` (a :class:`~leanlora.train.runconfig.TrainConfig`) over ``total`` steps."""
     from transformers import get_scheduler
 
-    warmup = warmup_steps(tc, total)
+    # optimizer steps of linear warm-up from 0: tc.warmup_steps, else the ratio of total
+    warmup = tc.warmup_steps if tc.warmup_steps > 0 else math.ceil(tc.warmup_ratio * total)
     name = tc.schedule
     if name == "constant" and warmup > 0:
         name = "constant_with_warmup"

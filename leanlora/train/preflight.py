@@ -53,20 +53,18 @@ def check_adapter(run: RunConfig, model: nn.Module | None = None) -> None:
     model = skeleton(run) if model is None else model
     adapter = run.adapter
     try:
-        targets = find_targets(model, adapter)
         modules = dict(model.named_modules())
-        for name in targets:
+        for name in find_targets(model, adapter):
             _check_shape(name, modules[name], adapter)
         find_modules_to_save(model, adapter)
     except (InjectError, ConfigError) as err:
+        message, head = str(err), task_head(model)
         where = f"model.path={run.model.path!r} ({type(model).__name__}), checked before loading its weights"
         hint = ""
-        head = task_head(model)
-        if "modules_to_save" in str(err) and run.data.task != "causal_lm" and head:
-            hint = f"; this model's {run.data.task} head is {head}: set adapter.modules_to_save={head}"
-        elif "modules_to_save" in str(err) and run.data.task == "causal_lm":
+        if "modules_to_save" in message and run.data.task == "causal_lm":
             hint = "; a causal LM needs none (adapter.modules_to_save=[] is the default for data.task=causal_lm)"
-        message = str(err)
+        elif "modules_to_save" in message and head:
+            hint = f"; this model's {run.data.task} head is {head}: set adapter.modules_to_save={head}"
         keyed = message.split(" ", 1)[0].split("=", 1)[0].split(".", 1)[0] in _ADAPTER_KEYS
         raise PreflightError(f"adapter{'.' if keyed else ': '}{message} [{where}]{hint}") from None
 

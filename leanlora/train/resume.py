@@ -35,11 +35,7 @@ _REASONS = {
     "train.grad_accum": "the steps already taken and the data order of the rest depend on it",
     "train.weight_decay": "the restored optimizer's groups keep the decay they were saved with",
 }
-
-
-def _reason(key: str) -> str:
-    return _REASONS.get(key) or _REASONS.get(key.split(".")[0]) or \
-        "it is an execution setting of the run, not an optimisation setting, and is not checked for resuming"
+_OTHER = "it is an execution setting of the run, not an optimisation setting, and is not checked for resuming"
 
 
 def resume_config(run_file: Path, overrides: Sequence[str]) -> RunConfig:
@@ -49,16 +45,10 @@ def resume_config(run_file: Path, overrides: Sequence[str]) -> RunConfig:
         keys, _ = parse_override(text)
         key = ".".join(keys)
         if key not in RESUMABLE:
-            raise ConfigError(f"override {text!r}: {key} cannot change when resuming: {_reason(key)}. "
+            reason = _REASONS.get(key) or _REASONS.get(keys[0]) or _OTHER
+            raise ConfigError(f"override {text!r}: {key} cannot change when resuming: {reason}. "
                               f"Settings that can: {', '.join(RESUMABLE)}")
     return load_run_config(run_file, list(overrides))
-
-
-def _set_lr(group: dict, value: float) -> None:
-    if isinstance(group["lr"], torch.Tensor):  # a captured step (train.cuda_graph) reads it from the device
-        group["lr"].fill_(value)
-    else:
-        group["lr"] = value
 
 
 def retune(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
@@ -73,7 +63,10 @@ def retune(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler
     rates = [base * fn(scheduler.last_epoch) for base, fn in zip(base_lrs, scheduler.lr_lambdas)]
     for group, base, rate in zip(optimizer.param_groups, base_lrs, rates):
         group["initial_lr"] = base
-        _set_lr(group, rate)
+        if isinstance(group["lr"], torch.Tensor):  # a captured step (train.cuda_graph) reads it from the device
+            group["lr"].fill_(rate)
+        else:
+            group["lr"] = rate
     scheduler._last_lr = rates
 
 

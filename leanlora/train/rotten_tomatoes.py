@@ -48,7 +48,7 @@ def held_out(film: str) -> bool:
 
 def split_files(cache_dir: str | Path | None = None) -> tuple[Path, Path]:
     """(train.jsonl, held_out.jsonl), written on first use and reused after."""
-    folder = Path(cache_dir or os.environ.get("LEANLORA_CACHE", Path.home() / ".cache" / "leanlora")) / "rotten_tomatoes"
+    folder = Path(cache_dir or os.environ.get("LEANLORA_CACHE", Path.home() / ".cache/leanlora")) / "rotten_tomatoes"
     train, test = folder / "train.jsonl", folder / "held_out.jsonl"
     if train.is_file() and test.is_file():
         return train, test

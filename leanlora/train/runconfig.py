@@ -20,21 +20,16 @@ import textwrap
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 
-from leanlora.config import (MOVED_KEYS, AdapterConfig, ConfigError, canonical_keys, check_field_types, from_plain,
-                             require_lr, to_plain)
+from leanlora.config import (MOVED_KEYS, AdapterConfig, ConfigError, _require, canonical_keys, check_field_types,
+                             from_plain, require_lr, to_plain)
 from leanlora.train import lr_schedule
 from leanlora.train.data import label_text, not_utf8
 
 TaskKind = Literal["classification", "regression", "causal_lm"]
-
-
-def _require(ok: bool, name: str, value: Any, allowed: str) -> None:
-    if not ok:
-        raise ConfigError(f"{name}={value!r} is invalid: {allowed}")
 
 
 @dataclass(frozen=True)
@@ -136,11 +131,10 @@ class DataConfig:
         _require(self.max_length >= 8, "data.max_length", self.max_length, "must be >= 8")
         _require(self.pad_to_multiple_of >= 0, "data.pad_to_multiple_of", self.pad_to_multiple_of,
                  "must be >= 0 (0: pad to the longest example of the batch)")
-        _require(self.holdout >= 0, "data.holdout", self.holdout, "must be >= 0")
+        for name in ("holdout", "max_train_examples", "max_eval_examples"):
+            _require(getattr(self, name) >= 0, f"data.{name}", getattr(self, name), "must be >= 0")
         _require(not (self.holdout and self.eval_file), "data.holdout", self.holdout,
                  "holds rows of train_file out as the eval set; data.eval_file is set too: use one of them")
-        _require(self.max_train_examples >= 0, "data.max_train_examples", self.max_train_examples, "must be >= 0")
-        _require(self.max_eval_examples >= 0, "data.max_eval_examples", self.max_eval_examples, "must be >= 0")
         _require(self.max_new_tokens >= 1, "data.max_new_tokens", self.max_new_tokens, "must be >= 1")
 
     @property
@@ -265,23 +259,20 @@ def default_modules_to_save(task: str) -> tuple[str, ...]:
     return () if task == "causal_lm" else ("classifier",)
 
 
-def default_adapter(task: str = "classification") -> AdapterConfig:
-    # target_modules stays the library's one default (leanlora.config.DEFAULT_TARGET_MODULES).
-    return AdapterConfig(modules_to_save=default_modules_to_save(task))
-
-
 @dataclass(frozen=True)
 class RunConfig:
     """A whole run: ``leanlora train run.yaml`` reads one of these."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    adapter: AdapterConfig = None  # type: ignore[assignment]  # None: default_adapter(data.task)
+    adapter: AdapterConfig = None  # type: ignore[assignment]  # None: the default of data.task
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
+        # target_modules stays the library's one default (leanlora.config.DEFAULT_TARGET_MODULES)
         if self.adapter is None:
-            object.__setattr__(self, "adapter", default_adapter(self.data.task))
+            adapter = AdapterConfig(modules_to_save=default_modules_to_save(self.data.task))
+            object.__setattr__(self, "adapter", adapter)
         _require(not (self.data.packing and self.train.cuda_graph), "data.packing", self.data.packing,
                  "train.cuda_graph records one padded batch shape; packed batches vary in length (turn one off)")
 
@@ -298,37 +289,31 @@ SECTIONS = {f.name: f for f in dataclasses.fields(RunConfig)}
 # --- parsing with line numbers ---------------------------------------------------------------
 
 
-def run_from_dict(data: Any, lines: dict[str, int] | None = None, source: str = "config",
-                  overridden: dict[str, str] | None = None) -> RunConfig:
+def run_from_dict(data: dict[str, Any], lines: dict[str, int], source: str, overridden: dict[str, str]) -> RunConfig:
     """Build a RunConfig from plain dicts; a ConfigError names the key and where it was set."""
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: the top level must be a mapping with sections {sorted(SECTIONS)}")
     unknown = sorted(set(data) - set(SECTIONS))
     if unknown:
         raise ConfigError(_locate(f"{unknown[0]}: unknown section; allowed: {sorted(SECTIONS)}",
                                   unknown[0], lines, source, overridden))
     # The adapter's defaults follow the task (modules_to_save: the head of a classifier, nothing
     # for a causal LM); an invalid task is reported by the data section below.
-    task = (data.get("data") or {}).get("task") if isinstance(data.get("data"), dict) else None
-    defaults = RunConfig(data=DataConfig(task=task)) if task in ("classification", "regression", "causal_lm") \
-        else RunConfig()
+    task = data["data"].get("task") if isinstance(data.get("data"), dict) else None
+    defaults = RunConfig(data=DataConfig(task=task)) if task in get_args(TaskKind) else RunConfig()
     kwargs = {}
     for name, section in data.items():
         cls = type(getattr(defaults, name))
-        # A section starts from the run's defaults, so a YAML that sets only adapter.r keeps
-        # the default target_modules of the default model.
+        section = {} if section is None else section  # an empty section: its defaults
         if name == "train" and isinstance(section, dict):
             section = _renamed_train_keys(section, lines, source, overridden)
         try:
-            if isinstance(section, dict):  # PEFT's names (lora_alpha) replace the defaults' spelling
-                section = canonical_keys(cls, section, name)
-            merged = {**to_plain(getattr(defaults, name)), **(section or {})} if isinstance(section, (dict, type(None))) else section
-            kwargs[name] = from_plain(cls, merged, name)
+            # A section starts from the run's defaults, so a YAML that sets only adapter.r keeps
+            # the default target_modules of the default model; PEFT's names (lora_alpha) replace
+            # the defaults' spelling.
+            if isinstance(section, dict):
+                section = {**to_plain(getattr(defaults, name)), **canonical_keys(cls, section, name)}
+            kwargs[name] = from_plain(cls, section, name)
         except ConfigError as err:
-            raise ConfigError(_locate(str(err), _error_key(str(err), name, section), lines, source,
-                                      overridden)) from None
+            raise ConfigError(_locate(str(err), _error_key(str(err), name), lines, source, overridden)) from None
     return RunConfig(**kwargs)
 
 
@@ -351,7 +336,7 @@ def _renamed_train_keys(section: dict[str, Any], lines: dict[str, int] | None, s
     return section
 
 
-def _error_key(message: str, section: str, given: Any) -> str:
+def _error_key(message: str, section: str) -> str:
     """The dotted key a ConfigError message is about (``adapter.quant.bitz``, ``adapter.r``)."""
     m = re.match(r"([\w.\[\]]+?)(?::|=)", message)
     key = m.group(1) if m else section
@@ -400,12 +385,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     except yaml.YAMLError as err:
         raise ConfigError(f"override {text!r}: the value is not valid YAML ({err})") from None
     # YAML 1.1 reads 2e-4 as a string (it wants 2.0e-4); a run config means the number.
-    if isinstance(value, str):
-        try:
-            value = float(value) if re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", value) else value
-        except ValueError:
-            pass
-    return key.strip().split("."), value
+    return key.strip().split("."), _fix_yaml_floats(value) if isinstance(value, str) else value
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, str]:
@@ -422,11 +402,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
                 raise ConfigError(f"override {text!r}: {'.'.join(keys[:i + 1])} is a value, not a section")
             node = child
         node[keys[-1]] = value
-        if len(keys) == 2 and keys[0] == "adapter":  # an override wins over the file's other spelling
-            for alias, name in AdapterConfig.ALIASES.items():
-                if keys[1] in (alias, name):
-                    node.pop(name if keys[1] == alias else alias, None)
-        if len(keys) == 3 and keys[0] == "adapter":
+        if keys[0] == "adapter" and len(keys) in (2, 3):  # an override wins over the file's other spelling
             _drop_other_spellings(data["adapter"], ".".join(keys[1:]))
         where[".".join(keys)] = text
     return where
@@ -434,13 +410,14 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
 
 def _drop_other_spellings(adapter: dict[str, Any], key: str) -> None:
     """An override of a moved key (``gated.gate_lr``) or of its new key (``gates.lr``) removes the
-    file's other spellings of the same setting, as an override of ``alpha`` removes ``lora_alpha``."""
-    new = MOVED_KEYS.get(key, key)
-    for other in {old for old, to in MOVED_KEYS.items() if to == new} | {new}:
-        if other != key:
-            section, name = other.split(".")
-            if isinstance(adapter.get(section), dict):
-                adapter[section].pop(name, None)
+    file's other spellings of the same setting, and one of ``alpha`` removes ``lora_alpha`` (and the reverse)."""
+    spellings = {**MOVED_KEYS, **AdapterConfig.ALIASES}  # old or PEFT name -> the key now
+    new = spellings.get(key, key)
+    for other in {old for old, to in spellings.items() if to == new} | {new}:
+        *section, name = other.split(".")
+        node = adapter.get(section[0]) if section else adapter
+        if other != key and isinstance(node, dict):
+            node.pop(name, None)
 
 
 def _fix_yaml_floats(data: Any) -> Any:
@@ -501,7 +478,7 @@ def _yaml_scalar(value: Any) -> str:
     if isinstance(value, str) and "\n" in value:
         return json.dumps(value)  # a JSON string is a YAML double-quoted scalar on one line
     text = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
-    return text[:-4].strip() if text.endswith("\n...") else text.removesuffix("...").strip()
+    return text.removesuffix("...").strip()  # without YAML's document end marker
 
 
 def _emit(obj: Any, indent: int, out: list[str]) -> None:

@@ -58,14 +58,12 @@ def capturable_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimi
     would be frozen into the graph; as a tensor, a scheduler's update reaches every replay.
     """
     for i, group in enumerate(optimizer.param_groups):
-        device = next((p.device for p in group["params"]), None)
-        if device is None:
+        if (device := next((p.device for p in group["params"]), None)) is None:
             continue
         if device.type != "cuda":
             raise ValueError(f"StepGraph: param group {i} of {type(optimizer).__name__} is on {device}; "
                              "a CUDA graph needs the trained tensors on a CUDA device")
-        on_device = group.get("fused") or group.get("capturable")
-        if not on_device:
+        if not (group.get("fused") or group.get("capturable")):
             raise ValueError(f"StepGraph: param group {i} of {type(optimizer).__name__} steps with host-side "
                              "counters; build it with fused=True or capturable=True (or use leanlora.optim.adamw)")
         if group.get("fused") and group.get("capturable") is False:
@@ -110,28 +108,22 @@ class StepGraph:
         if not torch.cuda.is_available():
             raise RuntimeError("StepGraph needs CUDA; on this machine torch.cuda.is_available() is False")
         self.step, self.optimizer, self.warmup, self.log = step, capturable_optimizer(optimizer), warmup, log
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.inputs: dict[str, torch.Tensor] = {}
-        self.output: Any = None
-        self.key: tuple | None = None
         self.uncaptured_calls = 0       # calls that ran the step without the graph (warm-up, other shapes)
         self.replays = 0
-        self._warm = 0
-        self.stale = False              # capture failed, or the trained tensors moved: none until reset()
         self.failure: str | None = None  # why capturing failed, if it did
         self.failure_trace: str | None = None  # and where (the traceback's end)
-        self._inputs_key: tuple | None = None
-        self._storage: list[int] = []
         self._stream = torch.cuda.Stream()
+        self.reset()  # no graph yet: graph, inputs, output, key, the warm-up count and stale
 
     def _storage_now(self) -> list[int]:
         return [p.data_ptr() for g in self.optimizer.param_groups for p in g["params"]]
 
-    def reset(self) -> None:
-        """Drop the captured graph (its memory is freed); the next call warms up and captures again."""
+    def reset(self, stale: bool = False) -> None:
+        """Drop the captured graph (its memory is freed); the next call warms up and captures again.
+        ``stale=True`` (capture failed, or the trained tensors moved): the step runs uncaptured instead,
+        until a plain ``reset()``."""
         self.graph, self.inputs, self.output, self.key, self._warm = None, {}, None, None, 0
-        self._inputs_key = None
-        self.stale = False
+        self._inputs_key, self.stale = None, stale
 
     def __call__(self, batch: Batch) -> Any:
         key = batch_signature(batch)
@@ -145,8 +137,7 @@ class StepGraph:
                 warnings.warn("StepGraph: the trained tensors changed storage since the step was captured; "
                               "it runs uncaptured from now on (StepGraph.reset() captures again)",
                               RuntimeWarning, stacklevel=2)
-                self.reset()
-                self.stale = True
+                self.reset(stale=True)
             return self._uncaptured(batch)
         if self.stale:
             return self._uncaptured(batch)
@@ -197,8 +188,7 @@ class StepGraph:
         memory) and its draws from the random generators."""
         self.failure = why or root_cause(err)
         self.failure_trace = "".join(traceback.format_exception(err))[-6000:]
-        self.reset()
-        self.stale = True
+        self.reset(stale=True)
         self.optimizer.zero_grad(set_to_none=True)
         try:
             torch.set_rng_state(rng[0])

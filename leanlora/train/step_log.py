@@ -41,43 +41,25 @@ def adapter_values(model: nn.Module) -> dict[str, float]:
     values["leanlora/bops"] = float(total["bops"])
     values["leanlora/bops_vs_lora16"] = round(float(total["bops_vs_lora"]), 6)
     values["leanlora/bytes_vs_lora16"] = round(float(total["bytes_vs_lora"]), 6)
-    ctl = budget.controller(model)
-    if ctl is not None:
+    if (ctl := budget.controller(model)) is not None:
         values["leanlora/budget"] = ctl.budget
     return values
 
 
-def adapter_lr(optimizer: torch.optim.Optimizer) -> float:
-    """The learning rate of the "adapter" param group (the first group when none has that role)."""
-    group = next((g for g in optimizer.param_groups if g.get("role") == "adapter"), optimizer.param_groups[0])
-    return float(group["lr"])
-
-
-def _host(value: torch.Tensor) -> float:
-    """A 0-dim tensor on the host; a DTensor (FSDP2's clipped norm) is gathered first."""
-    full = getattr(value, "full_tensor", None)
-    return float(full() if full is not None else value)
-
-
-def step_record(step: int, train_losses: list[float], since: int, optimizer: torch.optim.Optimizer,
-                grad_norm: torch.Tensor | None, model: nn.Module,
+def step_record(step: int, train_losses: list[float], log_history: list[dict[str, Any]],
+                optimizer: torch.optim.Optimizer, grad_norm: torch.Tensor | None, model: nn.Module,
                 scaler: torch.amp.GradScaler | None = None) -> dict[str, Any]:
-    """The record of optimizer step ``step``; ``train_losses[since:step]`` are the steps it covers."""
-    window = train_losses[since:step]
+    """The record of optimizer step ``step``; it covers the steps of ``train_losses`` since the last
+    record of ``log_history``. Its learning rate is the "adapter" param group's (the first group's
+    when none has that role)."""
+    window = train_losses[log_history[-1]["step"] if log_history else 0:step]
+    group = next((g for g in optimizer.param_groups if g.get("role") == "adapter"), optimizer.param_groups[0])
     record: dict[str, Any] = {"step": step, "loss": sum(window) / max(len(window), 1),
-                              "learning_rate": adapter_lr(optimizer)}
-    if grad_norm is not None:
-        record["grad_norm"] = _host(grad_norm)
+                              "learning_rate": float(group["lr"])}
+    if grad_norm is not None:  # a DTensor (FSDP2's clipped norm) is gathered first
+        full = getattr(grad_norm, "full_tensor", None)
+        record["grad_norm"] = float(full() if full is not None else grad_norm)
     record.update(adapter_values(model))
     if scaler is not None:
         record["loss_scale"] = float(scaler.get_scale())
     return record
-
-
-def last_logged_step(log_history: list[dict[str, Any]]) -> int:
-    return log_history[-1]["step"] if log_history else 0
-
-
-def tracked(record: dict[str, Any]) -> dict[str, float]:
-    """A record's scalars for the trackers (the step travels separately)."""
-    return {k: float(v) for k, v in record.items() if k != "step"}

@@ -48,11 +48,9 @@ Sources = dict[str, Any]   # "train_file" / "eval_file" -> a datasets.Dataset or
 
 
 def _load_rows(cfg: DataConfig, key: str, sources: Sources | None = None) -> tuple[Path, list[Row]]:
+    path, rows = _read_source(cfg, "train_file" if cfg.holdout else key, sources)
     if cfg.holdout:  # both splits come from train_file
-        path, rows = _read_source(cfg, "train_file", sources)
         rows = held_out(rows, cfg.holdout, cfg.subset_seed, path)[key == "eval_file"]
-    else:
-        path, rows = _read_source(cfg, key, sources)
     if not rows:
         raise DataError(f"{path} (data.{key}): the file holds no data rows")
     return path, rows
@@ -79,11 +77,6 @@ def has_eval(cfg: DataConfig, sources: Sources) -> bool:
     return bool(cfg.eval_file or cfg.holdout) or "eval_file" in sources
 
 
-def _subset_pairs(pairs: list[tuple[Row, str]], limit: int, seed: int) -> list[tuple[Row, str]]:
-    chosen = {id(r) for r in subset([r for r, _ in pairs], limit, seed)}
-    return [(r, label) for r, label in pairs if id(r) in chosen]
-
-
 def padded_width(lengths: list[int], multiple: int, cap: int) -> int:
     """The batch's longest length, rounded up to ``multiple`` (0: not rounded) but not past ``cap``."""
     width = max(lengths)
@@ -105,14 +98,10 @@ class ClassificationTask:
         self.cfg, self.tokenizer, self.sources = cfg, tokenizer, sources or {}
         self.regression = cfg.task == "regression"
         self.labels: tuple[str, ...] = cfg.labels
-        self.train: list[Example] = []
-        if need_train:
-            self.train = self._read("train_file", cfg.label_column, cfg.max_train_examples)
+        self.train = self._read("train_file", cfg.max_train_examples) if need_train else []
         if not self.regression and not self.labels:
             raise DataError("data.labels is empty and no training file was read to infer the classes")
-        self.eval: list[Example] = []
-        if has_eval(cfg, self.sources):
-            self.eval = self._read("eval_file", cfg.eval_label_column or cfg.label_column, cfg.max_eval_examples)
+        self.eval = self._read("eval_file", cfg.max_eval_examples) if has_eval(cfg, self.sources) else []
         self.num_labels = 1 if self.regression else len(self.labels)
         self.metric = cfg.primary_metric
 
@@ -120,10 +109,11 @@ class ClassificationTask:
         """The data config with the inferred class list written in (so eval needs no train file)."""
         return replace(self.cfg, labels=self.labels)
 
-    def _read(self, key: str, label_column: str, limit: int) -> list[Example]:
+    def _read(self, key: str, limit: int) -> list[Example]:
         cfg = self.cfg
         path, rows = _load_rows(cfg, key, self.sources)
         label_key = "data.eval_label_column" if key == "eval_file" and cfg.eval_label_column else "data.label_column"
+        label_column = getattr(cfg, label_key.removeprefix("data."))
         require_columns(path, rows, [("data.text_columns", c) for c in cfg.text_columns] + [(label_key, label_column)])
         kept: list[tuple[Row, str]] = []
         for row in rows:
@@ -142,7 +132,8 @@ class ClassificationTask:
             raise DataError(f"{path} (data.{key}): no labelled examples left (all {len(rows)} rows had an empty "
                             f"{label_column!r})")
         # the subset is drawn from the labelled rows, so max_*_examples is the number trained on
-        kept = _subset_pairs(kept, limit, cfg.subset_seed)
+        chosen = {id(r) for r in subset([r for r, _ in kept], limit, cfg.subset_seed)}
+        kept = [(row, label) for row, label in kept if id(row) in chosen]
         if not self.regression and not self.labels and key == "train_file":
             self.labels = tuple(sorted({label for _, label in kept}))
             if len(self.labels) < 2:
@@ -175,10 +166,8 @@ class ClassificationTask:
         pad_id = self.tokenizer.pad_token_id or 0
         width = padded_width([len(e["input_ids"]) for e in examples], self.cfg.pad_to_multiple_of,
                              self.cfg.max_length)
-        batch = {"input_ids": _pad([e["input_ids"] for e in examples], pad_id, width=width),
-                 "attention_mask": _pad([e["attention_mask"] for e in examples], 0, width=width)}
-        if "token_type_ids" in examples[0]:
-            batch["token_type_ids"] = _pad([e["token_type_ids"] for e in examples], 0, width=width)
+        names = ("input_ids", "attention_mask") + (("token_type_ids",) if "token_type_ids" in examples[0] else ())
+        batch = {n: _pad([e[n] for e in examples], pad_id if n == "input_ids" else 0, width=width) for n in names}
         batch["labels"] = torch.tensor([e["label"] for e in examples],
                                        dtype=torch.float32 if self.regression else torch.long)
         return batch
@@ -187,11 +176,13 @@ class ClassificationTask:
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         return model(**inputs).logits.float()                        # (B, num_labels)
 
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        logits = self._logits(model, batch)
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         if self.regression:
-            return F.mse_loss(logits.squeeze(-1), batch["labels"])
-        return F.cross_entropy(logits, batch["labels"])
+            return F.mse_loss(logits.squeeze(-1), labels, reduction=reduction)
+        return F.cross_entropy(logits, labels, reduction=reduction)
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self._loss(self._logits(model, batch), batch["labels"])
 
     def evaluate(self, model: nn.Module, batch_size: int, device: torch.device,
                  autocast: contextlib.AbstractContextManager | None = None) -> dict[str, float]:
@@ -200,13 +191,8 @@ class ClassificationTask:
             for batch in batches(self.eval, batch_size, self.collate, device):
                 with autocast or contextlib.nullcontext():
                     logits = self._logits(model, batch)
-                if self.regression:
-                    out = logits.squeeze(-1)
-                    losses.append(F.mse_loss(out, batch["labels"], reduction="sum").item())
-                    preds += out.tolist()
-                else:
-                    losses.append(F.cross_entropy(logits, batch["labels"], reduction="sum").item())
-                    preds += logits.argmax(-1).tolist()
+                losses.append(self._loss(logits, batch["labels"], "sum").item())
+                preds += (logits.squeeze(-1) if self.regression else logits.argmax(-1)).tolist()
                 golds += batch["labels"].tolist()
         scores = (regression_metrics(preds, golds) if self.regression
                   else classification_metrics(preds, golds, self.num_labels))

@@ -18,19 +18,11 @@ dies loses nothing already logged.
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from leanlora.config import ConfigError
-
-NATIVE = ("tensorboard",)
-
-
-class Tracker(Protocol):
-    def log(self, scalars: dict[str, float], step: int) -> None: ...
-
-    def close(self) -> None: ...
-
 
 def tag(name: str) -> str:
     """transformers' tag of a logged name: ``eval_x`` -> ``eval/x``, anything else -> ``train/x``."""
@@ -43,23 +35,12 @@ def _integrations() -> dict[str, Any]:
     return INTEGRATION_TO_CALLBACK
 
 
-def available_backends() -> list[str]:
-    """Every name ``train.report_to`` accepts (installed or not), besides "all" and "none"."""
-    return sorted(set(NATIVE) | set(_integrations()))
-
-
 def installed_backends() -> list[str]:
     """The backends whose packages are importable here (what ``report_to: all`` means)."""
     from transformers.integrations.integration_utils import get_available_reporting_integrations
 
     found = set(get_available_reporting_integrations())
-    return sorted(found | ({"tensorboard"} if _has_tensorboard() else set()))
-
-
-def _has_tensorboard() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("tensorboard") is not None
+    return sorted(found | ({"tensorboard"} if importlib.util.find_spec("tensorboard") is not None else set()))
 
 
 def resolve_backends(names: tuple[str, ...] | list[str]) -> list[str]:
@@ -69,13 +50,11 @@ def resolve_backends(names: tuple[str, ...] | list[str]) -> list[str]:
         return []
     if "all" in names:
         return installed_backends()
-    known = available_backends()
-    unknown = [n for n in names if n not in known]
-    if unknown:
+    known = sorted({"tensorboard", *_integrations()})  # every name it accepts besides all/none, installed or not
+    if unknown := [n for n in names if n not in known]:
         raise ConfigError(f"train.report_to: unknown tracker(s) {unknown}; available: {known} "
                           "(or 'all' for every installed one, 'none' for no tracker)")
-    missing = [n for n in names if n not in installed_backends()]
-    if missing:
+    if missing := [n for n in names if n not in installed_backends()]:
         raise ConfigError(f"train.report_to: {missing} not installed here (pip install {' '.join(missing)}); "
                           f"installed: {installed_backends() or 'none'}")
     return list(dict.fromkeys(names))
@@ -121,12 +100,8 @@ class CallbackTracker:
         self.callback.on_train_end(self.args, self.state, self.control, model=self.model)
 
 
-def open_trackers(names: list[str], run_dir: str | Path, resumed_at: int = 0, model=None) -> list[Tracker]:
-    """One tracker per backend in ``names`` (from :func:`resolve_backends`) for the run in ``run_dir``."""
-    trackers: list[Tracker] = []
-    for name in names:
-        if name == "tensorboard":
-            trackers.append(TensorBoardTracker(Path(run_dir) / "tensorboard", resumed_at))
-        else:
-            trackers.append(CallbackTracker(_integrations()[name](), run_dir, model))
-    return trackers
+def open_trackers(names: list[str], run_dir: str | Path, resumed_at: int = 0, model=None) -> list[Any]:
+    """One tracker per backend in ``names`` (from :func:`resolve_backends`) for the run in ``run_dir``:
+    each has ``log(scalars, step)`` and ``close()``."""
+    return [TensorBoardTracker(Path(run_dir) / "tensorboard", resumed_at) if name == "tensorboard"
+            else CallbackTracker(_integrations()[name](), run_dir, model) for name in names]

@@ -30,15 +30,12 @@ SUPPORTED = ("adamw_torch (default), adamw_torch_fused, adafactor, sgd, adagrad,
              "parameter groups")
 # keyword arguments leanlora.optim.adamw passes on to torch's AdamW
 ADAMW_KWARGS = frozenset({"lr", "betas", "eps", "weight_decay", "fused"})
+# (optimizer class, keyword arguments): what Trainer.get_optimizer_cls_and_kwargs returns
+OptimizerSpec = tuple[Any, dict[str, Any]]
 
 
 class UnsupportedOptimizer(ValueError):
     """``args.optim`` names an optimizer that cannot take leanlora's parameter groups."""
-
-
-def optim_name(args) -> str:
-    optim = getattr(args, "optim", "adamw_torch")
-    return str(getattr(optim, "value", optim))
 
 
 def refusal(name: str, why: str) -> UnsupportedOptimizer:
@@ -47,10 +44,10 @@ def refusal(name: str, why: str) -> UnsupportedOptimizer:
                                 f"rates). Supported: {SUPPORTED}")
 
 
-def optimizer_class_and_kwargs(args, model: nn.Module,
-                               cls_and_kwargs: tuple[Any, dict[str, Any]] | None = None) -> tuple[type, dict[str, Any]]:
+def optimizer_class_and_kwargs(args, model: nn.Module, cls_and_kwargs: OptimizerSpec | None = None) -> OptimizerSpec:
     """(optimizer class, keyword arguments) for ``args.optim``, or the user's pair; refuses model-bound ones."""
-    name = optim_name(args)
+    optim = getattr(args, "optim", "adamw_torch")
+    name = str(getattr(optim, "value", optim))  # an OptimizerNames member or a plain string
     if cls_and_kwargs is None:
         if name.startswith(MODEL_BOUND_PREFIXES):
             raise refusal(name, "it builds its own optimizer from the model's linear layers")
@@ -69,8 +66,7 @@ def optimizer_class_and_kwargs(args, model: nn.Module,
     return cls, dict(kwargs)
 
 
-def leanlora_optimizer(model: nn.Module, args,
-                       cls_and_kwargs: tuple[Any, dict[str, Any]] | None = None) -> torch.optim.Optimizer:
+def leanlora_optimizer(model: nn.Module, args, cls_and_kwargs: OptimizerSpec | None = None) -> torch.optim.Optimizer:
     """``args.optim``'s optimizer over ``leanlora.param_groups(model, args.learning_rate, args.weight_decay)``.
 
     ``model`` is the bare model that holds the adapter (not a DDP wrapper). Raises

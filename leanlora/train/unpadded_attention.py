@@ -31,13 +31,7 @@ def use_unpadded_attention(model: nn.Module) -> nn.Module:
         raise TypeError(f"use_unpadded_attention: {type(model).__name__} is not a transformers model "
                         "(it has no config._attn_implementation)")
     AttentionInterface.register(NAME, sdpa_attention_forward)
-    if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation(NAME)
-    else:
-        for module in model.modules():
-            sub = getattr(module, "config", None)
-            if sub is not None and hasattr(sub, "_attn_implementation"):
-                sub._attn_implementation = NAME
+    model.set_attn_implementation(NAME)  # a PreTrainedModel method in every transformers leanlora supports
     if not getattr(model, "_leanlora_refuses_masks", False):
         model.register_forward_pre_hook(_refuse_mask, with_kwargs=True)
         model._leanlora_refuses_masks = True
@@ -49,4 +43,3 @@ def _refuse_mask(module: nn.Module, args: tuple, kwargs: dict):
         raise ValueError(f"{type(module).__name__} uses unpadded attention ({NAME}), which would ignore the "
                          "attention_mask passed; batches with padding need the model's own attention "
                          "implementation (do not call use_unpadded_attention for them)")
-    return None

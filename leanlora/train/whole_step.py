@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from leanlora.train.padded_attention import attends_causally, attention_mask_4d, require_sdpa
+from leanlora.train.precision import optimizer_step
 from leanlora.train.step_graph import StepGraph
 
 
@@ -30,7 +31,6 @@ def graphed_training_step(model: nn.Module, task, optimizer: torch.optim.Optimiz
     loop's finite-weight check); it must not read anything back to the host."""
     require_sdpa(model, "train.cuda_graph")
     causal = attends_causally(model)
-    trained = [p for group in optimizer.param_groups for p in group["params"]]
 
     def step(batch):
         if "attention_mask" in batch:
@@ -39,14 +39,8 @@ def graphed_training_step(model: nn.Module, task, optimizer: torch.optim.Optimiz
             loss = task.loss(model, batch)
             loss = loss + regularizer(model).to(loss.device)
         loss.backward()
-        if max_grad_norm > 0:
-            norm = torch.nn.utils.clip_grad_norm_(trained, max_grad_norm)
-        else:  # for the log records; a reduction inside the graph costs no host read
-            norm = torch.nn.utils.get_total_norm([p.grad for p in trained if p.grad is not None])
-        optimizer.step()
-        if after_update is not None:
-            after_update()
-        optimizer.zero_grad(set_to_none=True)
+        # the norm always, for the log records: a reduction inside the graph costs no host read
+        norm = optimizer_step(optimizer, None, max_grad_norm, want_norm=True, after_update=after_update)
         return torch.stack([loss.detach().float(), norm.detach().float().to(loss.device)])
 
     return StepGraph(step, optimizer, log=log)
