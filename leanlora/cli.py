@@ -356,8 +356,9 @@ def main(argv: list[str] | None = None) -> int:
     # Positionals may follow options (`train --out d cfg.yaml train.lr=1e-4`): collect the leftovers.
     args, extra = parser.parse_known_args(argv)
     bad = [e for e in extra if e.startswith("-") or ("=" not in e and args.command != "train")]
-    if bad:
-        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    if bad or (extra and args.command == "demo"):
+        parser.error(f"unrecognized arguments: {' '.join(bad or extra)}"
+                     + ("" if bad else " (demo takes options only, no KEY=VALUE overrides)"))
     if extra:  # train's config and overrides, or the overrides of the commands that load a trained run
         positional = "args" if args.command == "train" else "overrides"
         setattr(args, positional, list(getattr(args, positional)) + extra)

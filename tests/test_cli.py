@@ -296,3 +296,12 @@ def test_eval_on_held_out_rows_says_where_they_come_from(trained, capsys):
     assert main(["eval", str(trained), "data.eval_file=", "data.holdout=4"]) == 0
     out = capsys.readouterr().out
     assert "4 examples from 4 rows held out of " in out and "(data.holdout)" in out
+
+
+def test_demo_refuses_overrides_by_name(capsys):
+    """`leanlora demo` takes options only: a KEY=VALUE is refused as an argument error, not a traceback."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "train.lr=1e-3"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "train.lr=1e-3" in err and "no KEY=VALUE overrides" in err
