@@ -154,7 +154,7 @@ def test_the_order_nests_and_a_pinned_adapter_gives_its_order_back():
 def test_after_the_freeze_each_advance_puts_every_gate_back_on_its_pin():
     model = gated_bert(target_modules=("query", "key", "value", "dense"))  # stacked groups and a lone layer
     ctl = bud.BudgetController(0.3, (0.05, 0.2, 0.25))
-    model.leanlora_shared.budget, ctl.total = ctl, 8
+    model.leanlora_shared.budget_controller, ctl.total = ctl, 8  # as budget.start leaves it, for 8 steps
     ctl.advance(model, 2)  # at the freeze: the projection sets the pins
     chains = ctl.plan(model).chains
     pinned = {c.name: c.log_alpha.detach().clone() for c in chains}
