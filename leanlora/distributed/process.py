@@ -87,8 +87,8 @@ def end_process(code: int) -> None:
 
     The hard exit (after flushing) skips interpreter teardown, where gloo's worker threads can
     still abort the process ("terminate called without an active exception", SIGABRT) after a
-    run that finished and wrote everything: seen about once in ten 2-process CPU runs with
-    torch 2.13. Only for entry points: a library call never ends the caller's process.
+    run that finished and wrote everything, turning a complete run's exit code into a failure.
+    Only for entry points: a library call never ends the caller's process.
     """
     if not is_distributed():
         return
