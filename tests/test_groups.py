@@ -340,3 +340,27 @@ def test_optimizer_state_of_per_layer_parameters_is_refused_by_name(tmp_path):
     with pytest.raises(CheckpointError, match="holds 140 tensors, this run trains 40.*one stacked tensor per group"):
         _check_layout(tmp_path, per_layer, optimizer)
     _check_layout(tmp_path, optimizer.state_dict(), optimizer)  # this version's own state passes
+
+
+@pytest.mark.parametrize("point, warned", [(POINTS[0], True), (POINTS[-1], False)])
+def test_reentrant_checkpointing_says_once_why_it_is_slower(point, warned):
+    """Re-entrant checkpointing falls back to per-layer pieces: a gated adapter is told once how to
+    keep the grouped path; LoRA, whose pieces are its stacks, is not told anything."""
+    import warnings
+
+    x = token_batch()
+    model = _model(point, "auto")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            model(x, labels=x).loss.backward()
+    said = [w for w in caught if "re-entrant gradient checkpointing" in str(w.message)]
+    assert len(said) == (1 if warned else 0)
+    if warned:
+        assert "use_reentrant': False" in str(said[0].message)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model(x, labels=x).loss.backward()
+    assert not [w for w in caught if "re-entrant" in str(w.message)]

@@ -232,9 +232,21 @@ def _grouped_forward(model: nn.Module, shared: nn.Module) -> bool:
         return False
     if any(m.__dict__.get("gradient_checkpointing") is True and _reentrant(m)
            for m in shared.__dict__.get("checkpointable", ())):
+        _warn_reentrant_once(shared)
         return False
     stack = next(shared.groups[0].parameters(), None)
     return stack is None or type(stack) in (torch.Tensor, nn.Parameter)  # a DTensor: sharded (FSDP2)
+
+
+def _warn_reentrant_once(shared: nn.Module) -> None:
+    """Say once why a re-entrantly checkpointed model trains slower, where the groups have work to share."""
+    if shared.__dict__.get("warned_reentrant") or not any(g.does_work() for g in shared.groups):
+        return
+    shared.__dict__["warned_reentrant"] = True
+    warnings.warn("leanlora: re-entrant gradient checkpointing has each adapted layer compute its own gates, "
+                  "quantizers or bank composition instead of one computation per group of layers, several times "
+                  "slower; enable it with gradient_checkpointing_kwargs={'use_reentrant': False} (the same "
+                  "gradients, the grouped path)", RuntimeWarning, stacklevel=2)
 
 
 def _reentrant(block: nn.Module) -> bool:
