@@ -240,13 +240,14 @@ def _grouped_forward(model: nn.Module, shared: nn.Module) -> bool:
 
 def _warn_reentrant_once(shared: nn.Module) -> None:
     """Say once why a re-entrantly checkpointed model trains slower, where the groups have work to share."""
-    if shared.__dict__.get("warned_reentrant") or not any(g.does_work() for g in shared.groups):
+    if shared.__dict__.get("reentrant_checked"):
         return
-    shared.__dict__["warned_reentrant"] = True
-    warnings.warn("leanlora: re-entrant gradient checkpointing has each adapted layer compute its own gates, "
-                  "quantizers or bank composition instead of one computation per group of layers, several times "
-                  "slower; enable it with gradient_checkpointing_kwargs={'use_reentrant': False} (the same "
-                  "gradients, the grouped path)", RuntimeWarning, stacklevel=2)
+    shared.__dict__["reentrant_checked"] = True  # decided once: this runs in every training forward
+    if any(g.does_work() for g in shared.groups):
+        warnings.warn("leanlora: re-entrant gradient checkpointing has each adapted layer compute its own gates, "
+                      "quantizers or bank composition instead of one computation per group of layers, several "
+                      "times slower; enable it with gradient_checkpointing_kwargs={'use_reentrant': False} (the "
+                      "same gradients, the grouped path)", RuntimeWarning, stacklevel=2)
 
 
 def _reentrant(block: nn.Module) -> bool:
