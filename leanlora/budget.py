@@ -238,7 +238,8 @@ class CostPlan:
         stores = [owner.log_alpha for owner in self._sources]
         if self._pinned is None or self._pinned[0] != id(pins):
             flat = torch.cat([s.detach().reshape(-1).float() for s in stores])
-            flat[self._tensors(flat.device)["picks"]] = torch.cat([pins[c.name].reshape(-1).float() for c in self.chains]).to(flat.device)
+            pinned = torch.cat([pins[c.name].reshape(-1).float() for c in self.chains])
+            flat[self._tensors(flat.device)["picks"]] = pinned.to(flat.device)
             values = [v.view_as(s).to(s.dtype) for v, s in zip(flat.split([s.numel() for s in stores]), stores)]
             self._pinned = (id(pins), values)
         torch._foreach_copy_([s.detach() for s in stores], self._pinned[1])

@@ -26,8 +26,9 @@ class StackedRows:
 
     stacked = False
 
-    def __getattr__(self, name: str):
-        hit = (self.__dict__.get("_rows") or {}).get(name)
+    def __getattr__(self, name: str):  # every parameter read of a strategy module comes here
+        rows = self.__dict__.get("_rows")
+        hit = rows.get(name) if rows else None
         if hit is not None:
             return getattr(hit[0], name)[hit[1]]
         return super().__getattr__(name)
