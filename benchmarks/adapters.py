@@ -115,6 +115,21 @@ METHODS = {
     # the prior overtaking the task (MRPC, 3 seeds: BENCHMARKS section 2b).
     "lean_blora_mid": Method("leanlora B-LoRA, gate lr 2.5e-2", "leanlora", axes=("gated", "learned"),
                              overrides={"gates": {"lr": 2.5e-2}}),
+    # VB-LoRA on RTE stays under LoRA at 1x-4x the steps: these screen the knobs that keep its stored size.
+    "lean_vblora_len64": Method("leanlora VB-LoRA, vectors of length 64", "leanlora", axes=("bank",),
+                                overrides={"bank": {"vector_length": 64}}),
+    "lean_vblora_logits3e2": Method("leanlora VB-LoRA, logits lr 3e-2", "leanlora", axes=("bank",),
+                                    overrides={"bank": {"logits_lr": 3e-2}}),
+    "lean_vblora_logits1e1": Method("leanlora VB-LoRA, logits lr 1e-1", "leanlora", axes=("bank",),
+                                    overrides={"bank": {"logits_lr": 1e-1}}),
+    "lean_vblora_bank5e3": Method("leanlora VB-LoRA, bank lr 5e-3", "leanlora", axes=("bank",),
+                                  overrides={"bank": {"bank_lr": 5e-3}}),
+    "lean_vblora_init05": Method("leanlora VB-LoRA, bank init range 0.05", "leanlora", axes=("bank",),
+                                 overrides={"bank": {"bank_init_range": 0.05}}),
+    "lean_vblora_len64_logits3e2": Method("leanlora VB-LoRA, length 64, logits lr 3e-2", "leanlora", axes=("bank",),
+                                          overrides={"bank": {"vector_length": 64, "logits_lr": 3e-2}}),
+    "lean_qdylora_full25": Method("leanlora QDyLoRA, a quarter of the steps at the full rank", "leanlora",
+                                  axes=("nf4", "nested"), overrides={"nested": {"full_share": 0.25}}),
     "lean_combo": Method("leanlora bank + gated + learned on nf4", "leanlora",
                          axes=("bank", "gated", "learned", "nf4")),
 }
