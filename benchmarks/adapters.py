@@ -128,6 +128,8 @@ METHODS = {
                                  overrides={"bank": {"bank_init_range": 0.05}}),
     "lean_vblora_len64_logits3e2": Method("leanlora VB-LoRA, length 64, logits lr 3e-2", "leanlora", axes=("bank",),
                                           overrides={"bank": {"vector_length": 64, "logits_lr": 3e-2}}),
+    "lean_vblora_256": Method("leanlora VB-LoRA, bank of 256 vectors (over its stored-size bound: a capacity probe)",
+                              "leanlora", axes=("bank",), overrides={"bank": {"num_vectors": 256}}),
     "lean_qdylora_full25": Method("leanlora QDyLoRA, a quarter of the steps at the full rank", "leanlora",
                                   axes=("nf4", "nested"), overrides={"nested": {"full_share": 0.25}}),
     "lean_combo": Method("leanlora bank + gated + learned on nf4", "leanlora",
