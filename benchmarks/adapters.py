@@ -132,6 +132,13 @@ METHODS = {
                               "leanlora", axes=("bank",), overrides={"bank": {"num_vectors": 256}}),
     "lean_qdylora_full25": Method("leanlora QDyLoRA, a quarter of the steps at the full rank", "leanlora",
                                   axes=("nf4", "nested"), overrides={"nested": {"full_share": 0.25}}),
+    # the NF4 base costs RTE about 3 points on MiniLM (QLoRA against LoRA): does a finer absmax block recover it?
+    "lean_qlora_b32": Method("leanlora QLoRA, NF4 blocks of 32", "leanlora", axes=("nf4",),
+                             overrides={"nf4": {"block_size": 32}}),
+    "lean_qlora_b16": Method("leanlora QLoRA, NF4 blocks of 16", "leanlora", axes=("nf4",),
+                             overrides={"nf4": {"block_size": 16}}),
+    "lean_qdylora_b16": Method("leanlora QDyLoRA, NF4 blocks of 16", "leanlora", axes=("nf4", "nested"),
+                               overrides={"nf4": {"block_size": 16}}),
     "lean_combo": Method("leanlora bank + gated + learned on nf4", "leanlora",
                          axes=("bank", "gated", "learned", "nf4")),
 }
