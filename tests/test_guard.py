@@ -78,7 +78,10 @@ def test_metrics_without_a_constant_predictor_are_not_checked():
 @pytest.mark.parametrize("config, setting", [
     (leanlora.AdapterConfig(factors="bank"), "train.max_steps"),
     (leanlora.AdapterConfig(ranks="nested"), "leanlora sweep"),
-    (leanlora.AdapterConfig(ranks="gated", precision="learned"), "adapter.prior.lmbda"),
+    (leanlora.AdapterConfig(ranks="nested", base="nf4"), "adapter.base=dense"),
+    (leanlora.AdapterConfig(ranks="gated", precision="learned"), "adapter.budget=0.25"),
+    (leanlora.AdapterConfig(ranks="gated", precision="learned", budget=0.1), "adapter.budget=0.1"),
+    (leanlora.AdapterConfig(ranks="gated", precision="learned", budget="off"), "adapter.prior.lmbda"),
     (leanlora.AdapterConfig(), "train.lr"),
 ])
 def test_the_warning_names_a_cause_and_a_setting_for_each_method(config, setting):

@@ -26,6 +26,7 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
+from leanlora import budget
 from leanlora.config import AdapterConfig
 
 PROPORTIONS = ("accuracy", "f1")
@@ -95,10 +96,19 @@ def likely_cause(config: AdapterConfig) -> str:
                 f"LoRA before the model moves: train longer (train.epochs / train.max_steps; about "
                 f"{BANK_EXAMPLES_NEEDED:,} examples), or use adapter.factors=dense")
     if config.ranks == "nested":
+        # on a small encoder the 4-bit base alone costs some tasks as much as the nesting does
+        base = ("; on a small model the 4-bit base itself costs accuracy on some tasks: use adapter.base=dense "
+                "if the model fits in memory without it" if config.base == "nf4" else "")
         return ("nested ranks train the full rank only in the steps that draw it, so it sees fewer "
                 "updates than a LoRA of the same length: train longer (train.epochs / train.max_steps), "
                 "give the full rank a larger share of the steps (raise adapter.nested.full_share), or compare the "
-                "smaller ranks with `leanlora sweep`")
+                "smaller ranks with `leanlora sweep`" + base)
+    if config.is_gated and budget.resolved(config) is not None:
+        # under a budget the controller, not the prior's weight or the gate lr, decides how much is kept
+        return (f"the budget (adapter.budget={budget.resolved(config):g} of LoRA-16's BOPs) may keep too "
+                "little of the adapter for this task, or fix its structure too late in the run: raise "
+                "adapter.budget (1.0: the full rank at 16 bits), fix the structure earlier "
+                "(adapter.budget_schedule), or train longer")
     if config.is_gated:
         return ("the rank and bit gates may have closed before the task was learned: lower the prior's "
                 "weight (adapter.prior.lmbda) or the gate learning rate (adapter.gates.lr), or train longer")
