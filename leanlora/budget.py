@@ -468,6 +468,7 @@ class BudgetController:
         self.final_cost: float | None = None
         self.pins: dict[str, torch.Tensor] | None = None
         self._plan: CostPlan | None = None  # the gates' layout, fixed while the run trains
+        self._modes_pinned: bool | None = None  # what mark_pinned last told the gated modules (None: not yet)
 
     def plan(self, model: nn.Module) -> CostPlan:
         if self._plan is None:
@@ -520,11 +521,16 @@ class BudgetController:
             if step >= s:
                 lmbda = torch.as_tensor(self.lmbda, dtype=cost.dtype).to(cost.device)
                 self.lmbda = torch.clamp(lmbda + KAPPA * (cost - self.target) / self.budget / (e - s), min=0.0)
+        if self._modes_pinned is not self.frozen:  # a run's start, its freeze, or a resume
+            mark_pinned(model, self.frozen)
+            self._modes_pinned = self.frozen
 
     def freeze(self, model: nn.Module) -> None:
         done = project(model, self.budget)
         self.pins, self.final_cost = done["pins"], done["cost"]
         self.frozen, self.lmbda, self.target, self.cost = True, 0.0, self.budget, done["cost"]
+        mark_pinned(model, True)
+        self._modes_pinned = True
 
     def penalty(self, model: nn.Module) -> torch.Tensor:
         """λ_t · (E[C] - target_t), the Lagrangian's term, for the loss; 0 (no graph) once frozen or
@@ -549,6 +555,22 @@ class BudgetController:
             value = state[key]
             setattr(self, key, value if value is None or self.frozen else torch.tensor(value, dtype=torch.float32))
         self.pins = None if state["pins"] is None else {k: torch.tensor(v) for k, v in state["pins"].items()}
+        self._modes_pinned = None  # the next advance tells the modules
+
+
+def mark_pinned(model: nn.Module, pinned: bool) -> None:
+    """Tell every gated strategy module (members and group templates) whether its gates are pinned.
+
+    Pinned gates sample exactly their 0/1 threshold, with no gradient through the clamp, so a
+    pinned module trains on the threshold and a quantizer computes only its chosen level: the same
+    values and gradients as sampling, without the gate noise (and its random numbers) or the other
+    levels. A run's first training step after the freeze therefore compiles once more."""
+    from leanlora.precision.learned import LearnedBits
+    from leanlora.ranks.gated import GatedRanks
+
+    for module in model.modules():
+        if isinstance(module, (GatedRanks, LearnedBits)):
+            module.pinned = pinned
 
 
 def _number(x: float | torch.Tensor | None) -> float | None:
@@ -590,8 +612,11 @@ def start(model: nn.Module, total_steps: int, auto: bool = True) -> None:
     if default is not None and getattr(shared, "budget_controller", None) is None:
         shared.budget_controller = BudgetController(default, shared.config.budget_schedule)
     ctl = controller(model)
+    # a model trained before (pinned by its freeze) samples its gates again unless this run is frozen
+    mark_pinned(model, ctl is not None and ctl.frozen)
     if ctl is None:
         return
+    ctl._modes_pinned = ctl.frozen
     if total_steps < 1:
         raise ConfigError(f"adapter.budget needs a run of at least 1 step, got {total_steps}")
     ctl.total = int(total_steps)

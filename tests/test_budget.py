@@ -170,6 +170,92 @@ def test_after_the_freeze_each_advance_puts_every_gate_back_on_its_pin():
             assert torch.equal(c.log_alpha.detach(), pinned[c.name]), c.name
 
 
+def _frozen_bert():
+    """A gated BERT (stacked groups and a lone layer) just past its freeze, dropout off."""
+    model = gated_bert(target_modules=("query", "key", "value", "dense")).train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0  # the sampled path draws gate noise first: dropout masks would differ
+    ctl = bud.BudgetController(0.3, (0.05, 0.2, 0.25))
+    model.leanlora_shared.budget_controller, ctl.total = ctl, 8
+    ctl.advance(model, 2)
+    return model, ctl
+
+
+def _gated_modules(model):
+    from leanlora.precision.learned import LearnedBits
+    from leanlora.ranks.gated import GatedRanks
+
+    return [m for m in model.modules() if isinstance(m, (GatedRanks, LearnedBits))]
+
+
+def test_pinned_gates_train_on_the_threshold_with_the_values_and_gradients_of_sampling():
+    # pinned far past saturation, a sample is exactly its 0/1 threshold with no gradient through the
+    # clamp: the pinned path (thresholds, the chosen level alone) must give sampling's step bit for bit
+    model, _ = _frozen_bert()
+    assert all(m.pinned for m in _gated_modules(model))
+    ids = torch.randint(0, 128, (3, 10), generator=torch.Generator().manual_seed(0))
+
+    def step(pinned: bool):
+        bud.mark_pinned(model, pinned)
+        model.zero_grad(set_to_none=True)
+        logits = model(input_ids=ids).logits
+        logits.pow(2).sum().backward()
+        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    (out_pinned, grads_pinned), (out_sampled, grads_sampled) = step(True), step(False)
+    assert torch.equal(out_pinned, out_sampled)
+    # every trainable tensor gets a gradient on both paths (DDP needs one), the gates' exactly zero
+    assert grads_pinned.keys() == grads_sampled.keys() and any("log_scale" in n for n in grads_pinned)
+    assert all(not grads_pinned[n].any() for n in grads_pinned if "log_alpha" in n)
+    for name, grad in grads_sampled.items():
+        assert torch.equal(grads_pinned[name], grad), name
+
+
+def test_a_pinned_quantizer_reads_each_members_own_width_float_included():
+    from leanlora.precision.learned import LearnedBits
+
+    model, _ = _frozen_bert()
+    template = next(m for g in model.leanlora_shared.groups for m in g.modules()
+                    if isinstance(m, LearnedBits) and m.stacked and m.log_alpha.shape[0] >= 3)
+    with torch.no_grad():  # member 0 float, member 1 at the second width, the rest at 2 bits
+        template.log_alpha.fill_(-300.0)
+        template.log_alpha[0] = 100.0
+        template.log_alpha[1, 0] = 100.0
+    members = template.log_alpha.shape[0]
+    w = torch.randn(members, 4, 16, generator=torch.Generator().manual_seed(1), requires_grad=True)
+
+    def quantize(pinned: bool):
+        template.pinned = pinned
+        out = template._quantize(w, training=True)
+        grad_w, grad_scale = torch.autograd.grad(out.pow(3).sum(), (w, template.log_scale))
+        return out.detach(), grad_w, grad_scale
+
+    pinned, sampled = quantize(True), quantize(False)
+    for a, b in zip(pinned, sampled):
+        assert torch.equal(a, b)
+    assert torch.equal(pinned[0][0], w.detach()[0])  # float: w itself
+    assert not torch.equal(pinned[0][1], w.detach()[1])
+    assert pinned[0][1].unique().numel() <= 2 ** template.bit_set[1] - 1
+    assert pinned[0][2].unique().numel() <= 3  # 2 bits: codes -1, 0, 1
+
+
+def test_the_modules_learn_they_are_pinned_at_the_freeze_on_resume_and_not_in_a_new_run():
+    model, ctl = _frozen_bert()
+    state = ctl.state_dict()
+    bud.mark_pinned(model, False)  # as a fresh process holds the model
+    resumed = bud.BudgetController(0.3, (0.05, 0.2, 0.25))
+    resumed.load_state_dict(state)
+    model.leanlora_shared.budget_controller = resumed
+    resumed.advance(model, 3)
+    assert all(m.pinned for m in _gated_modules(model))
+    model.leanlora_shared.budget_controller = None  # a new run on the trained model, its own controller
+    model.leanlora_shared.config = AdapterConfig(**{**GATED, "target_modules": ("query", "key", "value", "dense"),
+                                                    "budget": "off"})
+    bud.start(model, 8)
+    assert not any(m.pinned for m in _gated_modules(model))
+
+
 # --- the loop ---------------------------------------------------------------------------------------
 
 

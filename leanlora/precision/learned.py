@@ -9,7 +9,8 @@ b_k-bit value is the b_{k-1}-bit value plus a rounded residual (Bayesian Bits eq
     w~ = r_0 + z_1 (r_1 + z_2 (r_2 + ... + z_K r_float))
 
 with one hard-concrete gate z_k per step above 2 bits (:mod:`leanlora.gates.hardconcrete`), stochastic in
-training and thresholded in eval; ⌊·⌉ is straight-through in training.
+training and thresholded in eval (and in training once a budget's freeze pins them:
+:func:`leanlora.budget.mark_pinned`); ⌊·⌉ is straight-through in training.
 
 **Computed in closed form, all levels at once.** Because r_0 + ... + r_{k-1} lies on the
 b_{k-1} grid, which is a sub-grid of the b_k grid, the partial sums are plain roundings:
@@ -128,6 +129,7 @@ class LearnedBits(StackedRows, nn.Module):
     """Bayesian Bits quantizer of one factor over ``bit_set``; see the module docstring."""
 
     PARAM_ROLES = {"log_alpha": "gates", "log_scale": "scales"}
+    pinned = False  # gates pinned by a budget's freeze: training computes the chosen level alone
 
     def __init__(self, bit_set: tuple[int, ...] = ALLOWED, init_log_alpha: float = 6.0,
                  threshold: float = hc.THRESHOLD, reg_type: str = "const", macs: float = 1.0,
@@ -162,9 +164,26 @@ class LearnedBits(StackedRows, nn.Module):
     def _quantize(self, w: torch.Tensor, training: bool) -> torch.Tensor:
         """Σ_k π_k q_k in fp32: sampled gates z_1..z_K and straight-through rounding when ``training``,
         else gates thresholded to 0/1."""
+        if training and self.pinned:
+            return self._pinned_level(w)
         levels = level_values(w, self.x_max(w), self._steps, self._qmax, self.has_float, training)
         gates = hc.sample(self.log_alpha) if training else hc.deterministic(self.log_alpha, self.threshold)
         return mix_levels(levels, level_weights(gates))
+
+    def _pinned_level(self, w: torch.Tensor) -> torch.Tensor:
+        """Σ_k π_k q_k when every gate is pinned to 0 or 1: π is one-hot, so the sum is the chosen
+        level q_k (w itself for float), with the same straight-through gradients to ``w`` and the
+        range. Computed alone, per member, without the other levels and without gate noise."""
+        wf, x_max = w.float(), self.x_max(w)
+        # the gates' zero gradient, as a pinned sample gives it (DDP expects one for every parameter)
+        x_max = x_max + 0.0 * self.per_member(self.log_alpha.sum(-1), x_max)
+        k = hc.prefix_product(hc.deterministic(self.log_alpha, self.threshold)).sum(-1).long()  # () or (G,)
+        width = k.clamp(max=self._steps.numel() - 1)
+        s = x_max * self.per_member(self._steps[width], x_max)
+        lim = x_max * _CLIP
+        xc = torch.minimum(torch.maximum(wf, -lim), lim)
+        q = s * _round_codes(xc / s, self.per_member(self._qmax[width], x_max), True)
+        return torch.where(self.per_member(k == self._steps.numel(), x_max), wf, q) if self.has_float else q
 
     # --- what it chose -------------------------------------------------------------------------
 

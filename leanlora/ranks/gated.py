@@ -47,6 +47,9 @@ NOMINAL_BITS = 16
 
 class GatedRanks(StackedRows, nn.Module):
     PARAM_ROLES = {"log_alpha": "gates"}
+    # set by a budget's freeze (leanlora.budget): the gates sit far past saturation, where a sample
+    # is exactly the 0/1 threshold and has no gradient, so training reads the threshold and draws no noise
+    pinned = False
 
     def __init__(self, rank: int, alpha: float, *, diag: bool = True, init_log_alpha: float = 6.0,
                  threshold: float = hc.THRESHOLD, nested: bool = True, prior: str = "nested",
@@ -78,8 +81,13 @@ class GatedRanks(StackedRows, nn.Module):
     # --- the mask ------------------------------------------------------------------------------
 
     def gates(self) -> torch.Tensor:
-        """z_1..z_{r-1}: sampled in training, 0/1 in eval; nested through the cumulative product."""
-        z = hc.sample(self.log_alpha) if self.training else hc.deterministic(self.log_alpha, self.threshold)
+        """z_1..z_{r-1}: sampled in training, 0/1 in eval and once pinned; nested through the cumulative product."""
+        if self.training and not self.pinned:
+            z = hc.sample(self.log_alpha)
+        else:
+            z = hc.deterministic(self.log_alpha, self.threshold)
+            if self.training:  # the zero gradient a pinned sample has (DDP expects one for every parameter)
+                z = z + 0.0 * self.log_alpha
         return hc.prefix_product(z) if self.nested else z
 
     def mask(self) -> torch.Tensor:
