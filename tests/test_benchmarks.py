@@ -106,3 +106,14 @@ def test_short_runs_pins_the_old_defaults_beside_the_new():
              "per_rank": {str(b): float(b) for b in range(1, 9)}, "delta_norm": {"10": 0.5}} for s in range(3)]
     text = short_runs.summarize(rows)
     assert "| CoLA | old_qdylora | 10.0 | 0: 0.0, 1: 10.0, 2: 20.0 | 0.0 | 1.0 / 2.0 / 4.0 / 8.0 |" in text
+
+
+def test_pinned_gates_times_lora_sampled_and_pinned_rows(tmp_path):
+    import pinned_gates
+    from conftest import minilm_dir
+
+    out = tmp_path / "pinned.jsonl"
+    pinned_gates.main(["--model", str(minilm_dir()), "--steps", "4", "--out", str(out)])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["row"] for r in rows] == ["lora", "sampled", "pinned"]
+    assert all(r["eager_step_ms"] > 0 and r["compiled_pieces_ms"] > 0 for r in rows)
