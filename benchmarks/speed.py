@@ -115,6 +115,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="run every row in this process (default: each in a fresh one, see isolation.py; "
                          "the tables of BENCHMARKS.md 1-1f were measured with every row in one process)")
     add_timing_args(ap, steps=12)
+    ap.add_argument("--timing", choices=("step", "window"), default="step",
+                    help="step: each step timed alone, its loss read back (the host work before a step's first "
+                         "kernel leaves the device idle); window: the steps back to back with the losses read "
+                         "once at the end, as a training loop that logs every few steps runs them (the host "
+                         "prepares the next step while the device finishes this one)")
     return apply_preset(ap.parse_args(argv))
 
 
@@ -190,7 +195,7 @@ def run_row(row: str, args, device, ids, floor_tps: float) -> dict:
     if mode not in ("eager", "compiled", "graphed"):
         raise SystemExit(f"row {row!r}: mode {mode!r} is unknown; allowed eager, compiled, graphed")
     compiled = mode in ("compiled", "graphed")
-    result = {"row": row, "mode": mode, "compile": args.compile if compiled else None,
+    result = {"row": row, "mode": mode, "timing": args.timing, "compile": args.compile if compiled else None,
               "compile_mode": args.compile_mode if compiled else None}
     if name != "base":
         method = METHODS[name]
@@ -306,7 +311,7 @@ def run_row(row: str, args, device, ids, floor_tps: float) -> dict:
                 host.timed("advance", leanlora.advance, model, i)
         if whole is not None:
             with record_function("phase: whole step (CUDA graph)"):
-                return float(host.timed("step", whole, {"input_ids": ids, "labels": ids}))
+                return host.timed("step", whole, {"input_ids": ids, "labels": ids})
         with record_function("phase: forward"):
             loss = host.timed("forward", lambda: loss_of({"input_ids": ids, "labels": ids}))
         if prior:
@@ -320,7 +325,7 @@ def run_row(row: str, args, device, ids, floor_tps: float) -> dict:
                 if hook is not None:
                     hook(i)
                 opt.zero_grad(set_to_none=True)
-        return float(loss.detach())
+        return loss.detach()
 
     t0 = time.perf_counter()
     warmup = args.warmup + (2 if whole is not None else 0)
@@ -333,17 +338,20 @@ def run_row(row: str, args, device, ids, floor_tps: float) -> dict:
     gc.callbacks.append(collector)
     host.clear()
     try:
-        for i in range(warmup, warmup + args.steps):
+        if args.timing == "window":
+            seconds, last = _window(step, range(warmup, warmup + args.steps), device)
+            times, last_loss = [seconds], float(last)
+        for i in range(warmup, warmup + args.steps) if args.timing == "step" else ():
             if device.type == "cuda":
                 s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 s.record()
-                last_loss = step(i)
+                last_loss = float(step(i))
                 e.record()
                 e.synchronize()
                 times.append(s.elapsed_time(e) / 1e3)
             else:
                 t = time.perf_counter()
-                last_loss = step(i)
+                last_loss = float(step(i))
                 times.append(time.perf_counter() - t)
     finally:  # a failing row must not leave its collector timing the next rows
         gc.callbacks.remove(collector)
@@ -370,6 +378,19 @@ def run_row(row: str, args, device, ids, floor_tps: float) -> dict:
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return result
+
+
+def _window(step, steps: range, device) -> tuple[float, torch.Tensor]:
+    """(seconds a step, the last loss) over ``steps`` run back to back, the device waited on once at the end."""
+    losses = []
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for i in steps:
+        losses.append(step(i))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t) / len(steps), losses[-1]
 
 
 def lean_fused_loss(args, method, model, device, mode: str) -> str:

@@ -19,6 +19,10 @@ def test_speed_rows_tiny(tmp_path):
     speed.main(common + ["--same-process", "--rows", "base,peft_lora,lean_blora,lean_lora_fp8", "--out", str(out),
                          "--lean-fused-loss", "chunked"])
     speed.main(common + ["--rows", "lean_lora", "--out", str(fresh)])  # the default: the row in a child process
+    window = tmp_path / "window.jsonl"
+    speed.main(common + ["--same-process", "--rows", "peft_lora", "--timing", "window", "--out", str(window)])
+    windowed = [r for r in map(json.loads, window.read_text().splitlines()) if "row" in r]
+    assert windowed[0]["timing"] == "window" and windowed[0]["step_ms"] > 0 and windowed[0]["loss"] > 0
     rows = {r["row"]: r for f in (out, fresh) for r in map(json.loads, f.read_text().splitlines()) if "row" in r}
     assert (fresh.parent / "row_lean_lora.jsonl").is_file()  # the child's own file, kept beside the results
     assert set(rows) == {"base", "peft_lora", "lean_lora", "lean_blora", "lean_lora_fp8"}
