@@ -165,7 +165,9 @@ class NestedConfig:
     every earlier one is fitted mostly at scales alpha / b larger than the full rank's. In a run of a
     few hundred steps that leaves the full rank, the adapter a user gets by default, behind LoRA and
     in some seeds at the majority class. Half the steps at r give the full rank about a LoRA's run;
-    the other half still train every smaller rank, and the smallest one pays for it."""
+    the other half still train every smaller rank, and the smallest one pays for it. A quarter helps
+    some tasks' best rank and costs others theirs; what remains of the full rank's gap on an NF4
+    base is mostly the base (:class:`NF4Config`)."""
     seed: int = 0
     """seed of the rank draws: b at step t depends only on (seed, t), the same in every process."""
     scale: Literal["sampled", "max", "sqrt"] = "sampled"
@@ -281,7 +283,9 @@ class NF4Config:
     """4-bit NormalFloat base (used when ``base="nf4"``)."""
 
     block_size: int = 64
-    """weights per absmax block (QLoRA: 64)."""
+    """weights per absmax block (QLoRA: 64). On a small encoder the 4-bit base itself costs accuracy
+    on some sentence-pair tasks, more than nested ranks do, and finer blocks (16, 32) do not recover it:
+    where the model fits in memory unquantized, ``base: dense`` is the better choice there."""
     scaler_block_size: int = 256
     """absmax constants per double-quantization block (QLoRA: 256)."""
 
