@@ -414,3 +414,22 @@ def test_the_controller_reads_nothing_back_from_the_device_between_log_steps():
     again = bud.BudgetController(ctl.budget, (0.1, 0.5, 0.7))
     again.load_state_dict(state)
     assert isinstance(again.lmbda, torch.Tensor) and float(again.lmbda) == float(ctl.lmbda)
+
+
+@pytest.mark.parametrize("bit_set, pins", [((2, 4, 8), (100.0, -300.0)), ((2, 4, 8, 16, 32), (100.0,) * 4),
+                                           ((2, 8, 32), (-300.0, -300.0))])
+def test_a_lone_pinned_quantizer_matches_sampling_at_any_width(bit_set, pins):
+    from leanlora.precision.learned import LearnedBits
+
+    q = LearnedBits(bit_set=bit_set).train()
+    with torch.no_grad():
+        q.log_alpha.copy_(torch.tensor(pins))
+        q.log_scale.fill_(-0.2)  # clipping on: the range's gradient goes through the clamp too
+    w = torch.randn(6, 24, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    results = []
+    for pinned in (True, False):
+        q.pinned = pinned
+        out = q(w)
+        results.append((out.detach(), *torch.autograd.grad(out.pow(3).sum(), (w, q.log_scale))))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
