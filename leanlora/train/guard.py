@@ -72,7 +72,8 @@ def standard_error(metric: str, score: float, n: int) -> float:
     raise ValueError(f"no standard error for metric {metric!r}; allowed: {PROPORTIONS + CORRELATIONS}")
 
 
-def check(metric: str, score: float, labels: Sequence[float], regression: bool, num_labels: int = 2) -> Verdict | None:
+def check(metric: str, score: float, labels: Sequence[float], regression: bool,
+          num_labels: int = 2) -> Verdict | None:
     """The verdict for a dev ``score`` on ``labels``; None where the metric has no constant predictor."""
     if metric not in PROPORTIONS + CORRELATIONS or len(labels) < 3:
         return None
