@@ -521,7 +521,7 @@ class BudgetController:
             if step >= s:
                 lmbda = torch.as_tensor(self.lmbda, dtype=cost.dtype).to(cost.device)
                 self.lmbda = torch.clamp(lmbda + KAPPA * (cost - self.target) / self.budget / (e - s), min=0.0)
-        if self._modes_pinned is not self.frozen:  # a run's start, its freeze, or a resume
+        if self._modes_pinned is not self.frozen:  # a run's first step, its freeze, or a resume
             mark_pinned(model, self.frozen)
             self._modes_pinned = self.frozen
 
@@ -529,8 +529,6 @@ class BudgetController:
         done = project(model, self.budget)
         self.pins, self.final_cost = done["pins"], done["cost"]
         self.frozen, self.lmbda, self.target, self.cost = True, 0.0, self.budget, done["cost"]
-        mark_pinned(model, True)
-        self._modes_pinned = True
 
     def penalty(self, model: nn.Module) -> torch.Tensor:
         """λ_t · (E[C] - target_t), the Lagrangian's term, for the loss; 0 (no graph) once frozen or
@@ -616,7 +614,6 @@ def start(model: nn.Module, total_steps: int, auto: bool = True) -> None:
     mark_pinned(model, ctl is not None and ctl.frozen)
     if ctl is None:
         return
-    ctl._modes_pinned = ctl.frozen
     if total_steps < 1:
         raise ConfigError(f"adapter.budget needs a run of at least 1 step, got {total_steps}")
     ctl.total = int(total_steps)

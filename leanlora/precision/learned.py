@@ -100,12 +100,18 @@ def level_values(w: torch.Tensor, x_max: torch.Tensor, steps: torch.Tensor, qmax
     (K',) holds 2^(b-1) - 1. Returns fp32 of shape (K' + has_float, *w.shape).
     """
     wf = w.float()
+    view = (-1,) + (1,) * w.dim()                                         # steps over a leading level dim
+    q = _level(wf.unsqueeze(0), x_max.unsqueeze(0), steps.view(view), qmax.view(view), straight_through)
+    return torch.cat([q, wf.unsqueeze(0)]) if has_float else q            # (K' + has_float, *shape)
+
+
+def _level(wf: torch.Tensor, x_max: torch.Tensor, steps: torch.Tensor, qmax: torch.Tensor,
+           straight_through: bool) -> torch.Tensor:
+    """s clamp(⌊x_c / s⌉, ±qmax) with s = x_max · steps and x_c = w clipped to ±x_max (all broadcast)."""
     lim = x_max * _CLIP
     xc = torch.minimum(torch.maximum(wf, -lim), lim)
-    view = (-1,) + (1,) * w.dim()
-    s = x_max.unsqueeze(0) * steps.view(view)                            # (K', 1 or G, 1, ...)
-    q = s * _round_codes(xc.unsqueeze(0) / s, qmax.view(view), straight_through)  # (K', *shape)
-    return torch.cat([q, wf.unsqueeze(0)]) if has_float else q
+    s = x_max * steps
+    return s * _round_codes(xc / s, qmax, straight_through)
 
 
 def level_weights(gates: torch.Tensor) -> torch.Tensor:
@@ -179,10 +185,8 @@ class LearnedBits(StackedRows, nn.Module):
         x_max = x_max + 0.0 * self.per_member(self.log_alpha.sum(-1), x_max)
         k = hc.prefix_product(hc.deterministic(self.log_alpha, self.threshold)).sum(-1).long()  # () or (G,)
         width = k.clamp(max=self._steps.numel() - 1)
-        s = x_max * self.per_member(self._steps[width], x_max)
-        lim = x_max * _CLIP
-        xc = torch.minimum(torch.maximum(wf, -lim), lim)
-        q = s * _round_codes(xc / s, self.per_member(self._qmax[width], x_max), True)
+        q = _level(wf, x_max, self.per_member(self._steps[width], x_max), self.per_member(self._qmax[width], x_max),
+                   True)
         return torch.where(self.per_member(k == self._steps.numel(), x_max), wf, q) if self.has_float else q
 
     # --- what it chose -------------------------------------------------------------------------
