@@ -311,7 +311,7 @@ def run_row(row: str, args, device, ids, floor_tps: float) -> dict:
                 host.timed("advance", leanlora.advance, model, i)
         if whole is not None:
             with record_function("phase: whole step (CUDA graph)"):
-                return host.timed("step", whole, {"input_ids": ids, "labels": ids})
+                return read(host.timed("step", whole, {"input_ids": ids, "labels": ids}))
         with record_function("phase: forward"):
             loss = host.timed("forward", lambda: loss_of({"input_ids": ids, "labels": ids}))
         if prior:
@@ -325,7 +325,10 @@ def run_row(row: str, args, device, ids, floor_tps: float) -> dict:
                 if hook is not None:
                     hook(i)
                 opt.zero_grad(set_to_none=True)
-        return loss.detach()
+        return read(loss.detach())
+
+    # --timing step reads each loss back (the step ends on the host); window leaves it on the device
+    read = float if args.timing == "step" else (lambda loss: loss)
 
     t0 = time.perf_counter()
     warmup = args.warmup + (2 if whole is not None else 0)
@@ -341,18 +344,19 @@ def run_row(row: str, args, device, ids, floor_tps: float) -> dict:
         if args.timing == "window":
             seconds, last = _window(step, range(warmup, warmup + args.steps), device)
             times, last_loss = [seconds], float(last)
-        for i in range(warmup, warmup + args.steps) if args.timing == "step" else ():
-            if device.type == "cuda":
-                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                s.record()
-                last_loss = float(step(i))
-                e.record()
-                e.synchronize()
-                times.append(s.elapsed_time(e) / 1e3)
-            else:
-                t = time.perf_counter()
-                last_loss = float(step(i))
-                times.append(time.perf_counter() - t)
+        else:
+            for i in range(warmup, warmup + args.steps):
+                if device.type == "cuda":
+                    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    s.record()
+                    last_loss = step(i)
+                    e.record()
+                    e.synchronize()
+                    times.append(s.elapsed_time(e) / 1e3)
+                else:
+                    t = time.perf_counter()
+                    last_loss = step(i)
+                    times.append(time.perf_counter() - t)
     finally:  # a failing row must not leave its collector timing the next rows
         gc.callbacks.remove(collector)
     result.update(gc_ms_per_step=collector.seconds * 1e3 / args.steps, gc_full_collections=collector.full,
@@ -382,15 +386,14 @@ def run_row(row: str, args, device, ids, floor_tps: float) -> dict:
 
 def _window(step, steps: range, device) -> tuple[float, torch.Tensor]:
     """(seconds a step, the last loss) over ``steps`` run back to back, the device waited on once at the end."""
-    losses = []
     if device.type == "cuda":
         torch.cuda.synchronize()
     t = time.perf_counter()
     for i in steps:
-        losses.append(step(i))
+        loss = step(i)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return (time.perf_counter() - t) / len(steps), losses[-1]
+    return (time.perf_counter() - t) / len(steps), loss
 
 
 def lean_fused_loss(args, method, model, device, mode: str) -> str:
