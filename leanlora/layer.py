@@ -71,7 +71,9 @@ class AdaptedLinear(nn.Module):
         dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else a.dtype
         h = F.linear(self.dropout(x.to(dtype)), a.to(dtype))  # (..., b)
         h = h * (scale if d is None else d.to(dtype) * scale)  # scale the narrow tensor, not the wide one
-        if y.dtype != dtype:  # e.g. bf16 adapters on an fp32 base: never round the base output
+        # Compiled, a plain add fuses into the next pointwise kernel; addmm would first copy y into
+        # its output and run a GEMM that reads it back. Eager, addmm saves the separate add.
+        if y.dtype != dtype or torch.compiler.is_compiling():  # dtype: never round an fp32 base output
             return y + F.linear(h, b.to(dtype)).to(y.dtype)
         out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), b.to(dtype).T)
         return out.view(y.shape)                              # (..., out), add fused into the GEMM

@@ -123,3 +123,22 @@ def test_cuda_graph_runs_without_padding_to_a_multiple_are_told_how_many_shapes_
     assert "one CUDA graph per batch shape" in note and "up to 128 lengths" in note
     assert "data.pad_to_multiple_of=32 leaves 4 shapes" in note
     assert shape_advice("reduce-overhead", 32, 128) is None and shape_advice("default", 0, 128) is None
+
+
+def test_compiled_layer_adds_the_update_outside_the_gemm():
+    """Compiled, the update is a plain add that inductor fuses into the next pointwise kernel: an
+    addmm would first copy the base output into its own and run a GEMM that reads it back."""
+    model = tiny_llama().to(torch.bfloat16)
+    leanlora.inject(model, leanlora.AdapterConfig(target_modules=("q_proj",), r=4))
+    layer = model.model.layers[0].self_attn.q_proj
+    x = torch.randn(2, 3, layer.in_features, dtype=torch.bfloat16)
+    calls = []
+
+    def record(gm, example_inputs):
+        calls.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    torch._dynamo.reset()
+    got = torch.compile(layer, backend=record, fullgraph=True)(x)
+    torch.testing.assert_close(got, layer(x), rtol=1e-2, atol=1e-2)  # bf16: one rounding apart
+    assert calls and not any("addmm" in c for c in calls), calls
