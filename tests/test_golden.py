@@ -4,8 +4,10 @@
 * files: each checked-in adapter folder (trained and finalized) loads into a fresh model and gives
   the recorded outputs.
 
-Tolerance is fp32 round-off (rtol 1e-5, atol 1e-6): matmul reductions may be ordered differently
-on another CPU or thread count, and five AdamW steps carry such differences along.
+Tolerance is fp32 round-off carried through five AdamW steps (rtol 1e-4, atol 1e-5): matmul
+reductions are ordered differently on another CPU (AVX2 against AVX-512 kernels) or thread count,
+and Adam's normalised update enlarges a round-off difference in a gradient near zero. A wrong
+formula moves these values by orders of magnitude more.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import leanlora
 from golden import make_goldens as golden
 from leanlora.artifact.io import adapter_state_dict, read_adapter_tensors
 
-RTOL, ATOL = 1e-5, 1e-6
+RTOL, ATOL = 1e-4, 1e-5
 RECORD = json.loads(golden.LOSSES.read_text())
 
 

@@ -21,13 +21,15 @@ def test_folder_with_earlier_names_loads_to_the_outputs_it_was_saved_with(tmp_pa
     assert sorted(p.name for p in LEGACY.iterdir()) == ["adapter.safetensors", "adapter_config.json"]
     want = load_file(FIXTURES / "legacy_adapter_logits.safetensors")["logits"]
     model = leanlora.load(tiny_llama(), LEGACY)
-    torch.testing.assert_close(model(token_batch()).logits, want, rtol=0, atol=0)
+    got = model(token_batch()).logits
+    # recorded on another CPU: its matmul kernels may order sums differently (fp32 round-off)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     # saved again, it takes today's names and loads to the same outputs
     leanlora.save(model, tmp_path / "again")
     assert sorted(p.name for p in (tmp_path / "again").iterdir()) == [
         "leanlora_adapter.safetensors", "leanlora_config.json"]
     again = leanlora.load(tiny_llama(), tmp_path / "again")
-    torch.testing.assert_close(again(token_batch()).logits, want, rtol=0, atol=0)
+    torch.testing.assert_close(again(token_batch()).logits, got, rtol=0, atol=0)
 
 
 def test_today_names_win_over_earlier_ones_in_one_folder(tmp_path):
