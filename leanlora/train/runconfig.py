@@ -32,6 +32,12 @@ from leanlora.train.data import label_text, not_utf8
 TaskKind = Literal["classification", "regression", "causal_lm"]
 
 
+def _require_minimums(config: Any, prefix: str, minimums: dict[str, int]) -> None:
+    """Each named field of ``config`` must be at least its minimum; the error names the key."""
+    for name, least in minimums.items():
+        _require(getattr(config, name) >= least, prefix + name, getattr(config, name), f"must be >= {least}")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Which pretrained model to adapt; loaded from disk only, never from the hub."""
@@ -128,14 +134,12 @@ class DataConfig:
                  "only data.task=causal_lm reads instruction formats; a classifier reads data.text_columns")
         _require(not self.packing or self.task == "causal_lm", "data.packing", self.packing,
                  "packs causal-LM examples; a classifier's batch is padded (set it to false)")
-        _require(self.max_length >= 8, "data.max_length", self.max_length, "must be >= 8")
         _require(self.pad_to_multiple_of >= 0, "data.pad_to_multiple_of", self.pad_to_multiple_of,
                  "must be >= 0 (0: pad to the longest example of the batch)")
-        for name in ("holdout", "max_train_examples", "max_eval_examples"):
-            _require(getattr(self, name) >= 0, f"data.{name}", getattr(self, name), "must be >= 0")
+        _require_minimums(self, "data.", {"max_length": 8, "max_new_tokens": 1, "holdout": 0,
+                                          "max_train_examples": 0, "max_eval_examples": 0})
         _require(not (self.holdout and self.eval_file), "data.holdout", self.holdout,
                  "holds rows of train_file out as the eval set; data.eval_file is set too: use one of them")
-        _require(self.max_new_tokens >= 1, "data.max_new_tokens", self.max_new_tokens, "must be >= 1")
 
     @property
     def primary_metric(self) -> str:
@@ -228,10 +232,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_field_types(self, "train.")
-        if self.fused_loss is False:  # YAML reads a bare `off` as false
+        if self.fused_loss is False:  # YAML reads a bare `off` as false (check_field_types allowed it)
             object.__setattr__(self, "fused_loss", "off")
-        _require(self.fused_loss in ("auto", "liger", "chunked", "off"), "train.fused_loss", self.fused_loss,
-                 "allowed: 'auto', 'liger', 'chunked', 'off'")
         if self.cuda_graph:
             _require(self.grad_accum == 1, "train.grad_accum", self.grad_accum,
                      "train.cuda_graph captures one micro-batch per step; set grad_accum=1 (raise batch_size)")
@@ -240,14 +242,11 @@ class TrainConfig:
                      "allowed (use 'default')")
             _require(self.distributed == "none", "train.distributed", self.distributed,
                      "train.cuda_graph runs in one process (allowed with it: 'none')")
-        for name in ("epochs", "batch_size", "grad_accum", "eval_batch_size", "log_every"):
-            _require(getattr(self, name) >= 1, f"train.{name}", getattr(self, name), "must be >= 1")
-        for name in ("max_steps", "eval_every", "save_every", "num_threads"):
-            _require(getattr(self, name) >= 0, f"train.{name}", getattr(self, name), "must be >= 0")
+        at_least_one = ("epochs", "batch_size", "grad_accum", "eval_batch_size", "log_every")
+        at_least_zero = ("max_steps", "eval_every", "save_every", "num_threads", "weight_decay", "max_grad_norm")
+        _require_minimums(self, "train.", {**dict.fromkeys(at_least_one, 1), **dict.fromkeys(at_least_zero, 0)})
         require_lr("train.lr", self.lr)
-        _require(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "must be >= 0")
         _require(0 <= self.warmup_ratio < 1, "train.warmup_ratio", self.warmup_ratio, "must be in [0, 1)")
-        _require(self.max_grad_norm >= 0, "train.max_grad_norm", self.max_grad_norm, "must be >= 0")
         lr_schedule.validate(self)
         _require(re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device) is not None, "train.device",
                  self.device, "allowed: 'auto', 'cpu', 'cuda', 'cuda:N', 'mps'")
@@ -275,9 +274,6 @@ class RunConfig:
             object.__setattr__(self, "adapter", adapter)
         _require(not (self.data.packing and self.train.cuda_graph), "data.packing", self.data.packing,
                  "train.cuda_graph records one padded batch shape; packed batches vary in length (turn one off)")
-
-    def to_dict(self) -> dict[str, Any]:
-        return to_plain(self)
 
     def replace(self, **sections: Any) -> "RunConfig":
         return dataclasses.replace(self, **sections)
@@ -395,12 +391,11 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
         keys, value = parse_override(text)
         node = data
         for i, k in enumerate(keys[:-1]):
-            child = node.get(k)
-            if child is None:
-                child = node[k] = {}
-            if not isinstance(child, dict):
+            if node.get(k) is None:  # absent, or an empty section in the file
+                node[k] = {}
+            if not isinstance(node[k], dict):
                 raise ConfigError(f"override {text!r}: {'.'.join(keys[:i + 1])} is a value, not a section")
-            node = child
+            node = node[k]
         node[keys[-1]] = value
         if keys[0] == "adapter" and len(keys) in (2, 3):  # an override wins over the file's other spelling
             _drop_other_spellings(data["adapter"], ".".join(keys[1:]))
