@@ -44,7 +44,7 @@ from leanlora.train.lr_schedule import advance_schedule, build_scheduler
 from leanlora.train.guard import short_run_notice, stall_warning, task_verdict
 from leanlora.train.models import load_model, load_tokenizer
 from leanlora.train.precision import check_trainable_dtype, optimizer_step, resolve_precision
-from leanlora.train.resume import check_total, resume_config, retune
+from leanlora.train.resume import resume_config, retune
 from leanlora.train.preflight import check_adapter
 from leanlora.train.runconfig import RunConfig, to_commented_yaml
 from leanlora.train.step_log import step_record
@@ -257,7 +257,9 @@ def _restore(loop: _Loop, checkpoint: Path, overrides: Sequence[str]) -> None:
     restored = load_checkpoint(checkpoint, loop.model, loop.optimizer, loop.scheduler)
     retune(loop.optimizer, loop.scheduler, base_lrs)  # a changed train.lr or schedule reaches the restored step
     loop.step, loop.state = restored["step"], {"log_history": [], **restored["loop"]}
-    check_total(loop.total, loop.step)
+    if loop.total < loop.step:  # the run's new length must not end before the step it resumes at
+        raise ConfigError(f"train.max_steps / train.epochs give {loop.total} steps in all, but the run resumes at "
+                          f"step {loop.step}; set train.max_steps >= {loop.step}")
     if loop.scaler is not None and "grad_scaler" in loop.state:
         loop.scaler.load_state_dict(loop.state["grad_scaler"])
     if dist.is_distributed():  # every rank restored rank 0's generator: split the noise again

@@ -68,10 +68,3 @@ def retune(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler
         else:
             group["lr"] = rate
     scheduler._last_lr = rates
-
-
-def check_total(total: int, step: int) -> None:
-    """The run's new length must not end before the step it resumes at."""
-    if total < step:
-        raise ConfigError(f"train.max_steps / train.epochs give {total} steps in all, but the run resumes at "
-                          f"step {step}; set train.max_steps >= {step}")
