@@ -155,8 +155,8 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], how: str) -
     for hook in list(model._forward_pre_hooks.values()):
         if getattr(hook, "__name__", "") == "refresh_pieces":  # leanlora's, or a profiler's wrapper of it
             hook(model, ())
-    extra = {"position_ids": batch["position_ids"]} if "position_ids" in batch else {}   # packed
-    hidden = body(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), **extra)[0]  # (B, T, H)
+    # every input but the labels: ids, mask, and position_ids when the batch is packed
+    hidden = body(**{k: v for k, v in batch.items() if k != "labels"})[0]  # (B, T, H)
     # position t predicts token t+1, as in the plain loss
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])                                 # (B·(T-1), H)
     return loss_fn(h, head.weight, head.bias, batch["labels"][:, 1:].reshape(-1))

@@ -237,8 +237,8 @@ class CausalLMTask:
                 "labels": _pad([e["labels"] for e in examples], -100, width=width)}
 
     def _token_loss(self, model: nn.Module, batch: dict[str, torch.Tensor], reduction: str) -> torch.Tensor:
-        extra = {"position_ids": batch["position_ids"]} if "position_ids" in batch else {}   # packed
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra).logits
+        # every input but the labels: ids, mask, and position_ids when the batch is packed
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
         # position t predicts token t+1; prompt and padding positions carry label -100.
         # At least fp32 (float64 stays float64: the fused loss is tested against this one there).
         wide = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))
