@@ -179,8 +179,9 @@ def label_text(value: Any) -> str | None:
     return None if value is None else str(value).strip() or None
 
 
-def subset(rows: list[Row], n: int, seed: int) -> list[Row]:
-    """``n`` rows drawn without replacement by a seeded shuffle (all rows when n = 0 or n >= len)."""
+def subset(rows: list, n: int, seed: int) -> list:
+    """``n`` rows (of any list) drawn without replacement by a seeded shuffle, in their order (all
+    rows when n = 0 or n >= len)."""
     if n <= 0 or n >= len(rows):
         return rows
     order = list(range(len(rows)))

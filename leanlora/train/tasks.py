@@ -118,7 +118,7 @@ class ClassificationTask:
         kept: list[tuple[Row, str]] = []
         for row in rows:
             for c in cfg.text_columns:
-                if c not in row.fields or not isinstance(row.fields[c], str):
+                if not isinstance(row.fields.get(c), str):
                     raise DataError(f"{path} line {row.line}: text column {c!r} (data.text_columns) is missing "
                                     f"or not text: {row.fields.get(c)!r}")
             label = label_text(row.fields.get(label_column))
@@ -132,8 +132,7 @@ class ClassificationTask:
             raise DataError(f"{path} (data.{key}): no labelled examples left (all {len(rows)} rows had an empty "
                             f"{label_column!r})")
         # the subset is drawn from the labelled rows, so max_*_examples is the number trained on
-        chosen = {id(r) for r in subset([r for r, _ in kept], limit, cfg.subset_seed)}
-        kept = [(row, label) for row, label in kept if id(row) in chosen]
+        kept = subset(kept, limit, cfg.subset_seed)
         if not self.regression and not self.labels and key == "train_file":
             self.labels = tuple(sorted({label for _, label in kept}))
             if len(self.labels) < 2:
