@@ -5,9 +5,10 @@ one block's graph instead of the whole model's, so compile time does not grow wi
 composes with DDP and FSDP2 (each ``fully_shard``-ed layer is one compiled region). A
 model without a known repeated block is compiled whole.
 
-Inductor can still fail on a graph (a Triton pass crashing on one fused kernel, say). A run must not die for a speed option, so :class:`CompiledRegions` runs the first step
-under a guard: if compiling raises, it restores the eager forward of every region, drops the
-half-made gradients, warns once with the compiler's message, and the step is run again eagerly.
+Inductor can still fail on a graph (a Triton pass crashing on one fused kernel, say). A run must
+not die for a speed option, so :class:`CompiledRegions` runs the first step under a guard: if
+compiling raises, it restores the eager forward of every region, drops the half-made gradients,
+warns once with the compiler's message, and the step is run again eagerly.
 """
 
 from __future__ import annotations
