@@ -103,11 +103,7 @@ class BankFactors(StackedRows, nn.Module):
                  logits_init_std: float = 0.01, name: str = "", dtype: torch.dtype = torch.float32,
                  device: torch.device | None = None) -> None:
         super().__init__()
-        if not isinstance(bank, VectorBank):
-            raise TypeError(f"{name}: bank must be a VectorBank, got {type(bank).__name__}")
         check_divides(bank.vector_length, in_features, out_features, name)
-        if not 1 <= topk <= bank.num_vectors:
-            raise ValueError(f"{name}: topk={topk} must be in [1, num_vectors={bank.num_vectors}]")
         self.in_features, self.out_features, self.rank, self.topk = in_features, out_features, rank, topk
         self.name = name
         # A plain tuple, not a submodule: the bank is registered once, in model.leanlora_shared.

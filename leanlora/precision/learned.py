@@ -73,14 +73,6 @@ class PriorScale:
         self.value = max(self.value, float(macs))
 
 
-def check_gate_settings(owner: str, threshold: float, reg_type: str) -> None:
-    """The settings every gated strategy shares: a threshold in (0, 1) and a known prior weighting."""
-    if not 0.0 < threshold < 1.0:
-        raise ValueError(f"{owner}: threshold={threshold!r} is invalid: must be in (0, 1)")
-    if reg_type not in ("const", "bop"):
-        raise ValueError(f"{owner}: reg_type={reg_type!r} is invalid: allowed 'const', 'bop'")
-
-
 def grid_scale(x_max: torch.Tensor, bits: int) -> torch.Tensor:
     """s_b = 2 x_max / (2^b - 1): the step of the symmetric b-bit Bayesian Bits grid."""
     return 2.0 * x_max / (2 ** bits - 1)
@@ -144,7 +136,6 @@ class LearnedBits(StackedRows, nn.Module):
         bit_set = tuple(sorted(set(bit_set)))
         if not bit_set or not set(bit_set) <= set(ALLOWED) or bit_set[0] != 2:
             raise ValueError(f"LearnedBits: bit_set={bit_set!r} is invalid: must be a subset of {ALLOWED} containing 2")
-        check_gate_settings("LearnedBits", threshold, reg_type)
         self.bit_set, self.threshold, self.reg_type, self.macs = bit_set, threshold, reg_type, float(macs)
         self.prior_scale = prior_scale or PriorScale()
         self.log_alpha = nn.Parameter(torch.full((len(bit_set) - 1,), float(init_log_alpha), device=device))

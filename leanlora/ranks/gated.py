@@ -39,7 +39,7 @@ from leanlora.gates import priors
 from leanlora.gates.hardconcrete import round_ste
 from leanlora.groups.rows import StackedRows
 from leanlora.precision.full import FullPrecision
-from leanlora.precision.learned import PriorScale, check_gate_settings
+from leanlora.precision.learned import PriorScale
 from leanlora.ranks.fixed import lora_scale
 
 NOMINAL_BITS = 16
@@ -57,9 +57,6 @@ class GatedRanks(StackedRows, nn.Module):
                  component_macs: float = 1.0, prior_scale: PriorScale | None = None,
                  dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> None:
         super().__init__()
-        check_gate_settings("GatedRanks", threshold, reg_type)
-        if prior not in ("nested", "individual"):
-            raise ValueError(f"GatedRanks: prior={prior!r} is invalid: allowed 'nested', 'individual'")
         self.rank, self.max_rank = rank, rank
         self.diag, self.nested, self.prior_kind, self.threshold = diag, nested, prior, threshold
         self.reg_type, self.component_macs = reg_type, float(component_macs)

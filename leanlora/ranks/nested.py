@@ -121,9 +121,6 @@ class RankSampler(nn.Module):
                 f"step={self.step}, b={self.current}")
 
 
-SCALES = ("max", "sampled", "sqrt")
-
-
 class NestedRanks(PrefixRanks, StackedRows, nn.Module):
     """Truncate A (r, in) to its first b rows and B (out, r) to its first b columns; scale alpha / b
     (``scale="sampled"``) or alpha / r (``scale="max"``)."""
@@ -132,8 +129,6 @@ class NestedRanks(PrefixRanks, StackedRows, nn.Module):
                  eval_rank: int | None = None, rslora: bool = False, name: str = "",
                  device: torch.device | None = None, scale: str = "sampled") -> None:
         super().__init__()
-        if scale not in SCALES:
-            raise ValueError(f"module {name!r}: nested scale={scale!r} is unknown; allowed: {SCALES}")
         self.rank, self.alpha, self.frozen, self.rslora, self.name = rank, alpha, frozen, rslora, name
         # the rank of the scale alpha / r: the built r, kept when prune_ drops components
         self.scale_mode, self.max_rank = scale, rank
