@@ -32,10 +32,8 @@ def parameter_roles(model: nn.Module) -> dict[int, str]:
     for module in model.modules():
         for attr, role in getattr(type(module), "PARAM_ROLES", {}).items():
             value = getattr(module, attr, None)
-            if isinstance(value, nn.Parameter):
+            if isinstance(value, nn.Parameter):  # a member's row of a stack is not: its template declares it
                 roles[id(value)] = role
-            elif isinstance(value, nn.Module):
-                roles.update((id(p), role) for p in value.parameters())
     return roles
 
 
