@@ -192,11 +192,9 @@ def ungroup(layer: AdaptedLinear) -> None:
                 module._parameters[name] = nn.Parameter(stack.detach()[row].clone(), requires_grad=stack.requires_grad)
     group.members[layer.group_index] = None
     layer.__dict__["group"], layer.__dict__["pieces"] = None, None
-    owner = group.__dict__.get("owner")
-    if owner is not None and all(m is None for m in group.members):  # no row is read any more
-        index = next((i for i, g in enumerate(owner) if g is group), None)
-        if index is not None:
-            del owner[index]
+    owner = group.__dict__["owner"]  # set by form_groups, which made the group
+    if all(m is None for m in group.members):  # no row is read any more
+        del owner[next(i for i, g in enumerate(owner) if g is group)]
 
 
 def ungroup_all(shared: nn.Module) -> None:
@@ -270,15 +268,12 @@ def refresh_pieces(model: nn.Module, args: tuple) -> None:
     if not _grouped_forward(model, shared):
         return
     with torch.profiler.record_function("leanlora: group pieces"):
-        live = []
-        for group in shared.groups:
-            first = next((m for m in group.members if m is not None), None)
-            if first is not None:
-                group.cast = activation_dtype(first)  # the base may have been cast since inject
-                live.append(group)
-        compiled = tuple(g for g in live if g.compiled is not None)
+        for group in shared.groups:  # each has a member left: ungroup drops a group with its last one
+            first = next(m for m in group.members if m is not None)
+            group.cast = activation_dtype(first)  # the base may have been cast since inject
+        compiled = tuple(g for g in shared.groups if g.compiled is not None)
         done = dict(zip(map(id, compiled), _run(compiled, shared))) if compiled else {}
-        for group in live:
+        for group in shared.groups:
             outs = done.get(id(group)) or group.pieces()
             for layer, pieces in zip(group.members, _split(outs, len(group.members))):
                 if layer is not None:
