@@ -280,18 +280,19 @@ class _Structure:
         self.lora = lora16_bops(shapes)
         self.bops = sum(self.layer_bops(i) for i in range(len(shapes)))
 
+    def component_bops(self, i: int) -> float:
+        """BOPs of one rank component of layer ``i`` at its current bits (whole numbers: exact in floats)."""
+        s, bits = self.shapes[i], self.bits[i]
+        return float(ACT_BITS * (s.in_f * bits["a"] + s.out_f * bits["b"] + (bits["e"] if s.has_e else 0.0)))
+
     def layer_bops(self, i: int) -> float:
-        s, k, bits = self.shapes[i], self.k[i], self.bits[i]
-        bops = s.in_f * k * bits["a"] + k * s.out_f * bits["b"]
-        if s.has_e:
-            bops = bops + k * bits["e"]
-        return float(ACT_BITS * bops)
+        return self.k[i] * self.component_bops(i)
 
     def price(self, item: Item) -> float:
         c = self.chains[item.chain]
-        s, bits = self.shapes[c.layer], self.bits[c.layer]
+        s = self.shapes[c.layer]
         if c.kind == "rank":
-            return ACT_BITS * (s.in_f * bits["a"] + s.out_f * bits["b"] + (bits["e"] if s.has_e else 0.0))
+            return self.component_bops(c.layer)
         width = {"a": s.in_f, "b": s.out_f, "e": 1}[c.kind]
         return ACT_BITS * width * self.k[c.layer] * c.steps[item.index]
 
