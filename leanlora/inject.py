@@ -89,7 +89,7 @@ def inject(model: nn.Module, config: AdapterConfig, *, filter_fn: FilterFn | Non
     layers = []
     for name in targets:
         layers.append(build_layer(modules[name], name, config, shared, quantize_base=quantize_base))
-        _set_submodule(model, name, layers[-1])
+        model.set_submodule(name, layers[-1])
     model.add_module(SHARED_ATTR, shared)
     form_groups(layers, shared)
     # plain lists, not submodules: the layers in model order, and the modules whose
@@ -108,12 +108,6 @@ def get_model(model: nn.Module, config: AdapterConfig, **kwargs) -> nn.Module:
     returns it, for code written as ``model = get_peft_model(model, config)``. Unlike PEFT, the
     model is not wrapped: it keeps its class, and ``leanlora.save`` / ``leanlora.unload`` take it."""
     return inject(model, config, **kwargs)
-
-
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, leaf = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, leaf, new)
 
 
 def shared_state(model: nn.Module) -> Shared:
@@ -150,7 +144,7 @@ def unload(model: nn.Module) -> nn.Module:
     shared = shared_state(model)
     for name, layer in list(adapted_layers(model)):
         layer.unmerge()
-        _set_submodule(model, name, layer.base.as_module())
+        model.set_submodule(name, layer.base.as_module())
     delattr(model, SHARED_ATTR)
     for key, hook in list(model._forward_pre_hooks.items()):
         if hook is refresh_pieces:
@@ -191,7 +185,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     for name, layer in layers:
         plain = layer.base.as_module()
         DenseBase(plain).add_delta_(deltas[name])
-        _set_submodule(model, name, plain)
+        model.set_submodule(name, plain)
     return unload(model)
 
 
