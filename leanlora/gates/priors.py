@@ -15,6 +15,7 @@ whatever the model's size.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -39,8 +40,9 @@ def open_probs(log_alpha: torch.Tensor, chain: bool) -> torch.Tensor:
 # Device copies of the price matrices, shared by every model: entries are keyed by value, not by owner.
 # One entry per distinct price row set: a module's own (FSDP2 evaluates per module) or a stacked
 # group's; a few hundred for a large model, so the bound only stops leaks.
-_PRICES: dict[tuple, torch.Tensor] = {}
-_MAX_PRICES = 4096
+@functools.lru_cache(maxsize=4096)
+def _device_prices(rows: tuple[tuple[float, ...], ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.tensor(rows, dtype=dtype, device=device)
 
 
 def _prices(rows: tuple[tuple[float, ...], ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -52,13 +54,7 @@ def _prices(rows: tuple[tuple[float, ...], ...], dtype: torch.dtype, device: tor
     """
     if torch.compiler.is_compiling():  # a traced graph keeps its constants; no cache writes in a trace
         return torch.tensor(rows, dtype=dtype, device=device)
-    key = (rows, dtype, device)
-    hit = _PRICES.get(key)
-    if hit is None:
-        if len(_PRICES) >= _MAX_PRICES:  # prices change only when a model does
-            _PRICES.clear()
-        hit = _PRICES[key] = torch.tensor(rows, dtype=dtype, device=device)
-    return hit
+    return _device_prices(rows, dtype, device)
 
 
 def evaluate(terms: PriorTerms) -> torch.Tensor:
