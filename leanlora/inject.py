@@ -129,9 +129,8 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         own = layer.state_dict(prefix=f"{name}.")
         state.update((key, value) for key, value in own.items() if not key.startswith(f"{name}.base."))
     state.update(shared.state_dict(prefix=f"{SHARED_ATTR}."))
-    modules = dict(model.named_modules())
     for name in shared.modules_to_save_names:
-        state.update(modules[name].state_dict(prefix=f"{name}."))
+        state.update(model.get_submodule(name).state_dict(prefix=f"{name}."))
     return state
 
 
