@@ -33,10 +33,9 @@ def member_peak(w: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
     return (peak.amax(dims, keepdim=True) if dims else peak).float().clamp_min(_TINY)
 
 
-def absmax_scale(w: torch.Tensor, bits: int, dims: tuple[int, ...] | None = None) -> torch.Tensor:
-    """Per-tensor scale max|w| / qmax(bits), detached fp32: a scalar, or over ``dims`` (kept) per member."""
-    peak = w.detach().abs().amax().float().clamp_min(_TINY) if dims is None else member_peak(w, dims)
-    return peak / qmax(bits)
+def absmax_scale(w: torch.Tensor, bits: int, dims: tuple[int, ...]) -> torch.Tensor:
+    """Scale max|w| / qmax(bits) over ``dims`` (kept: one per group member), detached fp32."""
+    return member_peak(w, dims) / qmax(bits)
 
 
 def fake_quant(w: torch.Tensor, scale: torch.Tensor, bits: int, round_fn=round_ste) -> torch.Tensor:
@@ -74,7 +73,7 @@ class FixedBits(FixedWidth):
         """(int32 codes, fp32 scale) with forward(w) = scale · codes; None at 32 bits (float)."""
         if not self.quantized():
             return None
-        scale = absmax_scale(w, self.nbits)
+        scale = absmax_scale(w, self.nbits, self.member_dims(w)).reshape(())  # one member: a scalar scale
         return quant_codes(w, scale, self.nbits), scale
 
 
