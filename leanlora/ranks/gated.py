@@ -157,9 +157,8 @@ class GatedRanks(StackedRows, nn.Module):
 
     @torch.no_grad()
     def prune_(self, keep: int) -> None:
-        """Keep components 0..keep-1 (their update unchanged); gates of the dropped ones go too."""
-        if not 1 <= keep <= self.rank:
-            raise ValueError(f"GatedRanks: cannot prune to {keep}; allowed 1..{self.rank}")
+        """Keep components 0..keep-1 (their update unchanged); gates of the dropped ones go too.
+        ``keep`` is checked by :meth:`AdaptedLinear.prune_`, the one caller (this rank equals the factors')."""
         if self.finalized:
             if self.diag:
                 self.e_store.select_(torch.arange(keep))
