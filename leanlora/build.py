@@ -81,8 +81,7 @@ def build_layer(module: nn.Module, name: str, config: AdapterConfig, shared: Sha
     else:
         from leanlora.factors.bank import BankFactors
 
-        bk = config.bank
-        factors = BankFactors(shared.bank, in_f, out_f, r, bk.topk, bk.logits_init_std,
+        factors = BankFactors(shared.bank, in_f, out_f, r, config.bank.topk, config.bank.logits_init_std,
                               name=name, dtype=dtype, device=device)
 
     if config.ranks == "fixed":
