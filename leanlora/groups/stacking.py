@@ -42,8 +42,9 @@ from leanlora.gates import priors
 from leanlora.layer import AdaptedLinear
 
 PARTS = ("factors", "ranks", "quant_a", "quant_b")
-_MODULE_INTERNALS = frozenset(vars(nn.Module())) - {"training"}
-_IGNORED_ATTRS = frozenset({"name", "_rows", "stacked"})  # messages only, or the grouping itself
+# attributes that are no setting of a strategy: nn.Module's own (but training), a name for messages,
+# and the grouping itself
+_NOT_SETTINGS = (frozenset(vars(nn.Module())) - {"training"}) | {"name", "_rows", "stacked"}
 _PLAIN = (int, float, bool, str, type(None))
 
 
@@ -65,7 +66,7 @@ def signature(layer: AdaptedLinear) -> tuple | None:
         for name, module in getattr(layer, part_name).named_modules(prefix=part_name):
             attrs = []
             for k, v in sorted(vars(module).items()):
-                if k in _MODULE_INTERNALS or k in _IGNORED_ATTRS:
+                if k in _NOT_SETTINGS:
                     continue
                 try:
                     attrs.append((k, _attr_key(v)))
