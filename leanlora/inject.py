@@ -84,12 +84,10 @@ def inject(model: nn.Module, config: AdapterConfig, *, filter_fn: FilterFn | Non
     # Remember every flag we change so that unload can hand back the model as it was.
     shared.original_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     shared.modules_to_save_names = save_names
-    for p in model.parameters():
-        p.requires_grad_(False)
-    layers = []
-    for name in targets:
-        layers.append(build_layer(modules[name], name, config, shared, quantize_base=quantize_base))
-        model.set_submodule(name, layers[-1])
+    model.requires_grad_(False)
+    layers = [build_layer(modules[name], name, config, shared, quantize_base=quantize_base) for name in targets]
+    for name, layer in zip(targets, layers):
+        model.set_submodule(name, layer)
     model.add_module(SHARED_ATTR, shared)
     form_groups(layers, shared)
     # plain lists, not submodules: the layers in model order, and the modules whose
@@ -98,8 +96,7 @@ def inject(model: nn.Module, config: AdapterConfig, *, filter_fn: FilterFn | Non
     shared.__dict__["checkpointable"] = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
     model.register_forward_pre_hook(refresh_pieces)
     for name in save_names:
-        for p in modules[name].parameters():
-            p.requires_grad_(True)
+        modules[name].requires_grad_(True)
     return model
 
 
