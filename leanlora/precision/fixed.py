@@ -89,10 +89,8 @@ class FrozenBits(FixedWidth):
         super().__init__()
         self.nbits = bits
         self._quantized = bits < FLOAT_BITS if quantized is None else quantized
-        if scale is not None:
-            self.register_buffer("scale", scale.detach().float().reshape(()).clone())
-        else:
-            self.scale = None
+        # a None buffer is no state-dict entry, as a plain None attribute was
+        self.register_buffer("scale", None if scale is None else scale.detach().float().reshape(()).clone())
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if self.scale is None:
