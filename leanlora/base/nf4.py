@@ -32,36 +32,27 @@ from leanlora.base.dense import QuantizedBase
 from leanlora.base.nf4_linear import NF4Parts, linear_nf4_parts
 from leanlora.config import ConfigError, NF4Config
 
-__all__ = ["NF4Base", "check_nf4_shape", "nf4_codebook", "quantize_bases", "scaler_group_size"]
+__all__ = ["NF4Base", "check_nf4_shape", "nf4_codebook", "quantize_bases"]
 
 
-_TORCHAO: tuple | None = None  # (to_nf4, linear_nf4), imported once, on first use
-
-
+@functools.cache  # imported once, on first use
 def _torchao_nf4():
     """(to_nf4, linear_nf4) from torchao, wherever this torchao version keeps them."""
-    global _TORCHAO
-    if _TORCHAO is None:
-        try:
-            from torchao.quantization import to_nf4
-            from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import linear_nf4
+    try:
+        from torchao.quantization import to_nf4
+        from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import linear_nf4
+    except ImportError:
+        try:  # older torchao kept NF4 under dtypes
+            from torchao.dtypes.nf4tensor import linear_nf4, to_nf4
         except ImportError:
-            try:  # older torchao kept NF4 under dtypes
-                from torchao.dtypes.nf4tensor import linear_nf4, to_nf4
-            except ImportError:
-                raise ImportError("the NF4 base needs torchao (pip install 'leanlora[nf4]' or pip install torchao)") from None
-        _TORCHAO = (to_nf4, linear_nf4)
-    return _TORCHAO
+            raise ImportError("the NF4 base needs torchao "
+                              "(pip install 'leanlora[nf4]' or pip install torchao)") from None
+    return to_nf4, linear_nf4
 
 
 def nf4_codebook(weight: torch.Tensor) -> torch.Tensor:
     """The 16 NF4 code values (ascending, in [-1, 1]) that ``weight`` (an NF4 tensor) uses."""
     return weight.nf4.detach().float().cpu()
-
-
-def scaler_group_size(n_blocks: int, scaler_block_size: int) -> int:
-    """Blocks per double-quantization group: the configured size, or the largest size that divides."""
-    return math.gcd(n_blocks, scaler_block_size)
 
 
 def check_nf4_shape(name: str, in_features: int, out_features: int, config: NF4Config) -> None:
@@ -96,7 +87,8 @@ class NF4Base(QuantizedBase):
     def _quantize(self, w: torch.Tensor) -> torch.Tensor:
         to_nf4, _ = _torchao_nf4()
         n_blocks = w.numel() // self.block_size
-        return to_nf4(w.contiguous(), self.block_size, scaler_group_size(n_blocks, self.scaler_block_size))
+        # blocks per scaler group: the configured size, or the largest size that divides the block count
+        return to_nf4(w.contiguous(), self.block_size, math.gcd(n_blocks, self.scaler_block_size))
 
     # --- BaseWeight protocol -------------------------------------------------------------------
 
@@ -127,7 +119,7 @@ class NF4Base(QuantizedBase):
 
     def nbytes(self) -> int:
         """Codes + int8 block scales + float group factors + mean + codebook, in bytes."""
-        return sum(t.numel() * t.element_size() for t in NF4Parts.of(self.weight)[:5])  # the five tensors
+        return sum(t.nbytes for t in NF4Parts.of(self.weight)[:5])  # the five tensors
 
     def __deepcopy__(self, memo: dict) -> "NF4Base":
         # torchao's NF4Tensor deep-copies by quantizing again with its default scaler block size,
