@@ -102,8 +102,7 @@ class StoredTensor(nn.Module):
         return unpack_codes(self.packed, self.bits, math.prod(self.shape)).reshape(self.shape)
 
     def nbytes(self) -> int:
-        return stored_nbytes(math.prod(self.shape), self.bits, self.quantized,
-                             torch.empty((), dtype=self.dtype).element_size())
+        return stored_nbytes(math.prod(self.shape), self.bits, self.quantized, self.dtype.itemsize)
 
     @torch.no_grad()
     def select_(self, index: torch.Tensor, dim: int = 0) -> None:

@@ -29,13 +29,10 @@ def _bnb_functional():
 def _quant_state_bytes(state) -> int:
     """Bytes of a bitsandbytes QuantState: absmax and code table, and for double quantization the
     absmax, code table (256 floats) and offset of the second level."""
-    def size(t) -> int:
-        return 0 if t is None else t.numel() * t.element_size()
-
-    total = size(state.absmax) + size(getattr(state, "code", None))
+    parts = [state.absmax, getattr(state, "code", None)]
     if getattr(state, "nested", False) and state.state2 is not None:
-        total += size(state.state2.absmax) + size(state.state2.code) + size(state.offset)
-    return total
+        parts += [state.state2.absmax, state.state2.code, state.offset]
+    return sum(t.nbytes for t in parts if t is not None)
 
 
 def _keep_standard_layout(layer: nn.Module) -> None:
@@ -100,7 +97,7 @@ class Bnb4Base(nn.Module):
 
     def nbytes(self) -> int:
         w = self.layer.weight
-        return w.data.numel() * w.data.element_size() + _quant_state_bytes(w.quant_state)
+        return w.data.nbytes + _quant_state_bytes(w.quant_state)
 
     def as_module(self) -> nn.Module:
         return self.layer

@@ -62,7 +62,7 @@ class DenseBase(nn.Module):
         self.layer.weight.copy_(snapshot)
 
     def nbytes(self) -> int:
-        return self.layer.weight.numel() * self.layer.weight.element_size()
+        return self.layer.weight.nbytes
 
     def as_module(self) -> nn.Module:
         return self.layer

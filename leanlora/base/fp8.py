@@ -75,7 +75,7 @@ class FP8Base(QuantizedBase):
 
     def nbytes(self) -> int:
         """Codes (1 byte a weight) + fp32 scales (4 bytes a row)."""
-        return self.codes.numel() * self.codes.element_size() + self.scales.numel() * self.scales.element_size()
+        return self.codes.nbytes + self.scales.nbytes
 
     def _apply(self, fn, recurse: bool = True):
         # See where fn sends a float tensor: follow its device; a dtype change moves the dtype

@@ -161,20 +161,16 @@ def cost_report(model: nn.Module) -> CostReport:
     """Per-layer and total cost of ``model``'s adapter; see the module docstring for what is counted."""
     shared = shared_state(model)
     config = shared.config
-    elem = torch.empty((), dtype=adapter_dtype(config)).element_size()
+    elem = adapter_dtype(config).itemsize
     rows = [layer_cost(name, layer, config.r, elem) for name, layer in adapted_layers(model)]
     modules = dict(model.named_modules())
     head = [t for n in shared.modules_to_save_names for t in modules[n].state_dict().values()]
     # the groups' stacks are the layers' rows, counted per layer
     shared_params = sum(p.numel() for n, p in shared.named_parameters() if not n.startswith("groups."))
-    report = CostReport(rows, shared_bytes=_nbytes(shared.state_dict().values()), head_bytes=_nbytes(head),
-                        shared_params=shared_params)
+    report = CostReport(rows, shared_bytes=sum(t.nbytes for t in shared.state_dict().values()),
+                        head_bytes=sum(t.nbytes for t in head), shared_params=shared_params)
     report.total = _totals(report, config.r)
     return report
-
-
-def _nbytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _totals(report: CostReport, r: int) -> dict[str, Any]:
