@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from leanlora.groups.stacking import ungroup, ungroup_all
 from leanlora.inject import adapted_layers, shared_state
 from leanlora.layer import AdaptedLinear, MergeError, _eval_mode
 from leanlora.artifact.packing import PackedFactors, StoredTensor
@@ -37,8 +38,6 @@ def finalize(model: nn.Module) -> dict[str, dict[str, Any]]:
     Idempotent. Refuses a merged adapter (unmerge first). Training further is not possible
     afterwards: the gates are gone and the factors are buffers.
     """
-    from leanlora.groups.stacking import ungroup_all
-
     shared = shared_state(model)
     specs: dict[str, dict[str, Any]] = {}
     if not shared.finalized and not any(layer.merged for _, layer in adapted_layers(model)):
@@ -106,8 +105,6 @@ def layer_spec(layer: AdaptedLinear) -> dict[str, Any]:
 @torch.no_grad()
 def rebuild_finalized_(layer: AdaptedLinear, spec: dict[str, Any]) -> None:
     """Give a freshly injected layer the empty finalized structure of ``spec`` (for load)."""
-    from leanlora.groups.stacking import ungroup
-
     ungroup(layer)
     k = int(spec["rank"])
     ref = next(layer.factors.parameters(), None)

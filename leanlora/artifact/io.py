@@ -31,8 +31,10 @@ from leanlora.artifact.atomic import atomic_folder, atomic_save_tensors, atomic_
 from leanlora.artifact.identity import (base_identity, check_architecture, check_module_shapes, keep_verified_digests,
                                         record_base_digests, verify_base)
 from leanlora.artifact.checksum import CHECKSUM_KEY, CONFIG_CHECKSUM_KEY, config_sha256, tensors_sha256
+from leanlora.artifact.finalize import layer_spec, rebuild_finalized_
 from leanlora.config import AdapterConfig, ConfigError, MovedKeyWarning
 from leanlora.artifact.finite import first_nonfinite
+from leanlora.factors.bank_storage import pack_state, unpack_state
 from leanlora.inject import SHARED_ATTR, InjectError, adapted_layers, adapter_state_dict, inject, shared_state, unload
 
 FORMAT = "leanlora-adapter"
@@ -62,8 +64,6 @@ def save(model: nn.Module, directory: str | os.PathLike, *, topk_only: bool = Fa
     directory = Path(directory)
     state = adapter_state_dict(model)
     if topk_only:
-        from leanlora.factors.bank_storage import pack_state
-
         state = pack_state(model, state)
     bad = first_nonfinite(state.items())
     if bad is not None:
@@ -86,8 +86,6 @@ def adapter_meta(model: nn.Module, topk_only: bool = False) -> dict[str, Any]:
         modules[name] = {"in_features": layer.in_features, "out_features": layer.out_features,
                          "rank": layer.factors.rank, "digest": layer_digests[name]}
         if shared.finalized:  # packed layout and bits of each factor, to rebuild it on load
-            from leanlora.artifact.finalize import layer_spec
-
             modules[name]["finalized"] = layer_spec(layer)
     meta = {"format": FORMAT, "version": FORMAT_VERSION, "adapter": shared.config.to_dict(),
             "base_model": {**base_identity(model), "digests": other_digests}, "modules": modules,
@@ -233,8 +231,6 @@ def _restore_tensors(model: nn.Module, meta: dict[str, Any], tensors: dict[str, 
                      path: Path, trainable: bool) -> None:
     """Copy the tensors read from ``path`` into the injected adapter, checking each first."""
     if meta.get("bank_storage", "logits") == "topk":  # rebuild the VB-LoRA logits from a top-k-only save
-        from leanlora.factors.bank_storage import unpack_state
-
         try:
             tensors = unpack_state(model, tensors, trainable=trainable)
         except (ValueError, KeyError, IndexError, RuntimeError) as err:
@@ -246,8 +242,6 @@ def _restore_tensors(model: nn.Module, meta: dict[str, Any], tensors: dict[str, 
     for name, info in meta["modules"].items():
         layer = layers[name]
         if "finalized" in info:  # packed codes and frozen quantizers: lay out that structure first
-            from leanlora.artifact.finalize import rebuild_finalized_
-
             rebuild_finalized_(layer, info["finalized"])
         elif info["rank"] != layer.factors.rank:
             layer.prune_(info["rank"])
