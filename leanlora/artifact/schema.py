@@ -88,9 +88,8 @@ def _check_module(c: _Checker, name: str, info: Any, config: AdapterConfig, fina
     for key, most in (("in_features", None), ("out_features", None), ("rank", config.r)):
         c.integer(c.get(info, key, path + "."), f"{path}.{key}", 1, most)
     probe = info.get("probe")
-    if probe is not None and (not isinstance(probe, list)
-                              or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in probe)):
-        c.fail(f"{path}.probe", f"{_short(probe)} is invalid; expected a list of numbers")
+    numbers = isinstance(probe, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in probe)
+    c.valid(probe is None or numbers, probe, f"{path}.probe", "a list of numbers")
     digest = info.get("digest")
     if digest is not None:
         digest = c.mapping(digest, f"{path}.digest")
