@@ -26,6 +26,7 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from leanlora.distributed.process import MODES, DistributedError, is_distributed, launched, sync_seed, world_size
 from leanlora.targets import repeated_blocks
@@ -39,8 +40,6 @@ def mode_of(model: nn.Module) -> str:
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The model leanlora's functions take (DDP's ``.module``; FSDP2 wraps in place)."""
-    from torch.nn.parallel import DistributedDataParallel
-
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
@@ -64,14 +63,12 @@ def wrap(model: nn.Module, mode: str, *, layer_classes: Sequence[str | type] | N
         raise DistributedError(f"the model is already wrapped for {mode_of(model)!r}")
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     if mode == "ddp":
-        from torch.nn.parallel import DistributedDataParallel
-
         wrapped = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
                                           find_unused_parameters=find_unused_parameters)
         setattr(wrapped, _MODE_ATTR, "ddp")
         return wrapped
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     from leanlora.artifact.identity import record_base_digests
 
@@ -83,9 +80,8 @@ def wrap(model: nn.Module, mode: str, *, layer_classes: Sequence[str | type] | N
     if sync_params:
         _broadcast_from_main(model)
     layers = decoder_layers(model, layer_classes)
-    kwargs: dict[str, Any] = {"mesh": mesh, "ignored_params": _replicate_scalars(model) or None}
-    if mp_policy is not None:
-        kwargs["mp_policy"] = mp_policy
+    kwargs = {"mesh": mesh, "ignored_params": _replicate_scalars(model) or None,
+              "mp_policy": mp_policy or MixedPrecisionPolicy()}  # None: fully_shard's default policy
     for layer in layers:
         fully_shard(layer, reshard_after_forward=True, **kwargs)
     # The root holds leanlora_shared (the groups' stacks, the bank, the sampler): see the module docstring.
