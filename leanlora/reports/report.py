@@ -31,13 +31,13 @@ def _skeleton(meta: dict, tensors: dict[str, torch.Tensor]) -> nn.Module:
     root = nn.Module()
 
     def parent_of(name: str) -> tuple[nn.Module, str]:
-        parts = name.split(".")
+        *path, leaf = name.split(".")
         node = root
-        for p in parts[:-1]:
+        for p in path:
             if not hasattr(node, p):
                 node.add_module(p, nn.Module())
             node = getattr(node, p)
-        return node, parts[-1]
+        return node, leaf
 
     for name, info in meta["modules"].items():
         in_f, out_f = info["in_features"], info["out_features"]
