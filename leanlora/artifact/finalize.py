@@ -60,11 +60,22 @@ def _store(w: torch.Tensor, encoded, bits: int, index: torch.Tensor, dim: int) -
     return StoredTensor.from_codes(codes.index_select(dim, index), scale, bits, w.dtype)
 
 
+def stored_components(layer: AdaptedLinear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(kept, stored, mask): the components eval uses (ascending), those finalize stores, and a mask over
+    the stored ones (None when they are the kept ones). Dense factors can keep any subset of rows;
+    others only a prefix, with closed ones masked. Call it in the mode whose components count."""
+    keep = layer.ranks.keep_indices()
+    if layer.factors.stores_rows or bool(torch.equal(keep, torch.arange(int(keep.numel())))):
+        return keep, keep, None
+    stored = torch.arange(int(keep.max()) + 1)
+    return keep, stored, torch.isin(stored, keep).float()
+
+
 @torch.no_grad()
 def finalize_layer_(layer: AdaptedLinear) -> None:
     with _eval_mode(layer):
         a, b = layer.factors()                               # (r, in), (out, r)
-        keep = layer.ranks.keep_indices()                    # (k,) ascending: the components eval uses
+        _, stored, mask = stored_components(layer)
         enc_a, enc_b = layer.quant_a.encode(a), layer.quant_b.encode(b)
         bits_a, bits_b = layer.quant_a.bits(), layer.quant_b.bits()
         e_store, e_bits, e_quant = None, 32, False
@@ -72,10 +83,6 @@ def finalize_layer_(layer: AdaptedLinear) -> None:
             e, qe = diagonal
             enc_e, e_bits = qe.encode(e), qe.bits()
     dense = layer.factors.stores_rows
-    # Dense factors can keep any subset of rows; others only a prefix, with closed ones masked.
-    as_kept = dense or bool(torch.equal(keep, torch.arange(int(keep.numel()))))
-    stored = keep if as_kept else torch.arange(int(keep.max()) + 1)
-    mask = None if as_kept else torch.isin(stored, keep).float()
     if dense:
         layer.factors = PackedFactors(_store(a, enc_a, bits_a, stored, 0), _store(b, enc_b, bits_b, stored, 1))
     elif int(stored.numel()) < layer.factors.rank:

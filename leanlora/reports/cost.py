@@ -30,12 +30,12 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import torch
 from torch import nn
 
 from leanlora.build import adapter_dtype
 from leanlora.inject import adapted_layers, shared_state
 from leanlora.layer import AdaptedLinear
+from leanlora.artifact.finalize import stored_components
 from leanlora.artifact.packing import SCALE_BYTES, stored_nbytes
 
 ACT_BITS = 16
@@ -118,12 +118,8 @@ def _stored_components(layer: AdaptedLinear) -> tuple[int, int, bool]:
     ranks = layer.ranks
     if ranks.finalized:
         return ranks.active_rank(), ranks.rank, ranks.keep_mask is not None
-    keep = ranks.keep_indices()
-    k = int(keep.numel())
-    # factors stored as the matrices themselves (dense, or already packed) keep the open rows alone
-    if layer.factors.stores_rows or bool(torch.equal(keep, torch.arange(k))):
-        return k, k, False
-    return k, int(keep.max()) + 1, True
+    keep, stored, mask = stored_components(layer)
+    return int(keep.numel()), int(stored.numel()), mask is not None
 
 
 def layer_cost(name: str, layer: AdaptedLinear, r: int, elem: int) -> LayerCost:
