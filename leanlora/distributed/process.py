@@ -11,6 +11,7 @@ collectives; :mod:`leanlora.distributed.wrapping` hands the model to DDP or FSDP
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import sys
 from datetime import timedelta
@@ -187,13 +188,9 @@ def shard(indices: Sequence[int]) -> list[int]:
     A batch whose length N does not divide is padded by wrapping around (DistributedSampler's
     rule), so every rank gets ceil(len / N) examples and no rank is left without data.
     """
-    indices = list(indices)
     n = world_size()
-    if n == 1 or not indices:
-        return indices
-    per_rank = -(-len(indices) // n)
-    padded = (indices * (1 + n * per_rank // len(indices)))[: n * per_rank]
-    return padded[rank()::n]
+    per_rank = -(-len(indices) // n)  # ceil(len / n)
+    return list(itertools.islice(itertools.cycle(indices), n * per_rank))[rank()::n]
 
 
 def data_sampler(dataset, shuffle: bool = True, seed: int = 0, drop_last: bool = False):
