@@ -93,8 +93,7 @@ class QuantizedBase(nn.Module):
     @classmethod
     def from_dense(cls, base: DenseBase, name: str = "", **settings) -> QuantizedBase:
         """The quantized copy of a dense base's W0 (out, in; a transposed view for Conv1D), same bias."""
-        layer = base.as_module()
-        return cls(base.dense_weight().detach(), layer.bias, transposed=is_conv1d(layer), name=name, **settings)
+        return cls(base.dense_weight().detach(), base.layer.bias, transposed=base.transposed, name=name, **settings)
 
     @classmethod
     def replace_dense_bases(cls, model: nn.Module, check, **settings) -> dict[str, int]:
