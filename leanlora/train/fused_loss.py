@@ -144,6 +144,12 @@ def choose(mode: str, model: nn.Module, device: torch.device, *, distributed: st
     raise ConfigError(f"train.fused_loss={mode!r} cannot run: {'; '.join(reasons)}; use 'auto' or 'off'")
 
 
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What a causal LM's forward takes from a collated batch: every entry but the labels (ids, mask,
+    and position_ids when the batch is packed)."""
+    return {k: v for k, v in batch.items() if k != "labels"}
+
+
 def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], how: str) -> torch.Tensor:
     """Mean next-token cross-entropy of ``batch`` (labels -100 where not scored), with ``how``
     = liger or chunked: hidden states from the body, the output layer's weight, no logits tensor."""
@@ -155,8 +161,7 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], how: str) -
     for hook in list(model._forward_pre_hooks.values()):
         if getattr(hook, "__name__", "") == "refresh_pieces":  # leanlora's, or a profiler's wrapper of it
             hook(model, ())
-    # every input but the labels: ids, mask, and position_ids when the batch is packed
-    hidden = body(**{k: v for k, v in batch.items() if k != "labels"})[0]  # (B, T, H)
+    hidden = body(**model_inputs(batch))[0]  # (B, T, H)
     # position t predicts token t+1, as in the plain loss
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])                                 # (B·(T-1), H)
     return loss_fn(h, head.weight, head.bias, batch["labels"][:, 1:].reshape(-1))

@@ -104,9 +104,10 @@ def likely_cause(config: AdapterConfig) -> str:
                 "updates than a LoRA of the same length: train longer (train.epochs / train.max_steps), "
                 "give the full rank a larger share of the steps (raise adapter.nested.full_share), or compare the "
                 "smaller ranks with `leanlora sweep`" + base)
-    if config.is_gated and budget.resolved(config) is not None:
+    fraction = budget.resolved(config) if config.is_gated else None
+    if fraction is not None:
         # under a budget the controller, not the prior's weight or the gate lr, decides how much is kept
-        return (f"the budget (adapter.budget={budget.resolved(config):g} of LoRA-16's BOPs) may keep too "
+        return (f"the budget (adapter.budget={fraction:g} of LoRA-16's BOPs) may keep too "
                 "little of the adapter for this task, or fix its structure too late in the run: raise "
                 "adapter.budget (1.0: the full rank at 16 bits), fix the structure earlier "
                 "(adapter.budget_schedule), or train longer")

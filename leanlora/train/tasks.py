@@ -25,6 +25,7 @@ from torch import nn
 from leanlora.train.chat import row_examples
 from leanlora.train.data import (DataError, Row, label_text, read_rows, require_columns, resolve_data_path,
                                  rows_from_records, subset)
+from leanlora.train.fused_loss import model_inputs
 from leanlora.train.metrics import classification_metrics, exact_match, regression_metrics
 from leanlora.train.packed_batch import pack
 from leanlora.train.runconfig import DataConfig
@@ -236,8 +237,7 @@ class CausalLMTask:
                 "labels": _pad([e["labels"] for e in examples], -100, width=width)}
 
     def _token_loss(self, model: nn.Module, batch: dict[str, torch.Tensor], reduction: str) -> torch.Tensor:
-        # every input but the labels: ids, mask, and position_ids when the batch is packed
-        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        logits = model(**model_inputs(batch)).logits
         # position t predicts token t+1; prompt and padding positions carry label -100.
         # At least fp32 (float64 stays float64: the fused loss is tested against this one there).
         wide = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))
