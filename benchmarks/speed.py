@@ -115,11 +115,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="run every row in this process (default: each in a fresh one, see isolation.py; "
                          "the tables of BENCHMARKS.md 1-1f were measured with every row in one process)")
     add_timing_args(ap, steps=12)
-    ap.add_argument("--timing", choices=("step", "window"), default="step",
+    ap.add_argument("--timing", choices=("step", "window", "late"), default="step",
                     help="step: each step timed alone, its loss read back (the host work before a step's first "
                          "kernel leaves the device idle); window: the steps back to back with the losses read "
                          "once at the end, as a training loop that logs every few steps runs them (the host "
-                         "prepares the next step while the device finishes this one)")
+                         "prepares the next step while the device finishes this one); late: back to back, each "
+                         "loss read once the next step is issued, as leanlora train reads them")
     return apply_preset(ap.parse_args(argv))
 
 
@@ -341,8 +342,8 @@ def run_row(row: str, args, device, ids, floor_tps: float) -> dict:
     gc.callbacks.append(collector)
     host.clear()
     try:
-        if args.timing == "window":
-            seconds, last = _window(step, range(warmup, warmup + args.steps), device)
+        if args.timing in ("window", "late"):
+            seconds, last = _window(step, range(warmup, warmup + args.steps), device, late=args.timing == "late")
             times, last_loss = [seconds], float(last)
         else:
             for i in range(warmup, warmup + args.steps):
@@ -384,13 +385,17 @@ def run_row(row: str, args, device, ids, floor_tps: float) -> dict:
     return result
 
 
-def _window(step, steps: range, device) -> tuple[float, torch.Tensor]:
-    """(seconds a step, the last loss) over ``steps`` run back to back, the device waited on once at the end."""
+def _window(step, steps: range, device, late: bool = False) -> tuple[float, torch.Tensor]:
+    """(seconds a step, the last loss) over ``steps`` run back to back, the device waited on once at the
+    end; ``late``: each step's loss read back once the next step is issued."""
     if device.type == "cuda":
         torch.cuda.synchronize()
-    t = time.perf_counter()
+    t, unread = time.perf_counter(), None
     for i in steps:
         loss = step(i)
+        if late and unread is not None:
+            float(unread)
+        unread = loss
     if device.type == "cuda":
         torch.cuda.synchronize()
     return (time.perf_counter() - t) / len(steps), loss

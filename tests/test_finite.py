@@ -222,6 +222,85 @@ def test_without_a_checkpoint_the_advice_is_a_fresh_run_that_runs(config, tmp_pa
     assert load_run_config(out / "run.yaml").train.lr == pytest.approx(3e-3)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda)])
+def test_hold_skips_the_update_of_a_nonfinite_loss_and_every_later_one_on_the_device(device):
+    """The flag reaches torch's fused AdamW as ``found_inf``: weights, moments and step count stay put
+    from the first non-finite loss on, with nothing read back to the host."""
+    weight = torch.nn.Parameter(torch.ones(4, device=device))
+    optimizer = torch.optim.AdamW([weight], lr=0.1, fused=True)
+    guard = FiniteGuard([("w", weight)], torch.device(device))
+    states = []
+    for loss_value in (1.0, float("nan"), 2.0):
+        (weight.sum() * loss_value).backward()
+        assert guard.hold(torch.tensor(loss_value, device=device), optimizer)
+        optimizer.step()
+        optimizer.zero_grad()
+        states.append((weight.detach().clone(), optimizer.state[weight]["exp_avg"].clone(),
+                       float(optimizer.state[weight]["step"])))
+    assert not torch.equal(states[0][0], torch.ones(4, device=device))  # the finite loss's update landed
+    for later in states[1:]:
+        assert torch.equal(later[0], states[0][0]) and torch.equal(later[1], states[0][1]) and later[2] == 1.0
+    assert not guard.hold(torch.tensor(1.0), torch.optim.AdamW([torch.nn.Parameter(torch.ones(1))], foreach=True))
+
+
+def _fused_optimizer(monkeypatch) -> list[dict[str, torch.Tensor]]:
+    """Give the loop torch's fused AdamW on the CPU too (it takes a ``found_inf`` flag, so the loop reads
+    each loss a step late, as it does on CUDA); the trained tensors after each ``step()`` call."""
+    from leanlora.train import loop
+
+    real, after = loop.adamw, []
+
+    def adamw(groups, **kwargs):
+        optimizer = real(groups, fused=True, **kwargs)
+        params = [p for g in groups for p in g["params"]]
+        optimizer.register_step_post_hook(lambda *_: after.append({i: p.detach().clone() for i, p in enumerate(params)}))
+        return optimizer
+
+    monkeypatch.setattr(loop, "adamw", adamw)
+    return after
+
+
+def _nan_loss_at(monkeypatch, call: int) -> None:
+    from leanlora.train import tasks
+
+    calls, original = {"n": 0}, tasks.ClassificationTask.loss
+
+    def loss(self, model, batch):
+        calls["n"] += 1
+        value = original(self, model, batch)
+        return value * float("nan") if calls["n"] == call else value
+
+    monkeypatch.setattr(tasks.ClassificationTask, "loss", loss)
+
+
+UNSAVED = ["data.eval_file=", "train.save_every=0", "train.log_every=100"]  # nothing read the loss between steps
+
+
+def test_a_loss_read_a_step_late_still_keeps_its_update_off_the_weights(config, tmp_path, monkeypatch):
+    """Step 5's loss is NaN. The loop issues step 6 before it reads step 5's loss, then stops naming
+    step 5: the optimizer was called for steps 5 and 6 and changed nothing in either."""
+    after = _fused_optimizer(monkeypatch)
+    _nan_loss_at(monkeypatch, call=5)
+    with pytest.raises(TrainingDiverged, match=r"loss is nan at step 5 "):
+        train(load_run_config(config, UNSAVED), tmp_path / "r", **QUIET)
+    assert len(after) == 6  # the late read: step 6's update was issued, and skipped on the device
+    for later in after[4:]:
+        for i, tensor in after[3].items():
+            assert torch.equal(later[i], tensor), i
+    assert not any(torch.equal(after[2][i], t) for i, t in after[3].items() if t.abs().sum() > 0)  # step 4 moved them
+
+
+def test_reading_each_loss_a_step_late_changes_no_number(config, tmp_path, monkeypatch):
+    """The same run with each loss read at once (the path of optimizers without ``found_inf``)."""
+    _fused_optimizer(monkeypatch)
+    late = train(load_run_config(config, UNSAVED), tmp_path / "late", **QUIET)
+    monkeypatch.setattr(FiniteGuard, "hold", lambda *_: False)
+    now = train(load_run_config(config, UNSAVED), tmp_path / "now", **QUIET)
+    assert late.losses == now.losses and len(now.losses) == 8 and all(map(math.isfinite, now.losses))
+    a, b = (load_file(str(d / "adapter" / "leanlora_adapter.safetensors")) for d in (tmp_path / "late", tmp_path / "now"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 # --- on a CUDA device (skipped without one) ---------------------------------------------------
 
 

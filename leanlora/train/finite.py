@@ -11,10 +11,10 @@ large finite weights), then ``isfinite(...).all()`` OR-ed into a device flag. No
 back to the host there, so the check runs inside a captured CUDA graph (train.cuda_graph) as
 well. The loop reads the flag with the loss it already reads once per step (:meth:`fold` turns
 the loss NaN when the flag is up, so that one read carries both): in the plain step that is the
-next step's loss, read before its update; in the graphed step, the loss of the same replay. Before
-anything is evaluated or written the flag is read on its own (:meth:`raise_if_tripped`), so a
-non-finite update is never saved. Only once the flag is up are the tensors searched, in order,
-for the first non-finite one, to name it.
+next step's loss, which stops its update (:meth:`hold`); in the graphed step, the loss of the same
+replay. Before anything is evaluated or written the flag is read on its own
+(:meth:`raise_if_tripped`), so a non-finite update is never saved. Only once the flag is up are the
+tensors searched, in order, for the first non-finite one, to name it.
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ class FiniteGuard:
         self.rows = rows or {}
         self.names, self.params = [n for n, _ in named], [p for _, p in named]
         self.tripped = torch.zeros((), dtype=torch.bool, device=device)
+        self.skip: torch.Tensor | None = None  # 1.0 once a loss was non-finite (see hold)
         # plain parameters are grouped by device once (their values change in place); a DTensor's
         # shard is taken per step
         self._groups = None if any(hasattr(p, "to_local") for p in self.params) else _by_device(self.params)
@@ -73,6 +74,21 @@ class FiniteGuard:
         loss per step then also reports the weights; a non-finite value is told apart afterwards."""
         loss = loss.detach().float().reshape(())
         return torch.where(self.tripped.to(loss.device), torch.full_like(loss, float("nan")), loss)
+
+    def hold(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> bool:
+        """Have ``optimizer`` skip this update and every later one, on the device, once a loss has been
+        non-finite, so that the loop may read ``loss`` a step later; False (nothing set) where it cannot.
+
+        torch's fused optimizers take a ``found_inf`` flag, GradScaler's protocol: when it is 1 the
+        kernel leaves weights, moments and step count as they were. The flag stays up, so the update
+        issued before the late read finds the NaN is skipped too.
+        """
+        if not getattr(optimizer, "_step_supports_amp_scaling", False):
+            return False
+        bad = (~torch.isfinite(loss)).float().reshape(())
+        self.skip = bad if self.skip is None else torch.maximum(self.skip, bad)
+        optimizer.found_inf = self.skip
+        return True
 
     def first_nonfinite(self) -> str | None:
         """The name of the first trained tensor holding NaN/inf on this process (searched only after

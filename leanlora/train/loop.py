@@ -290,6 +290,7 @@ def _run_steps(loop: _Loop) -> int:
     """Every remaining optimizer step, with its logging, evaluation and checkpoint; the last step."""
     tc, step = loop.run.train, loop.step
     order_epoch, order = -1, []
+    unread = None  # (step, loss) of the step before, its loss still on the device (see _train_step)
     while step < loop.total:
         started = time.perf_counter()
         epoch = step // loop.steps_per_epoch
@@ -303,17 +304,21 @@ def _run_steps(loop: _Loop) -> int:
         step_loss, grad_norm = _train_step(loop, step, order, want_norm=logging)
         advance_schedule(loop.scheduler)
         loop.result.step_seconds.append(time.perf_counter() - started)
+        if unread is not None:  # the last step's loss: the device finished it while this step was issued
+            _settle(loop, *unread)
+        unread = (step, step_loss)
         step += 1
-        loop.result.losses.append(step_loss)
-        loop.state["train_losses"].append(step_loss)
         loop.bar.update(1)
+        save = (tc.save_every and step % tc.save_every == 0) or (not tc.save_every and evaluate) or step == loop.total
+        if logging or evaluate or save:  # what is logged, scored or saved has every loss read
+            _settle(loop, *unread)
+            unread = None
         if logging:
             _log_step(loop, step, grad_norm)
-        save = (tc.save_every and step % tc.save_every == 0) or (not tc.save_every and evaluate) or step == loop.total
         if evaluate or save:
             loop.guard.raise_if_tripped(step, loop.run_dir, tc.lr)
         if evaluate:
-            _evaluate(loop, step, step_loss)
+            _evaluate(loop, step, loop.result.losses[-1])
         if save:
             if loop.scaler is not None:
                 loop.state["grad_scaler"] = loop.scaler.state_dict()
@@ -321,8 +326,9 @@ def _run_steps(loop: _Loop) -> int:
     return step
 
 
-def _train_step(loop: _Loop, step: int, order: list[int], want_norm: bool) -> tuple[float, Any]:
-    """One optimizer step over its micro-batches: (mean loss over every rank, gradient norm or None)."""
+def _train_step(loop: _Loop, step: int, order: list[int], want_norm: bool) -> tuple[torch.Tensor | float, Any]:
+    """One optimizer step over its micro-batches: (mean loss over every rank, gradient norm or None);
+    the loss is a device tensor when it is to be read a step later."""
     tc = loop.run.train
     k = step % loop.steps_per_epoch
     micro = range(k * tc.grad_accum, min((k + 1) * tc.grad_accum, loop.micro_per_epoch))
@@ -332,13 +338,14 @@ def _train_step(loop: _Loop, step: int, order: list[int], want_norm: bool) -> tu
         idx = dist.shard(order[m * tc.batch_size:(m + 1) * tc.batch_size])  # this rank's share
         return next(batches(loop.task.train, tc.batch_size, loop.task.collate, loop.device, idx))
 
-    def forward_backward() -> float:
-        """Forward and backward of every micro-batch of this optimizer step; the mean loss.
+    def forward_backward() -> torch.Tensor | float:
+        """Forward and backward of every micro-batch of this optimizer step; the mean loss over ranks.
 
-        The loss is read back once per step, after the last backward: reading it per
-        micro-batch (or before its backward) makes the host wait for the GPU with the
-        backward still to launch, which on a launch-bound model costs a large share of a step.
-        A non-finite loss still stops the run before the optimizer touches the weights.
+        Nothing is read back per micro-batch: that would make the host wait for the GPU with the
+        backward still to launch. Where the optimizer can skip an update on the device
+        (:meth:`FiniteGuard.hold`), the loss stays there and is read a step later (:func:`_settle`), so
+        the host issues the next step while the GPU finishes this one; else it is read here. Either way
+        the update of a non-finite loss never lands.
         """
         step_loss = torch.zeros((), device=loop.device)
         for m in micro:
@@ -347,8 +354,12 @@ def _train_step(loop: _Loop, step: int, order: list[int], want_norm: bool) -> tu
                 loss = loop.task.loss(loop.wrapped, batch) + dist.regularizer(loop.wrapped).to(loop.device)
             (loss / len(micro) if loop.scaler is None else loop.scaler.scale(loss / len(micro))).backward()
             step_loss += loss.detach().float() / len(micro)
-        value = loop.guard.fold(step_loss).item()  # NaN too when the last update broke a weight
-        if dist.all_reduce_mean(float(math.isfinite(value))) < 1.0:  # every rank stops together
+        # NaN on every rank when any rank's loss is, or when the last update broke a weight
+        step_loss = dist.all_reduce_mean(loop.guard.fold(step_loss))
+        if loop.scaler is None and loop.guard.hold(step_loss, loop.optimizer):
+            return step_loss
+        value = step_loss.item()
+        if not math.isfinite(value):
             _stop(loop, value, step, updated=False)
         return value
 
@@ -369,10 +380,19 @@ def _train_step(loop: _Loop, step: int, order: list[int], want_norm: bool) -> tu
     else:
         step_loss = run_step()
     if loop.graphed is None:
-        step_loss = dist.all_reduce_mean(step_loss)
         grad_norm = optimizer_step(loop.optimizer, loop.scaler, tc.max_grad_norm, want_norm=want_norm,
                                    after_update=loop.guard.update)
     return step_loss, grad_norm
+
+
+def _settle(loop: _Loop, step: int, loss: torch.Tensor | float) -> None:
+    """Read and keep the loss of 0-based ``step``: a non-finite one stops the run (its update, and every
+    later one, were skipped on the device: :meth:`FiniteGuard.hold`)."""
+    value = float(loss)
+    if not math.isfinite(value):
+        _stop(loop, value, step, updated=False)
+    loop.result.losses.append(value)
+    loop.state["train_losses"].append(value)
 
 
 def _log_step(loop: _Loop, step: int, grad_norm) -> None:
