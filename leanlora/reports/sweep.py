@@ -17,7 +17,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-import torch
 from torch import nn
 
 from leanlora.inject import adapted_layers, shared_state
@@ -163,17 +162,14 @@ def sweep_points(model: nn.Module, points: Iterable, set_point: Callable, row: C
     """The sweep of :func:`sweep_ranks` and :func:`leanlora.reports.budget_sweep.sweep_budgets`: at each
     point ``set_point(point)``, then ``eval_fn(model)`` in eval mode without grad, and ``row(point, score)``
     for the table; the model's train mode is restored after."""
-    was_training = model.training
-    model.eval()
+    from leanlora.train.tasks import evaluating
+
     rows, scores = [], {}
-    try:
+    with evaluating(model):
         for point in points:
             set_point(point)
-            with torch.no_grad():
-                scores[point] = float(eval_fn(model))
+            scores[point] = float(eval_fn(model))
             rows.append(row(point, scores[point]))
-    finally:
-        model.train(was_training)
     best, chosen = choose_rank(scores, tolerance, higher_is_better)
     return SweepResult(rows, best, chosen, tolerance, higher_is_better, metric)
 
