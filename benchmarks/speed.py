@@ -104,6 +104,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--lean-liger-kernels", action="store_true",
                     help="leanlora rows: Liger-Kernel's RMSNorm, SwiGLU and RoPE on the base model before inject "
                          "(the loss stays --lean-fused-loss's): to measure whether they beat inductor's fusions")
+    ap.add_argument("--lean-activation-budget", type=float, default=1.0,
+                    help="leanlora rows: torch._functorch.config.activation_memory_budget for the compiled layers "
+                         "(1.0: save what the partitioner saves by default; lower recomputes more in the backward)")
     ap.add_argument("--budget-phase", choices=("frozen", "ramp"), default="frozen",
                     help="leanlora rows with a budget: time the steps after its freeze or during its ramp")
     ap.add_argument("--profile", default="", help="comma list of row-name substrings to profile for one extra step")
@@ -227,6 +230,13 @@ def run_row(row: str, args, device, ids, floor_tps: float) -> dict:
         model.enable_input_require_grads()  # backward through every layer, no weight gradient
         opt = opt_step = None
     else:
+        if method.library == "leanlora" and args.lean_activation_budget < 1.0:
+            import torch._functorch.config as functorch_config
+
+            # the min-cut partitioner recomputes what it can in the backward to save at most this share
+            functorch_config.activation_memory_budget = args.lean_activation_budget
+            result["activation_memory_budget"] = args.lean_activation_budget
+            result["method"] += f", activation budget {args.lean_activation_budget:g}"
         if method.library == "leanlora" and args.lean_liger_kernels:
             from liger_kernel.transformers import apply_liger_kernel_to_llama
 
