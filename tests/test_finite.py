@@ -290,6 +290,33 @@ def test_a_loss_read_a_step_late_still_keeps_its_update_off_the_weights(config, 
     assert not any(torch.equal(after[2][i], t) for i, t in after[3].items() if t.abs().sum() > 0)  # step 4 moved them
 
 
+def test_a_broken_weight_found_a_step_late_still_names_the_update_that_broke_it(config, tmp_path, monkeypatch):
+    """Step 5's update writes a NaN; the losses of steps 6 and 7 are NaN (folded) and their updates skipped.
+    The late read of step 6's loss names step 5's update, and nothing is written."""
+    _fused_optimizer(monkeypatch)
+    from leanlora.train import loop
+
+    fused, count = loop.adamw, [0]
+
+    def poisoning(groups, **kwargs):
+        optimizer, victim = fused(groups, **kwargs), groups[0]["params"][-1]
+
+        def poison(*_):
+            count[0] += 1
+            if count[0] == 5:
+                with torch.no_grad():
+                    victim.view(-1)[0] = float("nan")
+
+        optimizer.register_step_post_hook(poison)
+        return optimizer
+
+    monkeypatch.setattr(loop, "adamw", poisoning)
+    out = tmp_path / "r"
+    with pytest.raises(TrainingDiverged, match=r"update of step 5 made trained weights non-finite"):
+        train(load_run_config(config, UNSAVED), out, **QUIET)
+    assert count[0] == 7 and sorted(p.name for p in out.iterdir()) == ["run.yaml"]
+
+
 def test_reading_each_loss_a_step_late_changes_no_number(config, tmp_path, monkeypatch):
     """The same run with each loss read at once (the path of optimizers without ``found_inf``)."""
     _fused_optimizer(monkeypatch)
