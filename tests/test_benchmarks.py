@@ -19,10 +19,16 @@ def test_speed_rows_tiny(tmp_path):
     speed.main(common + ["--same-process", "--rows", "base,peft_lora,lean_blora,lean_lora_fp8", "--out", str(out),
                          "--lean-fused-loss", "chunked"])
     speed.main(common + ["--rows", "lean_lora", "--out", str(fresh)])  # the default: the row in a child process
-    window = tmp_path / "window.jsonl"
-    speed.main(common + ["--same-process", "--rows", "peft_lora", "--timing", "window", "--out", str(window)])
-    windowed = [r for r in map(json.loads, window.read_text().splitlines()) if "row" in r]
-    assert windowed[0]["timing"] == "window" and windowed[0]["step_ms"] > 0 and windowed[0]["loss"] > 0
+    for timing in ("window", "late"):
+        timed = tmp_path / f"{timing}.jsonl"
+        speed.main(common + ["--same-process", "--rows", "peft_lora,lean_lora", "--timing", timing, "--out", str(timed),
+                             "--lean-activation-budget", "0.5"])
+        peft, lean = [r for r in map(json.loads, timed.read_text().splitlines()) if "row" in r]
+        assert peft["timing"] == timing and peft["step_ms"] > 0 and peft["loss"] > 0
+        assert lean["activation_memory_budget"] == 0.5 and "activation_memory_budget" not in peft
+    import torch._functorch.config as functorch_config
+
+    assert functorch_config.activation_memory_budget == 1.0  # a row's setting does not outlive it
     rows = {r["row"]: r for f in (out, fresh) for r in map(json.loads, f.read_text().splitlines()) if "row" in r}
     assert (fresh.parent / "row_lean_lora.jsonl").is_file()  # the child's own file, kept beside the results
     assert set(rows) == {"base", "peft_lora", "lean_lora", "lean_blora", "lean_lora_fp8"}
