@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
@@ -43,3 +44,24 @@ def config_sha256(meta: dict[str, Any]) -> str:
     part["modules"] = {name: {k: v for k, v in info.items() if k in keys} for name, info in meta["modules"].items()}
     text = json.dumps(part, sort_keys=True, separators=(",", ":"), allow_nan=True, default=repr)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def read_verified(path: Path, error: Callable[[str], Exception], *, missing: str, unreadable: str,
+                  changed: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of the safetensors file ``path`` (safetensors' own parser: no code runs from
+    the file), its tensors checked against the sha256 it carries. A file that is absent, cannot be
+    parsed (``unreadable`` is formatted with the parser's error) or was changed raises ``error(why)``."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise error(missing)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except Exception as err:  # safetensors raises its own error, OSError, or a bare Exception on bad headers
+        raise error(unreadable.format(err)) from None
+    stored = metadata.get(CHECKSUM_KEY)
+    if stored is not None and stored != tensors_sha256(tensors):
+        raise error(changed)
+    return tensors, metadata

@@ -30,7 +30,7 @@ from leanlora.artifact.schema import check_adapter_meta
 from leanlora.artifact.atomic import atomic_folder, atomic_save_tensors, atomic_write_bytes
 from leanlora.artifact.identity import (base_identity, check_architecture, check_module_shapes, keep_verified_digests,
                                         record_base_digests, verify_base)
-from leanlora.artifact.checksum import CHECKSUM_KEY, CONFIG_CHECKSUM_KEY, config_sha256, tensors_sha256
+from leanlora.artifact.checksum import CONFIG_CHECKSUM_KEY, config_sha256, read_verified
 from leanlora.artifact.finalize import layer_spec, rebuild_finalized_
 from leanlora.config import AdapterConfig, ConfigError, MovedKeyWarning
 from leanlora.artifact.finite import first_nonfinite
@@ -148,21 +148,10 @@ def read_adapter_tensors(directory: str | os.PathLike) -> dict[str, torch.Tensor
 
 def read_checked_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors, metadata) of a safetensors file; refuses it when its stored sha256 does not match."""
-    from safetensors import safe_open
-
-    if not path.is_file():
-        raise AdapterLoadError(f"{path}: not found")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
-    except Exception as err:  # safetensors raises its own error, OSError, or a bare Exception on bad headers
-        raise AdapterLoadError(f"{path}: cannot be read ({err}); the file is truncated or corrupted") from None
-    stored = metadata.get(CHECKSUM_KEY)
-    if stored is not None and stored != tensors_sha256(tensors):
-        raise AdapterLoadError(f"{path}: the tensors do not match the sha256 stored in the file; "
-                               "the file was changed or corrupted after it was written")
-    return tensors, metadata
+    return read_verified(path, lambda why: AdapterLoadError(f"{path}: {why}"), missing="not found",
+                         unreadable="cannot be read ({}); the file is truncated or corrupted",
+                         changed="the tensors do not match the sha256 stored in the file; the file was changed "
+                                 "or corrupted after it was written")
 
 
 def load(model: nn.Module, directory: str | os.PathLike, *, check_base: bool = True,

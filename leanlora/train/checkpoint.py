@@ -24,12 +24,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from leanlora import budget
 from leanlora.distributed import (barrier, full_adapter_state, full_optimizer_state, is_main_process,
                                   load_adapter_state, load_full_optimizer_state)
+from leanlora.artifact.checksum import read_verified
 from leanlora.artifact.io import adapter_state_dict, atomic_save_tensors, atomic_write_bytes
 
 CKPT_DIR = "checkpoints"
@@ -106,23 +106,10 @@ def _read_json(path: Path, keys: tuple[str, ...]) -> dict[str, Any]:
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """A checkpoint's safetensors file (safetensors' own parser: no code runs from the file), its
-    tensors checked against the sha256 it carries (:mod:`leanlora.artifact.checksum`)."""
-    from safetensors import safe_open
-
-    from leanlora.artifact.checksum import CHECKSUM_KEY, tensors_sha256
-
-    if not path.is_file():
-        raise _damaged(path, "file not found")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            stored = (f.metadata() or {}).get(CHECKSUM_KEY)
-        tensors = load_file(str(path))
-    except Exception as err:  # safetensors raises its own SafetensorError, or OSError, for a bad file
-        raise _damaged(path, f"not a readable safetensors file ({err})") from None
-    if stored is not None and stored != tensors_sha256(tensors):
-        raise _damaged(path, "its tensors do not match the sha256 stored in the file")
-    return tensors
+    """A checkpoint's safetensors file, its tensors checked against the sha256 it carries."""
+    return read_verified(path, lambda why: _damaged(path, why), missing="file not found",
+                         unreadable="not a readable safetensors file ({})",
+                         changed="its tensors do not match the sha256 stored in the file")[0]
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
