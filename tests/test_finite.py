@@ -147,6 +147,19 @@ def _poison_update(monkeypatch, at_step: int) -> None:
     monkeypatch.setattr(loop, "adamw", adamw)
 
 
+def _nan_loss_at(monkeypatch, call: int) -> None:
+    from leanlora.train import tasks
+
+    calls, original = {"n": 0}, tasks.ClassificationTask.loss
+
+    def loss(self, model, batch):
+        calls["n"] += 1
+        value = original(self, model, batch)
+        return value * float("nan") if calls["n"] == call else value
+
+    monkeypatch.setattr(tasks.ClassificationTask, "loss", loss)
+
+
 def test_a_nonfinite_update_is_never_saved(config, tmp_path, monkeypatch):
     """Checkpoints every step, evaluation (best/) every 4: step 5's update turns a weight NaN. The run
     stops at once naming step 5 and the tensor; the last checkpoint is the finite step 4, and best/
@@ -184,17 +197,7 @@ def test_an_update_that_turns_weights_non_finite_stops_before_anything_is_writte
 
 
 def test_the_advised_resume_command_runs_with_the_lower_learning_rate(config, tmp_path, monkeypatch, capsys):
-    from leanlora.train import tasks
-
-    calls = {"n": 0}
-    original = tasks.ClassificationTask.loss
-
-    def loss_turning_nan(self, model, batch):
-        calls["n"] += 1
-        value = original(self, model, batch)
-        return value * float("nan") if calls["n"] == 3 else value
-
-    monkeypatch.setattr(tasks.ClassificationTask, "loss", loss_turning_nan)
+    _nan_loss_at(monkeypatch, call=3)
     out = tmp_path / "run dir"  # a space: the advised command quotes the path
     assert main(["train", str(config), "--out", str(out), "--no-progress", "data.eval_file="]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
@@ -260,19 +263,6 @@ def _fused_optimizer(monkeypatch) -> list[dict[str, torch.Tensor]]:
     return after
 
 
-def _nan_loss_at(monkeypatch, call: int) -> None:
-    from leanlora.train import tasks
-
-    calls, original = {"n": 0}, tasks.ClassificationTask.loss
-
-    def loss(self, model, batch):
-        calls["n"] += 1
-        value = original(self, model, batch)
-        return value * float("nan") if calls["n"] == call else value
-
-    monkeypatch.setattr(tasks.ClassificationTask, "loss", loss)
-
-
 UNSAVED = ["data.eval_file=", "train.save_every=0", "train.log_every=100"]  # nothing read the loss between steps
 
 
@@ -293,28 +283,12 @@ def test_a_loss_read_a_step_late_still_keeps_its_update_off_the_weights(config, 
 def test_a_broken_weight_found_a_step_late_still_names_the_update_that_broke_it(config, tmp_path, monkeypatch):
     """Step 5's update writes a NaN; the losses of steps 6 and 7 are NaN (folded) and their updates skipped.
     The late read of step 6's loss names step 5's update, and nothing is written."""
-    _fused_optimizer(monkeypatch)
-    from leanlora.train import loop
-
-    fused, count = loop.adamw, [0]
-
-    def poisoning(groups, **kwargs):
-        optimizer, victim = fused(groups, **kwargs), groups[0]["params"][-1]
-
-        def poison(*_):
-            count[0] += 1
-            if count[0] == 5:
-                with torch.no_grad():
-                    victim.view(-1)[0] = float("nan")
-
-        optimizer.register_step_post_hook(poison)
-        return optimizer
-
-    monkeypatch.setattr(loop, "adamw", poisoning)
+    after = _fused_optimizer(monkeypatch)
+    _poison_update(monkeypatch, at_step=5)  # wraps the fused optimizer above
     out = tmp_path / "r"
     with pytest.raises(TrainingDiverged, match=r"update of step 5 made trained weights non-finite"):
         train(load_run_config(config, UNSAVED), out, **QUIET)
-    assert count[0] == 7 and sorted(p.name for p in out.iterdir()) == ["run.yaml"]
+    assert len(after) == 7 and sorted(p.name for p in out.iterdir()) == ["run.yaml"]
 
 
 def test_reading_each_loss_a_step_late_changes_no_number(config, tmp_path, monkeypatch):
