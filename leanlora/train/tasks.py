@@ -173,8 +173,7 @@ class ClassificationTask:
         return batch
 
     def _logits(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        return model(**inputs).logits.float()                        # (B, num_labels)
+        return model(**model_inputs(batch)).logits.float()                        # (B, num_labels)
 
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         if self.regression:
@@ -278,8 +277,7 @@ def build_task(cfg: DataConfig, tokenizer, need_train: bool = True,
                sources: Sources | None = None) -> ClassificationTask | CausalLMTask:
     """The task of ``cfg``; ``sources`` gives a split's rows in Python (a ``datasets.Dataset``) in
     place of the file named by ``data.train_file`` / ``data.eval_file``."""
-    unknown = sorted(set(sources or {}) - {"train_file", "eval_file"})
-    if unknown:
+    if unknown := sorted(set(sources or {}) - {"train_file", "eval_file"}):
         raise DataError(f"data sources {unknown}: allowed keys are 'train_file' and 'eval_file'")
     if cfg.task == "causal_lm":
         return CausalLMTask(cfg, tokenizer, need_train, sources)

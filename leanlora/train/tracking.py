@@ -24,11 +24,6 @@ from typing import Any
 
 from leanlora.config import ConfigError
 
-def tag(name: str) -> str:
-    """transformers' tag of a logged name: ``eval_x`` -> ``eval/x``, anything else -> ``train/x``."""
-    return "eval/" + name[len("eval_"):] if name.startswith("eval_") else "train/" + name
-
-
 def _integrations() -> dict[str, Any]:
     from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
 
@@ -71,8 +66,11 @@ class TensorBoardTracker:
         self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=resumed_at + 1 if resumed_at else None)
 
     def log(self, scalars: dict[str, float], step: int) -> None:
-        for name, value in scalars.items():
-            self.writer.add_scalar(tag(name), value, step)
+        from transformers.integrations.integration_utils import rewrite_logs
+
+        # transformers' tags: eval_x -> eval/x, anything else -> train/x
+        for name, value in rewrite_logs(scalars).items():
+            self.writer.add_scalar(name, value, step)
         self.writer.flush()
 
     def close(self) -> None:
