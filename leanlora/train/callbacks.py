@@ -110,8 +110,7 @@ def _saved_budget_state(state) -> dict | None:
 
 def _loss_scaled_for_accumulation(trainer: Trainer, num_items_in_batch: Any) -> bool:
     """Whether Trainer will skip dividing this micro-batch's loss by the accumulation steps."""
-    flag = getattr(trainer, "loss_is_scaled_for_ga", None)
-    if flag is not None:
+    if (flag := getattr(trainer, "loss_is_scaled_for_ga", None)) is not None:
         return bool(flag)
     return bool((getattr(trainer, "model_accepts_loss_kwargs", False) and num_items_in_batch is not None)
                 or getattr(trainer, "compute_loss_func", None) is not None)

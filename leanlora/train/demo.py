@@ -37,9 +37,8 @@ def demo_adapter(method: str) -> AdapterConfig:
     small, the run's schedule and a final projection get there whatever its length."""
     common = dict(target_modules=("query", "value"), modules_to_save=default_modules_to_save("classification"),
                   r=8, alpha=16.0)
-    if method == "lora":
-        return AdapterConfig(**common)
-    return AdapterConfig(**common, ranks="gated", precision="learned", budget=DEMO_BUDGET)
+    sized = {} if method == "lora" else dict(ranks="gated", precision="learned", budget=DEMO_BUDGET)
+    return AdapterConfig(**common, **sized)
 
 
 def demo_run(data: str | None = None, method: str = "blora", max_train: int | None = None,
@@ -86,8 +85,7 @@ def run_demo(data: str | None = None, out: str | None = None, method: str = "blo
         print()
         print(f"{metric} on {run.data.max_eval_examples} eval examples: {score:.4f} ({method}, step "
               f"{result.best_step})" + (f"; plain LoRA {lora:.4f}" if lora is not None else ""))
-        verdict = result.verdict
-        if verdict is not None:
+        if (verdict := result.verdict) is not None:
             print(f"always predicting {verdict.constant} scores {verdict.chance:.4f} (the score to beat by more "
                   f"than {verdict.standard_error:.4f}, one standard error of the run's score)")
         if result.warning:

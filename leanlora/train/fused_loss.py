@@ -105,8 +105,7 @@ def unsupported_head(model: nn.Module) -> str | None:
         return f"{type(model).__name__} has no body module under base_model_prefix to take hidden states from"
     config = getattr(model, "config", None)
     for key in _LOGIT_TRANSFORMS:
-        value = getattr(config, key, None)
-        if value not in (None, 1, 1.0):
+        if (value := getattr(config, key, None)) not in (None, 1, 1.0):
             return f"{type(model).__name__} transforms its logits ({key}={value}) before the loss"
     return None
 

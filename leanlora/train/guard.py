@@ -104,13 +104,11 @@ def likely_cause(config: AdapterConfig) -> str:
                 "updates than a LoRA of the same length: train longer (train.epochs / train.max_steps), "
                 "give the full rank a larger share of the steps (raise adapter.nested.full_share), or compare the "
                 "smaller ranks with `leanlora sweep`" + base)
-    fraction = budget.resolved(config) if config.is_gated else None
-    if fraction is not None:
+    if config.is_gated and (fraction := budget.resolved(config)) is not None:
         # under a budget the controller, not the prior's weight or the gate lr, decides how much is kept
-        return (f"the budget (adapter.budget={fraction:g} of LoRA-16's BOPs) may keep too "
-                "little of the adapter for this task, or fix its structure too late in the run: raise "
-                "adapter.budget (1.0: the full rank at 16 bits), fix the structure earlier "
-                "(adapter.budget_schedule), or train longer")
+        return (f"the budget (adapter.budget={fraction:g} of LoRA-16's BOPs) may keep too little of the adapter "
+                "for this task, or fix its structure too late in the run: raise adapter.budget (1.0: the full rank "
+                "at 16 bits), fix the structure earlier (adapter.budget_schedule), or train longer")
     if config.is_gated:
         return ("the rank and bit gates may have closed before the task was learned: lower the prior's "
                 "weight (adapter.prior.lmbda) or the gate learning rate (adapter.gates.lr), or train longer")
@@ -125,10 +123,9 @@ def short_run_notice(config: AdapterConfig, steps: int, examples_per_step: int) 
         return None
     need = math.ceil(BANK_EXAMPLES_NEEDED / max(examples_per_step, 1))
     return (f"note: adapter.factors=bank (VB-LoRA) learns more slowly than LoRA: this run trains {steps} steps "
-            f"of {examples_per_step} examples; VB-LoRA needs about {BANK_EXAMPLES_NEEDED:,} examples "
-            f"({need} steps here) to come within 2 points of a LoRA trained half as long, and on some tasks "
-            "more steps do not close the gap. Set train.max_steps / train.epochs higher, or "
-            "adapter.factors=dense for LoRA")
+            f"of {examples_per_step} examples; VB-LoRA needs about {BANK_EXAMPLES_NEEDED:,} examples ({need} steps "
+            "here) to come within 2 points of a LoRA trained half as long, and on some tasks more steps do not "
+            "close the gap. Set train.max_steps / train.epochs higher, or adapter.factors=dense for LoRA")
 
 
 def stall_warning(verdict: Verdict, config: AdapterConfig | None, steps: int) -> str:
@@ -144,5 +141,4 @@ def task_verdict(task, scores: dict[str, float]) -> Verdict | None:
     metric = getattr(task, "metric", None)
     if not getattr(task, "eval", None) or metric not in scores or getattr(task, "num_labels", 0) == 0:
         return None
-    labels = [e["label"] for e in task.eval]
-    return check(metric, scores[metric], labels, task.regression, task.num_labels)
+    return check(metric, scores[metric], [e["label"] for e in task.eval], task.regression, task.num_labels)

@@ -128,8 +128,7 @@ def train(run: RunConfig | None, run_dir: str | Path, *, resume: bool = False, p
     if resume and overrides and dist.is_main_process():  # run.yaml: the settings now in effect
         atomic_write_bytes(run_dir / RUN_CONFIG, to_commented_yaml(run).encode())
     _arm(loop, backends, progress)
-    step = _run_steps(loop)
-    return _finish(loop, step)
+    return _finish(loop, _run_steps(loop))
 
 
 def _open_run_dir(run: RunConfig | None, run_dir: Path, resume: bool,

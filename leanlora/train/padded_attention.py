@@ -29,8 +29,7 @@ def attends_causally(model: nn.Module) -> bool:
 
 def require_sdpa(model: nn.Module, why: str) -> None:
     """Refuse a model whose attention is not transformers' SDPA (the 4D mask below is SDPA's kind)."""
-    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
-    if impl != "sdpa":
+    if (impl := getattr(getattr(model, "config", None), "_attn_implementation", None)) != "sdpa":
         raise ConfigError(f"{why} needs the model's attention implementation to be 'sdpa' (a boolean 4D mask "
                          f"built on the device); {type(model).__name__} uses {impl!r}. Load the model with "
                          "attn_implementation='sdpa'")

@@ -38,8 +38,7 @@ def skeleton(run: RunConfig, num_labels: int = 2) -> nn.Module:
 def task_head(model: nn.Module) -> list[str]:
     """The top-level modules with weights outside the pretrained body: a classifier's new head."""
     body = getattr(model, "base_model_prefix", "")
-    return [name for name, child in model.named_children()
-            if name != body and any(True for _ in child.parameters())]
+    return [name for name, child in model.named_children() if name != body and any(True for _ in child.parameters())]
 
 
 def check_adapter(run: RunConfig, model: nn.Module | None = None) -> None:

@@ -86,8 +86,7 @@ def batch_signature(batch: Batch) -> tuple:
     first: dict[int, str] = {}
     # which entries are one tensor (input_ids passed as labels): a graph captured with one buffer
     # for both cannot take two different tensors
-    return tuple((k, tuple(v.shape), v.dtype, v.device, first.setdefault(id(v), k))
-                 for k, v in sorted(batch.items()))
+    return tuple((k, tuple(v.shape), v.dtype, v.device, first.setdefault(id(v), k)) for k, v in sorted(batch.items()))
 
 
 class StepGraph:

@@ -279,9 +279,8 @@ def build_task(cfg: DataConfig, tokenizer, need_train: bool = True,
     place of the file named by ``data.train_file`` / ``data.eval_file``."""
     if unknown := sorted(set(sources or {}) - {"train_file", "eval_file"}):
         raise DataError(f"data sources {unknown}: allowed keys are 'train_file' and 'eval_file'")
-    if cfg.task == "causal_lm":
-        return CausalLMTask(cfg, tokenizer, need_train, sources)
-    return ClassificationTask(cfg, tokenizer, need_train, sources)
+    task_class = CausalLMTask if cfg.task == "causal_lm" else ClassificationTask
+    return task_class(cfg, tokenizer, need_train, sources)
 
 
 def batches(examples: list[Example], batch_size: int, collate, device: torch.device,
@@ -310,8 +309,7 @@ GLUE_LAYOUTS: dict[str, dict[str, Any]] = {
 def glue_data(folder: str | Path, **overrides: Any) -> DataConfig:
     """A DataConfig for a GLUE task folder holding train.tsv and dev.tsv (layout by folder name)."""
     folder = Path(folder)
-    layout = GLUE_LAYOUTS.get(folder.name)
-    if layout is None:
+    if (layout := GLUE_LAYOUTS.get(folder.name)) is None:
         raise DataError(f"--data {folder}: unknown GLUE folder name {folder.name!r}; known: {sorted(GLUE_LAYOUTS)} "
                         "(for other data write a config with data.text_columns and data.label_column)")
     for name in ("train.tsv", "dev.tsv"):

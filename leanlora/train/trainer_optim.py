@@ -24,10 +24,9 @@ from leanlora.optim import adamw, param_groups
 # args.optim names whose optimizer is built from the model's layers, not from parameter groups
 MODEL_BOUND_PREFIXES = ("galore", "apollo", "lomo", "adalomo")
 MODEL_BOUND_KWARGS = ("params", "model", "optimizer_dict")
-SUPPORTED = ("adamw_torch (default), adamw_torch_fused, adafactor, sgd, adagrad, rmsprop, the bitsandbytes "
-             "ones (adamw_8bit, paged_adamw_8bit, lion_8bit, ...), the torchao ones (adamw_torch_4bit, "
-             "adamw_torch_8bit), schedule_free_*, stable_adamw, grokadamw: any optim whose optimizer takes "
-             "parameter groups")
+SUPPORTED = ("adamw_torch (default), adamw_torch_fused, adafactor, sgd, adagrad, rmsprop, the bitsandbytes ones "
+             "(adamw_8bit, paged_adamw_8bit, lion_8bit, ...), the torchao ones (adamw_torch_4bit, adamw_torch_8bit), "
+             "schedule_free_*, stable_adamw, grokadamw: any optim whose optimizer takes parameter groups")
 # keyword arguments leanlora.optim.adamw passes on to torch's AdamW
 ADAMW_KWARGS = frozenset({"lr", "betas", "eps", "weight_decay", "fused"})
 # (optimizer class, keyword arguments): what Trainer.get_optimizer_cls_and_kwargs returns
@@ -60,8 +59,7 @@ def optimizer_class_and_kwargs(args, model: nn.Module, cls_and_kwargs: Optimizer
     if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
         raise refusal(name, f"it is an optimizer factory ({getattr(cls, '__name__', cls)!r}) that groups the "
                             "model's parameters itself")
-    bound = [k for k in MODEL_BOUND_KWARGS if k in kwargs]
-    if bound:
+    if bound := [k for k in MODEL_BOUND_KWARGS if k in kwargs]:
         raise refusal(name, f"its keyword arguments carry their own {bound}")
     return cls, dict(kwargs)
 

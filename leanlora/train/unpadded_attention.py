@@ -26,8 +26,7 @@ def use_unpadded_attention(model: nn.Module) -> nn.Module:
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    config = getattr(model, "config", None)
-    if config is None or not hasattr(config, "_attn_implementation"):
+    if not hasattr(getattr(model, "config", None), "_attn_implementation"):
         raise TypeError(f"use_unpadded_attention: {type(model).__name__} is not a transformers model "
                         "(it has no config._attn_implementation)")
     AttentionInterface.register(NAME, sdpa_attention_forward)
