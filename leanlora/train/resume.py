@@ -22,9 +22,8 @@ from leanlora.config import ConfigError
 from leanlora.train.runconfig import RunConfig, load_run_config, parse_override
 
 RESUMABLE = ("train.lr", "train.schedule", "train.warmup_ratio", "train.warmup_steps", "train.min_lr_ratio",
-             "train.decay_ratio", "train.decay_type", "train.max_steps", "train.epochs",
-             "train.max_grad_norm", "train.eval_every", "train.save_every", "train.log_every",
-             "train.eval_batch_size", "train.report_to")
+             "train.decay_ratio", "train.decay_type", "train.max_steps", "train.epochs", "train.max_grad_norm",
+             "train.eval_every", "train.save_every", "train.log_every", "train.eval_batch_size", "train.report_to")
 
 _REASONS = {
     "model": "the checkpoint's adapter was trained on that base model",

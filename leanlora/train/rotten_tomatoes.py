@@ -16,7 +16,6 @@ from __future__ import annotations
 import bz2
 import csv
 import hashlib
-import io
 import json
 import os
 from pathlib import Path
@@ -53,7 +52,7 @@ def split_files(cache_dir: str | Path | None = None) -> tuple[Path, Path]:
         return train, test
     sides: dict[bool, list[str]] = {False: [], True: []}
     with bz2.open(corpus_path(), "rt", encoding="utf-8") as f:
-        for row in csv.DictReader(io.StringIO(f.read())):
+        for row in csv.DictReader(f):
             if row["category"] in LABELS:
                 line = json.dumps({"text": row["text"], "label": row["category"], "film": row["movie_name"]})
                 sides[held_out(row["movie_name"])].append(line)

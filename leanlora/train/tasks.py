@@ -330,6 +330,5 @@ def boolq_data(max_train: int, max_eval: int, max_length: int = 256, **overrides
     label and are dropped); ``dev.jsonl`` is the official dev set of 3,270 (label in "answer").
     """
     return DataConfig(train_file=BOOLQ_TRAIN, eval_file=BOOLQ_DEV, text_columns=("question", "passage"),
-                      label_column="label", eval_label_column="answer", labels=("False", "True"),
-                      drop_unlabeled=True, max_length=max_length, max_train_examples=max_train,
-                      max_eval_examples=max_eval, **overrides)
+                      label_column="label", eval_label_column="answer", labels=("False", "True"), drop_unlabeled=True,
+                      max_length=max_length, max_train_examples=max_train, max_eval_examples=max_eval, **overrides)
