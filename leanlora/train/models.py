@@ -97,8 +97,7 @@ def load_model(cfg: ModelConfig, task: str, num_labels: int, tokenizer) -> nn.Mo
         # the config parsed by the preflight check; the weights' parse then skips the metadata's
         config = model_config(cfg)
         if task != "causal_lm":
-            for key, value in head.items():
-                setattr(config, key, value)
+            config.update(head)
             head = {}
         kwargs.update(gguf_file=gguf, config=config)
     with transformers_errors_only():
