@@ -96,9 +96,8 @@ class FiniteGuard:
         for name, p in zip(self.names, self.params):
             t = _local(p).detach()
             if t.numel() and not bool(torch.isfinite(t).all()):
-                rows = self.rows.get(id(p), ())
-                bad = [n for n, row in zip(rows, t) if n is not None and not bool(torch.isfinite(row).all())]
-                return bad[0] if bad else name
+                rows = zip(self.rows.get(id(p), ()), t)  # a stack's first broken row names its layer
+                return next((n for n, row in rows if n is not None and not bool(torch.isfinite(row).all())), name)
         return None
 
     def raise_if_tripped(self, step: int, run_dir: Path, lr: float) -> None:
