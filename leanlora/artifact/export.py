@@ -79,9 +79,8 @@ def peft_lora_state(model: nn.Module, *, uniform: bool = False,
             alpha_pattern[name] = scale * a.shape[0]    # PEFT: scaling = lora_alpha / r
         tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = a.contiguous()
         tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = b.contiguous()
-    for name in keep_saved:
-        for key, value in model.get_submodule(name).state_dict().items():
-            tensors[f"{PEFT_PREFIX}{name}.{key}"] = value
+    tensors.update({f"{PEFT_PREFIX}{name}.{key}": value for name in keep_saved
+                    for key, value in model.get_submodule(name).state_dict().items()})
     first = factors[0][0]
     config = {
         "peft_type": "LORA",
@@ -108,8 +107,7 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, *, uniform: bool
     """
     directory = Path(directory)
     config, tensors = peft_lora_state(model, uniform=uniform, modules_to_save=modules_to_save)
-    bad = first_nonfinite(tensors.items())
-    if bad is not None:
+    if (bad := first_nonfinite(tensors.items())) is not None:
         raise AdapterSaveError(f"{directory}: not exported: tensor {bad[0]!r} of the PEFT adapter holds {bad[1]} "
                                "(the adapter's factors are not finite)")
     with atomic_folder(directory, owned=(PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME)) as tmp:

@@ -65,8 +65,7 @@ def save(model: nn.Module, directory: str | os.PathLike, *, topk_only: bool = Fa
     state = adapter_state_dict(model)
     if topk_only:
         state = pack_state(model, state)
-    bad = first_nonfinite(state.items())
-    if bad is not None:
+    if (bad := first_nonfinite(state.items())) is not None:
         raise AdapterSaveError(f"{directory}: not written: adapter tensor {bad[0]!r} holds {bad[1]} "
                                "(the training diverged; save an earlier, finite state)")
     meta = adapter_meta(model, topk_only)
@@ -81,12 +80,11 @@ def adapter_meta(model: nn.Module, topk_only: bool = False) -> dict[str, Any]:
     """What ``adapter_config.json`` records: config, modules (shapes, ranks, base digests), layout."""
     shared = shared_state(model)
     layer_digests, other_digests = record_base_digests(model)
-    modules: dict[str, Any] = {}
-    for name, layer in adapted_layers(model):
-        modules[name] = {"in_features": layer.in_features, "out_features": layer.out_features,
-                         "rank": layer.factors.rank, "digest": layer_digests[name]}
-        if shared.finalized:  # packed layout and bits of each factor, to rebuild it on load
-            modules[name]["finalized"] = layer_spec(layer)
+    # a finalized adapter also records each layer's packed layout and bits, to rebuild it on load
+    modules = {name: {"in_features": layer.in_features, "out_features": layer.out_features,
+                      "rank": layer.factors.rank, "digest": layer_digests[name],
+                      **({"finalized": layer_spec(layer)} if shared.finalized else {})}
+               for name, layer in adapted_layers(model)}
     meta = {"format": FORMAT, "version": FORMAT_VERSION, "adapter": shared.config.to_dict(),
             "base_model": {**base_identity(model), "digests": other_digests}, "modules": modules,
             "modules_to_save": list(shared.modules_to_save_names), "finalized": bool(shared.finalized)}
@@ -169,8 +167,7 @@ def load(model: nn.Module, directory: str | os.PathLike, *, check_base: bool = T
     config, meta = read_adapter_config(directory)
     config_path, weights_path = adapter_files(directory)
     tensors, metadata = read_checked_tensors(weights_path)
-    stored = metadata.get(CONFIG_CHECKSUM_KEY)
-    if stored is not None and stored != config_sha256(meta):
+    if metadata.get(CONFIG_CHECKSUM_KEY) not in (None, config_sha256(meta)):  # absent in files written before it
         raise AdapterLoadError(f"{config_path}: edited after the adapter was saved (its rank, scale, module or "
                                f"layout entries no longer match the checksum in {weights_path.name}); "
                                "restore the file as it was written")
@@ -178,13 +175,11 @@ def load(model: nn.Module, directory: str | os.PathLike, *, check_base: bool = T
         check_architecture(model, meta, directory)
     check_module_shapes(model, meta, directory)
     matched = verify_base(model, meta, directory) if check_base else {}
-    bad = first_nonfinite(tensors.items())
-    if bad is not None:
+    if (bad := first_nonfinite(tensors.items())) is not None:
         raise AdapterLoadError(f"{weights_path}: tensor {bad[0]!r} holds {bad[1]}; "
                                "an adapter's values must be finite")
-    targets = set(meta["modules"])
     try:
-        inject(model, config, filter_fn=lambda _m, name: name in targets, quantize_base=False)
+        inject(model, config, filter_fn=lambda _m, name: name in meta["modules"], quantize_base=False)
     except (InjectError, ConfigError) as err:
         raise AdapterLoadError(f"{directory}: the adapter's config does not apply to this model: {err}") from None
     try:
