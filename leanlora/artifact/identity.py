@@ -93,12 +93,11 @@ def record_layer_digest(layer) -> dict[str, Any] | None:
     else:
         weight = base.weight if isinstance(base, DenseBase) else base.dense_weight()
     # None: merged without a kept copy, or deferred init (meta weights): record when the weights exist
-    digest = None if weight is None else tensor_digest(weight)
-    if digest is None:
+    if weight is None or weight.is_meta:
         return None
     holder = getattr(base, "layer", base)  # DenseBase / Bnb4Base hold the module; NF4Base keeps the bias
     bias = getattr(holder, "bias", None)
-    layer.base_digest = {"weight": digest, "bias": None if bias is None else tensor_digest(bias)}
+    layer.base_digest = {"weight": tensor_digest(weight), "bias": None if bias is None else tensor_digest(bias)}
     return layer.base_digest
 
 
@@ -109,11 +108,12 @@ PROBE_SIZE = 16
 PROBE_RTOL = 0.2
 
 
-def weight_probe(weight: torch.Tensor) -> list[float]:
-    """PROBE_SIZE values of the (out, in) weight at evenly spaced flat positions, as Python floats."""
+def weight_probe(module: nn.Module) -> list[float]:
+    """PROBE_SIZE values of the module's (out, in) weight at evenly spaced flat positions, as Python floats."""
+    weight = _module_weight(module)
     if weight.is_meta:
         return []
-    flat = weight.detach().reshape(-1)
+    flat = (weight.T if is_conv1d(module) else weight).detach().reshape(-1)
     idx = torch.linspace(0, flat.numel() - 1, steps=min(PROBE_SIZE, flat.numel())).round().long().to(flat.device)
     return [float(v) for v in flat[idx].float().cpu()]
 
@@ -214,7 +214,7 @@ def verify_base(model: nn.Module, meta: dict[str, Any], directory: Path) -> dict
             if bias is not None:
                 _compare(directory, f"bias of adapted layer {name!r}", digest["bias"], bias)
             matched[name] = digest
-        elif probe is not None and not probes_match(probe, weight_probe(_dense(module))):
+        elif probe is not None and not probes_match(probe, weight_probe(module)):
             raise BaseMismatchError(f"{directory}: the weights of {name!r} differ from the base the adapter "
                                     "was trained on (a different checkpoint?)")
     _verify_others(model, meta, directory)
@@ -229,11 +229,6 @@ def keep_verified_digests(model: nn.Module, matched: dict[str, Any]) -> None:
         if (record is not None and isinstance(layer.base, DenseBase)
                 and record["weight"]["dtype"] == _name(layer.base.weight.dtype)):
             layer.base_digest = record
-
-
-def _dense(module: nn.Module) -> torch.Tensor:
-    w = _module_weight(module)
-    return w.T if is_conv1d(module) else w
 
 
 def _compare(directory: Path, what: str, saved: dict[str, Any], tensor: torch.Tensor) -> None:
