@@ -39,17 +39,15 @@ def finalize(model: nn.Module) -> dict[str, dict[str, Any]]:
     afterwards: the gates are gone and the factors are buffers.
     """
     shared = shared_state(model)
-    specs: dict[str, dict[str, Any]] = {}
-    if not shared.finalized and not any(layer.merged for _, layer in adapted_layers(model)):
-        ungroup_all(shared)  # each layer keeps its own ranks and bits from here on
-    for name, layer in adapted_layers(model):
-        if not shared.finalized:
+    if not shared.finalized:
+        if not any(layer.merged for _, layer in adapted_layers(model)):
+            ungroup_all(shared)  # each layer keeps its own ranks and bits from here on
+        for name, layer in adapted_layers(model):
             if layer.merged:
                 raise MergeError(f"{name}: finalize needs the unmerged adapter; call leanlora.unmerge(model) first")
             finalize_layer_(layer)
-        specs[name] = layer_spec(layer)
     shared.finalized = True
-    return specs
+    return {name: layer_spec(layer) for name, layer in adapted_layers(model)}
 
 
 def _store(w: torch.Tensor, encoded, bits: int, index: torch.Tensor, dim: int) -> StoredTensor:
@@ -82,6 +80,7 @@ def finalize_layer_(layer: AdaptedLinear) -> None:
         if (diagonal := layer.ranks.diagonal()) is not None:
             e, qe = diagonal
             enc_e, e_bits = qe.encode(e), qe.bits()
+            e_store, e_quant = _store(e.detach(), enc_e, e_bits, stored, 0), enc_e is not None
     dense = layer.factors.stores_rows
     if dense:
         layer.factors = PackedFactors(_store(a, enc_a, bits_a, stored, 0), _store(b, enc_b, bits_b, stored, 1))
@@ -90,8 +89,6 @@ def finalize_layer_(layer: AdaptedLinear) -> None:
     # Packed factors dequantize themselves; factors composed at run time keep a fixed-scale fake-quantizer.
     layer.quant_a = FrozenBits(bits_a, None if dense or enc_a is None else enc_a[1], quantized=enc_a is not None)
     layer.quant_b = FrozenBits(bits_b, None if dense or enc_b is None else enc_b[1], quantized=enc_b is not None)
-    if diagonal is not None:
-        e_store, e_quant = _store(e.detach(), enc_e, e_bits, stored, 0), enc_e is not None
     layer.ranks.finalize_(int(stored.numel()), e_store, e_bits, e_quant, mask)
 
 

@@ -25,9 +25,7 @@ def packed_nbytes(numel: int, bits: int) -> int:
 
 def stored_nbytes(numel: int, bits: int, quantized: bool, elem_size: int) -> int:
     """Bytes a stored tensor takes: packed codes + fp32 scale, or the float values as they are."""
-    if quantized:
-        return packed_nbytes(numel, bits) + SCALE_BYTES
-    return numel * elem_size
+    return packed_nbytes(numel, bits) + SCALE_BYTES if quantized else numel * elem_size
 
 
 def _check(bits: int) -> None:
@@ -107,14 +105,12 @@ class StoredTensor(nn.Module):
     @torch.no_grad()
     def select_(self, index: torch.Tensor, dim: int = 0) -> None:
         """Keep the entries ``index`` along ``dim`` (pruning), repacking the codes."""
-        index = index.to(self.packed.device if self.quantized else self.value.device)
         if self.quantized:
-            self.packed = pack_codes(self.codes().index_select(dim, index), self.bits)
+            kept = self.codes().index_select(dim, index.to(self.packed.device))
+            self.packed = pack_codes(kept, self.bits)
         else:
-            self.value = self.value.index_select(dim, index).clone()
-        shape = list(self.shape)
-        shape[dim] = int(index.numel())
-        self.shape = tuple(shape)
+            kept = self.value = self.value.index_select(dim, index.to(self.value.device)).clone()
+        self.shape = tuple(kept.shape)
 
     def extra_repr(self) -> str:
         return f"shape={self.shape}, bits={self.bits}, {'packed' if self.quantized else 'float'}"
