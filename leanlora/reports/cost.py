@@ -126,8 +126,7 @@ def layer_cost(name: str, layer: AdaptedLinear, r: int, elem: int) -> LayerCost:
     ranks = layer.ranks
     rank, k, masked = _stored_components(layer)
     in_f, out_f = layer.in_features, layer.out_features
-    qa, qb = layer.quant_a, layer.quant_b
-    qe = ranks.diag_quantizer()
+    qa, qb, qe = layer.quant_a, layer.quant_b, ranks.diag_quantizer()
     bits_a, bits_b = qa.bits(), qb.bits()
     bits_e = qe.bits() if qe is not None else None
     macs = in_f * k + k * out_f + (k if qe is not None else 0)
@@ -159,8 +158,7 @@ def cost_report(model: nn.Module) -> CostReport:
     config = shared.config
     elem = adapter_dtype(config).itemsize
     rows = [layer_cost(name, layer, config.r, elem) for name, layer in adapted_layers(model)]
-    modules = dict(model.named_modules())
-    head = [t for n in shared.modules_to_save_names for t in modules[n].state_dict().values()]
+    head = [t for n in shared.modules_to_save_names for t in model.get_submodule(n).state_dict().values()]
     # the groups' stacks are the layers' rows, counted per layer
     shared_params = sum(p.numel() for n, p in shared.named_parameters() if not n.startswith("groups."))
     report = CostReport(rows, shared_bytes=sum(t.nbytes for t in shared.state_dict().values()),

@@ -10,11 +10,10 @@ from leanlora.inject import adapted_layers
 
 def gate_summary(model: nn.Module) -> dict[str, float]:
     """Mean over adapted layers of the expected rank and the expected bits of A and B."""
-    ranks, bits = [], []
-    for _, layer in adapted_layers(model):
-        ranks.append(layer.ranks.expected_rank())
-        bits.append(0.5 * (layer.quant_a.expected_bits() + layer.quant_b.expected_bits()))
-    if not ranks:
+    layers = [layer for _, layer in adapted_layers(model)]
+    if not layers:
         return {"rank": 0.0, "bits": 0.0}
+    rank = sum(layer.ranks.expected_rank() for layer in layers)
+    bits = sum(0.5 * (layer.quant_a.expected_bits() + layer.quant_b.expected_bits()) for layer in layers)
     # with adapter.budget: the expected cost (fraction of LoRA-16 BOPs), its target and λ
-    return {"rank": sum(ranks) / len(ranks), "bits": sum(bits) / len(bits), **budget_summary(model)}
+    return {"rank": rank / len(layers), "bits": bits / len(layers), **budget_summary(model)}

@@ -146,8 +146,7 @@ def sweep_ranks(model: nn.Module, eval_fn: Callable[[nn.Module], float], ranks: 
     before = [(r, r.chosen) for _, r in layers]
 
     def row(b: int, score: float) -> SweepRow:
-        nbytes, macs = rank_cost(model)
-        return SweepRow(b, score, nbytes, macs, float(cost_report(model).total["bops_vs_lora"]))
+        return SweepRow(b, score, *rank_cost(model), float(cost_report(model).total["bops_vs_lora"]))
 
     try:
         return sweep_points(model, ranks, lambda b: set_rank(model, b), row, eval_fn, tolerance, higher_is_better,
