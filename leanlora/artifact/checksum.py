@@ -61,7 +61,6 @@ def read_verified(path: Path, error: Callable[[str], Exception], *, missing: str
             tensors = {key: f.get_tensor(key) for key in f.keys()}
     except Exception as err:  # safetensors raises its own error, OSError, or a bare Exception on bad headers
         raise error(unreadable.format(err)) from None
-    stored = metadata.get(CHECKSUM_KEY)
-    if stored is not None and stored != tensors_sha256(tensors):
+    if (stored := metadata.get(CHECKSUM_KEY)) is not None and stored != tensors_sha256(tensors):
         raise error(changed)
     return tensors, metadata

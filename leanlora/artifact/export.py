@@ -66,17 +66,15 @@ def peft_lora_state(model: nn.Module, *, uniform: bool = False,
                           "--with-modules-to-save (modules_to_save=True) for a PEFT-only adapter")
     keep_saved = saved if (modules_to_save is None or modules_to_save) else []
     top_rank = max(max(a.shape[0] for _, a, _, _ in factors), 1)
+    # the uniform layout needs no patterns; PEFT's scaling is lora_alpha / r
+    rank_pattern = {} if uniform else {name: a.shape[0] for name, a, _, _ in factors}
+    alpha_pattern = {} if uniform else {name: scale * a.shape[0] for name, a, _, scale in factors}
     tensors: dict[str, torch.Tensor] = {}
-    rank_pattern: dict[str, int] = {}
-    alpha_pattern: dict[str, float] = {}
     for name, a, b, scale in factors:
         if uniform:  # A padded with zero rows and B with zero columns to top_rank, scale folded into B
             pad = top_rank - a.shape[0]
             a = torch.cat([a, a.new_zeros(pad, a.shape[1])])
             b = torch.cat([b * scale, b.new_zeros(b.shape[0], pad)], dim=1)
-        else:
-            rank_pattern[name] = a.shape[0]
-            alpha_pattern[name] = scale * a.shape[0]    # PEFT: scaling = lora_alpha / r
         tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = a.contiguous()
         tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = b.contiguous()
     tensors.update({f"{PEFT_PREFIX}{name}.{key}": value for name in keep_saved

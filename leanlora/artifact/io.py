@@ -130,8 +130,8 @@ def read_adapter_config(directory: str | os.PathLike) -> tuple[AdapterConfig, di
     if "adapter" not in meta:
         raise AdapterLoadError(f"{path}: adapter: missing (the file is incomplete or was edited)")
     try:
-        with warnings.catch_warnings():  # a file of an earlier version spells moved keys the old way
-            warnings.simplefilter("ignore", MovedKeyWarning)
+        # a file of an earlier version spells moved keys the old way
+        with warnings.catch_warnings(action="ignore", category=MovedKeyWarning):
             config = AdapterConfig.from_dict(meta["adapter"])
     except (ConfigError, KeyError, TypeError, ValueError, AttributeError, RecursionError) as err:
         raise AdapterLoadError(f"{path}: invalid adapter section: {err}") from None
@@ -220,8 +220,7 @@ def _restore_tensors(model: nn.Module, meta: dict[str, Any], tensors: dict[str, 
         except (ValueError, KeyError, IndexError, RuntimeError) as err:
             raise AdapterLoadError(f"{path}: {err}") from None
     layers = dict(adapted_layers(model))
-    missing_modules = sorted(set(meta["modules"]) - set(layers))
-    if missing_modules:
+    if missing_modules := sorted(set(meta["modules"]) - set(layers)):
         raise AdapterLoadError(f"{path.parent}: modules {missing_modules} could not be adapted in this model")
     for name, info in meta["modules"].items():
         layer = layers[name]
@@ -230,12 +229,10 @@ def _restore_tensors(model: nn.Module, meta: dict[str, Any], tensors: dict[str, 
         elif info["rank"] != layer.factors.rank:
             layer.prune_(info["rank"])
     expected = adapter_state_dict(model)
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing:
+    if missing := sorted(set(expected) - set(tensors)):
         raise AdapterLoadError(f"{path}: missing tensor(s) {missing[:8]}"
                                + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
-    if unexpected:
+    if unexpected := sorted(set(tensors) - set(expected)):
         raise AdapterLoadError(f"{path}: unexpected tensor(s) {unexpected[:8]} "
                                "(saved with a different adapter configuration?)")
     for key, want in expected.items():
@@ -263,8 +260,7 @@ def restore(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     directory = Path(directory)
     config, meta = read_adapter_config(directory)
     shared = shared_state(model)
-    differ = [f for f, v in config.to_dict().items() if shared.config.to_dict().get(f) != v]
-    if differ:
+    if differ := [f for f, v in config.to_dict().items() if shared.config.to_dict().get(f) != v]:
         raise AdapterLoadError(f"{directory / CONFIG_NAME}: adapter config differs from the model's in {differ} "
                                "(a checkpoint of another run?)")
     if bool(meta.get("finalized", False)) != bool(shared.finalized):
