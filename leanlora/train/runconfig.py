@@ -299,13 +299,12 @@ def run_from_dict(data: dict[str, Any], lines: dict[str, int], source: str, over
     for name, section in data.items():
         cls = type(getattr(defaults, name))
         section = {} if section is None else section  # an empty section: its defaults
-        if name == "train" and isinstance(section, dict):
-            section = _renamed_train_keys(section, lines, source, overridden)
         try:
             # A section starts from the run's defaults, so a YAML that sets only adapter.r keeps
             # the default target_modules of the default model; PEFT's names (lora_alpha) replace
             # the defaults' spelling.
             if isinstance(section, dict):
+                section = _renamed_keys(name, section)
                 section = {**to_plain(getattr(defaults, name)), **canonical_keys(cls, section, name)}
             kwargs[name] = from_plain(cls, section, name)
         except ConfigError as err:
@@ -313,19 +312,18 @@ def run_from_dict(data: dict[str, Any], lines: dict[str, int], source: str, over
     return RunConfig(**kwargs)
 
 
-def _renamed_train_keys(section: dict[str, Any], lines: dict[str, int] | None, source: str,
-                        overridden: dict[str, str] | None) -> dict[str, Any]:
+def _renamed_keys(name: str, section: dict[str, Any]) -> dict[str, Any]:
     """``train.bf16`` (a run.yaml of earlier versions) read as ``train.precision``: true meant
-    bf16 autocast on CUDA and fp32 on CPU, which is ``auto``; false meant fp32."""
-    if "bf16" not in section:
+    bf16 autocast on CUDA and fp32 on CPU, which is ``auto``; false meant fp32. A contradiction
+    is raised as a ConfigError about train.bf16, which :func:`run_from_dict` locates."""
+    if name != "train" or "bf16" not in section:
         return section
     section = dict(section)
     bf16 = section.pop("bf16")
     meant = "auto" if bf16 else "fp32"
     if section.get("precision", meant) != meant:
-        raise ConfigError(_locate(f"train.bf16={bf16!r} contradicts train.precision={section['precision']!r}; "
-                                  "train.bf16 is replaced by train.precision: keep only that",
-                                  "train.bf16", lines, source, overridden))
+        raise ConfigError(f"train.bf16={bf16!r} contradicts train.precision={section['precision']!r}; "
+                          "train.bf16 is replaced by train.precision: keep only that")
     warnings.warn(f"train.bf16 is replaced by train.precision; bf16: {str(bool(bf16)).lower()} reads as "
                   f"precision: {meant}", FutureWarning, stacklevel=4)
     section["precision"] = meant
@@ -335,25 +333,21 @@ def _renamed_train_keys(section: dict[str, Any], lines: dict[str, int] | None, s
 def _error_key(message: str, section: str) -> str:
     """The dotted key a ConfigError message is about (``adapter.quant.bitz``, ``adapter.r``)."""
     m = re.match(r"([\w.\[\]]+?)(?::|=)", message)
-    key = m.group(1) if m else section
-    key = re.sub(r"\[\d+\]$", "", key)
+    key = re.sub(r"\[\d+\]$", "", m.group(1)) if m else section  # a list entry's error is about the list
     if not key.startswith(section + ".") and key != section:
         key = f"{section}.{key}"
-    unk = re.search(r"unknown key\(s\) \['([^']+)'", message)
-    if unk:
-        key = f"{key}.{unk.group(1)}"
-    return key
+    unknown = re.search(r"unknown key\(s\) \['([^']+)'", message)
+    return f"{key}.{unknown.group(1)}" if unknown else key
 
 
-def _locate(message: str, key: str, lines: dict[str, int] | None, source: str,
-            overridden: dict[str, str] | None) -> str:
+def _locate(message: str, key: str, lines: dict[str, int], source: str, overridden: dict[str, str]) -> str:
     parts = key.split(".")
     for n in range(len(parts), 0, -1):
         prefix = ".".join(parts[:n])
-        hit = [text for k, text in (overridden or {}).items() if k == prefix or k.startswith(prefix + ".")]
+        hit = [text for k, text in overridden.items() if k == prefix or k.startswith(prefix + ".")]
         if hit:
             return f"override {hit[0]!r}: {message}"
-        if lines and prefix in lines:
+        if prefix in lines:
             return f"{source} line {lines[prefix]}: {message}"
     return f"{source}: {message}"
 
@@ -460,13 +454,15 @@ def field_docs(cls: type) -> dict[str, str]:
         tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     except (OSError, TypeError):
         return {}
-    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
-    docs: dict[str, str] = {}
-    for stmt, nxt in zip(body, body[1:] + [None]):
-        if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and isinstance(nxt, ast.Expr)
-                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
-            docs[stmt.target.id] = " ".join(nxt.value.value.split())
-    return docs
+    body = tree.body[0].body  # the class's statements: a docstring follows the field it documents
+    return {stmt.target.id: " ".join(nxt.value.value.split()) for stmt, nxt in zip(body, body[1:])
+            if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)}
+
+
+def _summary_line(section: Any) -> str:
+    """The first line of a config section's class docstring."""
+    return (type(section).__doc__ or "").strip().splitlines()[0]
 
 
 def _yaml_scalar(value: Any) -> str:
@@ -483,9 +479,8 @@ def _emit(obj: Any, indent: int, out: list[str]) -> None:
         value = getattr(obj, f.name)
         doc = docs.get(f.name, "")
         if not doc and dataclasses.is_dataclass(value):
-            doc = (type(value).__doc__ or "").strip().splitlines()[0]
-        for line in textwrap.wrap(doc, width=96 - indent):
-            out.append(f"{pad}# {line}")
+            doc = _summary_line(value)
+        out.extend(f"{pad}# {line}" for line in textwrap.wrap(doc, width=96 - indent))
         if dataclasses.is_dataclass(value):
             out.append(f"{pad}{f.name}:")
             _emit(value, indent + 2, out)
@@ -498,8 +493,7 @@ def to_commented_yaml(run: RunConfig) -> str:
     out = ["# leanlora run configuration: `leanlora train THIS.yaml [section.key=value ...]`", ""]
     for f in dataclasses.fields(run):
         section = getattr(run, f.name)
-        out.append(f"# --- {f.name}: {(type(section).__doc__ or '').strip().splitlines()[0]}")
-        out.append(f"{f.name}:")
+        out += [f"# --- {f.name}: {_summary_line(section)}", f"{f.name}:"]
         _emit(section, 2, out)
         out.append("")
     return "\n".join(out)
