@@ -43,6 +43,12 @@ def _require(ok: bool, name: str, value: Any, allowed: str) -> None:
 MAX_LR = 3.0e38
 
 
+def require_minimums(config: Any, prefix: str, minimums: dict[str, int]) -> None:
+    """Each named field of ``config`` must be at least its minimum; the error names the key."""
+    for name, least in minimums.items():
+        _require(getattr(config, name) >= least, prefix + name, getattr(config, name), f"must be >= {least}")
+
+
 def require_lr(name: str, value: float) -> None:
     """A learning rate: > 0 and within float32's range."""
     _require(0 < value <= MAX_LR, name, value, f"must be > 0 and at most {MAX_LR:g} (optimizers use float32)")
@@ -291,8 +297,7 @@ class NF4Config:
 
     def __post_init__(self) -> None:
         check_field_types(self, "nf4.")
-        _require(self.block_size >= 1, "nf4.block_size", self.block_size, "must be >= 1")
-        _require(self.scaler_block_size >= 1, "nf4.scaler_block_size", self.scaler_block_size, "must be >= 1")
+        require_minimums(self, "nf4.", {"block_size": 1, "scaler_block_size": 1})
 
 
 @dataclass(frozen=True)
@@ -567,15 +572,13 @@ def from_plain(cls: type, data: Any, path: str) -> Any:
     unknown = sorted(set(data) - set(fields) - set(getattr(cls, "MOVED", ())))
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {unknown}; allowed: {sorted(fields)}")
-    hints = _field_hints(cls)
-    return cls(**{name: _coerce(hints[name], value, f"{path}.{name}") for name, value in data.items()})
+    return cls(**{name: _coerce(_field_hints(cls)[name], value, f"{path}.{name}") for name, value in data.items()})
 
 
 def _coerce(hint: Any, value: Any, path: str) -> Any:
     if isinstance(hint, dataclasses.InitVar):  # a moved key (MOVED_KEYS), read as its type
         hint = hint.type
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
     if dataclasses.is_dataclass(hint):
         return from_plain(hint, value, path)
     if origin in (typing.Union, types.UnionType):

@@ -25,17 +25,11 @@ from typing import Any, Literal, get_args
 import yaml
 
 from leanlora.config import (MOVED_KEYS, AdapterConfig, ConfigError, _require, canonical_keys, check_field_types,
-                             from_plain, require_lr, to_plain)
+                             from_plain, require_lr, require_minimums, to_plain)
 from leanlora.train import lr_schedule
 from leanlora.train.data import label_text, not_utf8
 
 TaskKind = Literal["classification", "regression", "causal_lm"]
-
-
-def _require_minimums(config: Any, prefix: str, minimums: dict[str, int]) -> None:
-    """Each named field of ``config`` must be at least its minimum; the error names the key."""
-    for name, least in minimums.items():
-        _require(getattr(config, name) >= least, prefix + name, getattr(config, name), f"must be >= {least}")
 
 
 @dataclass(frozen=True)
@@ -136,7 +130,7 @@ class DataConfig:
                  "packs causal-LM examples; a classifier's batch is padded (set it to false)")
         _require(self.pad_to_multiple_of >= 0, "data.pad_to_multiple_of", self.pad_to_multiple_of,
                  "must be >= 0 (0: pad to the longest example of the batch)")
-        _require_minimums(self, "data.", {"max_length": 8, "max_new_tokens": 1, "holdout": 0,
+        require_minimums(self, "data.", {"max_length": 8, "max_new_tokens": 1, "holdout": 0,
                                           "max_train_examples": 0, "max_eval_examples": 0})
         _require(not (self.holdout and self.eval_file), "data.holdout", self.holdout,
                  "holds rows of train_file out as the eval set; data.eval_file is set too: use one of them")
@@ -244,7 +238,7 @@ class TrainConfig:
                      "train.cuda_graph runs in one process (allowed with it: 'none')")
         at_least_one = ("epochs", "batch_size", "grad_accum", "eval_batch_size", "log_every")
         at_least_zero = ("max_steps", "eval_every", "save_every", "num_threads", "weight_decay", "max_grad_norm")
-        _require_minimums(self, "train.", {**dict.fromkeys(at_least_one, 1), **dict.fromkeys(at_least_zero, 0)})
+        require_minimums(self, "train.", {**dict.fromkeys(at_least_one, 1), **dict.fromkeys(at_least_zero, 0)})
         require_lr("train.lr", self.lr)
         _require(0 <= self.warmup_ratio < 1, "train.warmup_ratio", self.warmup_ratio, "must be in [0, 1)")
         lr_schedule.validate(self)
