@@ -333,11 +333,9 @@ def _layer_distortions(layer: nn.Module, chains: list[Chain], picked: list[int])
         e = ranks.E.detach().float() if getattr(ranks, "E", None) is not None else torch.ones(a.shape[0])
         scale = float(ranks.select(a, b)[3])  # eval mode: the full structure's scale
         full = {"a": a, "b": b, "e": e}
-        levels = {}
-        for kind, q in (("a", layer.quant_a), ("b", layer.quant_b), ("e", ranks.diag_quantizer())):
-            if q is not None and hasattr(q, "bit_set"):
-                w = full[kind]
-                levels[kind] = level_values(w, q.x_max(w), q._steps, q._qmax, q.has_float, False)
+        quantizers = {"a": layer.quant_a, "b": layer.quant_b, "e": ranks.diag_quantizer()}
+        levels = {kind: level_values(full[kind], q.x_max(full[kind]), q._steps, q._qmax, q.has_float, False)
+                  for kind, q in quantizers.items() if hasattr(q, "bit_set")}  # the learned quantizers
         a_top, b_top, e_top = (levels[kind][-1] if kind in levels else full[kind] for kind in ("a", "b", "e"))
         bd = b_top * e_top.to(b_top.device)                                   # B D (out, r)
         out = {}
@@ -444,8 +442,7 @@ def project(model: nn.Module, budget: float) -> dict[str, Any]:
     closed = closed_items(order, costs, full, budget)
     pins = pinned_values(chains, order, len(closed))
     apply_pins(chains, pins)
-    return {"pins": pins, "cost": costs[len(closed) - 1] if closed else full, "full": full,
-            "removed": len(closed)}
+    return {"pins": pins, "cost": costs[len(closed) - 1] if closed else full, "full": full, "removed": len(closed)}
 
 
 # --- the controller ---------------------------------------------------------------------------

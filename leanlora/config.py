@@ -372,8 +372,7 @@ class AdapterConfig:
         for alias, value in (("lora_alpha", lora_alpha), ("lora_dropout", lora_dropout)):
             if value is not None:
                 name = PEFT_ALIASES[alias]
-                default = self.__dataclass_fields__[name].default
-                _require(getattr(self, name) in (default, value), alias, value,
+                _require(getattr(self, name) in (self.__dataclass_fields__[name].default, value), alias, value,
                          f"{name}={getattr(self, name)!r} is also given; name one of {name} and {alias}")
                 object.__setattr__(self, name, value)
         check_field_types(self, "")

@@ -416,9 +416,7 @@ def _fix_yaml_floats(data: Any) -> Any:
 
 def load_run_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Read a run YAML (or start from the defaults when ``path`` is None) and apply overrides."""
-    data: dict[str, Any] = {}
-    lines: dict[str, int] = {}
-    source = "config"
+    data, lines, source = {}, {}, "config"  # no file: the defaults and the overrides
     if path is not None:
         path = Path(path)
         source = str(path)
