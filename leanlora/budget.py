@@ -681,8 +681,7 @@ def cost_summary(model: nn.Module) -> dict[str, Any]:
     out = {"bops": t["bops"], "bops_lora16": t["lora_bops"], "bops_vs_lora16": t["bops_vs_lora"],
            "bytes": t["stored_bytes"], "adapter_bytes": t["adapter_bytes"], "mean_rank": t["mean_rank"],
            "mean_bits_a": t["mean_bits_a"], "mean_bits_b": t["mean_bits_b"]}
-    ctl = controller(model)
-    if ctl is not None:
+    if (ctl := controller(model)) is not None:
         out["budget"] = ctl.budget
     return out
 

@@ -178,11 +178,9 @@ def _parse_budgets(args: argparse.Namespace, adapter) -> list[float]:
     except ValueError:
         raise CLIError(f"--budgets {args.budgets!r}: expected comma-separated fractions such as "
                        "0.05,0.1,0.2") from None
-    trained = leanlora.budget.resolved(adapter)
-    if trained is not None and not args.budgets:
+    if (trained := leanlora.budget.resolved(adapter)) is not None and not args.budgets:
         budgets.append(trained)
-    bad = [b for b in budgets if not 0.0 < b <= 1.0]
-    if bad:
+    if bad := [b for b in budgets if not 0.0 < b <= 1.0]:
         raise CLIError(f"--budgets: {bad[0]!r} is invalid: each budget is a fraction of LoRA-16 BOPs in (0, 1]")
     return budgets
 

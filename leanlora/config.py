@@ -85,8 +85,7 @@ def check_field_types(obj: Any, prefix: str) -> None:
             if value is None:
                 continue
             hint = args[0]  # an optional field: its type when set
-        choices = _choices(hint)
-        if choices:
+        if choices := _choices(hint):
             _require(value in choices, name, value, "allowed: " + ", ".join(
                 str(c).lower() if isinstance(c, bool) else repr(c) for c in choices))
         elif hint is float:
@@ -568,8 +567,7 @@ def from_plain(cls: type, data: Any, path: str) -> Any:
         raise ConfigError(f"{path}: expected a mapping, got {type(data).__name__} {data!r}")
     data = canonical_keys(cls, data, path)
     fields = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(data) - set(fields) - set(getattr(cls, "MOVED", ())))
-    if unknown:
+    if unknown := sorted(set(data) - set(fields) - set(getattr(cls, "MOVED", ()))):
         raise ConfigError(f"{path}: unknown key(s) {unknown}; allowed: {sorted(fields)}")
     return cls(**{name: _coerce(_field_hints(cls)[name], value, f"{path}.{name}") for name, value in data.items()})
 

@@ -281,8 +281,7 @@ SECTIONS = {f.name: f for f in dataclasses.fields(RunConfig)}
 
 def run_from_dict(data: dict[str, Any], lines: dict[str, int], source: str, overridden: dict[str, str]) -> RunConfig:
     """Build a RunConfig from plain dicts; a ConfigError names the key and where it was set."""
-    unknown = sorted(set(data) - set(SECTIONS))
-    if unknown:
+    if unknown := sorted(set(data) - set(SECTIONS)):
         raise ConfigError(_locate(f"{unknown[0]}: unknown section; allowed: {sorted(SECTIONS)}",
                                   unknown[0], lines, source, overridden))
     # The adapter's defaults follow the task (modules_to_save: the head of a classifier, nothing
@@ -338,8 +337,7 @@ def _locate(message: str, key: str, lines: dict[str, int], source: str, overridd
     parts = key.split(".")
     for n in range(len(parts), 0, -1):
         prefix = ".".join(parts[:n])
-        hit = [text for k, text in overridden.items() if k == prefix or k.startswith(prefix + ".")]
-        if hit:
+        if hit := [text for k, text in overridden.items() if k == prefix or k.startswith(prefix + ".")]:
             return f"override {hit[0]!r}: {message}"
         if prefix in lines:
             return f"{source} line {lines[prefix]}: {message}"
