@@ -467,9 +467,7 @@ def _emit(obj: Any, indent: int, out: list[str]) -> None:
     pad = " " * indent
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
-        doc = docs.get(f.name, "")
-        if not doc and dataclasses.is_dataclass(value):
-            doc = _summary_line(value)
+        doc = docs.get(f.name) or (_summary_line(value) if dataclasses.is_dataclass(value) else "")
         out.extend(f"{pad}# {line}" for line in textwrap.wrap(doc, width=96 - indent))
         if dataclasses.is_dataclass(value):
             out.append(f"{pad}{f.name}:")
