@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from leanlora.base.dense import Requantized
+
 
 def is_linear4bit(module: nn.Module) -> bool:
     """True for ``bitsandbytes.nn.Linear4bit`` (checked without importing bitsandbytes)."""
@@ -51,8 +53,10 @@ def _keep_standard_layout(layer: nn.Module) -> None:
         layer.weight.data, layer.weight.quant_state = _convert_weight_packed_for_cpu_inverse(layer.weight.data, state)
 
 
-class Bnb4Base(nn.Module):
+class Bnb4Base(Requantized):
     """Frozen base held by a ``bnb.nn.Linear4bit``; forward is the module's own."""
+
+    KIND = "4-bit"
 
     def __init__(self, layer: nn.Module, name: str = "") -> None:
         super().__init__()
@@ -73,21 +77,15 @@ class Bnb4Base(nn.Module):
         w = self.layer.weight
         return _bnb_functional().dequantize_4bit(w.data, w.quant_state)  # (out, in)
 
-    @torch.no_grad()
-    def add_delta_(self, delta: torch.Tensor) -> dict[str, float]:
-        """W0 <- Q4(deq(W0) + delta) with the same block size, type and nesting; returns the added error."""
+    def _requantize(self, target: torch.Tensor) -> None:
+        """W0 <- Q4(target) with the same block size, type and nesting."""
         w = self.layer.weight
         state = w.quant_state
-        target = self.dense_weight().float() + delta.to(w.data.device, torch.float32)
-        if not torch.isfinite(target).all():
-            raise ValueError(f"{self.name}: W0 + delta holds NaN/inf; the 4-bit base was left unchanged")
         data, new_state = _bnb_functional().quantize_4bit(target.to(state.dtype), blocksize=state.blocksize,
                                                           compress_statistics=state.nested,
                                                           quant_type=state.quant_type, quant_storage=w.data.dtype)
         # Rebind, not write in place, so a snapshot of the old (data, state) stays exact.
         w.data, w.quant_state = data, new_state
-        err = (self.dense_weight().float() - target).abs()
-        return {"mean_abs": float(err.mean()), "max_abs": float(err.max())}
 
     def snapshot(self) -> tuple[torch.Tensor, object]:
         return self.layer.weight.data, self.layer.weight.quant_state

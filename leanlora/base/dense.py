@@ -71,16 +71,36 @@ class DenseBase(nn.Module):
         return f"{'Conv1D' if self.transposed else 'Linear'}, dtype={self.layer.weight.dtype}"
 
 
-class QuantizedBase(nn.Module):
-    """What the quantized bases (NF4, FP8) share: W0 (out, in) held in a quantized form beside the
-    original frozen bias, merging by requantizing, unloading to a dense layer.
+class Requantized(nn.Module):
+    """A frozen base held in a quantized form (NF4, FP8, bitsandbytes 4-bit), merged into by requantizing.
 
-    A subclass names its format in ``KIND`` (for messages) and provides ``_linear(x)`` (x W0^T, no
-    bias, in x's dtype), ``dense_weight()``, ``_fp32_weight()`` (W0 dequantized to fp32) and
-    ``_requantize(w)`` (store fp32 ``w`` as the new W0).
+    A subclass names its format in ``KIND`` (for messages) and provides ``dense_weight()`` and
+    ``_requantize(w)`` (store fp32 ``w`` as the new W0); ``_fp32_weight()`` is W0 dequantized to fp32.
     """
 
     KIND = "quantized"
+
+    def _fp32_weight(self) -> torch.Tensor:
+        return self.dense_weight().float()
+
+    @torch.no_grad()
+    def add_delta_(self, delta: torch.Tensor) -> dict[str, float]:
+        """W0 <- Q(deq(W0) + delta); returns the error requantization added: |Q(W) - W|."""
+        w0 = self._fp32_weight()
+        target = w0 + delta.to(w0.device, torch.float32)
+        if not torch.isfinite(target).all():
+            raise ValueError(f"{self.name}: W0 + delta holds NaN/inf; the {self.KIND} base was left unchanged")
+        self._requantize(target)
+        err = (self._fp32_weight() - target).abs()
+        return {"mean_abs": float(err.mean()), "max_abs": float(err.max())}
+
+
+class QuantizedBase(Requantized):
+    """What the quantized bases (NF4, FP8) share: W0 (out, in) held in a quantized form beside the
+    original frozen bias, merging by requantizing, unloading to a dense layer.
+
+    A subclass provides ``_linear(x)`` (x W0^T, no bias, in x's dtype) and what :class:`Requantized` needs.
+    """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool, name: str) -> None:
         super().__init__()
@@ -122,17 +142,6 @@ class QuantizedBase(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._linear(x)                                   # (..., out) in x.dtype
         return y if self.bias is None else y + self.bias.to(y.dtype)
-
-    @torch.no_grad()
-    def add_delta_(self, delta: torch.Tensor) -> dict[str, float]:
-        """W0 <- Q(deq(W0) + delta); returns the error requantization added: |Q(W) - W|."""
-        w0 = self._fp32_weight()
-        target = w0 + delta.to(w0.device, torch.float32)
-        if not torch.isfinite(target).all():
-            raise ValueError(f"{self.name}: W0 + delta holds NaN/inf; the {self.KIND} base was left unchanged")
-        self._requantize(target)
-        err = (self._fp32_weight() - target).abs()
-        return {"mean_abs": float(err.mean()), "max_abs": float(err.max())}
 
     def as_module(self) -> nn.Module:
         """A frozen dense ``nn.Linear`` (``Conv1D`` when the module came from one) holding the dequantized

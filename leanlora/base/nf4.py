@@ -104,9 +104,6 @@ class NF4Base(QuantizedBase):
         """Dequantized W0 (out, in) in the NF4 tensor's dtype."""
         return self.weight.get_original_weight()
 
-    def _fp32_weight(self) -> torch.Tensor:
-        return self.dense_weight().float()
-
     def _requantize(self, w: torch.Tensor) -> None:
         self._set_weight(self._quantize(w.to(self.weight.dtype)))
 

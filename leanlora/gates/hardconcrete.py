@@ -16,6 +16,7 @@ free of host synchronisation, so they trace under ``torch.compile``.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -67,13 +68,9 @@ def prefix_product(z: torch.Tensor) -> torch.Tensor:
     backward a dozen more, where K multiplications fuse into the gate sampling and the quantizer
     around them. Gate chains are short (K < r, K < 5 for bits). On the CPU cumprod is one call.
     """
-    n = z.shape[-1]
-    if n <= 1 or not (z.is_cuda or torch.compiler.is_compiling()):
+    if z.shape[-1] <= 1 or not (z.is_cuda or torch.compiler.is_compiling()):
         return torch.cumprod(z, -1)
-    out = [z[..., 0]]
-    for k in range(1, n):
-        out.append(out[-1] * z[..., k])
-    return torch.stack(out, -1)
+    return torch.stack(list(itertools.accumulate(z.unbind(-1), torch.mul)), -1)
 
 
 def prob_one(log_alpha: torch.Tensor) -> torch.Tensor:

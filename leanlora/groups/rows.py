@@ -11,6 +11,8 @@ parameters of its own again.
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import torch
 from torch import nn
 
@@ -99,12 +101,9 @@ def row_grad(module: nn.Module, name: str) -> torch.Tensor | None:
     return grad if grad is None or row is None else grad[row]
 
 
-def row_parameters(module: nn.Module, prefix: str = "") -> list[tuple[str, torch.Tensor]]:
-    """(name, tensor) of every trainable tensor of ``module`` and its children: own parameters and rows."""
-    out = []
+def row_parameters(module: nn.Module, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every trainable tensor of ``module`` and its children: rows, then own parameters."""
     for name, m in module.named_modules(prefix=prefix):
-        dot = f"{name}." if name else ""
         for key, (template, row) in (m.__dict__.get("_rows") or {}).items():
-            out.append((dot + key, getattr(template, key)[row]))
-        out.extend((dot + key, p) for key, p in m._parameters.items() if p is not None)
-    return out
+            yield f"{name}.{key}", getattr(template, key)[row]
+        yield from ((f"{name}.{key}", p) for key, p in m._parameters.items() if p is not None)

@@ -54,10 +54,6 @@ def quant_codes(w: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor
 class FixedBits(FixedWidth):
     """Fake-quantizer at one bit-width in {2, 4, 8, 16, 32}; 32 is float (identity)."""
 
-    def __init__(self, bits: int) -> None:
-        super().__init__()
-        self.nbits = bits
-
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if self.nbits == FLOAT_BITS:
             return w
@@ -86,8 +82,7 @@ class FrozenBits(FixedWidth):
     """
 
     def __init__(self, bits: int, scale: torch.Tensor | None = None, quantized: bool | None = None) -> None:
-        super().__init__()
-        self.nbits = bits
+        super().__init__(bits)
         self._quantized = bits < FLOAT_BITS if quantized is None else quantized
         # a None buffer is no state-dict entry, as a plain None attribute was
         self.register_buffer("scale", None if scale is None else scale.detach().float().reshape(()).clone())

@@ -9,7 +9,14 @@ from leanlora.groups.rows import StackedRows
 
 
 class FixedWidth(StackedRows, nn.Module):
-    """A quantizer whose width is one number, ``nbits``: what it reports, now and expected."""
+    """A quantizer whose width is one number, ``nbits``: what it reports, now and expected.
+
+    Unless a subclass says otherwise the factor is stored as float values, not integer codes.
+    """
+
+    def __init__(self, bits: int) -> None:
+        super().__init__()
+        self.nbits = bits
 
     def bits(self) -> int:
         return self.nbits
@@ -17,22 +24,21 @@ class FixedWidth(StackedRows, nn.Module):
     def expected_bits(self) -> float:
         return float(self.nbits)
 
+    def quantized(self) -> bool:
+        """False: the factor is stored as float values, not integer codes (see leanlora.artifact.packing)."""
+        return False
+
+    def encode(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """No integer codes: finalize stores a float factor as it is."""
+        return None
+
     def extra_repr(self) -> str:
         return f"bits={self.nbits}"
 
 
 class FullPrecision(FixedWidth):
     def __init__(self, dtype_bits: int = 32) -> None:
-        super().__init__()
-        self.nbits = dtype_bits
+        super().__init__(dtype_bits)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         return w
-
-    def quantized(self) -> bool:
-        """False: the factor is stored as float values, not integer codes (see leanlora.artifact.packing)."""
-        return False
-
-    def encode(self, w: torch.Tensor) -> None:
-        """No integer codes: finalize stores a float factor as it is."""
-        return None
