@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from leanlora.base.dense import Requantized
+from leanlora.base.dense import HeldLayer, Requantized
 
 
 def is_linear4bit(module: nn.Module) -> bool:
@@ -53,25 +53,20 @@ def _keep_standard_layout(layer: nn.Module) -> None:
         layer.weight.data, layer.weight.quant_state = _convert_weight_packed_for_cpu_inverse(layer.weight.data, state)
 
 
-class Bnb4Base(Requantized):
+class Bnb4Base(Requantized, HeldLayer):
     """Frozen base held by a ``bnb.nn.Linear4bit``; forward is the module's own."""
 
     KIND = "4-bit"
 
     def __init__(self, layer: nn.Module, name: str = "") -> None:
-        super().__init__()
         if not is_linear4bit(layer):
             raise TypeError(f"{name}: Bnb4Base wraps bitsandbytes.nn.Linear4bit, got {type(layer).__name__}")
         if getattr(layer.weight, "quant_state", None) is None:
             raise ValueError(f"{name}: this Linear4bit is not quantized yet (bitsandbytes quantizes when the "
                              "module is moved to a device: call .to(device) before inject)")
-        self.layer = layer
+        super().__init__(layer)
         self.name = name
-        self.in_features, self.out_features = layer.in_features, layer.out_features
         _keep_standard_layout(layer)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer(x)
 
     def dense_weight(self) -> torch.Tensor:
         w = self.layer.weight
@@ -96,9 +91,6 @@ class Bnb4Base(Requantized):
     def nbytes(self) -> int:
         w = self.layer.weight
         return w.data.nbytes + _quant_state_bytes(w.quant_state)
-
-    def as_module(self) -> nn.Module:
-        return self.layer
 
     def extra_repr(self) -> str:
         state = self.layer.weight.quant_state

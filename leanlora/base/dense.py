@@ -26,19 +26,30 @@ def linear_shape(module: nn.Module) -> tuple[int, int]:
     return module.in_features, module.out_features
 
 
-class DenseBase(nn.Module):
-    """Holds the original layer as ``layer`` so that unload hands back the very same object."""
+class HeldLayer(nn.Module):
+    """A base that holds the original layer as ``layer``: the forward is the layer's own, and unload
+    hands back the very same object."""
 
     def __init__(self, layer: nn.Module) -> None:
         super().__init__()
-        if not supported_linear(layer):
-            raise TypeError(f"DenseBase wraps nn.Linear or transformers Conv1D, got {type(layer).__name__}")
         self.layer = layer
-        self.transposed = is_conv1d(layer)  # Conv1D keeps W as (in, out)
         self.in_features, self.out_features = linear_shape(layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layer(x)
+
+    def as_module(self) -> nn.Module:
+        return self.layer
+
+
+class DenseBase(HeldLayer):
+    """The original ``nn.Linear`` or ``Conv1D``, kept as it was loaded."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        if not supported_linear(layer):
+            raise TypeError(f"DenseBase wraps nn.Linear or transformers Conv1D, got {type(layer).__name__}")
+        super().__init__(layer)
+        self.transposed = is_conv1d(layer)  # Conv1D keeps W as (in, out)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -63,9 +74,6 @@ class DenseBase(nn.Module):
 
     def nbytes(self) -> int:
         return self.layer.weight.nbytes
-
-    def as_module(self) -> nn.Module:
-        return self.layer
 
     def extra_repr(self) -> str:
         return f"{'Conv1D' if self.transposed else 'Linear'}, dtype={self.layer.weight.dtype}"

@@ -50,10 +50,8 @@ def unpack_topk(index: torch.Tensor, weights: torch.Tensor, num_vectors: int,
     last = (1 - weights.sum(-1, keepdim=True)).clamp_min(0)
     weights = torch.cat([weights, last], dim=-1)                                    # (..., k)
     log_w = weights.log()
-    if floor_gap is None:
-        fill = torch.full((*log_w.shape[:-1], 1), float("-inf"), dtype=log_w.dtype)
-    else:
-        fill = log_w.min(dim=-1, keepdim=True).values - floor_gap
+    fill = (torch.full((*log_w.shape[:-1], 1), float("-inf"), dtype=log_w.dtype) if floor_gap is None
+            else log_w.min(dim=-1, keepdim=True).values - floor_gap)
     logits = fill.expand(*log_w.shape[:-1], num_vectors).clone()                  # (..., h)
     return logits.scatter(-1, index.long(), log_w)
 

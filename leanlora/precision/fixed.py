@@ -88,9 +88,7 @@ class FrozenBits(FixedWidth):
         self.register_buffer("scale", None if scale is None else scale.detach().float().reshape(()).clone())
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        if self.scale is None:
-            return w
-        return fake_quant(w, self.scale, self.nbits, torch.round)
+        return w if self.scale is None else fake_quant(w, self.scale, self.nbits, torch.round)
 
     def quantized(self) -> bool:
         return self._quantized

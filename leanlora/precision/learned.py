@@ -78,12 +78,6 @@ def grid_scale(x_max: torch.Tensor, bits: int) -> torch.Tensor:
     return 2.0 * x_max / (2 ** bits - 1)
 
 
-def _round_codes(y: torch.Tensor, qmax: torch.Tensor, straight_through: bool) -> torch.Tensor:
-    """clamp(round(y), ±qmax), with an identity gradient when ``straight_through``."""
-    codes = torch.minimum(torch.maximum(torch.round(y), -qmax), qmax)
-    return y + (codes - y).detach() if straight_through else codes
-
-
 def level_values(w: torch.Tensor, x_max: torch.Tensor, steps: torch.Tensor, qmax: torch.Tensor,
                  has_float: bool, straight_through: bool = True) -> torch.Tensor:
     """q_k = s_k clamp(⌊x_c / s_k⌉, ±qmax_k) for every quantized width, then ``w`` for float.
@@ -99,11 +93,14 @@ def level_values(w: torch.Tensor, x_max: torch.Tensor, steps: torch.Tensor, qmax
 
 def _level(wf: torch.Tensor, x_max: torch.Tensor, steps: torch.Tensor, qmax: torch.Tensor,
            straight_through: bool) -> torch.Tensor:
-    """s clamp(⌊x_c / s⌉, ±qmax) with s = x_max · steps and x_c = w clipped to ±x_max (all broadcast)."""
+    """s clamp(⌊x_c / s⌉, ±qmax) with s = x_max · steps and x_c = w clipped to ±x_max (all broadcast);
+    the rounding has an identity gradient when ``straight_through``."""
     lim = x_max * _CLIP
     xc = torch.minimum(torch.maximum(wf, -lim), lim)
     s = x_max * steps
-    return s * _round_codes(xc / s, qmax, straight_through)
+    y = xc / s
+    codes = torch.minimum(torch.maximum(torch.round(y), -qmax), qmax)
+    return s * (y + (codes - y).detach() if straight_through else codes)
 
 
 def level_weights(gates: torch.Tensor) -> torch.Tensor:

@@ -156,7 +156,15 @@ class NestedRanks(PrefixRanks, StackedRows, nn.Module):
         if self.training:
             if not torch.compiler.is_compiling():  # reading the Python int would specialise the graph
                 self._check(self.sampler.rank(), "sampled rank")
-            return self._masked(a, b_mat, self.sampler.current_rank)
+            rank = self.sampler.current_rank
+            on = self._index < rank                                          # (r,) bool, components 0..b-1
+            scale = self.scale_at(rank.to(torch.float32))                    # a float or a 0-dim tensor
+            if self.frozen:
+                # Only component b-1 learns this step; the earlier ones pass through detached.
+                learns = self._index == rank - 1
+                a = torch.where(learns[:, None], a, a.detach())       # over (..., r, in)
+                b_mat = torch.where(learns, b_mat, b_mat.detach())    # over (..., out, r)
+            return a, b_mat, on.to(torch.float32) * scale, 1.0
         b = self.eval_rank()
         return a[..., :b, :], b_mat[..., :b], None, self.scale_at(b)  # (..., b, in), (..., out, b)
 
@@ -166,16 +174,6 @@ class NestedRanks(PrefixRanks, StackedRows, nn.Module):
         if self.scale_mode == "sqrt":
             return (lora_scale(self.alpha, b, self.rslora) * lora_scale(self.alpha, self.max_rank, self.rslora)) ** 0.5
         return lora_scale(self.alpha, b if self.scale_mode == "sampled" else self.max_rank, self.rslora)
-
-    def _masked(self, a: torch.Tensor, b_mat: torch.Tensor, rank: torch.Tensor):
-        on = self._index < rank                                          # (r,) bool, components 0..b-1
-        scale = self.scale_at(rank.to(torch.float32))                    # a float or a 0-dim tensor
-        if self.frozen:
-            # Only component b-1 learns this step; the earlier ones pass through detached.
-            learns = self._index == rank - 1
-            a = torch.where(learns[:, None], a, a.detach())       # over (..., r, in)
-            b_mat = torch.where(learns, b_mat, b_mat.detach())    # over (..., out, r)
-        return a, b_mat, on.to(torch.float32) * scale, 1.0
 
     def expected_rank(self) -> float:
         return min(self.sampler.mean(), float(self.rank)) if self.training else float(self.eval_rank())
