@@ -131,7 +131,7 @@ class DataConfig:
         _require(self.pad_to_multiple_of >= 0, "data.pad_to_multiple_of", self.pad_to_multiple_of,
                  "must be >= 0 (0: pad to the longest example of the batch)")
         require_minimums(self, "data.", {"max_length": 8, "max_new_tokens": 1, "holdout": 0,
-                                          "max_train_examples": 0, "max_eval_examples": 0})
+                                         "max_train_examples": 0, "max_eval_examples": 0})
         _require(not (self.holdout and self.eval_file), "data.holdout", self.holdout,
                  "holds rows of train_file out as the eval set; data.eval_file is set too: use one of them")
 
