@@ -21,7 +21,7 @@ from leanlora.config import ConfigError
 from leanlora.train.finite import FiniteGuard, TrainingDiverged
 from leanlora.train.loop import train
 from leanlora.train.runconfig import load_run_config
-from train_fixtures import classification_yaml, tiny_bert_dir
+from train_fixtures import classification_yaml, nan_loss_at, tiny_bert_dir
 
 QUIET = dict(progress=False, log=lambda *_: None)
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -147,19 +147,6 @@ def _poison_update(monkeypatch, at_step: int) -> None:
     monkeypatch.setattr(loop, "adamw", adamw)
 
 
-def _nan_loss_at(monkeypatch, call: int) -> None:
-    from leanlora.train import tasks
-
-    calls, original = {"n": 0}, tasks.ClassificationTask.loss
-
-    def loss(self, model, batch):
-        calls["n"] += 1
-        value = original(self, model, batch)
-        return value * float("nan") if calls["n"] == call else value
-
-    monkeypatch.setattr(tasks.ClassificationTask, "loss", loss)
-
-
 def test_a_nonfinite_update_is_never_saved(config, tmp_path, monkeypatch):
     """Checkpoints every step, evaluation (best/) every 4: step 5's update turns a weight NaN. The run
     stops at once naming step 5 and the tensor; the last checkpoint is the finite step 4, and best/
@@ -197,7 +184,7 @@ def test_an_update_that_turns_weights_non_finite_stops_before_anything_is_writte
 
 
 def test_the_advised_resume_command_runs_with_the_lower_learning_rate(config, tmp_path, monkeypatch, capsys):
-    _nan_loss_at(monkeypatch, call=3)
+    nan_loss_at(monkeypatch, call=3)
     out = tmp_path / "run dir"  # a space: the advised command quotes the path
     assert main(["train", str(config), "--out", str(out), "--no-progress", "data.eval_file="]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
@@ -270,7 +257,7 @@ def test_a_loss_read_a_step_late_still_keeps_its_update_off_the_weights(config, 
     """Step 5's loss is NaN. The loop issues step 6 before it reads step 5's loss, then stops naming
     step 5: the optimizer was called for steps 5 and 6 and changed nothing in either."""
     after = _fused_optimizer(monkeypatch)
-    _nan_loss_at(monkeypatch, call=5)
+    nan_loss_at(monkeypatch, call=5)
     with pytest.raises(TrainingDiverged, match=r"loss is nan at step 5 "):
         train(load_run_config(config, UNSAVED), tmp_path / "r", **QUIET)
     assert len(after) == 6  # the late read: step 6's update was issued, and skipped on the device

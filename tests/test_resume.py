@@ -19,7 +19,7 @@ from conftest import minilm_dir
 from leanlora.train.checkpoint import latest_checkpoint
 from leanlora.train.loop import TrainingDiverged, train
 from leanlora.train.runconfig import load_run_config
-from train_fixtures import Crash, classification_yaml, crash_after_saving, tiny_bert_dir, write_sentiment_tsv
+from train_fixtures import Crash, classification_yaml, crash_after_saving, nan_loss_at, tiny_bert_dir, write_sentiment_tsv
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 160
@@ -81,17 +81,7 @@ def test_sigkill_then_resume_equals_uninterrupted(config, tmp_path):
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_checkpoint(config, tmp_path, monkeypatch):
-    from leanlora.train import tasks
-
-    calls = {"n": 0}
-    original = tasks.ClassificationTask.loss
-
-    def loss_turning_nan(self, model, batch):
-        calls["n"] += 1
-        value = original(self, model, batch)
-        return value * float("nan") if calls["n"] == 7 else value
-
-    monkeypatch.setattr(tasks.ClassificationTask, "loss", loss_turning_nan)
+    nan_loss_at(monkeypatch, call=7)
     run = load_run_config(config, ["train.max_steps=20", "train.save_every=3", "train.eval_every=0"])
     with pytest.raises(TrainingDiverged, match=r"loss is nan at step 7 .* last good checkpoint is .*step-00000006"):
         train(run, tmp_path / "nan", progress=False, log=lambda *_: None)

@@ -125,3 +125,17 @@ def crash_after_saving(monkeypatch, at_step: int) -> None:
             raise Crash
 
     monkeypatch.setattr(loop, "save_checkpoint", save_then_crash)
+
+
+def nan_loss_at(monkeypatch, call: int) -> None:
+    """The classification loss turns NaN at its ``call``-th computation (1-based), finite otherwise."""
+    from leanlora.train import tasks
+
+    calls, original = {"n": 0}, tasks.ClassificationTask.loss
+
+    def loss(self, model, batch):
+        calls["n"] += 1
+        value = original(self, model, batch)
+        return value * float("nan") if calls["n"] == call else value
+
+    monkeypatch.setattr(tasks.ClassificationTask, "loss", loss)
