@@ -19,7 +19,8 @@ from conftest import minilm_dir
 from leanlora.train.checkpoint import latest_checkpoint
 from leanlora.train.loop import TrainingDiverged, train
 from leanlora.train.runconfig import load_run_config
-from train_fixtures import Crash, classification_yaml, crash_after_saving, nan_loss_at, tiny_bert_dir, write_sentiment_tsv
+from train_fixtures import (Crash, classification_yaml, crash_after_saving, nan_loss_at, tiny_bert_dir,
+                            write_sentiment_tsv)
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 160
