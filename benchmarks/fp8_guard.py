@@ -1,0 +1,86 @@
+"""Does an FP8 frozen base train like the dense one? Two `leanlora train` runs of one config, paired.
+
+The runs differ only in ``adapter.base`` (dense, then fp8): same seed, data order, schedule and
+adapter. Because every step sees the same batch in both runs, the per-step losses are paired, and
+the comparison is of the loss curves themselves:
+
+* ``tail``: mean loss over the last tenth of the run, and the FP8 run's relative difference;
+* ``max_rel_window``: the largest relative gap between the two curves' moving averages
+  (``--window`` steps), over the whole run: the curves agree within this fraction everywhere;
+* the final eval metrics of each run.
+
+    python -u benchmarks/fp8_guard.py configs/qdylora-asdiv-smollm2.yaml --out /tmp/fp8_guard \
+        adapter.ranks=fixed train.max_steps=300 train.batch_size=4 train.grad_accum=1
+
+Overrides are `leanlora train`'s ``section.key=value``. On a CPU the FP8 base runs torch's float8
+quantization with an fp32 matmul (the numerics of ``_scaled_mm`` on the GPU, not its speed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def moving_average(values: list[float], window: int) -> list[float]:
+    window = max(1, min(window, len(values)))
+    sums = [0.0]
+    for v in values:
+        sums.append(sums[-1] + v)
+    return [(sums[i + window] - sums[i]) / window for i in range(len(values) - window + 1)]
+
+
+def compare(dense: list[float], fp8: list[float], window: int) -> dict[str, float]:
+    """The paired curves' agreement: tail means and the largest relative gap of their moving averages."""
+    n = min(len(dense), len(fp8))
+    dense, fp8 = dense[:n], fp8[:n]
+    tail = max(1, n // 10)
+    d_tail, f_tail = sum(dense[-tail:]) / tail, sum(fp8[-tail:]) / tail
+    gaps = [abs(f - d) / abs(d) for d, f in zip(moving_average(dense, window), moving_average(fp8, window))]
+    return {"steps": n, "tail_steps": tail, "dense_tail": d_tail, "fp8_tail": f_tail,
+            "tail_rel": (f_tail - d_tail) / abs(d_tail), "window": window, "max_rel_window": max(gaps),
+            "mean_rel_window": sum(gaps) / len(gaps)}
+
+
+def run_one(config: str, overrides: list[str], base: str, out: Path) -> dict:
+    from leanlora.train.loop import train
+    from leanlora.train.runconfig import load_run_config
+
+    run = load_run_config(config, [*overrides, f"adapter.base={base}"])
+    start = time.perf_counter()
+    result = train(run, out / base, progress=False, log=lambda *a, **k: None)
+    metrics = json.loads((out / base / "metrics.json").read_text())
+    return {"base": base, "seconds": time.perf_counter() - start, "losses": list(result.losses),
+            "best_metrics": metrics.get("best_metrics"), "cost": metrics.get("cost")}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("config", help="a `leanlora train` run YAML")
+    ap.add_argument("overrides", nargs="*", help="section.key=value, applied to both runs")
+    ap.add_argument("--out", required=True, help="folder: the two run folders and fp8_guard.json")
+    ap.add_argument("--window", type=int, default=25, help="moving-average window of the curve comparison")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    import torch
+
+    runs = {base: run_one(args.config, args.overrides, base, out) for base in ("dense", "fp8")}
+    report = {"config": args.config, "overrides": args.overrides, "torch": torch.__version__,
+              "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+              "comparison": compare(runs["dense"]["losses"], runs["fp8"]["losses"], args.window), "runs": runs}
+    (out / "fp8_guard.json").write_text(json.dumps(report, indent=1))
+    c = report["comparison"]
+    print(f"{c['steps']} steps: last {c['tail_steps']} mean loss dense {c['dense_tail']:.4f}, fp8 {c['fp8_tail']:.4f} "
+          f"({100 * c['tail_rel']:+.2f} %); {c['window']}-step moving averages within "
+          f"{100 * c['max_rel_window']:.2f} % everywhere (mean {100 * c['mean_rel_window']:.2f} %)")
+    for base, r in runs.items():
+        print(f"{base}: {r['seconds']:.0f} s, eval {r['best_metrics']}")
+
+
+if __name__ == "__main__":
+    main()
