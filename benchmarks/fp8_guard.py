@@ -1,8 +1,8 @@
 """Does an FP8 frozen base train like the dense one? Two `leanlora train` runs of one config, paired.
 
-The runs differ only in ``adapter.base`` (dense, then fp8): same seed, data order, schedule and
-adapter. Because every step sees the same batch in both runs, the per-step losses are paired, and
-the comparison is of the loss curves themselves:
+The runs differ only in ``adapter.base`` (dense and fp8; one after the other, or at once with
+``--parallel``): same seed, data order, schedule and adapter. Because every step sees the same
+batch in both runs, the per-step losses are paired, and the comparison is of the loss curves:
 
 * ``tail``: mean loss over the last tenth of the run, and the FP8 run's relative difference;
 * ``max_rel_window``: the largest relative gap between the two curves' moving averages
@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+BASES = ("dense", "fp8")
 
 
 def moving_average(values: list[float], window: int) -> list[float]:
@@ -47,15 +49,20 @@ def compare(dense: list[float], fp8: list[float], window: int) -> dict[str, floa
             "mean_rel_window": sum(gaps) / len(gaps)}
 
 
-def run_one(config: str, overrides: list[str], base: str, out: Path) -> dict:
-    from leanlora.train.loop import train
-    from leanlora.train.runconfig import load_run_config
+def start_run(config: str, overrides: list[str], base: str, out: Path) -> tuple[subprocess.Popen, float]:
+    """`leanlora train` of ``config`` with ``adapter.base=base`` into ``out/base``, as a child process."""
+    cmd = [sys.executable, "-m", "leanlora", "train", str(Path(config).resolve()), "--out", str(out / base),
+           "--no-progress", *overrides, f"adapter.base={base}"]
+    out.mkdir(parents=True, exist_ok=True)
+    log = (out / f"{base}.log").open("w")
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT), time.perf_counter()
 
-    run = load_run_config(config, [*overrides, f"adapter.base={base}"])
-    start = time.perf_counter()
-    result = train(run, out / base, progress=False, log=lambda *a, **k: None)
+
+def finish_run(proc: subprocess.Popen, started: float, base: str, out: Path) -> dict:
+    if proc.wait() != 0:
+        sys.exit(f"fp8_guard: the {base} run failed (exit {proc.returncode}); see {out / f'{base}.log'}")
     metrics = json.loads((out / base / "metrics.json").read_text())
-    return {"base": base, "seconds": time.perf_counter() - start, "losses": list(result.losses),
+    return {"base": base, "seconds": time.perf_counter() - started, "losses": metrics["train_losses"],
             "best_metrics": metrics.get("best_metrics"), "cost": metrics.get("cost")}
 
 
@@ -65,17 +72,23 @@ def main(argv=None) -> None:
     ap.add_argument("overrides", nargs="*", help="section.key=value, applied to both runs")
     ap.add_argument("--out", required=True, help="folder: the two run folders and fp8_guard.json")
     ap.add_argument("--window", type=int, default=25, help="moving-average window of the curve comparison")
+    ap.add_argument("--parallel", action="store_true", help="run the two trainings at the same time")
     args = ap.parse_args(argv)
-    out = Path(args.out)
+    out = Path(args.out).resolve()
     import torch
 
-    runs = {base: run_one(args.config, args.overrides, base, out) for base in ("dense", "fp8")}
+    if args.parallel:  # both at once (e.g. one CPU core each, with OMP_NUM_THREADS=1)
+        started = {base: start_run(args.config, args.overrides, base, out) for base in BASES}
+        runs = {base: finish_run(*started[base], base, out) for base in BASES}
+    else:
+        runs = {base: finish_run(*start_run(args.config, args.overrides, base, out), base, out) for base in BASES}
     report = {"config": args.config, "overrides": args.overrides, "torch": torch.__version__,
               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
               "comparison": compare(runs["dense"]["losses"], runs["fp8"]["losses"], args.window), "runs": runs}
     (out / "fp8_guard.json").write_text(json.dumps(report, indent=1))
     c = report["comparison"]
-    print(f"{c['steps']} steps: last {c['tail_steps']} mean loss dense {c['dense_tail']:.4f}, fp8 {c['fp8_tail']:.4f} "
+    print(f"{c['steps']} steps: last {c['tail_steps']} mean loss dense {c['dense_tail']:.4f}, "
+          f"fp8 {c['fp8_tail']:.4f} "
           f"({100 * c['tail_rel']:+.2f} %); {c['window']}-step moving averages within "
           f"{100 * c['max_rel_window']:.2f} % everywhere (mean {100 * c['mean_rel_window']:.2f} %)")
     for base, r in runs.items():

@@ -135,7 +135,7 @@ def test_fp8_guard_pairs_the_dense_and_fp8_runs_of_one_config(tmp_path, capsys):
     from train_fixtures import classification_yaml, tiny_bert_dir
 
     config = classification_yaml(tmp_path, tiny_bert_dir(tmp_path, minilm_dir()), max_steps=6, eval_every=0)
-    fp8_guard.main([str(config), "train.lr=1e-2", "--out", str(tmp_path / "guard"), "--window", "3"])
+    fp8_guard.main([str(config), "train.lr=1e-2", "--out", str(tmp_path / "guard"), "--window", "3", "--parallel"])
     report = json.loads((tmp_path / "guard" / "fp8_guard.json").read_text())
     dense, fp8 = report["runs"]["dense"], report["runs"]["fp8"]
     assert len(dense["losses"]) == len(fp8["losses"]) == 6 and dense["losses"] != fp8["losses"]
