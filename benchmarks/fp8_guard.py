@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -55,7 +56,8 @@ def start_run(config: str, overrides: list[str], base: str, out: Path) -> tuple[
            "--no-progress", *overrides, f"adapter.base={base}"]
     out.mkdir(parents=True, exist_ok=True)
     log = (out / f"{base}.log").open("w")
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT), time.perf_counter()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # the log shows each step as it is logged
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env), time.perf_counter()
 
 
 def finish_run(proc: subprocess.Popen, started: float, base: str, out: Path) -> dict:
@@ -73,7 +75,7 @@ def main(argv=None) -> None:
     ap.add_argument("--out", required=True, help="folder: the two run folders and fp8_guard.json")
     ap.add_argument("--window", type=int, default=25, help="moving-average window of the curve comparison")
     ap.add_argument("--parallel", action="store_true", help="run the two trainings at the same time")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # overrides before or after the options
     out = Path(args.out).resolve()
     import torch
 
