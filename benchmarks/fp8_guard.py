@@ -19,6 +19,7 @@ quantization with an fp32 matmul (the numerics of ``_scaled_mm`` on the GPU, not
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -32,9 +33,7 @@ BASES = ("dense", "fp8")
 
 def moving_average(values: list[float], window: int) -> list[float]:
     window = max(1, min(window, len(values)))
-    sums = [0.0]
-    for v in values:
-        sums.append(sums[-1] + v)
+    sums = [0.0, *itertools.accumulate(values)]
     return [(sums[i + window] - sums[i]) / window for i in range(len(values) - window + 1)]
 
 
@@ -55,9 +54,10 @@ def start_run(config: str, overrides: list[str], base: str, out: Path) -> tuple[
     cmd = [sys.executable, "-m", "leanlora", "train", str(Path(config).resolve()), "--out", str(out / base),
            "--no-progress", *overrides, f"adapter.base={base}"]
     out.mkdir(parents=True, exist_ok=True)
-    log = (out / f"{base}.log").open("w")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # the log shows each step as it is logged
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env), time.perf_counter()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # what the child prints reaches its log at once
+    with (out / f"{base}.log").open("w") as log:  # the child keeps its own handle
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+    return proc, time.perf_counter()
 
 
 def finish_run(proc: subprocess.Popen, started: float, base: str, out: Path) -> dict:

@@ -173,7 +173,7 @@ class ClassificationTask:
         return batch
 
     def _logits(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return model(**model_inputs(batch)).logits.float()                        # (B, num_labels)
+        return model(**model_inputs(batch)).logits.float()  # (B, num_labels)
 
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         if self.regression:
