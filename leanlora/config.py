@@ -196,8 +196,11 @@ class GatedConfig:
     """B-LoRA hard-concrete rank gates (used when ``ranks="gated"``); the gates' own settings are
     in :class:`GatesConfig`, their prior's in :class:`PriorConfig`."""
 
-    diag: bool = True
-    """AdaLoRA-style B·diag(E)·A (True, the B-LoRA port's default) or plain B·A (False)."""
+    diag: bool = False
+    """AdaLoRA-style B·diag(E)·A (True, the B-LoRA authors' code) or plain B·A (False, the default).
+    E is one more learned factor per component, with bit gates of its own. In short GLUE runs on a
+    small encoder it left B-LoRA further under LoRA on a small-data task than plain B·A did, at the
+    same training loss (a generalization cost, not a fit one); plain B·A also stores fewer bytes."""
     init_log_alpha: InitVar[float | None] = None  # the moved keys keep their places for positional calls
     """moved to ``gates.rank_init_log_alpha``."""
     threshold: InitVar[float | None] = None

@@ -70,7 +70,7 @@ def test_launch_counts_against_peft(capsys):
     # of layers and save a few per layer: from two layers on it is fewer); B-LoRA's gates and
     # quantizers are what makes eager B-LoRA launch-bound (the reason for the compiled path)
     assert rows["lean_lora"]["kernels"] <= rows["peft_lora"]["kernels"]
-    assert rows["lean_blora"]["kernels"] > 5 * rows["peft_lora"]["kernels"]
+    assert rows["lean_blora"]["kernels"] > 4 * rows["peft_lora"]["kernels"]
     launches.main(["--rows", "peft_lora,lean_lora", "--layers", "1", "--r", "4"])
     assert "| leanlora LoRA |" in capsys.readouterr().out
 

@@ -136,5 +136,5 @@ def test_the_default_budget_runs_through_its_freeze_on_every_gated_point(factors
 
 def test_an_explicit_budget_below_what_the_adapter_can_reach_is_refused_by_name():
     model = leanlora.inject(tiny_llama(), dataclasses.replace(_config("dense", "gated", "float", "dense"), budget=0.1))
-    with pytest.raises(leanlora.ConfigError, match=r"adapter\.budget=0\.1 is below .* 0\.50.*adapter\.precision=learned"):
+    with pytest.raises(leanlora.ConfigError, match=r"adapter\.budget=0\.1 is below .* 0\.5 of LoRA-16.*adapter\.precision=learned"):
         leanlora.budget.start(model, 8)

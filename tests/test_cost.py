@@ -38,7 +38,9 @@ def test_plain_lora_closed_form():
 
 
 def test_gated_learned_closed_form():
-    model = leanlora.inject(tiny_llama(), _config(ranks="gated", precision="learned"))
+    # AdaLoRA's diagonal E, so that its bits are priced too
+    model = leanlora.inject(tiny_llama(), _config(ranks="gated", precision="learned",
+                                                  gated=leanlora.GatedConfig(diag=True)))
     layer = model.model.layers[0].self_attn.q_proj
     with torch.no_grad():
         layer.ranks.log_alpha.copy_(torch.tensor([OPEN, CLOSED, OPEN]))          # rank 2

@@ -144,9 +144,9 @@ def test_gates_and_scales_have_their_own_optimizer_groups():
     groups = {g["role"]: g for g in leanlora.param_groups(model, lr=1e-4)}
     assert groups["gates"]["lr"] == 0.05 and groups["gates"]["weight_decay"] == 0.0
     n_gates = sum(p.numel() for p in groups["gates"]["params"])
-    # rank gates (r - 1) + bit gates of A, B and E (4 each) in each of the 2 layers
-    assert n_gates == 2 * (3 + 3 * 4)
-    assert "scales" in groups and sum(p.numel() for p in groups["scales"]["params"]) == 2 * 3
+    # rank gates (r - 1) + bit gates of A and B (4 each) in each of the 2 layers (plain B·A: no E)
+    assert n_gates == 2 * (3 + 2 * 4)
+    assert "scales" in groups and sum(p.numel() for p in groups["scales"]["params"]) == 2 * 2
 
 
 def test_training_forward_compiles_without_graph_breaks():

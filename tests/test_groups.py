@@ -35,7 +35,8 @@ def _config(factors, ranks, precision, base, vectorize_mode):
     return leanlora.AdapterConfig(
         target_modules=TARGETS, r=4, alpha=8, factors=factors, ranks=ranks, precision=precision, base=base,
         bank=leanlora.BankConfig(num_vectors=16, vector_length=16, topk=2),
-        nf4=leanlora.NF4Config(block_size=32, scaler_block_size=32), vectorize=vectorize_mode)
+        nf4=leanlora.NF4Config(block_size=32, scaler_block_size=32), vectorize=vectorize_mode,
+        gated=leanlora.GatedConfig(diag=True))  # E and its quantizer: the gated form with the most stacks
 
 
 def _model(point, mode, layers=2, dtype=torch.float32):

@@ -17,8 +17,8 @@ def test_adamw_keeps_the_role_groups_and_steps_one_stack_per_group_and_name():
     assert type(opt) is torch.optim.AdamW
     assert [g["role"] for g in opt.param_groups] == [g["role"] for g in groups]
     assert {g["role"]: g["lr"] for g in opt.param_groups}["gates"] == model.leanlora_shared.config.gates.lr
-    # q_proj of both layers is one group: A, B, E, rank gates, bit gates and ranges of A, B, E
-    assert sum(len(g["params"]) for g in opt.param_groups) == 10
+    # q_proj of both layers is one group: A, B, rank gates, bit gates and ranges of A and B
+    assert sum(len(g["params"]) for g in opt.param_groups) == 7
     assert all(p.shape[0] == 2 for g in opt.param_groups for p in g["params"])  # a row per layer
 
 

@@ -51,7 +51,7 @@ class GatedRanks(StackedRows, nn.Module):
     # is exactly the 0/1 threshold and has no gradient, so training reads the threshold and draws no noise
     pinned = False
 
-    def __init__(self, rank: int, alpha: float, *, diag: bool = True, init_log_alpha: float = 6.0,
+    def __init__(self, rank: int, alpha: float, *, diag: bool = False, init_log_alpha: float = 6.0,
                  threshold: float = hc.THRESHOLD, nested: bool = True, prior: str = "nested",
                  rslora: bool = False, quant_e: nn.Module | None = None, reg_type: str = "const",
                  component_macs: float = 1.0, prior_scale: PriorScale | None = None,

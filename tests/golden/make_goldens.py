@@ -71,7 +71,8 @@ def config(point: str):
         base=base, budget=None,
         bank=leanlora.BankConfig(num_vectors=8, vector_length=16, topk=2, bank_lr=1e-2),  # pinned: not the default
         nf4=leanlora.NF4Config(block_size=16, scaler_block_size=16),
-        nested=leanlora.NestedConfig(full_share=0.0))  # pinned: DyLoRA's draw, not the default
+        nested=leanlora.NestedConfig(full_share=0.0),  # pinned: DyLoRA's draw, not the default
+        gated=leanlora.GatedConfig(diag=True))  # pinned: AdaLoRA's B·diag(E)·A, not the default
 
 
 def train(point: str):
