@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from adapters import ADAMW_IMPLS, METHODS, Shape, adamw_step, apply, trainable_count, unavailable  # noqa: E402
 from isolation import row_in_fresh_process  # noqa: E402
+from leanlora.train.runconfig import TrainConfig  # noqa: E402
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PRESETS = {  # Llama-3.2-1B geometry with a 32k vocabulary: 1.10e9 parameters
@@ -105,9 +106,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--lean-liger-kernels", action="store_true",
                     help="leanlora rows: Liger-Kernel's RMSNorm, SwiGLU and RoPE on the base model before inject "
                          "(the loss stays --lean-fused-loss's): to measure whether they beat inductor's fusions")
-    ap.add_argument("--lean-activation-budget", type=float, default=1.0,
+    ap.add_argument("--lean-activation-budget", type=float, default=TrainConfig.activation_budget,
                     help="leanlora rows: torch._functorch.config.activation_memory_budget for the compiled layers "
-                         "(1.0: save what the partitioner saves by default; lower recomputes more in the backward)")
+                         "(default: leanlora train's train.activation_budget; 1.0: save what the partitioner "
+                         "saves by default; lower recomputes more in the backward)")
     ap.add_argument("--budget-phase", choices=("frozen", "ramp"), default="frozen",
                     help="leanlora rows with a budget: time the steps after its freeze or during its ramp")
     ap.add_argument("--profile", default="", help="comma list of row-name substrings to profile for one extra step")

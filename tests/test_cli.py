@@ -14,6 +14,7 @@ import yaml
 from conftest import minilm_dir
 from leanlora.budget import resolved
 from leanlora.cli import main
+from leanlora.train.runconfig import TrainConfig
 from leanlora.train.runconfig import RunConfig, load_run_config
 from train_fixtures import classification_yaml, tiny_bert_dir, tiny_llama_dir, write_addition_jsonl
 
@@ -73,9 +74,10 @@ def test_compiled_training_gives_the_eager_losses(trained, config, root, monkeyp
     made = []
 
     class Recording(compiled.CompiledRegions):
-        def __init__(self, model, log=print, mode="default"):
-            assert mode == "default"  # train.compile_mode's default reaches the regions
-            super().__init__(model, backend="aot_eager", log=log)
+        def __init__(self, model, log=print, mode="default", activation_budget=1.0):
+            # train.compile_mode's and train.activation_budget's defaults reach the regions
+            assert mode == "default" and activation_budget == TrainConfig.activation_budget < 1.0
+            super().__init__(model, backend="aot_eager", log=log, activation_budget=activation_budget)
             made.append(self)
 
     monkeypatch.setattr(loop, "CompiledRegions", Recording)

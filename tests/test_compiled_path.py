@@ -142,3 +142,28 @@ def test_compiled_layer_adds_the_update_outside_the_gemm():
     got = torch.compile(layer, backend=record, fullgraph=True)(x)
     torch.testing.assert_close(got, layer(x), rtol=1e-2, atol=1e-2)  # bf16: one rounding apart
     assert calls and not any("addmm" in c for c in calls), calls
+
+
+def test_activation_budget_is_in_force_while_the_layers_compile_and_nowhere_else():
+    from torch._functorch import config as functorch_config
+
+    from leanlora.config import ConfigError
+    from leanlora.train.runconfig import TrainConfig
+
+    seen = []
+
+    def backend(gm, example_inputs):  # dynamo calls its backend when it compiles a layer, inside the step
+        seen.append(functorch_config.activation_memory_budget)
+        return gm.forward
+
+    before = functorch_config.activation_memory_budget
+    model = _blora()
+    regions = CompiledRegions(model, backend=backend, log=lambda *a: None, activation_budget=0.6)
+    regions.run_step(_step(model, token_batch()), lambda: model.zero_grad(set_to_none=True))
+    assert seen and set(seen) == {0.6}
+    assert functorch_config.activation_memory_budget == before
+    with pytest.raises(ValueError, match=r"activation_budget=0 is invalid: allowed \(0, 1\]"):
+        CompiledRegions(tiny_llama(), activation_budget=0)
+    assert TrainConfig().activation_budget < 1.0  # on by default wherever layers compile
+    with pytest.raises(ConfigError, match="train.activation_budget"):
+        TrainConfig(activation_budget=1.5)

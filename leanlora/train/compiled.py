@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch._functorch import config as functorch_config
 
 from leanlora.train.compile_errors import is_compile_error, root_cause
 from leanlora.groups.stacking import compile_pieces
@@ -44,11 +45,15 @@ class CompiledRegions:
     """Compile ``model``'s repeated blocks in place; :meth:`run_step` falls back to eager once."""
 
     def __init__(self, model: nn.Module, backend: str | Callable = "inductor", log=print,
-                 mode: str = "default") -> None:
-        """``mode`` is torch.compile's (inductor only); "reduce-overhead" records CUDA graphs."""
+                 mode: str = "default", activation_budget: float = 1.0) -> None:
+        """``mode`` is torch.compile's (inductor only); "reduce-overhead" records CUDA graphs.
+        ``activation_budget`` (0, 1] is the share of the activations each compiled layer may keep
+        for its backward; the min-cut partitioner recomputes the cheapest of the rest there."""
         if mode != "default" and backend != "inductor":
             raise ValueError(f"compile mode {mode!r} needs the inductor backend, not {backend!r}")
-        self.log, self.model, self.mode = log, model, mode
+        if not 0.0 < activation_budget <= 1.0:
+            raise ValueError(f"activation_budget={activation_budget!r} is invalid: allowed (0, 1]")
+        self.log, self.model, self.mode, self.activation_budget = log, model, mode, activation_budget
         self.regions = repeated_blocks(model) or [model]
         for region in self.regions:  # torch.compile's mode=None is its "default"
             region.compile(backend=backend, mode=None if mode == "default" else mode)
@@ -71,6 +76,12 @@ class CompiledRegions:
     def run_step(self, step: Callable[[], object], zero_grad: Callable[[], None]) -> object:
         """``step()`` (forward + backward of one optimizer step); on a compile failure in the first
         one, warn, go eager, clear gradients and run it again."""
+        # the partitioner reads the budget when a layer's graph is compiled, which is inside a step
+        # (the first, or a recompile for a new shape); patched here, it never leaks into user code
+        with functorch_config.patch(activation_memory_budget=self.activation_budget):
+            return self._run_step(step, zero_grad)
+
+    def _run_step(self, step: Callable[[], object], zero_grad: Callable[[], None]) -> object:
         if self._proven or not self.compiled:
             return step()
         rng = torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None

@@ -239,7 +239,8 @@ def _plan(run: RunConfig, run_dir: Path, model: nn.Module, wrapped: nn.Module, t
     optimizer = adamw(groups, lr=tc.lr)
     scheduler = build_scheduler(optimizer, tc, total, log)
     # compiled per decoder layer on CUDA by default; the first step falls back to eager if inductor fails
-    compiled = CompiledRegions(model, log=log, mode=tc.compile_mode) if wants_compile(tc.compile, device) else None
+    compiled = CompiledRegions(model, log=log, mode=tc.compile_mode, activation_budget=tc.activation_budget) \
+        if wants_compile(tc.compile, device) else None
     if compiled and (advice := shape_advice(tc.compile_mode, run.data.pad_to_multiple_of, run.data.max_length)):
         log(advice)
     # the prior (dist.regularizer: λ · Σ priors) stays eager: stated by group as stacked rows

@@ -204,6 +204,12 @@ class TrainConfig:
     removes kernel-launch cost from the host, the cost that paces methods of many small kernels
     (gates, quantizers, the bank). A graph is recorded per input shape, so prefer it when batches
     have few distinct lengths."""
+    activation_budget: float = 0.8
+    """share (0, 1] of its activations each compiled layer keeps for the backward pass; torch's
+    min-cut partitioner recomputes the cheapest of the rest there (torch._functorch.config
+    .activation_memory_budget). Below 1 it recomputes cheap elementwise work (norms, activations,
+    casts), which trades a little GPU time for much less activation memory; 1.0 keeps what the
+    partitioner keeps by default. Only compiled layers are affected (see train.compile)."""
     cuda_graph: bool = False
     """capture the whole training step (forward, backward, clipping, AdamW) as one CUDA graph
     and replay it (leanlora.train.StepGraph): the host no longer issues the step's kernels, so a
@@ -239,6 +245,8 @@ class TrainConfig:
         at_least_one = ("epochs", "batch_size", "grad_accum", "eval_batch_size", "log_every")
         at_least_zero = ("max_steps", "eval_every", "save_every", "num_threads", "weight_decay", "max_grad_norm")
         require_minimums(self, "train.", {**dict.fromkeys(at_least_one, 1), **dict.fromkeys(at_least_zero, 0)})
+        _require(0 < self.activation_budget <= 1, "train.activation_budget", self.activation_budget,
+                 "must be in (0, 1] (1: keep every activation the compiled layers would)")
         require_lr("train.lr", self.lr)
         _require(0 <= self.warmup_ratio < 1, "train.warmup_ratio", self.warmup_ratio, "must be in [0, 1)")
         lr_schedule.validate(self)
