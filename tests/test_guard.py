@@ -127,3 +127,34 @@ def test_the_training_loop_prints_the_notice_when_the_run_starts(tmp_path):
     train(load_run_config(config, ["adapter.factors=bank", "adapter.bank.vector_length=8"]), tmp_path / "run",
           progress=False, log=lines.append)
     assert any("adapter.factors=bank (VB-LoRA) learns more slowly" in line and "2 steps" in line for line in lines)
+
+
+def test_a_4_bit_base_on_a_small_model_is_told_at_the_start_of_the_run():
+    from leanlora.train.guard import SMALL_FOR_4BIT, base_weights, small_base_notice
+    from conftest import tiny_llama
+
+    nf4 = leanlora.AdapterConfig(base="nf4")
+    text = small_base_notice(nf4, 22_700_000)
+    assert "22.7M-parameter model" in text and "adapter.base=dense" in text
+    assert small_base_notice(nf4, SMALL_FOR_4BIT) is None                    # large enough
+    assert small_base_notice(leanlora.AdapterConfig(), 1000) is None         # a dense base: nothing to say
+    model = tiny_llama()
+    plain = sum(p.numel() for p in model.parameters())
+    pytest.importorskip("torchao")
+    leanlora.inject(model, leanlora.AdapterConfig(target_modules=("q_proj", "v_proj"), r=4, base="nf4",
+                                                  nf4=leanlora.NF4Config(block_size=32, scaler_block_size=32)))
+    assert base_weights(model) == plain                                      # codes and adapters not counted
+
+
+def test_the_training_loop_prints_the_small_base_notice(tmp_path):
+    pytest.importorskip("torchao")
+    from conftest import minilm_dir
+    from leanlora.train.loop import train
+    from leanlora.train.runconfig import load_run_config
+    from train_fixtures import classification_yaml, tiny_bert_dir
+
+    config = classification_yaml(tmp_path, tiny_bert_dir(tmp_path, minilm_dir()), max_steps=1, eval_every=1)
+    lines: list[str] = []
+    train(load_run_config(config, ["adapter.base=nf4", "adapter.nf4.block_size=16", "adapter.nf4.scaler_block_size=16"]),
+          tmp_path / "run", progress=False, log=lines.append)
+    assert any("adapter.base=nf4 rounds the frozen weights" in line for line in lines)

@@ -41,7 +41,7 @@ from leanlora.train.finite import FiniteGuard, TrainingDiverged, advice
 from leanlora.train.fused_loss import configure as configure_fused_loss
 from leanlora.train.head import require_saved_head
 from leanlora.train.lr_schedule import advance_schedule, build_scheduler
-from leanlora.train.guard import short_run_notice, stall_warning, task_verdict
+from leanlora.train.guard import base_weights, short_run_notice, small_base_notice, stall_warning, task_verdict
 from leanlora.train.models import load_model, load_tokenizer
 from leanlora.train.precision import check_trainable_dtype, optimizer_step, resolve_precision
 from leanlora.train.resume import resume_config, retune
@@ -233,6 +233,8 @@ def _plan(run: RunConfig, run_dir: Path, model: nn.Module, wrapped: nn.Module, t
             "train.max_grad_norm=1.0 (the default) clips them")
     # batch_size: all ranks together
     if notice := short_run_notice(run.adapter, total, tc.batch_size * tc.grad_accum):
+        log(notice)
+    if notice := small_base_notice(run.adapter, base_weights(model)):
         log(notice)
     groups = leanlora.param_groups(model, tc.lr, tc.weight_decay)
     check_trainable_dtype(precision, groups)
