@@ -127,3 +127,13 @@ def test_trackio_logs_to_its_local_database(tmp_path, monkeypatch):
     with sqlite3.connect(tmp_path / "trackio" / "leanlora.db") as db:
         rows = [json.loads(m) for (m,) in db.execute("select metrics from metrics")]
     assert rows == [{"train/loss": 1.5, "eval/accuracy": 0.75, "train/global_step": 7}]
+
+
+def test_without_a_progress_bar_each_logged_step_is_a_line_with_the_bars_fields(config, tmp_path):
+    lines: list[str] = []
+    train(load_run_config(config, ["adapter.ranks=gated"]), tmp_path / "run", progress=False, log=lines.append)
+    records = json.loads((tmp_path / "run" / "metrics.json").read_text())["log_history"]
+    steps = [line for line in lines if line.startswith("step ") and "/8: loss=" in line]
+    assert [int(line.split("/")[0].split()[1]) for line in steps] == [r["step"] for r in records]
+    first = records[0]
+    assert f"loss={first['loss']:.4f}" in steps[0] and f"rank={first['leanlora/rank']:.2f}" in steps[0]

@@ -406,10 +406,12 @@ def _log_step(loop: _Loop, step: int, grad_norm) -> None:
     for tracker in loop.trackers:  # the record's scalars; the step travels separately
         tracker.log({k: float(v) for k, v in logged.items() if k != "step"}, step)
     best = loop.state["best_score"]
-    loop.bar.set_postfix(loss=f"{logged['loss']:.4f}", score="-" if best is None else f"{best:.4f}",
-                         rank=f"{logged['leanlora/rank']:.2f}", bits=f"{logged['leanlora/bits']:.1f}",
-                         **budget.postfix({k[len("leanlora/"):]: v for k, v in logged.items()
-                                           if k.startswith("leanlora/")}), refresh=False)
+    fields = dict(loss=f"{logged['loss']:.4f}", score="-" if best is None else f"{best:.4f}",
+                  rank=f"{logged['leanlora/rank']:.2f}", bits=f"{logged['leanlora/bits']:.1f}",
+                  **budget.postfix({k[len("leanlora/"):]: v for k, v in logged.items() if k.startswith("leanlora/")}))
+    loop.bar.set_postfix(**fields, refresh=False)
+    if loop.bar.disable and dist.is_main_process():  # --no-progress: the same fields as lines (logs, CI)
+        loop.log(f"step {step}/{loop.total}: " + ", ".join(f"{k}={v}" for k, v in fields.items()))
 
 
 def _evaluate(loop: _Loop, step: int, step_loss: float) -> None:
