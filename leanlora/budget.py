@@ -330,7 +330,7 @@ def _layer_distortions(layer: nn.Module, chains: list[Chain], picked: list[int])
     with _eval_mode(layer):
         a, b = (t.float() for t in layer.factors())                          # (r, in), (out, r)
         ranks = layer.ranks
-        e = ranks.E.detach().float() if getattr(ranks, "E", None) is not None else torch.ones(a.shape[0], device=a.device)
+        e = ranks.E.detach().float() if getattr(ranks, "E", None) is not None else a.new_ones(a.shape[0])
         scale = float(ranks.select(a, b)[3])  # eval mode: the full structure's scale
         full = {"a": a, "b": b, "e": e}
         quantizers = {"a": layer.quant_a, "b": layer.quant_b, "e": ranks.diag_quantizer()}

@@ -118,8 +118,9 @@ def likely_cause(config: AdapterConfig) -> str:
 
 SMALL_FOR_4BIT = 1_000_000_000
 """Base weights below which a 4-bit base is not known to be harmless. QLoRA (arXiv:2305.14314) found
-NF4 level with 16-bit bases from 7B parameters up; on a 22M-parameter encoder the NF4 base alone cost
-some GLUE tasks points that neither the run length nor finer quantization blocks recovered."""
+NF4 level with 16-bit bases on models of billions of parameters; on a small encoder (MiniLM-L6) the NF4
+base alone cost some GLUE tasks accuracy that neither the run length nor finer quantization blocks
+recovered (BENCHMARKS.md, section 3f)."""
 
 
 def base_weights(model) -> int:
