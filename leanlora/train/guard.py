@@ -117,18 +117,17 @@ def likely_cause(config: AdapterConfig) -> str:
 
 
 SMALL_FOR_4BIT = 1_000_000_000
-"""Base weights below which a 4-bit base is not known to be harmless. QLoRA (arXiv:2305.14314) found
-NF4 level with 16-bit bases on models of billions of parameters; on a small encoder (MiniLM-L6) the NF4
-base alone cost some GLUE tasks accuracy that neither the run length nor finer quantization blocks
-recovered (BENCHMARKS.md, section 3f)."""
+"""Base weights below which a 4-bit base is not known to be harmless: QLoRA (arXiv:2305.14314) found
+NF4 level with 16-bit bases on models of billions of parameters, and on small encoders the 4-bit
+rounding itself costs some tasks accuracy that neither a longer run nor finer blocks win back."""
 
 
 def base_weights(model) -> int:
     """Weights of the model without its adapters: an adapted layer counts in x out whatever its
     base stores (4-bit codes pack two to a byte), every other parameter as it is."""
-    from leanlora.layer import AdaptedLinear
+    from leanlora.inject import adapted_layers
 
-    adapted = [m for m in model.modules() if isinstance(m, AdaptedLinear)]
+    adapted = [m for _, m in adapted_layers(model)]
     shared = getattr(model, "leanlora_shared", None)
     inside = {id(p) for m in adapted + ([shared] if shared is not None else []) for p in m.parameters()}
     rest = sum(p.numel() for p in model.parameters() if id(p) not in inside)

@@ -405,13 +405,17 @@ def _log_step(loop: _Loop, step: int, grad_norm) -> None:
     loop.state["log_history"].append(logged)
     for tracker in loop.trackers:  # the record's scalars; the step travels separately
         tracker.log({k: float(v) for k, v in logged.items() if k != "step"}, step)
-    best = loop.state["best_score"]
-    fields = dict(loss=f"{logged['loss']:.4f}", score="-" if best is None else f"{best:.4f}",
-                  rank=f"{logged['leanlora/rank']:.2f}", bits=f"{logged['leanlora/bits']:.1f}",
-                  **budget.postfix({k[len("leanlora/"):]: v for k, v in logged.items() if k.startswith("leanlora/")}))
+    summary = {k[len("leanlora/"):]: v for k, v in logged.items() if k.startswith("leanlora/")}
+    fields = _bar_fields(logged["loss"], loop.state["best_score"], summary)
     loop.bar.set_postfix(**fields, refresh=False)
     if loop.bar.disable and dist.is_main_process():  # --no-progress: the same fields as lines (logs, CI)
         loop.log(f"step {step}/{loop.total}: " + ", ".join(f"{k}={v}" for k, v in fields.items()))
+
+
+def _bar_fields(loss: float, score: float | None, summary: dict[str, float]) -> dict[str, str]:
+    """The progress bar's fields (and a --no-progress step line's): loss, best score, rank, bits, cost."""
+    return dict(loss=f"{loss:.4f}", score="-" if score is None else f"{score:.4f}", rank=f"{summary['rank']:.2f}",
+                bits=f"{summary['bits']:.1f}", **budget.postfix(summary))
 
 
 def _evaluate(loop: _Loop, step: int, step_loss: float) -> None:
@@ -428,8 +432,7 @@ def _evaluate(loop: _Loop, step: int, step_loss: float) -> None:
     if budget.structure_ready(loop.model) and better:
         loop.state.update(best_step=step, best_score=new, best_metrics=scores)
         dist.save_adapter(loop.wrapped, loop.run_dir / "best")
-    loop.bar.set_postfix(loss=f"{step_loss:.4f}", score=f"{new:.4f}", rank=f"{record['rank']:.2f}",
-                         bits=f"{record['bits']:.1f}", **budget.postfix(record), refresh=True)
+    loop.bar.set_postfix(**_bar_fields(step_loss, new, record), refresh=True)
     loop.log(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in scores.items()))
     for tracker in loop.trackers:
         tracker.log({f"eval_{k}": float(v) for k, v in scores.items()}, step)
