@@ -185,7 +185,9 @@ def default_bank(model: torch.nn.Module):
     return resolve_vector_length(leanlora.AdapterConfig(factors="bank"), shapes).bank
 
 
-def run_job(args, task: str, name: str, seed: int, data_cache: dict) -> dict:
+def run_job(args, task: str, name: str, seed: int, data_cache: dict, on_trained=None) -> dict:
+    """Train ``name`` on ``task`` with ``seed`` and score it; ``on_trained(model)``, if given, sees the
+    trained model before any evaluation (benchmarks/quant_error.py reads its factors there)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     device = torch.device(args.device)
@@ -277,6 +279,8 @@ def run_job(args, task: str, name: str, seed: int, data_cache: dict) -> dict:
     if not math.isfinite(res["final_loss"]):
         res["error"] = "training diverged (non-finite loss)"
     metric = TASKS[task][4]
+    if on_trained is not None:
+        on_trained(model)
     if lean and "nested" in method.axes:
         per_rank = {}
         for b in range(1, args.r + 1):

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
@@ -144,3 +145,23 @@ def test_fp8_guard_pairs_the_dense_and_fp8_runs_of_one_config(tmp_path, capsys):
     assert 0 < c["max_rel_window"] < 0.5 and c["mean_rel_window"] <= c["max_rel_window"]
     assert "6 steps: last 1 mean loss" in capsys.readouterr().out
     assert fp8_guard.moving_average([1.0, 2.0, 3.0, 4.0], 2) == [1.5, 2.5, 3.5]
+
+
+def test_quant_error_ranks_the_ways_of_choosing_a_range():
+    """Clipping never does worse than max|w| (1.0 is among the clips), and one range per component
+    wins where components differ in size."""
+    import quant_error
+
+    g = torch.Generator().manual_seed(0)
+    sizes = torch.tensor([1.0, 0.3, 0.05, 0.01], dtype=torch.float64)
+    a = torch.randn(4, 48, generator=g, dtype=torch.float64)
+    b = torch.randn(40, 4, generator=g, dtype=torch.float64) * sizes
+    errors = quant_error.update_errors({"layer": (a, b)}, 4)
+    assert errors["tensor, clipped"] <= errors["tensor"] + 1e-12
+    assert errors["component, clipped"] <= errors["component"] + 1e-12
+    assert errors["component"] < errors["tensor"]
+    n = 7  # 4 bits: 7 steps a side, the largest |w| on the last one
+    q = quant_error.fake_quant(b, 4, (0,))
+    torch.testing.assert_close(q.abs().amax(0), b.abs().amax(0))
+    assert torch.allclose(q / (b.abs().amax(0) / n), torch.round(q / (b.abs().amax(0) / n)))
+    assert quant_error.spread({"layer": (a, b)})["b_columns"] > 50
