@@ -32,8 +32,7 @@ components and bit levels of all modules (:func:`removal_order`): the prefix of 
 leaves the thresholded cost nearest β is closed, so the finalized cost lands on the budget
 whether or not the gates had time to travel to it. The gates are then pinned far past saturation (every sample and the
 eval threshold agree, and their gradient through the clamp is 0), λ is 0, and the remaining
-steps fine-tune the factors to the final structure, each learned-bit factor on the range that
-quantizes it best at its width (:func:`fit_ranges`). A pinned gate's value is its place in the
+steps fine-tune the factors to the final structure. A pinned gate's value is its place in the
 removal order (kept ones high, closed ones low), so a trained adapter carries its order: the
 budget sweep re-thresholds it without the factors it has since fine-tuned changing the order, and
 its own budget gives back the trained adapter (:mod:`leanlora.reports.budget_sweep`).
@@ -437,22 +436,6 @@ def floor_cost(model: nn.Module, plan: CostPlan | None = None) -> float:
     return st.cost
 
 
-@torch.no_grad()
-def fit_ranges(model: nn.Module) -> None:
-    """Give every learned-bit quantizer the MSE-optimal range for the width its pins chose
-    (:meth:`leanlora.precision.learned.LearnedBits.fit_range_`), from the factor it quantizes now."""
-    from leanlora.precision.learned import LearnedBits
-
-    for _, layer in adapted_layers(model):
-        a, b = layer.factors()
-        pairs = [(layer.quant_a, a), (layer.quant_b, b)]
-        if (diagonal := layer.ranks.diagonal()) is not None:
-            pairs.append((diagonal[1], diagonal[0]))
-        for q, w in pairs:
-            if isinstance(q, LearnedBits):
-                q.fit_range_(w)
-
-
 def project(model: nn.Module, budget: float) -> dict[str, Any]:
     """Pin the gates to the structure of ``budget`` by the global order; returns the pins and costs."""
     order, costs, full, chains = removal_order(model)
@@ -542,7 +525,6 @@ class BudgetController:
 
     def freeze(self, model: nn.Module) -> None:
         done = project(model, self.budget)
-        fit_ranges(model)
         self.pins, self.final_cost = done["pins"], done["cost"]
         self.frozen, self.lmbda, self.target, self.cost = True, 0.0, self.budget, done["cost"]
 

@@ -182,32 +182,6 @@ def _frozen_bert():
     return model, ctl
 
 
-def test_at_the_freeze_every_learned_quantizer_gets_the_least_squares_range_for_its_width():
-    """Grouped members (their range is a row of the group's stack) and a lone layer alike."""
-    from leanlora.inject import adapted_layers
-    from leanlora.precision.learned import LearnedBits, RANGE_FRACTIONS, _level
-
-    model, _ = _frozen_bert()
-    fitted = 0
-    for _, layer in adapted_layers(model):
-        a, b = layer.factors()
-        for q, w in ((layer.quant_a, a), (layer.quant_b, b)):
-            assert isinstance(q, LearnedBits)
-            if q.bits() == 32:
-                continue
-            k = q.bit_set.index(q.bits())
-            wf, peak = w.detach().float(), w.detach().abs().max()
-
-            def err(frac):
-                return float((_level(wf, frac * peak, q._steps[k], q._qmax[k], False) - wf).pow(2).sum())
-
-            assert float(q.log_scale.detach().exp()) == pytest.approx(min(RANGE_FRACTIONS, key=err), rel=1e-6)
-            fitted += 1
-    assert fitted > 0
-    grouped = [m for g in model.leanlora_shared.groups for m in g.modules() if isinstance(m, LearnedBits) and m.stacked]
-    assert any(bool((m.log_scale != 0).any()) for m in grouped)  # the fit wrote into the stacks' rows
-
-
 def _gated_modules(model):
     from leanlora.precision.learned import LearnedBits
     from leanlora.ranks.gated import GatedRanks

@@ -123,45 +123,6 @@ def test_learned_scale_clips_quantized_levels_but_not_float():
         assert float(y.abs().max()) == pytest.approx(want, rel=1e-2)
 
 
-def _range_reference(w, bits):
-    """Brute force in float64: the fraction of max|w| whose Bayesian Bits grid at ``bits`` quantizes
-    w with the least squared error, and that error; and the error of the unclipped range."""
-    from leanlora.precision.learned import RANGE_FRACTIONS
-
-    w64 = w.double()
-    n = 2 ** (bits - 1) - 1
-
-    def err(frac):
-        x_max = frac * w64.abs().max()
-        s = 2 * x_max / (2 ** bits - 1)
-        q = s * torch.round(w64.clamp(-x_max * (1 - 1e-7), x_max * (1 - 1e-7)) / s).clamp(-n, n)
-        return float((q - w64).pow(2).sum())
-
-    best = min(RANGE_FRACTIONS, key=err)
-    return best, err(best), err(1.0)
-
-
-@pytest.mark.parametrize("bits", [2, 4, 8])
-def test_fit_range_takes_the_least_squares_range_at_the_chosen_width(bits):
-    w = torch.randn(8, 64, generator=torch.Generator().manual_seed(bits))
-    w[0, 0] = 12.0  # one outlier: the unclipped range spends most of the grid on it
-    q = _learned_at(bits)
-    q.fit_range_(w)
-    best, best_err, unclipped_err = _range_reference(w, bits)
-    assert float(q.log_scale.detach().exp()) == pytest.approx(best, rel=1e-6)
-    assert best_err <= unclipped_err
-    if bits <= 4:  # few levels: clipping the outlier pays; at 8 bits the grid is fine enough as it is
-        assert best < 1.0 and best_err < 0.7 * unclipped_err
-    with torch.no_grad():
-        assert float((q(w) - w).pow(2).sum()) == pytest.approx(best_err, rel=1e-4)
-
-
-def test_fit_range_leaves_a_float_width_alone():
-    q = _learned_at(32)
-    q.fit_range_(_w())
-    assert float(q.log_scale) == 0.0
-
-
 def _residual_reference(w, log_scale, gates, bit_set):
     """The Bayesian Bits recursion as written in the paper, in float64, rounding straight-through:
     r_0 = s_0 ⌊x_c/s_0⌉, r_k = s_k ⌊(x_c - Σ r)/s_k⌉, r_float = w - Σ r; w~ = r_0 + z_1 (r_1 + z_2 (...))."""

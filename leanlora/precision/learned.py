@@ -36,13 +36,6 @@ training forward has no data-dependent branch, no ``.item()`` and nothing to cal
 The range is symmetric around 0 from max|w| (the port uses only the positive end, which would
 clip the negative tail of a signed factor).
 
-**The range at a budget's freeze.** Trained from 0, ``log_scale`` hardly moves: the straight-through
-gradient of the grid's step is a sum of rounding residuals that cancel, so the range stays at
-max|w|, which at 4 bits and below wastes most of the grid on the few largest values. Once a budget
-fixes each factor's width, :meth:`LearnedBits.fit_range_` sets the range to the fraction of max|w|
-in ``RANGE_FRACTIONS`` that minimises the factor's squared error at that width (an MSE-optimal
-clip), and training goes on from there for the rest of the run.
-
 **Prior** (Bayesian-LoRA, arXiv:2406.13046): with q_k = P(z_k != 0),
 ``R = Σ_k c_k q_1 ··· q_k``; ``c_k = 1`` ("const") or ``c_k = (MACs / max MACs) · b_k`` ("bop"),
 where MACs is what consumes this factor (in·r for A, r·out for B, r for E) and max MACs is the
@@ -53,7 +46,6 @@ The always-on 2-bit base has no gate and contributes a constant, left out.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 from torch import nn
@@ -65,8 +57,6 @@ from leanlora.precision.fixed import FLOAT_BITS, member_peak, quant_codes
 
 ALLOWED = (2, 4, 8, 16, 32)
 _CLIP = 1.0 - 1e-7
-# candidate ranges of fit_range_, as fractions of max|w|: 1.0 (no clipping) is one of them
-RANGE_FRACTIONS = tuple(round(0.2 + 0.025 * i, 3) for i in range(33))
 
 
 @dataclasses.dataclass(eq=False)
@@ -186,22 +176,6 @@ class LearnedBits(StackedRows, nn.Module):
         q = _level(wf, x_max, self.per_member(self._steps[width], x_max), self.per_member(self._qmax[width], x_max),
                    True)
         return torch.where(self.per_member(k == self._steps.numel(), x_max), wf, q) if self.has_float else q
-
-    @torch.no_grad()
-    def fit_range_(self, w: torch.Tensor) -> None:
-        """Set ``log_scale`` to the range, among ``RANGE_FRACTIONS`` of max|w|, that quantizes ``w`` (this
-        member's factor) with the least squared error at the eval width; nothing at float width.
-        Writes into the member's row when the quantizer is a row of a group's stack."""
-        k = int(hc.prefix_product(hc.deterministic(self.log_alpha, self.threshold)).sum().item())
-        if k >= self._steps.numel():  # float: the range is not used
-            return
-        wf = w.detach().float()
-        peak = member_peak(wf, self.member_dims(wf))
-        fractions = torch.tensor(RANGE_FRACTIONS, device=wf.device).view((-1,) + (1,) * wf.dim())
-        levels = _level(wf.unsqueeze(0), fractions * peak, self._steps[k], self._qmax[k], False)
-        errors = (levels - wf).pow(2).flatten(1).sum(1)
-        best = RANGE_FRACTIONS[int(errors.argmin())]
-        self.log_scale.copy_(torch.tensor(math.log(best), device=self.log_scale.device))
 
     # --- what it chose -------------------------------------------------------------------------
 
