@@ -30,16 +30,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import quality  # noqa: E402
+from leanlora.precision import fixed  # noqa: E402
 
 CLIPS = torch.linspace(0.2, 1.0, 33).tolist()
 A_REDUCE, B_REDUCE = (1,), (0,)  # the dims a component's range runs over: along a row of A, down a column of B
 
 
 def fake_quant(w: torch.Tensor, bits: int, dims: tuple[int, ...], clip: float = 1.0) -> torch.Tensor:
-    """clip · max|w| over ``dims`` as the range of the symmetric grid with 2^(b-1) - 1 steps a side."""
-    n = 2 ** (bits - 1) - 1
-    s = (clip * w.abs().amax(dims, keepdim=True) / n).clamp_min(1e-12)
-    return torch.round(w / s).clamp(-n, n) * s
+    """``precision: fixed``'s symmetric grid (2^(b-1) - 1 steps a side) with its range, max|w| over
+    ``dims``, shrunk to ``clip`` of it."""
+    return fixed.fake_quant(w, clip * fixed.absmax_scale(w, bits, dims), bits, torch.round)
 
 
 def clipped(w: torch.Tensor, bits: int, dims: tuple[int, ...]) -> torch.Tensor:

@@ -14,8 +14,7 @@ import yaml
 from conftest import minilm_dir
 from leanlora.budget import resolved
 from leanlora.cli import main
-from leanlora.train.runconfig import TrainConfig
-from leanlora.train.runconfig import RunConfig, load_run_config
+from leanlora.train.runconfig import RunConfig, TrainConfig, load_run_config
 from train_fixtures import classification_yaml, tiny_bert_dir, tiny_llama_dir, write_addition_jsonl
 
 
