@@ -20,6 +20,7 @@ from leanlora.build import Shared, build_layer, build_shared
 from leanlora.config import AdapterConfig, ConfigError
 from leanlora.layer import AdaptedLinear
 from leanlora.targets import FilterFn, InjectError, find_modules_to_save, find_targets
+from leanlora.groups.siblings import link_siblings
 from leanlora.groups.stacking import form_groups, refresh_pieces
 
 SHARED_ATTR = "leanlora_shared"
@@ -90,6 +91,7 @@ def inject(model: nn.Module, config: AdapterConfig, *, filter_fn: FilterFn | Non
         model.set_submodule(name, layer)
     model.add_module(SHARED_ATTR, shared)
     form_groups(layers, shared)
+    shared.__dict__["sibling_sets"] = link_siblings(targets, layers)
     # plain lists, not submodules: the layers in model order, and the modules whose
     # gradient_checkpointing flag Hugging Face sets (no grouped pieces while a re-entrant one is on)
     shared.__dict__["layers"] = layers

@@ -45,6 +45,8 @@ class AdaptedLinear(nn.Module):
         # (A~, B~, d, scale) of this forward when computed with the layer's group; None: the
         # layer computes its own
         self.pieces: tuple | None = None
+        # the siblings that read this layer's input, sharing its first GEMM (leanlora.groups.siblings)
+        self.siblings = None
 
     def __getstate__(self) -> dict:
         # the pieces of the last forward hang on its autograd graph, which deepcopy and pickle
@@ -69,7 +71,9 @@ class AdaptedLinear(nn.Module):
         # Run the adapter path in the activations' dtype when they are low precision: casting
         # the small factors costs r·(in+out) values, casting x would cost tokens·in.
         dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else a.dtype
-        h = F.linear(self.dropout(x.to(dtype)), a.to(dtype))  # (..., b)
+        h = None if self.siblings is None or self.pieces is None else self.siblings.narrow(self, x, dtype)
+        if h is None:
+            h = F.linear(self.dropout(x.to(dtype)), a.to(dtype))  # (..., b)
         h = h * (scale if d is None else d.to(dtype) * scale)  # scale the narrow tensor, not the wide one
         # Compiled, a plain add fuses into the next pointwise kernel; addmm would first copy y into
         # its output and run a GEMM that reads it back. Eager, addmm saves the separate add.

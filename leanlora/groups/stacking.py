@@ -262,6 +262,8 @@ def refresh_pieces(model: nn.Module, args: tuple) -> None:
     shared = getattr(model, "leanlora_shared", None)
     if shared is None:
         return
+    for siblings in shared.__dict__.get("sibling_sets", ()):
+        siblings.clear()
     for group in shared.groups:
         for layer in group.members:
             if layer is not None:

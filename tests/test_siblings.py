@@ -1,0 +1,190 @@
+"""Sibling layers (q/k/v, gate/up) run their first GEMM as one: the same values and gradients as
+each layer alone, fewer GEMMs, nothing held after a forward, and a plain result whenever a member
+does not read the shared input."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+
+import leanlora
+from leanlora.gates import hardconcrete as hc
+from leanlora.groups.siblings import unlink_siblings
+from leanlora.layer import AdaptedLinear
+from conftest import tiny_bert, tiny_llama, token_batch
+from test_groups import POINTS, TARGETS, _fixed_noise
+
+POINT_IDS = ["-".join(p) for p in POINTS]
+
+
+def _model(point=("dense", "fixed", "float", "dense"), dropout=0.0, layers=2):
+    factors, ranks, precision, base = point
+    torch.manual_seed(0)
+    config = leanlora.AdapterConfig(
+        target_modules=TARGETS, r=4, alpha=8, factors=factors, ranks=ranks, precision=precision, base=base,
+        dropout=dropout, bank=leanlora.BankConfig(num_vectors=16, vector_length=16, topk=2),
+        nf4=leanlora.NF4Config(block_size=32, scaler_block_size=32))
+    model = leanlora.inject(tiny_llama(num_hidden_layers=layers), config)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # B non-zero and gates half open, so every piece matters
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * (1.5 if "log_alpha" in name else 0.05))
+    return model.train()
+
+
+def _layers(model):
+    return [m for m in model.modules() if isinstance(m, AdaptedLinear)]
+
+
+def _loss_and_grads(model, x):
+    leanlora.advance(model, 0)
+    loss = model(x, labels=x).loss + leanlora.regularizer(model)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_sets_are_the_layers_that_read_one_input():
+    model = _model()
+    names = {layer.name: layer for layer in _layers(model)}
+    attn, mlp = "model.layers.0.self_attn.", "model.layers.0.mlp."
+    qkv = names[attn + "q_proj"].siblings
+    assert qkv is not None and qkv.members == tuple(names[attn + p] for p in ("q_proj", "k_proj", "v_proj"))
+    assert names[mlp + "gate_proj"].siblings.members == (names[mlp + "gate_proj"], names[mlp + "up_proj"])
+    assert names[attn + "o_proj"].siblings is None and names[mlp + "down_proj"].siblings is None
+    # never across blocks: layer 1's q has its own set
+    assert names["model.layers.1.self_attn.q_proj"].siblings is not qkv
+
+    bert = leanlora.inject(tiny_bert(), leanlora.AdapterConfig(target_modules=["query", "key", "value", "dense"], r=4))
+    sets = bert.leanlora_shared.__dict__["sibling_sets"]
+    assert [tuple(m.name.rsplit(".", 1)[1] for m in s.members) for s in sets] == [("query", "key", "value")] * 2
+
+
+@pytest.mark.parametrize("point", POINTS, ids=POINT_IDS)
+def test_shared_gemm_equals_each_layer_alone_in_value_and_gradient(point, monkeypatch):
+    if point[3] == "nf4":
+        pytest.importorskip("torchao")
+    monkeypatch.setattr(hc, "sample", _fixed_noise)
+    x = token_batch()
+    linked, alone = _model(point), _model(point)
+    unlink_siblings(_layers(alone))
+    loss_ref, ref = _loss_and_grads(alone, x)
+    loss, got = _loss_and_grads(linked, x)
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-6, atol=1e-7)
+    assert got.keys() == ref.keys()
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def _gemms(model, x):
+    """aten GEMM calls of one training forward and backward, and which inputs they read."""
+    counted = []
+
+    class Count(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm):
+                counted.append(func)
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        model(x, labels=x).loss.backward()
+    return len(counted)
+
+
+def test_shared_gemm_runs_fewer_gemms():
+    x = token_batch()
+    linked, alone = _model(), _model()
+    unlink_siblings(_layers(alone))
+    # per block, forward: q, k, v's and gate, up's x A^T as 2 GEMMs, not 5; backward: their A
+    # gradients and input gradients as 2 + 2, not 5 + 5. The first block's q, k, v input (frozen
+    # embeddings, normalised) needs no gradient: 7 fewer there, 9 in the second block
+    assert _gemms(alone, x) - _gemms(linked, x) == 7 + 9
+
+
+def test_nothing_is_held_after_a_forward_and_a_fresh_forward_starts_clean():
+    model = _model()
+    x = token_batch()
+    model(x, labels=x).loss.backward()
+    sets = model.leanlora_shared.__dict__["sibling_sets"]
+    assert all(s._input is None and not s._narrow for s in sets)
+    # a member the model skipped would leave its result: the next forward drops it
+    sets[0]._input, sets[0]._narrow = x, {0: torch.zeros(1)}
+    model(x)
+    assert sets[0]._input is None and not sets[0]._narrow
+
+
+def _alone(layer):
+    """A shallow copy of ``layer`` that computes its own narrow result."""
+    ref = copy.copy(layer)
+    ref.__dict__["siblings"] = None
+    return ref
+
+
+def test_a_member_called_with_another_input_computes_its_own():
+    model = _model()
+    model(token_batch())                                   # pieces of a training forward
+    attn = model.model.layers[0].self_attn
+    x, other = torch.randn(2, 5, 64), torch.randn(2, 5, 64)
+    q = attn.q_proj(x)                                     # computes q, k and v's narrow results on x
+    k_other = attn.k_proj(other)                           # not x: the set recomputes on other
+    v_other = attn.v_proj(other)                           # reads other's shared result
+    torch.testing.assert_close(q, _alone(attn.q_proj)(x))
+    torch.testing.assert_close(k_other, _alone(attn.k_proj)(other))
+    torch.testing.assert_close(v_other, _alone(attn.v_proj)(other))
+    assert not torch.allclose(v_other, _alone(attn.v_proj)(x))
+
+
+def test_dropout_disabled_and_merged_members_compute_their_own():
+    x = token_batch()
+    model = _model(dropout=0.1)
+    torch.manual_seed(5)
+    model(x, labels=x).loss.backward()                     # every member has dropout: none joins
+    for s in model.leanlora_shared.__dict__["sibling_sets"]:
+        assert s._input is None
+    model = _model()
+    attn = model.model.layers[0].self_attn
+    attn.k_proj.enabled = False
+    alone = _model()
+    alone.model.layers[0].self_attn.k_proj.enabled = False
+    unlink_siblings(_layers(alone))
+    torch.testing.assert_close(model(x, labels=x).loss, alone(x, labels=x).loss, rtol=1e-6, atol=1e-7)
+
+
+def test_compiled_block_has_no_graph_break_and_the_same_gradients(monkeypatch):
+    import torch._dynamo.testing
+
+    monkeypatch.setattr(hc, "sample", _fixed_noise)
+    x = token_batch()
+    point = POINTS[0]                                      # B-LoRA: gates, learned bits
+    compiled, eager = _model(point), _model(point)
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    torch._dynamo.reset()
+    for layer in compiled.model.layers:
+        layer.compile(backend=counter, fullgraph=True)
+    for _ in range(3):                                     # later steps reuse the graphs
+        for m in (compiled, eager):
+            m.zero_grad(set_to_none=True)
+        loss_ref, ref = _loss_and_grads(eager, x)
+        loss, got = _loss_and_grads(compiled, x)
+        torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
+        for name in ref:
+            torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-6, msg=name)
+    # fullgraph: no break; block 0's input needs no gradient and block 1's does: two graphs, then none
+    assert counter.frame_count == 2, counter.frame_count
+    assert all(s._input is None and not s._narrow for s in compiled.leanlora_shared.__dict__["sibling_sets"])
+    torch._dynamo.reset()
+
+
+def test_copies_and_pickles_keep_the_sets_and_drop_results():
+    model = _model()
+    x = token_batch()
+    model(x)
+    copied = copy.deepcopy(model)
+    q = copied.model.layers[0].self_attn.q_proj
+    assert q.siblings is not model.model.layers[0].self_attn.q_proj.siblings
+    assert q.siblings.members[1] is copied.model.layers[0].self_attn.k_proj
+    restored = pickle.loads(pickle.dumps(model))
+    torch.testing.assert_close(restored(x, labels=x).loss, model(x, labels=x).loss)
