@@ -37,6 +37,41 @@ IGNORE_INDEX = -100
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
+def _chunk_terms(hc: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 grad_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One chunk: the sum of CE over its labelled tokens, and (unless ``grad_dtype`` is None)
+    dCE/dlogits = softmax - onehot(y), zero on unlabelled rows, computed in fp32 (fp64 for fp64
+    inputs) and returned in ``grad_dtype``.
+
+    Functional (no in-place scatter), so that compiled it is two fused passes over the chunk's
+    logits, as a hand-written kernel would make: the log-sum-exp, then the gradient."""
+    acc = torch.float64 if hc.dtype == torch.float64 else torch.float32
+    logits = F.linear(hc, weight, bias).to(acc)                                    # (c, V)
+    valid = y != IGNORE_INDEX
+    y_safe = torch.where(valid, y, 0)
+    lse = torch.logsumexp(logits, dim=-1)                                          # (c,)
+    picked = logits.gather(1, y_safe[:, None]).squeeze(1)
+    loss = torch.where(valid, lse - picked, 0).sum()
+    if grad_dtype is None:
+        return loss, None
+    onehot = torch.arange(logits.shape[1], device=y.device)[None, :] == y_safe[:, None]
+    d = (torch.exp(logits - lse[:, None]) - onehot.to(acc)) * valid[:, None]       # (c, V)
+    return loss, d.to(grad_dtype)
+
+
+_compiled_chunk_terms = None
+
+
+def _chunk_fn(device: torch.device):
+    """:func:`_chunk_terms`, compiled on CUDA (built once; one graph per chunk shape), eager elsewhere."""
+    global _compiled_chunk_terms
+    if device.type != "cuda":
+        return _chunk_terms
+    if _compiled_chunk_terms is None:
+        _compiled_chunk_terms = torch.compile(_chunk_terms, fullgraph=True, dynamic=False)
+    return _compiled_chunk_terms
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of (h W^T + b) against y; gradients computed in the forward, chunk by chunk."""
 
@@ -48,19 +83,16 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(h) if h.requires_grad else None
         grad_w = torch.zeros_like(weight, dtype=acc) if weight.requires_grad else None
         grad_b = torch.zeros_like(bias, dtype=acc) if bias is not None and bias.requires_grad else None
+        terms = _chunk_fn(h.device)
+        # dlogits in the weight's dtype when only h's gradient needs it (what its GEMM reads), else fp32
+        grad_dtype = (None if grad_h is None and grad_w is None and grad_b is None
+                      else weight.dtype if grad_w is None and grad_b is None else acc)
         for start in range(0, h.shape[0], chunk):
             hc, y = h[start:start + chunk], target[start:start + chunk]           # (c, H), (c,)
-            logits = F.linear(hc, weight, bias).to(acc)                    # (c, V)
-            valid = y != IGNORE_INDEX
-            y_safe = torch.where(valid, y, 0)
-            lse = torch.logsumexp(logits, dim=-1)                                   # (c,)
-            picked = logits.gather(1, y_safe[:, None]).squeeze(1)
-            total += torch.where(valid, lse - picked, 0).sum()
-            if grad_h is None and grad_w is None and grad_b is None:
+            loss, d = terms(hc, y, weight, bias, grad_dtype)
+            total += loss
+            if d is None:
                 continue
-            d = torch.exp(logits - lse[:, None])                                    # softmax, (c, V)
-            d.scatter_add_(1, y_safe[:, None], -torch.ones_like(picked[:, None]))
-            d = d * valid[:, None]
             if grad_h is not None:
                 grad_h[start:start + chunk] = (d.to(weight.dtype) @ weight).to(h.dtype)
             if grad_w is not None:
