@@ -110,10 +110,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="leanlora rows: torch._functorch.config.activation_memory_budget for the compiled layers "
                          "(default: leanlora train's train.activation_budget; 1.0: save what the partitioner "
                          "saves by default; lower recomputes more in the backward)")
-    ap.add_argument("--lean-siblings", choices=("on", "narrow", "off"), default="on",
-                    help="leanlora rows: sibling layers (q/k/v, gate/up) share their GEMMs (leanlora.groups.siblings; "
-                         "on, as in training: the adapters' x·A~ᵀ and, on an FP8 base, the base), only the "
-                         "adapters' x·A~ᵀ (narrow), or each runs its own (off)")
+    ap.add_argument("--lean-siblings", choices=("on", "off"), default="on",
+                    help="leanlora rows: sibling layers (q/k/v, gate/up) share their first GEMM "
+                         "(leanlora.groups.siblings; on, as in training) or each runs its own (off)")
     ap.add_argument("--budget-phase", choices=("frozen", "ramp"), default="frozen",
                     help="leanlora rows with a budget: time the steps after its freeze or during its ramp")
     ap.add_argument("--profile", default="", help="comma list of row-name substrings to profile for one extra step")
@@ -255,10 +254,6 @@ def run_row(row: str, args, device, ids, floor_tps: float) -> dict:
 
             unlink_siblings([m for m in model.modules() if isinstance(m, AdaptedLinear)])
             result["method"] += ", no shared sibling GEMM"
-        elif method.library == "leanlora" and args.lean_siblings == "narrow":
-            for siblings in model.leanlora_shared.__dict__["sibling_sets"]:
-                siblings.stack_fp8 = False
-            result["method"] += ", siblings share x·A~ᵀ only"
         prior = method.library == "leanlora" and method.has_prior
         impl = args.lean_optimizer if method.library == "leanlora" and args.lean_optimizer else args.optimizer
         result["optimizer"] = impl

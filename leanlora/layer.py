@@ -64,18 +64,16 @@ class AdaptedLinear(nn.Module):
         return self.ranks.select(a, b)              # (b, in), (out, b), (b,) | None, scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pieces = self.pieces
-        # Run the adapter path in the activations' dtype when they are low precision: casting
-        # the small factors costs r·(in+out) values, casting x would cost tokens·in.
-        dtype = None if pieces is None else x.dtype if x.dtype in (torch.bfloat16, torch.float16) else pieces[0].dtype
-        # (base output or None, x A~^T) from the GEMMs this layer shares with its siblings, or None
-        shared = None if self.siblings is None or pieces is None else self.siblings.take(self, x, dtype)
-        y = self.base(x) if shared is None or shared[0] is None else shared[0]   # (..., out)
+        y = self.base(x)                                      # (..., out)
         if self.merged or not self.enabled:
             return y
-        a, b, d, scale = pieces if pieces is not None else self.lowrank()
-        dtype = dtype or (x.dtype if x.dtype in (torch.bfloat16, torch.float16) else a.dtype)
-        h = shared[1] if shared is not None else F.linear(self.dropout(x.to(dtype)), a.to(dtype))  # (..., b)
+        a, b, d, scale = self.pieces if self.pieces is not None else self.lowrank()
+        # Run the adapter path in the activations' dtype when they are low precision: casting
+        # the small factors costs r·(in+out) values, casting x would cost tokens·in.
+        dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else a.dtype
+        h = None if self.siblings is None or self.pieces is None else self.siblings.narrow(self, x, dtype)
+        if h is None:
+            h = F.linear(self.dropout(x.to(dtype)), a.to(dtype))  # (..., b)
         h = h * (scale if d is None else d.to(dtype) * scale)  # scale the narrow tensor, not the wide one
         # Compiled, a plain add fuses into the next pointwise kernel; addmm would first copy y into
         # its output and run a GEMM that reads it back. Eager, addmm saves the separate add.

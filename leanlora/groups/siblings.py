@@ -29,9 +29,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from leanlora.base.fp8 import FP8Base
-from leanlora.base.fp8_linear import linear_fp8
-
 # names of sibling modules that read one input in common architectures (Llama, Mistral, Qwen,
 # Gemma, OPT, BERT, T5's gated FFN, Mixtral's experts)
 SIBLING_NAMES = (
@@ -51,76 +48,31 @@ class SharedInput:
 
     def __init__(self, members: list[nn.Module]) -> None:
         self.members = tuple(members)
-        self.stack_fp8 = True  # False: share only the narrow GEMM (for comparisons)
-        self._fp8: tuple[torch.Tensor, torch.Tensor, bool] | None = None  # the stacked base, see link_fp8_bases
         self.clear()
 
     def clear(self) -> None:
         self._input: torch.Tensor | None = None
-        self._results: dict[int, tuple[torch.Tensor | None, torch.Tensor]] = {}
+        self._narrow: dict[int, torch.Tensor] = {}
 
     def __getstate__(self) -> dict:
-        # results of a forward hang on its autograd graph, which deepcopy and pickle refuse; the
-        # stacked FP8 base is relinked at the next training forward
-        return {"members": self.members, "stack_fp8": self.stack_fp8, "_fp8": None, "_input": None, "_results": {}}
+        # results of a forward hang on its autograd graph, which deepcopy and pickle refuse
+        return {"members": self.members, "_input": None, "_narrow": {}}
 
-    def take(self, layer: nn.Module, x: torch.Tensor, dtype: torch.dtype
-             ) -> tuple[torch.Tensor | None, torch.Tensor] | None:
-        """(base output or None, x A~^T unscaled in ``dtype``) for ``layer`` through the shared GEMMs;
-        None when ``layer`` does not take part this time (then it computes its own). The base
-        output is shared when every member takes part and their bases are one stacked FP8 base."""
+    def narrow(self, layer: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+        """x A~^T for ``layer`` (unscaled, ``dtype``), through the shared GEMM; None when ``layer``
+        does not take part this time (then it computes its own)."""
         index = self.members.index(layer)
-        if self._input is not x or index not in self._results:
+        if self._input is not x or index not in self._narrow:
             joined = [i for i, m in enumerate(self.members) if _joins(m)]
             if index not in joined or len(joined) < 2:
                 return None
             a = torch.cat([self.members[i].pieces[0].to(dtype) for i in joined])   # (Σ b, in)
-            narrow = F.linear(x.to(dtype), a).split([self.members[i].pieces[0].shape[0] for i in joined], -1)
-            bases = self._base_outputs(x) if len(joined) == len(self.members) else None
-            self._input = x
-            self._results = {i: (None if bases is None else bases[i], h) for i, h in zip(joined, narrow)}
-        out = self._results.pop(index)
-        if not self._results:
+            parts = F.linear(x.to(dtype), a).split([self.members[i].pieces[0].shape[0] for i in joined], -1)
+            self._input, self._narrow = x, dict(zip(joined, parts))
+        out = self._narrow.pop(index)
+        if not self._narrow:
             self._input = None
         return out
-
-    def _base_outputs(self, x: torch.Tensor) -> list[torch.Tensor] | None:
-        """Every member's base output from one FP8 GEMM against the stacked codes, or None."""
-        if self._fp8 is None:
-            return None
-        codes, scales, fast = self._fp8
-        y = linear_fp8(x, codes, scales, fast).split([m.out_features for m in self.members], -1)
-        return [yi if m.base.bias is None else yi + m.base.bias.to(yi.dtype) for yi, m in zip(y, self.members)]
-
-    @torch.no_grad()
-    def link_fp8_bases(self) -> None:
-        """Store the members' FP8 bases as one (Σ out, in) tensor of codes with each member's codes a
-        view of its rows, so that one GEMM computes every member's base output and one its input
-        gradient, at no extra memory. Relinks when a member's codes were rebound (a merge, a move to
-        another device); unlinks when the members' bases are not all FP8 of one kind."""
-        bases = [m.base for m in self.members]
-        if not self.stack_fp8 or not all(isinstance(b, FP8Base) for b in bases) or len({(b.fast, b.codes.device) for b in bases}) != 1:
-            self._fp8 = None
-            return
-        if self._fp8 is not None and self._views_intact(bases):
-            return
-        codes, scales = torch.cat([b.codes for b in bases]), torch.cat([b.scales for b in bases])
-        start = 0
-        for b in bases:
-            b._set(codes[start:start + b.out_features], scales[start:start + b.out_features])
-            start += b.out_features
-        self._fp8 = (codes, scales, bases[0].fast)
-
-    def _views_intact(self, bases: list) -> bool:
-        codes, scales, _ = self._fp8
-        start = 0
-        for b in bases:
-            rows = slice(start, start + b.out_features)
-            if b.codes.data_ptr() != codes[rows].data_ptr() or b.codes.shape != codes[rows].shape \
-                    or b.scales.data_ptr() != scales[rows].data_ptr():
-                return False
-            start += b.out_features
-        return start == codes.shape[0]
 
 
 def _joins(layer: nn.Module) -> bool:

@@ -270,8 +270,6 @@ def refresh_pieces(model: nn.Module, args: tuple) -> None:
                 layer.__dict__["pieces"] = None  # a plain attribute: skip nn.Module.__setattr__'s checks
     if not _grouped_forward(model, shared):
         return
-    for siblings in shared.__dict__.get("sibling_sets", ()):
-        siblings.link_fp8_bases()  # a no-op unless a merge or a move rebound a member's FP8 codes
     with torch.profiler.record_function("leanlora: group pieces"):
         for group in shared.groups:  # each has a member left: ungroup drops a group with its last one
             first = next(m for m in group.members if m is not None)
