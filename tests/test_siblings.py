@@ -153,12 +153,12 @@ def test_dropout_disabled_and_merged_members_compute_their_own():
     torch.testing.assert_close(model(x, labels=x).loss, alone(x, labels=x).loss, rtol=1e-6, atol=1e-7)
 
 
-def test_compiled_block_has_no_graph_break_and_the_same_gradients(monkeypatch):
+@pytest.mark.parametrize("point", [POINTS[0], ("dense", "fixed", "float", "fp8")], ids=["blora", "lora-fp8"])
+def test_compiled_block_has_no_graph_break_and_the_same_gradients(point, monkeypatch):
     import torch._dynamo.testing
 
     monkeypatch.setattr(hc, "sample", _fixed_noise)
     x = token_batch()
-    point = POINTS[0]                                      # B-LoRA: gates, learned bits
     compiled, eager = _model(point), _model(point)
     counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
     torch._dynamo.reset()
