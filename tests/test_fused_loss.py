@@ -125,6 +125,9 @@ def test_hidden_state_path_gives_the_plain_task_loss_and_adapter_gradients(axes)
 def test_which_implementation_runs():
     model = tiny_llama()
     assert choose("auto", model, CPU) == "off"                 # no CUDA: the plain loss
+    cuda = torch.device("cuda")                                 # only compared, never allocated on
+    assert choose("auto", model, cuda, cuda_graph=True) == "chunked"   # capturable, unlike Liger
+    assert choose("auto", model, cuda, cuda_graph=True, distributed="ddp") == "off"
     assert choose("chunked", model, CPU) == "chunked"
     assert choose("off", model, CPU) == "off"
     with pytest.raises(ConfigError, match=r"fused_loss='liger' cannot run: liger needs a CUDA device"):

@@ -13,10 +13,13 @@ The labels are shifted as in the plain loss (position t predicts token t+1).
 
 ``train.fused_loss`` picks the implementation:
   * ``liger``: Liger-Kernel's Triton kernel (arXiv:2410.10989; needs CUDA and ``liger-kernel``);
-  * ``chunked``: the same computation in plain PyTorch, chunk by chunk, on any device;
+  * ``chunked``: the same computation in plain PyTorch, chunk by chunk, on any device (each
+    chunk's log-sum-exp and gradient compiled on CUDA);
   * ``off``: the plain loss on ``model(...).logits``;
   * ``auto``: ``liger`` where it can run (CUDA, the package installed, one process, no
-    whole-step CUDA graph: the kernel reads the token count back to the host), else ``off``.
+    whole-step CUDA graph: the kernel reads the token count back to the host); under a
+    whole-step CUDA graph, ``chunked`` (its chunks compiled, it is faster than the plain loss
+    there and can be captured); else ``off``.
 
 Either fused path calls the model's body (``model.model`` for Llama) and the output layer's
 weight directly, so it needs a plain ``nn.Linear`` output layer whose logits are used as they
@@ -155,6 +158,9 @@ def choose(mode: str, model: nn.Module, device: torch.device, *, distributed: st
     if distributed != "none":  # the fused path calls the body directly, around the DDP/FSDP2 wrapper
         reasons.append(f"train.distributed={distributed!r} (the fused loss runs in one process)")
     reasons.append(unsupported_head(model))
+    if mode == "auto" and cuda_graph and device.type == "cuda":
+        # Liger cannot be captured; the chunked loss can, and compiled it beats the plain loss
+        return "off" if any(reasons) else "chunked"
     if mode in ("auto", "liger"):
         if device.type != "cuda":
             reasons.append(f"liger needs a CUDA device (this run is on {device.type})")
