@@ -220,7 +220,8 @@ class TrainConfig:
     fused_loss: Literal["auto", "liger", "chunked", "off", False] = "auto"
     """causal-LM loss without a logits tensor (leanlora.train.fused_loss): "liger" (Liger-Kernel's fused
     linear cross-entropy; CUDA, pip install liger-kernel), "chunked" (the same in plain PyTorch, any
-    device), "off" (logits, then cross-entropy), "auto": liger where it can run, else off. Classification
+    device), "off" (logits, then cross-entropy), "auto": liger where it can run, chunked under
+    train.cuda_graph on CUDA (Liger cannot be captured), else off. Classification
     tasks ignore "auto" and refuse the others. (YAML's bare `off` reads as false, which means "off" here.)"""
     num_threads: int = 0
     """CPU threads for torch; 0: torch's default."""
