@@ -272,13 +272,13 @@ def run_row(row: str, args, device, ids, floor_tps: float) -> dict:
     if name != "base" and method.library == "leanlora":
         import leanlora
 
-        # as `leanlora train` does: "auto" gives a gated adapter its budget controller (not under a
-        # whole-step CUDA graph). The run length puts every timed step after the freeze (where a run
-        # spends three quarters of its steps; the one-off projection falls in the warm-up), or, with
+        # as `leanlora train` does: "auto" gives a gated adapter its budget controller. The run length
+        # puts every timed step after the freeze (where a run spends three quarters of its steps; the
+        # one-off projection falls in the warm-up, before a graphed row's capture), or, with
         # --budget-phase ramp, before it (λ acting every step).
         ran = args.warmup + 2 + args.steps
         total = 2 * args.warmup + 2 if args.budget_phase == "frozen" else 5 * ran  # freeze at a quarter of it
-        leanlora.budget.start(model, total, auto=mode != "graphed")
+        leanlora.budget.start(model, total)
     if prior:
         import leanlora
 

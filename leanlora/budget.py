@@ -504,7 +504,11 @@ class BudgetController:
 
         C_0, λ and the cost stay 0-dim tensors on the gates' device, so a step costs no host sync;
         they become numbers only in logs and checkpoints (restored as float32 tensors, so a resumed
-        run computes what an uninterrupted one does)."""
+        run computes what an uninterrupted one does). λ and the target are written in place into
+        the same two tensors every step, which the penalty reads: a training step captured as a
+        CUDA graph (``train.cuda_graph``) sees each step's values when it is replayed. The freeze
+        changes what the step computes (no penalty, pinned gates): a captured step is captured
+        again after it (the training loop does)."""
         s, e, freeze = self.steps()
         if self.frozen:
             self.plan(model).pin(self.pins)  # undo what Adam's momentum moved since
@@ -513,12 +517,13 @@ class BudgetController:
         else:
             with torch.no_grad():
                 cost = self.plan(model).expected().detach()
-            self.cost = cost
-            self.full = cost if self.full is None else torch.as_tensor(self.full, dtype=cost.dtype).to(cost.device)
-            self.target = self.target_at(step)
-            if step >= s:
+                self.cost = cost
+                self.full = cost if self.full is None else torch.as_tensor(self.full, dtype=cost.dtype).to(cost.device)
+                target = torch.as_tensor(self.target_at(step), dtype=cost.dtype).to(cost.device)
                 lmbda = torch.as_tensor(self.lmbda, dtype=cost.dtype).to(cost.device)
-                self.lmbda = torch.clamp(lmbda + KAPPA * (cost - self.target) / self.budget / (e - s), min=0.0)
+                if step >= s:
+                    lmbda = torch.clamp(lmbda + KAPPA * (cost - target) / self.budget / (e - s), min=0.0)
+                self.target, self.lmbda = _in_place(self.target, target), _in_place(self.lmbda, lmbda)
         if self._modes_pinned is not self.frozen:  # a run's first step, its freeze, or a resume
             mark_pinned(model, self.frozen)
             self._modes_pinned = self.frozen
@@ -530,8 +535,10 @@ class BudgetController:
 
     def penalty(self, model: nn.Module) -> torch.Tensor:
         """λ_t · (E[C] - target_t), the Lagrangian's term, for the loss; 0 (no graph) once frozen or
-        while λ is 0. Its gradient is λ_t ∇E[C]; the target only keeps the logged loss readable."""
-        if self.frozen or (not isinstance(self.lmbda, torch.Tensor) and self.lmbda == 0.0):
+        before the first :meth:`advance`. Its gradient is λ_t ∇E[C] (0 before the ramp, where λ is
+        0, with the same operations as after: see :meth:`advance`); the target only keeps the
+        logged loss readable."""
+        if self.frozen or not isinstance(self.lmbda, torch.Tensor):
             return torch.zeros((), device=next((p.device for p in model.parameters()), None))
         return self.lmbda * (self.plan(model).expected() - self.target)
 
@@ -636,9 +643,25 @@ def _check_reachable(model: nn.Module, ctl: BudgetController, explicit: bool) ->
     ctl.budget = floor
 
 
+def _in_place(old: Any, new: torch.Tensor) -> torch.Tensor:
+    """``new``'s value in ``old`` when ``old`` is a tensor of its kind (so a captured step that
+    read ``old`` sees it), else ``new`` itself."""
+    if isinstance(old, torch.Tensor) and old.shape == new.shape and old.dtype == new.dtype \
+            and old.device == new.device:
+        return old.copy_(new)
+    return new
+
+
+def frozen(model: nn.Module) -> bool:
+    """Whether the model's budget has frozen its structure (False without a budget)."""
+    ctl = controller(model)
+    return ctl is not None and ctl.frozen
+
+
 def supported(distributed: str, cuda_graph: bool = False) -> bool:
-    """Whether the controller can run under these settings (see :func:`check_run`)."""
-    return not cuda_graph and distributed != "fsdp2"
+    """Whether the controller can run under these settings (see :func:`check_run`); every setting
+    but FSDP2. ``cuda_graph`` is accepted for callers that state it: a captured step is fine."""
+    return distributed != "fsdp2"
 
 
 def check_run(budget: float | str | None, distributed: str, cuda_graph: bool = False) -> None:
@@ -646,10 +669,6 @@ def check_run(budget: float | str | None, distributed: str, cuda_graph: bool = F
     ("auto" steps aside there: the loop passes ``auto=False`` to :func:`start`)."""
     if not isinstance(budget, (int, float)):
         return
-    if cuda_graph:
-        raise ConfigError("adapter.budget is not supported with train.cuda_graph=true (λ changes every step and a "
-                          "captured step would replay the first one); set train.cuda_graph=false, or adapter.budget=off for the "
-                          "plain gate prior")
     if distributed == "fsdp2":
         raise ConfigError("adapter.budget is not supported with train.distributed='fsdp2' (the expected cost needs "
                           "whole gate tensors); use 'ddp' or 'none', or adapter.budget=off for the plain gate prior")

@@ -305,11 +305,75 @@ def test_a_resumed_budget_run_ends_where_an_uninterrupted_one_does(config, tmp_p
     assert ma["cost"] == mb["cost"] and ma["history"] == mb["history"] and ma["train_losses"] == mb["train_losses"]
 
 
-def test_budget_refuses_a_captured_step(config, tmp_path):
-    with pytest.raises(ConfigError, match="adapter.budget.*train.cuda_graph"):
-        bud.check_run(0.25, "none", cuda_graph=True)
+def test_budget_takes_a_captured_step_and_refuses_fsdp2():
+    bud.check_run(0.25, "none", cuda_graph=True)
+    assert bud.supported("none", cuda_graph=True)
     with pytest.raises(ConfigError, match="adapter.budget.*fsdp2"):
         bud.check_run(0.25, "fsdp2")
+
+
+def _penalty_ops(model) -> list[str]:
+    """The operators of the loss's budget term and its backward, as a captured step records them."""
+    ops = []
+
+    class Record(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        leanlora.regularizer(model).backward()
+    model.zero_grad(set_to_none=True)
+    return ops
+
+
+def test_a_captured_step_sees_every_steps_lambda_and_target():
+    """Under train.cuda_graph a replay runs the operators recorded once, on the tensors recorded
+    once: the budget term must be the same operators at every step before the freeze (before the
+    ramp too, where λ is 0) and read λ and the target from tensors written in place."""
+    model = gated_bert()
+    bud.start(model, 100)                                    # ramp from step 5 to 20, freeze at 25
+    ctl = bud.controller(model)
+    leanlora.advance(model, 0)
+    lmbda, target = ctl.lmbda, ctl.target
+    assert float(lmbda) == 0.0 and float(leanlora.regularizer(model).detach()) == 0.0
+    recorded = _penalty_ops(model)
+    seen = []
+    for step in range(1, 25):
+        with torch.no_grad():                                # the gates travel, as training moves them
+            for name, p in model.named_parameters():
+                if "log_alpha" in name:
+                    p.add_(0.01)
+        leanlora.advance(model, step)
+        assert ctl.lmbda is lmbda and ctl.target is target   # the same tensors, new values
+        assert _penalty_ops(model) == recorded
+        seen.append((float(lmbda), float(target)))
+        expected = float(ctl.plan(model).expected())
+        assert float(leanlora.regularizer(model).detach()) == pytest.approx(seen[-1][0] * (expected - seen[-1][1]), rel=1e-5)
+    assert seen[2][0] == 0.0 < seen[-1][0]                    # 0 before the ramp, then risen in place
+    assert seen[0][1] > seen[-1][1] == pytest.approx(ctl.budget)
+
+
+def test_the_loop_captures_its_step_again_at_the_budgets_freeze():
+    from types import SimpleNamespace
+
+    from leanlora.train.loop import _advance
+
+    class Graph:
+        resets = 0
+
+        def reset(self):
+            self.resets += 1
+
+    model = gated_bert()
+    bud.start(model, 40)
+    loop = SimpleNamespace(model=model, graphed=Graph())
+    frozen_at = None
+    for step in range(40):
+        _advance(loop, step)
+        if bud.frozen(model) and frozen_at is None:
+            frozen_at = step
+    assert frozen_at == 10 and loop.graphed.resets == 1       # once, at the freeze (a quarter of 40)
 
 
 # --- the budget sweep -------------------------------------------------------------------------------
@@ -399,8 +463,6 @@ def test_auto_steps_aside_where_the_controller_cannot_run_but_an_explicit_budget
     assert bud.controller(model) is None
     with pytest.raises(ConfigError, match="adapter.budget=off"):
         bud.check_run(0.25, "fsdp2", False)
-    with pytest.raises(ConfigError, match="adapter.budget=off"):
-        bud.check_run(0.25, "none", True)
 
 
 def test_the_controller_reads_nothing_back_from_the_device_between_log_steps():

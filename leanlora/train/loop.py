@@ -225,7 +225,7 @@ def _plan(run: RunConfig, run_dir: Path, model: nn.Module, wrapped: nn.Module, t
     # the budget's schedule is in fractions of the run; "auto" steps aside where it cannot run
     budget.start(model, total, auto=budget.supported(tc.distributed, tc.cuda_graph))
     if budget.resolved(run.adapter) is not None and budget.controller(model) is None:
-        log(f"adapter.budget=auto: no budget with train.distributed={tc.distributed!r} / cuda_graph={tc.cuda_graph}; "
+        log(f"adapter.budget=auto: no budget with train.distributed={tc.distributed!r}; "
             "the gates follow their prior alone")
     if run.adapter.ranks == "nested" and tc.max_grad_norm <= 0:
         log("warning: train.max_grad_norm=0 with adapter.ranks=nested: steps that draw a small rank scale "
@@ -297,7 +297,7 @@ def _run_steps(loop: _Loop) -> int:
         epoch = step // loop.steps_per_epoch
         if epoch != order_epoch:  # drawn once per epoch: a permutation of a large set costs ms per step
             order_epoch, order = epoch, epoch_order(len(loop.task.train), tc.seed, epoch)
-        leanlora.advance(loop.model, step)
+        _advance(loop, step)
         end_of_epoch = (step + 1) % loop.steps_per_epoch == 0
         evaluate = bool(loop.task.eval) and ((tc.eval_every and (step + 1) % tc.eval_every == 0)
                                              or (not tc.eval_every and end_of_epoch) or step + 1 == loop.total)
@@ -325,6 +325,15 @@ def _run_steps(loop: _Loop) -> int:
                 loop.state["grad_scaler"] = loop.scaler.state_dict()
             save_checkpoint(loop.run_dir, step, loop.model, loop.optimizer, loop.scheduler, loop.state)
     return step
+
+
+def _advance(loop: _Loop, step: int) -> None:
+    """The adapter's schedules to ``step`` (leanlora.advance); a captured step is captured again
+    when the budget's freeze changed what it computes (pinned gates, no penalty)."""
+    frozen = budget.frozen(loop.model)
+    leanlora.advance(loop.model, step)
+    if loop.graphed is not None and budget.frozen(loop.model) != frozen:
+        loop.graphed.reset()
 
 
 def _train_step(loop: _Loop, step: int, order: list[int], want_norm: bool) -> tuple[torch.Tensor | float, Any]:
