@@ -14,7 +14,7 @@ import leanlora
 from leanlora.gates import hardconcrete as hc
 from leanlora.groups.siblings import unlink_siblings
 from leanlora.layer import AdaptedLinear
-from conftest import tiny_bert, tiny_llama, token_batch
+from conftest import randomize_adapters, tiny_bert, tiny_llama, token_batch
 from test_groups import POINTS, TARGETS, _fixed_noise
 
 POINT_IDS = ["-".join(p) for p in POINTS]
@@ -128,13 +128,49 @@ def test_a_member_called_with_another_input_computes_its_own():
     model(token_batch())                                   # pieces of a training forward
     attn = model.model.layers[0].self_attn
     x, other = torch.randn(2, 5, 64), torch.randn(2, 5, 64)
+    siblings = attn.q_proj.siblings
     q = attn.q_proj(x)                                     # computes q, k and v's narrow results on x
-    k_other = attn.k_proj(other)                           # not x: the set recomputes on other
-    v_other = attn.v_proj(other)                           # reads other's shared result
+    assert siblings._input is x
+    k_other = attn.k_proj(other)                           # not x (a cross-attention's k): its own
+    assert not siblings.sharing and siblings._input is None   # and the set stops sharing for good
+    v_other = attn.v_proj(other)
     torch.testing.assert_close(q, _alone(attn.q_proj)(x))
     torch.testing.assert_close(k_other, _alone(attn.k_proj)(other))
     torch.testing.assert_close(v_other, _alone(attn.v_proj)(other))
     assert not torch.allclose(v_other, _alone(attn.v_proj)(x))
+    model(token_batch())
+    assert siblings._input is None                         # the next forward shares nothing in this set
+
+
+def test_an_encoder_decoder_cross_attention_stops_sharing_and_trains_the_same():
+    """BART's decoder cross-attention: q reads the decoder's states, k and v the encoder's."""
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    def bart():
+        torch.manual_seed(0)
+        cfg = BartConfig(vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                         decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=32,
+                         dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)  # no draws: both runs alike
+        model = leanlora.inject(BartForConditionalGeneration(cfg),
+                                leanlora.AdapterConfig(target_modules=["q_proj", "k_proj", "v_proj"], r=4))
+        randomize_adapters(model)
+        return model.train()
+
+    x = token_batch(vocab=64)
+    linked, alone = bart(), bart()
+    unlink_siblings(_layers(alone))
+    for _ in range(2):
+        for m in (linked, alone):
+            m.zero_grad(set_to_none=True)
+        loss_ref, ref = _loss_and_grads(alone, x)
+        loss, got = _loss_and_grads(linked, x)
+        torch.testing.assert_close(loss, loss_ref, rtol=1e-6, atol=1e-7)
+        for name in ref:
+            torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-7, msg=name)
+    sets = {s.members[0].name.rsplit(".", 1)[0]: s for s in linked.leanlora_shared.__dict__["sibling_sets"]}
+    cross = [s for name, s in sets.items() if "encoder_attn" in name]
+    assert cross and all(not s.sharing for s in cross)
+    assert all(s.sharing for name, s in sets.items() if "encoder_attn" not in name)
 
 
 def test_dropout_disabled_and_merged_members_compute_their_own():

@@ -11,9 +11,10 @@ added, for every method, since only the pieces ``(A~, B~, d, scale)`` are shared
 A set is found by name at inject: adapted children of one parent named as one of
 :data:`SIBLING_NAMES` (``q_proj``/``k_proj``/``v_proj``, BERT's ``query``/``key``/``value``, ...).
 The name is only a hint: the first member called with an input computes every member's narrow
-result and keeps the others' until each is called with that same tensor object; a member
-called with any other tensor computes afresh. So an architecture whose sibling names read
-different inputs gets the plain results, only slower.
+result and keeps the others' until each is called with that same tensor object. A member called
+with another tensor while results are waiting shows that the members read different inputs (a
+decoder's cross-attention, whose k and v read the encoder's states): it computes its own, and
+the set stops sharing for good, so such a set costs one wasted narrow GEMM once.
 
 A member joins the shared GEMM when its pieces were computed for this forward by its group
 (training, :mod:`leanlora.groups.stacking`), it is enabled and unmerged, and it applies no
@@ -48,6 +49,7 @@ class SharedInput:
 
     def __init__(self, members: list[nn.Module]) -> None:
         self.members = tuple(members)
+        self.sharing = True  # False once the members were seen reading different inputs
         self.clear()
 
     def clear(self) -> None:
@@ -56,15 +58,21 @@ class SharedInput:
 
     def __getstate__(self) -> dict:
         # results of a forward hang on its autograd graph, which deepcopy and pickle refuse
-        return {"members": self.members, "_input": None, "_narrow": {}}
+        return {"members": self.members, "sharing": self.sharing, "_input": None, "_narrow": {}}
 
     def narrow(self, layer: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
         """x A~^T for ``layer`` (unscaled, ``dtype``), through the shared GEMM; None when ``layer``
         does not take part this time (then it computes its own)."""
+        if not self.sharing or not _joins(layer):
+            return None
         index = self.members.index(layer)
-        if self._input is not x or index not in self._narrow:
+        if self._input is not None and (self._input is not x or index not in self._narrow):
+            self.sharing = False  # results wait for another input: these members read different ones
+            self.clear()
+            return None
+        if self._input is None:
             joined = [i for i, m in enumerate(self.members) if _joins(m)]
-            if index not in joined or len(joined) < 2:
+            if len(joined) < 2:
                 return None
             a = torch.cat([self.members[i].pieces[0].to(dtype) for i in joined])   # (Σ b, in)
             parts = F.linear(x.to(dtype), a).split([self.members[i].pieces[0].shape[0] for i in joined], -1)
