@@ -658,13 +658,13 @@ def frozen(model: nn.Module) -> bool:
     return ctl is not None and ctl.frozen
 
 
-def supported(distributed: str, cuda_graph: bool = False) -> bool:
-    """Whether the controller can run under these settings (see :func:`check_run`); every setting
-    but FSDP2. ``cuda_graph`` is accepted for callers that state it: a captured step is fine."""
+def supported(distributed: str) -> bool:
+    """Whether the controller can run with this ``train.distributed`` (see :func:`check_run`):
+    every one but FSDP2 (a captured CUDA-graph step is fine: see :meth:`BudgetController.advance`)."""
     return distributed != "fsdp2"
 
 
-def check_run(budget: float | str | None, distributed: str, cuda_graph: bool = False) -> None:
+def check_run(budget: float | str | None, distributed: str) -> None:
     """Refuse an explicit budget under settings the controller does not support, naming them
     ("auto" steps aside there: the loop passes ``auto=False`` to :func:`start`)."""
     if not isinstance(budget, (int, float)):

@@ -306,8 +306,8 @@ def test_a_resumed_budget_run_ends_where_an_uninterrupted_one_does(config, tmp_p
 
 
 def test_budget_takes_a_captured_step_and_refuses_fsdp2():
-    bud.check_run(0.25, "none", cuda_graph=True)
-    assert bud.supported("none", cuda_graph=True)
+    bud.check_run(0.25, "none")                              # train.cuda_graph needs nothing of it
+    assert bud.supported("none")
     with pytest.raises(ConfigError, match="adapter.budget.*fsdp2"):
         bud.check_run(0.25, "fsdp2")
 
@@ -457,12 +457,12 @@ def test_an_explicit_budget_needs_the_run_length_and_says_how():
 
 
 def test_auto_steps_aside_where_the_controller_cannot_run_but_an_explicit_budget_is_refused():
-    bud.check_run("auto", "fsdp2", False)                   # auto: no error, the loop starts it with auto=False
+    bud.check_run("auto", "fsdp2")                   # auto: no error, the loop starts it with auto=False
     model = gated_bert()
     bud.start(model, 100, auto=bud.supported("fsdp2"))
     assert bud.controller(model) is None
     with pytest.raises(ConfigError, match="adapter.budget=off"):
-        bud.check_run(0.25, "fsdp2", False)
+        bud.check_run(0.25, "fsdp2")
 
 
 def test_the_controller_reads_nothing_back_from_the_device_between_log_steps():

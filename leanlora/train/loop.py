@@ -170,7 +170,7 @@ def _start_processes(run: RunConfig, log) -> tuple[RunConfig, torch.device]:
 def _adapt(run: RunConfig, model: nn.Module, task, device: torch.device, log) -> nn.Module:
     """Inject the adapter and hand the model to DDP/FSDP2; returns the model the steps call."""
     tc = run.train
-    budget.check_run(run.adapter.budget, tc.distributed, tc.cuda_graph)
+    budget.check_run(run.adapter.budget, tc.distributed)
     leanlora.inject(model, run.adapter)
     require_saved_head(model, run.adapter, run.data.task)  # after inject: a modules_to_save typo is named there
     model.train()
@@ -223,7 +223,7 @@ def _plan(run: RunConfig, run_dir: Path, model: nn.Module, wrapped: nn.Module, t
     steps_per_epoch = math.ceil(micro_per_epoch / tc.grad_accum)
     total = tc.max_steps or tc.epochs * steps_per_epoch
     # the budget's schedule is in fractions of the run; "auto" steps aside where it cannot run
-    budget.start(model, total, auto=budget.supported(tc.distributed, tc.cuda_graph))
+    budget.start(model, total, auto=budget.supported(tc.distributed))
     if budget.resolved(run.adapter) is not None and budget.controller(model) is None:
         log(f"adapter.budget=auto: no budget with train.distributed={tc.distributed!r}; "
             "the gates follow their prior alone")
