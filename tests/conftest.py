@@ -99,12 +99,17 @@ def randomize_gates(model, seed: int = 0) -> None:
 
 
 class OpCount(TorchDispatchMode):
-    """Counts the ATen operators that reach a backend (each one a kernel launch on a GPU)."""
+    """Counts the ATen operators that reach a backend (each one a kernel launch on a GPU), and
+    keeps them in order (``ops``: the OpOverloads, e.g. ``aten.mm.default``)."""
 
     def __init__(self):
         super().__init__()
-        self.n = 0
+        self.ops: list = []
+
+    @property
+    def n(self) -> int:
+        return len(self.ops)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.n += 1
+        self.ops.append(func)
         return func(*args, **(kwargs or {}))

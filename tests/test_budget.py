@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import leanlora
-from conftest import minilm_dir, tiny_bert
+from conftest import OpCount, minilm_dir, tiny_bert
 from leanlora import budget as bud
 from leanlora.config import AdapterConfig, ConfigError
 from leanlora.train.loop import train
@@ -314,17 +314,10 @@ def test_budget_takes_a_captured_step_and_refuses_fsdp2():
 
 def _penalty_ops(model) -> list[str]:
     """The operators of the loss's budget term and its backward, as a captured step records them."""
-    ops = []
-
-    class Record(torch.utils._python_dispatch.TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            ops.append(str(func))
-            return func(*args, **(kwargs or {}))
-
-    with Record():
+    with OpCount() as count:
         leanlora.regularizer(model).backward()
     model.zero_grad(set_to_none=True)
-    return ops
+    return [str(op) for op in count.ops]
 
 
 def test_a_captured_step_sees_every_steps_lambda_and_target():

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import leanlora
-from conftest import minilm_dir, tiny_bert
+from conftest import OpCount, minilm_dir, tiny_bert
 from leanlora.cli import main
 from leanlora.config import ConfigError
 from leanlora.train.finite import FiniteGuard, TrainingDiverged
@@ -69,20 +69,12 @@ def test_frozen_and_empty_tensors_are_left_out():
 
 def test_the_check_reads_nothing_back_to_the_host():
     """What a captured CUDA graph needs, and what keeps a fast step from waiting on the GPU."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     model = leanlora.inject(tiny_bert(), leanlora.AdapterConfig(target_modules=("query", "value"), r=4))
     guard = FiniteGuard(model.named_parameters(), torch.device("cpu"))
-    ops: list[str] = []
-
-    class Ops(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            ops.append(str(func))
-            return func(*args, **(kwargs or {}))
-
-    with Ops():
+    with OpCount() as count:
         guard.update()
         guard.fold(torch.tensor(1.0))
+    ops = [str(op) for op in count.ops]
     assert ops and not any("_local_scalar_dense" in op or "item" in op for op in ops), ops
     assert sum("_foreach_norm" in op for op in ops) == 1, ops  # one fused reduction over all its tensors
     assert len(guard.params) == sum(p.requires_grad for p in model.parameters()) == 2  # A and B of one group

@@ -14,7 +14,7 @@ import leanlora
 from leanlora.gates import hardconcrete as hc
 from leanlora.groups.siblings import unlink_siblings
 from leanlora.layer import AdaptedLinear
-from conftest import randomize_adapters, tiny_bert, tiny_llama, token_batch
+from conftest import OpCount, randomize_adapters, tiny_bert, tiny_llama, token_batch
 from test_groups import POINTS, TARGETS, _fixed_noise
 
 POINT_IDS = ["-".join(p) for p in POINTS]
@@ -55,6 +55,7 @@ def _same_steps(model, reference, x, steps: int, rtol: float, atol: float) -> No
         loss_ref, ref = _loss_and_grads(reference, x)
         loss, got = _loss_and_grads(model, x)
         torch.testing.assert_close(loss, loss_ref, rtol=rtol / 10, atol=atol / 10)
+        assert got.keys() == ref.keys()
         for name in ref:
             torch.testing.assert_close(got[name], ref[name], rtol=rtol, atol=atol, msg=name)
 
@@ -83,27 +84,14 @@ def test_shared_gemm_equals_each_layer_alone_in_value_and_gradient(point, monkey
     x = token_batch()
     linked, alone = _model(point), _model(point)
     unlink_siblings(_layers(alone))
-    loss_ref, ref = _loss_and_grads(alone, x)
-    loss, got = _loss_and_grads(linked, x)
-    torch.testing.assert_close(loss, loss_ref, rtol=1e-6, atol=1e-7)
-    assert got.keys() == ref.keys()
-    for name in ref:
-        torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-7, msg=name)
+    _same_steps(linked, alone, x, steps=1, rtol=1e-5, atol=1e-7)
 
 
 def _gemms(model, x):
-    """aten GEMM calls of one training forward and backward, and which inputs they read."""
-    counted = []
-
-    class Count(torch.utils._python_dispatch.TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm):
-                counted.append(func)
-            return func(*args, **(kwargs or {}))
-
-    with Count():
+    """aten GEMM calls of one training forward and backward."""
+    with OpCount() as count:
         model(x, labels=x).loss.backward()
-    return len(counted)
+    return sum(op.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm) for op in count.ops)
 
 
 def test_shared_gemm_runs_fewer_gemms():
