@@ -106,6 +106,12 @@ METHODS = {
     "lean_vblora_fp8": Method("leanlora VB-LoRA (bank), fp8 base", "leanlora", axes=("fp8", "bank")),
     "lean_blora_fp8": Method("leanlora B-LoRA (gated + learned bits), fp8 base", "leanlora",
                              axes=("fp8", "gated", "learned")),
+    "lean_qlora_f8": Method("leanlora QLoRA (nf4), fp8 GEMMs", "leanlora", axes=("nf4",),
+                            overrides={"nf4": {"gemm": "fp8"}}),
+    "lean_qdylora_f8": Method("leanlora QDyLoRA (nf4 + nested), fp8 GEMMs", "leanlora", axes=("nf4", "nested"),
+                              overrides={"nf4": {"gemm": "fp8"}}),
+    "lean_combo_f8": Method("leanlora bank + gated + learned on nf4, fp8 GEMMs", "leanlora",
+                            axes=("nf4", "bank", "gated", "learned"), overrides={"nf4": {"gemm": "fp8"}}),
     # Gate locations start at 6.0 and close below about -0.94: ~7 units of travel, at about
     # gate_lr per Adam step, halved on average by the linear decay. The default 1e-2 needs ~1,400
     # steps; runs of a few hundred steps need ~5e-2 for the prior to act at all.

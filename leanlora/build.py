@@ -131,7 +131,7 @@ def _quantize_base(layer: AdaptedLinear, name: str, config: AdapterConfig) -> No
         from leanlora.base.nf4 import NF4Base
 
         layer.base = NF4Base.from_dense(layer.base, name=name, block_size=config.nf4.block_size,
-                                        scaler_block_size=config.nf4.scaler_block_size)
+                                        scaler_block_size=config.nf4.scaler_block_size, gemm=config.nf4.gemm)
     else:
         from leanlora.base.fp8 import FP8Base
 

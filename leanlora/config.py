@@ -296,6 +296,12 @@ class NF4Config:
     where the model fits in memory unquantized, ``base: dense`` is the better choice there."""
     scaler_block_size: int = 256
     """absmax constants per double-quantization block (QLoRA: 256)."""
+    gemm: Literal["dequant", "fp8"] = "dequant"
+    """how the frozen GEMMs run: "dequant" rebuilds W0 in the activations' dtype (QLoRA, torchao);
+    "fp8" casts the rebuilt W0 to float8 e4m3 with one scale per output row and runs the forward and
+    input-gradient GEMMs in float8 as ``base: fp8`` does (faster on GPUs of compute capability 8.9+,
+    storage still 4-bit; the cast adds e4m3's rounding to NF4's, and activations and gradients are
+    quantized per row). Needs in_features and out_features that are multiples of 16."""
 
     def __post_init__(self) -> None:
         check_field_types(self, "nf4.")

@@ -50,6 +50,9 @@ def method_configs(have_gated: bool) -> dict[str, AdapterConfig]:
         # QDyLoRA: nested ranks over an NF4 base; scaler groups of 8 blocks so that 2 ranks can shard it
         "qdylora": AdapterConfig(target_modules=TARGETS, r=4, alpha=8.0, ranks="nested", base="nf4",
                                  nested=NestedConfig(seed=3), nf4=NF4Config(block_size=64, scaler_block_size=8)),
+        # the same base with float8 GEMMs: under FSDP2 the layer rebuilds its codes from the gathered weight
+        "qlora_f8": AdapterConfig(target_modules=TARGETS, r=4, alpha=8.0, base="nf4",
+                                  nf4=NF4Config(block_size=64, scaler_block_size=8, gemm="fp8")),
     }
     if have_gated:
         configs["blora"] = AdapterConfig(target_modules=TARGETS, r=4, alpha=8.0, ranks="gated",

@@ -39,13 +39,13 @@ import torch
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
-_EPS = 1e-12  # amax of an all-zero row: any scale works, this one keeps it finite
+EPS = 1e-12  # amax of an all-zero row: any scale works, this one keeps it finite
 
 
 def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """W0 (out, in) -> (codes (out, in) e4m3, scales (out,) fp32) with s = amax_row / 448."""
     w = w.detach().float()
-    scale = w.abs().amax(dim=1).clamp(min=_EPS) / E4M3_MAX          # (out,)
+    scale = w.abs().amax(dim=1).clamp(min=EPS) / E4M3_MAX          # (out,)
     codes = (w / scale[:, None]).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
     return codes, scale
 
@@ -62,7 +62,7 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     reciprocal down) makes ``x / t`` exact, so the cast to e4m3 is the only rounding.
     """
     x = x.float()
-    amax = x.abs().amax(dim=1, keepdim=True).clamp(min=_EPS)          # (M, 1)
+    amax = x.abs().amax(dim=1, keepdim=True).clamp(min=EPS)          # (M, 1)
     scale = torch.exp2(torch.ceil(torch.log2(amax / E4M3_MAX)))
     codes = (x / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
     return codes, scale
@@ -80,6 +80,25 @@ def scaled_matmul(a: torch.Tensor, scale_a: torch.Tensor, b: torch.Tensor, scale
         return (a.float() @ b.float()) * scale_a * scale_b
 
 
+def fp8_forward(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, fast: bool) -> torch.Tensor:
+    """``x W0^T`` in ``x``'s dtype for W0 = diag(scale) · codes: x quantized per row, one float8 GEMM."""
+    x2 = x.reshape(-1, x.shape[-1])                                    # (M, K)
+    xq, t = quantize_rows(x2)
+    y = scaled_matmul(xq, t, codes.t(), scale[None, :], fast, fast_accum=True)  # (M, N)
+    return y.to(x.dtype).reshape(*x.shape[:-1], codes.shape[0])
+
+
+def fp8_input_grad(grad_y: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, fast: bool,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """``grad_y W0`` in ``dtype``: ``g · diag(scale)`` quantized per row against the codes, one float8 GEMM."""
+    g = grad_y.reshape(-1, grad_y.shape[-1]).float() * scale          # (M, N): g · diag(s)
+    gq, u = quantize_rows(g)
+    b = codes.t().contiguous().t() if fast else codes                 # (N, K), column-major for _scaled_mm
+    ones = torch.ones(1, codes.shape[1], device=codes.device)
+    dx = scaled_matmul(gq, u, b, ones, fast)                          # (M, K)
+    return dx.to(dtype).reshape(*grad_y.shape[:-1], codes.shape[1])
+
+
 class _FrozenFP8Linear(torch.autograd.Function):
     """y = x W0^T with W0 as e4m3 codes and per-channel scales; dx only, from the same codes.
 
@@ -89,20 +108,12 @@ class _FrozenFP8Linear(torch.autograd.Function):
     def forward(ctx, x, codes, scale, fast):
         ctx.save_for_backward(codes, scale)
         ctx.fast, ctx.x_dtype = fast, x.dtype
-        x2 = x.reshape(-1, x.shape[-1])                                # (M, K)
-        xq, t = quantize_rows(x2)
-        y = scaled_matmul(xq, t, codes.t(), scale[None, :], fast, fast_accum=True)  # (M, N)
-        return y.to(x.dtype).reshape(*x.shape[:-1], codes.shape[0])
+        return fp8_forward(x, codes, scale, fast)
 
     @staticmethod
     def backward(ctx, grad_y):
         codes, scale = ctx.saved_tensors
-        g = grad_y.reshape(-1, grad_y.shape[-1]).float() * scale      # (M, N): g · diag(s)
-        gq, u = quantize_rows(g)
-        b = codes.t().contiguous().t() if ctx.fast else codes         # (N, K), column-major for _scaled_mm
-        ones = torch.ones(1, codes.shape[1], device=codes.device)
-        dx = scaled_matmul(gq, u, b, ones, ctx.fast)                  # (M, K)
-        return dx.to(ctx.x_dtype).reshape(*grad_y.shape[:-1], codes.shape[1]), None, None, None
+        return fp8_input_grad(grad_y, codes, scale, ctx.fast, ctx.x_dtype), None, None, None
 
 
 def linear_fp8(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, fast: bool) -> torch.Tensor:

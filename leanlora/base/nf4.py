@@ -29,7 +29,9 @@ import torch
 from torch import nn
 
 from leanlora.base.dense import QuantizedBase
-from leanlora.base.nf4_linear import NF4Parts, linear_nf4_parts
+from leanlora.base.fp8 import check_fp8_shape
+from leanlora.base.fp8_linear import fp8_gemm_available
+from leanlora.base.nf4_linear import NF4Parts, linear_nf4_fp8, linear_nf4_parts
 from leanlora.config import ConfigError, NF4Config
 
 __all__ = ["NF4Base", "check_nf4_shape", "nf4_codebook", "quantize_bases"]
@@ -66,6 +68,8 @@ def check_nf4_shape(name: str, in_features: int, out_features: int, config: NF4C
     if (in_features * out_features // config.block_size) % 2:
         raise ConfigError(f"module {name!r} ({in_features}->{out_features}) has an odd number of NF4 blocks; "
                           "torchao packs two codes per byte and needs an even count")
+    if config.gemm == "fp8":
+        check_fp8_shape(name, in_features, out_features)
 
 
 class NF4Base(QuantizedBase):
@@ -74,12 +78,15 @@ class NF4Base(QuantizedBase):
     KIND = "NF4"
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, block_size: int = 64,
-                 scaler_block_size: int = 256, transposed: bool = False, name: str = "") -> None:
-        """``weight`` is the dense (out, in) W0; it is quantized here and not kept."""
+                 scaler_block_size: int = 256, transposed: bool = False, name: str = "",
+                 gemm: str = "dequant") -> None:
+        """``weight`` is the dense (out, in) W0; it is quantized here and not kept. ``gemm``: see
+        :attr:`leanlora.config.NF4Config.gemm`."""
         super().__init__(weight, bias, transposed, name)
         self.block_size = block_size
         self.scaler_block_size = scaler_block_size  # configured; the group used is in .weight
-        check_nf4_shape(name, self.in_features, self.out_features, NF4Config(block_size, scaler_block_size))
+        self.gemm = gemm
+        check_nf4_shape(name, self.in_features, self.out_features, NF4Config(block_size, scaler_block_size, gemm))
         self._set_weight(self._quantize(weight.detach()))
 
     # --- quantization --------------------------------------------------------------------------
@@ -95,6 +102,8 @@ class NF4Base(QuantizedBase):
     def _linear(self, x: torch.Tensor) -> torch.Tensor:
         # Neither path builds a weight gradient: the backward is grad_y @ W0 alone.
         parts = self.__dict__.get("_parts")
+        if self.gemm == "fp8":  # under FSDP2 the parts of the gathered weight, each call
+            return linear_nf4_fp8(x, parts if parts is not None else NF4Parts.of(self.weight), self.fast)
         if parts is not None:  # the NF4 tensor's plain parts: no subclass at a compiled region's edge
             return linear_nf4_parts(x, parts)
         _, linear_nf4 = _torchao_nf4()  # registered as a parameter (FSDP2 shards it): torchao's own linear
@@ -141,6 +150,7 @@ class NF4Base(QuantizedBase):
         return super()._apply(fn, recurse)
 
     def _set_weight(self, w: torch.Tensor) -> None:
+        self.fast = fp8_gemm_available(w.device)  # decided here, not per call: a constant to torch.compile
         # FSDP2 (leanlora.distributed) registers the NF4 tensor as a frozen parameter; keep it one.
         if "weight" in self._parameters:
             self._parameters["weight"] = nn.Parameter(w, requires_grad=False)
@@ -159,7 +169,8 @@ class NF4Base(QuantizedBase):
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, nf4 block={self.block_size}, "
-                f"scaler group={self.weight.scaler_block_size}, dtype={self.weight.dtype}")
+                f"scaler group={self.weight.scaler_block_size}, dtype={self.weight.dtype}"
+                + (f", gemm=fp8 ({'_scaled_mm' if self.fast else 'fp32 fallback'})" if self.gemm == "fp8" else ""))
 
 
 def quantize_bases(model: nn.Module, nf4_config: NF4Config | None = None) -> dict[str, int]:
@@ -171,4 +182,5 @@ def quantize_bases(model: nn.Module, nf4_config: NF4Config | None = None) -> dic
     """
     config = nf4_config or NF4Config()
     return NF4Base.replace_dense_bases(model, functools.partial(check_nf4_shape, config=config),
-                                       block_size=config.block_size, scaler_block_size=config.scaler_block_size)
+                                       block_size=config.block_size, scaler_block_size=config.scaler_block_size,
+                                       gemm=config.gemm)

@@ -12,6 +12,11 @@ the frozen linear is here. Equations (QLoRA's double quantization, torchao's lay
 
     s_j   = q_j / f_{j // g} + mean                  block scales (int8 q, group factor f, g blocks a group)
     W[i]  = codebook[code_i] · s_{i // block_size}   codes two per byte: high nibble first
+
+With ``nf4.gemm: fp8`` the rebuilt W0 is cast once more, to float8 e4m3 with one scale per output
+row (the FP8 base's weight format, :mod:`leanlora.base.fp8_linear`), and both GEMMs run in float8:
+storage stays 4-bit, the arithmetic is the FP8 base's. Inside a compiled region the rebuild, the
+row maximum and the cast fuse into the kernels that read the 4-bit parts; no bf16 W0 is written.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+from leanlora.base.fp8_linear import E4M3, E4M3_MAX, EPS, fp8_forward, fp8_input_grad
 
 
 class NF4Parts(NamedTuple):
@@ -79,3 +86,50 @@ class _FrozenNF4Linear(torch.autograd.Function):
 def linear_nf4_parts(x: torch.Tensor, parts: NF4Parts) -> torch.Tensor:
     """``x W0^T`` (no bias) in ``x``'s dtype, as torchao's ``linear_nf4`` computes it."""
     return _FrozenNF4Linear.apply(x, *parts[:5], (parts.shape, parts.block_size, parts.scaler_group))
+
+
+def nf4_to_fp8(codes: torch.Tensor, block_scales: torch.Tensor, group_factors: torch.Tensor,
+               scale_mean: torch.Tensor, codebook: torch.Tensor, shape: tuple[int, ...],
+               block_size: int, scaler_group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize_weight(dequantize_nf4(...))`` (e4m3 codes (out, in), fp32 row scales (out,)) in
+    fewer, simpler passes, for ``nf4.gemm: fp8``.
+
+    * Each byte holds two codes, so one lookup in a 256-entry table of code pairs yields both
+      values already in place: no interleave of high and low halves.
+    * A row's largest |W0| is its largest block scale: every block holds a code of ±1 (its absmax
+      element, which NF4 maps to the codebook's ends) and no code exceeds 1 in size, so the row
+      maximum needs no pass over the weight. For a weight that torchao quantized this is the
+      same maximum, so the codes and scales equal ``quantize_weight``'s (tested).
+    """
+    scales = (block_scales.view(-1, scaler_group) / group_factors.unsqueeze(-1)).flatten()
+    scales = scales.to(codebook.dtype) + scale_mean                              # (blocks,)
+    pairs = torch.stack([codebook.repeat_interleave(16), codebook.repeat(16)], dim=-1)  # byte -> (high, low)
+    w = (pairs[codes.to(torch.long)].view(-1, block_size) * scales[:, None]).view(shape)  # codebook dtype
+    amax = scales.view(shape[0], -1).abs().amax(dim=1).float() * codebook.abs().amax().float()
+    scale = amax.clamp(min=EPS) / E4M3_MAX                                    # (out,)
+    w8 = (w.float() / scale[:, None]).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+    return w8, scale
+
+
+class _FrozenNF4FP8Linear(torch.autograd.Function):
+    """y = x W0^T with W0 rebuilt from its 4-bit parts as float8 codes and row scales, forward and
+    backward alike (:func:`~leanlora.base.fp8_linear.fp8_forward`, ``fp8_input_grad``). Saves the
+    parts only; under ``torch.compile`` the partitioner may keep the forward's float8 copy instead
+    of rebuilding it (1 byte a weight, as the FP8 base holds)."""
+
+    @staticmethod
+    def forward(ctx, x, codes, block_scales, group_factors, scale_mean, codebook, sizes, fast):
+        ctx.save_for_backward(codes, block_scales, group_factors, scale_mean, codebook)
+        ctx.sizes, ctx.fast, ctx.x_dtype = sizes, fast, x.dtype
+        return fp8_forward(x, *nf4_to_fp8(codes, block_scales, group_factors, scale_mean, codebook, *sizes), fast)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        w8, scale = nf4_to_fp8(*ctx.saved_tensors, *ctx.sizes)
+        return (fp8_input_grad(grad_y, w8, scale, ctx.fast, ctx.x_dtype),) + (None,) * 7
+
+
+def linear_nf4_fp8(x: torch.Tensor, parts: NF4Parts, fast: bool) -> torch.Tensor:
+    """``x W0^T`` (no bias) in ``x``'s dtype with float8 GEMMs; ``fast``: ``torch._scaled_mm``
+    (:func:`~leanlora.base.fp8_linear.fp8_gemm_available`), else the same codes multiplied in fp32."""
+    return _FrozenNF4FP8Linear.apply(x, *parts[:5], (parts.shape, parts.block_size, parts.scaler_group), fast)

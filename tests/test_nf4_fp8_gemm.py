@@ -1,0 +1,204 @@
+"""``nf4.gemm: fp8``: a 4-bit base whose GEMMs run in float8. The rebuilt W0 must take exactly the
+FP8 base's codes and scales, the result must match a float64 reference of that quantization, and
+every path a 4-bit base has (inject, train, save, load, merge, compile, deepcopy, the run config)
+must carry the setting."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+import leanlora
+from leanlora.base.fp8_linear import linear_fp8, quantize_weight
+from leanlora.base.nf4 import NF4Base
+from leanlora.base.nf4_linear import dequantize_nf4, nf4_to_fp8
+from conftest import randomize_adapters, tiny_llama, token_batch
+from test_fp8_base import REL, SUB, reference_quant
+
+pytest.importorskip("torchao")
+
+ALL_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _base(out_f=48, in_f=128, dtype=torch.float32, seed=0, gemm="fp8"):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_f, in_f, generator=g) * 0.02
+    w[torch.rand(out_f, in_f, generator=g) < 0.02] *= 15  # outliers spread the block and row scales
+    return NF4Base(w.to(dtype), None, block_size=64, scaler_block_size=8, gemm=gemm)
+
+
+def _config(**kw):
+    kw.setdefault("target_modules", ALL_PROJ)
+    return leanlora.AdapterConfig(r=4, alpha=8, base="nf4", nf4=leanlora.NF4Config(block_size=32, gemm="fp8"), **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(48, 128), (256, 64), (16, 512)])
+def test_the_direct_cast_equals_the_fp8_base_cast_of_the_rebuilt_weight(dtype, shape):
+    """One table lookup per byte and row maxima from the block scales give exactly the codes and
+    scales that quantizing the rebuilt weight gives (the row maximum is always a block scale)."""
+    for seed in range(3):
+        parts = _base(*shape, dtype=dtype, seed=seed).__dict__["_parts"]
+        codes, scale = nf4_to_fp8(*parts)
+        ref_codes, ref_scale = quantize_weight(dequantize_nf4(*parts))
+        assert codes.dtype == ref_codes.dtype and torch.equal(scale, ref_scale)
+        assert torch.equal(codes.view(torch.uint8), ref_codes.view(torch.uint8))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_values_and_input_gradient_are_the_fp8_base_of_the_rebuilt_weight(dtype):
+    """Bit for bit: the 4-bit parts rebuilt, then cast as an FP8 base casts its weight."""
+    base = _base(dtype=dtype)
+    parts = base.__dict__["_parts"]
+    codes, scale = quantize_weight(dequantize_nf4(*parts))
+    x = (torch.randn(3, 5, 128) * torch.logspace(-2, 1, 5)[:, None]).to(dtype).requires_grad_()
+    grad_y = torch.randn(3, 5, 48).to(dtype)
+    y = base(x)
+    (got,) = torch.autograd.grad(y, x, grad_y)
+    ref = linear_fp8(x, codes, scale, fast=False)
+    (ref_grad,) = torch.autograd.grad(ref, x, grad_y)
+    assert y.dtype == dtype and torch.equal(y, ref)
+    assert torch.equal(got, ref_grad)
+
+
+def test_forward_matches_a_float64_reference_of_the_same_quantization():
+    base = _base(seed=3)
+    w = dequantize_nf4(*base.__dict__["_parts"])                     # the 4-bit weight, as rebuilt
+    x = torch.randn(24, 128) * torch.logspace(-2, 1, 24)[:, None]
+    xq, wq, _, _ = reference_quant(x, w)
+    exact = xq @ wq.t()
+    bound = 1e-5 * (xq.abs() @ wq.abs().t())                          # fp32 accumulation of 128 terms
+    assert ((base(x).double() - exact).abs() <= bound + 1e-12).all()
+    # and the float8 rounding on top of the 4-bit weight stays within e4m3's bound of x W0^T
+    direct = x.double() @ w.double().t()
+    spread = x.double().abs() @ w.double().abs().t()
+    assert ((base(x).double() - direct).abs() <= (2 * REL + REL ** 2) * spread + 2 * SUB * spread.amax()).all()
+
+
+def test_only_the_four_bit_parts_are_saved_for_backward():
+    base = _base(out_f=256, in_f=256)
+    x = torch.randn(2, 256, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        base(x)
+    assert saved and all(t.numel() <= 256 * 256 // 2 for t in saved)  # never a float8 or dense copy of W0
+
+
+def test_compiles_whole_and_gives_the_eager_values():
+    base = _base(seed=5)
+    compiled = torch.compile(base, backend="aot_eager", fullgraph=True)
+    x = torch.randn(2, 5, 128, dtype=torch.bfloat16, requires_grad=True)
+    y = compiled(x)
+    y.float().square().sum().backward()
+    x_eager = x.detach().clone().requires_grad_()
+    y_eager = base(x_eager)
+    y_eager.float().square().sum().backward()
+    assert torch.equal(y, y_eager) and torch.equal(x.grad, x_eager.grad)
+
+
+def test_deepcopy_moves_and_a_new_weight_keep_the_setting():
+    base = _base(seed=6)
+    x = torch.randn(2, 128)
+    twin = copy.deepcopy(base)
+    assert twin.gemm == "fp8" and torch.equal(twin(x), base(x))
+    base.add_delta_(torch.full((48, 128), 0.01))                      # merge's path: requantized to 4 bits
+    codes, scale = quantize_weight(dequantize_nf4(*base.__dict__["_parts"]))
+    assert torch.equal(base(x), linear_fp8(x, codes, scale, fast=False))
+    base.to("meta")
+    assert base.gemm == "fp8" and not base.fast
+    assert "gemm=fp8 (fp32 fallback)" in repr(twin)
+
+
+def test_a_model_trains_saves_loads_and_merges_with_fp8_gemms(tmp_path):
+    model = tiny_llama()
+    leanlora.inject(model, _config())
+    layers = dict(leanlora.adapted_layers(model))
+    assert all(isinstance(layer.base, NF4Base) and layer.base.gemm == "fp8" for layer in layers.values())
+    randomize_adapters(model)
+    model.train()
+    x = token_batch()
+    loss = model(x, labels=x).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for _, p in leanlora.trainable_parameters(model))
+    model.eval()
+    with torch.no_grad():
+        out = model(x).logits
+        dequant = copy.deepcopy(model)
+        for layer in dict(leanlora.adapted_layers(dequant)).values():
+            layer.base.gemm = "dequant"
+        # the float8 GEMMs differ from the dequantized ones by e4m3's roundings, not more
+        fp8_error = float((dequant(x).logits - out).norm() / out.norm())
+        assert 0 < fp8_error < 0.1
+    leanlora.save(model, tmp_path / "ad")
+    reloaded = leanlora.load(tiny_llama(), tmp_path / "ad")
+    assert all(layer.base.gemm == "fp8" for _, layer in leanlora.adapted_layers(reloaded))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x).logits, out, rtol=1e-4, atol=1e-4)
+    report = leanlora.merge(model)          # requantized to 4 bits (reported), still multiplied in float8
+    assert report == leanlora.merge(dequant)
+    assert all(r["max_abs"] >= r["mean_abs"] > 0 for r in report.values())
+    assert all(layer.base.gemm == "fp8" for _, layer in leanlora.adapted_layers(model))
+    with torch.no_grad():
+        merged, merged_dequant = model(x).logits, dequant(x).logits
+        assert 0 < float((merged - merged_dequant).norm() / merged_dequant.norm()) < 2 * fp8_error
+
+
+def test_shapes_and_values_it_cannot_take_are_refused_by_name():
+    odd = tiny_llama(hidden_size=40, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2)
+    config = leanlora.AdapterConfig(target_modules=("q_proj",), base="nf4",
+                                    nf4=leanlora.NF4Config(block_size=8, scaler_block_size=5, gemm="fp8"))
+    with pytest.raises(leanlora.ConfigError, match=r"'model\.layers\.0\.self_attn\.q_proj' has in_features=40.*"
+                                                   r"multiples of 16"):
+        leanlora.inject(odd, config)
+    assert not any(True for _ in leanlora.adapted_layers(odd))
+    leanlora.inject(odd, dataclasses.replace(config, nf4=leanlora.NF4Config(block_size=8, scaler_block_size=5)))  # dequant: fine
+    with pytest.raises(leanlora.ConfigError, match=r"nf4\.gemm.*allowed: 'dequant', 'fp8'"):
+        leanlora.NF4Config(gemm="bf16")
+
+
+def test_run_config_reads_the_setting():
+    from leanlora.train.runconfig import load_run_config
+
+    run = load_run_config(None, ["data.task=causal_lm", "adapter.base=nf4", "adapter.nf4.gemm=fp8",
+                                 "adapter.target_modules=[q_proj]"])
+    assert run.adapter.nf4.gemm == "fp8"
+
+
+FP8_GPU = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
+
+
+@pytest.mark.skipif(not FP8_GPU, reason="needs a CUDA GPU of compute capability 8.9+ (float8 GEMMs)")
+def test_cuda_scaled_mm_path_and_inductor_compiled_layers():
+    """On the GPU the layer takes torch._scaled_mm and matches the fp32 fallback to bf16 rounding;
+    under inductor (the rebuild and the cast fused) a model gives the eager model's loss."""
+    from leanlora.train.compiled import CompiledRegions
+
+    base = _base(out_f=384, in_f=512).cuda()
+    assert base.fast
+    x = torch.randn(256, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(256, 384, device="cuda", dtype=torch.bfloat16)
+    y = base(x)
+    (fast_grad,) = torch.autograd.grad(y, x, g)
+    base.fast = False
+    y_ref = base(x)
+    (ref_grad,) = torch.autograd.grad(y_ref, x, g)
+    torch.testing.assert_close(y.float(), y_ref.float(), rtol=2 ** -7, atol=1e-2)
+    torch.testing.assert_close(fast_grad.float(), ref_grad.float(), rtol=2 ** -6, atol=1e-2)
+
+    losses = {}
+    for compiled in (False, True):
+        model = tiny_llama(hidden_size=256, intermediate_size=512).cuda().to(torch.bfloat16)
+        leanlora.inject(model, _config())
+        randomize_adapters(model)
+        model.train()
+        if compiled:
+            CompiledRegions(model)
+        ids = token_batch(batch=4, seq=64).cuda()
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        losses[compiled] = float(loss)
+    assert abs(losses[True] - losses[False]) < 2e-2 * abs(losses[False])
