@@ -274,30 +274,29 @@ def test_compiles_whole_and_gives_the_eager_values(fast):
 FP8_GPU = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
 
 
-@pytest.mark.skipif(not FP8_GPU, reason="needs a CUDA GPU of compute capability 8.9+ (float8 GEMMs)")
-def test_cuda_scaled_mm_path_and_inductor_compiled_layers():
-    """On the GPU the base takes torch._scaled_mm; its values match the fp32 fallback to bf16
-    rounding, and a model whose decoder layers are compiled by inductor trains like the eager one."""
-    from leanlora.train.compiled import CompiledRegions
-
-    x, w = data(m=256, k=512, n=384)
-    base = FP8Base(w.cuda(), None)
+def check_scaled_mm_against_fallback(base, x: torch.Tensor) -> None:
+    """``base`` (``fast``, on CUDA) against its own fp32 fallback: values and input gradient to bf16 rounding."""
     assert base.fast
-    xb = x.cuda().bfloat16().requires_grad_()
-    g = torch.randn(256, 384, device="cuda", dtype=torch.bfloat16)   # the same upstream gradient for both
-    y = base(xb)
-    y.backward(g)
-    fast_grad = _grad_of(xb)
+    x = x.cuda().bfloat16().requires_grad_()
+    g = torch.randn(x.shape[0], base.out_features, device="cuda", dtype=torch.bfloat16)  # one upstream gradient
+    y = base(x)
+    (fast_grad,) = torch.autograd.grad(y, x, g)
     base.fast = False
-    y_ref = base(xb)
-    y_ref.backward(g)
+    y_ref = base(x)
+    (ref_grad,) = torch.autograd.grad(y_ref, x, g)
     torch.testing.assert_close(y.float(), y_ref.float(), rtol=2 ** -7, atol=1e-2)
-    torch.testing.assert_close(fast_grad.float(), xb.grad.float(), rtol=2 ** -6, atol=1e-2)
+    torch.testing.assert_close(fast_grad.float(), ref_grad.float(), rtol=2 ** -6, atol=1e-2)
+
+
+def check_inductor_layers_train_like_eager(config) -> None:
+    """A bf16 Llama on CUDA with ``config`` injected: the loss with inductor-compiled decoder layers
+    equals the eager one to bf16 noise."""
+    from leanlora.train.compiled import CompiledRegions
 
     losses = {}
     for compiled in (False, True):
         model = tiny_llama(hidden_size=256, intermediate_size=512).cuda().to(torch.bfloat16)
-        leanlora.inject(model, _config(r=8))
+        leanlora.inject(model, config)
         randomize_adapters(model)
         model.train()
         if compiled:
@@ -309,9 +308,13 @@ def test_cuda_scaled_mm_path_and_inductor_compiled_layers():
     assert abs(losses[True] - losses[False]) < 2e-2 * abs(losses[False])
 
 
-def _grad_of(t):
-    g, t.grad = t.grad, None
-    return g
+@pytest.mark.skipif(not FP8_GPU, reason="needs a CUDA GPU of compute capability 8.9+ (float8 GEMMs)")
+def test_cuda_scaled_mm_path_and_inductor_compiled_layers():
+    """On the GPU the base takes torch._scaled_mm; its values match the fp32 fallback to bf16
+    rounding, and a model whose decoder layers are compiled by inductor trains like the eager one."""
+    x, w = data(m=256, k=512, n=384)
+    check_scaled_mm_against_fallback(FP8Base(w.cuda(), None), x)
+    check_inductor_layers_train_like_eager(_config(r=8))
 
 
 def test_run_config_and_preflight_take_the_fp8_base():

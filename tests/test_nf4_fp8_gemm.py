@@ -16,7 +16,8 @@ from leanlora.base.fp8_linear import linear_fp8, quantize_weight
 from leanlora.base.nf4 import NF4Base
 from leanlora.base.nf4_linear import dequantize_nf4, nf4_to_fp8
 from conftest import randomize_adapters, tiny_llama, token_batch
-from test_fp8_base import REL, SUB, reference_quant
+from test_fp8_base import (FP8_GPU, REL, SUB, check_inductor_layers_train_like_eager,
+                           check_scaled_mm_against_fallback, reference_quant)
 
 pytest.importorskip("torchao")
 
@@ -168,37 +169,9 @@ def test_run_config_reads_the_setting():
     assert run.adapter.nf4.gemm == "fp8"
 
 
-FP8_GPU = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
-
-
 @pytest.mark.skipif(not FP8_GPU, reason="needs a CUDA GPU of compute capability 8.9+ (float8 GEMMs)")
 def test_cuda_scaled_mm_path_and_inductor_compiled_layers():
     """On the GPU the layer takes torch._scaled_mm and matches the fp32 fallback to bf16 rounding;
     under inductor (the rebuild and the cast fused) a model gives the eager model's loss."""
-    from leanlora.train.compiled import CompiledRegions
-
-    base = _base(out_f=384, in_f=512).cuda()
-    assert base.fast
-    x = torch.randn(256, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    g = torch.randn(256, 384, device="cuda", dtype=torch.bfloat16)
-    y = base(x)
-    (fast_grad,) = torch.autograd.grad(y, x, g)
-    base.fast = False
-    y_ref = base(x)
-    (ref_grad,) = torch.autograd.grad(y_ref, x, g)
-    torch.testing.assert_close(y.float(), y_ref.float(), rtol=2 ** -7, atol=1e-2)
-    torch.testing.assert_close(fast_grad.float(), ref_grad.float(), rtol=2 ** -6, atol=1e-2)
-
-    losses = {}
-    for compiled in (False, True):
-        model = tiny_llama(hidden_size=256, intermediate_size=512).cuda().to(torch.bfloat16)
-        leanlora.inject(model, _config())
-        randomize_adapters(model)
-        model.train()
-        if compiled:
-            CompiledRegions(model)
-        ids = token_batch(batch=4, seq=64).cuda()
-        loss = model(ids, labels=ids).loss
-        loss.backward()
-        losses[compiled] = float(loss)
-    assert abs(losses[True] - losses[False]) < 2e-2 * abs(losses[False])
+    check_scaled_mm_against_fallback(_base(out_f=384, in_f=512).cuda(), torch.randn(256, 512))
+    check_inductor_layers_train_like_eager(_config())
