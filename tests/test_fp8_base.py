@@ -261,8 +261,13 @@ def test_compiles_whole_and_gives_the_eager_values(fast):
             pytest.skip(f"torch._scaled_mm does not run on this device: {err}")
     base = FP8Base(torch.randn(48, 64), None)
     base.fast = fast
+    check_fullgraph_equals_eager(base)
+
+
+def check_fullgraph_equals_eager(base) -> None:
+    """``base`` compiled whole (aot_eager) gives its eager values and input gradient, bit for bit."""
     compiled = torch.compile(base, backend="aot_eager", fullgraph=True)
-    x = torch.randn(2, 5, 64, dtype=torch.bfloat16, requires_grad=True)
+    x = torch.randn(2, 5, base.in_features, dtype=torch.bfloat16, requires_grad=True)
     y = compiled(x)
     y.float().square().sum().backward()
     x_eager = x.detach().clone().requires_grad_()

@@ -16,7 +16,7 @@ from leanlora.base.fp8_linear import linear_fp8, quantize_weight
 from leanlora.base.nf4 import NF4Base
 from leanlora.base.nf4_linear import dequantize_nf4, nf4_to_fp8
 from conftest import randomize_adapters, tiny_llama, token_batch
-from test_fp8_base import (FP8_GPU, REL, SUB, check_inductor_layers_train_like_eager,
+from test_fp8_base import (FP8_GPU, REL, SUB, check_fullgraph_equals_eager, check_inductor_layers_train_like_eager,
                            check_scaled_mm_against_fallback, reference_quant)
 
 pytest.importorskip("torchao")
@@ -89,15 +89,7 @@ def test_only_the_four_bit_parts_are_saved_for_backward():
 
 
 def test_compiles_whole_and_gives_the_eager_values():
-    base = _base(seed=5)
-    compiled = torch.compile(base, backend="aot_eager", fullgraph=True)
-    x = torch.randn(2, 5, 128, dtype=torch.bfloat16, requires_grad=True)
-    y = compiled(x)
-    y.float().square().sum().backward()
-    x_eager = x.detach().clone().requires_grad_()
-    y_eager = base(x_eager)
-    y_eager.float().square().sum().backward()
-    assert torch.equal(y, y_eager) and torch.equal(x.grad, x_eager.grad)
+    check_fullgraph_equals_eager(_base(seed=5))
 
 
 def test_deepcopy_moves_and_a_new_weight_keep_the_setting():
