@@ -207,10 +207,9 @@ def main(argv=None) -> dict:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             with open(args.out, "a") as f:
                 f.write(json.dumps(row) + "\n")
-    D.barrier()
-    D.shutdown()
     return row
 
 
 if __name__ == "__main__":
     main()
+    D.end_process(0)  # not interpreter teardown, where gloo's threads can abort a finished run
