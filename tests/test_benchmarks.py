@@ -130,20 +130,23 @@ def test_pinned_gates_times_lora_sampled_and_pinned_rows(tmp_path):
     assert all(r["eager_step_ms"] > 0 and r["compiled_pieces_ms"] > 0 for r in rows)
 
 
-def test_fp8_guard_pairs_the_dense_and_fp8_runs_of_one_config(tmp_path, capsys):
+@pytest.mark.parametrize("pair, ref, new, extra", [("dense-fp8", "dense", "fp8", []),
+                                                   ("nf4-gemm", "nf4", "nf4_fp8", ["adapter.nf4.block_size=16"])])
+def test_fp8_guard_pairs_the_two_runs_of_one_config(tmp_path, capsys, pair, ref, new, extra):
     import fp8_guard
     from conftest import minilm_dir
     from train_fixtures import classification_yaml, tiny_bert_dir
 
     config = classification_yaml(tmp_path, tiny_bert_dir(tmp_path, minilm_dir()), max_steps=6, eval_every=0)
-    fp8_guard.main([str(config), "train.lr=1e-2", "--out", str(tmp_path / "guard"), "--window", "3", "--parallel"])
+    fp8_guard.main([str(config), "train.lr=1e-2", *extra, "--out", str(tmp_path / "guard"), "--window", "3",
+                    "--parallel", "--pair", pair])
     report = json.loads((tmp_path / "guard" / "fp8_guard.json").read_text())
-    dense, fp8 = report["runs"]["dense"], report["runs"]["fp8"]
-    assert len(dense["losses"]) == len(fp8["losses"]) == 6 and dense["losses"] != fp8["losses"]
+    reference, float8 = report["runs"][ref], report["runs"][new]
+    assert len(reference["losses"]) == len(float8["losses"]) == 6 and reference["losses"] != float8["losses"]
     c = report["comparison"]
-    assert c["steps"] == 6 and c["tail_steps"] == 1 and c["dense_tail"] == dense["losses"][-1]
+    assert c["steps"] == 6 and c["tail_steps"] == 1 and c[f"{ref}_tail"] == reference["losses"][-1]
     assert 0 < c["max_rel_window"] < 0.5 and c["mean_rel_window"] <= c["max_rel_window"]
-    assert "6 steps: last 1 mean loss" in capsys.readouterr().out
+    assert f"6 steps: last 1 mean loss {ref}" in capsys.readouterr().out
     assert fp8_guard.moving_average([1.0, 2.0, 3.0, 4.0], 2) == [1.5, 2.5, 3.5]
 
 
