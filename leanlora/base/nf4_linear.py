@@ -49,6 +49,13 @@ class NF4Parts(NamedTuple):
                    weight.scaler_block_size)
 
 
+def _block_scales(block_scales: torch.Tensor, group_factors: torch.Tensor, scale_mean: torch.Tensor,
+                  dtype: torch.dtype, scaler_group: int) -> torch.Tensor:
+    """s_j (n / block_size,) in ``dtype``, undoing the double quantization as torchao does."""
+    scales = (block_scales.view(-1, scaler_group) / group_factors.unsqueeze(-1)).flatten()
+    return scales.to(dtype) + scale_mean
+
+
 def dequantize_nf4(codes: torch.Tensor, block_scales: torch.Tensor, group_factors: torch.Tensor,
                    scale_mean: torch.Tensor, codebook: torch.Tensor, shape: tuple[int, ...],
                    block_size: int, scaler_group: int) -> torch.Tensor:
@@ -59,8 +66,7 @@ def dequantize_nf4(codes: torch.Tensor, block_scales: torch.Tensor, group_factor
     """
     high = codebook[(codes >> 4).to(torch.long)]              # (n/2,) even positions
     low = codebook[(codes & 0b1111).to(torch.long)]           # (n/2,) odd positions
-    scales = (block_scales.view(-1, scaler_group) / group_factors.unsqueeze(-1)).flatten()
-    scales = scales.to(codebook.dtype) + scale_mean          # (n / block_size,)
+    scales = _block_scales(block_scales, group_factors, scale_mean, codebook.dtype, scaler_group)
     per_pair = scales.unsqueeze(-1).expand(scales.size(0), block_size // 2).flatten()  # (n/2,)
     high = (high * per_pair).unsqueeze(-1).transpose(0, 1)    # (1, n/2)
     low = (low * per_pair).unsqueeze(-1).transpose(0, 1)
@@ -101,8 +107,7 @@ def nf4_to_fp8(codes: torch.Tensor, block_scales: torch.Tensor, group_factors: t
       maximum needs no pass over the weight. For a weight that torchao quantized this is the
       same maximum, so the codes and scales equal ``quantize_weight``'s (tested).
     """
-    scales = (block_scales.view(-1, scaler_group) / group_factors.unsqueeze(-1)).flatten()
-    scales = scales.to(codebook.dtype) + scale_mean                              # (blocks,)
+    scales = _block_scales(block_scales, group_factors, scale_mean, codebook.dtype, scaler_group)  # (blocks,)
     pairs = torch.stack([codebook.repeat_interleave(16), codebook.repeat(16)], dim=-1)  # byte -> (high, low)
     w = (pairs[codes.to(torch.long)].view(-1, block_size) * scales[:, None]).view(shape)  # codebook dtype
     amax = scales.view(shape[0], -1).abs().amax(dim=1).float() * codebook.abs().amax().float()
