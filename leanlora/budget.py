@@ -669,7 +669,7 @@ def check_run(budget: float | str | None, distributed: str) -> None:
     ("auto" steps aside there: the loop passes ``auto=False`` to :func:`start`)."""
     if not isinstance(budget, (int, float)):
         return
-    if distributed == "fsdp2":
+    if not supported(distributed):
         raise ConfigError("adapter.budget is not supported with train.distributed='fsdp2' (the expected cost needs "
                           "whole gate tensors); use 'ddp' or 'none', or adapter.budget=off for the plain gate prior")
 
