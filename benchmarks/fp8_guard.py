@@ -2,8 +2,9 @@
 
 The runs differ only in the base (``--pair dense-fp8``: ``adapter.base`` dense and fp8;
 ``--pair nf4-gemm``: an NF4 base multiplied as QLoRA does and with float8 GEMMs; one after the
-other, or at once with ``--parallel``): same seed, data order, schedule and adapter. Because every step sees the same
-batch in both runs, the per-step losses are paired, and the comparison is of the loss curves:
+other, or at once with ``--parallel``): same seed, data order, schedule and adapter. Because every
+step sees the same batch in both runs, the per-step losses are paired, and the comparison is of
+the loss curves:
 
 * ``tail``: mean loss over the last tenth of the run, and the float8 run's relative difference;
 * ``max_rel_window``: the largest relative gap between the two curves' moving averages
@@ -43,28 +44,29 @@ def moving_average(values: list[float], window: int) -> list[float]:
     return [(sums[i + window] - sums[i]) / window for i in range(len(values) - window + 1)]
 
 
-def compare(dense: list[float], fp8: list[float], window: int,
+def compare(reference: list[float], float8: list[float], window: int,
             names: tuple[str, str] = ("dense", "fp8")) -> dict[str, float]:
-    """The paired curves' agreement (reference first): tail means and the largest relative gap of
-    their moving averages; ``names`` name the two tail means."""
-    n = min(len(dense), len(fp8))
-    dense, fp8 = dense[:n], fp8[:n]
+    """The paired curves' agreement: tail means and the largest relative gap of their moving
+    averages; ``names`` name the two tail means."""
+    n = min(len(reference), len(float8))
+    reference, float8 = reference[:n], float8[:n]
     tail = max(1, n // 10)
-    d_tail, f_tail = sum(dense[-tail:]) / tail, sum(fp8[-tail:]) / tail
-    gaps = [abs(f - d) / abs(d) for d, f in zip(moving_average(dense, window), moving_average(fp8, window))]
+    d_tail, f_tail = sum(reference[-tail:]) / tail, sum(float8[-tail:]) / tail
+    gaps = [abs(f - d) / abs(d)
+            for d, f in zip(moving_average(reference, window), moving_average(float8, window))]
     return {"steps": n, "tail_steps": tail, f"{names[0]}_tail": d_tail, f"{names[1]}_tail": f_tail,
             "tail_rel": (f_tail - d_tail) / abs(d_tail), "window": window, "max_rel_window": max(gaps),
             "mean_rel_window": sum(gaps) / len(gaps)}
 
 
-def start_run(config: str, overrides: list[str], base: str, out: Path,
+def start_run(config: str, overrides: list[str], name: str, out: Path,
               settings: list[str]) -> tuple[subprocess.Popen, float]:
-    """`leanlora train` of ``config`` with ``settings`` (the base's) into ``out/base``, as a child process."""
-    cmd = [sys.executable, "-m", "leanlora", "train", str(Path(config).resolve()), "--out", str(out / base),
+    """`leanlora train` of ``config`` with ``settings`` (the base's) into ``out/name``, as a child process."""
+    cmd = [sys.executable, "-m", "leanlora", "train", str(Path(config).resolve()), "--out", str(out / name),
            "--no-progress", *overrides, *settings]
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # what the child prints reaches its log at once
-    with (out / f"{base}.log").open("w") as log:  # the child keeps its own handle
+    with (out / f"{name}.log").open("w") as log:  # the child keeps its own handle
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
     return proc, time.perf_counter()
 

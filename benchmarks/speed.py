@@ -18,7 +18,8 @@ The strongest PEFT setups are ``peft_lora_bf16@compiled`` (bf16 adapters, per-la
 cross-entropy; its patches are process-wide, so run it in its own process, the default). leanlora
 rows take their loss as ``leanlora train`` does (``--lean-fused-loss auto``: Liger's fused loss on
 CUDA when installed); ``lean_*_fp8`` rows hold the frozen base in float8 (``base: fp8``), and
-``lean_*_f8`` rows hold it in NF4 with float8 GEMMs (``nf4.gemm: fp8``). The table gives each row's speed over ``peft_lora_bf16@compiled`` and its step time over the floor's.
+``lean_*_f8`` rows hold it in NF4 with float8 GEMMs (``nf4.gemm: fp8``). The table gives each
+row's speed over ``peft_lora_bf16@compiled`` and its step time over the floor's.
 """
 
 from __future__ import annotations
