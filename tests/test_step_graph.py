@@ -60,10 +60,12 @@ class _FakeCapture:
     def __init__(self, model, optimizer):
         self.model, self.optimizer, self.replay_step = model, optimizer, None
         self.sync_mode, self.captures, self.fail_capture, self.sync_in_step = 0, 0, False, False
+        self.pools = []  # the memory pool each capture was given
 
     # torch.cuda functions StepGraph calls
-    def graph(self, g, stream=None):
+    def graph(self, g, pool=None, stream=None):
         fake = self
+        fake.pools.append(pool)
 
         class Capture:
             def __enter__(self):
@@ -100,10 +102,11 @@ def _fake_cuda(monkeypatch, fake):
     monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", lambda mode: setattr(fake, "sync_mode", mode))
     monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
     monkeypatch.setattr(torch.cuda, "graph", fake.graph)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: object())
     monkeypatch.setattr(step_graph, "capturable_optimizer", lambda optimizer: optimizer)
 
 
-def _cpu_setup(monkeypatch, warmup=2):
+def _cpu_setup(monkeypatch, warmup=2, max_shapes=8):
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
@@ -124,7 +127,7 @@ def _cpu_setup(monkeypatch, warmup=2):
         return loss.detach()
 
     _fake_cuda(monkeypatch, fake)
-    run = StepGraph(step, optimizer, warmup=warmup)
+    run = StepGraph(step, optimizer, warmup=warmup, max_shapes=max_shapes)
     fake.replay_step = lambda: step(run.inputs)
     return model, run, fake, calls
 
@@ -173,13 +176,47 @@ def test_one_tensor_under_two_names_is_one_input_and_must_stay_one(monkeypatch):
     assert run.replays == 1 and run.uncaptured_calls == 3
 
 
-def test_a_batch_of_another_shape_runs_uncaptured_and_the_graph_stays(monkeypatch):
+def test_a_batch_of_another_shape_warms_up_on_its_own_and_the_first_graph_stays(monkeypatch):
     model, run, fake, _ = _cpu_setup(monkeypatch)
     batches = _batches(4) + _batches(1, rows=5, seed=1) + _batches(2, seed=2)
     for b in batches:
         run(b)
     assert (run.uncaptured_calls, fake.captures, run.replays) == (3, 1, 4)
     torch.testing.assert_close(model.weight, _plain(batches).weight)
+
+
+def test_each_shape_gets_its_own_graph_in_one_shared_pool_and_replays_its_own_inputs(monkeypatch):
+    model, run, fake, calls = _cpu_setup(monkeypatch)
+    a, b = _batches(8, rows=3), _batches(8, rows=5, seed=1)
+    batches = [x for pair in zip(a, b) for x in pair]  # the shapes alternate, as padded lengths do
+    for batch in batches:
+        run(batch)
+        assert calls[-1] is run.inputs and calls[-1]["x"].shape == batch["x"].shape
+    # 2 warm-up steps and a capture per shape, then replays of the shape's own graph
+    assert (run.uncaptured_calls, fake.captures, run.replays, run.graphs) == (4, 2, 12, 2)
+    assert fake.pools[0] is fake.pools[1] is not None
+    torch.testing.assert_close(model.weight, _plain(batches).weight)
+
+
+def test_shapes_past_max_shapes_run_uncaptured_and_a_reset_drops_every_graph(monkeypatch):
+    model, run, fake, _ = _cpu_setup(monkeypatch, max_shapes=1)
+    batches = _batches(4) + _batches(3, rows=5, seed=1) + _batches(1, seed=2)
+    for b in batches:
+        run(b)
+    assert (run.uncaptured_calls, fake.captures, run.replays, run.graphs) == (5, 1, 3, 1)
+    run.reset()  # what the loop does at a budget's freeze
+    assert run.graphs == 0 and run.graph is None and not run.stale
+    more = _batches(3, seed=3)
+    for b in more:
+        run(b)
+    assert (fake.captures, run.graphs) == (2, 1) and fake.pools[1] is not fake.pools[0]  # a fresh pool
+    torch.testing.assert_close(model.weight, _plain(batches + more).weight)
+
+
+def test_max_shapes_below_one_is_refused(monkeypatch):
+    _fake_cuda(monkeypatch, _FakeCapture(None, None))
+    with pytest.raises(ValueError, match="max_shapes=0 is invalid"):
+        StepGraph(lambda batch: None, torch.optim.AdamW([torch.nn.Parameter(torch.ones(1))]), max_shapes=0)
 
 
 @pytest.mark.parametrize("failure,warning", [
@@ -282,6 +319,23 @@ def test_graphed_compiled_training_equals_compiled_training():
     assert graphed_losses == pytest.approx(plain_losses, rel=1e-4, abs=1e-5)
     for name, value in plain.items():
         torch.testing.assert_close(graphed[name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@cuda
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_padded_lengths_that_alternate_each_get_a_graph_and_train_what_plain_steps_train(compiled):
+    # three lengths in turn, as batches padded to multiples of a bucket come; the graphs share one
+    # memory pool, so each replay must leave the others' inputs and the trained tensors intact
+    batches = [token_batch(seq=(8, 12, 16)[i % 3], seed=i) for i in range(15)]
+    plain, plain_losses, _ = _train(_adapted("gated", "learned"), 15, graphed=False, compiled=compiled,
+                                    batches=batches)
+    graphed, graphed_losses, run = _train(_adapted("gated", "learned"), 15, graphed=True, compiled=compiled,
+                                          batches=batches)
+    assert (run.graphs, run.uncaptured_calls, run.replays) == (3, 6, 9)
+    tol = dict(rel=1e-4, abs=1e-5) if compiled else dict(rel=1e-5, abs=1e-6)
+    assert graphed_losses == pytest.approx(plain_losses, **tol)
+    for name, value in plain.items():
+        torch.testing.assert_close(graphed[name], value, rtol=tol["rel"], atol=tol["abs"], msg=name)
 
 
 @cuda

@@ -13,9 +13,13 @@ loop needs around it:
   (compilation, lazy initialisation and the optimizer's state all happen there);
 * the next call captures the step with that call's batch, then replays it once (capturing runs
   nothing); later batches are copied into the captured inputs and the graph is replayed;
-* a batch of another shape or dtype runs the step uncaptured, as does everything after the
-  trained tensors were replaced (pruning, loading, ``.data =``): the graph would write to the
-  old storage. :meth:`StepGraph.reset` drops the graph; the next call captures again.
+* each batch shape (padded lengths, a smaller last batch) has its own warm-up and graph, up to
+  ``max_shapes`` of them; further shapes run uncaptured. The graphs share one memory pool, so
+  they hold the activations of one step, not one step's each: a replay may reuse what another
+  graph's output occupied, which is why a returned output must be read before the next call;
+* everything after the trained tensors were replaced (pruning, loading, ``.data =``) runs
+  uncaptured: a graph would write to the old storage. :meth:`StepGraph.reset` drops the graphs;
+  the next calls capture again.
 
 What changes between steps must live in tensors changed in place, because a replay runs no Python:
 the learning rate (:func:`capturable_optimizer` makes each group's ``lr`` a 0-dim device tensor,
@@ -40,6 +44,7 @@ from __future__ import annotations
 
 import traceback
 import warnings
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 import torch
@@ -89,79 +94,108 @@ def batch_signature(batch: Batch) -> tuple:
     return tuple((k, tuple(v.shape), v.dtype, v.device, first.setdefault(id(v), k)) for k, v in sorted(batch.items()))
 
 
+@dataclass
+class _Shape:
+    """One batch signature's graph: its input tensors, warm-up count, graph and output."""
+
+    inputs: dict[str, torch.Tensor]
+    warm: int = 0
+    graph: Any = None                # torch.cuda.CUDAGraph once captured
+    output: Any = None
+    storage: list[int] = field(default_factory=list)  # the trained tensors' addresses at capture
+
+
 class StepGraph:
-    """Run ``step(batch)`` (forward, backward, optimizer step, gradients set to None) as one CUDA graph.
+    """Run ``step(batch)`` (forward, backward, optimizer step, gradients set to None) as one CUDA graph
+    per batch shape.
 
     ``step`` returns what the caller wants back each step (the loss, detached); the returned tensor
-    lives in the graph's memory and is overwritten by the next replay, so read or clone it first.
-    The trained tensors are the optimizer's parameters: when one of them is replaced or moved, the
-    graph is dropped and the step runs uncaptured until :meth:`reset`. ``warmup`` steps run before
-    the capture; a compiled model may compile again in its first calls, which a capture cannot hold.
+    lives in the graphs' memory and is overwritten by the next replay (of any shape's graph), so read
+    or clone it first. The trained tensors are the optimizer's parameters: when one of them is
+    replaced or moved, the graphs are dropped and the step runs uncaptured until :meth:`reset`.
+    ``warmup`` steps of each shape run before its capture; a compiled model may compile again in its
+    first calls of a shape, which a capture cannot hold. At most ``max_shapes`` shapes are captured.
     """
 
     def __init__(self, step: Callable[[Batch], Any], optimizer: torch.optim.Optimizer, warmup: int = 3,
-                 log: Callable[[str], None] | None = None) -> None:
+                 log: Callable[[str], None] | None = None, max_shapes: int = 8) -> None:
         if warmup < 1:
             raise ValueError(f"StepGraph: warmup={warmup} is invalid: at least 1 step must run uncaptured "
                              "before capture (compilation and the optimizer's state happen there)")
+        if max_shapes < 1:
+            raise ValueError(f"StepGraph: max_shapes={max_shapes} is invalid: at least 1 shape must be captured")
         if not torch.cuda.is_available():
             raise RuntimeError("StepGraph needs CUDA; on this machine torch.cuda.is_available() is False")
         self.step, self.optimizer, self.warmup, self.log = step, capturable_optimizer(optimizer), warmup, log
-        # calls that ran the step without the graph (warm-up, other shapes), and replays of the graph
+        self.max_shapes = max_shapes
+        # calls that ran the step without a graph (warm-up, shapes past max_shapes), and replays
         self.uncaptured_calls, self.replays = 0, 0
         # why capturing failed, if it did, and where (the traceback's end)
         self.failure: str | None = None
         self.failure_trace: str | None = None
         self._stream = torch.cuda.Stream()
-        self.reset()  # no graph yet: graph, inputs, output, key, the warm-up count and stale
+        self.reset()  # no graphs yet
+
+    # the shape called last: what a single-shape caller reads
+    @property
+    def graph(self) -> Any:
+        return None if self._current is None else self._current.graph
+
+    @property
+    def inputs(self) -> dict[str, torch.Tensor]:
+        return {} if self._current is None else self._current.inputs
+
+    @property
+    def output(self) -> Any:
+        return None if self._current is None else self._current.output
+
+    @property
+    def graphs(self) -> int:
+        """How many shapes are captured now."""
+        return sum(s.graph is not None for s in self._shapes.values())
 
     def _storage_now(self) -> list[int]:
         return [p.data_ptr() for g in self.optimizer.param_groups for p in g["params"]]
 
     def reset(self, stale: bool = False) -> None:
-        """Drop the captured graph (its memory is freed); the next call warms up and captures again.
+        """Drop every captured graph (their memory is freed); the next calls warm up and capture again.
         ``stale=True`` (capture failed, or the trained tensors moved): the step runs uncaptured instead,
         until a plain ``reset()``."""
-        self.graph, self.inputs, self.output, self.key, self._warm = None, {}, None, None, 0
-        self._inputs_key, self.stale = None, stale
+        self._shapes: dict[tuple, _Shape] = {}
+        self._current: _Shape | None = None
+        self._pool = None  # one memory pool for all shapes' graphs, made at the first capture
+        self.stale = stale
 
     def __call__(self, batch: Batch) -> Any:
         key = batch_signature(batch)
-        if self.graph is not None:
-            if key == self.key and self._storage_now() == self._storage:
-                self._fill(batch, key)
-                self.graph.replay()
-                self.replays += 1
-                return self.output
-            if key == self.key:  # same shape, but the trained tensors were replaced or moved
-                warnings.warn("StepGraph: the trained tensors changed storage since the step was captured; "
-                              "it runs uncaptured from now on (StepGraph.reset() captures again)",
-                              RuntimeWarning, stacklevel=2)
-                self.reset(stale=True)
-            return self._uncaptured(batch)
         if self.stale:
+            return self._uncaptured(batch)
+        shape = self._shapes.get(key)
+        if shape is None:
+            if len(self._shapes) >= self.max_shapes:
+                return self._uncaptured(batch)
+            shape = self._shapes[key] = _Shape(inputs=_input_tensors(batch))
+        self._current = shape
+        if shape.graph is not None:
+            if self._storage_now() == shape.storage:
+                _fill(shape.inputs, batch, key)
+                shape.graph.replay()
+                self.replays += 1
+                return shape.output
+            warnings.warn("StepGraph: the trained tensors changed storage since the step was captured; "
+                          "it runs uncaptured from now on (StepGraph.reset() captures again)",
+                          RuntimeWarning, stacklevel=2)
+            self.reset(stale=True)
             return self._uncaptured(batch)
         # warm-up and capture run on the very tensors that replays will read, as PyTorch's recipe
         # does: a compiled model then sees the same inputs when it is captured as when it compiled
-        self._fill(batch, key)
-        if self._warm < self.warmup:
-            self._warm += 1
-            if self._warm == self.warmup > 1:  # compiled by now: the last warm-up step is checked
-                return self._checked(self.inputs)
-            return self._uncaptured(self.inputs, side_stream=True)
-        return self._capture(key)
-
-    def _fill(self, batch: Batch, key: tuple) -> None:
-        """Copy ``batch`` into the graph's input tensors, made for ``key`` on first use (ordinary
-        allocations, kept for the graph's life). One tensor passed under two names (input_ids as
-        labels) stays one tensor: a compiled model guards on that aliasing."""
-        if key != self._inputs_key:
-            copies: dict[int, torch.Tensor] = {}
-            self.inputs = {name: copies.setdefault(id(value), torch.empty_like(value)) for name, value in batch.items()}
-            self._inputs_key = key
-        for name, *_, owner in key:
-            if owner == name:  # an aliased entry shares its owner's tensor
-                self.inputs[name].copy_(batch[name], non_blocking=True)
+        _fill(shape.inputs, batch, key)
+        if shape.warm < self.warmup:
+            shape.warm += 1
+            if shape.warm == self.warmup > 1:  # compiled by now: the last warm-up step is checked
+                return self._checked(shape.inputs)
+            return self._uncaptured(shape.inputs, side_stream=True)
+        return self._capture(shape, key)
 
     def _checked(self, batch: Batch) -> Any:
         """An uncaptured step that fails on any operation waiting for the GPU (``.item()``, a shape
@@ -211,26 +245,45 @@ class StepGraph:
         torch.cuda.current_stream().wait_stream(self._stream)
         return out
 
-    def _capture(self, key: tuple) -> Any:
+    def _capture(self, shape: _Shape, key: tuple) -> Any:
         if any(p.grad is not None for g in self.optimizer.param_groups for p in g["params"]):
             raise RuntimeError("StepGraph: gradients are present before capture; the step must end with "
                                "optimizer.zero_grad(set_to_none=True), so that each replay's backward writes "
                                "them afresh instead of adding to the last step's")
-        graph, inputs = torch.cuda.CUDAGraph(), self.inputs
+        graph = torch.cuda.CUDAGraph()
         torch.cuda.synchronize()
         rng = torch.get_rng_state(), torch.cuda.get_rng_state()
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
         try:
-            with torch.cuda.graph(graph, stream=self._stream):
-                output = self.step(inputs)
+            with torch.cuda.graph(graph, pool=self._pool, stream=self._stream):
+                output = self.step(shape.inputs)
         except Exception as err:  # a run must not die for a speed option: this step, and the rest, uncaptured
+            inputs = shape.inputs
             self._give_up(err, rng)
             return self._uncaptured(inputs, side_stream=True)
-        self.graph, self.output, self.key, self._storage = graph, output, key, self._storage_now()
+        shape.graph, shape.output, shape.storage = graph, output, self._storage_now()
         graph.replay()  # capturing recorded this step's work; replaying it does it
         self.replays += 1
         if self.log is not None:
-            self.log(f"StepGraph: captured the training step as one CUDA graph (inputs {_describe(key)})")
+            self.log(f"StepGraph: captured the training step as one CUDA graph (inputs {_describe(key)}"
+                     + (f"; {self.graphs} shapes captured" if self.graphs > 1 else "") + ")")
         return output
+
+
+def _input_tensors(batch: Batch) -> dict[str, torch.Tensor]:
+    """The graph's own input tensors for ``batch``'s signature (ordinary allocations, kept for the
+    graph's life). One tensor passed under two names (input_ids as labels) stays one tensor: a
+    compiled model guards on that aliasing."""
+    copies: dict[int, torch.Tensor] = {}
+    return {name: copies.setdefault(id(value), torch.empty_like(value)) for name, value in batch.items()}
+
+
+def _fill(inputs: dict[str, torch.Tensor], batch: Batch, key: tuple) -> None:
+    """Copy ``batch`` into the graph's input tensors (an aliased entry shares its owner's tensor)."""
+    for name, *_, owner in key:
+        if owner == name:
+            inputs[name].copy_(batch[name], non_blocking=True)
 
 
 def _describe(key: tuple) -> str:
