@@ -10,8 +10,10 @@ only in who runs them:
 * ``lean_*`` rows run leanlora's own loop (``leanlora.train.loop.train``, what ``leanlora train``
   runs) with ``train.compile`` false (``@eager``), true (``@compiled``: each BertLayer compiled,
   the default on a GPU), ``train.compile_mode=reduce-overhead`` (``@cudagraphs``) or
-  ``train.cuda_graph`` (``@graphed``: compiled, the whole step one CUDA graph, batches padded to
-  ``--max-length``; leanlora rows only);
+  ``train.cuda_graph`` (``@graphed``: compiled, the step captured as one CUDA graph per padded
+  length, batches padded to multiples of a quarter of ``--max-length``), or nothing set
+  (``@default``: what ``leanlora train`` chooses on the device); ``@graphed`` and ``@default``
+  are leanlora rows only;
 * ``peft_lora`` rows run the loop a PEFT user writes (``get_peft_model``, then forward, backward,
   clip, AdamW, schedule, the loss read back once per step), eager or with the same regional
   compilation.
@@ -44,7 +46,7 @@ from isolation import row_in_fresh_process  # noqa: E402
 from speed import record  # noqa: E402  (print and append each row at once)
 
 TARGETS = ("query", "key", "value", "output.dense", "intermediate.dense")  # as quality.py
-MODES = ("eager", "compiled", "cudagraphs", "graphed")
+MODES = ("eager", "compiled", "cudagraphs", "graphed", "default")
 DEFAULT_ROWS = ("peft_lora@eager,peft_lora@compiled,peft_lora@cudagraphs,lean_lora@eager,lean_lora@compiled,"
                 "lean_lora@cudagraphs,lean_blora@eager,lean_blora@compiled,lean_blora@cudagraphs,"
                 "lean_vblora@compiled,lean_qdylora@compiled")
@@ -93,10 +95,11 @@ def run_config(args, method, mode: str):
                   modules_to_save=("classifier",))
     data = glue_data(args.data, eval_file="", max_length=args.max_length, max_train_examples=args.train_examples,
                      pad_to_multiple_of=args.pad_to_multiple_of)
+    chosen = {} if mode == "default" else dict(  # @default: the loop's own choices
+        compile=mode != "eager", compile_mode="reduce-overhead" if mode == "cudagraphs" else "default",
+        cuda_graph=mode == "graphed")
     train = TrainConfig(max_steps=args.steps, batch_size=args.batch, lr=5e-4, device=args.device,
-                        compile=mode != "eager", log_every=max(args.steps, 1),
-                        compile_mode="reduce-overhead" if mode == "cudagraphs" else "default",
-                        cuda_graph=mode == "graphed")
+                        log_every=max(args.steps, 1), **chosen)
     adapter = leanlora_config(method, shape) if method.library == "leanlora" else None
     return RunConfig(model=ModelConfig(path=args.model), data=data, train=train,
                      **({"adapter": adapter} if adapter else {})), shape
@@ -163,8 +166,8 @@ def run_row(row: str, args) -> dict:
         raise ValueError(f"row {row!r}: method must be one of {sorted(METHODS)}, mode one of {MODES}")
     method = METHODS[name]
     result = {"row": row, "method": method.name, "mode": mode}
-    if method.library == "peft" and mode == "graphed":
-        return {**result, "skipped": "the PEFT loop here has no whole-step graph"}
+    if method.library == "peft" and mode in ("graphed", "default"):
+        return {**result, "skipped": "the PEFT loop here has no whole-step graph and no defaults of its own"}
     if method.library == "peft" and method.kind != "lora":
         return {**result, "skipped": "the PEFT loop here runs LoRA only"}
     why = unavailable(method)

@@ -85,11 +85,34 @@ def test_a_graphed_classifier_run_trains_what_the_plain_loop_trains(config, tmp_
     # fp32 and eager, padded alike, so that the two runs differ only in how the step is issued
     common = ["train.device=cuda", "train.precision=fp32", "train.compile=false", "data.pad_to_multiple_of=16", *adapter]
     lines: list[str] = []
-    plain = train(load_run_config(config, common), tmp_path / "plain", **QUIET)
+    plain = train(load_run_config(config, [*common, "train.cuda_graph=false"]), tmp_path / "plain", **QUIET)
     graphed = train(load_run_config(config, [*common, "train.cuda_graph=true"]), tmp_path / "graphed",
                     progress=False, log=lines.append)
     assert any("captured the training step as one CUDA graph" in line for line in lines), lines
     _same_training(plain, graphed, tmp_path / "plain", tmp_path / "graphed", rtol=1e-4, atol=1e-5)
+
+
+@cuda
+def test_the_default_on_cuda_captures_one_graph_per_padded_length_and_trains_what_the_plain_loop_trains(
+        config, tmp_path):
+    # nothing set but what makes the two runs comparable: the default pads to multiples of a quarter
+    # of max_length (8 of 32 here), which the plain run is given explicitly
+    # 24 sentences of 1 to 4 words and 4 of 26: about half the batches of 4 pad to 8 tokens, the rest to 32
+    words = [1 + k % 4 for k in range(24)] + [26] * 4
+    train_file = tmp_path / "lengths.tsv"
+    train_file.write_text("sentence\tlabel\n" + "".join(f"{' '.join(['good' if k % 2 else 'bad'] * n)}\t{k % 2}\n"
+                                                       for k, n in enumerate(words)))
+    common = ["train.device=cuda", "train.precision=fp32", "train.compile=false", "data.max_length=32",
+              f"data.train_file={train_file}", "train.batch_size=4", "train.max_steps=40"]
+    lines: list[str] = []
+    plain = train(load_run_config(config, [*common, "train.cuda_graph=false", "data.pad_to_multiple_of=8"]),
+                  tmp_path / "plain", **QUIET)
+    graphed = train(load_run_config(config, common), tmp_path / "auto", progress=False, log=lines.append)
+    assert any("batches are padded to multiples of 8" in line for line in lines), lines
+    captured = [line for line in lines if "captured the training step" in line]
+    assert len(captured) == 2 and "input_ids 4x8 " in " ".join(captured) and "input_ids 4x32 " in " ".join(captured), lines
+    assert "cuda_graph: auto" in (tmp_path / "auto" / "run.yaml").read_text()
+    _same_training(plain, graphed, tmp_path / "plain", tmp_path / "auto", rtol=1e-4, atol=1e-5)
 
 
 @cuda
@@ -103,7 +126,7 @@ def test_a_graphed_causal_lm_run_trains_what_the_plain_loop_trains_also_when_res
             "train.lr=5e-2", "train.save_every=5", "train.device=cuda", "train.precision=fp32", "train.compile=false"]
     yaml = tmp_path / "lm.yaml"
     yaml.write_text("{}\n")
-    plain = train(load_run_config(yaml, args), tmp_path / "plain", **QUIET)
+    plain = train(load_run_config(yaml, [*args, "train.cuda_graph=false"]), tmp_path / "plain", **QUIET)
     graphed_run = load_run_config(yaml, [*args, "train.cuda_graph=true"])
     graphed = train(graphed_run, tmp_path / "graphed", **QUIET)
     _same_training(plain, graphed, tmp_path / "plain", tmp_path / "graphed", rtol=1e-4, atol=1e-5)

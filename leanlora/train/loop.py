@@ -22,7 +22,7 @@ import math
 import random
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
@@ -50,6 +50,8 @@ from leanlora.train.runconfig import RunConfig, to_commented_yaml
 from leanlora.train.step_log import step_record
 from leanlora.train.tasks import batches, build_task
 from leanlora.train.tracking import open_trackers, resolve_backends
+from leanlora.train.graph_choice import plan_step_graph
+from leanlora.train.padded_attention import require_sdpa
 from leanlora.train.whole_step import graphed_training_step
 
 RUN_CONFIG = "run.yaml"
@@ -116,13 +118,15 @@ def train(run: RunConfig | None, run_dir: str | Path, *, resume: bool = False, p
     backends = resolve_backends(run.train.report_to) if dist.is_main_process() else []  # refused before loading
     run, device = _start_processes(run, log)
     precision = resolve_precision(run.train, device, log)
+    run, graphed = plan_step_graph(run, device, precision.name, log)  # before the data: it sets the padding
     check_adapter(run)  # a pattern that matches nothing fails here, before weights and data load
     model, _, task = load_for_run(run, sources=sources)
     run = run.replace(data=task.resolved_config())
     if not resume and dist.is_main_process():
         atomic_write_bytes(run_dir / RUN_CONFIG, to_commented_yaml(run).encode())
-    wrapped = _adapt(run, model, task, device, log)
+    wrapped = _adapt(run, model, task, device, log, graphed)
     loop = _plan(run, run_dir, model, wrapped, task, device, precision, log)
+    loop.capture = graphed and _takes_a_graph(run, model, log)
     if checkpoint is not None:
         _restore(loop, checkpoint, overrides)
     if resume and overrides and dist.is_main_process():  # run.yaml: the settings now in effect
@@ -155,19 +159,25 @@ def _start_processes(run: RunConfig, log) -> tuple[RunConfig, torch.device]:
         torch.set_num_threads(tc.num_threads)
     seed_everything(tc.seed)
     device = dist.init_run(tc.distributed, resolve_device(tc.device))  # cuda:LOCAL_RANK under torchrun
-    if tc.cuda_graph:
-        if device.type != "cuda":
-            raise ConfigError(f"train.cuda_graph=true needs a CUDA device; this run's device is {device} "
-                              "(train.device); set train.cuda_graph=false")
-        if run.data.pad_to_multiple_of != run.data.max_length:
-            # one batch shape, one graph: every batch padded to max_length
-            run = run.replace(data=replace(run.data, pad_to_multiple_of=run.data.max_length))
-            log(f"train.cuda_graph: batches are padded to data.max_length={run.data.max_length}, so that every "
-                "full batch has one shape")
+    if tc.cuda_graph is True and device.type != "cuda":
+        raise ConfigError(f"train.cuda_graph=true needs a CUDA device; this run's device is {device} "
+                          "(train.device); set train.cuda_graph=false or 'auto'")
     return run, device
 
 
-def _adapt(run: RunConfig, model: nn.Module, task, device: torch.device, log) -> nn.Module:
+def _takes_a_graph(run: RunConfig, model: nn.Module, log) -> bool:
+    """Whether the loaded model can run a captured step; ``train.cuda_graph=true`` refuses one that cannot."""
+    try:
+        require_sdpa(model, "train.cuda_graph")
+    except ConfigError as err:
+        if run.train.cuda_graph is True:
+            raise
+        log(f"train.cuda_graph=auto: the step is not captured ({err})")
+        return False
+    return True
+
+
+def _adapt(run: RunConfig, model: nn.Module, task, device: torch.device, log, graphed: bool) -> nn.Module:
     """Inject the adapter and hand the model to DDP/FSDP2; returns the model the steps call."""
     tc = run.train
     budget.check_run(run.adapter.budget, tc.distributed)
@@ -177,7 +187,7 @@ def _adapt(run: RunConfig, model: nn.Module, task, device: torch.device, log) ->
     dist.sync_rank_sampler(model)              # the same nested rank b on every rank in a step
     wrapped = dist.wrap(model, tc.distributed)  # DDP wrapper, or the model itself sharded by FSDP2
     fused = configure_fused_loss(task, tc.fused_loss, model, device, distributed=tc.distributed,
-                                 cuda_graph=tc.cuda_graph)
+                                 cuda_graph=graphed)
     if fused != "off":
         log(f"causal-LM loss: fused linear cross-entropy ({fused}), no logits tensor")
     if dist.is_distributed():
@@ -210,6 +220,7 @@ class _Loop:
         "log_history": []})
     guard: FiniteGuard | None = None
     graphed: Any = None
+    capture: bool = False       # the step runs as CUDA graphs (train.cuda_graph, leanlora.train.graph_choice)
     result: TrainResult | None = None
     trackers: list = field(default_factory=list)
     bar: Any = None
@@ -278,7 +289,7 @@ def _arm(loop: _Loop, backends: list[str], progress: bool) -> None:
 
     # no NaN/inf weight is evaluated or saved; a stack's message names the layer whose row it is
     loop.guard = FiniteGuard(loop.model.named_parameters(), loop.device, row_names(shared_state(loop.model)))
-    if loop.run.train.cuda_graph:  # after the checkpoint: the warm-up steps see the restored optimizer state
+    if loop.capture:  # after the checkpoint: the warm-up steps see the restored optimizer state
         loop.graphed = graphed_training_step(loop.wrapped, loop.task, loop.optimizer, dist.regularizer, loop.autocast,
                                              loop.run.train.max_grad_norm, loop.log, after_update=loop.guard.update)
     loop.result = TrainResult(run_dir=loop.run_dir, steps=loop.step, history=list(loop.state["history"]))

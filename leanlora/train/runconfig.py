@@ -210,13 +210,15 @@ class TrainConfig:
     .activation_memory_budget). Below 1 it recomputes cheap elementwise work (norms, activations,
     casts), which trades a little GPU time for much less activation memory; 1.0 keeps what the
     partitioner keeps by default. Only compiled layers are affected (see train.compile)."""
-    cuda_graph: bool = False
-    """capture the whole training step (forward, backward, clipping, AdamW) as one CUDA graph
-    and replay it (leanlora.train.StepGraph): the host no longer issues the step's kernels, so a
-    step costs its GPU time alone. Needs
-    a CUDA device, one process, grad_accum 1, compile_mode other than reduce-overhead and SDPA
-    attention; every batch is padded to data.max_length (one shape, one graph; a smaller last
-    batch runs uncaptured), and a non-finite loss is found after its optimizer step, not before."""
+    cuda_graph: bool | Literal["auto"] = "auto"
+    """capture the whole training step (forward, backward, clipping, AdamW) as CUDA graphs and
+    replay them (leanlora.train.StepGraph): the host no longer issues the step's kernels, so a step
+    costs its GPU time alone. "auto" (the default): wherever it can run, that is on a CUDA device
+    with one process, grad_accum 1, no data.packing, bf16 or fp32, a compile_mode other than
+    reduce-overhead and SDPA attention; elsewhere the log says why not. true: refuse to run
+    without it. Batches are padded to multiples of a quarter of data.max_length unless
+    data.pad_to_multiple_of is set (one graph per padded length; leanlora.train.graph_choice), and
+    a non-finite loss is found after its optimizer step, not before."""
     fused_loss: Literal["auto", "liger", "chunked", "off", False] = "auto"
     """causal-LM loss without a logits tensor (leanlora.train.fused_loss): "liger" (Liger-Kernel's fused
     linear cross-entropy; CUDA, pip install liger-kernel), "chunked" (the same in plain PyTorch, any
@@ -235,7 +237,7 @@ class TrainConfig:
         check_field_types(self, "train.")
         if self.fused_loss is False:  # YAML reads a bare `off` as false (check_field_types allowed it)
             object.__setattr__(self, "fused_loss", "off")
-        if self.cuda_graph:
+        if self.cuda_graph is True:
             _require(self.grad_accum == 1, "train.grad_accum", self.grad_accum,
                      "train.cuda_graph captures one micro-batch per step; set grad_accum=1 (raise batch_size)")
             _require(self.compile_mode != "reduce-overhead", "train.compile_mode", self.compile_mode,
@@ -275,7 +277,7 @@ class RunConfig:
         if self.adapter is None:
             adapter = AdapterConfig(modules_to_save=default_modules_to_save(self.data.task))
             object.__setattr__(self, "adapter", adapter)
-        _require(not (self.data.packing and self.train.cuda_graph), "data.packing", self.data.packing,
+        _require(not (self.data.packing and self.train.cuda_graph is True), "data.packing", self.data.packing,
                  "train.cuda_graph records one padded batch shape; packed batches vary in length (turn one off)")
 
     def replace(self, **sections: Any) -> "RunConfig":
