@@ -23,6 +23,7 @@ _AXIS_MODULES = {
     "learned": "leanlora.precision.learned",
     "nf4": "leanlora.base.nf4",
     "fp8": "leanlora.base.fp8",
+    "auto": "leanlora.base.choice",  # not an axis: the base left to the library's choice
 }
 
 
@@ -148,6 +149,12 @@ METHODS = {
     "lean_combo": Method("leanlora bank + gated + learned on nf4", "leanlora",
                          axes=("bank", "gated", "learned", "nf4")),
 }
+# Each method as a user who sets only its axes gets it: the base (and an NF4 base's GEMMs) left to
+# the library's choice (leanlora.base.choice), where every row above names its own.
+METHODS.update({f"{name}_auto": Method(f"{METHODS[name].name}, library's base choice", "leanlora",
+                                       axes=(*METHODS[name].axes, "auto"))
+                for name in ("lean_lora", "lean_qlora", "lean_dylora", "lean_qdylora", "lean_vblora", "lean_blora",
+                             "lean_combo")})
 
 
 def unavailable(method: Method) -> str | None:
@@ -185,9 +192,13 @@ class Shape:
 
 def leanlora_config(method: Method, shape: Shape):
     import leanlora
+    from leanlora.config import NF4Config
 
+    # each row's base is what its name says; only the "auto" axis leaves it to the library's choice
     kw: dict[str, Any] = dict(target_modules=shape.targets, r=shape.r, alpha=shape.alpha,
-                              modules_to_save=shape.modules_to_save, adapter_dtype=shape.adapter_dtype)
+                              modules_to_save=shape.modules_to_save, adapter_dtype=shape.adapter_dtype,
+                              base="auto" if "auto" in method.axes else "dense",
+                              nf4=NF4Config(gemm="auto" if "auto" in method.axes else "dequant"))
     if "bank" in method.axes:
         kw["factors"] = "bank"
     if "bank" in method.axes and shape.bank_vectors:  # 0: the library's default bank

@@ -249,6 +249,11 @@ def run_row(row: str, args, device, ids, floor_tps: float) -> dict:
             result["liger_base_kernels"] = True
             result["method"] += " + Liger RMSNorm, SwiGLU, RoPE"
         model, groups, hook = apply(method, model, shape, "CAUSAL_LM", torch.bfloat16)
+        if method.library == "leanlora":  # what the base became (an "_auto" row leaves it to the library)
+            from leanlora.inject import shared_state
+
+            chosen = shared_state(model).config
+            result["base"] = chosen.base + (f" ({chosen.nf4.gemm} GEMMs)" if chosen.base == "nf4" else "")
         if method.library == "leanlora" and args.lean_siblings == "off":
             from leanlora.groups.siblings import unlink_siblings
             from leanlora.layer import AdaptedLinear

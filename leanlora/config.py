@@ -296,12 +296,14 @@ class NF4Config:
     where the model fits in memory unquantized, ``base: dense`` is the better choice there."""
     scaler_block_size: int = 256
     """absmax constants per double-quantization block (QLoRA: 256)."""
-    gemm: Literal["dequant", "fp8"] = "dequant"
+    gemm: Literal["auto", "dequant", "fp8"] = "auto"
     """how the frozen GEMMs run: "dequant" rebuilds W0 in the activations' dtype (QLoRA, torchao);
     "fp8" casts the rebuilt W0 to float8 e4m3 with one scale per output row and runs the forward and
     input-gradient GEMMs in float8 as ``base: fp8`` does (faster on GPUs of compute capability 8.9+,
     storage still 4-bit; the cast adds e4m3's rounding to NF4's, and activations and gradients are
-    quantized per row). Needs in_features and out_features that are multiples of 16."""
+    quantized per row; needs in_features and out_features that are multiples of 16). "auto" (the
+    default): "fp8" where float8 GEMMs pay (a GPU with float8 tensor cores and layers at least 2048
+    wide, leanlora.base.choice), else "dequant"."""
 
     def __post_init__(self) -> None:
         check_field_types(self, "nf4.")
@@ -336,9 +338,12 @@ class AdapterConfig:
     """which components are on: "fixed" (all), "nested" (DyLoRA), "gated" (B-LoRA)."""
     precision: Literal["float", "fixed", "learned"] = "float"
     """factor precision: "float", "fixed" bits, or "learned" bits (Bayesian Bits)."""
-    base: Literal["dense", "nf4", "fp8"] = "dense"
+    base: Literal["auto", "dense", "nf4", "fp8"] = "auto"
     """frozen base weight: "dense" (as loaded), "nf4" (4-bit NormalFloat) or "fp8" (float8 e4m3 with
-    per-channel scales, float8 GEMMs on GPUs of compute capability 8.9+), quantized on injection."""
+    per-channel scales, float8 GEMMs on GPUs of compute capability 8.9+), quantized on injection.
+    "auto" (the default): "fp8" where its GEMMs pay, that is on a GPU with float8 tensor cores for
+    layers at least 2048 wide, and "dense" everywhere else (the CPU, older GPUs, smaller models;
+    leanlora.base.choice). The saved adapter records the choice."""
     adapter_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """dtype of the adapter parameters (fp32 keeps small updates from rounding away). float16 is for
     inference and export only: AdamW refuses to train it (its moments underflow in float16)."""

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from leanlora.base.bnb4 import is_linear4bit
+from leanlora.base.choice import resolve_auto_base
 from leanlora.base.dense import linear_shape
 from leanlora.build import Shared, build_layer, build_shared
 from leanlora.config import AdapterConfig, ConfigError
@@ -77,6 +78,7 @@ def inject(model: nn.Module, config: AdapterConfig, *, filter_fn: FilterFn | Non
     targets = find_targets(model, config, filter_fn)
     modules = dict(model.named_modules())
     config = resolve_vector_length(config, {name: linear_shape(modules[name]) for name in targets})
+    config = resolve_auto_base(config, {name: modules[name] for name in targets})
     for name in targets:
         _check_shape(name, modules[name], config)
     save_names = find_modules_to_save(model, config)

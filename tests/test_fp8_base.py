@@ -247,7 +247,7 @@ def test_shapes_that_scaled_mm_cannot_take_are_refused_by_name():
     with pytest.raises(leanlora.ConfigError, match=q_proj + r".*in_features=40.*multiples of 16"):
         leanlora.inject(model, _config())
     assert not any(True for _ in leanlora.adapted_layers(model))  # checked before anything changed
-    with pytest.raises(leanlora.ConfigError, match="allowed: 'dense', 'nf4', 'fp8'"):
+    with pytest.raises(leanlora.ConfigError, match="allowed: 'auto', 'dense', 'nf4', 'fp8'"):
         leanlora.AdapterConfig(base="fp16")
 
 

@@ -149,7 +149,7 @@ def test_shapes_and_values_it_cannot_take_are_refused_by_name():
         leanlora.inject(odd, config)
     assert not any(True for _ in leanlora.adapted_layers(odd))
     leanlora.inject(odd, dataclasses.replace(config, nf4=leanlora.NF4Config(block_size=8, scaler_block_size=5)))  # dequant: fine
-    with pytest.raises(leanlora.ConfigError, match=r"nf4\.gemm.*allowed: 'dequant', 'fp8'"):
+    with pytest.raises(leanlora.ConfigError, match=r"nf4\.gemm.*allowed: 'auto', 'dequant', 'fp8'"):
         leanlora.NF4Config(gemm="bf16")
 
 

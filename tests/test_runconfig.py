@@ -132,5 +132,5 @@ def test_example_configs_cover_every_method():
     assert ("dense", "fixed", "float", "dense") in kinds            # LoRA
     assert any(f == "bank" for f, *_ in kinds)                       # VB-LoRA
     assert ("dense", "nested", "float", "nf4") in kinds             # QDyLoRA
-    assert ("dense", "gated", "learned", "dense") in kinds          # B-LoRA
+    assert ("dense", "gated", "learned", "auto") in kinds           # B-LoRA (float8 base where it pays)
     assert ("bank", "gated", "learned", "nf4") in kinds             # a combination of all three axes

@@ -50,6 +50,8 @@ from leanlora.train.runconfig import RunConfig, to_commented_yaml
 from leanlora.train.step_log import step_record
 from leanlora.train.tasks import batches, build_task
 from leanlora.train.tracking import open_trackers, resolve_backends
+from leanlora.base.choice import float8_note
+from leanlora.inject import shared_state
 from leanlora.train.graph_choice import plan_step_graph
 from leanlora.train.padded_attention import require_sdpa
 from leanlora.train.whole_step import graphed_training_step
@@ -183,6 +185,8 @@ def _adapt(run: RunConfig, model: nn.Module, task, device: torch.device, log, gr
     budget.check_run(run.adapter.budget, tc.distributed)
     leanlora.inject(model, run.adapter)
     require_saved_head(model, run.adapter, run.data.task)  # after inject: a modules_to_save typo is named there
+    if note := float8_note(run.adapter, shared_state(model).config):
+        log(note)
     model.train()
     dist.sync_rank_sampler(model)              # the same nested rank b on every rank in a step
     wrapped = dist.wrap(model, tc.distributed)  # DDP wrapper, or the model itself sharded by FSDP2
