@@ -81,3 +81,19 @@ def test_auto_allows_what_true_refuses_at_load():
         _run("train.cuda_graph=true", "train.grad_accum=2")
     assert _run("train.grad_accum=2").train.cuda_graph == "auto"
     assert _run("data.packing=true").data.packing
+
+
+def test_a_model_without_sdpa_attention_is_declined_under_auto_and_refused_under_true():
+    from types import SimpleNamespace
+
+    from leanlora.train.loop import _takes_a_graph
+
+    eager = SimpleNamespace(config=SimpleNamespace(_attn_implementation="eager"))
+    lines = []
+    assert not _takes_a_graph(_run(), eager, lines.append)
+    assert lines and lines[0].startswith("train.cuda_graph=auto: the step is not captured (train.cuda_graph needs "
+                                         "the model's attention implementation to be 'sdpa'")
+    with pytest.raises(ConfigError, match="attention implementation to be 'sdpa'"):
+        _takes_a_graph(_run("train.cuda_graph=true"), eager, print)
+    sdpa = SimpleNamespace(config=SimpleNamespace(_attn_implementation="sdpa"))
+    assert _takes_a_graph(_run(), sdpa, print)

@@ -123,12 +123,13 @@ def train(run: RunConfig | None, run_dir: str | Path, *, resume: bool = False, p
     run, graphed = plan_step_graph(run, device, precision.name, log)  # before the data: it sets the padding
     check_adapter(run)  # a pattern that matches nothing fails here, before weights and data load
     model, _, task = load_for_run(run, sources=sources)
+    graphed = graphed and _takes_a_graph(run, model, log)  # before the adapter: the fused loss follows it
     run = run.replace(data=task.resolved_config())
     if not resume and dist.is_main_process():
         atomic_write_bytes(run_dir / RUN_CONFIG, to_commented_yaml(run).encode())
     wrapped = _adapt(run, model, task, device, log, graphed)
     loop = _plan(run, run_dir, model, wrapped, task, device, precision, log)
-    loop.capture = graphed and _takes_a_graph(run, model, log)
+    loop.capture = graphed
     if checkpoint is not None:
         _restore(loop, checkpoint, overrides)
     if resume and overrides and dist.is_main_process():  # run.yaml: the settings now in effect
