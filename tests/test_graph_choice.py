@@ -97,3 +97,16 @@ def test_a_model_without_sdpa_attention_is_declined_under_auto_and_refused_under
         _takes_a_graph(_run("train.cuda_graph=true"), eager, print)
     sdpa = SimpleNamespace(config=SimpleNamespace(_attn_implementation="sdpa"))
     assert _takes_a_graph(_run(), sdpa, print)
+
+
+def test_metrics_json_says_what_the_auto_settings_became(tmp_path):
+    import json
+
+    from conftest import minilm_dir
+    from leanlora.train.loop import train
+    from train_fixtures import classification_yaml, tiny_bert_dir
+
+    config = classification_yaml(tmp_path, tiny_bert_dir(tmp_path, minilm_dir()), max_steps=2, eval_every=0)
+    train(load_run_config(config, ["train.device=cpu"]), tmp_path / "run", progress=False, log=lambda *_: None)
+    ran_as = json.loads((tmp_path / "run" / "metrics.json").read_text())["ran_as"]
+    assert ran_as == {"device": "cpu", "base": "dense", "nf4_gemm": None, "cuda_graph": False, "pad_to_multiple_of": 0}

@@ -475,8 +475,12 @@ def _finish(loop: _Loop, step: int) -> TrainResult:
     dist.save_adapter(loop.wrapped, loop.run_dir / "adapter")
     with dist.full_params(loop.wrapped) as plain:
         cost = budget.cost_summary(plain)
+    chosen = shared_state(loop.model).config  # what the run's "auto" settings became on this device
+    ran_as = {"device": str(loop.device), "base": chosen.base,
+              "nf4_gemm": chosen.nf4.gemm if chosen.base == "nf4" else None,
+              "cuda_graph": loop.capture, "pad_to_multiple_of": loop.run.data.pad_to_multiple_of}
     summary = {"steps": step, "best_step": result.best_step, "best_metrics": result.best_metrics,
-               "metric": task.metric, "cost": cost, "history": state["history"],
+               "metric": task.metric, "cost": cost, "ran_as": ran_as, "history": state["history"],
                "train_losses": state["train_losses"], "log_history": state["log_history"]}
     verdict = result.verdict = task_verdict(task, result.best_metrics)
     if verdict is not None:
