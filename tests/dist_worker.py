@@ -53,6 +53,8 @@ def method_configs(have_gated: bool) -> dict[str, AdapterConfig]:
         # the same base with float8 GEMMs: under FSDP2 the layer rebuilds its codes from the gathered weight
         "qlora_f8": AdapterConfig(target_modules=TARGETS, r=4, alpha=8.0, base="nf4",
                                   nf4=NF4Config(block_size=64, scaler_block_size=8, gemm="fp8")),
+        # an FP8 base: its codes are plain attributes, so FSDP2 leaves each process all of them
+        "fp8": AdapterConfig(target_modules=TARGETS, r=4, alpha=8.0, base="fp8"),
     }
     if have_gated:
         configs["blora"] = AdapterConfig(target_modules=TARGETS, r=4, alpha=8.0, ranks="gated",

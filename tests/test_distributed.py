@@ -24,7 +24,7 @@ from leanlora.distributed.wrapping import _refuse_bnb4
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "dist_worker.py"
-METHODS = ("lora", "vblora", "qdylora", "qlora_f8", "blora")
+METHODS = ("lora", "vblora", "qdylora", "qlora_f8", "fp8", "blora")
 TOL = 1e-5     # fp32 reduction order: two half-batch gradients summed vs one whole-batch gradient
 
 
