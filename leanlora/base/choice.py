@@ -13,9 +13,9 @@ it pays only where both hold:
 
 ``auto`` picks float8 exactly there and the exact base everywhere else: on the CPU, on older
 GPUs, on small models, where a target is already a bitsandbytes 4-bit layer, and (in
-``leanlora train``) for a dense base under FSDP2, which shards a dense weight but not float8 codes. The choice is
-made at injection from the weights' device and shapes, and the adapter's saved config records
-the choice, not ``auto``.
+``leanlora train``) for a dense base under FSDP2, which shards a dense weight but not float8
+codes. The choice is made at injection from the weights' device and shapes, and the adapter's
+saved config records the choice, not ``auto``.
 """
 
 from __future__ import annotations
