@@ -360,13 +360,16 @@ def test_the_loop_captures_its_step_again_at_the_budgets_freeze():
 
     model = gated_bert()
     bud.start(model, 40)
-    loop = SimpleNamespace(model=model, graphed=Graph())
+    lines = []
+    loop = SimpleNamespace(model=model, graphed=Graph(), log=lines.append)
     frozen_at = None
     for step in range(40):
         _advance(loop, step)
         if bud.frozen(model) and frozen_at is None:
             frozen_at = step
     assert frozen_at == 10 and loop.graphed.resets == 1       # once, at the freeze (a quarter of 40)
+    assert lines == ["step 10: the budget fixed the adapter's structure; the step is compiled and captured again "
+                     "for it (once)"]
 
 
 # --- the budget sweep -------------------------------------------------------------------------------

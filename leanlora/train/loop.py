@@ -350,6 +350,9 @@ def _advance(loop: _Loop, step: int) -> None:
     leanlora.advance(loop.model, step)
     if loop.graphed is not None and budget.frozen(loop.model) != frozen:
         loop.graphed.reset()
+        # a pause a user would otherwise take for a hang: the layers compile again for pinned gates
+        loop.log(f"step {step}: the budget fixed the adapter's structure; the step is compiled and captured "
+                 "again for it (once)")
 
 
 def _train_step(loop: _Loop, step: int, order: list[int], want_norm: bool) -> tuple[torch.Tensor | float, Any]:
