@@ -53,7 +53,7 @@ def method_configs(have_gated: bool) -> dict[str, AdapterConfig]:
         # the same base with float8 GEMMs: under FSDP2 the layer rebuilds its codes from the gathered weight
         "qlora_f8": AdapterConfig(target_modules=TARGETS, r=4, alpha=8.0, base="nf4",
                                   nf4=NF4Config(block_size=64, scaler_block_size=8, gemm="fp8")),
-        # an FP8 base: its codes are plain attributes, so FSDP2 leaves each process all of them
+        # an FP8 base: FSDP2 shards its codes and scales by rows
         "fp8": AdapterConfig(target_modules=TARGETS, r=4, alpha=8.0, base="fp8"),
     }
     if have_gated:
@@ -123,6 +123,18 @@ def gather(obj):
     return out
 
 
+def fp8_shards(model) -> dict[str, list[int]]:
+    """{name: [local code bytes, full code bytes]} of every FP8 base's codes (FSDP2 only)."""
+    from torch.distributed.tensor import DTensor
+
+    out = {}
+    for name in getattr(model, "_leanlora_fp8_params", []):
+        p = model.get_parameter(name)
+        assert isinstance(p, DTensor), f"{name} is {type(p).__name__}, not sharded"
+        out[name] = [p.to_local().numel(), p.numel()]
+    return out
+
+
 def nf4_shards(model) -> dict[str, list[int]]:
     """{name: [local code bytes, full code bytes]} of every NF4 base weight (FSDP2 only)."""
     from torch.distributed.tensor import DTensor
@@ -148,7 +160,8 @@ def run_method(name: str, config: AdapterConfig, mode: str, out: Path) -> dict:
     model = build(config)
     D.sync_rank_sampler(model)
     call = D.wrap(model, mode)
-    result = {"nf4": nf4_shards(model) if mode == "fsdp2" else {}, "moved": sorted(moved.values())}
+    result = {"nf4": nf4_shards(model) if mode == "fsdp2" else {}, "fp8": fp8_shards(model) if mode == "fsdp2" else {},
+              "moved": sorted(moved.values())}
     train(model, call, batches, shard=True)
     layers = [m for m in model.modules() if isinstance(m, leanlora.layer.AdaptedLinear)]
     result["grouped"] = [sum(m.pieces is not None for m in layers), len(layers)]  # pieces of the last forward

@@ -14,7 +14,7 @@ import leanlora
 from conftest import tiny_llama
 from leanlora.base import choice
 from leanlora.config import NF4Config
-from leanlora.base.choice import FP8_MIN_WIDTH, float8_note, float8_pays, resolve_auto_base, unsharded_base_auto
+from leanlora.base.choice import FP8_MIN_WIDTH, float8_note, float8_pays, resolve_auto_base
 from leanlora.inject import shared_state
 
 WIDE = FP8_MIN_WIDTH
@@ -91,12 +91,3 @@ def test_a_model_whose_weights_sit_on_two_devices_keeps_the_exact_base(float8_gp
     targets["m1"].to(torch.device("meta"))
     assert not float8_pays(targets)
 
-
-def test_under_fsdp2_auto_is_the_dense_base_which_fsdp2_shards():
-    auto = leanlora.AdapterConfig()
-    assert unsharded_base_auto(auto, "fsdp2").base == "dense"
-    assert unsharded_base_auto(auto, "ddp") is auto and unsharded_base_auto(auto, "none") is auto
-    nf4 = leanlora.AdapterConfig(base="nf4")
-    assert unsharded_base_auto(nf4, "fsdp2") is nf4  # sharded as it is; its GEMMs stay auto
-    fp8 = leanlora.AdapterConfig(base="fp8")
-    assert unsharded_base_auto(fp8, "fsdp2") is fp8  # what the user asked for is kept

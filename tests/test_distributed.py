@@ -135,6 +135,16 @@ def test_fsdp2_shards_the_nf4_base(launched):
         assert local * 2 == full, f"{name}: local NF4 codes {local} bytes of {full}: not sharded in 2"
 
 
+def test_fsdp2_shards_the_fp8_base(launched):
+    mode, _, results = launched
+    if mode != "fsdp2":
+        pytest.skip("sharding applies to FSDP2 only")
+    shards = results["methods"]["fp8"]["fp8"]
+    assert shards, "no FP8 base was registered for sharding"
+    for name, (local, full) in shards.items():
+        assert local * 2 == full, f"{name}: local FP8 codes {local} of {full}: not sharded in 2"
+
+
 # --- one process: what needs no launcher ------------------------------------------------------
 
 

@@ -146,6 +146,26 @@ def test_base_module_bias_leading_dims_and_dtype_moves():
     assert copy.deepcopy(base).codes.dtype == E4M3
 
 
+def test_codes_registered_as_parameters_for_fsdp2_compute_alike_stay_float8_and_refuse_a_cast():
+    _, w = data()
+    base, plain = FP8Base(w, None, name="m"), FP8Base(w, None, name="m")
+    base.as_parameter()                              # what leanlora.distributed.wrap does under FSDP2
+    assert dict(base.named_parameters()).keys() == {"codes", "scales"}
+    assert not base.codes.requires_grad and base.codes.dtype == E4M3
+    x = torch.randn(5, 64)
+    assert torch.equal(base(x), plain(x))
+    before = base.snapshot()
+    base.add_delta_(torch.full((48, 64), 0.01))      # merge rebinds new codes: they stay parameters
+    assert isinstance(base.codes, nn.Parameter) and base.codes.dtype == E4M3
+    assert not torch.equal(base.codes.float(), before[0].float())
+    base.restore_(before)
+    assert torch.equal(base(x), plain(x)) and isinstance(base.scales, nn.Parameter)
+    base.to("cpu")                                   # a move is allowed
+    with pytest.raises(RuntimeError, match=r"m: its codes are parameters for FSDP2 and a cast to torch.bfloat16"):
+        base.to(torch.bfloat16)
+    assert base.codes.dtype == E4M3
+
+
 def _config(factors="dense", ranks="fixed", precision="float", **kw):
     kw.setdefault("target_modules", ALL_PROJ)
     kw.setdefault("r", 4)

@@ -12,10 +12,9 @@ it pays only where both hold:
   measures the crossing; the whole step of a model of hidden size ``FP8_MIN_WIDTH`` gains).
 
 ``auto`` picks float8 exactly there and the exact base everywhere else: on the CPU, on older
-GPUs, on small models, where a target is already a bitsandbytes 4-bit layer, and (in
-``leanlora train``) for a dense base under FSDP2, which shards a dense weight but not float8
-codes. The choice is made at injection from the weights' device and shapes, and the adapter's
-saved config records the choice, not ``auto``.
+GPUs, on small models, and where a target is already a bitsandbytes 4-bit layer. The choice is
+made at injection from the weights' device and shapes, and the adapter's saved config records
+the choice, not ``auto``.
 """
 
 from __future__ import annotations
@@ -56,15 +55,6 @@ def resolve_auto_base(config: AdapterConfig, targets: Mapping[str, nn.Module]) -
         config = dataclasses.replace(config, base="fp8" if fp8 else "dense")
     if config.nf4.gemm == "auto":
         config = dataclasses.replace(config, nf4=dataclasses.replace(config.nf4, gemm="fp8" if fp8 else "dequant"))
-    return config
-
-
-def unsharded_base_auto(config: AdapterConfig, distributed: str) -> AdapterConfig:
-    """``config`` for a run sharded by FSDP2 (``distributed == "fsdp2"``): ``base: auto`` is then
-    the dense base, which FSDP2 shards. An FP8 base keeps its codes as plain attributes, so each
-    process would hold all of them (an NF4 base is sharded, and keeps ``nf4.gemm: auto``)."""
-    if distributed == "fsdp2" and config.base == "auto":
-        return dataclasses.replace(config, base="dense")
     return config
 
 

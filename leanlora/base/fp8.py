@@ -47,8 +47,20 @@ class FP8Base(QuantizedBase):
         self._set(*quantize_weight(weight))
 
     def _set(self, codes: torch.Tensor, scales: torch.Tensor) -> None:
-        self.codes, self.scales = codes, scales
+        if "codes" in self._parameters:  # registered for FSDP2 (as_parameter): they stay parameters
+            self._parameters["codes"] = nn.Parameter(codes, requires_grad=False)
+            self._parameters["scales"] = nn.Parameter(scales, requires_grad=False)
+        else:
+            self.codes, self.scales = codes, scales
         self.fast = fp8_gemm_available(codes.device)  # decided here, not per call: a constant to torch.compile
+
+    def as_parameter(self) -> None:
+        """Register the codes and scales as frozen parameters, which FSDP2 shards by rows and gathers
+        for each forward and backward as it does a dense weight (float8 included). Call it after any
+        ``.to()``: a dtype cast would then reach the codes, and is refused."""
+        codes, scales = self.__dict__.pop("codes"), self.__dict__.pop("scales")
+        self.register_parameter("codes", nn.Parameter(codes, requires_grad=False))
+        self.register_parameter("scales", nn.Parameter(scales, requires_grad=False))
 
     # --- BaseWeight protocol -------------------------------------------------------------------
 
@@ -81,6 +93,12 @@ class FP8Base(QuantizedBase):
         # See where fn sends a float tensor: follow its device; a dtype change moves the dtype
         # dense_weight returns, never the codes (fp8 stays fp8).
         probe = fn(torch.empty(0, device=self.codes.device, dtype=self.dtype))
+        if "codes" in self._parameters:  # parameters now: torch moves them, and would cast them too
+            if probe.dtype != self.dtype:
+                raise RuntimeError(f"{self.name or 'an FP8 base'}: its codes are parameters for FSDP2 and a cast to "
+                                   f"{probe.dtype} would turn them into {probe.dtype}; change the model's dtype "
+                                   "before leanlora.distributed.wrap")
+            return super()._apply(fn, recurse)
         if probe.device != self.codes.device:
             self._set(self.codes.to(probe.device), self.scales.to(probe.device))
         if probe.dtype.is_floating_point:

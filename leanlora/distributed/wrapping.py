@@ -8,10 +8,10 @@ Decisions, each forced by what the adapter shares between layers:
     not resharded after forward, so the stacks stay gathered while every layer reads its rows,
     each stack's gradient accumulates over its layers in backward, one reduce-scatter at the end
     averages it over ranks, and :func:`regularizer` reads whole gates after the forward.
-  * NF4 bases under FSDP2: torchao's ``NF4Tensor`` implements the FSDP2 all-gather hooks, but
-    :class:`~leanlora.base.nf4.NF4Base` keeps its tensor as a plain attribute (so ``.to(dtype)``
-    cannot dequantize it). ``wrap`` registers it as a frozen parameter so that it is sharded;
-    call ``wrap`` after every ``.to()``.
+  * NF4 and FP8 bases under FSDP2: torchao's ``NF4Tensor`` implements the FSDP2 all-gather hooks,
+    and FSDP2 gathers float8 tensors as it does any other, but both bases keep their tensors as
+    plain attributes (so ``.to(dtype)`` cannot dequantize or cast them). ``wrap`` registers them
+    as frozen parameters so that they are sharded; call ``wrap`` after every ``.to()``.
   * Same init on every rank: DDP broadcasts rank 0's parameters; for FSDP2 ``wrap`` does it
     before sharding (the NF4 tensors are quantized from identical dense weights).
   * Nested ranks draw b from (seed, step) alone (:mod:`leanlora.ranks.nested`); :func:`sync_seed`
@@ -77,6 +77,7 @@ def wrap(model: nn.Module, mode: str, *, layer_classes: Sequence[str | type] | N
     _refuse_bnb4(model)
     mesh = init_device_mesh(device.type, (world_size(),))
     nf4_names = _nf4_as_parameters(model)
+    fp8_names = _fp8_as_parameters(model)
     if sync_params:
         _broadcast_from_main(model)
     layers = decoder_layers(model, layer_classes)
@@ -88,6 +89,7 @@ def wrap(model: nn.Module, mode: str, *, layer_classes: Sequence[str | type] | N
     fully_shard(model, reshard_after_forward=False, **kwargs)
     setattr(model, _MODE_ATTR, "fsdp2")
     model._leanlora_nf4_params = nf4_names
+    model._leanlora_fp8_params = fp8_names
     return model
 
 
@@ -132,7 +134,8 @@ def _broadcast_from_main(model: nn.Module) -> None:
     with torch.no_grad():
         for t in list(model.parameters()) + list(model.buffers()):
             if type(t) in (torch.Tensor, nn.Parameter) and t.is_floating_point():
-                dist.broadcast(t.data, src=0)
+                # float8 codes travel as their bytes: not every backend (gloo) takes float8
+                dist.broadcast(t.data.view(torch.uint8) if t.element_size() == 1 else t.data, src=0)
 
 
 def _refuse_bnb4(model: nn.Module) -> None:
@@ -165,6 +168,18 @@ def _nf4_as_parameters(model: nn.Module) -> list[str]:
                 f"adapter.nf4.scaler_block_size (now {module.scaler_block_size}) or use train.distributed=ddp")
         module.as_parameter()
         names.append(f"{name}.weight")
+    return names
+
+
+def _fp8_as_parameters(model: nn.Module) -> list[str]:
+    """Register every FP8 base's codes and scales as frozen parameters so that fully_shard shards them."""
+    from leanlora.base.fp8 import FP8Base
+
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(module, FP8Base) and "codes" not in module._parameters:
+            module.as_parameter()
+            names.append(f"{name}.codes")
     return names
 
 

@@ -50,7 +50,7 @@ from leanlora.train.runconfig import RunConfig, to_commented_yaml
 from leanlora.train.step_log import step_record
 from leanlora.train.tasks import batches, build_task
 from leanlora.train.tracking import open_trackers, resolve_backends
-from leanlora.base.choice import float8_note, unsharded_base_auto
+from leanlora.base.choice import float8_note
 from leanlora.inject import shared_state
 from leanlora.train.graph_choice import plan_step_graph
 from leanlora.train.padded_attention import require_sdpa
@@ -184,7 +184,7 @@ def _adapt(run: RunConfig, model: nn.Module, task, device: torch.device, log, gr
     """Inject the adapter and hand the model to DDP/FSDP2; returns the model the steps call."""
     tc = run.train
     budget.check_run(run.adapter.budget, tc.distributed)
-    leanlora.inject(model, unsharded_base_auto(run.adapter, tc.distributed))
+    leanlora.inject(model, run.adapter)
     require_saved_head(model, run.adapter, run.data.task)  # after inject: a modules_to_save typo is named there
     if note := float8_note(run.adapter, shared_state(model).config):
         log(note)
