@@ -278,7 +278,7 @@ class RunConfig:
             adapter = AdapterConfig(modules_to_save=default_modules_to_save(self.data.task))
             object.__setattr__(self, "adapter", adapter)
         _require(not (self.data.packing and self.train.cuda_graph is True), "data.packing", self.data.packing,
-                 "train.cuda_graph records one padded batch shape; packed batches vary in length (turn one off)")
+                 "train.cuda_graph replays a few padded batch shapes; packed batches vary in length (turn one off)")
 
     def replace(self, **sections: Any) -> "RunConfig":
         return dataclasses.replace(self, **sections)
