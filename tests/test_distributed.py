@@ -125,24 +125,15 @@ def test_a_budget_run_is_the_same_on_every_rank_meets_the_budget_and_resumes(lau
     assert r["resumed_max_abs_diff"] == 0.0 and r["resumed_controller_equal"], r
 
 
-def test_fsdp2_shards_the_nf4_base(launched):
+@pytest.mark.parametrize("method,base", [("qdylora", "nf4"), ("fp8", "fp8")])
+def test_fsdp2_shards_the_quantized_base(launched, method, base):
     mode, _, results = launched
     if mode != "fsdp2":
         pytest.skip("sharding applies to FSDP2 only")
-    shards = results["methods"]["qdylora"]["nf4"]
-    assert shards, "no NF4 base weight was registered for sharding"
+    shards = results["methods"][method][base]
+    assert shards, f"no {base} base weight was registered for sharding"
     for name, (local, full) in shards.items():
-        assert local * 2 == full, f"{name}: local NF4 codes {local} bytes of {full}: not sharded in 2"
-
-
-def test_fsdp2_shards_the_fp8_base(launched):
-    mode, _, results = launched
-    if mode != "fsdp2":
-        pytest.skip("sharding applies to FSDP2 only")
-    shards = results["methods"]["fp8"]["fp8"]
-    assert shards, "no FP8 base was registered for sharding"
-    for name, (local, full) in shards.items():
-        assert local * 2 == full, f"{name}: local FP8 codes {local} of {full}: not sharded in 2"
+        assert local * 2 == full, f"{name}: local {base} codes {local} of {full}: not sharded in 2"
 
 
 # --- one process: what needs no launcher ------------------------------------------------------
