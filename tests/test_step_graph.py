@@ -213,10 +213,16 @@ def test_shapes_past_max_shapes_run_uncaptured_and_a_reset_drops_every_graph(mon
     torch.testing.assert_close(model.weight, _plain(batches + more).weight)
 
 
-def test_max_shapes_below_one_is_refused(monkeypatch):
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(max_shapes=0), "max_shapes=0 is invalid: an integer >= 1"),
+    (dict(max_shapes="4"), "max_shapes='4' is invalid: an integer >= 1"),
+    (dict(warmup=2.5), "warmup=2.5 is invalid: an integer >= 1"),
+    (dict(warmup=True), "warmup=True is invalid: an integer >= 1"),
+])
+def test_counts_that_are_not_integers_of_at_least_one_are_refused_by_name(monkeypatch, kwargs, message):
     _fake_cuda(monkeypatch, _FakeCapture(None, None))
-    with pytest.raises(ValueError, match="max_shapes=0 is invalid"):
-        StepGraph(lambda batch: None, torch.optim.AdamW([torch.nn.Parameter(torch.ones(1))]), max_shapes=0)
+    with pytest.raises(ValueError, match=message):
+        StepGraph(lambda batch: None, torch.optim.AdamW([torch.nn.Parameter(torch.ones(1))]), **kwargs)
 
 
 @pytest.mark.parametrize("failure,warning", [

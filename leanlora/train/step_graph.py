@@ -119,11 +119,11 @@ class StepGraph:
 
     def __init__(self, step: Callable[[Batch], Any], optimizer: torch.optim.Optimizer, warmup: int = 3,
                  log: Callable[[str], None] | None = None, max_shapes: int = 8) -> None:
-        if warmup < 1:
-            raise ValueError(f"StepGraph: warmup={warmup} is invalid: at least 1 step must run uncaptured "
-                             "before capture (compilation and the optimizer's state happen there)")
-        if max_shapes < 1:
-            raise ValueError(f"StepGraph: max_shapes={max_shapes} is invalid: at least 1 shape must be captured")
+        if not _count(warmup):
+            raise ValueError(f"StepGraph: warmup={warmup!r} is invalid: an integer >= 1; at least 1 step must run "
+                             "uncaptured before capture (compilation and the optimizer's state happen there)")
+        if not _count(max_shapes):
+            raise ValueError(f"StepGraph: max_shapes={max_shapes!r} is invalid: an integer >= 1 (shapes captured)")
         if not torch.cuda.is_available():
             raise RuntimeError("StepGraph needs CUDA; on this machine torch.cuda.is_available() is False")
         self.step, self.optimizer, self.warmup, self.log = step, capturable_optimizer(optimizer), warmup, log
@@ -269,6 +269,11 @@ class StepGraph:
             self.log(f"StepGraph: captured the training step as one CUDA graph (inputs {_describe(key)}"
                      + (f"; {self.graphs} shapes captured" if self.graphs > 1 else "") + ")")
         return output
+
+
+def _count(value) -> bool:
+    """An integer of at least 1 (a bool is not one)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def _input_tensors(batch: Batch) -> dict[str, torch.Tensor]:
