@@ -168,3 +168,22 @@ def test_quant_error_ranks_the_ways_of_choosing_a_range():
     torch.testing.assert_close(q.abs().amax(0), b.abs().amax(0))
     assert torch.allclose(q / (b.abs().amax(0) / n), torch.round(q / (b.abs().amax(0) / n)))
     assert quant_error.spread({"layer": (a, b)})["b_columns"] > 50
+
+
+def test_nf4_rebuild_times_each_rebuild_against_its_bytes(tmp_path):
+    pytest.importorskip("torchao")
+    import nf4_rebuild
+
+    out = tmp_path / "rebuild.jsonl"
+    rows = nf4_rebuild.main(["--preset", "tiny", "--device", "cpu", "--calls", "1", "--repeats", "1", "--out", str(out)])
+    timed = [r for r in rows if "variant" in r]
+    assert {(r["proj"], r["variant"]) for r in timed} == {(p, v) for p in nf4_rebuild.PRESETS["tiny"]["shapes"]
+                                                          for v in nf4_rebuild.VARIANTS}
+    assert all(r["ms"] > 0 and r["floor_ms"] > 0 and r["bytes"] > 0 for r in timed)
+    q = {r["variant"]: r["bytes"] for r in timed if r["proj"] == "q"}
+    assert q["dequant_bf16"] - q["fp8"] == 64 * 64 - 64 * 4  # one more byte a weight, no row scales
+    assert rows[-1]["step_fp8_ms"] > 0 and len(out.read_text().splitlines()) == len(rows)
+    parts = nf4_rebuild.parts_of(64, 128, torch.device("cpu"), 64, 256)
+    w8, s = nf4_rebuild.rebuild_fp8(parts)
+    t8, t = nf4_rebuild.rebuild_fp8_transposed(parts)
+    assert torch.equal(t8.float(), w8.float()) and t8.stride() == (1, 64) and torch.equal(s, t)
