@@ -175,7 +175,8 @@ def test_nf4_rebuild_times_each_rebuild_against_its_bytes(tmp_path):
     import nf4_rebuild
 
     out = tmp_path / "rebuild.jsonl"
-    rows = nf4_rebuild.main(["--preset", "tiny", "--device", "cpu", "--calls", "1", "--repeats", "1", "--out", str(out)])
+    rows = nf4_rebuild.main(["--preset", "tiny", "--device", "cpu", "--calls", "1", "--repeats", "1",
+                             "--out", str(out)])
     timed = [r for r in rows if "variant" in r]
     assert {(r["proj"], r["variant"]) for r in timed} == {(p, v) for p in nf4_rebuild.PRESETS["tiny"]["shapes"]
                                                           for v in nf4_rebuild.VARIANTS}
