@@ -44,7 +44,8 @@ def test_what_a_captured_step_cannot_hold_is_refused_by_name(config, override, m
 
 def test_a_cuda_graph_on_the_cpu_is_refused_before_anything_loads(config, tmp_path):
     run = load_run_config(config, ["train.cuda_graph=true", "train.device=cpu"])
-    with pytest.raises(ConfigError, match="train.cuda_graph=true needs a CUDA device; this run's device is cpu"):
+    with pytest.raises(ConfigError, match="train.cuda_graph=true cannot run here: the run is on cpu; CUDA graphs need "
+                                          "a CUDA device"):
         train(run, tmp_path / "cpu", **QUIET)
     assert not (tmp_path / "cpu" / "checkpoints").exists()
 

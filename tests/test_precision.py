@@ -34,7 +34,6 @@ def test_autocast_on_the_cpu_follows_train_precision():
 
 
 @pytest.mark.parametrize("settings,message", [
-    (dict(cuda_graph=True), "train.precision=fp16 with train.cuda_graph=true: the gradient scaler reads on the host"),
     (dict(distributed="fsdp2"), "train.precision=fp16 with train.distributed=fsdp2 is not supported"),
 ])
 def test_fp16_combinations_that_cannot_work_are_refused(settings, message):

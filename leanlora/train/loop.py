@@ -118,9 +118,10 @@ def train(run: RunConfig | None, run_dir: str | Path, *, resume: bool = False, p
         log = lambda *args, **kwargs: None  # noqa: E731  (rank 0 speaks for the run)
     run, checkpoint = _open_run_dir(run, run_dir, resume, overrides)
     backends = resolve_backends(run.train.report_to) if dist.is_main_process() else []  # refused before loading
-    run, device = _start_processes(run, log)
+    device = _start_processes(run)
     precision = resolve_precision(run.train, device, log)
-    run, graphed = plan_step_graph(run, device, precision.name, log)  # before the data: it sets the padding
+    # refuses train.cuda_graph=true where it cannot run; before the data: it sets the padding
+    run, graphed = plan_step_graph(run, device, precision.name, log)
     check_adapter(run)  # a pattern that matches nothing fails here, before weights and data load
     model, _, task = load_for_run(run, sources=sources)
     graphed = graphed and _takes_a_graph(run, model, log)  # before the adapter: the fused loss follows it
@@ -155,17 +156,13 @@ def _open_run_dir(run: RunConfig | None, run_dir: Path, resume: bool,
     return resume_config(run_dir / RUN_CONFIG, overrides), checkpoint
 
 
-def _start_processes(run: RunConfig, log) -> tuple[RunConfig, torch.device]:
+def _start_processes(run: RunConfig) -> torch.device:
     """Threads, seeds and the process group; the device this process trains on."""
     tc = run.train
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
     seed_everything(tc.seed)
-    device = dist.init_run(tc.distributed, resolve_device(tc.device))  # cuda:LOCAL_RANK under torchrun
-    if tc.cuda_graph is True and device.type != "cuda":
-        raise ConfigError(f"train.cuda_graph=true needs a CUDA device; this run's device is {device} "
-                          "(train.device); set train.cuda_graph=false or 'auto'")
-    return run, device
+    return dist.init_run(tc.distributed, resolve_device(tc.device))  # cuda:LOCAL_RANK under torchrun
 
 
 def _takes_a_graph(run: RunConfig, model: nn.Module, log) -> bool:

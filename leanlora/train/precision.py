@@ -56,10 +56,6 @@ def resolve_precision(tc, device: torch.device, log: Callable[[str], None] = pri
     elif name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ConfigError(f"train.precision=bf16: {torch.cuda.get_device_name(device)} does not support bfloat16; "
                           "use fp16 (with a gradient scaler) or fp32")
-    if name == "fp16" and tc.cuda_graph is True:
-        raise ConfigError("train.precision=fp16 with train.cuda_graph=true: the gradient scaler reads on the host "
-                          "whether a step overflowed, which a captured step cannot do; use bf16 or fp32, or "
-                          "set train.cuda_graph=false or 'auto'")
     if name == "fp16" and tc.distributed == "fsdp2":
         raise ConfigError("train.precision=fp16 with train.distributed=fsdp2 is not supported (the gradient scaler "
                           "is not wired for sharded gradients here); use bf16, or distributed=ddp")
