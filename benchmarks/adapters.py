@@ -103,6 +103,9 @@ METHODS = {
                                      axes=("learned",), overrides={"budget_schedule": (0.05, 0.2, 0.25)}),
     "lean_blora_mid_freeze": Method("leanlora B-LoRA, default budget, frozen at 40 % of the run", "leanlora",
                                     axes=("gated", "learned"), overrides={"budget_schedule": (0.1, 0.3, 0.4)}),
+    # the backward transposes the codes in each step instead of holding them transposed (fp8.transposed_copy)
+    "lean_lora_fp8_notcopy": Method("leanlora LoRA, fp8 base, codes transposed in each backward", "leanlora",
+                                    axes=("fp8",), overrides={"fp8": {"transposed_copy": False}}),
     "lean_dylora_fp8": Method("leanlora DyLoRA (nested), fp8 base", "leanlora", axes=("fp8", "nested")),
     "lean_vblora_fp8": Method("leanlora VB-LoRA (bank), fp8 base", "leanlora", axes=("fp8", "bank")),
     "lean_blora_fp8": Method("leanlora B-LoRA (gated + learned bits), fp8 base", "leanlora",

@@ -117,6 +117,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--budget-phase", choices=("frozen", "ramp"), default="frozen",
                     help="leanlora rows with a budget: time the steps after its freeze or during its ramp")
     ap.add_argument("--profile", default="", help="comma list of row-name substrings to profile for one extra step")
+    ap.add_argument("--profile-top", type=int, default=12,
+                    help="kernels listed by a profile, by device time and by launch count (the sums by kind "
+                         "cover every kernel)")
     ap.add_argument("--cprofile", default="",
                     help="comma list of row-name substrings: run --steps more steps of those rows under cProfile "
                          "and write the host time per Python function beside --out (<out>_<row>.prof.txt). At a "
@@ -398,7 +401,7 @@ def run_row(row: str, args, device, ids, floor_tps: float) -> dict:
                   peak_gib=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan"),
                   pct_floor=100 * tokens / med / floor_tps if floor_tps == floor_tps else float("nan"))
     if args.profile and any(p in row for p in args.profile.split(",")):
-        result["profile"] = profile_step(step, warmup + args.steps)
+        result["profile"] = profile_step(step, warmup + args.steps, args.profile_top)
     if args.cprofile and any(p in row for p in args.cprofile.split(",")):
         result["cprofile"] = cprofile_steps(step, warmup + args.steps, args.steps, args.out, row)
     counters = getattr(torch._dynamo.utils, "counters", {})
@@ -500,6 +503,24 @@ def save_failed_kernel(message: str, folder: Path, row: str) -> str | None:
     return None
 
 
+KERNEL_KINDS = (  # (kind, substrings of a kernel's name), first match wins
+    ("attention", ("flash", "fmha", "attention", "attn")),
+    ("gemm", ("gemm", "cutlass", "nvjet", "sm90_xmma", "sm80_xmma", "cublas", "matmul", "scaled_mm")),
+    ("inductor", ("triton_",)),
+    ("liger", ("_kernel",)),
+    ("copy", ("copy", "Memcpy", "memcpy", "fill", "Memset")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    """The coarse kind of a CUDA kernel, from its name: where a step's device time goes."""
+    lowered = name.lower()
+    for kind, marks in KERNEL_KINDS:
+        if any(m.lower() in lowered for m in marks):
+            return kind
+    return "other"
+
+
 def profile_step(step, i: int, top: int = 12) -> list[dict]:
     """One profiled step: launch count, host and device time per phase, the largest kernels.
 
@@ -522,10 +543,16 @@ def profile_step(step, i: int, top: int = 12) -> list[dict]:
     kernels = [(e.key, e.device_time_total, e.count) for e in events  # not the ranges' GPU-side copies
                if e.device_type == torch.autograd.DeviceType.CUDA and e.device_time_total > 0
                and not e.key.startswith(("phase: ", "leanlora: ", "Optimizer.", "## Call"))]
+    by_kind: dict[str, list[float]] = {}
+    for name, t, c in kernels:
+        ms_count = by_kind.setdefault(kernel_kind(name), [0.0, 0])
+        ms_count[0] += t / 1e3
+        ms_count[1] += c
     by_time = sorted(kernels, key=lambda r: -r[1])[:top]
     by_count = sorted(kernels, key=lambda r: -r[2])[:top]
     return ([{"launches": launches, "kernels": len(kernels),
               "kernel_ms": sum(t for _, t, _ in kernels) / 1e3}] + phases
+            + [{"kind": k, "cuda_ms": ms, "count": c} for k, (ms, c) in sorted(by_kind.items(), key=lambda r: -r[1][0])]
             + [{"name": k[:120], "cuda_ms": t / 1e3, "count": c, "by": "time"} for k, t, c in by_time]
             + [{"name": k[:120], "cuda_ms": t / 1e3, "count": c, "by": "count"} for k, t, c in by_count])
 

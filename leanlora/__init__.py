@@ -16,8 +16,9 @@ __version__ = "0.1.0"
 # module -> the public names it defines
 _PUBLIC = {
     "leanlora.layer": ("AdaptedLinear", "MergeError"),
-    "leanlora.config": ("AdapterConfig", "DEFAULT_TARGET_MODULES", "BankConfig", "ConfigError", "GatedConfig",
-                        "GatesConfig", "MovedKeyWarning", "NestedConfig", "NF4Config", "PriorConfig", "QuantConfig"),
+    "leanlora.config": ("AdapterConfig", "DEFAULT_TARGET_MODULES", "BankConfig", "ConfigError", "FP8Config",
+                        "GatedConfig", "GatesConfig", "MovedKeyWarning", "NestedConfig", "NF4Config", "PriorConfig",
+                        "QuantConfig"),
     "leanlora.reports.cost": ("CostReport", "cost_report"),
     "leanlora.inject": ("InjectError", "adapted_layers", "disable_adapters", "get_model", "inject", "merge",
                         "merge_and_unload", "trainable_parameters", "unload", "unmerge"),
@@ -81,8 +82,8 @@ if TYPE_CHECKING:  # static type checkers and IDEs see the eager imports
     from leanlora import budget, distributed
     from leanlora.reports.budget_sweep import export_budget, sweep_budgets
     from leanlora.base.nf4 import quantize_bases
-    from leanlora.config import (DEFAULT_TARGET_MODULES, AdapterConfig, BankConfig, ConfigError, GatedConfig, GatesConfig,
-                                 MovedKeyWarning, NestedConfig, NF4Config, PriorConfig, QuantConfig)
+    from leanlora.config import (DEFAULT_TARGET_MODULES, AdapterConfig, BankConfig, ConfigError, FP8Config, GatedConfig,
+                                 GatesConfig, MovedKeyWarning, NestedConfig, NF4Config, PriorConfig, QuantConfig)
     from leanlora.reports.cost import CostReport, cost_report
     from leanlora.artifact.errors import ExportError
     from leanlora.artifact.export import export, export_peft

@@ -135,7 +135,7 @@ def _quantize_base(layer: AdaptedLinear, name: str, config: AdapterConfig) -> No
     else:
         from leanlora.base.fp8 import FP8Base
 
-        layer.base = FP8Base.from_dense(layer.base, name=name)
+        layer.base = FP8Base.from_dense(layer.base, name=name, transposed_copy=config.fp8.transposed_copy)
 
 
 def _build_quantizer(config: AdapterConfig, dtype: torch.dtype, macs: int, prior_scale: PriorScale,

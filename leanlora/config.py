@@ -311,6 +311,21 @@ class NF4Config:
 
 
 @dataclass(frozen=True)
+class FP8Config:
+    """Float8 frozen base (used when ``base="fp8"``)."""
+
+    transposed_copy: bool = True
+    """keep the e4m3 codes a second time in the input-gradient GEMM's layout (``torch._scaled_mm``
+    wants its second operand column-major, the forward's codes are row-major), so no backward
+    transposes W0: 2 bytes a weight in all, as a bf16 base holds. false: 1 byte a weight, and each
+    backward makes a transposed copy per layer. Only where float8 GEMMs run in hardware; under
+    FSDP2 the sharded codes are gathered per layer and the backward transposes them."""
+
+    def __post_init__(self) -> None:
+        check_field_types(self, "fp8.")
+
+
+@dataclass(frozen=True)
 class AdapterConfig:
     """One adapter over a model: which modules, which rank, and the three axes."""
 
@@ -354,6 +369,7 @@ class AdapterConfig:
     gates: GatesConfig = field(default_factory=GatesConfig)
     prior: PriorConfig = field(default_factory=PriorConfig)
     nf4: NF4Config = field(default_factory=NF4Config)
+    fp8: FP8Config = field(default_factory=FP8Config)
     vectorize: Literal["auto", "always", "never"] = "auto"
     """compute the adapter pieces (gated, quantized or bank-composed A and B) of each group of
     layers that share stacked parameters together, once per training forward

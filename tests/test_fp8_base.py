@@ -146,6 +146,44 @@ def test_base_module_bias_leading_dims_and_dtype_moves():
     assert copy.deepcopy(base).codes.dtype == E4M3
 
 
+def test_transposed_copy_gives_the_same_values_follows_merge_and_is_dropped_for_fsdp2(monkeypatch):
+    """Where _scaled_mm runs the base holds the backward's layout once; CPU torch runs _scaled_mm too,
+    so the fast path is forced here and checked bit for bit against transposing in each backward."""
+    import leanlora.base.fp8 as fp8
+
+    monkeypatch.setattr(fp8, "fp8_gemm_available", lambda device: True)
+    x, w = data()
+    kept, made = FP8Base(w, None, name="m"), FP8Base(w, None, name="m", transposed_copy=False)
+    assert kept.fast and kept.codes_t.is_contiguous() and made.codes_t is None
+    assert torch.equal(kept.codes_t.float(), kept.codes.t().float())
+    assert kept.nbytes() == 2 * 48 * 64 + 48 * 4 and made.nbytes() == 48 * 64 + 48 * 4
+    g = torch.randn(24, 48).bfloat16()
+    grads = []
+    for base in (kept, made):
+        xg = x.bfloat16().requires_grad_()
+        try:
+            base(xg).backward(g)
+        except (RuntimeError, NotImplementedError) as err:
+            pytest.skip(f"torch._scaled_mm does not run on this device: {err}")
+        grads.append(xg.grad)
+    assert torch.equal(grads[0], grads[1])
+    kept.add_delta_(torch.full((48, 64), 0.01))      # merge requantizes: the copy follows the new codes
+    assert torch.equal(kept.codes_t.float(), kept.codes.t().float())
+    kept.as_parameter()                              # FSDP2: shards are gathered per use, no whole copy
+    assert kept.codes_t is None and kept.nbytes() == 48 * 64 + 48 * 4
+    assert "transposed copy" not in repr(kept)
+
+
+def test_fp8_transposed_copy_is_a_config_choice():
+    model = tiny_llama()
+    leanlora.inject(model, _config(fp8=leanlora.FP8Config(transposed_copy=False)))
+    bases = [m for m in model.modules() if isinstance(m, FP8Base)]
+    assert bases and all(b.codes_t is None and not b.transposed_copy for b in bases)
+    assert leanlora.AdapterConfig.from_dict({"fp8": {"transposed_copy": False}}).fp8.transposed_copy is False
+    with pytest.raises(leanlora.ConfigError, match="fp8.transposed_copy"):
+        leanlora.FP8Config(transposed_copy="yes")
+
+
 def test_codes_registered_as_parameters_for_fsdp2_compute_alike_stay_float8_and_refuse_a_cast():
     _, w = data()
     base, plain = FP8Base(w, None, name="m"), FP8Base(w, None, name="m")

@@ -196,7 +196,7 @@ def load(model: nn.Module, directory: str | os.PathLike, *, check_base: bool = T
     if config.base == "fp8" and quantize_base:
         from leanlora.base.fp8 import quantize_bases_fp8
 
-        quantize_bases_fp8(model)
+        quantize_bases_fp8(model, config.fp8)
     if not trainable:
         model.requires_grad_(False)
     return model

@@ -1,7 +1,8 @@
 """FP8 frozen base: W0 stored as float8 e4m3 codes with one fp32 scale per output channel.
 
-Storage is 1 byte a weight plus 4 bytes a row, half of bf16; the forward and input-gradient
-GEMMs run in float8 on GPUs that have it (:mod:`leanlora.base.fp8_linear` states the formats,
+Storage is 1 byte a weight plus 4 bytes a row, half of bf16, and where the GEMMs run in float8 by
+default a transposed copy of the codes for the backward (``fp8.transposed_copy``: 2 bytes a weight in
+all, as bf16); the forward and input-gradient GEMMs run in float8 on GPUs that have it (:mod:`leanlora.base.fp8_linear` states the formats,
 the recipe and the error bound). Like :class:`~leanlora.base.nf4.NF4Base`, the codes and scales
 are plain attributes, not parameters or buffers: ``model.to(torch.bfloat16)`` must not turn the
 codes into bf16 (float8 counts as floating point to ``nn.Module``), so :meth:`FP8Base._apply`
@@ -16,7 +17,7 @@ from torch import nn
 
 from leanlora.base.dense import QuantizedBase
 from leanlora.base.fp8_linear import dequantize_weight, fp8_gemm_available, linear_fp8, quantize_weight
-from leanlora.config import ConfigError
+from leanlora.config import ConfigError, FP8Config
 
 __all__ = ["FP8Base", "check_fp8_shape", "quantize_bases_fp8"]
 
@@ -39,10 +40,12 @@ class FP8Base(QuantizedBase):
     KIND = "fp8"
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool = False,
-                 name: str = "") -> None:
-        """``weight`` is the dense (out, in) W0; it is quantized here and not kept."""
+                 name: str = "", transposed_copy: bool = True) -> None:
+        """``weight`` is the dense (out, in) W0; it is quantized here and not kept. ``transposed_copy``:
+        :attr:`leanlora.config.FP8Config.transposed_copy`."""
         super().__init__(weight, bias, transposed, name)
         self.dtype = weight.dtype     # the dtype W0 was given in: what dense_weight and unload hand back
+        self.transposed_copy = transposed_copy
         check_fp8_shape(name, self.in_features, self.out_features)
         self._set(*quantize_weight(weight))
 
@@ -53,6 +56,10 @@ class FP8Base(QuantizedBase):
         else:
             self.codes, self.scales = codes, scales
         self.fast = fp8_gemm_available(codes.device)  # decided here, not per call: a constant to torch.compile
+        # The backward's layout, made once: only where _scaled_mm runs (the fallback multiplies the
+        # codes as they are), and not for FSDP2's shards, which are gathered anew for each backward.
+        keep = self.transposed_copy and self.fast and "codes" not in self._parameters
+        self.codes_t = codes.t().contiguous() if keep else None
 
     def as_parameter(self) -> None:
         """Register the codes and scales as frozen parameters, which FSDP2 shards by rows and gathers
@@ -61,11 +68,12 @@ class FP8Base(QuantizedBase):
         codes, scales = self.__dict__.pop("codes"), self.__dict__.pop("scales")
         self.register_parameter("codes", nn.Parameter(codes, requires_grad=False))
         self.register_parameter("scales", nn.Parameter(scales, requires_grad=False))
+        self.codes_t = None  # a whole-weight copy on every process would undo the sharding
 
     # --- BaseWeight protocol -------------------------------------------------------------------
 
     def _linear(self, x: torch.Tensor) -> torch.Tensor:
-        return linear_fp8(x, self.codes, self.scales, self.fast)
+        return linear_fp8(x, self.codes, self.scales, self.fast, self.codes_t)
 
     def dense_weight(self) -> torch.Tensor:
         """Dequantized W0 (out, in) in the dtype it was given in."""
@@ -86,8 +94,9 @@ class FP8Base(QuantizedBase):
         self._set(*snapshot)
 
     def nbytes(self) -> int:
-        """Codes (1 byte a weight) + fp32 scales (4 bytes a row)."""
-        return self.codes.nbytes + self.scales.nbytes
+        """Codes (1 byte a weight; twice with the transposed copy) + fp32 scales (4 bytes a row)."""
+        copy = 0 if self.codes_t is None else self.codes_t.nbytes
+        return self.codes.nbytes + self.scales.nbytes + copy
 
     def _apply(self, fn, recurse: bool = True):
         # See where fn sends a float tensor: follow its device; a dtype change moves the dtype
@@ -107,13 +116,15 @@ class FP8Base(QuantizedBase):
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, float8_e4m3fn, per-channel fp32 scales, "
-                f"dtype={self.dtype}, gemm={'_scaled_mm' if self.fast else 'fp32 fallback'}")
+                f"dtype={self.dtype}, gemm={'_scaled_mm' if self.fast else 'fp32 fallback'}"
+                + (", transposed copy" if self.codes_t is not None else ""))
 
 
-def quantize_bases_fp8(model: nn.Module) -> dict[str, int]:
+def quantize_bases_fp8(model: nn.Module, fp8_config: FP8Config | None = None) -> dict[str, int]:
     """Replace the dense base of every adapted layer of ``model`` by an :class:`FP8Base`.
 
     All shapes are checked before any layer changes; bases that are already quantized (NF4,
     FP8, a bitsandbytes ``Linear4bit``) are left as they are. Returns {module: base bytes}.
     """
-    return FP8Base.replace_dense_bases(model, check_fp8_shape)
+    config = fp8_config or FP8Config()
+    return FP8Base.replace_dense_bases(model, check_fp8_shape, transposed_copy=config.transposed_copy)

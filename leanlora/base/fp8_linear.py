@@ -23,8 +23,10 @@ Decisions:
     scaled in the same order; the quantization, and so the error, is the same.
   * ``_scaled_mm`` wants its second operand column-major and both its dimensions, and the
     first operand's inner one, multiples of 16: in_features and out_features must be
-    multiples of 16 (checked when the base is built). The backward's column-major Wq is a
-    transposed copy made in the backward (1 byte a weight), not a second stored copy.
+    multiples of 16 (checked when the base is built). The forward's second operand is Wq^T,
+    which the row-major codes are; the backward's is Wq, which needs the codes transposed. The
+    weight is frozen, so the base may hold that transposed copy once (``codes_t``) instead of
+    making it in every backward (1 byte a weight either way).
 
 Error bound: e4m3 keeps 3 mantissa bits, so a round-to-nearest cast of a normal value has
 relative error at most 2^-4. Each product xq·Wq then carries at most (1 + 2^-4)^2 - 1 < 0.13 of
@@ -89,11 +91,15 @@ def fp8_forward(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, fast:
 
 
 def fp8_input_grad(grad_y: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, fast: bool,
-                   dtype: torch.dtype) -> torch.Tensor:
-    """``grad_y W0`` in ``dtype``: ``g · diag(scale)`` quantized per row against the codes, one float8 GEMM."""
+                   dtype: torch.dtype, codes_t: torch.Tensor | None = None) -> torch.Tensor:
+    """``grad_y W0`` in ``dtype``: ``g · diag(scale)`` quantized per row against the codes, one float8 GEMM.
+    ``codes_t``: the codes already transposed, (K, N) contiguous, which spares the transposed copy."""
     g = grad_y.reshape(-1, grad_y.shape[-1]).float() * scale          # (M, N): g · diag(s)
     gq, u = quantize_rows(g)
-    b = codes.t().contiguous().t() if fast else codes                 # (N, K), column-major for _scaled_mm
+    if not fast:
+        b = codes
+    else:                                                             # (N, K), column-major for _scaled_mm
+        b = codes_t.t() if codes_t is not None else codes.t().contiguous().t()
     ones = torch.ones(1, codes.shape[1], device=codes.device)
     dx = scaled_matmul(gq, u, b, ones, fast)                          # (M, K)
     return dx.to(dtype).reshape(*grad_y.shape[:-1], codes.shape[1])
@@ -102,23 +108,25 @@ def fp8_input_grad(grad_y: torch.Tensor, codes: torch.Tensor, scale: torch.Tenso
 class _FrozenFP8Linear(torch.autograd.Function):
     """y = x W0^T with W0 as e4m3 codes and per-channel scales; dx only, from the same codes.
 
-    Saves the codes and scales (1 byte a weight, already held by the base), never x."""
+    Saves the codes, scales and any transposed codes (all already held by the base), never x."""
 
     @staticmethod
-    def forward(ctx, x, codes, scale, fast):
-        ctx.save_for_backward(codes, scale)
+    def forward(ctx, x, codes, scale, fast, codes_t):
+        ctx.save_for_backward(codes, scale, codes_t)
         ctx.fast, ctx.x_dtype = fast, x.dtype
         return fp8_forward(x, codes, scale, fast)
 
     @staticmethod
     def backward(ctx, grad_y):
-        codes, scale = ctx.saved_tensors
-        return fp8_input_grad(grad_y, codes, scale, ctx.fast, ctx.x_dtype), None, None, None
+        codes, scale, codes_t = ctx.saved_tensors
+        return fp8_input_grad(grad_y, codes, scale, ctx.fast, ctx.x_dtype, codes_t), None, None, None, None
 
 
-def linear_fp8(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, fast: bool) -> torch.Tensor:
-    """``x W0^T`` (no bias) in ``x``'s dtype; ``fast`` selects ``torch._scaled_mm`` (see :func:`fp8_gemm_available`)."""
-    return _FrozenFP8Linear.apply(x, codes, scale, fast)
+def linear_fp8(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, fast: bool,
+               codes_t: torch.Tensor | None = None) -> torch.Tensor:
+    """``x W0^T`` (no bias) in ``x``'s dtype; ``fast`` selects ``torch._scaled_mm`` (see :func:`fp8_gemm_available`).
+    ``codes_t``: ``codes.t().contiguous()``, held by the caller, for the backward's GEMM."""
+    return _FrozenFP8Linear.apply(x, codes, scale, fast, codes_t)
 
 
 def fp8_gemm_available(device: torch.device) -> bool:
