@@ -503,10 +503,10 @@ def save_failed_kernel(message: str, folder: Path, row: str) -> str | None:
     return None
 
 
-KERNEL_KINDS = (  # (kind, substrings of a kernel's name), first match wins
+KERNEL_KINDS = (  # (kind, substrings of a kernel's name), first match wins: inductor names its kernels
+    ("inductor", ("triton_",)),  # after the operators they fuse, "_scaled_mm" and "silu" among them
     ("attention", ("flash", "fmha", "attention", "attn")),
     ("gemm", ("gemm", "cutlass", "nvjet", "sm90_xmma", "sm80_xmma", "cublas", "matmul", "scaled_mm")),
-    ("inductor", ("triton_",)),
     ("liger", ("_kernel",)),
     ("copy", ("copy", "Memcpy", "memcpy", "fill", "Memset")),
 )

@@ -26,6 +26,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from leanlora.base import nf4_fp8_kernel
 from leanlora.base.fp8_linear import E4M3, E4M3_MAX, EPS, fp8_forward, fp8_input_grad
 
 
@@ -94,47 +95,82 @@ def linear_nf4_parts(x: torch.Tensor, parts: NF4Parts) -> torch.Tensor:
     return _FrozenNF4Linear.apply(x, *parts[:5], (parts.shape, parts.block_size, parts.scaler_group))
 
 
+def nf4_row_scales(block_scales: torch.Tensor, group_factors: torch.Tensor, scale_mean: torch.Tensor,
+                   codebook: torch.Tensor, rows: int, scaler_group: int) -> torch.Tensor:
+    """The FP8 base's row scales (``rows``,) fp32 of an NF4 weight: its row maximum over 448.
+
+    A row's largest |W0| is its largest block scale: every block holds a code of ±1 (its absmax
+    element, which NF4 maps to the codebook's ends) and no code exceeds 1 in size, so the row
+    maximum needs no pass over the weight. For a weight that torchao quantized this is the same
+    maximum, so the codes and scales equal ``quantize_weight``'s (tested).
+    """
+    scales = _block_scales(block_scales, group_factors, scale_mean, codebook.dtype, scaler_group)  # (blocks,)
+    amax = scales.view(rows, -1).abs().amax(dim=1).float() * codebook.abs().amax().float()
+    return amax.clamp(min=EPS) / E4M3_MAX
+
+
 def nf4_to_fp8(codes: torch.Tensor, block_scales: torch.Tensor, group_factors: torch.Tensor,
                scale_mean: torch.Tensor, codebook: torch.Tensor, shape: tuple[int, ...],
-               block_size: int, scaler_group: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``quantize_weight(dequantize_nf4(...))`` (e4m3 codes (out, in), fp32 row scales (out,)) in
-    fewer, simpler passes, for ``nf4.gemm: fp8``.
+               block_size: int, scaler_group: int, row_scale: torch.Tensor | None = None,
+               transposed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize_weight(dequantize_nf4(...))``: e4m3 codes (out, in), or (in, out) when ``transposed``
+    (both contiguous), and fp32 row scales (out,), for ``nf4.gemm: fp8``. ``row_scale``: the scales
+    already computed (:func:`nf4_row_scales`; a frozen weight's never change).
 
-    * Each byte holds two codes, so one lookup in a 256-entry table of code pairs yields both
-      values already in place: no interleave of high and low halves.
-    * A row's largest |W0| is its largest block scale: every block holds a code of ±1 (its absmax
-      element, which NF4 maps to the codebook's ends) and no code exceeds 1 in size, so the row
-      maximum needs no pass over the weight. For a weight that torchao quantized this is the
-      same maximum, so the codes and scales equal ``quantize_weight``'s (tested).
+    On a CUDA bf16 weight one Triton kernel writes the codes in either layout
+    (:mod:`leanlora.base.nf4_fp8_kernel`); elsewhere torch operators do it in fewer, simpler passes
+    than dequantizing and quantizing again: each byte holds two codes, so one lookup in a 256-entry
+    table of code pairs yields both values already in place, with no interleave of high and low halves.
     """
+    scale = row_scale if row_scale is not None else nf4_row_scales(
+        block_scales, group_factors, scale_mean, codebook, shape[0], scaler_group)
+    if nf4_fp8_kernel.usable(codes, codebook, block_size):
+        w8 = torch.ops.leanlora.nf4_to_e4m3(codes, block_scales, group_factors, scale_mean, codebook, scale,
+                                            shape[0], shape[1], block_size, scaler_group, transposed)
+        return w8, scale
+    return nf4_to_fp8_by_operators(codes, block_scales, group_factors, scale_mean, codebook, shape, block_size,
+                                   scaler_group, scale, transposed), scale
+
+
+def nf4_to_fp8_by_operators(codes: torch.Tensor, block_scales: torch.Tensor, group_factors: torch.Tensor,
+                            scale_mean: torch.Tensor, codebook: torch.Tensor, shape: tuple[int, ...],
+                            block_size: int, scaler_group: int, row_scale: torch.Tensor,
+                            transposed: bool = False) -> torch.Tensor:
+    """The codes of :func:`nf4_to_fp8` by torch operators alone, on any device."""
     scales = _block_scales(block_scales, group_factors, scale_mean, codebook.dtype, scaler_group)  # (blocks,)
     pairs = torch.stack([codebook.repeat_interleave(16), codebook.repeat(16)], dim=-1)  # byte -> (high, low)
     w = (pairs[codes.to(torch.long)].view(-1, block_size) * scales[:, None]).view(shape)  # codebook dtype
-    amax = scales.view(shape[0], -1).abs().amax(dim=1).float() * codebook.abs().amax().float()
-    scale = amax.clamp(min=EPS) / E4M3_MAX                                    # (out,)
-    w8 = (w.float() / scale[:, None]).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
-    return w8, scale
+    w8 = (w.float() / row_scale[:, None]).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+    return w8.t().contiguous() if transposed else w8
 
 
 class _FrozenNF4FP8Linear(torch.autograd.Function):
     """y = x W0^T with W0 rebuilt from its 4-bit parts as float8 codes and row scales, forward and
-    backward alike (:func:`~leanlora.base.fp8_linear.fp8_forward`, ``fp8_input_grad``). Saves the
-    parts only; under ``torch.compile`` the partitioner may keep the forward's float8 copy instead
-    of rebuilding it (1 byte a weight, as the FP8 base holds)."""
+    backward alike (:func:`~leanlora.base.fp8_linear.fp8_forward`, ``fp8_input_grad``); the backward
+    rebuilds the codes transposed, as ``torch._scaled_mm`` takes them. Saves the parts and the row
+    scales only, never a rebuilt weight."""
 
     @staticmethod
-    def forward(ctx, x, codes, block_scales, group_factors, scale_mean, codebook, sizes, fast):
-        ctx.save_for_backward(codes, block_scales, group_factors, scale_mean, codebook)
+    def forward(ctx, x, codes, block_scales, group_factors, scale_mean, codebook, row_scale, sizes, fast):
+        w8, scale = nf4_to_fp8(codes, block_scales, group_factors, scale_mean, codebook, *sizes, row_scale)
+        ctx.save_for_backward(codes, block_scales, group_factors, scale_mean, codebook, scale)
         ctx.sizes, ctx.fast, ctx.x_dtype = sizes, fast, x.dtype
-        return fp8_forward(x, *nf4_to_fp8(codes, block_scales, group_factors, scale_mean, codebook, *sizes), fast)
+        return fp8_forward(x, w8, scale, fast)
 
     @staticmethod
     def backward(ctx, grad_y):
-        w8, scale = nf4_to_fp8(*ctx.saved_tensors, *ctx.sizes)
-        return (fp8_input_grad(grad_y, w8, scale, ctx.fast, ctx.x_dtype),) + (None,) * 7
+        *parts, scale = ctx.saved_tensors
+        w8, _ = nf4_to_fp8(*parts, *ctx.sizes, scale, transposed=ctx.fast)
+        if ctx.fast:  # (in, out) contiguous: the column-major operand _scaled_mm wants, as it is
+            dx = fp8_input_grad(grad_y, w8.t(), scale, True, ctx.x_dtype, codes_t=w8)
+        else:
+            dx = fp8_input_grad(grad_y, w8, scale, False, ctx.x_dtype)
+        return (dx,) + (None,) * 8
 
 
-def linear_nf4_fp8(x: torch.Tensor, parts: NF4Parts, fast: bool) -> torch.Tensor:
+def linear_nf4_fp8(x: torch.Tensor, parts: NF4Parts, fast: bool, row_scale: torch.Tensor | None = None) -> torch.Tensor:
     """``x W0^T`` (no bias) in ``x``'s dtype with float8 GEMMs; ``fast``: ``torch._scaled_mm``
-    (:func:`~leanlora.base.fp8_linear.fp8_gemm_available`), else the same codes multiplied in fp32."""
-    return _FrozenNF4FP8Linear.apply(x, *parts[:5], (parts.shape, parts.block_size, parts.scaler_group), fast)
+    (:func:`~leanlora.base.fp8_linear.fp8_gemm_available`), else the same codes multiplied in fp32.
+    ``row_scale``: :func:`nf4_row_scales` of ``parts``, where the caller keeps them."""
+    return _FrozenNF4FP8Linear.apply(x, *parts[:5], row_scale, (parts.shape, parts.block_size, parts.scaler_group),
+                                     fast)
