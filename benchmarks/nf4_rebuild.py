@@ -3,8 +3,7 @@
 A 4-bit base rebuilds every adapted weight from its parts twice a step, in the forward and again
 in the backward (only the parts are kept between them): ``nf4.gemm: dequant`` in bf16, as torchao's
 ``linear_nf4`` does, ``nf4.gemm: fp8`` as e4m3 codes, transposed in the backward, where
-``torch._scaled_mm`` wants them so; the fp8 rebuilds are timed as they run (one Triton kernel on a
-CUDA bf16 weight, :mod:`leanlora.base.nf4_fp8_kernel`) and as torch operators compiled. Each
+``torch._scaled_mm`` wants them so. Each
 rebuild reads the parts (half a byte a weight, one byte a block of scales) and writes the weight
 (2 bytes a weight in bf16, 1 in e4m3 plus 4 a row). This times each rebuild compiled, as the
 compiled layers run it, against those bytes at the copy bandwidth measured in the same process,
@@ -32,9 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from leanlora.base.nf4 import _torchao_nf4  # noqa: E402
-from leanlora.base import nf4_fp8_kernel  # noqa: E402
-from leanlora.base.nf4_linear import (NF4Parts, dequantize_nf4, nf4_row_scales, nf4_to_fp8,  # noqa: E402
-                                     nf4_to_fp8_by_operators)
+from leanlora.base.nf4_linear import NF4Parts, dequantize_nf4, nf4_to_fp8  # noqa: E402
 
 PRESETS = {  # (out, in) of the adapted projections of one decoder layer, and the layer count
     "1b": dict(shapes={"q": (2048, 2048), "k": (512, 2048), "v": (512, 2048), "o": (2048, 2048),
@@ -48,7 +45,6 @@ def dequant_bf16(parts: NF4Parts) -> torch.Tensor:
 
 
 def rebuild_fp8(parts: NF4Parts) -> tuple[torch.Tensor, torch.Tensor]:
-    """The forward's rebuild, as ``nf4.gemm: fp8`` runs it (the Triton kernel on a CUDA bf16 weight)."""
     return nf4_to_fp8(*parts)
 
 
@@ -57,18 +53,10 @@ def rebuild_fp8_transposed(parts: NF4Parts) -> tuple[torch.Tensor, torch.Tensor]
     return nf4_to_fp8(*parts, transposed=True)
 
 
-def rebuild_fp8_by_operators(parts: NF4Parts, transposed: bool = False) -> torch.Tensor:
-    """Either rebuild by torch operators alone (compiled by inductor), as before the Triton kernel."""
-    scale = nf4_row_scales(*parts[1:5], parts.shape[0], parts.scaler_group)
-    return nf4_to_fp8_by_operators(*parts, scale, transposed)
-
-
 VARIANTS = {  # name: (function, bytes written a weight)
     "dequant_bf16": (dequant_bf16, 2),
     "fp8": (rebuild_fp8, 1),
     "fp8_transposed": (rebuild_fp8_transposed, 1),
-    "fp8_torch_ops": (rebuild_fp8_by_operators, 1),
-    "fp8_transposed_torch_ops": (lambda parts: rebuild_fp8_by_operators(parts, transposed=True), 1),
 }
 
 
@@ -150,18 +138,16 @@ def main(argv=None) -> list[dict]:
             rows.append(row)
             step[name][0] += ms * preset["layers"]
             step[name][1] += floor * preset["layers"]
-            print(f"{proj:>5} {out_f:>5}x{in_f:<5} {name:>24} {ms:9.4f} ms  floor {floor:8.4f} ms  "
+            print(f"{proj:>5} {out_f:>5}x{in_f:<5} {name:>15} {ms:9.4f} ms  floor {floor:8.4f} ms  "
                   f"x{ms / floor:6.2f}", flush=True)
     fp8_step = [step["fp8"][i] + step["fp8_transposed"][i] for i in range(2)]
-    ops_step = [step["fp8_torch_ops"][i] + step["fp8_transposed_torch_ops"][i] for i in range(2)]
     bf16_step = [2 * t for t in step["dequant_bf16"]]  # forward and backward rebuild alike
     summary = {"step_dequant_bf16_ms": round(bf16_step[0], 3), "step_dequant_bf16_floor_ms": round(bf16_step[1], 3),
                "step_fp8_ms": round(fp8_step[0], 3), "step_fp8_floor_ms": round(fp8_step[1], 3),
-               "step_fp8_torch_ops_ms": round(ops_step[0], 3), "kernel": nf4_fp8_kernel.AVAILABLE, **info}
+               **info}
     print(f"one step of {preset['layers']} layers, forward + backward rebuilds: dequant bf16 "
           f"{summary['step_dequant_bf16_ms']} ms (floor {summary['step_dequant_bf16_floor_ms']}); fp8 "
-          f"{summary['step_fp8_ms']} ms (floor {summary['step_fp8_floor_ms']}); fp8 by torch operators "
-          f"{summary['step_fp8_torch_ops_ms']} ms")
+          f"{summary['step_fp8_ms']} ms (floor {summary['step_fp8_floor_ms']})")
     rows.append(summary)
     if args.out is not None:
         with args.out.open("a") as f:

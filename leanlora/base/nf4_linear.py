@@ -26,7 +26,6 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from leanlora.base import nf4_fp8_kernel
 from leanlora.base.fp8_linear import E4M3, E4M3_MAX, EPS, fp8_forward, fp8_input_grad
 
 
@@ -117,31 +116,18 @@ def nf4_to_fp8(codes: torch.Tensor, block_scales: torch.Tensor, group_factors: t
     (both contiguous), and fp32 row scales (out,), for ``nf4.gemm: fp8``. ``row_scale``: the scales
     already computed (:func:`nf4_row_scales`; a frozen weight's never change).
 
-    On a CUDA bf16 weight one Triton kernel writes the codes in either layout
-    (:mod:`leanlora.base.nf4_fp8_kernel`); elsewhere torch operators do it in fewer, simpler passes
-    than dequantizing and quantizing again: each byte holds two codes, so one lookup in a 256-entry
-    table of code pairs yields both values already in place, with no interleave of high and low halves.
+    Fewer, simpler passes than dequantizing and quantizing again: each byte holds two codes, so one
+    lookup in a 256-entry table of code pairs yields both values already in place, with no
+    interleave of high and low halves. Compiled, the lookup, the products and the cast fuse into
+    one kernel per layout.
     """
     scale = row_scale if row_scale is not None else nf4_row_scales(
         block_scales, group_factors, scale_mean, codebook, shape[0], scaler_group)
-    if nf4_fp8_kernel.usable(codes, codebook, block_size):
-        w8 = torch.ops.leanlora.nf4_to_e4m3(codes, block_scales, group_factors, scale_mean, codebook, scale,
-                                            shape[0], shape[1], block_size, scaler_group, transposed)
-        return w8, scale
-    return nf4_to_fp8_by_operators(codes, block_scales, group_factors, scale_mean, codebook, shape, block_size,
-                                   scaler_group, scale, transposed), scale
-
-
-def nf4_to_fp8_by_operators(codes: torch.Tensor, block_scales: torch.Tensor, group_factors: torch.Tensor,
-                            scale_mean: torch.Tensor, codebook: torch.Tensor, shape: tuple[int, ...],
-                            block_size: int, scaler_group: int, row_scale: torch.Tensor,
-                            transposed: bool = False) -> torch.Tensor:
-    """The codes of :func:`nf4_to_fp8` by torch operators alone, on any device."""
     scales = _block_scales(block_scales, group_factors, scale_mean, codebook.dtype, scaler_group)  # (blocks,)
     pairs = torch.stack([codebook.repeat_interleave(16), codebook.repeat(16)], dim=-1)  # byte -> (high, low)
     w = (pairs[codes.to(torch.long)].view(-1, block_size) * scales[:, None]).view(shape)  # codebook dtype
-    w8 = (w.float() / row_scale[:, None]).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
-    return w8.t().contiguous() if transposed else w8
+    w8 = (w.float() / scale[:, None]).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+    return (w8.t().contiguous() if transposed else w8), scale
 
 
 class _FrozenNF4FP8Linear(torch.autograd.Function):
