@@ -1,13 +1,13 @@
 """FP8 frozen base: W0 stored as float8 e4m3 codes with one fp32 scale per output channel.
 
-Storage is 1 byte a weight plus 4 bytes a row, half of bf16, and where the GEMMs run in float8 by
-default a transposed copy of the codes for the backward (``fp8.transposed_copy``: 2 bytes a weight in
-all, as bf16); the forward and input-gradient GEMMs run in float8 on GPUs that have it (:mod:`leanlora.base.fp8_linear` states the formats,
-the recipe and the error bound). Like :class:`~leanlora.base.nf4.NF4Base`, the codes and scales
-are plain attributes, not parameters or buffers: ``model.to(torch.bfloat16)`` must not turn the
-codes into bf16 (float8 counts as floating point to ``nn.Module``), so :meth:`FP8Base._apply`
-moves them between devices only, and they stay out of ``state_dict`` (an adapter never stores
-its base).
+Storage is 1 byte a weight plus 4 bytes a row, half of bf16; where the GEMMs run in float8 the
+base by default also holds the codes transposed for the backward (``fp8.transposed_copy``: 2 bytes
+a weight in all, as bf16). The forward and input-gradient GEMMs run in float8 on GPUs that have it
+(:mod:`leanlora.base.fp8_linear` states the formats, the recipe and the error bound). Like
+:class:`~leanlora.base.nf4.NF4Base`, the codes and scales are plain attributes, not parameters or
+buffers: ``model.to(torch.bfloat16)`` must not turn the codes into bf16 (float8 counts as floating
+point to ``nn.Module``), so :meth:`FP8Base._apply` moves them between devices only, and they stay
+out of ``state_dict`` (an adapter never stores its base).
 """
 
 from __future__ import annotations
