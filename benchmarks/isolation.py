@@ -21,7 +21,8 @@ def row_in_fresh_process(script: str, argv: list[str], row: str, own_flags: tupl
     the options in ``parent_only`` are left out):
     the row's JSON result, or an ``error`` row holding the child's last output. The child writes
     into ``folder`` when given (what it leaves beside its results, e.g. a failed kernel's source,
-    stays there), else into a temporary folder."""
+    stays there), else into a temporary folder. Its row file is removed once read, since the caller
+    records the row: a folder that goes back from a GPU machine holds few files."""
     with tempfile.TemporaryDirectory() as scratch:
         out = Path(folder or scratch) / f"row_{row.replace('@', '_')}.jsonl"
         out.unlink(missing_ok=True)
@@ -30,6 +31,7 @@ def row_in_fresh_process(script: str, argv: list[str], row: str, own_flags: tupl
         done = subprocess.run(child, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         rows = [r for r in map(json.loads, out.read_text().splitlines()) if "row" in r] if out.is_file() else []
         if rows:
+            out.unlink()
             return rows[0]
         return {"row": row, "method": row, "error": f"child exited {done.returncode}: {done.stdout[-300:]}"}
 
