@@ -104,6 +104,11 @@ def nf4_row_scales(block_scales: torch.Tensor, group_factors: torch.Tensor, scal
     maximum, so the codes and scales equal ``quantize_weight``'s (tested).
     """
     scales = _block_scales(block_scales, group_factors, scale_mean, codebook.dtype, scaler_group)  # (blocks,)
+    return _row_scales_of(scales, codebook, rows)
+
+
+def _row_scales_of(scales: torch.Tensor, codebook: torch.Tensor, rows: int) -> torch.Tensor:
+    """:func:`nf4_row_scales` from the block scales s_j already undone."""
     amax = scales.view(rows, -1).abs().amax(dim=1).float() * codebook.abs().amax().float()
     return amax.clamp(min=EPS) / E4M3_MAX
 
@@ -121,9 +126,8 @@ def nf4_to_fp8(codes: torch.Tensor, block_scales: torch.Tensor, group_factors: t
     interleave of high and low halves. Compiled, the lookup, the products and the cast fuse into
     one kernel per layout.
     """
-    scale = row_scale if row_scale is not None else nf4_row_scales(
-        block_scales, group_factors, scale_mean, codebook, shape[0], scaler_group)
     scales = _block_scales(block_scales, group_factors, scale_mean, codebook.dtype, scaler_group)  # (blocks,)
+    scale = row_scale if row_scale is not None else _row_scales_of(scales, codebook, shape[0])
     pairs = torch.stack([codebook.repeat_interleave(16), codebook.repeat(16)], dim=-1)  # byte -> (high, low)
     w = (pairs[codes.to(torch.long)].view(-1, block_size) * scales[:, None]).view(shape)  # codebook dtype
     w8 = (w.float() / scale[:, None]).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
