@@ -12,6 +12,12 @@ and sums one step of a preset's layers.
 On CUDA each timing replays a CUDA graph of ``--calls`` rebuilds, so launches do not count; on
 the CPU (a smoke test) the calls run one after another.
 
+Variants: ``fp8`` / ``fp8_transposed`` make everything from the parts in the call; ``fp8_kept*``
+is what the NF4 base runs (its row scales kept); two candidates keep more beside the frozen weight
+so that the weight's kernel does less: ``fp8_tables*`` the undone block scales and the pair table
+(the same codes), ``fp8_factor*`` an fp32 factor a block (one product and one rounding a weight);
+``_noassert`` compiles without inductor's bounds check on the table lookup.
+
     python -u benchmarks/nf4_rebuild.py --preset 1b --out nf4_rebuild.jsonl
 """
 
@@ -23,6 +29,7 @@ import math
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -31,7 +38,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from leanlora.base.nf4 import _torchao_nf4  # noqa: E402
-from leanlora.base.nf4_linear import NF4Parts, dequantize_nf4, nf4_to_fp8  # noqa: E402
+from leanlora.base.fp8_linear import E4M3, E4M3_MAX  # noqa: E402
+from leanlora.base.nf4_linear import (NF4Parts, _block_scales, dequantize_nf4, nf4_row_scales,  # noqa: E402
+                                      nf4_to_fp8)
 
 PRESETS = {  # (out, in) of the adapted projections of one decoder layer, and the layer count
     "1b": dict(shapes={"q": (2048, 2048), "k": (512, 2048), "v": (512, 2048), "o": (2048, 2048),
@@ -40,23 +49,66 @@ PRESETS = {  # (out, in) of the adapted projections of one decoder layer, and th
 }
 
 
-def dequant_bf16(parts: NF4Parts) -> torch.Tensor:
+def dequant_bf16(parts: NF4Parts, kept: dict) -> torch.Tensor:
     return dequantize_nf4(*parts)
 
 
-def rebuild_fp8(parts: NF4Parts) -> tuple[torch.Tensor, torch.Tensor]:
+def rebuild_fp8(parts: NF4Parts, kept: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward's rebuild, row scales computed from the parts in the call."""
     return nf4_to_fp8(*parts)
 
 
-def rebuild_fp8_transposed(parts: NF4Parts) -> tuple[torch.Tensor, torch.Tensor]:
+def rebuild_fp8_transposed(parts: NF4Parts, kept: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """The backward's rebuild: the codes laid out as ``fp8_input_grad`` hands them to ``_scaled_mm``."""
     return nf4_to_fp8(*parts, transposed=True)
 
 
-VARIANTS = {  # name: (function, bytes written a weight)
-    "dequant_bf16": (dequant_bf16, 2),
-    "fp8": (rebuild_fp8, 1),
-    "fp8_transposed": (rebuild_fp8_transposed, 1),
+def rebuild_fp8_kept(parts: NF4Parts, kept: dict, transposed: bool = False):
+    """As the NF4 base runs it: its kept row scales, the rest undone in the call."""
+    return nf4_to_fp8(*parts, row_scale=kept["row_scale"], transposed=transposed)[0]
+
+
+def rebuild_fp8_tables(parts: NF4Parts, kept: dict, transposed: bool = False):
+    """Candidate: the byte-pair table and the undone block scales (the weight's dtype, one value a
+    block) kept too, so that no weight's kernel undoes the double quantization; the same arithmetic
+    and the same codes as the library's."""
+    w = (kept["pairs"][parts.codes.to(torch.long)].view(-1, parts.block_size) * kept["scales"][:, None]).view(parts.shape)
+    w8 = (w.float() / kept["row_scale"][:, None]).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+    return w8.t().contiguous() if transposed else w8
+
+
+def rebuild_fp8_factor(parts: NF4Parts, kept: dict, transposed: bool = False):
+    """Candidate: an fp32 factor a block (its scale over its row's) and an fp32 pair table kept: one
+    product and one rounding to e4m3 a weight, no division and no rounding to the weight's dtype in
+    between (codes within one e4m3 step of the library's; an fp32 a block more to keep)."""
+    w = (kept["pairs32"][parts.codes.to(torch.long)].view(-1, parts.block_size) * kept["factor"][:, None]).view(parts.shape)
+    w8 = w.clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+    return w8.t().contiguous() if transposed else w8
+
+
+def kept_state(parts: NF4Parts) -> dict:
+    """What an NF4 base with float8 GEMMs keeps, or could keep, beside a frozen weight."""
+    row_scale = nf4_row_scales(*parts[1:5], parts.shape[0], parts.scaler_group)
+    scales = _block_scales(*parts[1:4], parts.codebook.dtype, parts.scaler_group)
+    cb = parts.codebook
+    pairs = torch.stack([cb.repeat_interleave(16), cb.repeat(16)], dim=-1)
+    factor = scales.float() / row_scale.repeat_interleave(scales.numel() // parts.shape[0])
+    return dict(row_scale=row_scale, scales=scales, pairs=pairs, pairs32=pairs.float(), factor=factor)
+
+
+NO_ASSERT = {"assert_indirect_indexing": False}  # inductor's bounds check on the table lookup, off
+VARIANTS = {  # name: (function, bytes written a weight, inductor options)
+    "dequant_bf16": (dequant_bf16, 2, {}),
+    "fp8": (rebuild_fp8, 1, {}),
+    "fp8_transposed": (rebuild_fp8_transposed, 1, {}),
+    "fp8_kept": (rebuild_fp8_kept, 1, {}),
+    "fp8_kept_transposed": (partial(rebuild_fp8_kept, transposed=True), 1, {}),
+    "fp8_tables": (rebuild_fp8_tables, 1, {}),
+    "fp8_tables_transposed": (partial(rebuild_fp8_tables, transposed=True), 1, {}),
+    "fp8_factor": (rebuild_fp8_factor, 1, {}),
+    "fp8_factor_transposed": (partial(rebuild_fp8_factor, transposed=True), 1, {}),
+    "fp8_factor_noassert": (rebuild_fp8_factor, 1, NO_ASSERT),
+    "fp8_factor_noassert_transposed": (partial(rebuild_fp8_factor, transposed=True), 1, NO_ASSERT),
 }
 
 
@@ -116,6 +168,9 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--block-size", type=int, default=64)
     ap.add_argument("--scaler-block-size", type=int, default=256)
     ap.add_argument("--out", type=Path, default=None, help="append one JSON line per row")
+    ap.add_argument("--variants", default="", help=f"comma list (default: all): {', '.join(VARIANTS)}")
+    ap.add_argument("--code-out", type=Path, default=None, help="CUDA: append inductor's code of each variant here")
+    ap.add_argument("--code-for", default="gate", help="the projection whose code --code-out gets")
     args = ap.parse_args(argv)
     device, preset = torch.device(args.device), PRESETS[args.preset]
     compile_kw = dict(dynamic=False) if device.type == "cuda" else dict(backend="eager")
@@ -123,14 +178,25 @@ def main(argv=None) -> list[dict]:
     info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__, "copy_gbps": round(gbps, 1), "preset": args.preset}
     print(json.dumps(info))
-    rows, step = [], {name: [0.0, 0.0] for name in VARIANTS}  # per variant: ms, floor ms of one step
+    names = args.variants.split(",") if args.variants else list(VARIANTS)
+    unknown = sorted(set(names) - set(VARIANTS))
+    if unknown:
+        raise SystemExit(f"--variants: unknown {unknown}; allowed: {', '.join(VARIANTS)}")
+    rows, step = [], {name: [0.0, 0.0] for name in names}  # per variant: ms, floor ms of one step
     for proj, (out_f, in_f) in preset["shapes"].items():
         parts = parts_of(out_f, in_f, device, args.block_size, args.scaler_block_size)
+        kept = kept_state(parts)
         n = out_f * in_f
         read = parts.codes.nbytes + parts.block_scales.nbytes + parts.group_factors.nbytes
-        for name, (fn, per_weight) in VARIANTS.items():
-            compiled = torch.compile(fn, **compile_kw)
-            ms = timed_ms(lambda: compiled(parts), device, args.calls, args.repeats)
+        for name in names:
+            fn, per_weight, options = VARIANTS[name]
+            compiled = torch.compile(fn, **compile_kw, **({"options": options} if options and device.type == "cuda" else {}))
+            if args.code_out is not None and proj == args.code_for and device.type == "cuda":
+                from torch._inductor.utils import run_and_get_code
+                _, code = run_and_get_code(compiled, parts, kept)
+                with args.code_out.open("a") as f:
+                    f.write(f"\n# ===== {name} ({proj} {out_f}x{in_f}) =====\n" + "\n\n".join(code))
+            ms = timed_ms(lambda: compiled(parts, kept), device, args.calls, args.repeats)
             written = n * per_weight + (out_f * 4 if per_weight == 1 else 0)
             floor = (read + written) / gbps / 1e6
             row = {"proj": proj, "out": out_f, "in": in_f, "variant": name, "ms": round(ms, 5),
@@ -138,16 +204,21 @@ def main(argv=None) -> list[dict]:
             rows.append(row)
             step[name][0] += ms * preset["layers"]
             step[name][1] += floor * preset["layers"]
-            print(f"{proj:>5} {out_f:>5}x{in_f:<5} {name:>15} {ms:9.4f} ms  floor {floor:8.4f} ms  "
+            print(f"{proj:>5} {out_f:>5}x{in_f:<5} {name:>30} {ms:9.4f} ms  floor {floor:8.4f} ms  "
                   f"x{ms / floor:6.2f}", flush=True)
-    fp8_step = [step["fp8"][i] + step["fp8_transposed"][i] for i in range(2)]
-    bf16_step = [2 * t for t in step["dequant_bf16"]]  # forward and backward rebuild alike
-    summary = {"step_dequant_bf16_ms": round(bf16_step[0], 3), "step_dequant_bf16_floor_ms": round(bf16_step[1], 3),
-               "step_fp8_ms": round(fp8_step[0], 3), "step_fp8_floor_ms": round(fp8_step[1], 3),
-               **info}
-    print(f"one step of {preset['layers']} layers, forward + backward rebuilds: dequant bf16 "
-          f"{summary['step_dequant_bf16_ms']} ms (floor {summary['step_dequant_bf16_floor_ms']}); fp8 "
-          f"{summary['step_fp8_ms']} ms (floor {summary['step_fp8_floor_ms']})")
+    # one step rebuilds each weight twice: forward (row-major) and backward (transposed for _scaled_mm)
+    summary = {f"step_{name}_ms": round(step[name][0], 3) for name in names}
+    summary.update({f"step_{name}_floor_ms": round(step[name][1], 3) for name in names})
+    summary.update(info)
+    for name in names:
+        if not name.endswith("_transposed") and name + "_transposed" in step:
+            pair = [step[name][i] + step[name + "_transposed"][i] for i in range(2)]
+            summary[f"step_fwd_bwd_{name}_ms"] = round(pair[0], 3)
+            print(f"one step of {preset['layers']} layers, forward + backward rebuilds, {name}: {pair[0]:.3f} ms "
+                  f"(floor {pair[1]:.3f})", flush=True)
+    if "dequant_bf16" in step:
+        print(f"one step, dequant bf16 forward + backward: {2 * step['dequant_bf16'][0]:.3f} ms "
+              f"(floor {2 * step['dequant_bf16'][1]:.3f})", flush=True)
     rows.append(summary)
     if args.out is not None:
         with args.out.open("a") as f:

@@ -23,13 +23,18 @@ def test_speed_rows_tiny(tmp_path):
     for timing in ("window", "late"):
         timed = tmp_path / f"{timing}.jsonl"
         speed.main(common + ["--same-process", "--rows", "peft_lora,lean_lora", "--timing", timing, "--out", str(timed),
-                             "--lean-activation-budget", "0.5"])
+                             "--lean-activation-budget", "0.5", "--lean-inductor", "combo_kernels=1"])
         peft, lean = [r for r in map(json.loads, timed.read_text().splitlines()) if "row" in r]
         assert peft["timing"] == timing and peft["step_ms"] > 0 and peft["loss"] > 0
         assert lean["activation_memory_budget"] == 0.5 and "activation_memory_budget" not in peft
+        assert "inductor combo_kernels=1" in lean["method"] and "inductor" not in peft["method"]
     import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
 
-    assert functorch_config.activation_memory_budget == 1.0  # a row's setting does not outlive it
+    # a row's settings do not outlive it
+    assert functorch_config.activation_memory_budget == 1.0 and inductor_config.combo_kernels is False
+    with pytest.raises(SystemExit, match="no bool or int setting"):
+        speed.inductor_settings("no_such_setting=1")
     rows = {r["row"]: r for f in (out, fresh) for r in map(json.loads, f.read_text().splitlines()) if "row" in r}
     assert not (fresh.parent / "row_lean_lora.jsonl").exists()  # the child's own file, gone once recorded
     assert set(rows) == {"base", "peft_lora", "lean_lora", "lean_blora", "lean_lora_fp8"}
@@ -185,7 +190,15 @@ def test_nf4_rebuild_times_each_rebuild_against_its_bytes(tmp_path):
     assert q["dequant_bf16"] - q["fp8"] == 64 * 64 - 64 * 4  # one more byte a weight, no row scales
     assert rows[-1]["step_fp8_ms"] > 0 and len(out.read_text().splitlines()) == len(rows)
     parts = nf4_rebuild.parts_of(64, 128, torch.device("cpu"), 64, 256)
-    w8, s = nf4_rebuild.rebuild_fp8(parts)
-    t8, t = nf4_rebuild.rebuild_fp8_transposed(parts)
+    kept = nf4_rebuild.kept_state(parts)
+    w8, s = nf4_rebuild.rebuild_fp8(parts, kept)
+    t8, t = nf4_rebuild.rebuild_fp8_transposed(parts, kept)
     assert torch.equal(t8.float(), w8.t().float()) and t8.shape == (128, 64) and t8.is_contiguous()
     assert torch.equal(s, t)
+    # the library's codes with its kept row scales; the table candidate makes the same codes, the
+    # factor candidate rounds once and lands within one e4m3 step of them
+    assert torch.equal(nf4_rebuild.rebuild_fp8_kept(parts, kept).view(torch.uint8), w8.view(torch.uint8))
+    assert torch.equal(nf4_rebuild.rebuild_fp8_tables(parts, kept).view(torch.uint8), w8.view(torch.uint8))
+    factor = nf4_rebuild.rebuild_fp8_factor(parts, kept).float()
+    step = torch.exp2(torch.floor(torch.log2(factor.abs().clamp(min=2.0 ** -6))) - 3)
+    assert ((factor - w8.float()).abs() <= step).all() and (factor != w8.float()).any()
