@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 import torch._functorch.config as functorch_config
+import torch._inductor.config as inductor_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -124,6 +125,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="comma list of row-name substrings: run --steps more steps of those rows under cProfile "
                          "and write the host time per Python function beside --out (<out>_<row>.prof.txt). At a "
                          "tiny batch (--batch 1 --seq 128) a GPU step is host time alone, whatever the shape's layers")
+    ap.add_argument("--lean-inductor", default="",
+                    help="leanlora rows: inductor config settings KEY=INT,... (bool or int settings) for their "
+                         "compiled code, e.g. combo_kernels=1; recorded in the row's method")
     ap.add_argument("--same-process", action="store_true",
                     help="run every row in this process (default: each in a fresh one, see isolation.py; "
                          "the tables of BENCHMARKS.md 1-1f were measured with every row in one process)")
@@ -245,6 +249,10 @@ def run_row(row: str, args, device, ids, floor_tps: float) -> dict:
             functorch_config.activation_memory_budget = args.lean_activation_budget
             result["activation_memory_budget"] = args.lean_activation_budget
             result["method"] += f", activation budget {args.lean_activation_budget:g}"
+        if method.library == "leanlora" and args.lean_inductor:
+            for key, value in inductor_settings(args.lean_inductor).items():  # an experiment's knob
+                setattr(inductor_config, key, value)
+            result["method"] += f", inductor {args.lean_inductor}"
         if method.library == "leanlora" and args.lean_liger_kernels:
             from liger_kernel.transformers import apply_liger_kernel_to_llama
 
@@ -621,6 +629,22 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def inductor_settings(text: str) -> dict:
+    """``KEY=INT,...`` (--lean-inductor) as inductor config values of each setting's own type."""
+    settings = {}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        if not hasattr(inductor_config, key) or not isinstance(getattr(inductor_config, key), (bool, int)):
+            raise SystemExit(f"--lean-inductor: {key!r} is no bool or int setting of torch._inductor.config")
+        settings[key] = type(getattr(inductor_config, key))(int(value))
+    return settings
+
+
+def _restored(settings: dict) -> dict:
+    """The current values of ``settings``' keys, for a patch that puts them back."""
+    return {key: getattr(inductor_config, key) for key in settings}
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     device = torch.device(args.device)
@@ -658,8 +682,10 @@ def main(argv=None) -> None:
             record(res, rows, out)
             continue
         try:
-            with functorch_config.patch(activation_memory_budget=functorch_config.activation_memory_budget):
-                res = run_row(row, args, device, ids, floor_tps)  # a leanlora row may lower it for itself
+            # a leanlora row may lower the budget or set inductor options for itself, never for the next row
+            with functorch_config.patch(activation_memory_budget=functorch_config.activation_memory_budget), \
+                    inductor_config.patch(_restored(inductor_settings(args.lean_inductor))):
+                res = run_row(row, args, device, ids, floor_tps)
         except Exception as err:  # one failing method must not hide the others' numbers
             import traceback
 
