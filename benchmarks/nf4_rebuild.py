@@ -187,6 +187,7 @@ def main(argv=None) -> list[dict]:
         parts = parts_of(out_f, in_f, device, args.block_size, args.scaler_block_size)
         kept = kept_state(parts)
         n = out_f * in_f
+        # the library's parts; the candidates read 1 (tables) or 3 (factor) bytes a block of 64 more
         read = parts.codes.nbytes + parts.block_scales.nbytes + parts.group_factors.nbytes
         for name in names:
             fn, per_weight, options = VARIANTS[name]
@@ -206,19 +207,18 @@ def main(argv=None) -> list[dict]:
             step[name][1] += floor * preset["layers"]
             print(f"{proj:>5} {out_f:>5}x{in_f:<5} {name:>30} {ms:9.4f} ms  floor {floor:8.4f} ms  "
                   f"x{ms / floor:6.2f}", flush=True)
-    # one step rebuilds each weight twice: forward (row-major) and backward (transposed for _scaled_mm)
-    summary = {f"step_{name}_ms": round(step[name][0], 3) for name in names}
-    summary.update({f"step_{name}_floor_ms": round(step[name][1], 3) for name in names})
-    summary.update(info)
+    # layers_*: one rebuild of every weight of a step's layers in that variant's layout; step_*: the
+    # step's two, forward (row-major) and backward (transposed, as _scaled_mm takes it; bf16 alike)
+    summary = {}
     for name in names:
-        if not name.endswith("_transposed") and name + "_transposed" in step:
-            pair = [step[name][i] + step[name + "_transposed"][i] for i in range(2)]
-            summary[f"step_fwd_bwd_{name}_ms"] = round(pair[0], 3)
-            print(f"one step of {preset['layers']} layers, forward + backward rebuilds, {name}: {pair[0]:.3f} ms "
-                  f"(floor {pair[1]:.3f})", flush=True)
-    if "dequant_bf16" in step:
-        print(f"one step, dequant bf16 forward + backward: {2 * step['dequant_bf16'][0]:.3f} ms "
-              f"(floor {2 * step['dequant_bf16'][1]:.3f})", flush=True)
+        summary[f"layers_{name}_ms"], summary[f"layers_{name}_floor_ms"] = (round(t, 3) for t in step[name])
+        pair = name + "_transposed" if name != "dequant_bf16" else name
+        if not name.endswith("_transposed") and pair in step:
+            both = [step[name][i] + step[pair][i] for i in range(2)]
+            summary[f"step_{name}_ms"], summary[f"step_{name}_floor_ms"] = (round(t, 3) for t in both)
+            print(f"one step of {preset['layers']} layers, forward + backward rebuilds, {name}: {both[0]:.3f} ms "
+                  f"(floor {both[1]:.3f})", flush=True)
+    summary.update(info)
     rows.append(summary)
     if args.out is not None:
         with args.out.open("a") as f:

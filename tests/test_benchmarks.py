@@ -188,7 +188,11 @@ def test_nf4_rebuild_times_each_rebuild_against_its_bytes(tmp_path):
     assert all(r["ms"] > 0 and r["floor_ms"] > 0 and r["bytes"] > 0 for r in timed)
     q = {r["variant"]: r["bytes"] for r in timed if r["proj"] == "q"}
     assert q["dequant_bf16"] - q["fp8"] == 64 * 64 - 64 * 4  # one more byte a weight, no row scales
-    assert rows[-1]["step_fp8_ms"] > 0 and len(out.read_text().splitlines()) == len(rows)
+    summary = rows[-1]
+    assert summary["step_fp8_ms"] == pytest.approx(summary["layers_fp8_ms"] + summary["layers_fp8_transposed_ms"],
+                                                  abs=2e-3)  # forward and backward layouts
+    assert summary["step_dequant_bf16_ms"] == pytest.approx(2 * summary["layers_dequant_bf16_ms"], abs=2e-3)
+    assert summary["step_fp8_ms"] > 0 and len(out.read_text().splitlines()) == len(rows)
     parts = nf4_rebuild.parts_of(64, 128, torch.device("cpu"), 64, 256)
     kept = nf4_rebuild.kept_state(parts)
     w8, s = nf4_rebuild.rebuild_fp8(parts, kept)
