@@ -39,8 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from leanlora.base.nf4 import _torchao_nf4  # noqa: E402
 from leanlora.base.fp8_linear import E4M3, E4M3_MAX  # noqa: E402
-from leanlora.base.nf4_linear import (NF4Parts, _block_scales, dequantize_nf4, nf4_row_scales,  # noqa: E402
-                                      nf4_to_fp8)
+from leanlora.base.nf4_linear import (NF4Parts, _block_scales, _row_scales_of, byte_pair_table,  # noqa: E402
+                                      dequantize_nf4, nf4_to_fp8)
 
 PRESETS = {  # (out, in) of the adapted projections of one decoder layer, and the layer count
     "1b": dict(shapes={"q": (2048, 2048), "k": (512, 2048), "v": (512, 2048), "o": (2048, 2048),
@@ -88,10 +88,9 @@ def rebuild_fp8_factor(parts: NF4Parts, kept: dict, transposed: bool = False):
 
 def kept_state(parts: NF4Parts) -> dict:
     """What an NF4 base with float8 GEMMs keeps, or could keep, beside a frozen weight."""
-    row_scale = nf4_row_scales(*parts[1:5], parts.shape[0], parts.scaler_group)
     scales = _block_scales(*parts[1:4], parts.codebook.dtype, parts.scaler_group)
-    cb = parts.codebook
-    pairs = torch.stack([cb.repeat_interleave(16), cb.repeat(16)], dim=-1)
+    row_scale = _row_scales_of(scales, parts.codebook, parts.shape[0])  # as the base keeps them
+    pairs = byte_pair_table(parts.codebook)
     factor = scales.float() / row_scale.repeat_interleave(scales.numel() // parts.shape[0])
     return dict(row_scale=row_scale, scales=scales, pairs=pairs, pairs32=pairs.float(), factor=factor)
 

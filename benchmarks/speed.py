@@ -138,7 +138,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "once at the end, as a training loop that logs every few steps runs them (the host "
                          "prepares the next step while the device finishes this one); late: back to back, each "
                          "loss read once the next step is issued, as leanlora train reads them")
-    return apply_preset(ap.parse_args(argv))
+    args = apply_preset(ap.parse_args(argv))
+    args.inductor_settings = inductor_settings(args.lean_inductor)  # refused before any row runs
+    return args
 
 
 def build_model(args, device):
@@ -250,7 +252,7 @@ def run_row(row: str, args, device, ids, floor_tps: float) -> dict:
             result["activation_memory_budget"] = args.lean_activation_budget
             result["method"] += f", activation budget {args.lean_activation_budget:g}"
         if method.library == "leanlora" and args.lean_inductor:
-            for key, value in inductor_settings(args.lean_inductor).items():  # an experiment's knob
+            for key, value in args.inductor_settings.items():  # an experiment's knob
                 setattr(inductor_config, key, value)
             result["method"] += f", inductor {args.lean_inductor}"
         if method.library == "leanlora" and args.lean_liger_kernels:
@@ -684,7 +686,7 @@ def main(argv=None) -> None:
         try:
             # a leanlora row may lower the budget or set inductor options for itself, never for the next row
             with functorch_config.patch(activation_memory_budget=functorch_config.activation_memory_budget), \
-                    inductor_config.patch(_restored(inductor_settings(args.lean_inductor))):
+                    inductor_config.patch(_restored(args.inductor_settings)):
                 res = run_row(row, args, device, ids, floor_tps)
         except Exception as err:  # one failing method must not hide the others' numbers
             import traceback

@@ -21,12 +21,16 @@ ALL_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "dow
 REL, SUB = 2.0 ** -4, 2.0 ** -10
 
 
+def e4m3_step(v: torch.Tensor) -> torch.Tensor:
+    """The e4m3fn grid step at each value, in float64: 2^(e-3) for |v| in [2^e, 2^(e+1)), e >= -6."""
+    return torch.exp2(torch.floor(torch.log2(v.double().abs().clamp(min=2.0 ** -6))) - 3)
+
+
 def e4m3_round(v: torch.Tensor) -> torch.Tensor:
     """Round-to-nearest-even onto the e4m3fn grid (saturating at ±448), in float64: an independent
-    reference of the cast (the grid step is 2^(e-3) for |v| in [2^e, 2^(e+1)), e >= -6)."""
+    reference of the cast."""
     v = v.double().clamp(-448, 448)
-    e = torch.floor(torch.log2(v.abs().clamp(min=2.0 ** -6)))
-    step = torch.exp2(e - 3)
+    step = e4m3_step(v)
     return torch.round(v / step) * step
 
 

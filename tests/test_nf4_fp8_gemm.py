@@ -185,4 +185,3 @@ def test_cuda_scaled_mm_path_and_inductor_compiled_layers():
     under inductor (the rebuild and the cast fused) a model gives the eager model's loss."""
     check_scaled_mm_against_fallback(_base(out_f=384, in_f=512).cuda(), torch.randn(256, 512))
     check_inductor_layers_train_like_eager(_config())
-

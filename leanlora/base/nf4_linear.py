@@ -113,6 +113,11 @@ def _row_scales_of(scales: torch.Tensor, codebook: torch.Tensor, rows: int) -> t
     return amax.clamp(min=EPS) / E4M3_MAX
 
 
+def byte_pair_table(codebook: torch.Tensor) -> torch.Tensor:
+    """(256, 2): the codebook values of a byte's high and low code, so one lookup yields both."""
+    return torch.stack([codebook.repeat_interleave(16), codebook.repeat(16)], dim=-1)
+
+
 def nf4_to_fp8(codes: torch.Tensor, block_scales: torch.Tensor, group_factors: torch.Tensor,
                scale_mean: torch.Tensor, codebook: torch.Tensor, shape: tuple[int, ...],
                block_size: int, scaler_group: int, row_scale: torch.Tensor | None = None,
@@ -128,8 +133,7 @@ def nf4_to_fp8(codes: torch.Tensor, block_scales: torch.Tensor, group_factors: t
     """
     scales = _block_scales(block_scales, group_factors, scale_mean, codebook.dtype, scaler_group)  # (blocks,)
     scale = row_scale if row_scale is not None else _row_scales_of(scales, codebook, shape[0])
-    pairs = torch.stack([codebook.repeat_interleave(16), codebook.repeat(16)], dim=-1)  # byte -> (high, low)
-    w = (pairs[codes.to(torch.long)].view(-1, block_size) * scales[:, None]).view(shape)  # codebook dtype
+    w = (byte_pair_table(codebook)[codes.to(torch.long)].view(-1, block_size) * scales[:, None]).view(shape)  # codebook dtype
     w8 = (w.float() / scale[:, None]).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
     return (w8.t().contiguous() if transposed else w8), scale
 
