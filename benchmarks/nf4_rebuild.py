@@ -13,10 +13,10 @@ On CUDA each timing replays a CUDA graph of ``--calls`` rebuilds, so launches do
 the CPU (a smoke test) the calls run one after another.
 
 Variants: ``fp8`` / ``fp8_transposed`` make everything from the parts in the call; ``fp8_kept*``
-is what the NF4 base runs (its row scales kept); two candidates keep more beside the frozen weight
-so that the weight's kernel does less: ``fp8_tables*`` the undone block scales and the pair table
-(the same codes), ``fp8_factor*`` an fp32 factor a block (one product and one rounding a weight);
-``_noassert`` compiles without inductor's bounds check on the table lookup.
+is what the NF4 base runs (an fp32 factor a block, the row scales and the pair table kept, so a
+weight costs one lookup, one product and one rounding); ``fp8_divide*`` is the arithmetic it
+replaced (the block scales undone in the call, a rounding to the weight's dtype and a division a
+weight), kept for comparison.
 
     python -u benchmarks/nf4_rebuild.py --preset 1b --out nf4_rebuild.jsonl
 """
@@ -39,8 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from leanlora.base.nf4 import _torchao_nf4  # noqa: E402
 from leanlora.base.fp8_linear import E4M3, E4M3_MAX  # noqa: E402
-from leanlora.base.nf4_linear import (NF4Parts, _block_scales, _row_scales_of, byte_pair_table,  # noqa: E402
-                                      dequantize_nf4, nf4_to_fp8)
+from leanlora.base.nf4_linear import (NF4Parts, _block_scales, byte_pair_table, dequantize_nf4,  # noqa: E402
+                                      fp8_rebuild_state, nf4_to_fp8)
 
 PRESETS = {  # (out, in) of the adapted projections of one decoder layer, and the layer count
     "1b": dict(shapes={"q": (2048, 2048), "k": (512, 2048), "v": (512, 2048), "o": (2048, 2048),
@@ -64,51 +64,35 @@ def rebuild_fp8_transposed(parts: NF4Parts, kept: dict) -> tuple[torch.Tensor, t
 
 
 def rebuild_fp8_kept(parts: NF4Parts, kept: dict, transposed: bool = False):
-    """As the NF4 base runs it: its kept row scales, the rest undone in the call."""
-    return nf4_to_fp8(*parts, row_scale=kept["row_scale"], transposed=transposed)[0]
+    """As the NF4 base runs it: its kept rebuild state (row scales, block factors, pair table)."""
+    return nf4_to_fp8(*parts, kept["rebuild"], transposed=transposed)[0]
 
 
-def rebuild_fp8_tables(parts: NF4Parts, kept: dict, transposed: bool = False):
-    """Candidate: the byte-pair table and the undone block scales (the weight's dtype, one value a
-    block) kept too, so that no weight's kernel undoes the double quantization; the same arithmetic
-    and the same codes as the library's."""
-    w = (kept["pairs"][parts.codes.to(torch.long)].view(-1, parts.block_size) * kept["scales"][:, None]).view(parts.shape)
-    w8 = (w.float() / kept["row_scale"][:, None]).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
-    return w8.t().contiguous() if transposed else w8
-
-
-def rebuild_fp8_factor(parts: NF4Parts, kept: dict, transposed: bool = False):
-    """Candidate: an fp32 factor a block (its scale over its row's) and an fp32 pair table kept: one
-    product and one rounding to e4m3 a weight, no division and no rounding to the weight's dtype in
-    between (codes within one e4m3 step of the library's; an fp32 a block more to keep)."""
-    w = (kept["pairs32"][parts.codes.to(torch.long)].view(-1, parts.block_size) * kept["factor"][:, None]).view(parts.shape)
-    w8 = w.clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+def rebuild_fp8_divide(parts: NF4Parts, kept: dict, transposed: bool = False):
+    """The rebuild before the block factors were kept: row scales kept, the block scales undone in
+    the call, each weight rounded to its dtype, then divided by its row scale."""
+    scales = _block_scales(*parts[1:4], parts.codebook.dtype, parts.scaler_group)
+    w = (byte_pair_table(parts.codebook)[parts.codes.to(torch.long)].view(-1, parts.block_size)
+         * scales[:, None]).view(parts.shape)
+    w8 = (w.float() / kept["rebuild"].row_scale[:, None]).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
     return w8.t().contiguous() if transposed else w8
 
 
 def kept_state(parts: NF4Parts) -> dict:
-    """What an NF4 base with float8 GEMMs keeps, or could keep, beside a frozen weight."""
-    scales = _block_scales(*parts[1:4], parts.codebook.dtype, parts.scaler_group)
-    row_scale = _row_scales_of(scales, parts.codebook, parts.shape[0])  # as the base keeps them
-    pairs = byte_pair_table(parts.codebook)
-    factor = scales.float() / row_scale.repeat_interleave(scales.numel() // parts.shape[0])
-    return dict(row_scale=row_scale, scales=scales, pairs=pairs, pairs32=pairs.float(), factor=factor)
+    """What an NF4 base with float8 GEMMs keeps beside a frozen weight."""
+    return dict(rebuild=fp8_rebuild_state(*parts[1:5], parts.shape[0], parts.scaler_group))
 
 
-NO_ASSERT = {"assert_indirect_indexing": False}  # inductor's bounds check on the table lookup, off
 VARIANTS = {  # name: (function, bytes written a weight, inductor options)
     "dequant_bf16": (dequant_bf16, 2, {}),
     "fp8": (rebuild_fp8, 1, {}),
     "fp8_transposed": (rebuild_fp8_transposed, 1, {}),
     "fp8_kept": (rebuild_fp8_kept, 1, {}),
     "fp8_kept_transposed": (partial(rebuild_fp8_kept, transposed=True), 1, {}),
-    "fp8_tables": (rebuild_fp8_tables, 1, {}),
-    "fp8_tables_transposed": (partial(rebuild_fp8_tables, transposed=True), 1, {}),
-    "fp8_factor": (rebuild_fp8_factor, 1, {}),
-    "fp8_factor_transposed": (partial(rebuild_fp8_factor, transposed=True), 1, {}),
-    "fp8_factor_noassert": (rebuild_fp8_factor, 1, NO_ASSERT),
-    "fp8_factor_noassert_transposed": (partial(rebuild_fp8_factor, transposed=True), 1, NO_ASSERT),
+    "fp8_divide": (rebuild_fp8_divide, 1, {}),
+    "fp8_divide_transposed": (partial(rebuild_fp8_divide, transposed=True), 1, {}),
 }
+
 
 
 def timed_ms(call: Callable[[], object], device: torch.device, calls: int, repeats: int) -> float:
@@ -186,7 +170,7 @@ def main(argv=None) -> list[dict]:
         parts = parts_of(out_f, in_f, device, args.block_size, args.scaler_block_size)
         kept = kept_state(parts)
         n = out_f * in_f
-        # the library's parts; the candidates read 1 (tables) or 3 (factor) bytes a block of 64 more
+        # the 4-bit parts; the kept variants read an fp32 factor a block of 64 instead of its int8 scale
         read = parts.codes.nbytes + parts.block_scales.nbytes + parts.group_factors.nbytes
         for name in names:
             fn, per_weight, options = VARIANTS[name]

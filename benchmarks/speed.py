@@ -672,7 +672,8 @@ def main(argv=None) -> None:
     out = Path(args.out) if args.out else None
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"info": info}) + "\n")
+        with out.open("a") as f:  # appended: several invocations may share one file
+            f.write(json.dumps({"info": info}) + "\n")
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g).to(device)
     rows = []

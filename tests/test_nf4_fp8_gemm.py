@@ -1,5 +1,6 @@
-"""``nf4.gemm: fp8``: a 4-bit base whose GEMMs run in float8. The rebuilt W0 must take exactly the
-FP8 base's codes and scales, the result must match a float64 reference of that quantization, and
+"""``nf4.gemm: fp8``: a 4-bit base whose GEMMs run in float8. The rebuilt W0's codes must be the NF4
+values rounded once to e4m3 (a float64 reference) with the FP8 base's row scales, the result must
+match a float64 reference of that quantization, and
 every path a 4-bit base has (inject, train, save, load, merge, compile, deepcopy, the run config)
 must carry the setting."""
 
@@ -14,10 +15,10 @@ import torch
 import leanlora
 from leanlora.base.fp8_linear import linear_fp8, quantize_weight
 from leanlora.base.nf4 import NF4Base
-from leanlora.base.nf4_linear import dequantize_nf4, nf4_to_fp8
+from leanlora.base.nf4_linear import _block_scales, dequantize_nf4, fp8_rebuild_state, nf4_row_scales, nf4_to_fp8
 from conftest import randomize_adapters, tiny_llama, token_batch
 from test_fp8_base import (FP8_GPU, REL, SUB, check_fullgraph_equals_eager, check_inductor_layers_train_like_eager,
-                           check_scaled_mm_against_fallback, reference_quant)
+                           check_scaled_mm_against_fallback, e4m3_round, e4m3_step, reference_quant)
 
 pytest.importorskip("torchao")
 
@@ -36,43 +37,71 @@ def _config(**kw):
     return leanlora.AdapterConfig(r=4, alpha=8, base="nf4", nf4=leanlora.NF4Config(block_size=32, gemm="fp8"), **kw)
 
 
+def _float64_codes(parts):
+    """(the NF4 values over the row scale, in float64; their e4m3 rounding): the reference of the rebuild."""
+    cb = parts.codebook.double()
+    codes = parts.codes.long()
+    values = torch.stack([cb[codes >> 4], cb[codes & 0b1111]], -1).view(-1, parts.block_size)
+    scales = _block_scales(*parts[1:4], parts.codebook.dtype, parts.scaler_group).double()  # s_j as torchao holds it
+    row_scale = nf4_row_scales(*parts[1:5], parts.shape[0], parts.scaler_group).double()
+    exact = ((values * scales[:, None]).view(parts.shape) / row_scale[:, None]).clamp(-448, 448)
+    return exact, e4m3_round(exact)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(48, 128), (256, 64), (16, 512)])
-def test_the_direct_cast_equals_the_fp8_base_cast_of_the_rebuilt_weight(dtype, shape):
-    """One table lookup per byte and row maxima from the block scales give exactly the codes and
-    scales that quantizing the rebuilt weight gives (the row maximum is always a block scale)."""
+def test_the_float8_codes_are_the_nf4_values_rounded_once(dtype, shape):
+    """Each e4m3 code is the NF4 value (codebook entry times block scale) over the row scale rounded
+    to nearest-even, against a float64 reference; fp32's own rounding can move a value only across
+    an exact tie. The row scales are the FP8 base's of the dequantized weight (its row maximum is
+    always a block scale), and the codes stay within one e4m3 step of that base's codes, which round
+    the weight to its dtype first."""
     for seed in range(3):
         parts = _base(*shape, dtype=dtype, seed=seed).__dict__["_parts"]
         codes, scale = nf4_to_fp8(*parts)
-        ref_codes, ref_scale = quantize_weight(dequantize_nf4(*parts))
-        assert codes.dtype == ref_codes.dtype and torch.equal(scale, ref_scale)
-        assert torch.equal(codes.view(torch.uint8), ref_codes.view(torch.uint8))
+        exact, ref = _float64_codes(parts)
+        got = codes.double()
+        off = got != ref
+        assert (exact[off] - (got[off] + ref[off]) / 2).abs().le(2.0 ** -20 * exact[off].abs()).all()
+        base_codes, base_scale = quantize_weight(dequantize_nf4(*parts))
+        assert codes.dtype == base_codes.dtype and torch.equal(scale, base_scale)
+        assert ((base_codes.double() - got).abs() <= e4m3_step(got) + 1e-12).all()
 
 
-def test_the_backward_layout_and_the_kept_row_scales():
-    """The transposed rebuild is the same codes laid out (in, out); the base keeps the row scales
-    its rebuilds divide by, and makes them anew whenever its weight changes."""
+def _same_state(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def test_the_backward_layout_and_the_kept_rebuild_state():
+    """The transposed rebuild is the same codes laid out (in, out); the base keeps the row scales,
+    block factors and pair table its rebuilds use, makes them anew whenever its weight changes and
+    counts them in its bytes."""
     base = _base(out_f=96, in_f=192, dtype=torch.bfloat16, seed=3)
     parts = base.__dict__["_parts"]
+    state = fp8_rebuild_state(*parts[1:5], 96, parts.scaler_group)
     codes, scale = nf4_to_fp8(*parts)
-    codes_t, scale_t = nf4_to_fp8(*parts, row_scale=scale, transposed=True)
-    assert codes_t.shape == (192, 96) and codes_t.is_contiguous() and scale_t is scale
+    codes_t, scale_t = nf4_to_fp8(*parts, state, transposed=True)
+    assert codes_t.shape == (192, 96) and codes_t.is_contiguous() and scale_t is state.row_scale
     assert torch.equal(codes_t.view(torch.uint8), codes.t().contiguous().view(torch.uint8))
-    assert torch.equal(base.__dict__["_row_scale"], scale)
+    assert _same_state(base.__dict__["_rebuild"], state) and torch.equal(state.row_scale, scale)
+    assert state.block_factor.shape == (96 * 192 // 64,) and state.pairs.shape == (256, 2)
+    assert base.nbytes() == _base(out_f=96, in_f=192, dtype=torch.bfloat16, seed=3, gemm="dequant").nbytes() \
+        + sum(t.nbytes for t in state)
     base.add_delta_(torch.full((96, 192), 0.01))
-    assert torch.equal(base.__dict__["_row_scale"], nf4_to_fp8(*base.__dict__["_parts"])[1])
-    assert torch.equal(copy.deepcopy(base).__dict__["_row_scale"], base.__dict__["_row_scale"])
+    parts = base.__dict__["_parts"]
+    assert _same_state(base.__dict__["_rebuild"], fp8_rebuild_state(*parts[1:5], 96, parts.scaler_group))
+    assert _same_state(copy.deepcopy(base).__dict__["_rebuild"], base.__dict__["_rebuild"])
     base.as_parameter()                              # FSDP2: each call uses the gathered weight's own
-    assert base.__dict__["_row_scale"] is None
-    assert _base(gemm="dequant").__dict__["_row_scale"] is None
+    assert base.__dict__["_rebuild"] is None
+    assert _base(gemm="dequant").__dict__["_rebuild"] is None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_values_and_input_gradient_are_the_fp8_base_of_the_rebuilt_weight(dtype):
-    """Bit for bit: the 4-bit parts rebuilt, then cast as an FP8 base casts its weight."""
+def test_values_and_input_gradient_are_the_fp8_gemms_of_the_rebuilt_codes(dtype):
+    """Bit for bit: the FP8 GEMMs of the codes and scales the rebuild makes."""
     base = _base(dtype=dtype)
     parts = base.__dict__["_parts"]
-    codes, scale = quantize_weight(dequantize_nf4(*parts))
+    codes, scale = nf4_to_fp8(*parts)
     x = (torch.randn(3, 5, 128) * torch.logspace(-2, 1, 5)[:, None]).to(dtype).requires_grad_()
     grad_y = torch.randn(3, 5, 48).to(dtype)
     y = base(x)
@@ -116,7 +145,7 @@ def test_deepcopy_moves_and_a_new_weight_keep_the_setting():
     twin = copy.deepcopy(base)
     assert twin.gemm == "fp8" and torch.equal(twin(x), base(x))
     base.add_delta_(torch.full((48, 128), 0.01))                      # merge's path: requantized to 4 bits
-    codes, scale = quantize_weight(dequantize_nf4(*base.__dict__["_parts"]))
+    codes, scale = nf4_to_fp8(*base.__dict__["_parts"])
     assert torch.equal(base(x), linear_fp8(x, codes, scale, fast=False))
     base.to("meta")
     assert base.gemm == "fp8" and not base.fast

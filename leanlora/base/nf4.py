@@ -31,7 +31,7 @@ from torch import nn
 from leanlora.base.dense import QuantizedBase
 from leanlora.base.fp8 import check_fp8_shape
 from leanlora.base.fp8_linear import fp8_gemm_available
-from leanlora.base.nf4_linear import NF4Parts, linear_nf4_fp8, linear_nf4_parts, nf4_row_scales
+from leanlora.base.nf4_linear import NF4Parts, fp8_rebuild_state, linear_nf4_fp8, linear_nf4_parts
 from leanlora.config import ConfigError, NF4Config
 
 __all__ = ["NF4Base", "check_nf4_shape", "nf4_codebook", "quantize_bases"]
@@ -102,10 +102,10 @@ class NF4Base(QuantizedBase):
     def _linear(self, x: torch.Tensor) -> torch.Tensor:
         # Neither path builds a weight gradient: the backward is grad_y @ W0 alone.
         parts = self.__dict__.get("_parts")
-        if self.gemm == "fp8":  # under FSDP2 the parts (and row scales) of the gathered weight, each call
+        if self.gemm == "fp8":  # under FSDP2 the parts (and rebuild state) of the gathered weight, each call
             if parts is None:
                 return linear_nf4_fp8(x, NF4Parts.of(self.weight), self.fast)
-            return linear_nf4_fp8(x, parts, self.fast, self.__dict__["_row_scale"])
+            return linear_nf4_fp8(x, parts, self.fast, self.__dict__["_rebuild"])
         if parts is not None:  # the NF4 tensor's plain parts: no subclass at a compiled region's edge
             return linear_nf4_parts(x, parts)
         _, linear_nf4 = _torchao_nf4()  # registered as a parameter (FSDP2 shards it): torchao's own linear
@@ -126,8 +126,10 @@ class NF4Base(QuantizedBase):
         self._set_weight(snapshot)
 
     def nbytes(self) -> int:
-        """Codes + int8 block scales + float group factors + mean + codebook, in bytes."""
-        return sum(t.nbytes for t in NF4Parts.of(self.weight)[:5])  # the five tensors
+        """Codes + int8 block scales + float group factors + mean + codebook, in bytes, and with float8
+        GEMMs the rebuild state kept beside them (an fp32 factor a block, one scale a row)."""
+        kept = self.__dict__.get("_rebuild")
+        return sum(t.nbytes for t in NF4Parts.of(self.weight)[:5]) + sum(t.nbytes for t in kept or ())
 
     def __deepcopy__(self, memo: dict) -> "NF4Base":
         # torchao's NF4Tensor deep-copies by quantizing again with its default scaler block size,
@@ -138,7 +140,7 @@ class NF4Base(QuantizedBase):
                                                    w.size(), w.stride())
         new = object.__new__(type(self))
         memo[id(self)] = new
-        new.__dict__.update(copy.deepcopy({k: v for k, v in self.__dict__.items() if k not in ("_parts", "_row_scale")},
+        new.__dict__.update(copy.deepcopy({k: v for k, v in self.__dict__.items() if k not in ("_parts", "_rebuild")},
                                           memo))
         new._set_weight(new.weight)  # parts that are views of the copy's own tensors
         return new
@@ -157,20 +159,21 @@ class NF4Base(QuantizedBase):
         # FSDP2 (leanlora.distributed) registers the NF4 tensor as a frozen parameter; keep it one.
         if "weight" in self._parameters:
             self._parameters["weight"] = nn.Parameter(w, requires_grad=False)
-            self.__dict__["_parts"] = self.__dict__["_row_scale"] = None
+            self.__dict__["_parts"] = self.__dict__["_rebuild"] = None
         else:
             self.weight = w
             # views of w's inner tensors, held beside it so that the forward never reaches them
             # through the subclass (a plain attribute: not state_dict, not moved by nn.Module)
             parts = self.__dict__["_parts"] = NF4Parts.of(w)
-            # the float8 GEMMs' row scales, one fp32 a row: the weight is frozen, so once, not per step
-            self.__dict__["_row_scale"] = (nf4_row_scales(*parts[1:5], parts.shape[0], parts.scaler_group)
-                                           if self.gemm == "fp8" else None)
+            # the float8 rebuild's row scales, block factors and pair table (one fp32 a row, one a
+            # block, 512): the weight is frozen, so made once, not in every step
+            self.__dict__["_rebuild"] = (fp8_rebuild_state(*parts[1:5], parts.shape[0], parts.scaler_group)
+                                         if self.gemm == "fp8" else None)
 
     def as_parameter(self) -> None:
         """Register the NF4 tensor as a frozen parameter (what FSDP2 shards); its parts are dropped."""
         w = self.__dict__.pop("weight")
-        self.__dict__["_parts"] = self.__dict__["_row_scale"] = None
+        self.__dict__["_parts"] = self.__dict__["_rebuild"] = None
         self.register_parameter("weight", nn.Parameter(w, requires_grad=False))
 
     def extra_repr(self) -> str:

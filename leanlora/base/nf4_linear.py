@@ -13,10 +13,10 @@ the frozen linear is here. Equations (QLoRA's double quantization, torchao's lay
     s_j   = q_j / f_{j // g} + mean                  block scales (int8 q, group factor f, g blocks a group)
     W[i]  = codebook[code_i] · s_{i // block_size}   codes two per byte: high nibble first
 
-With ``nf4.gemm: fp8`` the rebuilt W0 is cast once more, to float8 e4m3 with one scale per output
+With ``nf4.gemm: fp8`` the 4-bit codes are turned into float8 e4m3 codes with one scale per output
 row (the FP8 base's weight format, :mod:`leanlora.base.fp8_linear`), and both GEMMs run in float8:
-storage stays 4-bit, the arithmetic is the FP8 base's. Inside a compiled region the rebuild, the
-row maximum and the cast fuse into the kernels that read the 4-bit parts; no bf16 W0 is written.
+storage stays 4-bit, the arithmetic is the FP8 base's. Inside a compiled region the lookup, the
+product and the cast fuse into the kernel that reads the 4-bit codes; no bf16 W0 is written.
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def nf4_row_scales(block_scales: torch.Tensor, group_factors: torch.Tensor, scal
     A row's largest |W0| is its largest block scale: every block holds a code of ±1 (its absmax
     element, which NF4 maps to the codebook's ends) and no code exceeds 1 in size, so the row
     maximum needs no pass over the weight. For a weight that torchao quantized this is the same
-    maximum, so the codes and scales equal ``quantize_weight``'s (tested).
+    maximum, so the scales equal ``quantize_weight``'s (tested).
     """
     scales = _block_scales(block_scales, group_factors, scale_mean, codebook.dtype, scaler_group)  # (blocks,)
     return _row_scales_of(scales, codebook, rows)
@@ -118,53 +118,78 @@ def byte_pair_table(codebook: torch.Tensor) -> torch.Tensor:
     return torch.stack([codebook.repeat_interleave(16), codebook.repeat(16)], dim=-1)
 
 
+class FP8Rebuild(NamedTuple):
+    """What turning an NF4 weight's codes into float8 codes takes besides the codes themselves;
+    fixed while the weight is, so a base whose parts are plain keeps it (:func:`fp8_rebuild_state`)."""
+
+    row_scale: torch.Tensor     # (out,) fp32: the row's largest |W0| over 448, the GEMM's weight scale
+    block_factor: torch.Tensor  # (blocks,) fp32: s_j over its row's scale
+    pairs: torch.Tensor         # (256, 2) fp32: the codebook values of a byte's high and low code
+
+
+def fp8_rebuild_state(block_scales: torch.Tensor, group_factors: torch.Tensor, scale_mean: torch.Tensor,
+                      codebook: torch.Tensor, rows: int, scaler_group: int) -> FP8Rebuild:
+    """:class:`FP8Rebuild` of an NF4 weight from its parts (blocks, rows and 256 values: no pass over
+    the weight)."""
+    scales = _block_scales(block_scales, group_factors, scale_mean, codebook.dtype, scaler_group)  # (blocks,)
+    row_scale = _row_scales_of(scales, codebook, rows)
+    factor = (scales.float().view(rows, -1) / row_scale[:, None]).flatten()
+    return FP8Rebuild(row_scale, factor, byte_pair_table(codebook.float()))
+
+
 def nf4_to_fp8(codes: torch.Tensor, block_scales: torch.Tensor, group_factors: torch.Tensor,
                scale_mean: torch.Tensor, codebook: torch.Tensor, shape: tuple[int, ...],
-               block_size: int, scaler_group: int, row_scale: torch.Tensor | None = None,
+               block_size: int, scaler_group: int, rebuild: FP8Rebuild | None = None,
                transposed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """``quantize_weight(dequantize_nf4(...))``: e4m3 codes (out, in), or (in, out) when ``transposed``
-    (both contiguous), and fp32 row scales (out,), for ``nf4.gemm: fp8``. ``row_scale``: the scales
-    already computed (:func:`nf4_row_scales`; a frozen weight's never change).
+    """The NF4 weight as e4m3 codes (out, in), or (in, out) when ``transposed`` (both contiguous),
+    and its fp32 row scales (out,), for ``nf4.gemm: fp8``. ``rebuild``: the weight's
+    :func:`fp8_rebuild_state`, where the caller keeps it.
 
-    Fewer, simpler passes than dequantizing and quantizing again: each byte holds two codes, so one
-    lookup in a 256-entry table of code pairs yields both values already in place, with no
-    interleave of high and low halves. Compiled, the lookup, the products and the cast fuse into
-    one kernel per layout.
+    code = e4m3(codebook[c] · (s_j / row scale)): one fp32 product and one rounding to e4m3 a
+    weight. Each byte holds two codes, so one lookup in a 256-entry table of code pairs yields both
+    values in place. The float8 code is the one nearest the NF4 value that the block scale and the
+    codebook define (a float64 reference agrees but at exact ties); it is not rounded to the weight's
+    dtype first, as ``dequantize_nf4`` would, which is a second rounding, a division a weight and
+    costs the GPU more than the bytes it moves. Compiled, the lookup, the product and the cast fuse
+    into one kernel per layout.
     """
-    scales = _block_scales(block_scales, group_factors, scale_mean, codebook.dtype, scaler_group)  # (blocks,)
-    scale = row_scale if row_scale is not None else _row_scales_of(scales, codebook, shape[0])
-    w = (byte_pair_table(codebook)[codes.to(torch.long)].view(-1, block_size) * scales[:, None]).view(shape)  # codebook dtype
-    w8 = (w.float() / scale[:, None]).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
-    return (w8.t().contiguous() if transposed else w8), scale
+    state = rebuild if rebuild is not None else fp8_rebuild_state(block_scales, group_factors, scale_mean, codebook,
+                                                                    shape[0], scaler_group)
+    w = (state.pairs[codes.to(torch.long)].view(-1, block_size) * state.block_factor[:, None]).view(shape)  # fp32
+    w8 = w.clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+    return (w8.t().contiguous() if transposed else w8), state.row_scale
 
 
 class _FrozenNF4FP8Linear(torch.autograd.Function):
     """y = x W0^T with W0 rebuilt from its 4-bit parts as float8 codes and row scales, forward and
     backward alike (:func:`~leanlora.base.fp8_linear.fp8_forward`, ``fp8_input_grad``); the backward
-    rebuilds the codes transposed, as ``torch._scaled_mm`` takes them. Saves the parts and the row
-    scales only, never a rebuilt weight."""
+    rebuilds the codes transposed, as ``torch._scaled_mm`` takes them. Saves the 4-bit codes and the
+    rebuild's per-block and per-row state only, never a rebuilt weight."""
 
     @staticmethod
-    def forward(ctx, x, codes, block_scales, group_factors, scale_mean, codebook, row_scale, sizes, fast):
-        w8, scale = nf4_to_fp8(codes, block_scales, group_factors, scale_mean, codebook, *sizes, row_scale)
-        ctx.save_for_backward(codes, block_scales, group_factors, scale_mean, codebook, scale)
+    def forward(ctx, x, codes, block_scales, group_factors, scale_mean, codebook, rebuild, sizes, fast):
+        if rebuild is None:
+            rebuild = fp8_rebuild_state(block_scales, group_factors, scale_mean, codebook, sizes[0][0], sizes[2])
+        w8, scale = nf4_to_fp8(codes, block_scales, group_factors, scale_mean, codebook, *sizes, rebuild)
+        ctx.save_for_backward(codes, *rebuild)
         ctx.sizes, ctx.fast, ctx.x_dtype = sizes, fast, x.dtype
         return fp8_forward(x, w8, scale, fast)
 
     @staticmethod
     def backward(ctx, grad_y):
-        *parts, scale = ctx.saved_tensors
-        w8, _ = nf4_to_fp8(*parts, *ctx.sizes, scale, transposed=ctx.fast)
+        codes, *state = ctx.saved_tensors
+        rebuild = FP8Rebuild(*state)
+        w8, _ = nf4_to_fp8(codes, None, None, None, None, *ctx.sizes, rebuild, transposed=ctx.fast)
         if ctx.fast:  # (in, out) contiguous: the column-major operand _scaled_mm wants, as it is
-            dx = fp8_input_grad(grad_y, w8.t(), scale, True, ctx.x_dtype, codes_t=w8)
+            dx = fp8_input_grad(grad_y, w8.t(), rebuild.row_scale, True, ctx.x_dtype, codes_t=w8)
         else:
-            dx = fp8_input_grad(grad_y, w8, scale, False, ctx.x_dtype)
+            dx = fp8_input_grad(grad_y, w8, rebuild.row_scale, False, ctx.x_dtype)
         return (dx,) + (None,) * 8
 
 
-def linear_nf4_fp8(x: torch.Tensor, parts: NF4Parts, fast: bool, row_scale: torch.Tensor | None = None) -> torch.Tensor:
+def linear_nf4_fp8(x: torch.Tensor, parts: NF4Parts, fast: bool, rebuild: FP8Rebuild | None = None) -> torch.Tensor:
     """``x W0^T`` (no bias) in ``x``'s dtype with float8 GEMMs; ``fast``: ``torch._scaled_mm``
     (:func:`~leanlora.base.fp8_linear.fp8_gemm_available`), else the same codes multiplied in fp32.
-    ``row_scale``: :func:`nf4_row_scales` of ``parts``, where the caller keeps them."""
-    return _FrozenNF4FP8Linear.apply(x, *parts[:5], row_scale, (parts.shape, parts.block_size, parts.scaler_group),
+    ``rebuild``: :func:`fp8_rebuild_state` of ``parts``, where the caller keeps it."""
+    return _FrozenNF4FP8Linear.apply(x, *parts[:5], rebuild, (parts.shape, parts.block_size, parts.scaler_group),
                                      fast)
