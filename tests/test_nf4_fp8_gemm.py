@@ -15,7 +15,7 @@ import torch
 import leanlora
 from leanlora.base.fp8_linear import linear_fp8, quantize_weight
 from leanlora.base.nf4 import NF4Base
-from leanlora.base.nf4_linear import _block_scales, dequantize_nf4, fp8_rebuild_state, nf4_row_scales, nf4_to_fp8
+from leanlora.base.nf4_linear import _block_scales, dequantize_nf4, fp8_rebuild_state, nf4_to_fp8
 from conftest import randomize_adapters, tiny_llama, token_batch
 from test_fp8_base import (FP8_GPU, REL, SUB, check_fullgraph_equals_eager, check_inductor_layers_train_like_eager,
                            check_scaled_mm_against_fallback, e4m3_round, e4m3_step, reference_quant)
@@ -43,7 +43,7 @@ def _float64_codes(parts):
     codes = parts.codes.long()
     values = torch.stack([cb[codes >> 4], cb[codes & 0b1111]], -1).view(-1, parts.block_size)
     scales = _block_scales(*parts[1:4], parts.codebook.dtype, parts.scaler_group).double()  # s_j as torchao holds it
-    row_scale = nf4_row_scales(*parts[1:5], parts.shape[0], parts.scaler_group).double()
+    row_scale = fp8_rebuild_state(*parts[1:5], parts.shape[0], parts.scaler_group).row_scale.double()
     exact = ((values * scales[:, None]).view(parts.shape) / row_scale[:, None]).clamp(-448, 448)
     return exact, e4m3_round(exact)
 

@@ -94,25 +94,6 @@ def linear_nf4_parts(x: torch.Tensor, parts: NF4Parts) -> torch.Tensor:
     return _FrozenNF4Linear.apply(x, *parts[:5], (parts.shape, parts.block_size, parts.scaler_group))
 
 
-def nf4_row_scales(block_scales: torch.Tensor, group_factors: torch.Tensor, scale_mean: torch.Tensor,
-                   codebook: torch.Tensor, rows: int, scaler_group: int) -> torch.Tensor:
-    """The FP8 base's row scales (``rows``,) fp32 of an NF4 weight: its row maximum over 448.
-
-    A row's largest |W0| is its largest block scale: every block holds a code of ±1 (its absmax
-    element, which NF4 maps to the codebook's ends) and no code exceeds 1 in size, so the row
-    maximum needs no pass over the weight. For a weight that torchao quantized this is the same
-    maximum, so the scales equal ``quantize_weight``'s (tested).
-    """
-    scales = _block_scales(block_scales, group_factors, scale_mean, codebook.dtype, scaler_group)  # (blocks,)
-    return _row_scales_of(scales, codebook, rows)
-
-
-def _row_scales_of(scales: torch.Tensor, codebook: torch.Tensor, rows: int) -> torch.Tensor:
-    """:func:`nf4_row_scales` from the block scales s_j already undone."""
-    amax = scales.view(rows, -1).abs().amax(dim=1).float() * codebook.abs().amax().float()
-    return amax.clamp(min=EPS) / E4M3_MAX
-
-
 def byte_pair_table(codebook: torch.Tensor) -> torch.Tensor:
     """(256, 2): the codebook values of a byte's high and low code, so one lookup yields both."""
     return torch.stack([codebook.repeat_interleave(16), codebook.repeat(16)], dim=-1)
@@ -130,9 +111,16 @@ class FP8Rebuild(NamedTuple):
 def fp8_rebuild_state(block_scales: torch.Tensor, group_factors: torch.Tensor, scale_mean: torch.Tensor,
                       codebook: torch.Tensor, rows: int, scaler_group: int) -> FP8Rebuild:
     """:class:`FP8Rebuild` of an NF4 weight from its parts (blocks, rows and 256 values: no pass over
-    the weight)."""
+    the weight).
+
+    The row scale is the FP8 base's: the row maximum over 448. A row's largest |W0| is its largest
+    block scale: every block holds a code of ±1 (its absmax element, which NF4 maps to the
+    codebook's ends) and no code exceeds 1 in size. For a weight that torchao quantized this is the
+    same maximum, so the scales equal ``quantize_weight``'s of the dequantized weight (tested).
+    """
     scales = _block_scales(block_scales, group_factors, scale_mean, codebook.dtype, scaler_group)  # (blocks,)
-    row_scale = _row_scales_of(scales, codebook, rows)
+    amax = scales.view(rows, -1).abs().amax(dim=1).float() * codebook.abs().amax().float()
+    row_scale = amax.clamp(min=EPS) / E4M3_MAX
     factor = (scales.float().view(rows, -1) / row_scale[:, None]).flatten()
     return FP8Rebuild(row_scale, factor, byte_pair_table(codebook.float()))
 
