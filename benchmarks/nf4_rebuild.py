@@ -16,7 +16,8 @@ Variants: ``fp8`` / ``fp8_transposed`` make everything from the parts in the cal
 is what the NF4 base runs (an fp32 factor a block, the row scales and the pair table kept, so a
 weight costs one lookup, one product and one rounding); ``fp8_divide*`` is the arithmetic it
 replaced (the block scales undone in the call, a rounding to the weight's dtype and a division a
-weight), kept for comparison.
+weight), kept for comparison; ``fp8_packed`` (candidate, forward layout) stores a byte's two codes
+as one int16.
 
     python -u benchmarks/nf4_rebuild.py --preset 1b --out nf4_rebuild.jsonl
 """
@@ -78,6 +79,17 @@ def rebuild_fp8_divide(parts: NF4Parts, kept: dict, transposed: bool = False):
     return w8.t().contiguous() if transposed else w8
 
 
+def rebuild_fp8_packed(parts: NF4Parts, kept: dict):
+    """Candidate for the forward layout: the library's arithmetic, but a byte's two e4m3 codes are
+    packed into one int16 and stored together, so the kernel runs one element a 4-bit byte instead
+    of one a weight (the same codes; the backward layout cannot pair them, its neighbours come from
+    different bytes)."""
+    st = kept["rebuild"]
+    w = st.pairs[parts.codes.to(torch.long)].view(-1, parts.block_size // 2, 2) * st.block_factor[:, None, None]
+    b = w.clamp(-E4M3_MAX, E4M3_MAX).to(E4M3).view(torch.uint8).to(torch.int16)
+    return (b[..., 0] | (b[..., 1] << 8)).view(parts.shape[0], -1).view(E4M3)  # little-endian: high code first
+
+
 def kept_state(parts: NF4Parts) -> dict:
     """What an NF4 base with float8 GEMMs keeps beside a frozen weight."""
     return dict(rebuild=fp8_rebuild_state(*parts[1:5], parts.shape[0], parts.scaler_group))
@@ -89,6 +101,7 @@ VARIANTS = {  # name: (function, bytes written a weight, inductor options)
     "fp8_transposed": (rebuild_fp8_transposed, 1, {}),
     "fp8_kept": (rebuild_fp8_kept, 1, {}),
     "fp8_kept_transposed": (partial(rebuild_fp8_kept, transposed=True), 1, {}),
+    "fp8_packed": (rebuild_fp8_packed, 1, {}),
     "fp8_divide": (rebuild_fp8_divide, 1, {}),
     "fp8_divide_transposed": (partial(rebuild_fp8_divide, transposed=True), 1, {}),
 }

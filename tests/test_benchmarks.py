@@ -202,6 +202,8 @@ def test_nf4_rebuild_times_each_rebuild_against_its_bytes(tmp_path):
     # the library's codes with its kept state; the arithmetic it replaced (a rounding to the weight's
     # dtype, then a division) lands within one e4m3 step of them
     assert torch.equal(nf4_rebuild.rebuild_fp8_kept(parts, kept).view(torch.uint8), w8.view(torch.uint8))
+    packed = nf4_rebuild.rebuild_fp8_packed(parts, kept)
+    assert packed.dtype == w8.dtype and torch.equal(packed.view(torch.uint8), w8.view(torch.uint8))
     from test_fp8_base import e4m3_step
 
     divided = nf4_rebuild.rebuild_fp8_divide(parts, kept).float()
