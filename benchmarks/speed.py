@@ -25,6 +25,7 @@ row's speed over ``peft_lora_bf16@compiled`` and its step time over the floor's.
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
 import gc
 import json
@@ -560,11 +561,31 @@ def profile_step(step, i: int, top: int = 12) -> list[dict]:
         ms_count[1] += c
     by_time = sorted(kernels, key=lambda r: -r[1])[:top]
     by_count = sorted(kernels, key=lambda r: -r[2])[:top]
+    launched = kernel_launchers(prof.events(), {k for k, _, _ in by_count})
     return ([{"launches": launches, "kernels": len(kernels),
               "kernel_ms": sum(t for _, t, _ in kernels) / 1e3}] + phases
             + [{"kind": k, "cuda_ms": ms, "count": c} for k, (ms, c) in sorted(by_kind.items(), key=lambda r: -r[1][0])]
             + [{"name": k[:120], "cuda_ms": t / 1e3, "count": c, "by": "time"} for k, t, c in by_time]
-            + [{"name": k[:120], "cuda_ms": t / 1e3, "count": c, "by": "count"} for k, t, c in by_count])
+            + [{"name": k[:120], "cuda_ms": t / 1e3, "count": c, "by": "count"} for k, t, c in by_count]
+            + [{"name": k[:120], "launched_by": chain, "count": c} for (k, chain), c in launched.most_common(top)])
+
+
+def kernel_launchers(events, names: set[str], depth: int = 4) -> collections.Counter:
+    """(kernel name, the ops that launched it, innermost first) -> count, for the kernels in
+    ``names``: where a step's many small kernels (memsets, copies, split-K reductions) come from.
+    Only a step that is not one CUDA graph says: a replayed graph's kernels all come from its launch."""
+    counts = collections.Counter()
+    for event in events:
+        for kernel in getattr(event, "kernels", ()):
+            if kernel.name not in names:
+                continue
+            chain, op = [], event
+            while op is not None and len(chain) < depth:
+                if not op.name.startswith(("cuda", "cu")):  # the runtime call itself says nothing
+                    chain.append(op.name[:80])
+                op = op.cpu_parent
+            counts[(kernel.name, " < ".join(chain))] += 1
+    return counts
 
 
 def cprofile_steps(step, first: int, steps: int, out: str | None, row: str) -> dict:

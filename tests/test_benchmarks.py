@@ -208,3 +208,19 @@ def test_nf4_rebuild_times_each_rebuild_against_its_bytes(tmp_path):
 
     divided = nf4_rebuild.rebuild_fp8_divide(parts, kept).float()
     assert ((divided - w8.float()).abs() <= e4m3_step(w8.float())).all()
+
+
+def test_kernel_launchers_names_the_ops_above_each_kernel():
+    from types import SimpleNamespace as E
+
+    import speed
+
+    backward = E(name="CompiledFunctionBackward", cpu_parent=None, kernels=())
+    zeros = E(name="aten::zeros", cpu_parent=backward, kernels=())
+    zero_ = E(name="aten::zero_", cpu_parent=zeros, kernels=())
+    memset = E(name="cudaMemsetAsync", cpu_parent=zero_, kernels=[E(name="Memset (Device)")] * 3)
+    gemm = E(name="aten::mm", cpu_parent=backward, kernels=[E(name="nvjet_gemm"), E(name="splitKreduce")])
+    got = speed.kernel_launchers([backward, zeros, zero_, memset, gemm], {"Memset (Device)", "splitKreduce"})
+    assert got == {("Memset (Device)", "aten::zero_ < aten::zeros < CompiledFunctionBackward"): 3,
+                   ("splitKreduce", "aten::mm < CompiledFunctionBackward"): 1}
+    assert speed.kernel_launchers([memset], {"Memset (Device)"}, depth=1) == {("Memset (Device)", "aten::zero_"): 3}
