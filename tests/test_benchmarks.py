@@ -224,3 +224,22 @@ def test_kernel_launchers_names_the_ops_above_each_kernel():
     assert got == {("Memset (Device)", "aten::zero_ < aten::zeros < CompiledFunctionBackward"): 3,
                    ("splitKreduce", "aten::mm < CompiledFunctionBackward"): 1}
     assert speed.kernel_launchers([memset], {"Memset (Device)"}, depth=1) == {("Memset (Device)", "aten::zero_"): 3}
+
+
+def test_seed_noise_counts_the_disjoint_triples_whose_median_misses(tmp_path):
+    import seed_noise
+
+    assert seed_noise.chance_of_missing([5.0] * 8, margin=1.0) == 0.0
+    # of the 20 triples of 0,0,0,10,10,10 half hold two tens or more, and their complement's median is 0
+    assert seed_noise.chance_of_missing([0, 0, 0, 10, 10, 10], margin=1.0) == 0.5
+    assert seed_noise.chance_of_missing([0, 0, 0, 10, 10, 10], margin=11.0) == 0.0
+    with pytest.raises(ValueError, match="5 seeds"):
+        seed_noise.chance_of_missing([1.0] * 5, margin=1.0)
+    rows = [{"task": "RTE", "steps": 500, "method": "lean_lora", "seed": s, "score": v}
+            for s, v in enumerate([0, 0, 0, 10, 10, 10])]
+    rows += [{"task": "RTE", "steps": 500, "method": "lean_blora", "seed": 0, "score": 1.0},
+             {"task": "CoLA", "steps": 800, "method": "lean_lora", "seed": 0, "score": 1.0}]  # too few seeds: skipped
+    path = tmp_path / "runs.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    assert seed_noise.main([str(path)]) == [{"task": "RTE", "steps": 500, "method": "lean_lora", "seeds": 6,
+                                             "spread": [0, 10], "chance_of_missing": 0.5}]
