@@ -241,5 +241,10 @@ def test_seed_noise_counts_the_disjoint_triples_whose_median_misses(tmp_path):
              {"task": "CoLA", "steps": 800, "method": "lean_lora", "seed": 0, "score": 1.0}]  # too few seeds: skipped
     path = tmp_path / "runs.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows))
+    # of the 20 orders of three 0s and three 10s taken as three pairs, 7 have no pair falling from 10
+    # to 0: three rising pairs, or one each of (0, 0), (0, 10) and (10, 10) in any of 6 orders
+    assert seed_noise.chance_any_seed_misses([0, 0, 0, 10, 10, 10], margin=3.0) == pytest.approx(13 / 20)
+    assert seed_noise.chance_any_seed_misses([0, 0, 0, 10, 10, 10], margin=10.0) == 0.0
     assert seed_noise.main([str(path)]) == [{"task": "RTE", "steps": 500, "method": "lean_lora", "seeds": 6,
-                                             "spread": [0, 10], "chance_of_missing": 0.5}]
+                                             "spread": [0, 10], "chance_of_missing": 0.5,
+                                             "chance_a_seed_misses": 0.65}]
