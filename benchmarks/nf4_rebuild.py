@@ -95,17 +95,16 @@ def kept_state(parts: NF4Parts) -> dict:
     return dict(rebuild=fp8_rebuild_state(*parts[1:5], parts.shape[0], parts.scaler_group))
 
 
-VARIANTS = {  # name: (function, bytes written a weight, inductor options)
-    "dequant_bf16": (dequant_bf16, 2, {}),
-    "fp8": (rebuild_fp8, 1, {}),
-    "fp8_transposed": (rebuild_fp8_transposed, 1, {}),
-    "fp8_kept": (rebuild_fp8_kept, 1, {}),
-    "fp8_kept_transposed": (partial(rebuild_fp8_kept, transposed=True), 1, {}),
-    "fp8_packed": (rebuild_fp8_packed, 1, {}),
-    "fp8_divide": (rebuild_fp8_divide, 1, {}),
-    "fp8_divide_transposed": (partial(rebuild_fp8_divide, transposed=True), 1, {}),
+VARIANTS = {  # name: (function, bytes written a weight)
+    "dequant_bf16": (dequant_bf16, 2),
+    "fp8": (rebuild_fp8, 1),
+    "fp8_transposed": (rebuild_fp8_transposed, 1),
+    "fp8_kept": (rebuild_fp8_kept, 1),
+    "fp8_kept_transposed": (partial(rebuild_fp8_kept, transposed=True), 1),
+    "fp8_packed": (rebuild_fp8_packed, 1),
+    "fp8_divide": (rebuild_fp8_divide, 1),
+    "fp8_divide_transposed": (partial(rebuild_fp8_divide, transposed=True), 1),
 }
-
 
 
 def timed_ms(call: Callable[[], object], device: torch.device, calls: int, repeats: int) -> float:
@@ -186,8 +185,8 @@ def main(argv=None) -> list[dict]:
         # the 4-bit parts; the kept variants read an fp32 factor a block of 64 instead of its int8 scale
         read = parts.codes.nbytes + parts.block_scales.nbytes + parts.group_factors.nbytes
         for name in names:
-            fn, per_weight, options = VARIANTS[name]
-            compiled = torch.compile(fn, **compile_kw, **({"options": options} if options and device.type == "cuda" else {}))
+            fn, per_weight = VARIANTS[name]
+            compiled = torch.compile(fn, **compile_kw)
             if args.code_out is not None and proj == args.code_for and device.type == "cuda":
                 from torch._inductor.utils import run_and_get_code
                 _, code = run_and_get_code(compiled, parts, kept)

@@ -581,7 +581,7 @@ def kernel_launchers(events, names: set[str], depth: int = 4) -> collections.Cou
                 continue
             chain, op = [], event
             while op is not None and len(chain) < depth:
-                if not op.name.startswith(("cuda", "cu")):  # the runtime call itself says nothing
+                if not op.name.startswith("cu"):  # the runtime call (cudaLaunchKernel, cuLaunchKernel...) says nothing
                     chain.append(op.name[:80])
                 op = op.cpu_parent
             counts[(kernel.name, " < ".join(chain))] += 1
