@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                "chance_a_seed_misses": round(chance_any_seed_misses(scores, args.per_seed_margin, args.per_side), 3)}
         results.append(res)
         print(f"{task:>6} {steps:>5} steps  {len(scores)} seeds ({min(scores):.1f}-{max(scores):.1f}):  "
-              f"P(median of {args.per_side} more than {args.margin} under another's) = {res['chance_of_missing']:.2f};  "
+              f"P(median of {args.per_side} more than {args.margin} under another's) = "
+              f"{res['chance_of_missing']:.2f};  "
               f"P(one of {args.per_side} seeds more than {args.per_seed_margin} under its pair) = "
               f"{res['chance_a_seed_misses']:.2f}")
     return results
