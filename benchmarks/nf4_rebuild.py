@@ -17,7 +17,8 @@ is what the NF4 base runs (an fp32 factor a block, the row scales and the pair t
 weight costs one lookup, one product and one rounding); ``fp8_divide*`` is the arithmetic it
 replaced (the block scales undone in the call, a rounding to the weight's dtype and a division a
 weight), kept for comparison; ``fp8_packed`` (candidate, forward layout) stores a byte's two codes
-as one int16.
+as one int16. ``fp8_kept*`` run the torch operators and ``fp8_triton*`` the Triton kernels on the
+same kept state (CUDA only); ``fp8*`` are whatever ``nf4_to_fp8`` runs on the device.
 
     python -u benchmarks/nf4_rebuild.py --preset 1b --out nf4_rebuild.jsonl
 """
@@ -41,7 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from leanlora.base.nf4 import _torchao_nf4  # noqa: E402
 from leanlora.base.fp8_linear import E4M3, E4M3_MAX  # noqa: E402
 from leanlora.base.nf4_linear import (NF4Parts, _block_scales, byte_pair_table, dequantize_nf4,  # noqa: E402
-                                      fp8_rebuild_state, nf4_to_fp8)
+                                      fp8_codes_by_operators, fp8_rebuild_state, nf4_to_fp8)
+from leanlora.base.nf4_triton import TRITON_REBUILD, nf4_fp8_codes  # noqa: E402
 
 PRESETS = {  # (out, in) of the adapted projections of one decoder layer, and the layer count
     "1b": dict(shapes={"q": (2048, 2048), "k": (512, 2048), "v": (512, 2048), "o": (2048, 2048),
@@ -65,8 +67,15 @@ def rebuild_fp8_transposed(parts: NF4Parts, kept: dict) -> tuple[torch.Tensor, t
 
 
 def rebuild_fp8_kept(parts: NF4Parts, kept: dict, transposed: bool = False):
-    """As the NF4 base runs it: its kept rebuild state (row scales, block factors, pair table)."""
-    return nf4_to_fp8(*parts, kept["rebuild"], transposed=transposed)[0]
+    """The NF4 base's kept rebuild state (row scales, block factors, pair table), in torch operators
+    (``REBUILD_KERNEL = "torch"``)."""
+    return fp8_codes_by_operators(parts.codes, kept["rebuild"], parts.shape, parts.block_size, transposed)
+
+
+def rebuild_fp8_triton(parts: NF4Parts, kept: dict, transposed: bool = False):
+    """The same codes from the Triton kernels, as the NF4 base runs them on CUDA."""
+    st = kept["rebuild"]
+    return nf4_fp8_codes(parts.codes, st.block_factor, st.pairs, parts.shape, parts.block_size, transposed)
 
 
 def rebuild_fp8_divide(parts: NF4Parts, kept: dict, transposed: bool = False):
@@ -102,6 +111,8 @@ VARIANTS = {  # name: (function, bytes written a weight)
     "fp8_kept": (rebuild_fp8_kept, 1),
     "fp8_kept_transposed": (partial(rebuild_fp8_kept, transposed=True), 1),
     "fp8_packed": (rebuild_fp8_packed, 1),
+    "fp8_triton": (rebuild_fp8_triton, 1),
+    "fp8_triton_transposed": (partial(rebuild_fp8_triton, transposed=True), 1),
     "fp8_divide": (rebuild_fp8_divide, 1),
     "fp8_divide_transposed": (partial(rebuild_fp8_divide, transposed=True), 1),
 }
@@ -173,10 +184,13 @@ def main(argv=None) -> list[dict]:
     info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__, "copy_gbps": round(gbps, 1), "preset": args.preset}
     print(json.dumps(info))
-    names = args.variants.split(",") if args.variants else list(VARIANTS)
+    triton_here = device.type == "cuda" and TRITON_REBUILD
+    names = args.variants.split(",") if args.variants else [n for n in VARIANTS if triton_here or "triton" not in n]
     unknown = sorted(set(names) - set(VARIANTS))
     if unknown:
         raise SystemExit(f"--variants: unknown {unknown}; allowed: {', '.join(VARIANTS)}")
+    if not triton_here and any("triton" in n for n in names):
+        raise SystemExit("--variants: the fp8_triton variants need CUDA and Triton")
     rows, step = [], {name: [0.0, 0.0] for name in names}  # per variant: ms, floor ms of one step
     for proj, (out_f, in_f) in preset["shapes"].items():
         parts = parts_of(out_f, in_f, device, args.block_size, args.scaler_block_size)

@@ -129,6 +129,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--lean-inductor", default="",
                     help="leanlora rows: inductor config settings KEY=INT,... (bool or int settings) for their "
                          "compiled code, e.g. combo_kernels=1; recorded in the row's method")
+    ap.add_argument("--nf4-rebuild", choices=("triton", "torch"), default=None,
+                    help="leanlora rows on an NF4 base with float8 GEMMs: the e4m3 rebuild's kernels on CUDA "
+                         "(Triton, or the compiled torch operators; default: the library's); recorded in the row")
     ap.add_argument("--same-process", action="store_true",
                     help="run every row in this process (default: each in a fresh one, see isolation.py; "
                          "the tables of BENCHMARKS.md 1-1f were measured with every row in one process)")
@@ -252,6 +255,11 @@ def run_row(row: str, args, device, ids, floor_tps: float) -> dict:
             functorch_config.activation_memory_budget = args.lean_activation_budget
             result["activation_memory_budget"] = args.lean_activation_budget
             result["method"] += f", activation budget {args.lean_activation_budget:g}"
+        if method.library == "leanlora":
+            import leanlora.base.nf4_linear as nf4_linear
+
+            nf4_linear.REBUILD_KERNEL = args.nf4_rebuild or nf4_linear.REBUILD_KERNEL
+            result["nf4_rebuild"] = nf4_linear.REBUILD_KERNEL
         if method.library == "leanlora" and args.lean_inductor:
             for key, value in args.inductor_settings.items():  # an experiment's knob
                 setattr(inductor_config, key, value)

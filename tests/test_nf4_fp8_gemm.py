@@ -214,3 +214,35 @@ def test_cuda_scaled_mm_path_and_inductor_compiled_layers():
     under inductor (the rebuild and the cast fused) a model gives the eager model's loss."""
     check_scaled_mm_against_fallback(_base(out_f=384, in_f=512).cuda(), torch.randn(256, 512))
     check_inductor_layers_train_like_eager(_config())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the Triton rebuild)")
+@pytest.mark.parametrize("shape", [(48, 128), (130, 192), (512, 2048), (2048, 8192)])
+def test_the_triton_rebuild_gives_the_compiled_operators_codes_in_both_layouts(shape, monkeypatch):
+    """The Triton kernels are the torch path's arithmetic: equal codes bit for bit, forward and
+    transposed, on shapes that fill no tile evenly and on the 1B preset's; compiled, they trace as
+    custom ops and give the same codes again."""
+    import leanlora.base.nf4_linear as nl
+    from leanlora.base.nf4_triton import TRITON_REBUILD
+    if not TRITON_REBUILD:
+        pytest.skip("Triton without float8")
+    parts = _base(*shape, dtype=torch.bfloat16).cuda().__dict__["_parts"]
+    state = fp8_rebuild_state(*parts[1:5], parts.shape[0], parts.scaler_group)
+    for transposed in (False, True):
+        monkeypatch.setattr(nl, "REBUILD_KERNEL", "torch")
+        ref, ref_scale = nf4_to_fp8(*parts, state, transposed=transposed)
+        monkeypatch.setattr(nl, "REBUILD_KERNEL", "triton")
+        got, scale = nf4_to_fp8(*parts, state, transposed=transposed)
+        compiled, _ = torch.compile(nf4_to_fp8, fullgraph=True)(*parts, state, transposed=transposed)
+        assert got.shape == ref.shape and got.is_contiguous() and torch.equal(scale, ref_scale)
+        assert torch.equal(got.view(torch.uint8), ref.view(torch.uint8))
+        assert torch.equal(compiled.view(torch.uint8), ref.view(torch.uint8))
+
+
+def test_without_cuda_the_rebuild_runs_the_torch_operators(monkeypatch):
+    """On the CPU the Triton kernels are never reached, whatever the setting."""
+    import leanlora.base.nf4_linear as nl
+    monkeypatch.setattr(nl, "nf4_fp8_codes", lambda *a, **k: pytest.fail("Triton rebuild on the CPU"))
+    parts = _base().__dict__["_parts"]
+    codes, _ = nf4_to_fp8(*parts)
+    assert codes.dtype == torch.float8_e4m3fn and codes.shape == parts.shape

@@ -27,6 +27,9 @@ import torch
 import torch.nn.functional as F
 
 from leanlora.base.fp8_linear import E4M3, E4M3_MAX, EPS, fp8_forward, fp8_input_grad
+from leanlora.base.nf4_triton import TRITON_REBUILD, nf4_fp8_codes
+
+REBUILD_KERNEL = "torch"  # the e4m3 rebuild on CUDA: "torch" (the compiled operators) or "triton"
 
 
 class NF4Parts(NamedTuple):
@@ -139,13 +142,23 @@ def nf4_to_fp8(codes: torch.Tensor, block_scales: torch.Tensor, group_factors: t
     codebook define (a float64 reference agrees but at exact ties); it is not rounded to the weight's
     dtype first, as ``dequantize_nf4`` would, which is a second rounding, a division a weight and
     costs the GPU more than the bytes it moves. Compiled, the lookup, the product and the cast fuse
-    into one kernel per layout.
+    into one kernel per layout. With :data:`REBUILD_KERNEL` ``"triton"`` the same arithmetic runs on
+    CUDA as one Triton kernel a layout (:mod:`leanlora.base.nf4_triton`: each byte read once, its two
+    codes stored together).
     """
     state = rebuild if rebuild is not None else fp8_rebuild_state(block_scales, group_factors, scale_mean, codebook,
                                                                     shape[0], scaler_group)
+    if REBUILD_KERNEL == "triton" and codes.is_cuda and len(shape) == 2 and TRITON_REBUILD:
+        return nf4_fp8_codes(codes, state.block_factor, state.pairs, shape, block_size, transposed), state.row_scale
+    return fp8_codes_by_operators(codes, state, shape, block_size, transposed), state.row_scale
+
+
+def fp8_codes_by_operators(codes: torch.Tensor, state: FP8Rebuild, shape: tuple[int, ...], block_size: int,
+                           transposed: bool = False) -> torch.Tensor:
+    """:func:`nf4_to_fp8`'s codes in torch operators (any device; inductor fuses them)."""
     w = (state.pairs[codes.to(torch.long)].view(-1, block_size) * state.block_factor[:, None]).view(shape)  # fp32
     w8 = w.clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
-    return (w8.t().contiguous() if transposed else w8), state.row_scale
+    return w8.t().contiguous() if transposed else w8
 
 
 class _FrozenNF4FP8Linear(torch.autograd.Function):
