@@ -250,3 +250,18 @@ def test_seed_noise_counts_the_disjoint_triples_whose_median_misses(tmp_path):
     assert seed_noise.main([str(path)]) == [{"task": "RTE", "steps": 500, "method": "lean_lora", "seeds": 6,
                                              "spread": [0, 10], "chance_of_missing": 0.5,
                                              "chance_a_seed_misses": 0.65}]
+
+
+def test_the_1b_table_script_runs_each_row_alone_and_keeps_going_past_one_out_of_time(tmp_path):
+    """benchmarks/speed_table_1b.sh: one JSON line a finished row in one file, and a row over its
+    limit is named and skipped, not the end of the table."""
+    import os
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "speed_table_1b.sh"
+    env = dict(os.environ, PYTHON=sys.executable, SPEED_ARGS="--preset tiny --warmup 1 --steps 1 --device cpu")
+    done = subprocess.run(["bash", str(script), str(tmp_path), "lean_lora@eager:0.01", "lean_lora@eager:300"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert "lean_lora@eager: exit 124" in done.stdout
+    rows = [json.loads(line) for line in (tmp_path / "speed.jsonl").read_text().splitlines()]
+    assert [r["row"] for r in rows if "row" in r] == ["lean_lora@eager"] and rows[-1]["step_ms"] > 0
