@@ -88,6 +88,20 @@ def _require_writable(folder: Path, option: str) -> None:
         raise CLIError(f"{option} {folder}: cannot write there ({err.strerror or err})") from None
 
 
+RUN_OWNED = ("adapter", "best", "checkpoints")  # folders of a run that train, eval and --resume read
+
+
+def _refuse_inside_run(out: Path, run_dir: str | Path, option: str) -> None:
+    """An export written over the run folder itself or into the folders its commands read would mix
+    another format into them (``report`` then finds a PEFT adapter where the run's should be)."""
+    run, target = Path(run_dir).resolve(), out.resolve()
+    owned = [run / name for name in RUN_OWNED]
+    if target == run or any(target == o or o in target.parents for o in owned):
+        where = "the run folder itself" if target == run else f"inside the run's {target.relative_to(run).parts[0]}/"
+        raise CLIError(f"{option} {out}: that is {where}, which leanlora train, eval and --resume read; write the "
+                       f"export to a folder of its own, e.g. {Path(run_dir) / 'export'}")
+
+
 def load_trained(run_dir: str | Path, overrides: list[str] = (), adapter: str | None = None, need_train=False,
                  check_base: bool = True):
     """(run config, model with the trained adapter, tokenizer, task) of a finished run folder."""
@@ -133,9 +147,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     import leanlora
 
+    out = Path(args.out)
+    _refuse_inside_run(out, args.run_dir, "--out")
     _, model, tokenizer, _ = _load_args(args)
     leanlora.finalize(model)  # prune closed gates, fix learned bit-widths before writing
-    out = Path(args.out)
     try:
         if args.format == "leanlora":
             leanlora.save(model, out)
@@ -191,6 +206,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     import leanlora
     from leanlora.train.loop import resolve_device
 
+    if args.export:
+        _refuse_inside_run(Path(args.export), args.run_dir, "--export")
     run, model, _, task = _load_args(args)
     by_budget = run.adapter.is_gated
     if run.adapter.ranks != "nested" and not by_budget:

@@ -177,6 +177,11 @@ ROWS = [
     ("sweep-rank-9", "run", lambda r, t: ["sweep", str(r), "--ranks", "2,9"], "9 is above the adapter's rank adapter.r=4"),
     ("sweep-rank-text", "run", lambda r, t: ["sweep", str(r), "--ranks", "a,b"],
      "--ranks 'a,b': expected comma-separated integers"),
+    ("export-into-run", "run", lambda r, t: ["export", str(r), "--out", str(r)], "that is the run folder itself"),
+    ("export-into-adapter", "run", lambda r, t: ["export", str(r), "--format", "leanlora", "--out", str(r / "adapter")],
+     "that is inside the run's adapter/"),
+    ("sweep-export-into-checkpoints", "run", lambda r, t: ["sweep", str(r), "--export", str(r / "checkpoints" / "x")],
+     "that is inside the run's checkpoints/"),
     # 5. silent training mistakes
     ("one-label", "cfg", _one_label, "one.tsv (data.train_file): every labelled row has the label '1'"),
     ("one-class-labels", "cfg", lambda c, t: _fresh(c, t, "data.labels=[a]"), "data.labels=('a',) is invalid"),

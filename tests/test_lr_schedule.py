@@ -65,6 +65,18 @@ def test_warmup_steps_override_the_ratio_and_cosine_ends_at_its_minimum():
     assert min(got[4:]) > 0.1
 
 
+def test_a_warmup_longer_than_the_run_is_named_with_the_rate_it_reaches():
+    lines: list[str] = []
+    got = _factors(TrainConfig(schedule="linear", warmup_steps=100, lr=2e-4), 10, lines.append)
+    assert got == pytest.approx([s / 100 for s in range(10)])  # the run is all warm-up
+    assert lines == ["warning: train.warmup_steps=100 is longer than the run's 10 optimizer steps: the learning "
+                     "rate rises all run and reaches 9% of train.lr=0.0002; lower train.warmup_steps or set it to 0 "
+                     "and use train.warmup_ratio"]
+    quiet: list[str] = []
+    _factors(TrainConfig(schedule="linear", warmup_steps=10), 10, quiet.append)
+    assert quiet == []
+
+
 def test_warmup_stable_decay_holds_the_rate_then_decays_over_its_fraction():
     total, m = 40, 0.05
     got = _factors(TrainConfig(schedule="warmup_stable_decay", warmup_steps=4, decay_ratio=0.25, min_lr_ratio=m,

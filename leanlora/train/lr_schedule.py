@@ -50,6 +50,10 @@ def build_scheduler(optimizer: torch.optim.Optimizer, tc, total: int,
 
     # optimizer steps of linear warm-up from 0: tc.warmup_steps, else the ratio of total
     warmup = tc.warmup_steps if tc.warmup_steps > 0 else math.ceil(tc.warmup_ratio * total)
+    if tc.warmup_steps > total:
+        log(f"warning: train.warmup_steps={tc.warmup_steps} is longer than the run's {total} optimizer steps: the "
+            f"learning rate rises all run and reaches {(total - 1) / tc.warmup_steps:.0%} of train.lr={tc.lr:g}; lower "
+            "train.warmup_steps or set it to 0 and use train.warmup_ratio")
     name = tc.schedule
     if name == "constant" and warmup > 0:
         name = "constant_with_warmup"
