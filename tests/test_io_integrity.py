@@ -306,3 +306,14 @@ def test_saving_into_a_folder_with_other_files_keeps_them(tmp_path):
     leanlora.inject(model, leanlora.AdapterConfig(target_modules=("query",), r=2))
     leanlora.save(model, tmp_path / "ad")
     assert sorted(p.name for p in (tmp_path / "ad").iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME, "tokenizer.json"])
+
+
+def test_a_file_in_the_way_of_the_folder_is_named(tmp_path):
+    """save/export under a path whose parent is a file: the error names that file, and nothing is written."""
+    (tmp_path / "notes.txt").write_text("mine")
+    model = tiny_bert()
+    leanlora.inject(model, leanlora.AdapterConfig(target_modules=("query",), r=2))
+    for write in (lambda p: leanlora.save(model, p), lambda p: leanlora.export(model, p, "peft")):
+        with pytest.raises(NotADirectoryError, match=f"{tmp_path / 'notes.txt'} is a file, not a folder"):
+            write(tmp_path / "notes.txt" / "deeper" / "ad")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"] and (tmp_path / "notes.txt").read_text() == "mine"

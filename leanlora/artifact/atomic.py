@@ -51,7 +51,7 @@ def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: 
 def _write_then_rename(path: Path, write) -> None:
     """``write(tmp)`` into a hidden file beside ``path``, fsync it, rename it over ``path``: a reader
     sees the old file or the new one, never half of one; the temporary file never outlives a failure."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _make_parent(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
@@ -63,6 +63,18 @@ def _write_then_rename(path: Path, write) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def _make_parent(path: Path) -> None:
+    """Create ``path``'s folder; where a file stands in its way, say which one (mkdir's own error
+    names only the first path it tried)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next((p for p in (path.parent, *path.parent.parents) if p.exists() and not p.is_dir()), None)
+        if blocker is None:
+            raise
+        raise NotADirectoryError(f"{path}: cannot be written, {blocker} is a file, not a folder") from None
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -92,7 +104,7 @@ def atomic_folder(target: str | os.PathLike, owned: tuple[str, ...]) -> Iterator
     :func:`atomic_write_bytes` and :func:`atomic_save_tensors`: they fsync each file.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    _make_parent(target)
     clean_stale(target)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
     try:
