@@ -107,6 +107,22 @@ def test_absent_label_column_names_column_key_and_header(tmp_path, tokenizer):
         ClassificationTask(DataConfig(train_file=str(path), text_columns=("text",)), tokenizer)
 
 
+def test_a_class_of_one_training_row_that_no_eval_row_has_is_named(tmp_path, tokenizer):
+    """A mistyped label becomes a class of its own when the classes are read from the training file:
+    named in a notice (the loop logs it); not when the classes are given, nor for a class the eval rows have."""
+    train = write_sentiment_tsv(tmp_path / "train.tsv", 60, seed=0)
+    train.write_text(train.read_text() + "a fine film\t7\n")
+    dev = write_sentiment_tsv(tmp_path / "dev.tsv", 20, seed=1)
+    task = ClassificationTask(DataConfig(train_file=str(train), eval_file=str(dev)), tokenizer)
+    assert task.labels == ("0", "1", "7") and len(task.notices) == 1
+    assert task.notices[0].startswith("warning: class '7' labels 1 of the 61 training rows and none of the 20 eval")
+    assert "data.labels" in task.notices[0]
+    clean = write_sentiment_tsv(tmp_path / "clean.tsv", 60, seed=0)
+    assert ClassificationTask(DataConfig(train_file=str(clean), eval_file=str(dev)), tokenizer).notices == []
+    with pytest.raises(Exception, match="label '7'.*is not one of the classes"):
+        ClassificationTask(DataConfig(train_file=str(train), eval_file=str(dev), labels=("0", "1")), tokenizer)
+
+
 def test_empty_dataset_names_file(tmp_path, tokenizer):
     (tmp_path / "e.tsv").write_text("sentence\tlabel\n")
     with pytest.raises(ConfigError, match=r"e.tsv \(data.train_file\): the file holds no data rows"):
