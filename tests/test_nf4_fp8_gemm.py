@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import leanlora
-from leanlora.base.fp8_linear import linear_fp8, quantize_weight
+from leanlora.base.fp8_linear import fp8_gemm_available, linear_fp8, quantize_weight
 from leanlora.base.nf4 import NF4Base
 from leanlora.base.nf4_linear import _block_scales, dequantize_nf4, fp8_rebuild_state, nf4_to_fp8
 from conftest import randomize_adapters, tiny_llama, token_batch
@@ -237,6 +237,13 @@ def test_the_triton_rebuild_gives_the_compiled_operators_codes_in_both_layouts(s
         assert got.shape == ref.shape and got.is_contiguous() and torch.equal(scale, ref_scale)
         assert torch.equal(got.view(torch.uint8), ref.view(torch.uint8))
         assert torch.equal(compiled.view(torch.uint8), ref.view(torch.uint8))
+    x = torch.randn(64, shape[1], device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    outs = []
+    for kernel in ("torch", "triton"):  # the layer's forward and input gradient, each way
+        monkeypatch.setattr(nl, "REBUILD_KERNEL", kernel)
+        y = nl.linear_nf4_fp8(x, parts, fp8_gemm_available(x.device), state)
+        outs.append((y, torch.autograd.grad(y.float().square().sum(), x)[0]))
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
 
 
 def test_without_cuda_the_rebuild_runs_the_torch_operators(monkeypatch):
