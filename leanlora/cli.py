@@ -112,6 +112,10 @@ def load_trained(run_dir: str | Path, overrides: list[str] = (), adapter: str | 
     run_dir = Path(run_dir)
     if not (run_dir / RUN_CONFIG).is_file():
         raise CLIError(f"{run_dir}: no {RUN_CONFIG}; pass the --out folder of `leanlora train`")
+    if ignored := [o for o in overrides if o.strip().startswith("adapter.")]:
+        raise CLIError(f"override {ignored[0]!r}: a trained adapter's settings are read from its folder "
+                       f"({adapter or run_dir / 'adapter'}), so it would be ignored; these commands take model.*, "
+                       "data.* and train.* overrides")
     run = load_run_config(run_dir / RUN_CONFIG, overrides)
     model, tokenizer, task = load_for_run(run, need_train=need_train)
     try:
@@ -206,6 +210,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     import leanlora
     from leanlora.train.loop import resolve_device
 
+    if not 0.0 <= args.tolerance < float("inf"):
+        raise CLIError(f"--tolerance {args.tolerance}: must be a finite score difference >= 0 (0: the best point)")
     if args.export:
         _refuse_inside_run(Path(args.export), args.run_dir, "--export")
     run, model, _, task = _load_args(args)

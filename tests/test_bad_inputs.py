@@ -182,6 +182,10 @@ ROWS = [
      "that is inside the run's adapter/"),
     ("sweep-export-into-checkpoints", "run", lambda r, t: ["sweep", str(r), "--export", str(r / "checkpoints" / "x")],
      "that is inside the run's checkpoints/"),
+    ("sweep-negative-tolerance", "run", lambda r, t: ["sweep", str(r), "--tolerance", "-1"],
+     "--tolerance -1.0: must be a finite score difference >= 0"),
+    ("eval-adapter-override", "run", lambda r, t: ["eval", str(r), "adapter.r=8"],
+     "override 'adapter.r=8': a trained adapter's settings are read from its folder"),
     # 5. silent training mistakes
     ("one-label", "cfg", _one_label, "one.tsv (data.train_file): every labelled row has the label '1'"),
     ("one-class-labels", "cfg", lambda c, t: _fresh(c, t, "data.labels=[a]"), "data.labels=('a',) is invalid"),
