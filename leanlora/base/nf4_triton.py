@@ -33,19 +33,22 @@ TRITON_REBUILD = triton is not None and hasattr(tl, "float8e4nv") and hasattr(tl
 
 if TRITON_REBUILD:
     @triton.jit
+    def _byte_codes(codes, factors, pairs, at, inside, bytes_per_block: tl.constexpr, LIMIT: tl.constexpr):
+        """The two e4m3 codes of each byte at ``at``, interleaved along the last dim (high first)."""
+        byte = tl.load(codes + at, mask=inside, other=0).to(tl.int32)
+        factor = tl.load(factors + at // bytes_per_block, mask=inside, other=0.0)
+        high = tl.clamp(tl.load(pairs + 2 * byte) * factor, -LIMIT, LIMIT).to(tl.float8e4nv)
+        low = tl.clamp(tl.load(pairs + 2 * byte + 1) * factor, -LIMIT, LIMIT).to(tl.float8e4nv)
+        return tl.interleave(high, low)
+
+    @triton.jit
     def _rows_kernel(codes, factors, pairs, out, n_bytes, bytes_per_block: tl.constexpr, LIMIT: tl.constexpr,
                      BYTES: tl.constexpr):
         start = tl.program_id(0).to(tl.int64) * BYTES
         offs = start + tl.arange(0, BYTES)
-        inside = offs < n_bytes
-        byte = tl.load(codes + offs, mask=inside, other=0).to(tl.int32)
-        factor = tl.load(factors + offs // bytes_per_block, mask=inside, other=0.0)
-        high = tl.load(pairs + 2 * byte) * factor
-        low = tl.load(pairs + 2 * byte + 1) * factor
-        high = tl.clamp(high, -LIMIT, LIMIT).to(tl.float8e4nv)
-        low = tl.clamp(low, -LIMIT, LIMIT).to(tl.float8e4nv)
+        pair = _byte_codes(codes, factors, pairs, offs, offs < n_bytes, bytes_per_block, LIMIT)
         out_offs = 2 * start + tl.arange(0, 2 * BYTES)
-        tl.store(out + out_offs, tl.interleave(high, low), mask=out_offs < 2 * n_bytes)
+        tl.store(out + out_offs, pair, mask=out_offs < 2 * n_bytes)
 
     @triton.jit
     def _columns_kernel(codes, factors, pairs, out, rows, cols, bytes_per_block: tl.constexpr,
@@ -55,12 +58,8 @@ if TRITON_REBUILD:
         b = tl.program_id(1).to(tl.int64) * (COLS // 2) + tl.arange(0, COLS // 2)  # byte column
         half = cols // 2
         inside = (r[:, None] < rows) & (b[None, :] < half)
-        at = r[:, None] * half + b[None, :]
-        byte = tl.load(codes + at, mask=inside, other=0).to(tl.int32)
-        factor = tl.load(factors + at // bytes_per_block, mask=inside, other=0.0)
-        high = tl.clamp(tl.load(pairs + 2 * byte) * factor, -LIMIT, LIMIT).to(tl.float8e4nv)
-        low = tl.clamp(tl.load(pairs + 2 * byte + 1) * factor, -LIMIT, LIMIT).to(tl.float8e4nv)
-        tile = tl.trans(tl.interleave(high, low))  # (COLS, ROWS)
+        tile = tl.trans(_byte_codes(codes, factors, pairs, r[:, None] * half + b[None, :], inside,
+                                    bytes_per_block, LIMIT))  # (COLS, ROWS)
         c = tl.program_id(1).to(tl.int64) * COLS + tl.arange(0, COLS)
         tl.store(out + c[:, None] * rows + r[None, :], tile, mask=(c[:, None] < cols) & (r[None, :] < rows))
 
