@@ -249,7 +249,7 @@ def _plan(run: RunConfig, run_dir: Path, model: nn.Module, wrapped: nn.Module, t
         log(notice)
     if notice := small_base_notice(run.adapter, base_weights(model)):
         log(notice)
-    for notice in getattr(task, "notices", ()):
+    for notice in task.notices:
         log(notice)
     groups = leanlora.param_groups(model, tc.lr, tc.weight_decay)
     check_trainable_dtype(precision, groups)

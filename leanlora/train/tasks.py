@@ -114,7 +114,7 @@ class ClassificationTask:
         if self.regression or not self.train or not self.eval:
             return []
         in_train = Counter(e["label"] for e in self.train)
-        in_eval = Counter(e["label"] for e in self.eval)
+        in_eval = {e["label"] for e in self.eval}
         stray = [i for i, n in in_train.items() if i not in in_eval and (n == 1 or n < 0.01 * len(self.train))]
         return [f"warning: class {self.labels[i]!r} labels {in_train[i]} of the {len(self.train)} training rows and "
                 f"none of the {len(self.eval)} eval rows: a mistyped label? The classes were read from the training "
@@ -217,6 +217,7 @@ class CausalLMTask:
     match of the last assistant turn by greedy generation."""
 
     num_labels = 0
+    notices: tuple[str, ...] = ()  # what the data says before a run; none for instruction data
 
     def __init__(self, cfg: DataConfig, tokenizer, need_train: bool = True, sources: Sources | None = None) -> None:
         self.cfg, self.tokenizer, self.sources = cfg, tokenizer, sources or {}
