@@ -103,8 +103,8 @@ def test_the_graphed_step_runs_the_check_after_its_update(monkeypatch):
                                             contextlib.nullcontext(), 0.0, after_update=guard.update)
     batch = {"input_ids": torch.ones(2, 5, dtype=torch.long), "attention_mask": torch.ones(2, 5, dtype=torch.long),
              "labels": torch.tensor([0, 1])}
-    loss, grad_norm = step(batch)  # the step returns [loss, gradient norm before clipping]
-    assert torch.isfinite(loss) and torch.isfinite(grad_norm) and grad_norm > 0
+    loss, prior, grad_norm = step(batch)  # the step returns [task loss, prior, gradient norm before clipping]
+    assert torch.isfinite(loss) and prior == 0 and torch.isfinite(grad_norm) and grad_norm > 0
     assert bool(guard.tripped)  # a finite loss, then an update to NaN/inf
     assert guard.first_nonfinite() is not None
 

@@ -130,7 +130,7 @@ def test_crash_and_resume_is_bit_exact_for_every_method(config, tmp_path, monkey
 
 @pytest.mark.parametrize("adapter", [[], ["adapter.ranks=gated", "adapter.precision=learned", "adapter.factors=bank",
                                           "adapter.bank.vector_length=4"]], ids=["lora", "bank-gated-learned"])
-def test_the_loss_is_read_back_once_per_optimizer_step(config, tmp_path, adapter):
+def test_the_loss_is_read_back_once_per_optimizer_step(config, tmp_path, adapter, monkeypatch):
     """Each host read of a device value stalls the host until the GPU catches up. The loop reads the
     step's loss once, after the last micro-batch's backward, and the adapter's forward, prior and
     schedules read nothing; the loop also times every step it runs."""
@@ -164,12 +164,16 @@ def test_the_loss_is_read_back_once_per_optimizer_step(config, tmp_path, adapter
                     readers["torch or transformers"] += 1
             return func(*args, **(kwargs or {}))
 
+    from leanlora.train import loop
+
+    copies = []  # the step's task loss and prior come back together, as one copy to the host
+    monkeypatch.setattr(loop, "host_values", lambda t: copies.append(t.numel()) or t.cpu().tolist())
     run = load_run_config(config, ["train.max_steps=6", "train.grad_accum=2", "train.eval_every=0",
                                    "train.save_every=0", "train.log_every=100", "data.eval_file=", *adapter])
     with ScalarReads():
         result = train(run, tmp_path / "reads", progress=False, log=lambda *_: None)
     assert result.steps == 6 and len(result.step_seconds) == 6 and min(result.step_seconds) > 0
-    assert readers["train/loop.py"] == 6, readers
+    assert copies == [2] * 6 and readers["train/loop.py"] == 0, (copies, readers)
     # the finite-weight flag rides on the loss read each step, and is read alone only before a save (one here)
     assert readers["train/finite.py"] == 1, readers
     # besides: save's all-finite check (one read per saved adapter), the log record of the one log

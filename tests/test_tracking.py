@@ -137,3 +137,24 @@ def test_without_a_progress_bar_each_logged_step_is_a_line_with_the_bars_fields(
     assert [int(line.split("/")[0].split()[1]) for line in steps] == [r["step"] for r in records]
     first = records[0]
     assert f"loss={first['loss']:.4f}" in steps[0] and f"rank={first['leanlora/rank']:.2f}" in steps[0]
+
+
+def test_the_logged_loss_is_the_task_loss_and_the_prior_is_logged_beside_it(config, tmp_path, monkeypatch):
+    """A budget's penalty runs many times above the task loss during its ramp, and a loss that held it
+    would read as divergence. With the prior a large constant (no gradient, so training is unchanged)
+    the losses equal a run's without it, and the prior is recorded, and shown, on its own."""
+    import torch
+
+    from leanlora import distributed
+
+    plain = train(load_run_config(config, []), tmp_path / "plain", **QUIET)
+    monkeypatch.setattr(distributed, "regularizer", lambda model: torch.tensor(100.0))
+    lines: list[str] = []
+    shifted = train(load_run_config(config, []), tmp_path / "shifted", progress=False, log=lines.append)
+    assert shifted.losses == plain.losses and len(plain.losses) == 8
+    a, b = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("plain", "shifted"))
+    assert [r["loss"] for r in b["log_history"]] == [r["loss"] for r in a["log_history"]]
+    assert [r["leanlora/prior"] for r in b["log_history"]] == [100.0] * 5
+    assert b["train_priors"] == [100.0] * 8
+    assert "train_priors" not in a and not any("leanlora/prior" in r for r in a["log_history"])
+    assert all("prior=100," in line for line in lines if line.startswith("step ") and "/8: loss=" in line)

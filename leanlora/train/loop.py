@@ -63,7 +63,7 @@ RUN_CONFIG = "run.yaml"
 class TrainResult:
     run_dir: Path
     steps: int
-    losses: list[float] = field(default_factory=list)       # mean training loss of each step run here
+    losses: list[float] = field(default_factory=list)       # mean task loss of each step run here (no prior)
     step_seconds: list[float] = field(default_factory=list)  # wall time of each step run here (no eval)
     history: list[dict[str, Any]] = field(default_factory=list)   # every evaluation: step + metrics
     best_step: int | None = None
@@ -219,7 +219,7 @@ class _Loop:
     step: int = 0
     state: dict[str, Any] = field(default_factory=lambda: {
         "best_step": None, "best_score": None, "best_metrics": {}, "history": [], "train_losses": [],
-        "log_history": []})
+        "train_priors": [], "log_history": []})
     guard: FiniteGuard | None = None
     graphed: Any = None
     capture: bool = False       # the step runs as CUDA graphs (train.cuda_graph, leanlora.train.graph_choice)
@@ -273,6 +273,8 @@ def _restore(loop: _Loop, checkpoint: Path, overrides: Sequence[str]) -> None:
     restored = load_checkpoint(checkpoint, loop.model, loop.optimizer, loop.scheduler)
     retune(loop.optimizer, loop.scheduler, base_lrs)  # a changed train.lr or schedule reaches the restored step
     loop.step, loop.state = restored["step"], {"log_history": [], **restored["loop"]}
+    # a checkpoint written before priors were kept apart: its losses held them, so count them as 0
+    loop.state.setdefault("train_priors", [0.0] * len(loop.state["train_losses"]))
     if loop.total < loop.step:  # the run's new length must not end before the step it resumes at
         raise ConfigError(f"train.max_steps / train.epochs give {loop.total} steps in all, but the run resumes at "
                           f"step {loop.step}; set train.max_steps >= {loop.step}")
@@ -354,9 +356,9 @@ def _advance(loop: _Loop, step: int) -> None:
                  "again for it (once)")
 
 
-def _train_step(loop: _Loop, step: int, order: list[int], want_norm: bool) -> tuple[torch.Tensor | float, Any]:
-    """One optimizer step over its micro-batches: (mean loss over every rank, gradient norm or None);
-    the loss is a device tensor when it is to be read a step later."""
+def _train_step(loop: _Loop, step: int, order: list[int], want_norm: bool) -> tuple[torch.Tensor | tuple, Any]:
+    """One optimizer step over its micro-batches: ((mean task loss, mean prior) over every rank, gradient
+    norm or None); the pair is a device tensor when it is to be read a step later, else numbers."""
     tc = loop.run.train
     k = step % loop.steps_per_epoch
     micro = range(k * tc.grad_accum, min((k + 1) * tc.grad_accum, loop.micro_per_epoch))
@@ -366,7 +368,7 @@ def _train_step(loop: _Loop, step: int, order: list[int], want_norm: bool) -> tu
         idx = dist.shard(order[m * tc.batch_size:(m + 1) * tc.batch_size])  # this rank's share
         return next(batches(loop.task.train, tc.batch_size, loop.task.collate, loop.device, idx))
 
-    def forward_backward() -> torch.Tensor | float:
+    def forward_backward() -> torch.Tensor | tuple[float, float]:
         """Forward and backward of every micro-batch of this optimizer step; the mean loss over ranks.
 
         Nothing is read back per micro-batch: that would make the host wait for the GPU with the
@@ -375,26 +377,27 @@ def _train_step(loop: _Loop, step: int, order: list[int], want_norm: bool) -> tu
         the host issues the next step while the GPU finishes this one; else it is read here. Either way
         the update of a non-finite loss never lands.
         """
-        step_loss = torch.zeros((), device=loop.device)
+        step_loss = torch.zeros(2, device=loop.device)  # task loss, prior (λ·R, or the budget's penalty)
         for m in micro:
             batch = micro_batch(m)
             with loop.autocast:
-                loss = loop.task.loss(loop.wrapped, batch) + dist.regularizer(loop.wrapped).to(loop.device)
-            (loss / len(micro) if loop.scaler is None else loop.scaler.scale(loss / len(micro))).backward()
-            step_loss += loss.detach().float() / len(micro)
-        # NaN on every rank when any rank's loss is, or when the last update broke a weight
-        step_loss = dist.all_reduce_mean(loop.guard.fold(step_loss))
-        if loop.scaler is None and loop.guard.hold(step_loss, loop.optimizer):
+                task_loss = loop.task.loss(loop.wrapped, batch)
+                prior = dist.regularizer(loop.wrapped).to(loop.device)
+            loss = (task_loss + prior) / len(micro)
+            (loss if loop.scaler is None else loop.scaler.scale(loss)).backward()
+            step_loss += torch.stack([task_loss.detach().float(), prior.detach().float().reshape(())]) / len(micro)
+        step_loss = dist.all_reduce_mean(_folded(loop, step_loss))
+        if loop.scaler is None and loop.guard.hold(step_loss[0], loop.optimizer):
             return step_loss
         return _read_loss(loop, step, step_loss, updated=False)
 
-    def graphed_step() -> float:
+    def graphed_step() -> tuple[float, float]:
         """The same step, optimizer included, as one CUDA-graph replay (train.cuda_graph: one
         micro-batch per step, one process)."""
         nonlocal grad_norm
-        out = loop.graphed(micro_batch(k))  # [loss, grad norm], read after the replay: the update has run
-        grad_norm = out[1]
-        return _read_loss(loop, step, loop.guard.fold(out[0]), updated=True)
+        out = loop.graphed(micro_batch(k))  # [loss, prior, grad norm], read after the replay: the update has run
+        grad_norm = out[2]
+        return _read_loss(loop, step, _folded(loop, out[:2]), updated=True)
 
     run_step = forward_backward if loop.graphed is None else graphed_step
     if loop.compiled is not None:
@@ -408,27 +411,44 @@ def _train_step(loop: _Loop, step: int, order: list[int], want_norm: bool) -> tu
     return step_loss, grad_norm
 
 
-def _read_loss(loop: _Loop, step: int, loss: torch.Tensor | float, updated: bool) -> float:
-    """The loss of 0-based ``step`` as a number; a non-finite one stops the run (:func:`_stop`)."""
-    value = float(loss)
+def _folded(loop: _Loop, step_loss: torch.Tensor) -> torch.Tensor:
+    """[task loss, prior] with the task loss NaN when the prior is or the last update broke a weight
+    (:meth:`FiniteGuard.fold`), so that the one check of the task loss sees all three. The prior is
+    kept apart because it is no measure of fit: under a budget it is λ_t · E[cost], which runs far
+    above the task loss while the budget's ramp holds the cost to its target."""
+    task_loss, prior = step_loss.unbind()
+    return torch.stack([loop.guard.fold(task_loss + prior * 0), prior])
+
+
+def _read_loss(loop: _Loop, step: int, step_loss: torch.Tensor, updated: bool) -> tuple[float, float]:
+    """(task loss, prior) of 0-based ``step`` as numbers, one host read; a non-finite task loss stops the
+    run (:func:`_stop`)."""
+    value, prior = host_values(step_loss)
     if not math.isfinite(value):
         _stop(loop, value, step, updated)
-    return value
+    return value, prior
 
 
-def _settle(loop: _Loop, step: int, loss: torch.Tensor | float) -> None:
-    """Read and keep the loss of 0-based ``step``: a non-finite one stops the run (its update, and every
-    later one, were skipped on the device: :meth:`FiniteGuard.hold`)."""
-    value = _read_loss(loop, step, loss, updated=False)
+def host_values(values: torch.Tensor) -> list[float]:
+    """A small device tensor's values on the host: one copy, so one wait for the device."""
+    return values.cpu().tolist()
+
+
+def _settle(loop: _Loop, step: int, step_loss: torch.Tensor | tuple[float, float]) -> None:
+    """Keep the task loss and prior of 0-based ``step``, reading them first when they are still on the
+    device: a non-finite loss stops the run (its update, and every later one, were skipped on the
+    device: :meth:`FiniteGuard.hold`)."""
+    value, prior = step_loss if isinstance(step_loss, tuple) else _read_loss(loop, step, step_loss, updated=False)
     loop.result.losses.append(value)
     loop.state["train_losses"].append(value)
+    loop.state["train_priors"].append(prior)
 
 
 def _log_step(loop: _Loop, step: int, grad_norm) -> None:
     """A log record (loss, lr, grad norm, rank, bits, cost) to the trackers and the progress bar."""
     with dist.full_params(loop.wrapped) as plain:
         logged = step_record(step, loop.state["train_losses"], loop.state["log_history"], loop.optimizer, grad_norm,
-                             plain, loop.scaler)
+                             plain, loop.scaler, loop.state["train_priors"])
     loop.state["log_history"].append(logged)
     for tracker in loop.trackers:  # the record's scalars; the step travels separately
         tracker.log({k: float(v) for k, v in logged.items() if k != "step"}, step)
@@ -440,9 +460,11 @@ def _log_step(loop: _Loop, step: int, grad_norm) -> None:
 
 
 def _bar_fields(loss: float, score: float | None, summary: dict[str, float]) -> dict[str, str]:
-    """The progress bar's fields (and a --no-progress step line's): loss, best score, rank, bits, cost."""
-    return dict(loss=f"{loss:.4f}", score="-" if score is None else f"{score:.4f}", rank=f"{summary['rank']:.2f}",
-                bits=f"{summary['bits']:.1f}", **budget.postfix(summary))
+    """The progress bar's fields (and a --no-progress step line's): task loss, prior (when the run has
+    one), best score, rank, bits, cost."""
+    prior = {} if "prior" not in summary else {"prior": f"{summary['prior']:.4g}"}
+    return dict(loss=f"{loss:.4f}", **prior, score="-" if score is None else f"{score:.4f}",
+                rank=f"{summary['rank']:.2f}", bits=f"{summary['bits']:.1f}", **budget.postfix(summary))
 
 
 def _evaluate(loop: _Loop, step: int, step_loss: float) -> None:
@@ -459,7 +481,9 @@ def _evaluate(loop: _Loop, step: int, step_loss: float) -> None:
     if budget.structure_ready(loop.model) and better:
         loop.state.update(best_step=step, best_score=new, best_metrics=scores)
         dist.save_adapter(loop.wrapped, loop.run_dir / "best")
-    loop.bar.set_postfix(**_bar_fields(step_loss, new, record), refresh=True)
+    logged = loop.state["log_history"][-1] if loop.state["log_history"] else {}  # this step's, logged first
+    prior = {"prior": logged["leanlora/prior"]} if "leanlora/prior" in logged else {}
+    loop.bar.set_postfix(**_bar_fields(step_loss, new, {**record, **prior}), refresh=True)
     loop.log(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in scores.items()))
     for tracker in loop.trackers:
         tracker.log({f"eval_{k}": float(v) for k, v in scores.items()}, step)
@@ -484,6 +508,8 @@ def _finish(loop: _Loop, step: int) -> TrainResult:
     summary = {"steps": step, "best_step": result.best_step, "best_metrics": result.best_metrics,
                "metric": task.metric, "cost": cost, "ran_as": ran_as, "history": state["history"],
                "train_losses": state["train_losses"], "log_history": state["log_history"]}
+    if any(state["train_priors"]):
+        summary["train_priors"] = state["train_priors"]
     verdict = result.verdict = task_verdict(task, result.best_metrics)
     if verdict is not None:
         summary["constant_predictor"] = {"score": verdict.chance, "standard_error": verdict.standard_error,

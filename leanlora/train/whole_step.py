@@ -26,8 +26,9 @@ def graphed_training_step(model: nn.Module, task, optimizer: torch.optim.Optimiz
                           log: Callable[[str], None] | None = None,
                           after_update: Callable[[], None] | None = None) -> StepGraph:
     """A :class:`StepGraph` whose ``run(batch)`` trains one step of ``task`` on ``batch`` (a dict of
-    device tensors from ``task.collate``) and returns ``[loss, gradient norm before clipping]``,
-    detached, in float32. ``after_update`` runs inside the graph after the optimizer step (the
+    device tensors from ``task.collate``) and returns ``[task loss, prior, gradient norm before
+    clipping]``, detached, in float32; the task loss is NaN when the prior is, so that a check of
+    the loss alone sees either. ``after_update`` runs inside the graph after the optimizer step (the
     loop's finite-weight check); it must not read anything back to the host."""
     require_sdpa(model, "train.cuda_graph")
     causal = attends_causally(model)
@@ -37,10 +38,11 @@ def graphed_training_step(model: nn.Module, task, optimizer: torch.optim.Optimiz
             batch = {**batch, "attention_mask": attention_mask_4d(batch["attention_mask"], causal)}
         with autocast:
             loss = task.loss(model, batch)
-            loss = loss + regularizer(model).to(loss.device)
-        loss.backward()
+            prior = regularizer(model).to(loss.device)
+        (loss + prior).backward()
         # the norm always, for the log records: a reduction inside the graph costs no host read
         norm = optimizer_step(optimizer, None, max_grad_norm, want_norm=True, after_update=after_update)
-        return torch.stack([loss.detach().float(), norm.detach().float().to(loss.device)])
+        loss, prior = loss.detach().float(), prior.detach().float()
+        return torch.stack([loss + prior * 0, prior, norm.detach().float().to(loss.device)])
 
     return StepGraph(step, optimizer, log=log)
