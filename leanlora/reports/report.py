@@ -104,10 +104,11 @@ Series = dict[str, tuple[list[int], list[float]]]
 
 
 def curves(metrics: dict) -> dict[str, Series]:
-    """The curves of a run's ``metrics.json`` (as a dict), by panel: ``loss`` (each step's training
-    loss, the mean of each log record, the eval loss), ``cost`` (BOPs and stored bytes in % of
-    LoRA-16) and ``rank``/``bits`` (means over the adapted layers), each as (steps, values).
-    Runs without log records draw rank and bits from their evaluations and no cost."""
+    """The curves of a run's ``metrics.json`` (as a dict), by panel: ``loss`` (each step's task
+    loss, the mean of each log record, the eval loss), ``prior`` (what the gates' prior added to each
+    step's loss, in runs that had one), ``cost`` (BOPs and stored bytes in % of LoRA-16) and
+    ``rank``/``bits`` (means over the adapted layers), each as (steps, values). Runs without log
+    records draw rank and bits from their evaluations and no cost."""
     logged, evals = metrics.get("log_history", []), metrics.get("history", [])
     losses = metrics.get("train_losses", [])
 
@@ -125,12 +126,15 @@ def curves(metrics: dict) -> dict[str, Series]:
     # log records name the adapter's state under leanlora/ (step_log.adapter_values); evaluations
     # hold rank and bits too, under their plain names, in runs that kept no log records
     gates, prefix = (logged, "leanlora/") if logged else (evals, "")
-    return {"loss": loss, "cost": cost, "rank": {"rank": series(gates, prefix + "rank")},
+    priors = metrics.get("train_priors", [])
+    prior: Series = {"prior (each step)": (list(range(1, len(priors) + 1)), list(priors))} if any(priors) else {}
+    return {"loss": loss, "prior": prior, "cost": cost, "rank": {"rank": series(gates, prefix + "rank")},
             "bits": {"bits": series(gates, prefix + "bits")}}
 
 
 def plot_curves(metrics: dict, path: str | os.PathLike) -> Path:
-    """PNG of :func:`curves`: loss, cost as a share of LoRA-16, and mean rank with mean bits."""
+    """PNG of :func:`curves`: loss (with the prior on its own axis), cost as a share of LoRA-16, and
+    mean rank with mean bits."""
     plt = _pyplot()
     drawn = curves(metrics)
     fig, (loss_ax, cost_ax, rank_ax) = plt.subplots(3, 1, figsize=(7, 8.5), sharex=True)
@@ -144,6 +148,10 @@ def plot_curves(metrics: dict, path: str | os.PathLike) -> Path:
     if not drawn["cost"]:  # say why the panel is empty rather than draw a bare frame
         cost_ax.text(0.5, 0.5, "no log records in metrics.json", ha="center", va="center", transform=cost_ax.transAxes)
     loss_ax.set_ylabel("loss")
+    if drawn["prior"]:  # its own axis: during a budget's ramp it runs many times above the task loss
+        prior_ax = loss_ax.twinx()
+        prior_ax.plot(*drawn["prior"]["prior (each step)"], lw=1.0, ls="--", color="C7")
+        prior_ax.set_ylabel("prior (dashed)", color="C7")
     cost_ax.set_ylabel("% of LoRA-16")
     rank_ax.plot(*drawn["rank"]["rank"], marker=".", color="C0")
     rank_ax.set_ylabel("mean rank", color="C0")
