@@ -73,6 +73,12 @@ def _choices(hint: Any) -> tuple | None:
     return None
 
 
+def _shown(choices: tuple) -> tuple:
+    """The choices a message lists: False is allowed beside 'off' only as YAML's reading of a bare
+    `off`, so it is not offered as a value of its own."""
+    return tuple(c for c in choices if not (c is False and "off" in choices))
+
+
 def check_field_types(obj: Any, prefix: str) -> None:
     """Refuse a value of the wrong kind in a config built directly (the API; YAML and dicts go
     through :func:`from_plain`), naming the field: a string where a number belongs would otherwise
@@ -87,7 +93,7 @@ def check_field_types(obj: Any, prefix: str) -> None:
             hint = args[0]  # an optional field: its type when set
         if choices := _choices(hint):
             _require(value in choices, name, value, "allowed: " + ", ".join(
-                str(c).lower() if isinstance(c, bool) else repr(c) for c in choices))
+                str(c).lower() if isinstance(c, bool) else repr(c) for c in _shown(choices)))
         elif hint is float:
             real = isinstance(value, numbers.Real) and not isinstance(value, bool)
             _require(real and math.isfinite(value), name, value,
@@ -380,14 +386,15 @@ class AdapterConfig:
     lora_dropout: InitVar[float | None] = None
     """PEFT's name of ``dropout`` (not stored: it sets dropout)."""
     ALIASES: ClassVar[dict[str, str]] = PEFT_ALIASES
-    budget: float | Literal["auto", "off"] | None = "auto"
+    budget: float | Literal["auto", "off", False] | None = "auto"
     """target BOPs of the finalized adapter as a fraction of a plain LoRA of the same modules and r
     with 16-bit factors, in (0, 1]; needs ranks="gated" or precision="learned". A controller
     drives the gates there and replaces the λ-weighted prior (:mod:`leanlora.budget`).
     "auto" (the default): ``DEFAULT_BUDGET`` in every loop that knows the run's length and tells
     the controller (``leanlora train``, ``LeanLoraTrainer``, a loop that calls
     ``leanlora.budget.start``) when something is gated; otherwise no budget. "off" or None: no
-    budget, the gates follow the λ-weighted prior alone (B-LoRA as published)."""
+    budget, the gates follow the λ-weighted prior alone (B-LoRA as published). (YAML's bare `off`
+    reads as false, which means "off" here.)"""
     budget_schedule: tuple[float, float, float] = (0.05, 0.2, 0.25)
     """fractions of the run where the budget's target starts to fall, reaches the budget, and
     where the gates are frozen to the final structure (the rest fine-tunes the factors). The
@@ -554,7 +561,7 @@ def _check_budget(c: "AdapterConfig") -> None:
     _require(len(s) == 3 and all(isinstance(v, (int, float)) for v in s) and 0 <= s[0] < s[1] <= s[2] <= 1,
              "adapter.budget_schedule", c.budget_schedule, "must be three fractions start < reach <= freeze in [0, 1]")
     object.__setattr__(c, "budget_schedule", tuple(float(v) for v in s))
-    if c.budget == "off":
+    if c.budget == "off" or c.budget is False:  # False: YAML's bare `off`
         object.__setattr__(c, "budget", None)
     if c.budget is None or c.budget == "auto":
         return
@@ -620,7 +627,7 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
         raise ConfigError("; or ".join(errors))
     if origin is Literal:
         if value not in args:
-            raise ConfigError(f"{path}={value!r} is invalid: allowed {list(args)}")
+            raise ConfigError(f"{path}={value!r} is invalid: allowed {list(_shown(args))}")
         return value
     if origin in (tuple, list):
         if isinstance(value, str):

@@ -121,11 +121,32 @@ def test_crash_and_resume_is_bit_exact_for_every_method(config, tmp_path, monkey
     resumed = train(None, tmp_path / "crashed", resume=True, **quiet)
     assert resumed.steps == 24 and len(resumed.losses) == 12
     assert resumed.losses == full.losses[12:]
+    ma, mb = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("full", "crashed"))
+    assert ma.get("train_priors") == mb.get("train_priors") and ma["log_history"] == mb["log_history"]
     a = load_file(str(tmp_path / "full" / "adapter" / "leanlora_adapter.safetensors"))
     b = load_file(str(tmp_path / "crashed" / "adapter" / "leanlora_adapter.safetensors"))
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_a_checkpoint_that_kept_no_priors_resumes(config, tmp_path, monkeypatch):
+    """Checkpoints written before the prior was kept apart from the loss have no ``train_priors``:
+    those steps count as having none, and the run goes on to record the rest."""
+    run = load_run_config(config, ["train.max_steps=12", "train.save_every=4", "adapter.ranks=gated",
+                                   "adapter.budget=off"])  # the prior λ·R, on every step
+    quiet = dict(progress=False, log=lambda *_: None)
+    crash_after_saving(monkeypatch, 8)
+    with pytest.raises(Crash):
+        train(run, tmp_path / "old", **quiet)
+    monkeypatch.undo()
+    state_file = latest_checkpoint(tmp_path / "old") / "state.json"
+    state = json.loads(state_file.read_text())
+    assert len(state["loop"].pop("train_priors")) == 8
+    state_file.write_text(json.dumps(state))
+    resumed = train(None, tmp_path / "old", resume=True, **quiet)
+    priors = json.loads((tmp_path / "old" / "metrics.json").read_text())["train_priors"]
+    assert resumed.steps == 12 and priors[:8] == [0.0] * 8 and all(p > 0 for p in priors[8:])
 
 
 @pytest.mark.parametrize("adapter", [[], ["adapter.ranks=gated", "adapter.precision=learned", "adapter.factors=bank",

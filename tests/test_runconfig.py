@@ -73,6 +73,16 @@ def test_overrides_parse_values_as_yaml():
         parse_override("r8")
 
 
+def test_a_bare_off_turns_the_budget_and_the_fused_loss_off(tmp_path):
+    """YAML 1.1 reads a bare `off` as false; where a setting's word for "none" is 'off', false means it."""
+    text = "adapter:\n  ranks: gated\n  budget: off\ntrain:\n  fused_loss: off\n"
+    for run in (load_run_config(write(tmp_path, text)),
+                load_run_config(None, ["adapter.ranks=gated", "adapter.budget=off", "train.fused_loss=off"])):
+        assert run.adapter.budget is None and run.train.fused_loss == "off"
+    with pytest.raises(ConfigError, match=r"adapter.budget=True is invalid: allowed \[.auto., .off.\]$"):
+        load_run_config(None, ["adapter.ranks=gated", "adapter.budget=on"])
+
+
 def test_unknown_key_names_key_and_line(tmp_path):
     path = write(tmp_path, "model:\n  path: x\nadapter:\n  r: 8\n  quant:\n    bitz: 3\n")
     with pytest.raises(ConfigError, match=r"run.yaml line 6: adapter.quant: unknown key\(s\) \['bitz'\]"):
