@@ -123,6 +123,22 @@ def test_a_class_of_one_training_row_that_no_eval_row_has_is_named(tmp_path, tok
         ClassificationTask(DataConfig(train_file=str(train), eval_file=str(dev), labels=("0", "1")), tokenizer)
 
 
+def test_yes_no_labels_that_yaml_read_as_booleans_are_named(tmp_path, tokenizer):
+    """`labels: [no, yes]` in a run YAML arrives as [False, True]; the data's 'no' then misses class
+    'False', and the error says why and how to write it."""
+    from leanlora.train.runconfig import load_run_config
+
+    path = tmp_path / "t.tsv"
+    path.write_text("sentence\tlabel\na good film\tyes\na dull film\tno\n")
+    (tmp_path / "run.yaml").write_text(f"data:\n  train_file: {path}\n  labels: [no, yes]\n")
+    data = load_run_config(tmp_path / "run.yaml").data
+    assert data.labels == ("False", "True")
+    with pytest.raises(Exception, match=r"label 'yes'.*YAML reads bare words such as yes, no.*\['no', 'yes'\]"):
+        ClassificationTask(data, tokenizer)
+    quoted = DataConfig(train_file=str(path), labels=("no", "yes"))
+    assert ClassificationTask(quoted, tokenizer).labels == ("no", "yes")
+
+
 def test_empty_dataset_names_file(tmp_path, tokenizer):
     (tmp_path / "e.tsv").write_text("sentence\tlabel\n")
     with pytest.raises(ConfigError, match=r"e.tsv \(data.train_file\): the file holds no data rows"):

@@ -93,6 +93,18 @@ def _pad(seqs: list[list[int]], value: int, left: bool = False, width: int = 0) 
                          for s in seqs], dtype=torch.long)
 
 
+# the words YAML 1.1 reads as true or false when they stand bare (`labels: [no, yes]`)
+_YAML_BOOL_WORDS = {"yes", "no", "on", "off", "true", "false", "y", "n"}
+
+
+def _bare_yaml_word_hint(label: str, labels: tuple[str, ...]) -> str:
+    """Why a 'no'/'yes' label misses classes ['False', 'True']: YAML turned the bare words into booleans."""
+    if label.lower() not in _YAML_BOOL_WORDS or not {"True", "False"} & set(labels):
+        return ""
+    return ("; YAML reads bare words such as yes, no, on and off as true and false: quote them in the "
+            "config (data.labels: ['no', 'yes'])")
+
+
 class ClassificationTask:
     """Sequence classification (``num_labels`` classes) or regression (one output, MSE)."""
 
@@ -173,7 +185,7 @@ class ClassificationTask:
             return value
         if label not in self.labels:
             raise DataError(f"{path} line {row.line}: label {label!r} ({label_key}) is not one of the classes "
-                            f"{list(self.labels)} (data.labels)")
+                            f"{list(self.labels)} (data.labels)" + _bare_yaml_word_hint(label, self.labels))
         return self.labels.index(label)
 
     def collate(self, examples: list[Example]) -> dict[str, torch.Tensor]:
