@@ -88,6 +88,13 @@ def check_spec_matches(model: nn.Module, spec: str | tuple[str, ...]) -> None:
     if isinstance(spec, str):
         if not any(module_matches(spec, n) for n in names):
             as_suffix = [n for n in names if re.search(rf"(^|\.)(?:{spec})$", n)]
+            words = [w.strip() for w in spec.split(",")]
+            if not as_suffix and len(words) > 1 and all(re.fullmatch(r"[\w.]+", w) for w in words):
+                # `target_modules: query, value` in YAML is one string, not a list
+                as_list = "[" + ", ".join(words) + "]"
+                raise InjectError(f"target_modules {spec!r} is one string, which is read as a regular expression, and "
+                                  f"it matches no module of {type(model).__name__}; for several names give a list: "
+                                  f"{as_list} (linear layer names present: {_linear_leaves(model)})")
             raise InjectError(
                 f"target_modules regex {spec!r} matches no module of {type(model).__name__}: a single string "
                 "is a regular expression matched against the whole dotted name (PEFT's rule)"

@@ -39,6 +39,14 @@ def test_a_regex_string_that_matches_only_a_suffix_says_to_give_a_list():
         leanlora.inject(tiny_llama(), leanlora.AdapterConfig(target_modules="q_proj"))
 
 
+def test_names_separated_by_commas_in_one_string_say_to_give_a_list():
+    """`target_modules: q_proj, v_proj` in YAML is one string (a regex matching nothing)."""
+    with pytest.raises(leanlora.InjectError, match=r"'q_proj, v_proj' is one string.*give a list: \[q_proj, v_proj\]"):
+        leanlora.inject(tiny_llama(), leanlora.AdapterConfig(target_modules="q_proj, v_proj"))
+    with pytest.raises(leanlora.InjectError, match=r"regex 'q_proj\|v_proj' matches no module"):  # a regex stays one
+        leanlora.inject(tiny_llama(), leanlora.AdapterConfig(target_modules="q_proj|v_proj"))
+
+
 @pytest.mark.parametrize("entry, regex", [("*_proj", r"(.*\.)?[^.]*_proj"), ("re:.*q_proj", ".*q_proj")])
 def test_globs_and_re_prefixes_in_a_list_are_refused_with_the_regex_to_use(entry, regex):
     with pytest.raises(leanlora.ConfigError, match=r"entry .* is a pattern.*give one regex string") as info:
