@@ -107,6 +107,7 @@ def load_trained(run_dir: str | Path, overrides: list[str] = (), adapter: str | 
     """(run config, model with the trained adapter, tokenizer, task) of a finished run folder."""
     import leanlora
     from leanlora.train.loop import RUN_CONFIG, load_for_run
+    from leanlora.train.preflight import check_max_length
     from leanlora.train.runconfig import load_run_config
 
     run_dir = Path(run_dir)
@@ -118,6 +119,7 @@ def load_trained(run_dir: str | Path, overrides: list[str] = (), adapter: str | 
                        "data.* and train.* overrides")
     run = load_run_config(run_dir / RUN_CONFIG, overrides)
     model, tokenizer, task = load_for_run(run, need_train=need_train)
+    check_max_length(run, model)  # a data.max_length override longer than the model places
     try:
         leanlora.load(model, adapter or run_dir / "adapter", check_base=check_base)
     except leanlora.BaseMismatchError as err:

@@ -91,7 +91,7 @@ def test_loop_speed_runs_both_loops_on_the_same_run(tmp_path):
     for split in ("train", "dev"):
         write_sentiment_tsv(folder / f"{split}.tsv", 48, seed=0)
     common = ["--model", str(tiny_bert_dir(tmp_path, minilm_dir())), "--data", str(folder), "--steps", "5",
-              "--warmup", "2", "--batch", "8", "--device", "cpu"]
+              "--warmup", "2", "--batch", "8", "--device", "cpu", "--max-length", "64"]  # the tiny BERT places 64
     out, fresh = tmp_path / "loop.jsonl", tmp_path / "fresh.jsonl"
     loop_speed.main(common + ["--same-process", "--out", str(out),
                               "--rows", "peft_lora@eager,lean_blora@eager,peft_vblora@eager"])

@@ -58,3 +58,39 @@ def test_cli_stops_before_loading_anything(tmp_path, monkeypatch, capsys, overri
     err = capsys.readouterr().err
     assert err.startswith("leanlora") and ": adapter." in err and "Traceback" not in err
     assert re.search(message, err), err
+
+
+@pytest.mark.parametrize("family, limit", [("bert", 512), ("roberta", 512), ("gpt2", 1024), ("opt", 2048),
+                                           ("distilbert", 512), ("llama", None)])
+def test_the_position_limit_is_the_usable_rows_of_a_learned_position_table(family, limit):
+    """RoBERTa's 514 rows start after its padding index and OPT's 2050 after an offset of 2; Llama's
+    rotary positions have no table and place any length."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from leanlora.train.preflight import position_limit
+
+    config = AutoConfig.for_model(family, **({"max_position_embeddings": 514, "pad_token_id": 1}
+                                             if family == "roberta" else {}))
+    auto = AutoModelForCausalLM if family in ("gpt2", "opt", "llama") else AutoModelForSequenceClassification
+    with torch.device("meta"):
+        assert position_limit(auto.from_config(config)) == limit
+
+
+def test_a_max_length_past_the_models_positions_stops_before_loading(tmp_path, monkeypatch, capsys):
+    """The tiny BERT places 64 tokens; data.max_length=65 fails on the skeleton (it would fail at
+    the first longer example, mid-run), and so does an eval override of a trained run."""
+    from conftest import minilm_dir
+    from train_fixtures import classification_yaml, tiny_bert_dir
+
+    config = classification_yaml(tmp_path, tiny_bert_dir(tmp_path, minilm_dir()), max_steps=1)
+    original = loop.load_for_run
+    monkeypatch.setattr(loop, "load_for_run", lambda *a, **k: pytest.fail("loaded before the length was checked"))
+    assert main(["train", str(config), "data.max_length=65", "--out", str(tmp_path / "long"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "data.max_length=65 is longer than the 64 positions BertForSequenceClassification" in err
+    assert "set data.max_length to at most 64" in err and "Traceback" not in err
+    monkeypatch.setattr(loop, "load_for_run", original)
+    assert main(["train", str(config), "data.max_length=64", "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    assert main(["eval", str(tmp_path / "run"), "data.max_length=100"]) == 2
+    assert "data.max_length=100 is longer than the 64 positions" in capsys.readouterr().err

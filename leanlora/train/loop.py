@@ -45,7 +45,7 @@ from leanlora.train.guard import base_weights, short_run_notice, small_base_noti
 from leanlora.train.models import load_model, load_tokenizer
 from leanlora.train.precision import check_trainable_dtype, optimizer_step, resolve_precision
 from leanlora.train.resume import resume_config, retune
-from leanlora.train.preflight import check_adapter
+from leanlora.train.preflight import check_adapter, check_max_length, skeleton
 from leanlora.train.runconfig import RunConfig, to_commented_yaml
 from leanlora.train.step_log import step_record
 from leanlora.train.tasks import batches, build_task
@@ -122,7 +122,9 @@ def train(run: RunConfig | None, run_dir: str | Path, *, resume: bool = False, p
     precision = resolve_precision(run.train, device, log)
     # refuses train.cuda_graph=true where it cannot run; before the data: it sets the padding
     run, graphed = plan_step_graph(run, device, precision.name, log)
-    check_adapter(run)  # a pattern that matches nothing fails here, before weights and data load
+    shape = skeleton(run)  # the model without weights: a mismatch fails here, before weights and data load
+    check_adapter(run, shape)
+    check_max_length(run, shape)
     model, _, task = load_for_run(run, sources=sources)
     graphed = graphed and _takes_a_graph(run, model, log)  # before the adapter: the fused loss follows it
     run = run.replace(data=task.resolved_config())

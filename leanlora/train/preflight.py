@@ -63,3 +63,29 @@ def check_adapter(run: RunConfig, model: nn.Module | None = None) -> None:
 
 
 _ADAPTER_KEYS = {"target_modules", "exclude_modules", "modules_to_save", "r", "bank", "nf4"}
+
+
+# the names transformers gives a learned table of positions (BERT, RoBERTa, ALBERT, DistilBERT: the
+# first; GPT-2: the second; OPT, BART: the third); models that compute positions (RoPE, ALiBi,
+# relative biases) have none and place any length
+_POSITION_TABLES = ("position_embeddings", "wpe", "embed_positions")
+
+
+def position_limit(model: nn.Module) -> int | None:
+    """The tokens one sequence may hold in ``model``: the usable rows of its learned position table
+    (RoBERTa's start after its padding index, OPT's after an offset of 2); None when it has none."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding) and name.rsplit(".", 1)[-1] in _POSITION_TABLES:
+            skipped = max(getattr(module, "offset", 0), 0 if module.padding_idx is None else module.padding_idx + 1)
+            return module.num_embeddings - skipped
+    return None
+
+
+def check_max_length(run: RunConfig, model: nn.Module) -> None:
+    """Refuse a ``data.max_length`` longer than ``model``'s table of positions: the first longer
+    example would otherwise stop the run with a shape error (an index error on a GPU) mid-training."""
+    limit = position_limit(model)
+    if limit is not None and run.data.max_length > limit:
+        raise PreflightError(f"data.max_length={run.data.max_length} is longer than the {limit} positions "
+                             f"{type(model).__name__} at model.path={run.model.path!r} has (its learned position "
+                             f"table); set data.max_length to at most {limit}")
