@@ -281,3 +281,17 @@ def test_causal_lm_pads_labels_with_ignore_index_to_the_multiple(tmp_path):
     batch = task.collate(task.train)
     assert batch["input_ids"].shape[1] == 32 and batch["labels"].shape[1] == 32
     assert (batch["labels"] != -100).sum() == sum(len(e["input_ids"]) - len(e["prompt_ids"]) for e in task.train)
+
+
+def test_an_eval_file_that_is_the_training_file_is_named(tmp_path, tokenizer):
+    """Scoring the training rows measures fit, not generalization, and best/ would keep the adapter
+    that fits them most closely: warned at the start of the run, with what to do instead."""
+    from leanlora.train.tasks import build_task
+
+    train = write_sentiment_tsv(tmp_path / "train.tsv", 40, seed=0)
+    same = build_task(DataConfig(train_file=str(train), eval_file=str(tmp_path / "." / "train.tsv")), tokenizer)
+    assert len(same.notices) == 1 and same.notices[0].startswith("warning: data.eval_file is data.train_file")
+    assert "data.holdout=N" in same.notices[0]
+    dev = write_sentiment_tsv(tmp_path / "dev.tsv", 20, seed=1)
+    assert build_task(DataConfig(train_file=str(train), eval_file=str(dev)), tokenizer).notices == []
+    assert build_task(DataConfig(train_file=str(train), holdout=8), tokenizer).notices == []

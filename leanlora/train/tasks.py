@@ -307,7 +307,26 @@ def build_task(cfg: DataConfig, tokenizer, need_train: bool = True,
     if unknown := sorted(set(sources or {}) - {"train_file", "eval_file"}):
         raise DataError(f"data sources {unknown}: allowed keys are 'train_file' and 'eval_file'")
     task_class = CausalLMTask if cfg.task == "causal_lm" else ClassificationTask
-    return task_class(cfg, tokenizer, need_train, sources)
+    task = task_class(cfg, tokenizer, need_train, sources)
+    if (same := _eval_is_train(cfg, sources)) is not None:
+        task.notices = (*task.notices, same)
+    return task
+
+
+def _eval_is_train(cfg: DataConfig, sources: Sources | None) -> str | None:
+    """The warning for an eval file that is the training file; None otherwise."""
+    if cfg.holdout or not cfg.eval_file or not cfg.train_file or sources:
+        return None
+    try:
+        train, dev = (resolve_data_path(f, key).resolve() for f, key in
+                      ((cfg.train_file, "data.train_file"), (cfg.eval_file, "data.eval_file")))
+    except DataError:
+        return None  # the task has named the file that is missing
+    if train != dev:
+        return None
+    return (f"warning: data.eval_file is data.train_file ({train}): the dev scores measure how the adapter fits "
+            "the rows it trains on, not rows it has never seen, and best/ keeps the adapter that fits them most "
+            "closely; hold rows out instead (data.eval_file= data.holdout=N) or name another file")
 
 
 def batches(examples: list[Example], batch_size: int, collate, device: torch.device,
@@ -321,7 +340,7 @@ def batches(examples: list[Example], batch_size: int, collate, device: torch.dev
 
 # --- GLUE folders and BoolQ -------------------------------------------------------------------
 
-# Layouts of the GLUE files (see ../shared/assets/README.md); chosen by the folder's name.
+# The column layouts of the GLUE distribution's files, by task; chosen by the folder's name.
 GLUE_LAYOUTS: dict[str, dict[str, Any]] = {
     "SST-2": dict(text_columns=("sentence",), label_column="label"),
     "CoLA": dict(header=False, text_columns=("3",), label_column="1", metric="matthews"),
