@@ -371,7 +371,8 @@ def _train_step(loop: _Loop, step: int, order: list[int], want_norm: bool) -> tu
         return next(batches(loop.task.train, tc.batch_size, loop.task.collate, loop.device, idx))
 
     def forward_backward() -> torch.Tensor | tuple[float, float]:
-        """Forward and backward of every micro-batch of this optimizer step; the mean loss over ranks.
+        """Forward and backward of every micro-batch of this optimizer step; its task loss and prior,
+        means over ranks.
 
         Nothing is read back per micro-batch: that would make the host wait for the GPU with the
         backward still to launch. Where the optimizer can skip an update on the device
