@@ -102,6 +102,15 @@ def test_advance_without_the_run_length_says_what_to_call():
         leanlora.advance(model, 0)
 
 
+@pytest.mark.parametrize("step", [-1, 2.5, True, "3"])
+def test_advance_refuses_a_step_that_is_no_optimizer_step(step):
+    """A negative or fractional step would set the schedules (the budget's target, the nested-rank
+    draw) to a point no run reaches, silently."""
+    model = gated_bert(budget=0.3)
+    with pytest.raises(ValueError, match=rf"leanlora.advance: step={step!r} is invalid: .* an integer >= 0"):
+        leanlora.advance(model, step)
+
+
 # --- projection ---------------------------------------------------------------------------------------
 
 

@@ -8,6 +8,7 @@ Strategies opt in instead of being probed by name:
 
 from __future__ import annotations
 
+import numbers
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -63,7 +64,10 @@ def regularizer(model: nn.Module) -> torch.Tensor:
 
 
 def advance(model: nn.Module, step: int) -> None:
-    """Advance every schedule of the adapter (call once per optimizer step, before the forward)."""
+    """Advance every schedule of the adapter to 0-based optimizer ``step`` (call once per step, before
+    the forward)."""
+    if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
+        raise ValueError(f"leanlora.advance: step={step!r} is invalid: must be the 0-based optimizer step, an integer >= 0")
     for m in shared_state(model).modules():  # the schedules are model-wide: the nested-rank sampler
         if callable(getattr(type(m), "advance", None)):  # asked of the class: a protocol check per module is slow
             m.advance(step)
