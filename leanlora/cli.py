@@ -237,6 +237,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         kind, export = "rank", leanlora.export_rank
         result = leanlora.sweep_ranks(model, eval_fn, _parse_ranks(args, run.adapter.r), **options)
     print(result.table())
+    for row in result.rows:  # a budget the gates cannot reach gives the nearest point, which costs more
+        if row.budget is not None and row.bops_vs_lora16 is not None and row.bops_vs_lora16 > 1.1 * row.budget:
+            print(f"note: budget {row.budget:g}: this adapter's gates reach no cost that low; its point costs "
+                  f"{row.bops_vs_lora16:.4f} of LoRA-16's BOPs")
     # ranks are integers, budgets fractions: :g prints each as it is (4, 0.1)
     print(f"best {kind} {result.best_rank:g}, chosen {kind} {result.chosen_rank:g} (tolerance {args.tolerance})")
     run_dir = Path(args.run_dir)

@@ -423,6 +423,9 @@ def test_a_gated_run_without_a_budget_can_be_swept(config, tmp_path, capsys):
     assert main(["sweep", str(out), "--budgets", "0.2,0.6"]) == 0
     text = capsys.readouterr().out
     assert "| budget |" in text and "chosen budget" in text
+    # float factors with gated ranks cost at least one component of four at 32 bits: 0.5 of LoRA-16
+    assert "note: budget 0.2: this adapter's gates reach no cost that low; its point costs 0.5000" in text
+    assert "note: budget 0.6" not in text
     assert main(["sweep", str(out), "--budgets", "0,0.5"]) == 2
 
 
