@@ -102,12 +102,9 @@ def _refuse_inside_run(out: Path, run_dir: str | Path, option: str) -> None:
                        f"export to a folder of its own, e.g. {Path(run_dir) / 'export'}")
 
 
-def load_trained(run_dir: str | Path, overrides: list[str] = (), adapter: str | None = None, need_train=False,
-                 check_base: bool = True):
-    """(run config, model with the trained adapter, tokenizer, task) of a finished run folder."""
-    import leanlora
-    from leanlora.train.loop import RUN_CONFIG, load_for_run
-    from leanlora.train.preflight import check_max_length
+def trained_run_config(run_dir: str | Path, overrides: list[str] = (), adapter: str | None = None):
+    """The run config of a finished run folder with ``overrides`` (no weights or data read)."""
+    from leanlora.train.loop import RUN_CONFIG
     from leanlora.train.runconfig import load_run_config
 
     run_dir = Path(run_dir)
@@ -117,7 +114,18 @@ def load_trained(run_dir: str | Path, overrides: list[str] = (), adapter: str | 
         raise CLIError(f"override {ignored[0]!r}: a trained adapter's settings are read from its folder "
                        f"({adapter or run_dir / 'adapter'}), so it would be ignored; these commands take model.*, "
                        "data.* and train.* overrides")
-    run = load_run_config(run_dir / RUN_CONFIG, overrides)
+    return load_run_config(run_dir / RUN_CONFIG, overrides)
+
+
+def load_trained(run_dir: str | Path, overrides: list[str] = (), adapter: str | None = None, need_train=False,
+                 check_base: bool = True):
+    """(run config, model with the trained adapter, tokenizer, task) of a finished run folder."""
+    import leanlora
+    from leanlora.train.loop import load_for_run
+    from leanlora.train.preflight import check_max_length
+
+    run = trained_run_config(run_dir, overrides, adapter)
+    run_dir = Path(run_dir)
     model, tokenizer, task = load_for_run(run, need_train=need_train)
     check_max_length(run, model)  # a data.max_length override longer than the model places
     try:
@@ -216,12 +224,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         raise CLIError(f"--tolerance {args.tolerance}: must be a finite score difference >= 0 (0: the best point)")
     if args.export:
         _refuse_inside_run(Path(args.export), args.run_dir, "--export")
-    run, model, _, task = _load_args(args)
+    run = trained_run_config(args.run_dir, args.overrides, args.adapter)  # the points are checked before loading
     by_budget = run.adapter.is_gated
     if run.adapter.ranks != "nested" and not by_budget:
         raise CLIError(f"{args.run_dir} trained adapter.ranks={run.adapter.ranks!r}, adapter.precision="
                        f"{run.adapter.precision!r}; a sweep needs one adapter trained with adapter.ranks=nested "
                        "(a rank sweep) or with adapter.ranks=gated / adapter.precision=learned (a budget sweep)")
+    points = _parse_budgets(args, run.adapter) if by_budget else _parse_ranks(args, run.adapter.r)
+    run, model, _, task = _load_args(args)
     if not task.eval:
         raise CLIError("data.eval_file is empty; the sweep scores the eval set at each point")
     device = resolve_device(run.train.device)
@@ -232,10 +242,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     options = dict(tolerance=args.tolerance, higher_is_better=task.metric != "loss", metric=task.metric)
     if by_budget:
         kind, export = "budget", leanlora.export_budget
-        result = leanlora.sweep_budgets(model, eval_fn, _parse_budgets(args, run.adapter), **options)
+        result = leanlora.sweep_budgets(model, eval_fn, points, **options)
     else:
         kind, export = "rank", leanlora.export_rank
-        result = leanlora.sweep_ranks(model, eval_fn, _parse_ranks(args, run.adapter.r), **options)
+        result = leanlora.sweep_ranks(model, eval_fn, points, **options)
     print(result.table())
     for row in result.rows:  # a budget the gates cannot reach gives the nearest point, which costs more
         if row.budget is not None and row.bops_vs_lora16 is not None and row.bops_vs_lora16 > 1.1 * row.budget:

@@ -228,3 +228,14 @@ def test_labels_given_as_numbers_compare_as_text(config, tmp_path):
     from leanlora.train.runconfig import load_run_config
 
     assert load_run_config(tmp_path / "out" / "run.yaml").data.labels == ("0", "1")
+
+
+@pytest.mark.parametrize("points", [["--ranks", "2,9"], ["--ranks", "a"], ["--budgets", "0.1"]])
+def test_sweep_points_are_checked_before_the_model_loads(points, finished, monkeypatch, capsys):
+    """A mistyped --ranks (or --budgets on a nested run) costs no model load: on a real model that is
+    minutes (a GGUF file is dequantized first)."""
+    from leanlora.train import loop
+
+    monkeypatch.setattr(loop, "load_for_run", lambda *a, **k: pytest.fail("the model loaded before the points"))
+    assert main(["sweep", str(finished), *points]) == 2
+    assert capsys.readouterr().err.startswith("leanlora sweep: error: --")
