@@ -400,7 +400,8 @@ def _train_step(loop: _Loop, step: int, order: list[int], want_norm: bool) -> tu
         nonlocal grad_norm
         out = loop.graphed(micro_batch(k))  # [loss, prior, grad norm], read after the replay: the update has run
         grad_norm = out[2]
-        return _read_loss(loop, step, _folded(loop, out[:2]), updated=True)
+        # the captured step folded a non-finite prior into the task loss already; the weights' flag is folded here
+        return _read_loss(loop, step, torch.stack([loop.guard.fold(out[0]), out[1]]), updated=True)
 
     run_step = forward_backward if loop.graphed is None else graphed_step
     if loop.compiled is not None:
