@@ -139,3 +139,36 @@ def test_a_graphed_causal_lm_run_trains_what_the_plain_loop_trains_also_when_res
     resumed = train(None, tmp_path / "crashed", resume=True, **QUIET)  # warms up and captures again
     assert resumed.steps == 10 and len(resumed.losses) == 5
     assert resumed.losses == pytest.approx(plain.losses[5:], rel=1e-4, abs=1e-5)
+
+
+def test_the_loops_captured_step_path_trains_and_records_what_the_plain_loop_does(config, tmp_path, monkeypatch):
+    """The loop's side of a captured step (its [task loss, prior, norm] read after the step, the
+    weights' flag folded in, the recapture at the budget's freeze), run on the CPU with the step
+    uncaptured: losses and priors equal the plain loop's bit for bit, for B-LoRA under a budget."""
+    from leanlora.train import loop, whole_step
+
+    calls = []
+
+    class Uncaptured:  # the same step function, called instead of replayed
+        def __init__(self, step, optimizer, log=None, **kwargs):
+            self.step = step
+
+        def __call__(self, batch):
+            calls.append(len(batch["input_ids"]))
+            return self.step(batch)
+
+        def reset(self):
+            pass
+
+    run = load_run_config(config, ["train.max_steps=8", "train.log_every=2", "train.eval_every=0", "train.save_every=0",
+                                   "adapter.ranks=gated", "adapter.precision=learned"])
+    plain = train(run, tmp_path / "plain", **QUIET)
+    monkeypatch.setattr(whole_step, "StepGraph", Uncaptured)
+    monkeypatch.setattr(loop, "plan_step_graph", lambda run, device, precision, log: (run, True))
+    monkeypatch.setattr(loop, "_takes_a_graph", lambda run, model, log: True)
+    stepped = train(run, tmp_path / "stepped", **QUIET)
+    a, b = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("plain", "stepped"))
+    assert calls == [8] * 8  # every step went through the captured step's function
+    assert stepped.losses == plain.losses and len(plain.losses) == 8
+    assert b["train_priors"] == a["train_priors"] and any(a["train_priors"])
+    assert b["log_history"] == a["log_history"]
