@@ -1,6 +1,7 @@
 """train.cuda_graph: the training loop's whole step as one CUDA graph. What it refuses (anywhere),
-that checkpoints hold the graph's tensor learning rates, and (on a CUDA device) that a graphed
-run trains what the plain loop trains, for a classifier and a causal LM."""
+that checkpoints hold the graph's tensor learning rates, that the loop's side of a captured step
+(run uncaptured, on any device) records what the plain loop records, and (on a CUDA device) that a
+graphed run trains what the plain loop trains, for a classifier and a causal LM."""
 
 from __future__ import annotations
 
