@@ -93,8 +93,8 @@ def _pad(seqs: list[list[int]], value: int, left: bool = False, width: int = 0) 
                          for s in seqs], dtype=torch.long)
 
 
-# the words YAML 1.1 reads as true or false when they stand bare (`labels: [no, yes]`)
-_YAML_BOOL_WORDS = {"yes", "no", "on", "off", "true", "false", "y", "n"}
+# the words the config's YAML reader takes for true or false when they stand bare (`labels: [no, yes]`)
+_YAML_BOOL_WORDS = {"yes", "no", "on", "off", "true", "false"}
 
 
 def _bare_yaml_word_hint(label: str, labels: tuple[str, ...]) -> str:
