@@ -42,7 +42,7 @@ def graphed_training_step(model: nn.Module, task, optimizer: torch.optim.Optimiz
         (loss + prior).backward()
         # the norm always, for the log records: a reduction inside the graph costs no host read
         norm = optimizer_step(optimizer, None, max_grad_norm, want_norm=True, after_update=after_update)
-        loss, prior = loss.detach().float(), prior.detach().float()
+        loss, prior = loss.detach().float(), prior.detach().float().reshape(())
         return torch.stack([loss + prior * 0, prior, norm.detach().float().to(loss.device)])
 
     return StepGraph(step, optimizer, log=log)
