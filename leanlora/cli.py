@@ -118,13 +118,14 @@ def trained_run_config(run_dir: str | Path, overrides: list[str] = (), adapter: 
 
 
 def load_trained(run_dir: str | Path, overrides: list[str] = (), adapter: str | None = None, need_train=False,
-                 check_base: bool = True):
-    """(run config, model with the trained adapter, tokenizer, task) of a finished run folder."""
+                 check_base: bool = True, run=None):
+    """(run config, model with the trained adapter, tokenizer, task) of a finished run folder; ``run``:
+    its :func:`trained_run_config`, when the caller has read it already."""
     import leanlora
     from leanlora.train.loop import load_for_run
     from leanlora.train.preflight import check_max_length
 
-    run = trained_run_config(run_dir, overrides, adapter)
+    run = run or trained_run_config(run_dir, overrides, adapter)
     run_dir = Path(run_dir)
     model, tokenizer, task = load_for_run(run, need_train=need_train)
     check_max_length(run, model)  # a data.max_length override longer than the model places
@@ -135,9 +136,9 @@ def load_trained(run_dir: str | Path, overrides: list[str] = (), adapter: str | 
     return run, model, tokenizer, task
 
 
-def _load_args(args: argparse.Namespace):
+def _load_args(args: argparse.Namespace, run=None):
     """:func:`load_trained` of the run folder, overrides and adapter options of eval / export / sweep."""
-    return load_trained(args.run_dir, args.overrides, args.adapter, check_base=not args.no_base_check)
+    return load_trained(args.run_dir, args.overrides, args.adapter, check_base=not args.no_base_check, run=run)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -231,7 +232,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                        f"{run.adapter.precision!r}; a sweep needs one adapter trained with adapter.ranks=nested "
                        "(a rank sweep) or with adapter.ranks=gated / adapter.precision=learned (a budget sweep)")
     points = _parse_budgets(args, run.adapter) if by_budget else _parse_ranks(args, run.adapter.r)
-    run, model, _, task = _load_args(args)
+    run, model, _, task = _load_args(args, run)
     if not task.eval:
         raise CLIError("data.eval_file is empty; the sweep scores the eval set at each point")
     device = resolve_device(run.train.device)
