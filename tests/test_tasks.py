@@ -118,7 +118,7 @@ def test_a_class_of_one_training_row_that_no_eval_row_has_is_named(tmp_path, tok
     assert task.notices[0].startswith("warning: class '7' labels 1 of the 61 training rows and none of the 20 eval")
     assert "data.labels" in task.notices[0]
     clean = write_sentiment_tsv(tmp_path / "clean.tsv", 60, seed=0)
-    assert ClassificationTask(DataConfig(train_file=str(clean), eval_file=str(dev)), tokenizer).notices == []
+    assert ClassificationTask(DataConfig(train_file=str(clean), eval_file=str(dev)), tokenizer).notices == ()
     with pytest.raises(Exception, match="label '7'.*is not one of the classes"):
         ClassificationTask(DataConfig(train_file=str(train), eval_file=str(dev), labels=("0", "1")), tokenizer)
 
@@ -293,5 +293,5 @@ def test_an_eval_file_that_is_the_training_file_is_named(tmp_path, tokenizer):
     assert len(same.notices) == 1 and same.notices[0].startswith("warning: data.eval_file is data.train_file")
     assert "data.holdout=N" in same.notices[0]
     dev = write_sentiment_tsv(tmp_path / "dev.tsv", 20, seed=1)
-    assert build_task(DataConfig(train_file=str(train), eval_file=str(dev)), tokenizer).notices == []
-    assert build_task(DataConfig(train_file=str(train), holdout=8), tokenizer).notices == []
+    assert build_task(DataConfig(train_file=str(train), eval_file=str(dev)), tokenizer).notices == ()
+    assert build_task(DataConfig(train_file=str(train), holdout=8), tokenizer).notices == ()

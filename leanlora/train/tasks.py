@@ -118,19 +118,20 @@ class ClassificationTask:
         self.eval = self._read("eval_file", cfg.max_eval_examples) if has_eval(cfg, self.sources) else []
         self.num_labels = 1 if self.regression else len(self.labels)
         self.metric = cfg.primary_metric
-        self.notices = self._stray_classes() if not cfg.labels else []
+        self.notices = self._stray_classes() if not cfg.labels else ()
 
-    def _stray_classes(self) -> list[str]:
+    def _stray_classes(self) -> tuple[str, ...]:
         """Classes inferred from the training file that label almost none of it and no eval row: most
         often a mistyped label, which would add an output the model is trained towards."""
         if self.regression or not self.train or not self.eval:
-            return []
+            return ()
         in_train = Counter(e["label"] for e in self.train)
         in_eval = {e["label"] for e in self.eval}
         stray = [i for i, n in in_train.items() if i not in in_eval and (n == 1 or n < 0.01 * len(self.train))]
-        return [f"warning: class {self.labels[i]!r} labels {in_train[i]} of the {len(self.train)} training rows and "
-                f"none of the {len(self.eval)} eval rows: a mistyped label? The classes were read from the training "
-                f"file ({list(self.labels)}); name them with data.labels to refuse any other" for i in sorted(stray)]
+        return tuple(f"warning: class {self.labels[i]!r} labels {in_train[i]} of the {len(self.train)} training rows "
+                     f"and none of the {len(self.eval)} eval rows: a mistyped label? The classes were read from the "
+                     f"training file ({list(self.labels)}); name them with data.labels to refuse any other"
+                     for i in sorted(stray))
 
     def resolved_config(self) -> DataConfig:
         """The data config with the inferred class list written in (so eval needs no train file)."""
@@ -321,7 +322,7 @@ def _eval_is_train(cfg: DataConfig, sources: Sources | None) -> str | None:
         train, dev = (resolve_data_path(f, key).resolve() for f, key in
                       ((cfg.train_file, "data.train_file"), (cfg.eval_file, "data.eval_file")))
     except DataError:
-        return None  # the task has named the file that is missing
+        return None  # a training file that eval and sweep do not read, and that is gone
     if train != dev:
         return None
     return (f"warning: data.eval_file is data.train_file ({train}): the dev scores measure how the adapter fits "
