@@ -40,8 +40,9 @@ _PUBLIC = {
 # public name -> module that defines it
 _EXPORTS = {name: module for module, names in _PUBLIC.items() for name in names}
 # distributed: torchrun / accelerate launch, DDP and FSDP2 (leanlora.distributed.wrap);
-# budget: the BOPs budget controller of adapter.budget (leanlora.budget.start)
-_SUBMODULES = {"budget", "distributed"}
+# budget: the BOPs budget controller of adapter.budget (leanlora.budget.start);
+# optim: fused AdamW over param_groups' role groups (leanlora.optim.adamw)
+_SUBMODULES = {"budget", "distributed", "optim"}
 
 __all__ = sorted([*_EXPORTS, *_SUBMODULES])
 
@@ -79,7 +80,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # static type checkers and IDEs see the eager imports
-    from leanlora import budget, distributed
+    from leanlora import budget, distributed, optim
     from leanlora.reports.budget_sweep import export_budget, sweep_budgets
     from leanlora.base.nf4 import quantize_bases
     from leanlora.config import (DEFAULT_TARGET_MODULES, AdapterConfig, BankConfig, ConfigError, FP8Config, GatedConfig,
