@@ -14,6 +14,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from leanlora.artifact import whole_model_save
 from leanlora.base.bnb4 import is_linear4bit
 from leanlora.base.choice import resolve_auto_base
 from leanlora.base.dense import linear_shape
@@ -99,6 +100,7 @@ def inject(model: nn.Module, config: AdapterConfig, *, filter_fn: FilterFn | Non
     shared.__dict__["layers"] = layers
     shared.__dict__["checkpointable"] = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
     model.register_forward_pre_hook(refresh_pieces)
+    whole_model_save.install(model)
     for name in save_names:
         modules[name].requires_grad_(True)
     return model
@@ -146,6 +148,7 @@ def unload(model: nn.Module) -> nn.Module:
         layer.unmerge()
         model.set_submodule(name, layer.base.as_module())
     delattr(model, SHARED_ATTR)
+    whole_model_save.remove(model)
     for key, hook in list(model._forward_pre_hooks.items()):
         if hook is refresh_pieces:
             del model._forward_pre_hooks[key]

@@ -1,0 +1,72 @@
+"""``model.save_pretrained`` on an adapted model warns that it is not PEFT's adapter save, still
+writes what a plain Trainer resumes from, and is transformers' own again after unload."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import leanlora
+from leanlora.artifact.whole_model_save import WholeModelSave
+
+
+def tiny_llama() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=4, num_key_value_heads=2))
+
+
+def adapted() -> LlamaForCausalLM:
+    model = leanlora.get_model(tiny_llama(), leanlora.AdapterConfig(target_modules=["q_proj", "v_proj"], r=4))
+    with torch.no_grad():  # a nonzero update, so a reload that dropped it would show
+        for _, layer in leanlora.adapted_layers(model):
+            layer.factors.lora_B.normal_()
+    return model
+
+
+def test_warns_once_and_still_writes_the_state_a_trainer_resumes_from(tmp_path):
+    model = adapted()
+    with pytest.warns(UserWarning, match=r"not PEFT's adapter save.*leanlora\.save\(model, dir\)"):
+        model.save_pretrained(tmp_path / "a")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.save_pretrained(tmp_path / "b")  # once per model
+    saved = load_file(tmp_path / "b" / "model.safetensors")
+    assert "model.layers.0.self_attn.q_proj.base.layer.weight" in saved
+    fresh = adapted()
+    with torch.no_grad():
+        for _, layer in leanlora.adapted_layers(fresh):
+            layer.factors.lora_B.zero_()
+    fresh.load_state_dict(saved)
+    ids = torch.arange(8)[None]
+    assert torch.equal(fresh(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_unload_gives_back_transformers_own_save(tmp_path):
+    model = adapted()
+    before = {k: v.clone() for k, v in tiny_llama().state_dict().items()}
+    plain = leanlora.unload(model)
+    assert "save_pretrained" not in plain.__dict__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        plain.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "model.safetensors")
+    assert torch.equal(saved["model.layers.0.self_attn.q_proj.weight"], before["model.layers.0.self_attn.q_proj.weight"])
+
+
+def test_a_copy_saves_itself():
+    model = adapted()
+    twin = copy.deepcopy(model)
+    assert isinstance(twin.save_pretrained, WholeModelSave)
+    assert twin.save_pretrained.model is twin
+
+
+def test_a_plain_torch_model_gets_nothing():
+    model = leanlora.inject(nn.Sequential(nn.Linear(8, 8)), leanlora.AdapterConfig(target_modules=["0"], r=2))
+    assert not hasattr(model, "save_pretrained")
