@@ -100,7 +100,8 @@ def test_a_checkpoint_of_the_whole_model_still_resumes(tmp_path):
             if p.requires_grad:
                 p.add_(0.01)
     old = Trainer(model=model, args=arguments(tmp_path / "old"))
-    old.save_model(str(tmp_path / "old-ckpt"))
+    with pytest.warns(UserWarning, match="not PEFT's adapter save"):  # plain Trainer: the whole model
+        old.save_model(str(tmp_path / "old-ckpt"))
     assert (tmp_path / "old-ckpt" / "model.safetensors").is_file()
     fresh = gated_model()
     trainer = cb.LeanLoraTrainer(model=fresh, args=arguments(tmp_path / "new"))
