@@ -11,7 +11,7 @@ import leanlora
 from leanlora.config import AdapterConfig
 from conftest import tiny_bert
 from leanlora.train import callbacks as cb
-from trainer_fixtures import Rows, arguments, gated_model
+from trainer_fixtures import Rows, arguments, gated_config, gated_model
 
 
 def test_trainer_trains_with_the_callback(tmp_path, monkeypatch):
@@ -67,10 +67,38 @@ def test_add_regularizer_to_a_plain_trainer(tmp_path):
     assert trainer.train().global_step == 2
 
 
-def test_no_adapter_is_a_clear_error(tmp_path):
-    trainer = cb.LeanLoraTrainer(model=tiny_bert(), args=arguments(tmp_path), train_dataset=Rows())
-    with pytest.raises(leanlora.InjectError, match="holds no leanlora adapter"):
-        trainer.train()
+def test_no_adapter_is_a_clear_error_when_the_trainer_is_made(tmp_path):
+    with pytest.raises(leanlora.InjectError, match=r"holds no leanlora adapter; pass peft_config=leanlora"):
+        cb.LeanLoraTrainer(model=tiny_bert(), args=arguments(tmp_path), train_dataset=Rows())
+
+
+def test_peft_config_injects_the_adapter_as_inject_does(tmp_path):
+    """``peft_config=AdapterConfig`` (TRL's habit) injects once the trainer holds the model, after it has
+    seeded torch from ``args.seed``: the adapter inject gives under that seed, which then trains."""
+    from transformers import set_seed
+
+    trainer = cb.LeanLoraTrainer(model=tiny_bert(seed=0), args=arguments(tmp_path), train_dataset=Rows(),
+                                 peft_config=gated_config())
+    injected = tiny_bert(seed=0)
+    set_seed(0)
+    leanlora.inject(injected, gated_config())
+    given = dict(leanlora.trainable_parameters(trainer.model))
+    assert given.keys() == dict(leanlora.trainable_parameters(injected)).keys()
+    for n, p in leanlora.trainable_parameters(injected):
+        assert torch.equal(given[n], p), n
+    start = {n: p.detach().clone() for n, p in given.items()}
+    assert trainer.train().global_step == 4
+    assert any(not torch.equal(p, start[n]) for n, p in leanlora.trainable_parameters(trainer.model))
+
+
+@pytest.mark.parametrize("make, error, match", [
+    (lambda: dict(model=tiny_bert(), peft_config=object()), TypeError, "takes a leanlora.AdapterConfig, got object"),
+    (lambda: dict(model=gated_model(), peft_config=gated_config()), leanlora.InjectError, "already holds leanlora"),
+    (lambda: dict(model_init=tiny_bert, peft_config=gated_config()), TypeError, "inject the adapter inside"),
+])
+def test_peft_config_refusals(tmp_path, make, error, match):
+    with pytest.raises(error, match=match):
+        cb.LeanLoraTrainer(args=arguments(tmp_path), train_dataset=Rows(), **make())
 def test_a_budget_is_met_and_resumed_under_the_trainer(tmp_path):
     """The callback gives the controller the run's length, and its state travels in trainer_state.json."""
     from leanlora import budget

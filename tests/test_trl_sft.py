@@ -84,3 +84,24 @@ def test_sft_trainer_recipe(tmp_path):
     model.eval()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
         torch.testing.assert_close(fresh(ids).logits.float(), model(ids).logits.float())
+
+
+def test_peft_config_reaches_a_model_trl_loads_by_name(tmp_path):
+    """TRL's habit: the model as a folder name and the adapter as ``peft_config``; the trainer injects
+    it once TRL has loaded the model, and the checkpoint is that adapter."""
+    folder = tmp_path / "base"
+    tiny_llama(seed=0).save_pretrained(folder)
+    chats = Dataset.from_list([{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+                               for q, a in CHATS])
+    args = SFTConfig(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=2,
+                     learning_rate=1e-2, save_steps=2, max_length=32, report_to=[], use_cpu=True,
+                     disable_tqdm=True, seed=0)
+    config = leanlora.AdapterConfig(target_modules=("q_proj", "v_proj"), r=4)
+    trainer = LeanLoraSFTTrainer(model=str(folder), args=args, train_dataset=chats, processing_class=chat_tokenizer(),
+                                 peft_config=config)
+    adapted = sorted(name.rsplit(".", 1)[-1] for name, _ in leanlora.adapted_layers(trainer.model))
+    assert adapted == ["q_proj"] * 2 + ["v_proj"] * 2
+    trainer.train()
+    fresh = leanlora.load(tiny_llama(seed=0), tmp_path / "out" / "checkpoint-2")
+    saved, trained = adapter_state_dict(fresh), adapter_state_dict(trainer.model)
+    assert set(saved) == set(trained) and all(torch.equal(saved[k], trained[k]) for k in saved)

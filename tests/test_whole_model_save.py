@@ -57,7 +57,8 @@ def test_unload_gives_back_transformers_own_save(tmp_path):
         warnings.simplefilter("error", UserWarning)
         plain.save_pretrained(tmp_path)
     saved = load_file(tmp_path / "model.safetensors")
-    assert torch.equal(saved["model.layers.0.self_attn.q_proj.weight"], before["model.layers.0.self_attn.q_proj.weight"])
+    key = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(saved[key], before[key])
 
 
 def test_a_copy_saves_itself():

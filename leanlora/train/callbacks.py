@@ -16,6 +16,8 @@ a checkpoint holds, so the pieces are:
   = ``LeanLoraMixin`` + TRL's ``SFTTrainer``.
 
     trainer = LeanLoraTrainer(model=model, args=args, train_dataset=ds)   # model holds an adapter
+    trainer = LeanLoraTrainer(model=model, args=args, train_dataset=ds,    # or is given one here,
+                              peft_config=leanlora.AdapterConfig(...))     # as with TRL's peft_config
     trainer.train()
 
 A Trainer subclass that cannot take the mixin calls :func:`add_regularizer` and passes
@@ -32,7 +34,10 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from leanlora import budget
+from leanlora.config import AdapterConfig
 from leanlora.gates.schedule import advance, regularizer
+from leanlora.inject import SHARED_ATTR, inject
+from leanlora.targets import InjectError
 from leanlora.train.step_log import adapter_values
 from leanlora.train.trainer_checkpoint import AdapterCheckpoints, unwrap
 from leanlora.train.trainer_optim import leanlora_optimizer
@@ -148,8 +153,26 @@ class LeanLoraMixin(AdapterCheckpoints):
     """Put before a ``Trainer`` subclass: prior in the loss, ``args.optim`` over leanlora's groups,
     adapter-only checkpoints that resume exactly, and :class:`LeanLoraCallback` first among callbacks."""
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, peft_config: AdapterConfig | None = None, **kwargs) -> None:
+        """``peft_config``: a :class:`leanlora.AdapterConfig` injected into the model once the trainer has
+        it (also a model TRL loads from a name), as TRL's ``peft_config`` is; or ``None`` for a model
+        that already holds its adapter."""
+        if peft_config is not None and not isinstance(peft_config, AdapterConfig):
+            raise TypeError(f"{type(self).__name__}(peft_config=...) takes a leanlora.AdapterConfig, got "
+                            f"{type(peft_config).__name__}; a PEFT config belongs with TRL's SFTTrainer "
+                            "or a PEFT model")
+        if peft_config is not None and kwargs.get("model_init") is not None:
+            raise TypeError(f"{type(self).__name__}: with model_init, inject the adapter inside model_init "
+                            "(leanlora.inject(model, config)); peft_config would reach the first model only")
         super().__init__(*args, **kwargs)
+        if self.model_init is None:  # model_init builds a model per trial; it injects its own adapter
+            model = unwrap(self.model)
+            if peft_config is not None:
+                inject(model, peft_config)
+            elif not hasattr(model, SHARED_ATTR):
+                raise InjectError(f"{type(self).__name__}: {type(model).__name__} holds no leanlora adapter; pass "
+                                  "peft_config=leanlora.AdapterConfig(...) or call leanlora.inject(model, config) "
+                                  "first")
         self._leanlora_callback = install_callback(self)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None, **kwargs):
