@@ -26,8 +26,13 @@ DEFAULT_TARGET_MODULES = ("q_proj", "v_proj", "query", "value", "c_attn")
 them q_proj/v_proj, BERT/RoBERTa query/value, GPT-2 fuses them in c_attn); entries a model lacks
 are skipped."""
 
-PEFT_ALIASES = {"lora_alpha": "alpha", "lora_dropout": "dropout"}
+PEFT_ALIASES = {"lora_alpha": "alpha", "lora_dropout": "dropout", "use_rslora": "rslora"}
 """PEFT's names of AdapterConfig fields, accepted in Python, YAML and adapter files."""
+
+TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
+              "QUESTION_ANS": ("qa_outputs",), "CAUSAL_LM": (), "SEQ_2_SEQ_LM": (), "FEATURE_EXTRACTION": ()}
+"""PEFT's task types, and the head modules each trains in full (as PEFT's task models add them to
+modules_to_save): the entries the model has."""
 
 
 class ConfigError(ValueError):
@@ -376,6 +381,11 @@ class AdapterConfig:
     prior: PriorConfig = field(default_factory=PriorConfig)
     nf4: NF4Config = field(default_factory=NF4Config)
     fp8: FP8Config = field(default_factory=FP8Config)
+    task_type: str | None = None
+    """PEFT's task type: "CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "SEQ_2_SEQ_LM" or
+    "FEATURE_EXTRACTION" (or PEFT's ``TaskType`` member). As in PEFT, "SEQ_CLS" and "TOKEN_CLS" add
+    the model's "classifier" or "score" head to modules_to_save and "QUESTION_ANS" its
+    "qa_outputs"; the others change nothing. None: nothing is added."""
     vectorize: Literal["auto", "always", "never"] = "auto"
     """compute the adapter pieces (gated, quantized or bank-composed A and B) of each group of
     layers that share stacked parameters together, once per training forward
@@ -385,6 +395,11 @@ class AdapterConfig:
     """PEFT's name of ``alpha`` (not stored: it sets alpha)."""
     lora_dropout: InitVar[float | None] = None
     """PEFT's name of ``dropout`` (not stored: it sets dropout)."""
+    use_rslora: InitVar[bool | None] = None
+    """PEFT's name of ``rslora`` (not stored: it sets rslora)."""
+    bias: InitVar[str | None] = None
+    """PEFT's ``bias``: only "none" (PEFT's default) is accepted; adapted layers' biases stay frozen,
+    and a bias is trained by naming its module in ``modules_to_save``."""
     ALIASES: ClassVar[dict[str, str]] = PEFT_ALIASES
     budget: float | Literal["auto", "off", False] | None = "auto"
     """target BOPs of the finalized adapter as a fraction of a plain LoRA of the same modules and r
@@ -403,14 +418,21 @@ class AdapterConfig:
     one step), and what the score depends on is how long the factors then train at that
     structure."""
 
-    def __post_init__(self, lora_alpha: float | None = None, lora_dropout: float | None = None) -> None:
-        # alpha / dropout at their defaults count as not given, so the PEFT spelling alone sets them.
-        for alias, value in (("lora_alpha", lora_alpha), ("lora_dropout", lora_dropout)):
+    def __post_init__(self, lora_alpha: float | None = None, lora_dropout: float | None = None,
+                      use_rslora: bool | None = None, bias: str | None = None) -> None:
+        # alpha / dropout / rslora at their defaults count as not given, so the PEFT spelling alone sets them.
+        for alias, value in (("lora_alpha", lora_alpha), ("lora_dropout", lora_dropout), ("use_rslora", use_rslora)):
             if value is not None:
                 name = PEFT_ALIASES[alias]
                 _require(getattr(self, name) in (self.__dataclass_fields__[name].default, value), alias, value,
                          f"{name}={getattr(self, name)!r} is also given; name one of {name} and {alias}")
                 object.__setattr__(self, name, value)
+        _require(bias in (None, "none"), "bias", bias,
+                 "only 'none' (PEFT's default): leanlora trains no bias of an adapted layer; name a module in "
+                 "modules_to_save to train it whole")
+        task = getattr(self.task_type, "value", self.task_type)  # PEFT's TaskType is a str enum
+        _require(task is None or task in TASK_HEADS, "task_type", self.task_type, f"allowed: {sorted(TASK_HEADS)}")
+        object.__setattr__(self, "task_type", None if task is None else str(task))
         check_field_types(self, "")
         _apply_moved(self)
         for name in ("target_modules", "exclude_modules", "modules_to_save"):

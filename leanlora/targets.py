@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import difflib
 import re
+import warnings
 from typing import Callable
 
 from torch import nn
 
 from leanlora.base.dense import supported_linear
-from leanlora.config import ALL_LINEAR, DEFAULT_TARGET_MODULES, AdapterConfig
+from leanlora.config import ALL_LINEAR, DEFAULT_TARGET_MODULES, TASK_HEADS, AdapterConfig
 
 
 class InjectError(ValueError):
@@ -134,16 +135,28 @@ def find_targets(model: nn.Module, config: AdapterConfig, filter_fn: FilterFn | 
 
 
 def find_modules_to_save(model: nn.Module, config: AdapterConfig) -> list[str]:
-    """Outermost modules named by modules_to_save (name or dotted suffix, as in target_modules lists)."""
+    """Outermost modules named by modules_to_save (name or dotted suffix, as in target_modules lists),
+    and the heads of ``config.task_type`` that the model has (:data:`leanlora.config.TASK_HEADS`)."""
     names = [n for n, _ in model.named_modules() if n]
     found: list[str] = []
     for entry in config.modules_to_save:
         hits = [n for n in names if module_matches((entry,), n)]
         if not hits:
             raise InjectError(f"modules_to_save entry {entry!r} matches no module" + _did_you_mean(entry, names))
-        # keep only outermost matches: saving "classifier" already saves "classifier.dense"
-        found.extend(h for h in hits if not any(h.startswith(f + ".") for f in hits if f != h))
+        found.extend(_outermost(hits))
+    heads = TASK_HEADS.get(config.task_type or "", ())
+    task_hits = [n for n in names if module_matches(heads, n)]
+    if heads and not task_hits and not config.modules_to_save:
+        warnings.warn(f"task_type={config.task_type!r} trains the model's head in full, but {type(model).__name__} "
+                      f"has no module named {' or '.join(map(repr, heads))}; name its head in modules_to_save",
+                      UserWarning, stacklevel=3)
+    found.extend(_outermost(task_hits))
     return sorted(set(found))
+
+
+def _outermost(hits: list[str]) -> list[str]:
+    # saving "classifier" already saves "classifier.dense"
+    return [h for h in hits if not any(h.startswith(f + ".") for f in hits if f != h)]
 
 
 def repeated_blocks(model: nn.Module, layer_classes=None) -> list[nn.Module]:

@@ -105,8 +105,9 @@ def test_get_model_returns_the_adapted_model_like_get_peft_model():
     ({"lora_alpha": 32}, {"alpha": 32}),
     ({"lora_dropout": 0.1}, {"dropout": 0.1}),
     ({"lora_alpha": 32, "alpha": 32}, {"alpha": 32}),
+    ({"use_rslora": True}, {"rslora": True}),
 ])
-def test_peft_names_lora_alpha_and_lora_dropout(kwargs, want):
+def test_peft_names_lora_alpha_lora_dropout_and_use_rslora(kwargs, want):
     cfg = leanlora.AdapterConfig(**kwargs)
     assert {k: getattr(cfg, k) for k in want} == want
     assert leanlora.AdapterConfig.from_dict(kwargs) == cfg
@@ -117,6 +118,44 @@ def test_both_spellings_with_different_values_are_refused():
         leanlora.AdapterConfig(alpha=8, lora_alpha=32)
     with pytest.raises(leanlora.ConfigError, match=r"adapter.lora_dropout=0.1 is invalid: adapter.dropout=0.2"):
         leanlora.AdapterConfig.from_dict({"dropout": 0.2, "lora_dropout": 0.1})
+
+
+def test_peft_loraconfig_keywords_carry_over():
+    """The LoraConfig every PEFT tutorial writes, keyword for keyword."""
+    from peft import TaskType
+
+    cfg = leanlora.AdapterConfig(r=16, lora_alpha=32, lora_dropout=0.05, bias="none", task_type=TaskType.CAUSAL_LM,
+                                 target_modules=["q_proj", "v_proj"])
+    assert (cfg.r, cfg.alpha, cfg.dropout, cfg.task_type) == (16, 32, 0.05, "CAUSAL_LM")
+    assert leanlora.AdapterConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(leanlora.ConfigError, match=r"bias='all' is invalid: only 'none'.*modules_to_save"):
+        leanlora.AdapterConfig(bias="all")
+    with pytest.raises(leanlora.ConfigError, match=r"task_type='SEQ_CLS_X' is invalid: allowed: \['CAUSAL_LM'"):
+        leanlora.AdapterConfig(task_type="SEQ_CLS_X")
+
+
+def llama_classifier():
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    return LlamaForSequenceClassification(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                                      num_hidden_layers=1, num_attention_heads=4,
+                                                      num_key_value_heads=2, pad_token_id=0))
+
+
+@pytest.mark.parametrize("make, head", [(tiny_bert, "classifier"), (llama_classifier, "score")])
+def test_task_type_seq_cls_trains_the_head_as_peft_does(make, head, tmp_path):
+    model = make()
+    leanlora.inject(model, leanlora.AdapterConfig(target_modules="all-linear", r=2, task_type="SEQ_CLS"))
+    trainable = [n for n, _ in leanlora.trainable_parameters(model)]
+    assert any(n.startswith(head + ".") for n in trainable), trainable
+    leanlora.save(model, tmp_path)
+    from safetensors.torch import load_file
+    assert any(k.startswith(head + ".") for k in load_file(tmp_path / "leanlora_adapter.safetensors"))
+
+
+def test_task_type_without_its_head_warns():
+    with pytest.warns(UserWarning, match=r"task_type='SEQ_CLS' trains the model's head.*'classifier' or 'score'"):
+        leanlora.inject(tiny_llama(), leanlora.AdapterConfig(target_modules=["q_proj"], r=2, task_type="SEQ_CLS"))
 
 
 def test_filter_fn_can_veto():
