@@ -265,15 +265,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     # The report needs the adapter only (shapes, ranks, bits), not the base model.
-    from leanlora.artifact.io import CONFIG_NAME, LEGACY_CONFIG_NAME
+    from leanlora.artifact.io import CONFIG_NAME, adapter_files
     from leanlora.reports.report import write_report
 
-    given = Path(args.adapter or args.run_dir)
-    for folder in (given, given / "adapter"):  # an adapter folder, or a run folder that holds one
-        if (folder / CONFIG_NAME).is_file() or (folder / LEGACY_CONFIG_NAME).is_file():
-            break
-    else:
+    config, _ = adapter_files(args.adapter or args.run_dir)  # an adapter folder, or a run folder that holds one
+    if not config.is_file():
         raise CLIError(f"{args.run_dir}: neither it nor its adapter/ holds {CONFIG_NAME}")
+    folder = config.parent
     metrics = Path(args.run_dir) / "metrics.json"  # a run folder's history: the report adds its curves
     paths = write_report(folder, args.out or Path(args.run_dir) / "report", metrics if metrics.is_file() else None)
     print(Path(paths["table"]).read_text().rstrip())

@@ -62,3 +62,19 @@ def test_leanlora_load_names_a_peft_folder_as_such(tmp_path):
     with pytest.raises(leanlora.AdapterLoadError, match=r"adapter_config.json: a PEFT LORA adapter, not a leanlora "
                                                         r"one.*PeftModel.from_pretrained"):
         leanlora.load(tiny_llama(), tmp_path / "peft")
+
+
+def test_a_run_folder_loads_its_adapter(tmp_path):
+    """``leanlora.load(model, "runs/a")`` after ``leanlora train --out runs/a``: the run's adapter/, as
+    the command line reads a run folder; messages name that folder."""
+    model = tiny_llama()
+    leanlora.inject(model, leanlora.AdapterConfig(target_modules=("q_proj",), r=2))
+    randomize_adapters(model, seed=1)
+    leanlora.save(model, tmp_path / "run" / "adapter")
+    (tmp_path / "run" / "metrics.json").write_text("{}")
+    got = leanlora.load(tiny_llama(), tmp_path / "run")
+    torch.testing.assert_close(got(token_batch()).logits, model(token_batch()).logits, rtol=0, atol=0)
+    with pytest.raises(leanlora.BaseMismatchError, match=r"run/adapter: adapter was trained on a"):
+        leanlora.load(torch.nn.Sequential(torch.nn.Linear(4, 4)), tmp_path / "run")
+    with pytest.raises(leanlora.AdapterLoadError, match=r"empty/leanlora_config.json: not found"):
+        leanlora.load(tiny_llama(), tmp_path / "empty")

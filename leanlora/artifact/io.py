@@ -93,10 +93,18 @@ def adapter_meta(model: nn.Module, topk_only: bool = False) -> dict[str, Any]:
     return meta
 
 
+RUN_ADAPTER = "adapter"  # the adapter folder inside a run folder of ``leanlora train --out``
+
+
 def adapter_files(directory: str | os.PathLike) -> tuple[Path, Path]:
     """(config, tensors) paths of the leanlora adapter in ``directory``: today's names, else the
-    earlier ones when ``adapter_config.json`` is in leanlora's schema. A PEFT adapter is named as such."""
+    earlier ones when ``adapter_config.json`` is in leanlora's schema. A PEFT adapter is named as such.
+    A run folder of ``leanlora train`` (no adapter files, an ``adapter/`` folder with them) means its
+    adapter, as the command line reads it."""
     directory = Path(directory)
+    names = (CONFIG_NAME, LEGACY_CONFIG_NAME)
+    if not any((directory / n).is_file() for n in names) and any((directory / RUN_ADAPTER / n).is_file() for n in names):
+        directory = directory / RUN_ADAPTER
     if (directory / CONFIG_NAME).is_file() or not (directory / LEGACY_CONFIG_NAME).is_file():
         return directory / CONFIG_NAME, directory / WEIGHTS_NAME
     legacy = directory / LEGACY_CONFIG_NAME
@@ -161,7 +169,7 @@ def load(model: nn.Module, directory: str | os.PathLike, *, check_base: bool = T
     ``trainable=False`` leaves every parameter frozen (inference). ``quantize_base=False`` keeps
     the base dense even for an NF4 or FP8 adapter (the cost report loads onto a weightless skeleton).
     """
-    directory = Path(directory)
+    directory = adapter_files(directory)[0].parent  # a run folder: its adapter/
     if hasattr(model, SHARED_ATTR):
         raise AdapterLoadError(f"{type(model).__name__} already holds a leanlora adapter; unload it first")
     config, meta = read_adapter_config(directory)
