@@ -86,10 +86,10 @@ def test_export_loads_in_peft_with_per_module_ranks(tmp_path):
     assert cfg["peft_type"] == "LORA" and cfg["alpha_pattern"]
 
 
-def test_export_with_classifier_head(tmp_path):
+@pytest.mark.parametrize("head", [dict(modules_to_save=("classifier",)), dict(task_type="SEQ_CLS")])
+def test_export_with_classifier_head(tmp_path, head):
     model = tiny_bert()
-    leanlora.inject(model, leanlora.AdapterConfig(target_modules=("query", "value"), r=4,
-                                                  modules_to_save=("classifier",)))
+    leanlora.inject(model, leanlora.AdapterConfig(target_modules=("query", "value"), r=4, **head))
     randomize_adapters(model)
     with torch.no_grad():
         model.classifier.weight.mul_(3.0)
@@ -97,6 +97,9 @@ def test_export_with_classifier_head(tmp_path):
     out = model(x).logits
     loaded = _export_and_reload(model, tiny_bert, tmp_path)
     torch.testing.assert_close(loaded(x).logits, out, rtol=1e-5, atol=1e-5)
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["task_type"] == head.get("task_type")
+    if "task_type" in head:  # PEFT's class for the task
+        assert isinstance(loaded, peft.PeftModelForSequenceClassification)
 
 
 def test_export_gpt2_conv1d(tmp_path):

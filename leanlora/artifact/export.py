@@ -82,7 +82,7 @@ def peft_lora_state(model: nn.Module, *, uniform: bool = False,
     first = factors[0][0]
     config = {
         "peft_type": "LORA",
-        "task_type": None,
+        "task_type": shared.config.task_type,  # PEFT's AutoPeftModelFor* classes choose by it
         "base_model_name_or_path": base_identity(model)["name_or_path"],
         "r": top_rank,
         "lora_alpha": top_rank if uniform else alpha_pattern[first] * top_rank / rank_pattern[first],
