@@ -137,6 +137,7 @@ def test_peft_loraconfig_keywords_carry_over():
 def llama_classifier():
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
+    torch.manual_seed(0)
     return LlamaForSequenceClassification(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
                                                       num_hidden_layers=1, num_attention_heads=4,
                                                       num_key_value_heads=2, pad_token_id=0))
@@ -148,9 +149,13 @@ def test_task_type_seq_cls_trains_the_head_as_peft_does(make, head, tmp_path):
     leanlora.inject(model, leanlora.AdapterConfig(target_modules="all-linear", r=2, task_type="SEQ_CLS"))
     trainable = [n for n, _ in leanlora.trainable_parameters(model)]
     assert any(n.startswith(head + ".") for n in trainable), trainable
+    with torch.no_grad():
+        model.get_submodule(head).weight.add_(1.0)  # as training would move it
     leanlora.save(model, tmp_path)
     from safetensors.torch import load_file
     assert any(k.startswith(head + ".") for k in load_file(tmp_path / "leanlora_adapter.safetensors"))
+    loaded = leanlora.load(make(), tmp_path)
+    assert torch.equal(loaded.get_submodule(head).weight, model.get_submodule(head).weight)
 
 
 def test_task_type_without_its_head_warns():
