@@ -29,6 +29,15 @@ are skipped."""
 PEFT_ALIASES = {"lora_alpha": "alpha", "lora_dropout": "dropout", "use_rslora": "rslora"}
 """PEFT's names of AdapterConfig fields, accepted in Python, YAML and adapter files."""
 
+PEFT_CARRIED = {"r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "use_rslora": "rslora",
+                "target_modules": "target_modules", "exclude_modules": "exclude_modules",
+                "modules_to_save": "modules_to_save", "task_type": "task_type", "bias": "bias"}
+"""PEFT LoraConfig field -> AdapterConfig keyword, for :meth:`AdapterConfig.from_peft`."""
+PEFT_UNUSED = ("peft_type", "peft_version", "auto_mapping", "base_model_name_or_path", "revision", "inference_mode",
+               "fan_in_fan_out")
+"""LoraConfig fields that change no adapter here: bookkeeping, and fan_in_fan_out, which leanlora
+reads off each layer (GPT-2's Conv1D) instead of taking it from the config."""
+
 TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
               "QUESTION_ANS": ("qa_outputs",), "CAUSAL_LM": (), "SEQ_2_SEQ_LM": (), "FEATURE_EXTRACTION": ()}
 """PEFT's task types, and the head modules each trains in full (as PEFT's task models add them to
@@ -460,6 +469,31 @@ class AdapterConfig:
         if self.factors == "bank" and not self.bank.scaled:
             return 1.0
         return self.alpha / (self.r ** 0.5 if self.rslora else self.r)
+
+    @classmethod
+    def from_peft(cls, peft_config: Any, **overrides: Any) -> "AdapterConfig":
+        """A PEFT ``LoraConfig`` as an AdapterConfig: the same LoRA (dense factors, fixed ranks, float
+        precision) with its r, lora_alpha, lora_dropout, use_rslora, target, exclude and save lists,
+        bias and task_type; ``overrides`` then set anything else (``ranks="gated"``, ``base="nf4"``).
+        A LoraConfig that sets what has no counterpart here (DoRA, rank_pattern, layers_to_transform,
+        an init other than the default, ...) is refused, naming those fields."""
+        kind = getattr(peft_config, "peft_type", None)
+        kind = getattr(kind, "value", kind)
+        if kind != "LORA" or not dataclasses.is_dataclass(peft_config):
+            raise ConfigError(f"AdapterConfig.from_peft takes a peft.LoraConfig, got {type(peft_config).__name__} "
+                              f"(peft_type={kind!r})")
+        default = type(peft_config)()
+        values = {f.name: getattr(peft_config, f.name) for f in dataclasses.fields(peft_config)}
+        unmatched = sorted(name for name, value in values.items() if name not in PEFT_CARRIED
+                           and name not in PEFT_UNUSED and value != getattr(default, name))
+        if unmatched:
+            raise ConfigError(f"the LoraConfig sets {unmatched}, which leanlora has no counterpart for; "
+                              f"from_peft carries {sorted(PEFT_CARRIED)}")
+        kwargs = {ours: values[theirs] for theirs, ours in PEFT_CARRIED.items() if values[theirs] is not None}
+        for name in ("target_modules", "exclude_modules", "modules_to_save"):  # PEFT keeps name lists as sets
+            if isinstance(kwargs.get(name), (set, frozenset)):
+                kwargs[name] = tuple(sorted(kwargs[name]))
+        return cls(**{**kwargs, **overrides})
 
     def to_dict(self) -> dict[str, Any]:
         return to_plain(self)

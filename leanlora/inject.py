@@ -73,7 +73,8 @@ def inject(model: nn.Module, config: AdapterConfig, *, filter_fn: FilterFn | Non
     dense for now (used by :func:`leanlora.load` so that a failed load leaves the model untouched).
     """
     if not isinstance(config, AdapterConfig):
-        raise TypeError(f"config must be a leanlora.AdapterConfig, got {type(config).__name__}")
+        hint = "; convert PEFT's with leanlora.AdapterConfig.from_peft(config)" if hasattr(config, "peft_type") else ""
+        raise TypeError(f"config must be a leanlora.AdapterConfig, got {type(config).__name__}{hint}")
     if hasattr(model, SHARED_ATTR):
         raise InjectError(f"{type(model).__name__} already holds leanlora adapters; call leanlora.unload(model) first")
     targets = find_targets(model, config, filter_fn)

@@ -41,6 +41,25 @@ def test_lora_forward_matches_peft(rslora):
     torch.testing.assert_close(ours(x).logits, theirs(x).logits, rtol=1e-5, atol=1e-5)
 
 
+def test_a_peft_loraconfig_converts_to_the_same_lora():
+    """AdapterConfig.from_peft: the LoraConfig a PEFT user already has gives the adapter PEFT builds
+    from it (same modules, parameters and outputs, rslora scale included)."""
+    cfg = peft.LoraConfig(r=4, lora_alpha=12, lora_dropout=0.0, use_rslora=True, bias="none", task_type="CAUSAL_LM",
+                          target_modules=["q_proj", "v_proj", "down_proj"],
+                          exclude_modules=["model.layers.1.mlp.down_proj"])
+    ours = leanlora.inject(tiny_llama(), leanlora.AdapterConfig.from_peft(cfg))
+    randomize_adapters(ours)
+    theirs = peft.get_peft_model(tiny_llama(), cfg)
+    _copy_into_peft(ours, theirs)
+    assert sum(p.numel() for p in ours.parameters() if p.requires_grad) == theirs.get_nb_trainable_parameters()[0]
+    x = token_batch()
+    torch.testing.assert_close(ours(x).logits, theirs(x).logits, rtol=1e-5, atol=1e-5)
+    with pytest.raises(leanlora.ConfigError, match=r"sets \['use_dora'\], which leanlora has no counterpart"):
+        leanlora.AdapterConfig.from_peft(peft.LoraConfig(use_dora=True))
+    with pytest.raises(TypeError, match=r"got LoraConfig; convert PEFT's with leanlora.AdapterConfig.from_peft"):
+        leanlora.inject(tiny_llama(), cfg)
+
+
 def test_trainable_parameter_count_matches_peft():
     ours = tiny_llama()
     leanlora.inject(ours, leanlora.AdapterConfig(target_modules=tuple(LLAMA_ALL), r=8))

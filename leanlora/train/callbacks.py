@@ -159,8 +159,8 @@ class LeanLoraMixin(AdapterCheckpoints):
         that already holds its adapter."""
         if peft_config is not None and not isinstance(peft_config, AdapterConfig):
             raise TypeError(f"{type(self).__name__}(peft_config=...) takes a leanlora.AdapterConfig, got "
-                            f"{type(peft_config).__name__}; a PEFT config belongs with TRL's SFTTrainer "
-                            "or a PEFT model")
+                            f"{type(peft_config).__name__}; convert PEFT's LoraConfig with "
+                            "leanlora.AdapterConfig.from_peft(config)")
         if peft_config is not None and kwargs.get("model_init") is not None:
             raise TypeError(f"{type(self).__name__}: with model_init, inject the adapter inside model_init "
                             "(leanlora.inject(model, config)); peft_config would reach the first model only")
