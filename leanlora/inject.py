@@ -24,6 +24,7 @@ from leanlora.layer import AdaptedLinear
 from leanlora.targets import FilterFn, InjectError, find_modules_to_save, find_targets
 from leanlora.groups.siblings import link_siblings
 from leanlora.groups.stacking import form_groups, refresh_pieces
+from leanlora.reports.trainable import PrintTrainableParameters
 
 SHARED_ATTR = "leanlora_shared"
 
@@ -102,6 +103,7 @@ def inject(model: nn.Module, config: AdapterConfig, *, filter_fn: FilterFn | Non
     shared.__dict__["checkpointable"] = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
     model.register_forward_pre_hook(refresh_pieces)
     whole_model_save.install(model)
+    model.__dict__["print_trainable_parameters"] = PrintTrainableParameters(model)  # PEFT's habit
     for name in save_names:
         modules[name].requires_grad_(True)
     return model
@@ -150,6 +152,8 @@ def unload(model: nn.Module) -> nn.Module:
         model.set_submodule(name, layer.base.as_module())
     delattr(model, SHARED_ATTR)
     whole_model_save.remove(model)
+    if isinstance(model.__dict__.get("print_trainable_parameters"), PrintTrainableParameters):
+        del model.__dict__["print_trainable_parameters"]
     for key, hook in list(model._forward_pre_hooks.items()):
         if hook is refresh_pieces:
             del model._forward_pre_hooks[key]

@@ -71,3 +71,20 @@ def test_a_copy_saves_itself():
 def test_a_plain_torch_model_gets_nothing():
     model = leanlora.inject(nn.Sequential(nn.Linear(8, 8)), leanlora.AdapterConfig(target_modules=["0"], r=2))
     assert not hasattr(model, "save_pretrained")
+
+
+@pytest.mark.parametrize("base", ["dense", "nf4", "fp8"])
+def test_print_trainable_parameters_counts_as_peft_does(base, capsys):
+    """PEFT's line and numbers for the same LoRA; a quantized base weight counts at its dense size."""
+    peft = pytest.importorskip("peft")
+    cfg = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    from conftest import tiny_llama as llama  # 64 wide: whole NF4 blocks
+
+    theirs = peft.get_peft_model(llama(), peft.LoraConfig(**cfg))
+    theirs.print_trainable_parameters()
+    want = capsys.readouterr().out
+    model = leanlora.get_model(llama(), leanlora.AdapterConfig.from_peft(peft.LoraConfig(**cfg), base=base))
+    model.print_trainable_parameters()
+    assert capsys.readouterr().out == want
+    plain = leanlora.unload(model) if base == "dense" else None
+    assert plain is None or not hasattr(plain, "print_trainable_parameters")
