@@ -1,5 +1,6 @@
-"""``model.save_pretrained`` on an adapted model warns that it is not PEFT's adapter save, still
-writes what a plain Trainer resumes from, and is transformers' own again after unload."""
+"""PEFT's model methods on an adapted model: ``save_pretrained`` warns that it is not PEFT's adapter
+save, still writes what a plain Trainer resumes from, and is transformers' own again after unload;
+``print_trainable_parameters`` prints PEFT's line."""
 
 from __future__ import annotations
 
