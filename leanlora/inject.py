@@ -14,7 +14,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from leanlora.artifact import whole_model_save
+from leanlora.artifact import peft_methods
 from leanlora.base.bnb4 import is_linear4bit
 from leanlora.base.choice import resolve_auto_base
 from leanlora.base.dense import linear_shape
@@ -24,7 +24,6 @@ from leanlora.layer import AdaptedLinear
 from leanlora.targets import FilterFn, InjectError, find_modules_to_save, find_targets
 from leanlora.groups.siblings import link_siblings
 from leanlora.groups.stacking import form_groups, refresh_pieces
-from leanlora.reports.trainable import PrintTrainableParameters
 
 SHARED_ATTR = "leanlora_shared"
 
@@ -102,8 +101,7 @@ def inject(model: nn.Module, config: AdapterConfig, *, filter_fn: FilterFn | Non
     shared.__dict__["layers"] = layers
     shared.__dict__["checkpointable"] = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
     model.register_forward_pre_hook(refresh_pieces)
-    whole_model_save.install(model)
-    model.__dict__["print_trainable_parameters"] = PrintTrainableParameters(model)  # PEFT's habit
+    peft_methods.install(model)  # save_pretrained (warned), print_trainable_parameters, merge_and_unload, unload
     for name in save_names:
         modules[name].requires_grad_(True)
     return model
@@ -151,9 +149,7 @@ def unload(model: nn.Module) -> nn.Module:
         layer.unmerge()
         model.set_submodule(name, layer.base.as_module())
     delattr(model, SHARED_ATTR)
-    whole_model_save.remove(model)
-    if isinstance(model.__dict__.get("print_trainable_parameters"), PrintTrainableParameters):
-        del model.__dict__["print_trainable_parameters"]
+    peft_methods.remove(model)
     for key, hook in list(model._forward_pre_hooks.items()):
         if hook is refresh_pieces:
             del model._forward_pre_hooks[key]

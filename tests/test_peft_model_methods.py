@@ -14,7 +14,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import leanlora
-from leanlora.artifact.whole_model_save import WholeModelSave
+from leanlora.artifact.peft_methods import WholeModelSave
 
 
 def tiny_llama() -> LlamaForCausalLM:
@@ -89,3 +89,20 @@ def test_print_trainable_parameters_counts_as_peft_does(base, capsys):
     assert capsys.readouterr().out == want
     plain = leanlora.unload(model) if base == "dense" else None
     assert plain is None or not hasattr(plain, "print_trainable_parameters")
+
+
+def test_merge_and_unload_and_unload_as_methods():
+    """``model = model.merge_and_unload()`` and ``model.unload()``, PEFT's last lines of a fine-tune."""
+    model = adapted()
+    ids = torch.arange(8)[None]
+    want = model(input_ids=ids).logits
+    with pytest.raises(ValueError, match="holds one adapter"):
+        model.merge_and_unload(adapter_names=["default"])
+    plain = model.merge_and_unload(progressbar=True, safe_merge=True)
+    assert plain is model and not list(leanlora.adapted_layers(plain))
+    assert not any(k in plain.__dict__ for k in ("merge_and_unload", "unload", "print_trainable_parameters"))
+    torch.testing.assert_close(plain(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
+    base = tiny_llama()
+    unloaded = adapted().unload()
+    for (n, p), (m, q) in zip(unloaded.state_dict().items(), base.state_dict().items()):
+        assert n == m and torch.equal(p, q), n

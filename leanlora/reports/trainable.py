@@ -24,15 +24,3 @@ def parameter_counts(model: nn.Module) -> tuple[int, int]:
                 for p in model.parameters() if id(p) not in held)
     total += sum(base.in_features * base.out_features for base in quantized)
     return trainable, total
-
-
-class PrintTrainableParameters:
-    """``model.print_trainable_parameters()`` on an adapted model, PEFT's line word for word."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-
-    def __call__(self) -> None:
-        trainable, total = parameter_counts(self.model)
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
-              f"trainable%: {100 * trainable / max(total, 1):.4f}")
