@@ -219,6 +219,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     """A rank sweep of a nested-rank run, or a budget sweep of a gated / learned-bits run: a table,
     sweep.json, a plot, and with --export the adapter at the chosen point."""
     import leanlora
+    from leanlora.budget import BUDGET_TOLERANCE
     from leanlora.train.loop import resolve_device
 
     if not 0.0 <= args.tolerance < float("inf"):
@@ -249,7 +250,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         result = leanlora.sweep_ranks(model, eval_fn, points, **options)
     print(result.table())
     for row in result.rows:  # a budget the gates cannot reach gives the nearest point, which costs more
-        if row.budget is not None and row.bops_vs_lora16 is not None and row.bops_vs_lora16 > 1.1 * row.budget:
+        if row.budget is not None and row.bops_vs_lora16 is not None and row.bops_vs_lora16 > (1 + BUDGET_TOLERANCE) * row.budget:
             print(f"note: budget {row.budget:g}: this adapter's gates reach no cost that low; its point costs "
                   f"{row.bops_vs_lora16:.4f} of LoRA-16's BOPs")
     # ranks are integers, budgets fractions: :g prints each as it is (4, 0.1)

@@ -29,9 +29,9 @@ are skipped."""
 PEFT_ALIASES = {"lora_alpha": "alpha", "lora_dropout": "dropout", "use_rslora": "rslora"}
 """PEFT's names of AdapterConfig fields, accepted in Python, YAML and adapter files."""
 
-PEFT_CARRIED = {"r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "use_rslora": "rslora",
-                "target_modules": "target_modules", "exclude_modules": "exclude_modules",
-                "modules_to_save": "modules_to_save", "task_type": "task_type", "bias": "bias"}
+PEFT_CARRIED = {name: PEFT_ALIASES.get(name, name) for name in (
+    "r", "lora_alpha", "lora_dropout", "use_rslora", "target_modules", "exclude_modules", "modules_to_save",
+    "task_type", "bias")}
 """PEFT LoraConfig field -> AdapterConfig keyword, for :meth:`AdapterConfig.from_peft`."""
 PEFT_UNUSED = ("peft_type", "peft_version", "auto_mapping", "base_model_name_or_path", "revision", "inference_mode",
                "fan_in_fan_out")

@@ -66,7 +66,9 @@ class MergeAndUnload(_Method):
     def __call__(self, progressbar: bool = False, safe_merge: bool = False, adapter_names=None) -> nn.Module:
         from leanlora.inject import merge_and_unload
 
-        _one_adapter(adapter_names)
+        if adapter_names is not None:
+            raise ValueError(f"adapter_names={adapter_names!r}: a leanlora model holds one adapter; call "
+                             "merge_and_unload() without it")
         return merge_and_unload(self.model)
 
 
@@ -77,12 +79,6 @@ class Unload(_Method):
         from leanlora.inject import unload
 
         return unload(self.model)
-
-
-def _one_adapter(adapter_names) -> None:
-    if adapter_names is not None:
-        raise ValueError(f"adapter_names={adapter_names!r}: a leanlora model holds one adapter; call "
-                         "merge_and_unload() without it")
 
 
 METHODS = {"print_trainable_parameters": PrintTrainableParameters, "merge_and_unload": MergeAndUnload,

@@ -11,12 +11,11 @@ from __future__ import annotations
 from torch import nn
 
 from leanlora.base.dense import QuantizedBase
+from leanlora.inject import adapted_layers
 
 
 def parameter_counts(model: nn.Module) -> tuple[int, int]:
     """(trainable, all) parameters of ``model``, quantized base weights at their dense size."""
-    from leanlora.inject import adapted_layers
-
     quantized = [layer.base for _, layer in adapted_layers(model) if isinstance(layer.base, QuantizedBase)]
     held = {id(p) for base in quantized for name, p in base.named_parameters(recurse=False) if name != "bias"}
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -34,7 +34,7 @@ import leanlora
 from leanlora import budget, distributed as dist
 from leanlora.train.compiled import CompiledRegions, shape_advice, wants_compile
 from leanlora.config import ConfigError
-from leanlora.artifact.io import atomic_write_bytes, read_adapter_tensors
+from leanlora.artifact.io import RUN_ADAPTER, atomic_write_bytes, read_adapter_tensors
 from leanlora.optim import adamw
 from leanlora.train.checkpoint import clean_leftovers, latest_checkpoint, load_checkpoint, save_checkpoint
 from leanlora.train.finite import FiniteGuard, TrainingDiverged, advice
@@ -502,7 +502,7 @@ def _finish(loop: _Loop, step: int) -> TrainResult:
     result.steps, result.best_step, result.best_metrics = step, state["best_step"], state["best_metrics"]
     if state["best_step"] is not None:  # whole tensors, or this rank's shard
         dist.load_adapter_state(loop.model, read_adapter_tensors(loop.run_dir / "best"))
-    dist.save_adapter(loop.wrapped, loop.run_dir / "adapter")
+    dist.save_adapter(loop.wrapped, loop.run_dir / RUN_ADAPTER)
     with dist.full_params(loop.wrapped) as plain:
         cost = budget.cost_summary(plain)
     chosen = shared_state(loop.model).config  # what the run's "auto" settings became on this device
